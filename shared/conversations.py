@@ -1,0 +1,152 @@
+"""The message model both sides share, and the two steps that move work between them atomically:
+the webhook accepting an inbound message, and replies joining a conversation's outbox."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+from shared import keys, messagelog, metrics
+from shared.redis import script
+from shared.optout import MESSAGE, OPT_IN, OPT_OUT
+
+DEDUPE_TTL = 48 * 3600
+
+
+class MediaSchema(Schema):
+    url = fields.String(required=True)
+    content_type = fields.String(load_default=None)
+
+
+class InboundMessageSchema(Schema):
+    """An inbound SMS as the webhook hands it to the worker (and the worker to the engine)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    sid = fields.String(required=True)
+    bot_id = fields.Integer(required=True)
+    sender = fields.String(required=True)
+    to = fields.String(required=True)
+    body = fields.String(load_default="")
+    media = fields.List(fields.Nested(MediaSchema), load_default=list)
+    num_segments = fields.Integer(load_default=1)
+    location = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+    opt_out_type = fields.String(load_default=None, allow_none=True)
+    event = fields.String(load_default=MESSAGE, validate=validate.OneOf([MESSAGE, OPT_OUT, OPT_IN]))
+    received_at = fields.Float(required=True)
+
+
+class ReplySchema(Schema):
+    """One reply on its way out: what the engine said, and the sending state the worker keeps."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True)
+    conversation = fields.String(required=True)
+    bot_id = fields.Integer(required=True)
+    to = fields.String(required=True)
+    text = fields.String(load_default="")
+    media_url = fields.String(load_default=None, allow_none=True)
+    in_reply_to = fields.String(load_default=None, allow_none=True)
+    received_at = fields.Float(load_default=None, allow_none=True)
+    created_at = fields.Float(required=True)
+    attempts = fields.Integer(load_default=0)
+    first_attempt_at = fields.Float(load_default=None, allow_none=True)
+    not_before = fields.Float(load_default=None, allow_none=True)
+    slot_at = fields.Float(load_default=None, allow_none=True)
+    sid = fields.String(load_default=None, allow_none=True)
+    error_code = fields.Integer(load_default=None, allow_none=True)
+
+
+INBOUND = InboundMessageSchema()
+REPLY = ReplySchema()
+
+# Deduplicate, record opt-out/opt-in, queue on the conversation and count it: one step, so a
+# crash can neither lose an acknowledged message nor let a retry of it be processed twice.
+ACCEPT_LUA = """
+for i = 1, 2 do
+  if KEYS[i] ~= '' and redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[6], ARGV[7], 1)
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[6])
+if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[6]) end
+if ARGV[4] == 'opt_out' then redis.call('SADD', KEYS[5], ARGV[5])
+elseif ARGV[4] == 'opt_in' then redis.call('SREM', KEYS[5], ARGV[5]) end
+redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
+redis.call('HINCRBY', KEYS[6], ARGV[8], 1)
+return 1
+"""
+
+
+_DUPLICATE = metrics.field("sms_inbound", result="duplicate")
+_ACCEPTED = metrics.field("sms_inbound", result="accepted")
+
+
+def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None) -> bool:
+    """Queue an inbound message on its conversation; False if it was seen in the last 48 hours."""
+    conversation = keys.conversation_id(message["bot_id"], message["sender"])
+    seen_sid = keys.seen(message["sid"])
+    seen_token = keys.seen(idempotency_token) if idempotency_token else seen_sid
+    return bool(script(redis, ACCEPT_LUA)(
+        keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING,
+              keys.opted_out(message["to"]), keys.METRIC_COUNTERS],
+        args=[json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"],
+              message["sender"], DEDUPE_TTL, _DUPLICATE, _ACCEPTED],
+    ))
+
+
+# Add replies to the outbox (and the log) in order, optionally finishing the inbound message
+# that produced them; returns the id to kick when the outbox was idle, so exactly one kick
+# starts a chain of sends whoever else is adding or removing replies.
+QUEUE_REPLIES_LUA = """
+local was_empty = redis.call('LLEN', KEYS[1]) == 0
+if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
+local n = (#ARGV - 4) / 3
+for i = 0, n - 1 do
+  local id, reply, entry = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+  redis.call('HSET', KEYS[2], id, reply)
+  redis.call('RPUSH', KEYS[1], id)
+  redis.call('HSET', KEYS[5], id, entry)
+  redis.call('RPUSH', KEYS[4], id)
+end
+local excess = redis.call('LLEN', KEYS[4]) - tonumber(ARGV[4])
+if excess > 0 then
+  local old = redis.call('LPOP', KEYS[4], excess)
+  redis.call('HDEL', KEYS[5], unpack(old))
+end
+if n > 0 then redis.call('ZADD', KEYS[6], ARGV[3], ARGV[2]) end
+if was_empty and n > 0 then return ARGV[5] end
+return false
+"""
+
+
+def new_reply(conversation: str, to: str, text: str, media_url: str | None = None,
+              in_reply_to: str | None = None, received_at: float | None = None) -> dict[str, Any]:
+    bot_id, _ = keys.split_conversation_id(conversation)
+    return REPLY.load({
+        "id": uuid.uuid4().hex, "conversation": conversation, "bot_id": bot_id, "to": to, "text": text,
+        "media_url": media_url, "in_reply_to": in_reply_to, "received_at": received_at, "created_at": time.time(),
+    })
+
+
+def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None) -> str | None:
+    """Queue replies in order; returns the reply id a worker must be kicked for, if any."""
+    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), messagelog.LOG_LIMIT]
+    for reply in replies:
+        media = [{"url": reply["media_url"], "content_type": None}] if reply.get("media_url") else []
+        entry = messagelog.new_entry(reply["id"], "out", reply["text"], media, at=reply["created_at"])
+        args += [reply["id"], json.dumps(REPLY.dump(reply)), json.dumps(entry)]
+    return script(redis, QUEUE_REPLIES_LUA)(
+        keys=[keys.outbox(conversation), keys.replies(conversation), keys.processing(conversation),
+              keys.message_log(conversation), keys.message_log_entries(conversation), keys.PENDING],
+        args=args,
+    )

@@ -1,0 +1,106 @@
+"""Every Redis key this service uses, in one place.
+
+Keys of one conversation share a hash tag ({bot_id:sender}), which keeps them on one shard
+should this ever move to a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sms"
+
+# Bot registry
+BOT_NEXT_ID = f"{PREFIX}:bot:next-id"
+BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
+
+
+BOT_PREFIX = f"{PREFIX}:bot:"
+
+
+def bot(bot_id: int) -> str:
+    return f"{BOT_PREFIX}{bot_id}"
+
+
+def bot_by_number(number: str) -> str:
+    return f"{PREFIX}:bot:number:{number}"
+
+
+# Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours.
+def seen(token: str) -> str:
+    return f"{PREFIX}:seen:{token}"
+
+
+# Opt-out: the senders that texted STOP to one bot number.
+def opted_out(bot_number: str) -> str:
+    return f"{PREFIX}:optout:{bot_number}"
+
+
+# Conversations: one per (bot, sender).
+def conversation_id(bot_id: int, sender: str) -> str:
+    return f"{bot_id}:{sender}"
+
+
+def split_conversation_id(conversation: str) -> tuple[int, str]:
+    bot_id, sender = conversation.split(":", 1)
+    return int(bot_id), sender
+
+
+def _conv(conversation: str, part: str) -> str:
+    return f"{PREFIX}:conv:{{{conversation}}}:{part}"
+
+
+def inbox(conversation: str) -> str:
+    """Inbound messages waiting for the engine, oldest first."""
+    return _conv(conversation, "inbox")
+
+
+def processing(conversation: str) -> str:
+    """The inbound message the engine is working on: survives a worker crash."""
+    return _conv(conversation, "processing")
+
+
+def conversation_lock(conversation: str) -> str:
+    return _conv(conversation, "lock")
+
+
+def outbox(conversation: str) -> str:
+    """Ids of replies waiting to be sent, in order."""
+    return _conv(conversation, "outbox")
+
+
+def outbox_lock(conversation: str) -> str:
+    return _conv(conversation, "outbox-lock")
+
+
+def replies(conversation: str) -> str:
+    """Reply records by reply id (hash), outbox entries and the failed ones kept for replay."""
+    return _conv(conversation, "replies")
+
+
+def message_log(conversation: str) -> str:
+    """Entry ids of the conversation's bounded message log, oldest first."""
+    return _conv(conversation, "log")
+
+
+def message_log_entries(conversation: str) -> str:
+    return _conv(conversation, "log-entries")
+
+
+# Conversations with work outstanding, scored by when they should next make progress;
+# the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
+PENDING = f"{PREFIX}:pending"
+SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+
+
+# Delivery status of one outbound Twilio message, by MessageSid.
+def delivery_status(message_sid: str) -> str:
+    return f"{PREFIX}:status:{message_sid}"
+
+
+# Pacing state of one sender number.
+def pace(sender_number: str) -> str:
+    return f"{PREFIX}:pace:{sender_number}"
+
+
+# Metrics recorded by every process, rendered by the web process at /metrics.
+METRIC_COUNTERS = f"{PREFIX}:metrics:counters"
+METRIC_HISTOGRAMS = f"{PREFIX}:metrics:histograms"

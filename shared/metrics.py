@@ -1,0 +1,104 @@
+"""Counters and histograms kept in Redis, so every process (a worker dyno has no open port)
+records them and the web process serves them at /metrics."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from shared import keys
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+COUNTERS = {
+    "sms_inbound": "Inbound webhook requests, by result and reason.",
+    "sms_status_callbacks": "Delivery status callbacks received, by status.",
+    "sms_engine_calls": "Conversation engine calls, by outcome.",
+    "sms_outbound": "Outbound messages, by result (sent, retried, failed, suppressed) and Twilio code.",
+}
+HISTOGRAMS = {
+    "sms_engine_latency_seconds": "Conversation engine call duration.",
+    "sms_webhook_to_twilio_seconds": "Time from the webhook receiving a message to Twilio accepting a reply.",
+}
+
+
+def field(name: str, **labels: object) -> str:
+    """The Redis hash field of one labelled series, e.g. sms_inbound{result="accepted"}."""
+    if not labels:
+        return name
+    inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def incr(redis: Any, name: str, amount: int = 1, **labels: object) -> None:
+    """Count one event; `redis` may be a pipeline, so a caller can batch it with its own writes."""
+    redis.hincrby(keys.METRIC_COUNTERS, field(name, **labels), amount)
+
+
+def observe(redis: Any, name: str, value: float) -> None:
+    bucket = next((str(b) for b in LATENCY_BUCKETS if value <= b), "+Inf")
+    redis.hincrby(keys.METRIC_HISTOGRAMS, field(name, le=bucket), 1)
+    redis.hincrbyfloat(keys.METRIC_HISTOGRAMS, field(name + "_sum"), value)
+
+
+_SERIES = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>.*)\})?$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _parse(series: str) -> tuple[str, dict[str, str]]:
+    match = _SERIES.match(series)
+    if match is None:
+        return series, {}
+    return match["name"], dict(_LABEL.findall(match["labels"] or ""))
+
+
+class RedisCollector(Collector):
+    """Renders what every process recorded in Redis, plus queue depths read at scrape time."""
+
+    def __init__(self, redis: Any, gauges: dict[str, tuple[str, Any]] | None = None) -> None:
+        self._redis = redis
+        self._gauges = gauges or {}
+
+    def collect(self) -> Iterator[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(keys.METRIC_COUNTERS)
+        pipe.hgetall(keys.METRIC_HISTOGRAMS)
+        counters, histograms = pipe.execute()
+        yield from self._counters(counters)
+        yield from self._histograms(histograms)
+        for name, (documentation, read) in self._gauges.items():
+            gauge = GaugeMetricFamily(name, documentation, labels=["queue"])
+            for label, value in read(self._redis).items():
+                gauge.add_metric([label], value)
+            yield gauge
+
+    def _counters(self, raw: dict[str, str]) -> Iterator[CounterMetricFamily]:
+        series: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for key, value in raw.items():
+            name, labels = _parse(key)
+            series[name].append((labels, float(value)))
+        for name, documentation in COUNTERS.items():
+            label_names = sorted({label for labels, _ in series[name] for label in labels})
+            family = CounterMetricFamily(name, documentation, labels=label_names)
+            for labels, value in series[name]:
+                family.add_metric([labels.get(label, "") for label in label_names], value)
+            yield family
+
+    def _histograms(self, raw: dict[str, str]) -> Iterator[HistogramMetricFamily]:
+        for name, documentation in HISTOGRAMS.items():
+            counts = {b: 0.0 for b in [*map(str, LATENCY_BUCKETS), "+Inf"]}
+            for key, value in raw.items():
+                series, labels = _parse(key)
+                if series == name and labels.get("le") in counts:
+                    counts[labels["le"]] += float(value)
+            cumulative, buckets = 0.0, []
+            for bound, count in counts.items():
+                cumulative += count
+                buckets.append((bound, cumulative))
+            total = float(raw.get(name + "_sum", 0))
+            yield HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)

@@ -1,0 +1,127 @@
+"""Settings, read once from the environment into one typed object and validated at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+
+DEVELOPMENT = "development"
+PRODUCTION = "production"
+
+# A fixed, publicly known key: only ever used when MAMMUT_SMS_ENV=development, so a developer
+# can run the service without generating secrets. Production refuses to start without its own.
+DEV_CREDENTIALS_KEY = "ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQtISE="
+
+
+class SettingsError(ValueError):
+    """A variable of the environment is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    admin_api_token: str | None = None
+    credentials_keys: tuple[str, ...] = ()
+    twilio_api_base_url: str = "https://api.twilio.com"
+    engine_url: str | None = None
+    public_url: str | None = None
+    app_id: str = "mammut-1"
+    port: int = 5000
+    log_level: str = "INFO"
+    log_phone_numbers: str = "masked"
+    environment: str = PRODUCTION
+
+    @property
+    def development(self) -> bool:
+        return self.environment == DEVELOPMENT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        environment = _choice(env, "MAMMUT_SMS_ENV", (PRODUCTION, DEVELOPMENT), PRODUCTION)
+        settings = cls(
+            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")) or cls.redis_url,
+            admin_api_token=env.get("ADMIN_API_TOKEN") or None,
+            credentials_keys=_fernet_keys(env),
+            twilio_api_base_url=(_url(env, "TWILIO_API_BASE_URL", ("http", "https")) or cls.twilio_api_base_url).rstrip("/"),
+            engine_url=_url(env, "ENGINE_URL", ("http", "https")),
+            public_url=(_url(env, "PUBLIC_URL", ("http", "https")) or "").rstrip("/") or None,
+            app_id=env.get("APP_ID") or cls.app_id,
+            port=_int(env, "PORT", cls.port, 1, 65535),
+            log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
+            log_phone_numbers=_choice(env, "LOG_PHONE_NUMBERS", ("masked", "full"), "masked"),
+            environment=environment,
+        )
+        return settings.checked()
+
+    def checked(self) -> Settings:
+        """Outside development, refuse to run with an open registry or plain-text secrets."""
+        if self.development:
+            keys = self.credentials_keys or (DEV_CREDENTIALS_KEY,)
+            return replace(self, credentials_keys=keys)
+        if not self.admin_api_token:
+            raise SettingsError("ADMIN_API_TOKEN is required (the bearer token of the registry API)")
+        if not self.credentials_keys:
+            raise SettingsError(
+                "CREDENTIALS_KEY is required (a Fernet key that encrypts Twilio auth tokens; "
+                'make one with: python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())")'
+            )
+        return self
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes).checked()
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str, upper: bool = False) -> str:
+    raw = env.get(name) or default
+    value = raw.upper() if upper else raw.lower()
+    if value not in allowed:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={raw!r} is out of range ({low}-{high})")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+        raise SettingsError(f"{name}={raw!r} is not a {'/'.join(schemes)} URL")
+    return raw
+
+
+def _fernet_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("CREDENTIALS_KEY") or ""
+    keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+    for position, key in enumerate(keys, start=1):
+        try:
+            Fernet(key)
+        except ValueError:
+            raise SettingsError(
+                f"CREDENTIALS_KEY: key {position} is not a Fernet key (32 url-safe base64-encoded bytes)"
+            ) from None
+    return keys
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()

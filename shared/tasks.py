@@ -1,0 +1,68 @@
+"""The Dramatiq broker, queue and actor names, and the messages that set the workers going.
+
+The webhook enqueues work by actor name here, so it never imports the worker package.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from shared.settings import get_settings
+
+CONVERSATIONS_QUEUE = "conversations"
+OUTBOUND_QUEUE = "outbound"
+HANDLE_CONVERSATION = "handle_conversation"
+SEND_REPLY = "send_reply"
+
+# A killed worker's messages come back after the heartbeat timeout, in a maintenance pass;
+# dramatiq's defaults (60 s, 0.1% of calls) take minutes, this takes ~20 s.
+HEARTBEAT_TIMEOUT_MS = 15_000
+MAINTENANCE_CHANCE = 20_000  # per million broker calls
+
+_broker: RedisBroker | None = None
+_lock = threading.Lock()
+
+
+def make_broker(redis_url: str) -> RedisBroker:
+    options: dict[str, object] = {}
+    if redis_url.startswith("rediss://") and "ssl_cert_reqs" not in redis_url:
+        options["ssl_cert_reqs"] = None
+    broker = RedisBroker(
+        url=redis_url,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+        maintenance_chance=MAINTENANCE_CHANCE,
+        **options,
+    )
+    broker.declare_queue(CONVERSATIONS_QUEUE)
+    broker.declare_queue(OUTBOUND_QUEUE)
+    return broker
+
+
+def get_broker() -> RedisBroker:
+    """The process's broker, made on first use and installed as dramatiq's global broker."""
+    global _broker
+    with _lock:
+        if _broker is None:
+            _broker = make_broker(get_settings().redis_url)
+            dramatiq.set_broker(_broker)
+        return _broker
+
+
+def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) -> None:
+    """Ask a worker to drain this conversation's inbox (harmless if one already is)."""
+    message = dramatiq.Message(
+        queue_name=CONVERSATIONS_QUEUE, actor_name=HANDLE_CONVERSATION, args=(conversation,), kwargs={}, options={},
+    )
+    (broker or get_broker()).enqueue(message)
+
+
+def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,
+                  broker: dramatiq.Broker | None = None) -> None:
+    """Ask a worker to send `reply_id` if it is at the head of the conversation's outbox."""
+    message = dramatiq.Message(
+        queue_name=OUTBOUND_QUEUE, actor_name=SEND_REPLY, args=(conversation, reply_id), kwargs={}, options={},
+    )
+    (broker or get_broker()).enqueue(message, delay=delay_ms)

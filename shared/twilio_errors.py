@@ -1,0 +1,44 @@
+"""What to do about each answer Twilio gives: one table, consulted by the sender and the status callback."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Action(enum.Enum):
+    RETRY = "retry"  # not processed, or unknown: send again after a backoff
+    RETRY_SLOWLY = "retry-slowly"  # the sender's queue at Twilio is full: back off harder
+    OPTED_OUT = "opted-out"  # the recipient texted STOP: never retry, remember it
+    PERMANENT = "permanent"  # retrying cannot help: record it and dead-letter it
+
+
+# Twilio error code -> action. Source: ../shared/reference/twilio.md and Twilio's error dictionary.
+BY_CODE: dict[int, Action] = {
+    20429: Action.RETRY,  # too many concurrent requests
+    21611: Action.RETRY_SLOWLY,  # sender queue full
+    30001: Action.RETRY_SLOWLY,  # queue overflow
+    21610: Action.OPTED_OUT,  # recipient unsubscribed (STOP)
+    20003: Action.PERMANENT,  # bad credentials
+    21211: Action.PERMANENT,  # invalid To
+    21408: Action.PERMANENT,  # region not enabled
+    21608: Action.PERMANENT,  # trial accounts may only text verified numbers
+    21612: Action.PERMANENT,  # To/From pair unroutable
+    21614: Action.PERMANENT,  # not a mobile number
+    21617: Action.PERMANENT,  # body too long (we split before sending; this would be our bug)
+}
+
+# Friendly explanations for the operator, where Twilio's message alone is not enough.
+HINTS: dict[int, str] = {
+    20003: "the bot's Twilio account SID or auth token is wrong: update the bot",
+    21608: "a Twilio trial account can only text verified numbers: verify the recipient or upgrade",
+    21610: "the recipient replied STOP; they must text START before the bot can reach them",
+}
+
+
+def action_for(http_status: int | None, code: int | None) -> Action:
+    """Decide from the Twilio code when there is one, else from the HTTP status."""
+    if code is not None and code in BY_CODE:
+        return BY_CODE[code]
+    if http_status is None or http_status == 429 or http_status >= 500:
+        return Action.RETRY  # timeouts and connection errors arrive with no status at all
+    return Action.PERMANENT

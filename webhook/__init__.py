@@ -1,0 +1,31 @@
+"""The web process: Twilio's webhook receiver and the bot registry API."""
+
+from __future__ import annotations
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+from webhook import deps
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The only place the app is wired: settings, Redis, the bot store, the broker, the routes."""
+    settings = (settings or get_settings()).checked()
+    configure_logging(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    deps.init_app(app, settings)
+    # TLS ends at Heroku's router: trust its X-Forwarded-Proto/Host so request.url is the URL Twilio signed.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+
+    from webhook import errors, health, inbound, registry, replies, status
+
+    errors.init_app(app)
+    for module in (health, inbound, status, replies, registry):
+        app.register_blueprint(module.bp)
+    return app

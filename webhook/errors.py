@@ -1,0 +1,29 @@
+"""Errors answered as clean JSON (or TwiML-free text for Twilio's routes), never a traceback."""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def failed(message: str, status: int, errors: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
+    """Mammut's TaskResult failure shape."""
+    body: dict[str, object] = {"status": "Failed", "message": message}
+    if errors:
+        body["errors"] = errors
+    return jsonify(body), status
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):  # type: ignore[no-untyped-def]
+        return failed(error.description or error.name, error.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):  # type: ignore[no-untyped-def]
+        log.exception("request.failed", path=request.path)
+        return failed("internal error; the event was logged", 500)

@@ -1,0 +1,7 @@
+"""Placeholder: filled in by the webhook work (issue 3/4)."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+bp = Blueprint("status", __name__)
