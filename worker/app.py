@@ -1,0 +1,12 @@
+"""The worker process's entry point: `dramatiq worker.app` loads the broker and every actor."""
+
+from __future__ import annotations
+
+from shared.logging import configure_logging
+from shared.tasks import get_broker
+from worker.deps import get_settings
+
+configure_logging(get_settings())
+broker = get_broker()
+
+from worker import conversation, outbound  # noqa: E402,F401  (importing declares the actors)

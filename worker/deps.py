@@ -1,0 +1,25 @@
+"""The worker process's resources, each reached through one accessor."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis as redis_lib
+
+from shared.bots import BotStore
+from shared.crypto import Vault
+from shared.redis import get_redis as shared_redis
+from shared.settings import Settings, get_settings as shared_settings
+
+
+def get_settings() -> Settings:
+    return shared_settings().checked()
+
+
+def get_redis() -> redis_lib.Redis:
+    return shared_redis(get_settings().redis_url)
+
+
+@lru_cache(maxsize=1)
+def get_store() -> BotStore:
+    return BotStore(get_redis(), Vault(get_settings().credentials_keys))
