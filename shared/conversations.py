@@ -12,6 +12,7 @@ from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, messagelog, metrics
 from shared.redis import script
+from shared.segments import split_message
 from shared.optout import MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
@@ -138,6 +139,20 @@ def new_reply(conversation: str, to: str, text: str, media_url: str | None = Non
     })
 
 
+def replies_from(conversation: str, to: str, text: str | None, media_url: str | None = None,
+                 in_reply_to: str | None = None, received_at: float | None = None) -> list[dict[str, Any]]:
+    """One engine answer as replies ready to queue: text over 1600 characters becomes several
+    messages, in order; an image rides on the last one."""
+    parts = split_message(text or "") if text else []
+    if not parts and not media_url:
+        return []
+    parts = parts or [""]
+    return [
+        new_reply(conversation, to, part, media_url if index == len(parts) - 1 else None, in_reply_to, received_at)
+        for index, part in enumerate(parts)
+    ]
+
+
 def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None) -> str | None:
     """Queue replies in order; returns the reply id a worker must be kicked for, if any."""
     args: list[Any] = [done_inbound or "", conversation, repr(time.time()), messagelog.LOG_LIMIT]
@@ -150,3 +165,25 @@ def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], 
               keys.message_log(conversation), keys.message_log_entries(conversation), keys.PENDING],
         args=args,
     )
+
+
+# Forget a conversation in the pending set once it has nothing left to do.
+SETTLE_LUA = """
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then
+  return redis.call('ZREM', KEYS[4], ARGV[1])
+end
+return 0
+"""
+
+
+def settle(redis: Any, conversation: str) -> bool:
+    """Drop the conversation from the pending set if its inbox, processing list and outbox are empty."""
+    return bool(script(redis, SETTLE_LUA)(
+        keys=[keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation), keys.PENDING],
+        args=[conversation],
+    ))
+
+
+def reschedule(redis: Any, conversation: str, at: float) -> None:
+    """Tell the sweeper when this conversation is next expected to make progress."""
+    redis.zadd(keys.PENDING, {conversation: at})

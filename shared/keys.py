@@ -91,6 +91,11 @@ PENDING = f"{PREFIX}:pending"
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
 
 
+# A reply that failed for good, kept (like Dramatiq's dead letters) for 7 days so it can be replayed.
+def dead_reply(reply_id: str) -> str:
+    return f"{PREFIX}:dead-reply:{reply_id}"
+
+
 # Delivery status of one outbound Twilio message, by MessageSid.
 def delivery_status(message_sid: str) -> str:
     return f"{PREFIX}:status:{message_sid}"

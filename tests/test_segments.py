@@ -1,4 +1,4 @@
-"""Tests for worker.segments: SMS encoding, segment counting and message splitting."""
+"""Tests for shared.segments: SMS encoding, segment counting and message splitting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.segments import (
+from shared.segments import (
     MAX_MESSAGE_CHARS,
     count_segments,
     encoding,
