@@ -1,7 +1,181 @@
-"""Placeholder: the registry API (issue 2)."""
+"""The bot registry API, in the shape Mammut documents for its SMS channel.
+
+Bots are Mammut users of type machine, addressed as /app:<app>/graph/user:<id>; answers use
+Mammut's TaskResult shape, which Mammut's own API client parses.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import hmac
+import json
+from typing import Any
+from urllib.parse import unquote, unquote_plus
 
+from flask import Blueprint, Response, jsonify, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import NotFound
+
+from shared import messagelog
+from shared.bots import AUTH_TOKEN, NUMBER, BotNotFound, NumberTaken
+from shared.keys import conversation_id
+from shared.logging import get_logger
+from shared.phone import InvalidNumber, normalize_e164
+from shared.schemas import CREATE, UPDATE
+from webhook.deps import get_redis, get_settings, get_store
+from webhook.errors import failed
+
+log = get_logger(__name__)
 bp = Blueprint("registry", __name__)
+
+USER = "/app:<app_id>/graph/user"
+ONE_USER = "/app:<app_id>/graph/user:<bot_id>"
+# A '+' in these fields is the number's own, not form encoding's space.
+_LITERAL_PLUS = frozenset({NUMBER, "with"})
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.errors = message, errors
+
+
+@bp.errorhandler(BadRequest)
+def bad_request(error: BadRequest):  # type: ignore[no-untyped-def]
+    return failed(error.message, 400, error.errors)
+
+
+@bp.before_request
+def authenticate():  # type: ignore[no-untyped-def]
+    """Every registry call needs the admin bearer token; the app name must be this service's."""
+    expected = get_settings().admin_api_token or ""
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        response, status = failed("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)", 401)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
+    if (request.view_args or {}).get("app_id") != get_settings().app_id:
+        return failed(f"unknown application {(request.view_args or {}).get('app_id')!r}", 404)
+    return None
+
+
+@bp.post(USER)
+def create_bot(app_id: str):  # type: ignore[no-untyped-def]
+    fields = _validated(CREATE, _json_body(required=True))
+    try:
+        bot = get_store().create(fields)
+    except NumberTaken as taken:
+        return failed(f"{taken.number} already belongs to another bot", 409, {NUMBER: [str(taken)]})
+    log.info("registry.created", bot_id=bot.id, number=bot.number)
+    return _task_result(bot.id, "created")
+
+
+@bp.post(ONE_USER)
+def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    bot_id_number = _bot_id(bot_id)
+    changes = {**_json_body(required=False), **_query_fields()}
+    if not changes:
+        raise BadRequest("nothing to update: send fields in the query string or a JSON body")
+    fields = _validated(UPDATE, changes)
+    try:
+        bot = get_store().update(bot_id_number, fields)
+    except BotNotFound:
+        return failed(f"no bot with id {bot_id_number}", 404)
+    except NumberTaken as taken:
+        return failed(f"{taken.number} already belongs to another bot", 409, {NUMBER: [str(taken)]})
+    log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
+    return _task_result(bot.id, "updated")
+
+
+@bp.get(ONE_USER)
+@bp.get("/app:<app_id>/graph:<int:depth>/user:<bot_id>")
+def show_bot(app_id: str, bot_id: str, depth: int = 1):  # type: ignore[no-untyped-def]
+    bot = get_store().get(_bot_id(bot_id))
+    if bot is None:
+        return failed(f"no bot with id {bot_id}", 404)
+    return jsonify(status="Success", data={"user": [bot.public()]})
+
+
+@bp.delete(ONE_USER)
+def delete_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    bot_id_number = _bot_id(bot_id)
+    if not get_store().delete(bot_id_number):
+        return failed(f"no bot with id {bot_id_number}", 404)
+    log.info("registry.deleted", bot_id=bot_id_number)
+    return _task_result(bot_id_number, "deleted")
+
+
+@bp.get(ONE_USER + "/messages")
+def conversation_log(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """The bot's bounded message log with one person, oldest first, with each delivery status."""
+    bot = get_store().get(_bot_id(bot_id))
+    if bot is None:
+        return failed(f"no bot with id {bot_id}", 404)
+    raw = _query_fields().get("with")
+    if not raw:
+        raise BadRequest("the query parameter 'with' (the person's number, E.164) is required")
+    try:
+        person = normalize_e164(raw)
+    except InvalidNumber as error:
+        raise BadRequest(str(error), {"with": [str(error)]}) from None
+    return jsonify(status="Success", data={"messages": messagelog.read(get_redis(), conversation_id(bot.id, person))})
+
+
+def _bot_id(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise NotFound(f"no bot with id {raw!r}")
+    return int(raw)
+
+
+def _task_result(bot_id: int, action: str) -> Response:
+    return jsonify(status="Success", taskResult=[
+        {"affectedElementName": "user", "affectedElementId": bot_id, "affectedElementType": "machine", "action": action},
+    ])
+
+
+def _json_body(required: bool) -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if required:
+            raise BadRequest("the request needs a JSON object body (Content-Type: application/json)")
+        return {}
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the JSON body must be an object of user fields")
+    return body
+
+
+def _query_fields() -> dict[str, str]:
+    """The query string as Mammut's clients send it: `&` or `;` between pairs, values maybe in double quotes."""
+    raw = request.query_string.decode("utf-8", "replace")
+    fields: dict[str, str] = {}
+    for pair in raw.replace(";", "&").split("&"):
+        name, sep, value = pair.partition("=")
+        name = unquote_plus(name).strip()
+        if not name:
+            continue
+        value = unquote(value) if name in _LITERAL_PLUS else unquote_plus(value)
+        fields[name] = _unquoted(value.strip())
+    return fields
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def _validated(schema: Any, data: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return schema.load(data)
+    except ValidationError as error:
+        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+        if AUTH_TOKEN in messages and "slack-bot-token" in data:
+            messages["slack-bot-token"] = ["not a field of the SMS channel: send the Twilio auth token as twilio-auth-token"]
+        summary = "; ".join(f"{field}: {' '.join(map(str, problems))}" for field, problems in messages.items())
+        raise BadRequest(f"invalid user fields: {summary}", messages) from None
