@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -110,15 +112,23 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
 
 def _fernet_keys(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("CREDENTIALS_KEY") or ""
-    keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+    keys = tuple(_as_fernet(key.strip()) for key in raw.split(",") if key.strip())
     for position, key in enumerate(keys, start=1):
         try:
             Fernet(key)
         except ValueError:
             raise SettingsError(
-                f"CREDENTIALS_KEY: key {position} is not a Fernet key (32 url-safe base64-encoded bytes)"
+                f"CREDENTIALS_KEY: key {position} is neither a Fernet key (32 url-safe base64-encoded bytes) "
+                "nor 64 hex digits"
             ) from None
     return keys
+
+
+def _as_fernet(key: str) -> str:
+    """Heroku's app.json "secret" generator makes 64 hex digits: the same 32 bytes, spelled differently."""
+    if len(key) == 64 and all(c in string.hexdigits for c in key):
+        return base64.urlsafe_b64encode(bytes.fromhex(key)).decode()
+    return key
 
 
 @lru_cache(maxsize=1)
