@@ -71,6 +71,7 @@ return redis.call('GET', ARGV[1] .. id)
 _CREATE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('SADD', KEYS[3], ARGV[1])
   return 1
 end
 return 0
@@ -88,13 +89,20 @@ class BotStore:
         bot_id = int(self._redis.incr(keys.BOT_NEXT_ID))
         record = self._record(bot_id, fields)
         number = record[NUMBER]
-        if not self._create(keys=[keys.bot_by_number(number), keys.bot(bot_id)], args=[bot_id, json.dumps(record)]):
+        if not self._create(keys=[keys.bot_by_number(number), keys.bot(bot_id), keys.BOT_IDS], args=[bot_id, json.dumps(record)]):
             raise NumberTaken(number)
         return self._bot(record)
 
     def get(self, bot_id: int) -> Bot | None:
         raw = self._redis.get(keys.bot(bot_id))
         return self._bot(json.loads(raw)) if raw else None
+
+    def all(self) -> list[Bot]:
+        ids = sorted(int(bot_id) for bot_id in self._redis.smembers(keys.BOT_IDS))
+        if not ids:
+            return []
+        records = self._redis.mget([keys.bot(bot_id) for bot_id in ids])
+        return [self._bot(json.loads(raw)) for raw in records if raw]
 
     def by_number(self, number: str) -> Bot | None:
         raw = self._by_number(keys=[keys.bot_by_number(number)], args=[keys.BOT_PREFIX])
@@ -139,6 +147,7 @@ class BotStore:
             number = json.loads(raw)[NUMBER]
             pipe.multi()
             pipe.delete(record_key, keys.bot_by_number(number))
+            pipe.srem(keys.BOT_IDS, bot_id)
             pipe.publish(keys.BOTS_CHANGED_CHANNEL, json.dumps([number]))
             deleted.append(number)
 
@@ -195,6 +204,13 @@ class BotCache:
         self._entries: dict[str, tuple[float, Bot]] = {}
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    def all(self) -> list[Bot]:
+        ids = sorted(int(bot_id) for bot_id in self._redis.smembers(keys.BOT_IDS))
+        if not ids:
+            return []
+        records = self._redis.mget([keys.bot(bot_id) for bot_id in ids])
+        return [self._bot(json.loads(raw)) for raw in records if raw]
 
     def by_number(self, number: str) -> Bot | None:
         self._ensure_listener()

@@ -10,6 +10,7 @@ PREFIX = "sms"
 
 # Bot registry
 BOT_NEXT_ID = f"{PREFIX}:bot:next-id"
+BOT_IDS = f"{PREFIX}:bot:ids"
 BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
 
 

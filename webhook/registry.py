@@ -70,6 +70,11 @@ def create_bot(app_id: str):  # type: ignore[no-untyped-def]
     return _task_result(bot.id, "created")
 
 
+@bp.get(USER)
+def list_bots(app_id: str):  # type: ignore[no-untyped-def]
+    return jsonify(status="Success", data={"user": [bot.public() for bot in get_store().all()]})
+
+
 @bp.post(ONE_USER)
 def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     bot_id_number = _bot_id(bot_id)
