@@ -46,7 +46,8 @@ def configure_logging(settings: Settings) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        # Caching is for speed in production; uncached loggers let tests capture events (capture_logs).
+        cache_logger_on_first_use=not settings.development,
     )
     # Libraries log through the standard library; keep them at WARNING so logs stay one event per hop.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
