@@ -1,0 +1,1 @@
+"""Test support: a fake conversation engine and a harness for the Procfile's processes."""
