@@ -1,7 +1,115 @@
-"""Placeholder: filled in by the webhook work (issue 3/4)."""
+"""Twilio's inbound SMS webhook: verify, deduplicate, enqueue and acknowledge, in milliseconds.
+
+All bot work happens in the workers, so a slow bot can never make Twilio time out (error 11200).
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import time
+from typing import Any
 
+import redis as redis_lib
+from flask import Blueprint, Response, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from shared import keys, metrics
+from shared.bots import Bot
+from shared.conversations import accept_inbound
+from shared.logging import get_logger
+from shared.optout import classify
+from shared.tasks import kick_conversation
+from webhook import deps, twilio_auth
+from webhook.twilio_auth import acknowledgement, refusal
+
+log = get_logger(__name__)
 bp = Blueprint("inbound", __name__)
+twilio_auth.guard(bp)
+
+REQUIRED_FIELDS = ("From", "To", "MessageSid")
+# Twilio attaches at most 10 media to one message; NumMedia is the caller's word, so it is capped.
+MAX_MEDIA = 10
+LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
+
+
+# Both spellings are served: a redirect from one to the other would break Twilio's signature.
+@bp.post("/channels/sms/")
+@bp.post("/channels/sms")
+def receive() -> Response:
+    try:
+        form = request.form
+    except RequestEntityTooLarge:
+        return _reject(413, "too_large")
+    missing = [name for name in REQUIRED_FIELDS if not form.get(name)]
+    if missing:
+        return _reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
+    try:
+        return _receive(form)
+    except redis_lib.RedisError as error:
+        # Never acknowledge what was not stored: Twilio retries (or calls the fallback URL) on a 5xx.
+        log.error("inbound.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
+        return refusal(503, "Service Unavailable")
+
+
+def _receive(form: MultiDict[str, str]) -> Response:
+    bot = deps.get_bots().by_number(form["To"])
+    if bot is None:
+        return _reject(404, "unknown_number", message_sid=form["MessageSid"], to=form["To"])
+    reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
+    if reason is not None:
+        return _reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
+    message = inbound_message(form, bot)
+    redis = deps.get_redis()
+    is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"))
+    # Kicked for duplicates too: if we crashed between storing and kicking, Twilio's retry still gets
+    # the message processed (the actor is idempotent, and the sweeper is the last resort).
+    kick_conversation(keys.conversation_id(bot.id, message["sender"]), broker=deps.get_broker())
+    # The conversation id embeds the sender's number: it is logged as bot_id + from_, which get masked.
+    log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
+             from_=message["sender"], kind=message["event"])
+    return acknowledgement()
+
+
+def inbound_message(form: MultiDict[str, str], bot: Bot) -> dict[str, Any]:
+    """Everything the worker and the engine need from Twilio's form, as shared.conversations.INBOUND."""
+    body = form.get("Body", "")
+    opt_out_type = form.get("OptOutType") or None
+    return {
+        "sid": form["MessageSid"],
+        "bot_id": bot.id,
+        "sender": form["From"],
+        "to": bot.number,
+        "body": body,
+        "media": _media(form),
+        "num_segments": _count(form.get("NumSegments"), default=1),
+        "location": {name: form[name] for name in LOCATION_FIELDS if form.get(name)},
+        "opt_out_type": opt_out_type,
+        "event": classify(body, opt_out_type),
+        "received_at": time.time(),
+    }
+
+
+def _media(form: MultiDict[str, str]) -> list[dict[str, str | None]]:
+    count = min(_count(form.get("NumMedia"), default=0), MAX_MEDIA)
+    return [
+        {"url": form[f"MediaUrl{n}"], "content_type": form.get(f"MediaContentType{n}") or None}
+        for n in range(count)
+        if form.get(f"MediaUrl{n}")
+    ]
+
+
+def _count(raw: str | None, default: int) -> int:
+    """A non-negative count from the form; anything else is the caller's mistake, not a 500."""
+    try:
+        return max(int(raw), 0) if raw else default
+    except ValueError:
+        return default
+
+
+def _reject(status: int, reason: str, **context: Any) -> Response:
+    log.warning("inbound.rejected", http_status=status, reason=reason, **context)
+    try:
+        metrics.incr(deps.get_redis(), "sms_inbound", result="rejected", reason=reason)
+    except redis_lib.RedisError:
+        pass  # the rejection stands; only its count is lost
+    return refusal(status, reason)

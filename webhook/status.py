@@ -1,7 +1,80 @@
-"""Placeholder: filled in by the webhook work (issue 3/4)."""
+"""Twilio's delivery status callbacks for the messages the workers sent.
+
+The workers set StatusCallback to PUBLIC_URL/channels/sms/status on each send; callbacks arrive out
+of order, and shared.messagelog keeps a status from ever moving backwards.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+from typing import Any
 
+import redis as redis_lib
+from flask import Blueprint, Response, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from shared import messagelog, metrics, optout
+from shared.twilio_errors import Action, action_for
+from shared.logging import get_logger
+from webhook import deps, twilio_auth
+from webhook.twilio_auth import acknowledgement, refusal
+
+log = get_logger(__name__)
 bp = Blueprint("status", __name__)
+twilio_auth.guard(bp)
+
+REQUIRED_FIELDS = ("MessageSid", "MessageStatus", "From", "To")
+
+
+@bp.post("/channels/sms/status")
+@bp.post("/channels/sms/status/")
+def status_callback() -> Response:
+    try:
+        form = request.form
+    except RequestEntityTooLarge:
+        return _reject(413, "too_large")
+    missing = [name for name in REQUIRED_FIELDS if not form.get(name)]
+    if missing:
+        return _reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
+    try:
+        return _record(form)
+    except redis_lib.RedisError as error:
+        # Twilio retries a 5xx; the status is recorded on the next try.
+        log.error("status.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
+        return refusal(503, "Service Unavailable")
+
+
+def _record(form: MultiDict[str, str]) -> Response:
+    # The message was sent from the bot's number, so the bot is found by From.
+    bot = deps.get_bots().by_number(form["From"])
+    if bot is None:
+        return _reject(404, "unknown_number", message_sid=form["MessageSid"], number=form["From"])
+    reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
+    if reason is not None:
+        return _reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
+    redis = deps.get_redis()
+    status, code = form["MessageStatus"], _error_code(form.get("ErrorCode"))
+    current = messagelog.record_status(redis, form["MessageSid"], status, code)
+    if code is not None and action_for(None, code) is Action.OPTED_OUT:
+        optout.opt_out(redis, bot.number, form["To"])
+    # Only Twilio's own statuses become labels: a caller must not be able to invent series.
+    metrics.incr(redis, "sms_status_callbacks", status=status if status in messagelog.STATUS_RANK else "other")
+    log.info("status.callback", message_sid=form["MessageSid"], bot_id=bot.id, status=status, current=current,
+             error_code=code, recipient=form["To"])
+    return acknowledgement()
+
+
+def _error_code(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _reject(status: int, reason: str, **context: Any) -> Response:
+    log.warning("status.rejected", http_status=status, reason=reason, **context)
+    try:
+        metrics.incr(deps.get_redis(), "sms_status_callbacks", status="rejected")
+    except redis_lib.RedisError:
+        pass  # the rejection stands; only its count is lost
+    return refusal(status, reason)
