@@ -1,0 +1,762 @@
+"""A local stand-in for Twilio's Messages REST API, served over real HTTP.
+
+Two users need it:
+
+* ``mammut-sms dev`` prints every outbound SMS to the console, so an operator can talk to a
+  bot without a phone or a Twilio account.
+* The tests and benchmarks inject failures (429s, opted-out recipients, slow answers) and read
+  exact arrival times.
+
+It speaks Twilio's wire protocol (form-encoded POSTs, HTTP Basic auth, Twilio's JSON bodies and
+error envelope), so the product's unmodified twilio-python ``Client`` works against it once
+``client.api.base_url`` is set to :attr:`TwilioStandin.url`.
+
+Other processes (benchmarks, end-to-end tests) program it over HTTP, without credentials:
+
+* ``GET /_standin/messages`` and ``GET /_standin/attempts``: JSON lists of :class:`SentMessage`
+  and :class:`Attempt` as ``dataclasses.asdict`` renders them (so the sender is ``"from_"``).
+* ``POST /_standin/fail`` with JSON ``{count, status, code, message, to}`` is :meth:`fail_next`;
+  add ``"always": true`` (and ``to``) for :meth:`fail_always`.
+* ``POST /_standin/delay`` with JSON ``{seconds, count}`` is :meth:`fail_with_delay`.
+* ``POST /_standin/reset`` is :meth:`reset`.
+
+Run it alone with ``python -m cli.twilio_standin --port 8765 [--quiet]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import functools
+import json
+import logging
+import math
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+from twilio.request_validator import RequestValidator
+
+__all__ = ["Attempt", "SentMessage", "TwilioStandin", "count_segments", "main"]
+
+_log = logging.getLogger(__name__)
+
+API_VERSION = "2010-04-01"
+MAX_BODY_CHARS = 1600  # Twilio rejects longer bodies with 21617
+_MAX_REQUEST_BYTES = 1 << 20  # a real send is a few KB; this only stops a runaway client
+_IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection may hold its handler thread
+_CALLBACK_TIMEOUT = 5.0  # Twilio gives status callback receivers a similar budget
+_CALLBACK_WORKERS = 4
+
+_MESSAGES_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages\.json")
+_MESSAGE_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages/(?P<sid>[^/]+)\.json")
+
+# Twilio's own wording for the codes tests inject most, so logs read like production ones.
+_DEFAULT_MESSAGES: dict[int, str] = {
+    20003: "Authenticate",
+    20429: "Too Many Requests",
+    21211: "Invalid 'To' Phone Number",
+    21610: "Attempt to send to unsubscribed recipient",
+    21611: "This 'From' number has exceeded the maximum number of queued messages",
+    21614: "'To' number is not a valid mobile number",
+    30001: "Queue overflow",
+    30003: "Unreachable destination handset",
+}
+
+# GSM 03.38: characters costing one septet, and the escaped ones costing two.
+_GSM7_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM7_EXTENDED = frozenset("^{}\\[~]|€\f")
+
+
+@dataclass
+class SentMessage:
+    """One message the stand-in accepted, as the tests read it."""
+
+    sid: str
+    account_sid: str
+    to: str
+    from_: str | None  # None when only a MessagingServiceSid was given
+    body: str
+    media_urls: list[str]
+    status_callback: str | None
+    received_at: float  # time.time() when the request was processed
+    form: dict[str, list[str]]  # every posted field, repeated ones kept in order
+    messaging_service_sid: str | None = None
+    status: str = "queued"  # advanced by the status-callback lifecycle
+    error_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One POST to Messages.json, accepted or not."""
+
+    received_at: float
+    to: str | None
+    from_: str | None
+    body: str | None
+    http_status: int
+    code: int | None  # Twilio error code; None when accepted
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    payload: Any  # JSON-serialisable
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to hold the answer back (fail_with_delay)
+
+
+@dataclass
+class _FailRule:
+    remaining: int
+    error: _Reply
+    to: str | None
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """The form fields the stand-in acts on; blank values count as missing, as at Twilio."""
+
+    to: str | None
+    from_: str | None
+    body: str | None
+    media_urls: list[str]
+    messaging_service_sid: str | None
+    status_callback: str | None
+    content_sid: str | None
+
+    @classmethod
+    def parse(cls, form: Mapping[str, list[str]]) -> _Fields:
+        def first(name: str) -> str | None:
+            values = form.get(name)
+            return values[0] if values and values[0] != "" else None
+
+        return cls(
+            to=first("To"),
+            from_=first("From"),
+            body=first("Body"),
+            media_urls=[url for url in form.get("MediaUrl", []) if url],
+            messaging_service_sid=first("MessagingServiceSid"),
+            status_callback=first("StatusCallback"),
+            content_sid=first("ContentSid"),
+        )
+
+
+def count_segments(body: str) -> int:
+    """Estimate the SMS segments Twilio bills for ``body`` (GSM-7 when possible, else UCS-2)."""
+    septets = [1 if ch in _GSM7_BASIC else 2 if ch in _GSM7_EXTENDED else 0 for ch in body]
+    if 0 not in septets:
+        length, single, per_part = sum(septets), 160, 153
+    else:
+        length, single, per_part = len(body.encode("utf-16-le")) // 2, 70, 67
+    # Media-only messages still count as one segment at Twilio.
+    return 1 if length <= single else math.ceil(length / per_part)
+
+
+def _error(status: int, code: int, message: str | None = None) -> _Reply:
+    """Twilio's legacy error envelope, which twilio-python turns into TwilioRestException."""
+    payload = {
+        "code": code,
+        "message": message or _DEFAULT_MESSAGES.get(code, "Error"),
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if status == 401 else {}
+    return _Reply(status, payload, headers)
+
+
+def _validation_error(fields: _Fields) -> _Reply | None:
+    if fields.to is None:
+        return _error(400, 21604, "A 'To' phone number is required.")
+    if fields.from_ is None and fields.messaging_service_sid is None:
+        return _error(400, 21603, "A 'From' phone number is required.")
+    if fields.body is None and not fields.media_urls and fields.content_sid is None:
+        return _error(400, 21602, "Message body is required.")
+    if fields.body is not None and len(fields.body) > MAX_BODY_CHARS:
+        return _error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
+    return None
+
+
+def _basic_auth(header: str | None) -> tuple[str, str] | None:
+    if not header or not header.startswith("Basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[len("Basic ") :], validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
+
+
+def _rfc2822(timestamp: float) -> str:
+    # Twilio writes "+0000" rather than "GMT"; twilio-python parses either.
+    return format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
+
+
+def _resource(message: SentMessage) -> dict[str, Any]:
+    """The message as Twilio's API renders it."""
+    uri = f"/{API_VERSION}/Accounts/{message.account_sid}/Messages/{message.sid}.json"
+    created = _rfc2822(message.received_at)
+    return {
+        "account_sid": message.account_sid,
+        "api_version": API_VERSION,
+        "body": message.body,
+        "date_created": created,
+        "date_sent": None,
+        "date_updated": created,
+        "direction": "outbound-api",
+        "error_code": message.error_code,
+        "error_message": None,
+        "from": message.from_,
+        "messaging_service_sid": message.messaging_service_sid,
+        "num_media": str(len(message.media_urls)),
+        "num_segments": str(count_segments(message.body)),
+        "price": None,
+        "price_unit": "USD",
+        "sid": message.sid,
+        "status": message.status,
+        "subresource_uris": {"media": uri.removesuffix(".json") + "/Media.json"},
+        "to": message.to,
+        "uri": uri,
+    }
+
+
+def _callback_params(message: SentMessage, status: str, error_code: int | None) -> dict[str, str]:
+    params = {
+        "AccountSid": message.account_sid,
+        "ApiVersion": API_VERSION,
+        "MessageSid": message.sid,
+        "MessageStatus": status,
+        "SmsSid": message.sid,  # Twilio still sends the legacy Sms* names alongside
+        "SmsStatus": status,
+        "To": message.to,
+    }
+    if message.from_ is not None:
+        params["From"] = message.from_
+    if message.messaging_service_sid is not None:
+        params["MessagingServiceSid"] = message.messaging_service_sid
+    if error_code is not None:
+        params["ErrorCode"] = str(error_code)
+    return params
+
+
+def _echo_line(message: SentMessage) -> str:
+    sender = message.from_ or message.messaging_service_sid
+    line = f"SMS {sender} -> {message.to}: {message.body}".replace("\r", "").replace("\n", "\\n")
+    if message.media_urls:
+        line += f" [media: {', '.join(message.media_urls)}]"
+    return line
+
+
+class TwilioStandin:
+    """Twilio's Messages API on a local port, recording and optionally failing every send."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        accounts: dict[str, str] | None = None,
+        echo: Callable[[str], None] | None = None,
+        status_callbacks: bool = False,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._accounts = dict(accounts) if accounts is not None else None  # None: any credentials
+        self._echo = echo
+        self._status_callbacks = status_callbacks
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # wakes wait_for on every POST
+        self._stopped = threading.Event()  # also cuts injected delays short on stop()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._callbacks: ThreadPoolExecutor | None = None
+        self._url: str | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._messages: list[SentMessage] = []
+        self._by_sid: dict[str, SentMessage] = {}
+        self._attempts: list[Attempt] = []
+        self._fail_rules: list[_FailRule] = []
+        self._fail_always: dict[str, _Reply] = {}
+        self._undeliverable: dict[str, int] = {}
+        self._delays: collections.deque[float] = collections.deque()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL to put in ``client.api.base_url``, e.g. ``http://127.0.0.1:8765``."""
+        if self._url is None:
+            raise RuntimeError("TwilioStandin is not started")
+        return self._url
+
+    def start(self) -> TwilioStandin:
+        if self._server is not None:
+            raise RuntimeError("TwilioStandin is already started")
+        self._stopped.clear()
+        self._server = _Server((self._host, self._port), self)
+        port = self._server.server_address[1]
+        # A wildcard bind is reachable via loopback; clients cannot connect to "0.0.0.0" everywhere.
+        connect_host = "127.0.0.1" if self._host in ("", "0.0.0.0") else self._host
+        self._url = f"http://{connect_host}:{port}"
+        if self._status_callbacks:
+            self._callbacks = ThreadPoolExecutor(_CALLBACK_WORKERS, thread_name_prefix="twilio-standin-callback")
+        # A short poll interval keeps stop() fast: shutdown() waits for the serve loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="twilio-standin", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopped.set()
+        server.shutdown()  # stop accepting first, so no connection escapes close_connections()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=True, cancel_futures=True)
+            self._callbacks = None
+
+    def __enter__(self) -> TwilioStandin:
+        # `with TwilioStandin().start() as s:` is a natural spelling too; don't start twice.
+        return self if self._server is not None else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- what tests read ---------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[SentMessage]:
+        """Accepted messages in arrival order (a snapshot)."""
+        with self._lock:
+            return list(self._messages)
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every POST to Messages.json, rejected ones included, in arrival order (a snapshot)."""
+        with self._lock:
+            return list(self._attempts)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[SentMessage]:
+        """Block until at least ``count`` messages were accepted; AssertionError otherwise."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
+                raise AssertionError(
+                    f"expected at least {count} accepted message(s) within {timeout}s, "
+                    f"but {len(self._messages)} arrived ({len(self._attempts)} POST attempt(s))"
+                )
+            return list(self._messages)
+
+    # -- failure injection -------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 429,
+        code: int = 20429,
+        message: str | None = None,
+        to: str | None = None,
+    ) -> None:
+        """The next ``count`` POSTs (only those to ``to``, if given) get this error instead."""
+        with self._lock:
+            self._fail_rules.append(_FailRule(count, _error(status, code, message), to))
+
+    def fail_always(self, *, to: str, status: int = 400, code: int = 21211, message: str | None = None) -> None:
+        """Every POST to ``to`` fails until reset(), e.g. 21610 (opted out) or 21211 (invalid To)."""
+        with self._lock:
+            self._fail_always[to] = _error(status, code, message)
+
+    def fail_with_delay(self, seconds: float, count: int = 1) -> None:
+        """The next ``count`` POSTs are processed at once but answered ``seconds`` later.
+
+        Recording before the pause mirrors Twilio: a client that times out has still sent the
+        SMS, which is exactly the duplicate-send hazard a retry policy must face.
+        """
+        with self._lock:
+            self._delays.extend([seconds] * count)
+
+    def fail_delivery(self, *, to: str, code: int = 30003) -> None:
+        """Accept sends to ``to``, then call back "undelivered" with ``ErrorCode`` (needs status_callbacks)."""
+        with self._lock:
+            self._undeliverable[to] = code
+
+    def reset(self) -> None:
+        """Forget recorded messages, attempts and every injected failure."""
+        with self._lock:
+            self._clear()
+
+    # -- request handling (called from server threads) ---------------------------------------
+
+    def _handle(self, method: str, target: str, authorization: str | None, body: bytes) -> _Reply:
+        path = urlsplit(target).path
+        try:
+            if path.startswith("/_standin/"):
+                return self._control(method, path, body)
+            return self._api(method, path, _basic_auth(authorization), body)
+        except Exception:  # a stand-in bug must reach the client as Twilio's 500, not a hang-up
+            _log.exception("twilio stand-in failed on %s %s", method, path)
+            return _error(500, 20500, "Internal Server Error")
+
+    def _api(self, method: str, path: str, credentials: tuple[str, str] | None, body: bytes) -> _Reply:
+        if match := _MESSAGES_PATH.fullmatch(path):
+            if method != "POST":
+                return _error(405, 20004, "Method not allowed")
+            form = parse_qs(body.decode("ascii", "replace"), keep_blank_values=True, encoding="utf-8")
+            return self._create(match["account"], credentials, form)
+        if match := _MESSAGE_PATH.fullmatch(path):
+            if method != "GET":
+                return _error(405, 20004, "Method not allowed")
+            return self._fetch(match["account"], match["sid"], credentials)
+        return _error(404, 20404, f"The requested resource {path} was not found")
+
+    def _auth_error(self, account_sid: str, credentials: tuple[str, str] | None) -> _Reply | None:
+        if credentials is None or credentials[0] != account_sid:
+            return _error(401, 20003)
+        if self._accounts is not None and self._accounts.get(account_sid) != credentials[1]:
+            return _error(401, 20003)
+        return None
+
+    def _injected_error(self, to: str | None) -> _Reply | None:
+        for rule in self._fail_rules:
+            if rule.to is None or rule.to == to:
+                rule.remaining -= 1
+                if rule.remaining <= 0:
+                    self._fail_rules.remove(rule)
+                return rule.error
+        return self._fail_always.get(to) if to is not None else None
+
+    def _create(self, account_sid: str, credentials: tuple[str, str] | None, form: dict[str, list[str]]) -> _Reply:
+        fields = _Fields.parse(form)
+        message: SentMessage | None = None
+        with self._changed:
+            now = time.time()
+            delay = self._delays.popleft() if self._delays else 0.0
+            # Auth first, then injected faults (a 429 comes before Twilio looks at the payload).
+            error = self._auth_error(account_sid, credentials) or self._injected_error(fields.to)
+            error = error or _validation_error(fields)
+            if error is None:
+                message = self._accept(account_sid, fields, form, now)
+                reply = _Reply(201, _resource(message), delay=delay)
+            else:
+                reply = replace(error, delay=delay)
+            code = None if error is None else error.payload["code"]
+            self._attempts.append(Attempt(now, fields.to, fields.from_, fields.body, reply.status, code))
+            undelivered_code = self._undeliverable.get(fields.to or "")
+            self._changed.notify_all()
+        if message is not None and credentials is not None:
+            self._announce(message, credentials[1], undelivered_code)
+        return reply
+
+    def _accept(self, account_sid: str, fields: _Fields, form: dict[str, list[str]], now: float) -> SentMessage:
+        assert fields.to is not None  # _validation_error guarantees it
+        message = SentMessage(
+            sid="SM" + uuid.uuid4().hex,
+            account_sid=account_sid,
+            to=fields.to,
+            from_=fields.from_,
+            body=fields.body or "",
+            media_urls=fields.media_urls,
+            status_callback=fields.status_callback,
+            received_at=now,
+            form=form,
+            messaging_service_sid=fields.messaging_service_sid,
+            # Twilio answers "accepted" while a Messaging Service still has to pick a sender.
+            status="queued" if fields.from_ else "accepted",
+        )
+        self._messages.append(message)
+        self._by_sid[message.sid] = message
+        return message
+
+    def _announce(self, message: SentMessage, auth_token: str, undelivered_code: int | None) -> None:
+        if self._echo is not None:
+            try:
+                self._echo(_echo_line(message))
+            except Exception:  # a broken console must not turn an accepted send into a 500
+                _log.exception("twilio stand-in echo failed")
+        if self._callbacks is not None and message.status_callback is not None:
+            try:
+                self._callbacks.submit(self._run_lifecycle, message, auth_token, undelivered_code)
+            except RuntimeError:  # executor already shut down: stop() is under way
+                pass
+
+    def _fetch(self, account_sid: str, sid: str, credentials: tuple[str, str] | None) -> _Reply:
+        error = self._auth_error(account_sid, credentials)
+        if error is not None:
+            return error
+        with self._lock:
+            message = self._by_sid.get(sid)
+            if message is None or message.account_sid != account_sid:
+                path = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{sid}.json"
+                return _error(404, 20404, f"The requested resource {path} was not found")
+            return _Reply(200, _resource(message))
+
+    # -- status callbacks (run on the callback pool) -----------------------------------------
+
+    def _run_lifecycle(self, message: SentMessage, auth_token: str, undelivered_code: int | None) -> None:
+        final = ("undelivered", undelivered_code) if undelivered_code is not None else ("delivered", None)
+        for status, error_code in (("sent", None), final):
+            if self._stopped.is_set():
+                return
+            with self._lock:
+                message.status, message.error_code = status, error_code
+            self._post_callback(message, status, error_code, auth_token)
+
+    def _post_callback(self, message: SentMessage, status: str, error_code: int | None, auth_token: str) -> None:
+        url = message.status_callback
+        assert url is not None
+        params = _callback_params(message, status, error_code)
+        # Signed like real Twilio, so the product's RequestValidator check runs for real.
+        signature = RequestValidator(auth_token).compute_signature(url, params)
+        headers = {"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"}
+        try:
+            with requests.Session() as session:
+                session.trust_env = False  # Twilio does not go through the developer's proxy
+                session.post(url, data=params, headers=headers, timeout=_CALLBACK_TIMEOUT).close()
+        except requests.RequestException as exc:
+            _log.warning("status callback %s for %s to %s failed: %s", status, message.sid, url, exc)
+
+    # -- control surface for other processes -------------------------------------------------
+
+    def _control(self, method: str, path: str, body: bytes) -> _Reply:
+        route = (method, path)
+        if route == ("GET", "/_standin/messages"):
+            with self._lock:
+                return _Reply(200, [asdict(message) for message in self._messages])
+        if route == ("GET", "/_standin/attempts"):
+            with self._lock:
+                return _Reply(200, [asdict(attempt) for attempt in self._attempts])
+        if route == ("POST", "/_standin/reset"):
+            self.reset()
+            return _Reply(200, {"ok": True})
+        if route in (("POST", "/_standin/fail"), ("POST", "/_standin/delay")):
+            try:
+                spec = json.loads(body or b"{}")
+                self._program(path, spec)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                return _Reply(400, {"message": f"bad control request: {exc!r}"})
+            return _Reply(200, {"ok": True})
+        return _Reply(404, {"message": f"no control endpoint {method} {path}"})
+
+    def _program(self, path: str, spec: dict[str, Any]) -> None:
+        """Apply a JSON failure spec: {count, status, code, message, to, always} or {seconds, count}."""
+        if path == "/_standin/delay":
+            self.fail_with_delay(float(spec["seconds"]), int(spec.get("count", 1)))
+        elif spec.get("always"):
+            status, code = int(spec.get("status", 400)), int(spec.get("code", 21211))
+            self.fail_always(to=str(spec["to"]), status=status, code=code, message=spec.get("message"))
+        else:
+            status, code = int(spec.get("status", 429)), int(spec.get("code", 20429))
+            to = spec.get("to")
+            self.fail_next(
+                int(spec.get("count", 1)), status=status, code=code, message=spec.get("message"), to=to
+            )
+
+
+class _Server(ThreadingHTTPServer):
+    """Thread-per-connection HTTP server whose stop() really ends every connection thread.
+
+    ThreadingHTTPServer only joins non-daemon threads, and non-daemon threads would keep the
+    interpreter alive while a client idles on a keep-alive connection; so connection threads
+    are daemons and this class tracks (and on stop, shuts and joins) them itself.
+    """
+
+    daemon_threads = True
+    block_on_close = False  # joining is done by close_connections()
+    request_queue_size = 128  # the default backlog of 5 drops bursts of 16+ concurrent connects
+
+    def __init__(self, address: tuple[str, int], standin: TwilioStandin) -> None:
+        self.standin = standin
+        self._connections: set[socket.socket] = set()
+        self._conn_threads: list[threading.Thread] = []
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), name="twilio-standin-conn", daemon=True
+        )
+        with self._connections_lock:
+            self._connections.add(request)
+            # Pruning finished threads here keeps the list bounded over thousands of connections.
+            self._conn_threads = [t for t in self._conn_threads if t.is_alive()]
+            self._conn_threads.append(thread)
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self, timeout: float = 5.0) -> None:
+        """Shut every open connection so blocked handler threads return, then join them."""
+        with self._connections_lock:
+            connections, threads = list(self._connections), list(self._conn_threads)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by its handler
+                pass
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up (timeouts, Ctrl-C) are routine here; only real faults deserve a log.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        _log.exception("twilio stand-in failed serving %s", client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like api.twilio.com; requests' pool reuses sockets
+    timeout = _IDLE_TIMEOUT
+    # Headers and body leave in one segment: written separately, Nagle plus the client's delayed
+    # ACK held every response back ~40 ms on keep-alive connections.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+    server_version = "TwilioStandin/1.0"
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # access logs would drown the dev console's one line per SMS
+
+    def _serve(self, method: str) -> None:
+        body = self._read_body()
+        if body is None:
+            return
+        standin = self.server.standin
+        reply = standin._handle(method, self.path, self.headers.get("Authorization"), body)
+        if reply.delay > 0:
+            standin._stopped.wait(reply.delay)
+        self._write(reply)
+
+    def _read_body(self) -> bytes | None:
+        # The whole body must be consumed even for requests we reject, or the next request on
+        # this keep-alive connection would start mid-body.
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > _MAX_REQUEST_BYTES or "chunked" in self.headers.get("Transfer-Encoding", ""):
+            self.close_connection = True
+            self._write(_Reply(400, {"message": "a Content-Length of at most 1 MiB is required"}))
+            return None
+        return self.rfile.read(length)
+
+    def _write(self, reply: _Reply) -> None:
+        data = json.dumps(reply.payload).encode("utf-8")
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:  # the client gave up, e.g. its timeout fired during an injected delay
+            self.close_connection = True
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cli.twilio_standin", description="Serve a local stand-in for Twilio's Messages API."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed at start)")
+    parser.add_argument("--quiet", action="store_true", help="do not print each SMS")
+    parser.add_argument(
+        "--account",
+        action="append",
+        default=[],
+        metavar="SID:TOKEN",
+        help="accept only these credentials (repeatable); default: accept any",
+    )
+    parser.add_argument("--status-callbacks", action="store_true", help="POST signed sent/delivered callbacks")
+    args = parser.parse_args(argv)
+    pairs = [account.partition(":") for account in args.account]
+    if any(not sep for _, sep, _ in pairs):
+        parser.error("--account takes SID:TOKEN")
+    args.accounts = {sid: token for sid, _, token in pairs} or None
+    return args
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM, then restore the previous handlers."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Polling is_set() instead of stop.wait(): the handler runs on this thread, and set()
+        # would deadlock if the signal landed while wait() held the event's internal lock.
+        while not stop.is_set():
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stand-in in the foreground until SIGINT/SIGTERM."""
+    args = _parse_args(argv)
+    # flush=True: under honcho or a pipe, stdout is block-buffered and replies would show late.
+    echo = None if args.quiet else functools.partial(print, flush=True)
+    standin = TwilioStandin(
+        args.host, args.port, accounts=args.accounts, echo=echo, status_callbacks=args.status_callbacks
+    )
+    with standin:
+        print(f"Twilio stand-in listening on {standin.url} (set client.api.base_url to it)", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

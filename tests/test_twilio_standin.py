@@ -1,0 +1,403 @@
+"""The Twilio stand-in must look like Twilio to the real twilio-python client, and obey its knobs."""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+from cli.twilio_standin import TwilioStandin, count_segments
+
+ACCOUNT = "AC" + "1" * 32
+TOKEN = "auth-token-1"
+BOT = "+15550001111"
+ALICE = "+15552223333"
+BOB = "+15554445555"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MakeClient = Callable[..., Client]
+Callback = tuple[str, dict[str, str], str]  # (url, form, X-Twilio-Signature)
+
+
+@pytest.fixture
+def standin() -> Iterator[TwilioStandin]:
+    with TwilioStandin(accounts={ACCOUNT: TOKEN}) as server:
+        yield server
+
+
+@pytest.fixture
+def callback_standin() -> Iterator[TwilioStandin]:
+    with TwilioStandin(accounts={ACCOUNT: TOKEN}, status_callbacks=True) as server:
+        yield server
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """Real twilio-python clients pointed at a stand-in; their pooled sockets are closed afterwards."""
+    clients: list[Client] = []
+
+    def make(
+        server: TwilioStandin,
+        sid: str = ACCOUNT,
+        token: str = TOKEN,
+        *,
+        account_sid: str | None = None,
+        timeout: float | None = None,
+    ) -> Client:
+        client = Client(sid, token, account_sid=account_sid, http_client=TwilioHttpClient(timeout=timeout))
+        client.api.base_url = server.url
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        assert isinstance(client.http_client, TwilioHttpClient) and client.http_client.session is not None
+        client.http_client.session.close()
+
+
+@pytest.fixture
+def callback_receiver() -> Iterator[tuple[str, queue.Queue[Callback]]]:
+    """A tiny threaded HTTP server that records the status callbacks it receives."""
+    received: queue.Queue[Callback] = queue.Queue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            form = {name: values[0] for name, values in parse_qs(raw).items()}
+            url = f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
+            received.put((url, form, self.headers.get("X-Twilio-Signature", "")))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_send_through_twilio_client_is_accepted_and_recorded(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """A twilio-python send gets a Twilio-shaped 201 and is recorded with every field, MediaUrl repeated."""
+    media = ["https://example.com/a.png", "https://example.com/b.png"]
+    before = time.time()
+    sent = make_client(standin).messages.create(
+        to=ALICE, from_=BOT, body="hello", media_url=media, status_callback="https://bot.example/status",
+        validity_period=60,
+    )
+    assert re.fullmatch(r"SM[0-9a-f]{32}", sent.sid)
+    assert (sent.status, sent.to, sent.from_, sent.body) == ("queued", ALICE, BOT, "hello")
+    assert (sent.num_media, sent.num_segments, sent.direction, sent.error_code) == ("2", "1", "outbound-api", None)
+    assert sent.uri == f"/2010-04-01/Accounts/{ACCOUNT}/Messages/{sent.sid}.json"
+    assert sent.date_created is not None and sent.date_created.tzinfo is not None
+    [message] = standin.messages
+    assert (message.sid, message.account_sid, message.to, message.from_) == (sent.sid, ACCOUNT, ALICE, BOT)
+    assert (message.body, message.media_urls, message.status_callback) == ("hello", media, "https://bot.example/status")
+    assert message.form["ValidityPeriod"] == ["60"] and message.form["MediaUrl"] == media
+    assert before <= message.received_at <= time.time()
+
+
+def test_fetch_returns_the_stored_message_and_404_for_unknown_sids(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """GET Messages/<sid>.json returns the stored message; an unknown sid is Twilio's 404/20404."""
+    client = make_client(standin)
+    sent = client.messages.create(to=ALICE, from_=BOT, body="fetch me")
+    fetched = client.messages(sent.sid).fetch()
+    assert (fetched.sid, fetched.body, fetched.status) == (sent.sid, "fetch me", "queued")
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages("SM" + "0" * 32).fetch()
+    assert (caught.value.status, caught.value.code) == (404, 20404)
+
+
+@pytest.mark.parametrize(
+    ("sid", "token", "path_account"),
+    [(ACCOUNT, "wrong-token", None), ("AC" + "9" * 32, TOKEN, None), (ACCOUNT, TOKEN, "AC" + "2" * 32)],
+    ids=["wrong-token", "unknown-account", "path-account-differs-from-user"],
+)
+def test_bad_credentials_raise_401_with_code_20003(
+    standin: TwilioStandin, make_client: MakeClient, sid: str, token: str, path_account: str | None
+) -> None:
+    """Wrong token, unknown account or a path AccountSid other than the auth user all get 401/20003."""
+    client = make_client(standin, sid, token, account_sid=path_account)
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages.create(to=ALICE, from_=BOT, body="hi")
+    assert (caught.value.status, caught.value.code) == (401, 20003)
+    assert standin.messages == []
+    assert [(a.http_status, a.code) for a in standin.attempts] == [(401, 20003)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"to": "", "from_": BOT, "body": "hi"}, 21604),
+        ({"to": ALICE, "body": "hi"}, 21603),
+        ({"to": ALICE, "from_": BOT}, 21602),
+        ({"to": ALICE, "from_": BOT, "body": "x" * 1601}, 21617),
+    ],
+    ids=["missing-to", "missing-from", "missing-body-and-media", "body-over-1600"],
+)
+def test_invalid_sends_are_rejected_with_twilio_400_codes(
+    standin: TwilioStandin, make_client: MakeClient, fields: dict[str, str], code: int
+) -> None:
+    """Twilio's validation errors reach twilio-python as TwilioRestException with status 400 and the code."""
+    with pytest.raises(TwilioRestException) as caught:
+        make_client(standin).messages.create(**fields)
+    assert (caught.value.status, caught.value.code) == (400, code)
+    assert standin.messages == []
+
+
+def test_body_of_exactly_1600_chars_and_media_only_sends_are_accepted(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """The 1600-character limit is inclusive, and MediaUrl alone is enough content."""
+    client = make_client(standin)
+    long = client.messages.create(to=ALICE, from_=BOT, body="x" * 1600)
+    media_only = client.messages.create(to=ALICE, from_=BOT, media_url=["https://example.com/a.png"])
+    assert (long.num_segments, media_only.body, media_only.num_media) == ("11", "", "1")
+    assert len(standin.wait_for(2)) == 2
+
+
+def test_segments_follow_gsm7_and_ucs2_limits() -> None:
+    """Segment counts match Twilio's GSM-7 (160/153) and UCS-2 (70/67) rules."""
+    assert [count_segments(b) for b in ("", "a" * 160, "a" * 161, "€" * 80, "€" * 81, "é" * 160)] == [1, 1, 2, 1, 2, 1]
+    assert [count_segments(b) for b in ("ж" * 70, "ж" * 71, "😀" * 35)] == [1, 2, 1]
+
+
+def test_fail_next_returns_429_then_the_retry_is_accepted(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """fail_next() answers the next POST with 429/20429 and lets the following one through."""
+    client = make_client(standin)
+    standin.fail_next()
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages.create(to=ALICE, from_=BOT, body="retry me")
+    assert (caught.value.status, caught.value.code) == (429, 20429)
+    client.messages.create(to=ALICE, from_=BOT, body="retry me")
+    assert [(a.http_status, a.code, a.body) for a in standin.attempts] == [
+        (429, 20429, "retry me"),
+        (201, None, "retry me"),
+    ]
+    assert [m.body for m in standin.messages] == ["retry me"]
+
+
+def test_fail_next_for_one_recipient_leaves_others_alone(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """fail_next(to=...) only consumes POSTs to that recipient."""
+    client = make_client(standin)
+    standin.fail_next(2, status=400, code=21611, to=BOB)
+    client.messages.create(to=ALICE, from_=BOT, body="fine")
+    for _ in range(2):
+        with pytest.raises(TwilioRestException, match="maximum number of queued messages") as caught:
+            client.messages.create(to=BOB, from_=BOT, body="queued out")
+        assert caught.value.code == 21611
+    client.messages.create(to=BOB, from_=BOT, body="through")
+    assert [m.to for m in standin.messages] == [ALICE, BOB]
+
+
+def test_fail_always_rejects_every_send_to_that_recipient_until_reset(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """fail_always(to=..., code=21610) models an opted-out number: every send to it fails, others pass."""
+    client = make_client(standin)
+    standin.fail_always(to=BOB, code=21610)
+    for _ in range(3):
+        with pytest.raises(TwilioRestException) as caught:
+            client.messages.create(to=BOB, from_=BOT, body="are you there?")
+        assert (caught.value.status, caught.value.code) == (400, 21610)
+    client.messages.create(to=ALICE, from_=BOT, body="hi")
+    standin.reset()
+    assert standin.messages == [] and standin.attempts == []
+    client.messages.create(to=BOB, from_=BOT, body="after START")
+    assert [m.to for m in standin.messages] == [BOB]
+
+
+def test_delayed_answer_times_out_the_client_but_the_message_is_recorded(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """fail_with_delay() makes a client time out although Twilio-side the SMS was already accepted."""
+    client = make_client(standin, timeout=0.2)
+    standin.fail_with_delay(3.0)
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.Timeout):
+        client.messages.create(to=ALICE, from_=BOT, body="slow")
+    assert time.monotonic() - started < 1.0
+    client.messages.create(to=ALICE, from_=BOT, body="fast again")
+    assert [m.body for m in standin.messages] == ["slow", "fast again"]
+
+
+def test_status_callbacks_arrive_signed_in_order(
+    callback_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """With status_callbacks, "sent" then "delivered" are POSTed, signed so RequestValidator accepts them."""
+    base, received = callback_receiver
+    client = make_client(callback_standin)
+    sent = client.messages.create(to=ALICE, from_=BOT, body="hi", status_callback=f"{base}/status?bot=7")
+    callbacks = [received.get(timeout=5) for _ in range(2)]
+    assert [form["MessageStatus"] for _, form, _ in callbacks] == ["sent", "delivered"]
+    for url, form, signature in callbacks:
+        assert url == f"{base}/status?bot=7"
+        assert RequestValidator(TOKEN).validate(url, form, signature)
+        assert not RequestValidator("another-token").validate(url, form, signature)
+        assert (form["MessageSid"], form["From"], form["To"], form["AccountSid"]) == (sent.sid, BOT, ALICE, ACCOUNT)
+        assert "ErrorCode" not in form
+    assert client.messages(sent.sid).fetch().status == "delivered"
+
+
+def test_fail_delivery_reports_undelivered_with_error_code(
+    callback_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """fail_delivery(to=...) accepts the send, then calls back "undelivered" with ErrorCode."""
+    base, received = callback_receiver
+    callback_standin.fail_delivery(to=BOB, code=30003)
+    make_client(callback_standin).messages.create(to=BOB, from_=BOT, body="hi", status_callback=f"{base}/s")
+    callbacks = [received.get(timeout=5)[1] for _ in range(2)]
+    assert [(f["MessageStatus"], f.get("ErrorCode")) for f in callbacks] == [("sent", None), ("undelivered", "30003")]
+    assert callback_standin.messages[0].error_code == 30003
+
+
+def test_http_control_surface_programs_failures_lists_and_resets(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """Another process can inject failures, read accepted messages and reset through /_standin/."""
+    client = make_client(standin)
+    with requests.Session() as http:
+        fail = {"count": 1, "status": 429, "code": 20429, "message": "slow down", "to": ALICE}
+        assert http.post(f"{standin.url}/_standin/fail", json=fail).status_code == 200
+        with pytest.raises(TwilioRestException, match="slow down"):
+            client.messages.create(to=ALICE, from_=BOT, body="one")
+        sent = client.messages.create(to=ALICE, from_=BOT, body="two")
+        [listed] = http.get(f"{standin.url}/_standin/messages").json()
+        assert (listed["sid"], listed["to"], listed["from_"], listed["body"]) == (sent.sid, ALICE, BOT, "two")
+        assert listed["received_at"] == standin.messages[0].received_at
+        assert [a["http_status"] for a in http.get(f"{standin.url}/_standin/attempts").json()] == [429, 201]
+        assert http.post(f"{standin.url}/_standin/fail", data="not json").status_code == 400
+        assert http.post(f"{standin.url}/_standin/reset").status_code == 200
+        assert http.get(f"{standin.url}/_standin/messages").json() == []
+
+
+def test_dev_mode_accepts_any_credentials_and_echoes_one_line_per_sms(make_client: MakeClient) -> None:
+    """Without accounts any credentials pass, and echo gets one readable line per accepted message."""
+    lines: list[str] = []
+    with TwilioStandin(echo=lines.append) as server:
+        client = make_client(server, "AC" + "7" * 32, "whatever")
+        client.messages.create(to=ALICE, from_=BOT, body="hello\nthere", media_url=["https://example.com/a.png"])
+        with pytest.raises(TwilioRestException):
+            client.messages.create(to="", from_=BOT, body="rejected sends are not echoed")
+        client.http_client.session.close()  # type: ignore[attr-defined]
+    assert lines == [f"SMS {BOT} -> {ALICE}: hello\\nthere [media: https://example.com/a.png]"]
+
+
+def test_wait_for_raises_naming_how_many_arrived(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """wait_for() fails with an AssertionError that says how many messages did arrive."""
+    make_client(standin).messages.create(to=ALICE, from_=BOT, body="only one")
+    assert len(standin.wait_for(1, timeout=0.1)) == 1
+    with pytest.raises(AssertionError, match=r"at least 2 .* but 1 arrived"):
+        standin.wait_for(2, timeout=0.05)
+
+
+def test_sixteen_concurrent_clients_are_all_served(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """Sixteen clients sending at once are all accepted, each message once, with distinct sids."""
+    clients = [make_client(standin, timeout=5) for _ in range(16)]
+    barrier = threading.Barrier(len(clients))
+    errors: list[BaseException] = []
+
+    def send(index: int, client: Client) -> None:
+        barrier.wait()
+        try:
+            for n in range(5):
+                client.messages.create(to=ALICE, from_=BOT, body=f"{index}-{n}")
+        except BaseException as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i, c)) for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    messages = standin.wait_for(80, timeout=1)
+    assert len({m.sid for m in messages}) == 80 and len({m.body for m in messages}) == 80
+    arrivals = [m.received_at for m in messages]
+    assert arrivals == sorted(arrivals)
+
+
+def test_many_requests_do_not_leak_handler_threads(standin: TwilioStandin) -> None:
+    """Hundreds of one-shot connections leave no handler threads behind."""
+    baseline = threading.active_count()
+    url = f"{standin.url}/2010-04-01/Accounts/{ACCOUNT}/Messages.json"
+    for n in range(300):
+        response = requests.post(
+            url, data={"To": ALICE, "From": BOT, "Body": str(n)}, auth=(ACCOUNT, TOKEN), headers={"Connection": "close"}
+        )
+        assert response.status_code == 201
+    assert len(standin.messages) == 300
+    deadline = time.monotonic() + 2
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= baseline
+
+
+def test_stop_is_prompt_with_idle_keepalive_connections_open() -> None:
+    """stop() closes idle keep-alive connections instead of waiting for their idle timeout."""
+    baseline = threading.active_count()
+    server = TwilioStandin().start()
+    with requests.Session() as http:
+        for _ in range(3):
+            assert http.get(f"{server.url}/_standin/messages").status_code == 200
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 1.0
+    assert threading.active_count() == baseline, threading.enumerate()
+
+
+def test_module_runs_in_foreground_and_stops_on_sigterm() -> None:
+    """`python -m cli.twilio_standin --port 0` prints its URL, echoes sends, and exits 0 on SIGTERM."""
+    command = [sys.executable, "-m", "cli.twilio_standin", "--port", "0"]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            banner = process.stdout.readline()
+            match = re.search(r"http://127\.0\.0\.1:\d+", banner)
+            assert match, banner
+            response = requests.post(
+                f"{match.group()}/2010-04-01/Accounts/{ACCOUNT}/Messages.json",
+                data={"To": ALICE, "From": BOT, "Body": "from the bot"},
+                auth=(ACCOUNT, "any-token"),
+            )
+            assert response.status_code == 201
+            assert process.stdout.readline() == f"SMS {BOT} -> {ALICE}: from the bot\n"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=5) == 0
+        finally:
+            process.kill()
+
+
+def test_context_manager_accepts_an_already_started_standin() -> None:
+    """`with TwilioStandin().start() as s:` works: entering does not start a second server."""
+    with TwilioStandin().start() as server:
+        assert requests.get(f"{server.url}/_standin/messages").json() == []
+    with pytest.raises(RuntimeError, match="already started"):
+        server.start().start()
+    server.stop()
