@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -17,14 +18,42 @@ PHONE_FIELDS = frozenset({"from_", "to", "sender", "recipient", "number", "bot_n
 SECRET_FIELDS = frozenset({"auth_token", "twilio_auth_token", "twilio-auth-token", "password", "authorization"})
 
 
-def _scrub(full_numbers: bool) -> structlog.types.Processor:
-    def scrub(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-        for key in SECRET_FIELDS & event.keys():
-            event[key] = "[redacted]"
+# Any other field whose name says it holds a secret (api_token, client_secret, credentials_key, ...).
+_SECRET_NAME = re.compile(r"token|secret|password|passwd|authorization|credential|api[-_]?key", re.IGNORECASE)
+# Not secrets, though their names say "token": Twilio's retry token only identifies a webhook delivery.
+_NOT_SECRET = frozenset({"idempotency_token"})
+# A phone number inside free text: a conversation id ("3:+15551234567"), a URL, an error message.
+_E164_IN_TEXT = re.compile(r"\+[1-9]\d{7,14}")
+# user:password@ in a URL (REDIS_URL of Heroku Redis carries its password that way).
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def _is_secret(key: str) -> bool:
+    return key in SECRET_FIELDS or (key not in _NOT_SECRET and _SECRET_NAME.search(key) is not None)
+
+
+def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types.Processor:
+    """Redact secrets (by field name, in URLs, and the known secret values) and mask phone numbers."""
+
+    def clean(text: str) -> str:
+        text = _URL_CREDENTIALS.sub(lambda m: m[1] + REDACTED + "@", text)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
         if not full_numbers:
-            for key in PHONE_FIELDS & event.keys():
-                if isinstance(event[key], str):
-                    event[key] = mask(event[key])
+            text = _E164_IN_TEXT.sub(lambda m: mask(m[0]) or "", text)
+        return text
+
+    def scrub(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key, value in event.items():
+            if _is_secret(key):
+                event[key] = REDACTED
+            elif key in PHONE_FIELDS and isinstance(value, str) and not full_numbers:
+                event[key] = mask(value)
+            elif isinstance(value, str):
+                event[key] = clean(value)
+            elif isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
+                event[key] = [clean(item) if isinstance(item, str) else item for item in value]
         return event
 
     return scrub
@@ -40,8 +69,9 @@ def configure_logging(settings: Settings) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _scrub(settings.log_phone_numbers == "full"),
+            # After format_exc_info, so a traceback's text is scrubbed like any other field.
             structlog.processors.format_exc_info,
+            _scrub(settings.log_phone_numbers == "full", _known_secrets(settings)),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -51,6 +81,13 @@ def configure_logging(settings: Settings) -> None:
     )
     # Libraries log through the standard library; keep them at WARNING so logs stay one event per hop.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+
+
+def _known_secrets(settings: Settings) -> tuple[str, ...]:
+    """This process's own secrets, redacted wherever they appear (an error message quoting a header, say)."""
+    candidates = (settings.admin_api_token, *settings.credentials_keys)
+    # Very short values would redact innocent text; the service's real secrets are long.
+    return tuple(secret for secret in candidates if secret and len(secret) >= 8)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

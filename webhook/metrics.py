@@ -1,7 +1,81 @@
-"""Placeholder: filled in by the observability work (issue 5)."""
+"""GET /metrics: Prometheus's text format, for the whole service, served by the web process.
+
+Every process (a worker dyno has no open port) records its counters in Redis through
+shared.metrics; this endpoint renders them with the queue depths read at scrape time.
+
+When ADMIN_API_TOKEN is set (always, outside development) a scraper must send it as a bearer
+token (Prometheus: `authorization: {credentials: ...}`), since the counts reveal traffic.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import hmac
+from typing import Any
+
+import redis as redis_lib
+from flask import Blueprint, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from shared import keys
+from shared.metrics import RedisCollector
+from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE
+from webhook.deps import get_redis, get_settings
 
 bp = Blueprint("metrics", __name__)
+
+# Dramatiq's Redis broker keeps each queue as a list of message ids under its namespace;
+# delayed messages (retries, paced sends) wait in the ".DQ" queue, dead letters in the ".XQ" sorted set.
+_NAMESPACE = "dramatiq"
+_QUEUES = (CONVERSATIONS_QUEUE, f"{CONVERSATIONS_QUEUE}.DQ", OUTBOUND_QUEUE, f"{OUTBOUND_QUEUE}.DQ")
+_DEAD_LETTER_QUEUES = (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE)
+
+
+def queue_depths(redis: Any) -> dict[str, float]:
+    pipe = redis.pipeline(transaction=False)
+    for queue in _QUEUES:
+        pipe.llen(f"{_NAMESPACE}:{queue}")
+    return {queue: float(depth) for queue, depth in zip(_QUEUES, pipe.execute())}
+
+
+def dead_letters(redis: Any) -> dict[str, float]:
+    pipe = redis.pipeline(transaction=False)
+    for queue in _DEAD_LETTER_QUEUES:
+        pipe.zcard(f"{_NAMESPACE}:{queue}.XQ")
+    return {queue: float(count) for queue, count in zip(_DEAD_LETTER_QUEUES, pipe.execute())}
+
+
+def pending_conversations(redis: Any) -> dict[str, float]:
+    return {CONVERSATIONS_QUEUE: float(redis.zcard(keys.PENDING))}
+
+
+GAUGES = {
+    "sms_queue_depth": ("Messages waiting in each Dramatiq queue (.DQ: delayed, e.g. retries).", queue_depths),
+    "sms_dead_letters": ("Messages in each Dramatiq dead-letter queue (kept 7 days; replay with mammut-sms dlq).",
+                         dead_letters),
+    "sms_pending_conversations": ("Conversations with inbound or outbound work outstanding.", pending_conversations),
+}
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """The service's counters, latency histograms, queue depths and dead-letter count."""
+    if not _authorized():
+        return Response("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)\n", status=401,
+                        content_type="text/plain; charset=utf-8", headers={"WWW-Authenticate": "Bearer"})
+    # A registry per scrape: collecting reads Redis anyway, and nothing lingers between scrapes.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(get_redis(), gauges=GAUGES))
+    try:
+        body = generate_latest(registry)
+    except redis_lib.RedisError as error:
+        return Response(f"redis unavailable: {error.__class__.__name__}\n", status=503,
+                        content_type="text/plain; charset=utf-8")
+    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+def _authorized() -> bool:
+    expected = get_settings().admin_api_token
+    if not expected:
+        return True  # only possible in development: production refuses to start without the token
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
