@@ -1,0 +1,144 @@
+"""Delivery status callbacks: verified like inbound messages, recorded without ever moving backwards."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import structlog
+from flask.testing import FlaskClient
+
+from shared import keys, metrics
+from shared.bots import Bot
+from shared.optout import is_opted_out
+from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER
+from tests.test_signature import LOCAL, post_signed, sign
+from webhook import status
+from webhook.twilio_auth import EMPTY_TWIML
+
+STATUS_PATH = "/channels/sms/status"
+RECIPIENT = "+15551230001"
+
+
+def callback(sid: str, message_status: str, **extra: str) -> dict[str, str]:
+    """The form Twilio posts to StatusCallback for a message the test bot sent."""
+    return {"MessageSid": sid, "SmsSid": sid, "MessageStatus": message_status, "SmsStatus": message_status,
+            "AccountSid": BOT_ACCOUNT_SID, "From": BOT_NUMBER, "To": RECIPIENT, "ApiVersion": "2010-04-01", **extra}
+
+
+def post_status(client: FlaskClient, params: dict[str, str], path: str = STATUS_PATH) -> Any:
+    return post_signed(client, params, path=path)
+
+
+def recorded(redis: redis_lib.Redis, sid: str) -> dict[str, str]:
+    return redis.hgetall(keys.delivery_status(sid))
+
+
+@pytest.fixture
+def sid() -> str:
+    return "SM" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """The log events of the status module (a fresh logger, since each app reconfigures structlog)."""
+    with structlog.testing.capture_logs() as captured:
+        monkeypatch.setattr(status, "log", structlog.get_logger(status.__name__))
+        yield captured
+
+
+class TestRecording:
+    """Each verified callback is recorded and acknowledged."""
+
+    def test_callback_is_recorded_and_acknowledged(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                   sid: str, logs: list[dict[str, Any]]) -> None:
+        """A signed 'sent' callback: 200 empty TwiML, status stored, counted, logged without the token."""
+        response = post_status(client, callback(sid, "sent"))
+        assert (200, EMPTY_TWIML) == (response.status_code, response.get_data(as_text=True))
+        assert "sent" == recorded(redis, sid)["status"]
+        assert 1 == int(redis.hget(keys.METRIC_COUNTERS, metrics.field("sms_status_callbacks", status="sent")) or 0)
+        [event] = [e for e in logs if e["event"] == "status.callback"]
+        assert (sid, bot.id, "sent") == (event["message_sid"], event["bot_id"], event["status"])
+        assert BOT_AUTH_TOKEN not in repr(logs)
+
+    def test_path_with_trailing_slash_is_served_too(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                    sid: str) -> None:
+        """/channels/sms/status/ is served without a redirect, like /channels/sms/status."""
+        response = post_status(client, callback(sid, "queued"), path=STATUS_PATH + "/")
+        assert (200, "queued") == (response.status_code, recorded(redis, sid)["status"])
+
+    def test_delivered_then_sent_leaves_delivered(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                  sid: str) -> None:
+        """Callbacks arrive out of order: a late 'sent' never overwrites 'delivered'."""
+        post_status(client, callback(sid, "delivered"))
+        response = post_status(client, callback(sid, "sent"))
+        assert (200, "delivered") == (response.status_code, recorded(redis, sid)["status"])
+
+    def test_error_code_is_kept_with_a_final_status(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                    sid: str) -> None:
+        """'undelivered' with 30003, then a late 'sending': the failure and its code stand."""
+        post_status(client, callback(sid, "undelivered", ErrorCode="30003"))
+        post_status(client, callback(sid, "sending"))
+        stored = recorded(redis, sid)
+        assert ("undelivered", "30003") == (stored["status"], stored["error-code"])
+
+    def test_21610_opts_the_recipient_out_for_that_bot_number(self, client: FlaskClient, bot: Bot,
+                                                              redis: redis_lib.Redis, sid: str) -> None:
+        """Twilio reporting 'replied STOP' (21610) marks the recipient opted out for the bot's number."""
+        post_status(client, callback(sid, "failed", ErrorCode="21610"))
+        assert is_opted_out(redis, BOT_NUMBER, RECIPIENT)
+
+    def test_other_error_codes_do_not_opt_out(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                              sid: str) -> None:
+        """A landline (30006) is a failure, not an opt-out."""
+        post_status(client, callback(sid, "undelivered", ErrorCode="30006"))
+        assert not is_opted_out(redis, BOT_NUMBER, RECIPIENT)
+
+    def test_invented_status_is_not_a_new_metric_series(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                        sid: str) -> None:
+        """A status Twilio never sends is counted as 'other', so callers cannot invent label values."""
+        post_status(client, callback(sid, "exploded"))
+        counted = redis.hkeys(keys.METRIC_COUNTERS)
+        assert [metrics.field("sms_status_callbacks", status="other")] == counted
+
+
+class TestRefusals:
+    """Callbacks are verified exactly like inbound messages; refused ones record nothing."""
+
+    def test_unsigned_callback_is_403_and_records_nothing(self, client: FlaskClient, bot: Bot,
+                                                          redis: redis_lib.Redis, sid: str) -> None:
+        """Without a signature: 403, and the status is not stored."""
+        response = client.post(STATUS_PATH, data=callback(sid, "delivered"))
+        assert (403, {}) == (response.status_code, recorded(redis, sid))
+
+    def test_forged_21610_does_not_opt_anyone_out(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                  sid: str) -> None:
+        """A tampered callback cannot unsubscribe a user."""
+        params = callback(sid, "sent")
+        headers = {"X-Twilio-Signature": sign(LOCAL + STATUS_PATH, params)}
+        response = client.post(STATUS_PATH, data={**params, "ErrorCode": "21610"}, headers=headers)
+        assert (403, False) == (response.status_code, is_opted_out(redis, BOT_NUMBER, RECIPIENT))
+
+    def test_wrong_account_is_403(self, client: FlaskClient, bot: Bot, sid: str) -> None:
+        """Signed, but for another account: 403."""
+        assert 403 == post_status(client, callback(sid, "sent", AccountSid="AC" + "e" * 32)).status_code
+
+    def test_unknown_sender_number_is_404(self, client: FlaskClient, bot: Bot, sid: str) -> None:
+        """The bot is found by From; a From no bot owns is 404."""
+        assert 404 == post_status(client, callback(sid, "sent", From="+15009990000")).status_code
+
+    @pytest.mark.parametrize("field", ["MessageSid", "MessageStatus", "From", "To"])
+    def test_missing_field_is_400(self, client: FlaskClient, bot: Bot, sid: str, field: str) -> None:
+        """Without the message, its status or the bot's number there is nothing to record: 400."""
+        params = callback(sid, "sent")
+        del params[field]
+        assert 400 == post_status(client, params).status_code
+
+    def test_non_numeric_error_code_is_not_500(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                               sid: str) -> None:
+        """A malformed ErrorCode is ignored; the status is still recorded."""
+        response = post_status(client, callback(sid, "failed", ErrorCode="oops"))
+        assert (200, "failed") == (response.status_code, recorded(redis, sid)["status"])
