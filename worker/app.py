@@ -10,3 +10,6 @@ configure_logging(get_settings())
 broker = get_broker()
 
 from worker import conversation, outbound  # noqa: E402,F401  (importing declares the actors)
+from worker.middleware import SweeperMiddleware  # noqa: E402
+
+broker.add_middleware(SweeperMiddleware())

@@ -1,3 +1,126 @@
-"""Placeholder: filled in by the worker work (issue 4)."""
+"""Conversations: each (bot, sender) inbox drained in order, one message at a time, by whichever
+worker holds the conversation's lease; every engine answer joins the outbox in one atomic step.
+
+A message moves inbox -> processing (LMOVE) before the engine sees it, and leaves processing in
+the same Redis step that queues its replies, so a worker killed anywhere in between loses nothing,
+and a message whose replies were queued is never handed to the engine again.
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import dramatiq
+
+from shared import keys, messagelog
+from shared.conversations import INBOUND, queue_replies, replies_from, settle
+from shared.logging import get_logger
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation, kick_delivery
+from worker.deps import get_redis, get_settings, get_store
+from worker.engine import Answer, engine_for
+from worker.locks import Lease
+
+log = get_logger(__name__)
+
+# One actor run handles at most this much, then re-kicks: other conversations get their turn,
+# and no run nears the TimeLimit.
+MAX_MESSAGES_PER_RUN = 20
+MAX_SECONDS_PER_RUN = 60.0
+
+
+class LeaseLost(Exception):
+    """Another worker took the conversation over (ours lapsed): stop without queuing anything."""
+
+
+@dramatiq.actor(
+    actor_name=HANDLE_CONVERSATION, queue_name=CONVERSATIONS_QUEUE,
+    max_retries=20, min_backoff=500, max_backoff=30_000, time_limit=5 * 60_000,
+)
+def handle_conversation(conversation: str) -> None:
+    """Drain the conversation's inbox; harmless when another worker is already draining it."""
+    drain(get_redis(), conversation)
+
+
+def drain(redis: Any, conversation: str) -> None:
+    lease = Lease(redis, keys.conversation_lock(conversation))
+    if not lease.acquire():
+        return  # the holder re-checks the inbox before it lets go
+    finished = True
+    try:
+        finished = _drain_held(redis, conversation, lease)
+    except LeaseLost:
+        log.warning("conversation.lease_lost", **who(conversation))
+    finally:
+        lease.release()
+    # A message that arrived while we held the lease had its kick refused above: pick it up now.
+    waiting = redis.llen(keys.inbox(conversation)) + redis.llen(keys.processing(conversation))
+    if not finished or waiting:
+        kick_conversation(conversation)
+    else:
+        settle(redis, conversation)
+
+
+def who(conversation: str) -> dict[str, Any]:
+    """A conversation as log fields: the sender under a name the log masks."""
+    bot_id, sender = keys.split_conversation_id(conversation)
+    return {"bot_id": bot_id, "sender": sender}
+
+
+def _drain_held(redis: Any, conversation: str, lease: Lease) -> bool:
+    """Handle messages until the inbox is empty (True) or this run's share is used up (False)."""
+    stop_at = time.monotonic() + MAX_SECONDS_PER_RUN
+    for _ in range(MAX_MESSAGES_PER_RUN):
+        raw = _next_inbound(redis, conversation)
+        if raw is None:
+            return True
+        handle_message(redis, conversation, raw, lease)
+        if time.monotonic() > stop_at:
+            break
+    return False
+
+
+def _next_inbound(redis: Any, conversation: str) -> str | None:
+    """A crashed worker's message first, else the oldest waiting one."""
+    processing = keys.processing(conversation)
+    raw = redis.lindex(processing, 0)
+    if raw is None:
+        raw = redis.lmove(keys.inbox(conversation), processing, "LEFT", "RIGHT")
+    return raw
+
+
+def handle_message(redis: Any, conversation: str, raw: str, lease: Lease) -> None:
+    """Log the message, ask the bot's engine, and queue the replies (finishing the message)."""
+    message = INBOUND.load(json.loads(raw))
+    bot = get_store().get(message["bot_id"])
+    if bot is None:
+        log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
+        queue_replies(redis, conversation, [], done_inbound=raw)
+        return
+    _log_inbound(redis, conversation, message)
+    answers = engine_for(bot, get_settings(), redis).answer(bot, message)
+    replies = _replies(conversation, message, answers)
+    if not lease.renew():
+        raise LeaseLost(conversation)
+    reply_id = queue_replies(redis, conversation, replies, done_inbound=raw)
+    log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
+    if reply_id:
+        kick_delivery(conversation, reply_id)
+
+
+def _log_inbound(redis: Any, conversation: str, message: dict[str, Any]) -> None:
+    # A resumed message may have been logged before its worker died.
+    if redis.hexists(keys.message_log_entries(conversation), message["sid"]):
+        return
+    entry = messagelog.new_entry(message["sid"], "in", message["body"], message["media"],
+                                 sid=message["sid"], status="received", at=message["received_at"])
+    messagelog.append(redis, conversation, entry)
+
+
+def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:
+    replies: list[dict[str, Any]] = []
+    for answer in answers:
+        replies += replies_from(conversation, message["sender"], answer.text, answer.image,
+                                in_reply_to=message["sid"], received_at=message["received_at"])
+    return replies

@@ -91,15 +91,15 @@ def parse_answers(payload: Any) -> list[Answer]:
 class HttpEngine:
     """A Rasa REST-channel engine, retried with short backoff inside an overall deadline."""
 
-    def __init__(self, url: str, redis: Any, *, deadline: float = DEADLINE_SECONDS,
-                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 backoff: tuple[float, ...] = BACKOFF_SECONDS) -> None:
+    def __init__(self, url: str, redis: Any, *, deadline: float | None = None, connect_timeout: float | None = None,
+                 read_timeout: float | None = None, backoff: tuple[float, ...] | None = None) -> None:
         self.url = url
         self._redis = redis
-        self._deadline = deadline
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._backoff = backoff
+        # Module defaults are read here, not at definition, so they can be tuned in one place.
+        self._deadline = DEADLINE_SECONDS if deadline is None else deadline
+        self._connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+        self._read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+        self._backoff = BACKOFF_SECONDS if backoff is None else backoff
 
     def answer(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         """The engine's answers; after the retries the bot's fallback message, if it has one."""

@@ -1,0 +1,266 @@
+"""Conversations: inbox drained in order, one message at a time, replies queued once, crashes resumed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+import redis as redis_lib
+
+from shared import keys, messagelog
+from shared.bots import Bot, BotStore
+from shared.conversations import INBOUND, accept_inbound
+from shared.tasks import kick_conversation
+from tests.support.fake_engine import FakeEngine
+from worker.locks import Lease
+
+SENDER, OTHER_SENDER = "+15551230001", "+15551230002"
+
+
+@pytest.fixture(autouse=True)
+def _actors_declared(broker: dramatiq.Broker) -> None:
+    """worker.conversation declares its actor on import: only once worker.app installed the test broker."""
+
+
+def drain(redis: redis_lib.Redis, conversation: str) -> None:
+    from worker.conversation import drain as drain_conversation
+
+    drain_conversation(redis, conversation)
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeEngine]:
+    with FakeEngine() as fake:
+        yield fake
+
+
+@pytest.fixture
+def engine_bot(bot: Bot, store: BotStore, engine: FakeEngine) -> Bot:
+    return store.update(bot.id, {"engine-url": engine.url})
+
+
+def accept(redis: redis_lib.Redis, bot: Bot, body: str, sender: str = SENDER, **extra: Any) -> dict[str, Any]:
+    """What the webhook does with an inbound SMS: store it on the conversation's inbox."""
+    message = INBOUND.load({
+        "sid": f"SM{time.time_ns():032x}", "bot_id": bot.id, "sender": sender, "to": bot.number, "body": body,
+        "received_at": time.time(), **extra,
+    })
+    assert accept_inbound(redis, message)
+    return message
+
+
+def outbox_texts(redis: redis_lib.Redis, conversation: str) -> list[str]:
+    """The replies queued for the conversation, in order (from the log: the sender empties the outbox)."""
+    return [entry["text"] for entry in messagelog.read(redis, conversation) if entry["direction"] == "out"]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.02)
+
+
+def test_messages_reach_the_engine_one_at_a_time_in_the_order_received(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, worker: dramatiq.Worker) -> None:
+    """However many threads and kicks, one conversation's messages reach the engine singly, in order."""
+    # Given a slowish engine and ten messages, each kicked twice as the webhook and a retry would
+    engine.delay = 0.05
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    texts = [f"message {n}" for n in range(10)]
+    for text in texts:
+        accept(redis, engine_bot, text)
+        kick_conversation(conversation)
+        kick_conversation(conversation)
+
+    # When the four worker threads drain them
+    engine.wait_for_calls(10)
+    wait_until(lambda: len(outbox_texts(redis, conversation)) == 10)
+
+    # Then the engine saw them in order, never two at a time, and the replies queued in that order
+    assert texts == [call.text for call in engine.calls]
+    assert 1 == engine.most_in_flight(SENDER)
+    assert [f"reply to {text}" for text in texts] == outbox_texts(redis, conversation)
+
+
+def test_different_conversations_proceed_in_parallel(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
+                                                     worker: dramatiq.Worker) -> None:
+    """A conversation stuck on a slow answer does not hold up another sender's conversation."""
+    # Given an engine that holds the first sender's answer until released
+    release = threading.Event()
+
+    def answer(payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if payload["sender"] == SENDER:
+            release.wait(10)
+        return [{"recipient_id": payload["sender"], "text": "ok"}]
+
+    engine.answer = answer
+    accept(redis, engine_bot, "slow")
+    kick_conversation(keys.conversation_id(engine_bot.id, SENDER))
+    engine.wait_for_calls(1)
+
+    # When another sender writes meanwhile
+    accept(redis, engine_bot, "fast", sender=OTHER_SENDER)
+    kick_conversation(keys.conversation_id(engine_bot.id, OTHER_SENDER))
+
+    # Then that one is answered while the first is still waiting
+    wait_until(lambda: outbox_texts(redis, keys.conversation_id(engine_bot.id, OTHER_SENDER)) == ["ok"])
+    assert [] == outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER))
+    release.set()
+    wait_until(lambda: outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER)) == ["ok"])
+
+
+def test_two_bots_are_answered_by_their_own_engines(redis: redis_lib.Redis, store: BotStore, engine_bot: Bot,
+                                                    engine: FakeEngine, worker: dramatiq.Worker) -> None:
+    """Each bot's messages go to its own engine; a bot without one gets the echo engine."""
+    echo_bot = store.create({"name": "echo", "twilio-account-sid": engine_bot.account_sid,
+                             "twilio-auth-token": "x" * 32, "main-phone-number": "+15005550007"})
+    for bot in (engine_bot, echo_bot):
+        accept(redis, bot, "hi")
+        kick_conversation(keys.conversation_id(bot.id, SENDER))
+
+    wait_until(lambda: all(outbox_texts(redis, keys.conversation_id(b.id, SENDER)) for b in (engine_bot, echo_bot)))
+
+    assert ["reply to hi"] == outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER))
+    assert ["echo: hi"] == outbox_texts(redis, keys.conversation_id(echo_bot.id, SENDER))
+
+
+def test_inbound_and_replies_are_kept_in_the_message_log(redis: redis_lib.Redis, engine_bot: Bot,
+                                                         engine: FakeEngine) -> None:
+    """The inbound is logged as received, then its replies as outbound entries, oldest first."""
+    message = accept(redis, engine_bot, "hola", media=[{"url": "https://m.example/1", "content_type": "image/png"}])
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+
+    drain(redis, conversation)
+
+    entries = messagelog.read(redis, conversation)
+    assert [("in", "hola"), ("out", "reply to hola")] == [(e["direction"], e["text"]) for e in entries]
+    assert (message["sid"], "received", message["received_at"]) == (entries[0]["sid"], entries[0]["status"],
+                                                                     entries[0]["at"])
+    assert [{"url": "https://m.example/1", "content_type": "image/png"}] == entries[0]["media"]
+
+
+def test_a_crashed_workers_message_is_resumed_first_and_logged_once(redis: redis_lib.Redis, engine_bot: Bot,
+                                                                    engine: FakeEngine) -> None:
+    """A message left in processing by a dead worker is answered before newer ones, without a second log entry."""
+    # Given a worker that moved the first message to processing, logged it, and died
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    first = accept(redis, engine_bot, "first")
+    accept(redis, engine_bot, "second")
+    redis.lmove(keys.inbox(conversation), keys.processing(conversation), "LEFT", "RIGHT")
+    messagelog.append(redis, conversation, messagelog.new_entry(first["sid"], "in", "first", sid=first["sid"],
+                                                                status="received", at=first["received_at"]))
+
+    # When another worker drains the conversation
+    drain(redis, conversation)
+
+    # Then the dead worker's message went first, and the log holds each message once
+    assert ["first", "second"] == [call.text for call in engine.calls]
+    texts = [(e["direction"], e["text"]) for e in messagelog.read(redis, conversation)]
+    assert [("in", "first"), ("out", "reply to first"), ("in", "second"), ("out", "reply to second")] == texts
+    assert 0 == redis.llen(keys.processing(conversation))
+
+
+def test_a_message_whose_replies_were_queued_is_not_answered_again(redis: redis_lib.Redis, engine_bot: Bot,
+                                                                   engine: FakeEngine) -> None:
+    """Redelivered kicks after the replies were queued neither call the engine nor queue replies again."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "once")
+
+    for _ in range(3):
+        drain(redis, conversation)
+
+    assert 1 == len(engine.calls)
+    assert ["reply to once"] == outbox_texts(redis, conversation)
+
+
+def test_a_held_conversation_is_left_to_its_holder(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
+                                                   broker: dramatiq.Broker) -> None:
+    """While another worker holds the conversation's lease, a kick does nothing to it."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "wait")
+    holder = Lease(redis, keys.conversation_lock(conversation))
+    assert holder.acquire()
+    try:
+        drain(redis, conversation)
+    finally:
+        holder.release()
+
+    assert [] == engine.calls
+    assert 1 == redis.llen(keys.inbox(conversation))
+
+
+def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
+                                                   monkeypatch: pytest.MonkeyPatch, worker: dramatiq.Worker) -> None:
+    """One actor run handles a bounded share, then re-kicks itself so the rest is still answered."""
+    monkeypatch.setattr("worker.conversation.MAX_MESSAGES_PER_RUN", 2)
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    for n in range(5):
+        accept(redis, engine_bot, f"m{n}")
+    kick_conversation(conversation)
+
+    wait_until(lambda: len(outbox_texts(redis, conversation)) == 5)
+    assert [f"m{n}" for n in range(5)] == [call.text for call in engine.calls]
+
+
+def test_a_long_answer_becomes_several_replies_in_order(redis: redis_lib.Redis, engine_bot: Bot,
+                                                        engine: FakeEngine) -> None:
+    """Text over 1600 characters is queued as several messages, split at word boundaries, in order."""
+    long_text = " ".join(f"palabra{n}" for n in range(400))  # ~3.9k characters
+    engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": long_text}]
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "cuéntame")
+
+    drain(redis, conversation)
+
+    parts = outbox_texts(redis, conversation)
+    assert len(parts) >= 3 and all(len(part) <= 1600 for part in parts)
+    assert long_text.split() == " ".join(parts).split()
+
+
+def test_an_opt_out_reaches_the_engine_as_an_event_and_its_reply_is_queued(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine) -> None:
+    """STOP goes to the engine with metadata.event=opt_out; the sender decides whether to send its reply."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "STOP", event="opt_out")
+
+    drain(redis, conversation)
+
+    assert ["opt_out"] == [call.payload["metadata"]["event"] for call in engine.calls]
+    assert ["reply to STOP"] == outbox_texts(redis, conversation)
+
+
+def test_a_message_for_a_deleted_bot_is_dropped(redis: redis_lib.Redis, store: BotStore, engine_bot: Bot,
+                                                engine: FakeEngine) -> None:
+    """A bot deleted after its message was accepted: the message is dropped, nothing is queued or stranded."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "anyone there?")
+    store.delete(engine_bot.id)
+
+    drain(redis, conversation)
+
+    assert [] == engine.calls
+    assert (0, 0, 0) == (redis.llen(keys.inbox(conversation)), redis.llen(keys.processing(conversation)),
+                         redis.llen(keys.outbox(conversation)))
+    assert redis.zscore(keys.PENDING, conversation) is None
+
+
+def test_a_failing_engine_gets_the_fallback_and_the_conversation_moves_on(
+        redis: redis_lib.Redis, store: BotStore, engine_bot: Bot, engine: FakeEngine,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the engine's retries run out the fallback is queued and the next message is answered."""
+    monkeypatch.setattr("worker.engine.BACKOFF_SECONDS", (0.05,))
+    store.update(engine_bot.id, {"fallback-message": "Lo siento, vuelve a intentar."})
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    engine.fail_next(2)  # both tries of the first message
+    accept(redis, engine_bot, "first")
+    accept(redis, engine_bot, "second")
+
+    drain(redis, conversation)
+
+    assert ["Lo siento, vuelve a intentar.", "reply to second"] == outbox_texts(redis, conversation)

@@ -1,0 +1,31 @@
+"""Dramatiq middleware: runs this process's sweeper for as long as its worker runs."""
+
+from __future__ import annotations
+
+import os
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from shared.logging import get_logger
+from worker.deps import get_redis
+from worker.sweeper import Sweeper
+
+log = get_logger(__name__)
+
+
+class SweeperMiddleware(Middleware):
+    """Starts the sweeper once the worker is up, and stops it before the worker shuts down."""
+
+    def __init__(self) -> None:
+        self._sweeper: Sweeper | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._sweeper = Sweeper(get_redis(), broker).start()
+        # The process harness (and an operator reading the logs) waits for this line.
+        log.info("worker.ready", pid=os.getpid())
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
