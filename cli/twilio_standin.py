@@ -53,7 +53,9 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 from twilio.request_validator import RequestValidator
 
-__all__ = ["Attempt", "SentMessage", "TwilioStandin", "count_segments", "main"]
+from shared.segments import count_segments
+
+__all__ = ["Attempt", "SentMessage", "TwilioStandin", "main"]
 
 _log = logging.getLogger(__name__)
 
@@ -78,14 +80,6 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     30001: "Queue overflow",
     30003: "Unreachable destination handset",
 }
-
-# GSM 03.38: characters costing one septet, and the escaped ones costing two.
-_GSM7_BASIC = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-_GSM7_EXTENDED = frozenset("^{}\\[~]|€\f")
-
 
 @dataclass
 class SentMessage:
@@ -159,17 +153,6 @@ class _Fields:
             status_callback=first("StatusCallback"),
             content_sid=first("ContentSid"),
         )
-
-
-def count_segments(body: str) -> int:
-    """Estimate the SMS segments Twilio bills for ``body`` (GSM-7 when possible, else UCS-2)."""
-    septets = [1 if ch in _GSM7_BASIC else 2 if ch in _GSM7_EXTENDED else 0 for ch in body]
-    if 0 not in septets:
-        length, single, per_part = sum(septets), 160, 153
-    else:
-        length, single, per_part = len(body.encode("utf-16-le")) // 2, 70, 67
-    # Media-only messages still count as one segment at Twilio.
-    return 1 if length <= single else math.ceil(length / per_part)
 
 
 def _error(status: int, code: int, message: str | None = None) -> _Reply:

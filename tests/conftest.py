@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import dramatiq
 import pytest
 import redis as redis_lib
 from cryptography.fernet import Fernet
@@ -16,7 +17,8 @@ from flask.testing import FlaskClient
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.redis import connect
-from shared.settings import DEVELOPMENT, Settings
+from shared.settings import DEVELOPMENT, Settings, get_settings
+from cli.twilio_standin import TwilioStandin
 from webhook import create_app
 
 ADMIN_TOKEN = "test-admin-token"
@@ -103,3 +105,54 @@ def bot(store: BotStore) -> Bot:
         "name": "test-bot", "twilio-account-sid": BOT_ACCOUNT_SID,
         "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": BOT_NUMBER,
     })
+
+
+# --- The worker side: a Twilio stand-in and a Dramatiq worker running in this process. ---
+
+
+@pytest.fixture(scope="session")
+def twilio() -> Iterator[TwilioStandin]:
+    """A local Twilio REST stand-in, shared by the session; reset before each test that uses `worker`."""
+    with TwilioStandin(accounts=None).start() as standin:
+        yield standin
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url: str, twilio: TwilioStandin) -> Iterator[dict[str, str]]:
+    """The environment a worker process would have: the test Redis, the stand-in, development mode."""
+    env = {
+        "REDIS_URL": redis_url,
+        "TWILIO_API_BASE_URL": twilio.url,
+        "ADMIN_API_TOKEN": ADMIN_TOKEN,
+        "CREDENTIALS_KEY": CREDENTIALS_KEY,
+        "MAMMUT_SMS_ENV": DEVELOPMENT,
+        "LOG_LEVEL": "DEBUG",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    yield env
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def broker(worker_env: dict[str, str]) -> dramatiq.Broker:
+    """The broker the worker's actors are declared on (importing worker.app declares them)."""
+    import worker.app
+
+    return worker.app.broker
+
+
+@pytest.fixture
+def worker(broker: dramatiq.Broker, redis: redis_lib.Redis, twilio: TwilioStandin) -> Iterator[dramatiq.Worker]:
+    """A Dramatiq worker with several threads, consuming from the test Redis."""
+    twilio.reset()
+    running = dramatiq.Worker(broker, worker_timeout=50, worker_threads=4)
+    running.start()
+    yield running
+    running.stop()

@@ -22,7 +22,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from cli.twilio_standin import TwilioStandin, count_segments
+from cli.twilio_standin import TwilioStandin
 
 ACCOUNT = "AC" + "1" * 32
 TOKEN = "auth-token-1"
@@ -178,10 +178,14 @@ def test_body_of_exactly_1600_chars_and_media_only_sends_are_accepted(
     assert len(standin.wait_for(2)) == 2
 
 
-def test_segments_follow_gsm7_and_ucs2_limits() -> None:
-    """Segment counts match Twilio's GSM-7 (160/153) and UCS-2 (70/67) rules."""
-    assert [count_segments(b) for b in ("", "a" * 160, "a" * 161, "€" * 80, "€" * 81, "é" * 160)] == [1, 1, 2, 1, 2, 1]
-    assert [count_segments(b) for b in ("ж" * 70, "ж" * 71, "😀" * 35)] == [1, 2, 1]
+def test_the_answer_reports_segments_as_twilio_counts_them(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """num_segments follows GSM-7 (160/153) and UCS-2 (70/67), as in Twilio's answer."""
+    client = make_client(standin)
+
+    counts = [client.messages.create(to=ALICE, from_=BOT, body=body).num_segments
+              for body in ("a" * 160, "a" * 161, "¿Cómo estás?" * 6)]
+
+    assert ["1", "2", "2"] == counts
 
 
 def test_fail_next_returns_429_then_the_retry_is_accepted(standin: TwilioStandin, make_client: MakeClient) -> None:
