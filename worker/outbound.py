@@ -1,3 +1,290 @@
-"""Placeholder: filled in by the worker work (issue 4)."""
+"""Sending: the head of a conversation's outbox goes to Twilio, in order, at its number's pace.
+
+Only the outbox head is ever worked on, by whoever holds the outbox lease; finishing it (sent,
+suppressed or failed for good) kicks the next head, so one kick starts a chain that drains the
+outbox. A reply that must wait for its pacing slot or for a retry is scheduled for later rather
+than slept on, so no worker thread is held by a busy number.
+"""
 
 from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+
+from shared import keys, messagelog, metrics, optout
+from shared.conversations import REPLY, reschedule, settle
+from shared.logging import get_logger
+from shared.redis import script
+from shared.segments import count_segments
+from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
+from shared.twilio_errors import HINTS, Action, action_for
+from worker import pacing
+from worker.deps import get_redis, get_settings, get_store
+from worker.locks import Lease
+from worker.twilio_client import Accepted, Refused, send_sms
+
+log = get_logger(__name__)
+
+# Waits up to this long are slept in-thread; longer ones are scheduled.
+SHORT_WAIT_SECONDS = 0.3
+# A scheduled message reaches a thread a little late (Dramatiq polls its delay queue):
+# schedule it this much early and sleep the rest, so a paced number keeps its rate.
+SCHEDULE_LEAD_SECONDS = 0.2
+MAX_SHORT_WAITS = 10
+# A kick for the head that finds the outbox lease taken looks again after this long.
+BUSY_RECHECK_MS = 500
+# A retry message may arrive slightly before not_before on another host's clock.
+CLOCK_TOLERANCE_SECONDS = 1.0
+# Retries stop this long after the first attempt: the reply is then failed as "exhausted".
+RETRY_BUDGET_SECONDS = 3600.0
+# (first delay, longest delay) in seconds; each retry doubles, times a random 1-2 (jitter).
+BACKOFF: dict[Action, tuple[float, float]] = {
+    Action.RETRY: (1.0, 300.0),
+    Action.RETRY_SLOWLY: (10.0, 900.0),
+}
+# Unexpected errors (Redis down, a bug) are retried a few times by Dramatiq, then dead-lettered.
+MAX_UNEXPECTED_RETRIES = 5
+DEAD_REPLY_TTL = 7 * 24 * 3600
+
+
+class SendRetry(dramatiq.Retry):
+    """Twilio said "later": Dramatiq's Retries middleware re-enqueues the message after `delay` ms."""
+
+
+class PermanentSendError(Exception):
+    """Twilio said "never" (or retries ran out): the message goes to Dramatiq's dead-letter queue."""
+
+
+def _retry_when(retries: int, exception: BaseException) -> bool:
+    if isinstance(exception, SendRetry):
+        return True  # send_reply keeps its own one-hour budget
+    return retries < MAX_UNEXPECTED_RETRIES
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do once the outbox lease is released: kick a reply (now or later), raise an error."""
+
+    kick: str | None = None
+    kick_delay_ms: int | None = None
+    error: Exception | None = None
+
+
+@dramatiq.actor(
+    actor_name=SEND_REPLY, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
+    throws=(PermanentSendError,), retry_when=_retry_when, min_backoff=1000, max_backoff=60_000,
+)
+def send_reply(conversation: str, reply_id: str) -> None:
+    """Send `reply_id` if it is the head of the conversation's outbox, then kick the next head."""
+    redis = get_redis()
+    lease = Lease(redis, keys.outbox_lock(conversation))
+    if not lease.acquire():
+        _when_busy(redis, conversation, reply_id)
+        return
+    try:
+        step = _work_head(redis, conversation, reply_id)
+    finally:
+        lease.release()
+    # Only after the release: the kicked message must be able to take the lease.
+    if step.kick is not None:
+        kick_delivery(conversation, step.kick, delay_ms=step.kick_delay_ms)
+    if step.error is not None:
+        raise step.error
+
+
+def _when_busy(redis: Any, conversation: str, reply_id: str) -> None:
+    """The lease holder normally works the head and chains on; but it may be a stale duplicate
+    that will do nothing, so a head that was bounced comes back shortly to check."""
+    if redis.lindex(keys.outbox(conversation), 0) == reply_id:
+        kick_delivery(conversation, reply_id, delay_ms=BUSY_RECHECK_MS)
+
+
+def _work_head(redis: Any, conversation: str, reply_id: str) -> Step:
+    if redis.lindex(keys.outbox(conversation), 0) != reply_id:
+        return Step()  # already sent, or a duplicate kick
+    reply = _load(redis, conversation, reply_id)
+    bot = get_store().get(reply["bot_id"]) if reply is not None else None
+    if reply is None or bot is None:
+        log.warning("outbound.dropped", conversation=conversation, reply_id=reply_id,
+                    reason="no reply record" if reply is None else "bot deleted")
+        _update_entry(redis, conversation, reply_id, status="failed")
+        return Step(kick=_finish(redis, conversation, reply_id))
+    if optout.is_opted_out(redis, bot.number, reply["to"]):
+        return _suppress(redis, conversation, reply)
+    if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
+        return Step()  # a retry is scheduled; its message will send it
+    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second)
+    if wait > 0:
+        return _schedule(redis, conversation, reply, wait)
+    result = send_sms(bot, reply["to"], reply["text"], reply["media_url"], get_settings())
+    if isinstance(result, Accepted):
+        return _sent(redis, conversation, reply, result)
+    return _refused(redis, conversation, reply, result, bot.number)
+
+
+def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float) -> float:
+    """Seconds still to wait for this reply's turn on its number; 0.0 once the send is claimed."""
+    segments = count_segments(reply["text"])
+    if reply["slot_at"] is None:
+        reply["slot_at"], _ = pacing.reserve(redis, number, segments, rate)
+        _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
+    wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
+    for _ in range(MAX_SHORT_WAITS):
+        if not 0 < wait <= SHORT_WAIT_SECONDS:
+            break
+        time.sleep(wait)
+        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
+    return wait
+
+
+def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float) -> Step:
+    """Come back for this same reply when its slot is near; a new message, not a retry."""
+    reschedule(redis, conversation, time.time() + wait)
+    delay = max(wait - SCHEDULE_LEAD_SECONDS, 0.0)
+    log.debug("outbound.paced", conversation=conversation, reply_id=reply["id"], wait=round(wait, 3))
+    return Step(kick=reply["id"], kick_delay_ms=int(delay * 1000))
+
+
+def _sent(redis: Any, conversation: str, reply: dict[str, Any], accepted: Accepted) -> Step:
+    now = time.time()
+    # Logged before the pop, so an empty outbox means every sent reply shows its SID.
+    _update_entry(redis, conversation, reply["id"], status=accepted.status, sid=accepted.sid, at=now)
+    messagelog.record_status(redis, accepted.sid, accepted.status, at=now)
+    next_head = _finish(redis, conversation, reply["id"])
+    pipe = redis.pipeline(transaction=False)
+    metrics.incr(pipe, "sms_outbound", result="sent")
+    if reply["received_at"]:
+        metrics.observe(pipe, "sms_webhook_to_twilio_seconds", now - reply["received_at"])
+    pipe.execute()
+    log.info("outbound.sent", message_sid=accepted.sid, bot_id=reply["bot_id"], conversation=conversation,
+             reply_id=reply["id"], status=accepted.status)
+    return Step(kick=next_head)
+
+
+def _suppress(redis: Any, conversation: str, reply: dict[str, Any]) -> Step:
+    """Nothing is ever sent to a recipient who opted out: the reply is dropped, visibly."""
+    _update_entry(redis, conversation, reply["id"], status="suppressed")
+    metrics.incr(redis, "sms_outbound", result="suppressed")
+    log.info("outbound.suppressed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"])
+    return Step(kick=_finish(redis, conversation, reply["id"]))
+
+
+def _refused(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, number: str) -> Step:
+    action = action_for(refused.http_status, refused.code)
+    now = time.time()
+    reply["attempts"] += 1
+    reply["first_attempt_at"] = reply["first_attempt_at"] or now
+    reply["error_code"] = refused.code
+    if action is Action.OPTED_OUT:
+        return _opted_out(redis, conversation, reply, number)
+    if action in BACKOFF:
+        delay = backoff(action, reply["attempts"])
+        if now + delay - reply["first_attempt_at"] <= RETRY_BUDGET_SECONDS:
+            return _retry(redis, conversation, reply, refused, delay)
+        return _fail(redis, conversation, reply, refused, reason="exhausted")
+    return _fail(redis, conversation, reply, refused, reason="permanent")
+
+
+def backoff(action: Action, attempts: int) -> float:
+    """Seconds before retry number `attempts` (1 for the first): exponential, with jitter."""
+    first, longest = BACKOFF[action]
+    return min(first * 2 ** (attempts - 1), longest) * random.uniform(1.0, 2.0)
+
+
+def _retry(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, delay: float) -> Step:
+    reply["not_before"] = time.time() + delay
+    reply["slot_at"] = None  # the retry takes a fresh place in the number's schedule
+    _save(redis, reply)
+    reschedule(redis, conversation, reply["not_before"])
+    metrics.incr(redis, "sms_outbound", result="retried", code=refused.code or refused.http_status or "none")
+    log.info("outbound.retried", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
+             code=refused.code, http_status=refused.http_status, attempts=reply["attempts"],
+             delay=round(delay, 3), error=refused.message)
+    return Step(error=SendRetry(f"Twilio answered {refused.http_status}/{refused.code}", delay=int(delay * 1000)))
+
+
+def _opted_out(redis: Any, conversation: str, reply: dict[str, Any], number: str) -> Step:
+    """21610: the recipient texted STOP. Remember it; nothing to retry or replay until START."""
+    optout.opt_out(redis, number, reply["to"])
+    _update_entry(redis, conversation, reply["id"], status="failed", error_code=reply["error_code"])
+    metrics.incr(redis, "sms_outbound", result="failed", code=reply["error_code"])
+    log.info("outbound.opted_out", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
+             code=reply["error_code"], hint=HINTS.get(reply["error_code"]))
+    return Step(kick=_finish(redis, conversation, reply["id"]))
+
+
+def _fail(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, reason: str) -> Step:
+    """Record the failure, keep the reply for replay, move on, and dead-letter the message."""
+    code = refused.code
+    _update_entry(redis, conversation, reply["id"], status="failed", error_code=code)
+    dead = {**REPLY.dump(reply), "error": refused.message, "http_status": refused.http_status,
+            "reason": reason, "failed_at": time.time()}
+    next_head = _finish(redis, conversation, reply["id"], dead=dead)
+    metrics.incr(redis, "sms_outbound", result="failed", code=code or refused.http_status or "none")
+    log.warning("outbound.failed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
+                code=code, http_status=refused.http_status, reason=reason, attempts=reply["attempts"],
+                error=refused.message, hint=HINTS.get(code or 0))
+    error = PermanentSendError(f"{reason}: Twilio answered {refused.http_status}/{code}: {refused.message}")
+    return Step(kick=next_head, error=error)
+
+
+# --- The outbox, the reply records and the log entries. ---
+
+# Pop the head if it is still `reply_id` (keeping a dead copy if asked), note progress for the
+# sweeper, and return the next head: one step, so no kick is lost between two workers.
+FINISH_LUA = """
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
+  redis.call('LPOP', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5]) end
+end
+local head = redis.call('LINDEX', KEYS[1], 0)
+if head then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
+return head
+"""
+
+SAVE_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
+
+def _finish(redis: Any, conversation: str, reply_id: str, dead: dict[str, Any] | None = None) -> str | None:
+    """Take `reply_id` off the outbox; returns the next head to kick, if any."""
+    next_head = script(redis, FINISH_LUA)(
+        keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.dead_reply(reply_id)],
+        args=[reply_id, conversation, repr(time.time()), json.dumps(dead) if dead else "", DEAD_REPLY_TTL],
+    )
+    if next_head is None:
+        settle(redis, conversation)
+    return next_head
+
+
+def _load(redis: Any, conversation: str, reply_id: str) -> dict[str, Any] | None:
+    raw = redis.hget(keys.replies(conversation), reply_id)
+    return REPLY.load(json.loads(raw)) if raw else None
+
+
+def _save(redis: Any, reply: dict[str, Any]) -> None:
+    script(redis, SAVE_LUA)(keys=[keys.replies(reply["conversation"])],
+                            args=[reply["id"], json.dumps(REPLY.dump(reply))])
+
+
+def _update_entry(redis: Any, conversation: str, entry_id: str, status: str, sid: str | None = None,
+                  error_code: int | None = None, at: float | None = None) -> None:
+    """Record a status on the reply's message-log entry (gone if the bounded log dropped it)."""
+    raw = redis.hget(keys.message_log_entries(conversation), entry_id)
+    if not raw:
+        return
+    entry = json.loads(raw)
+    entry["status"] = status
+    entry["statuses"][status] = time.time() if at is None else at
+    if sid is not None:
+        entry["sid"] = sid
+    if error_code is not None:
+        entry["error-code"] = error_code
+    messagelog.update(redis, conversation, entry)

@@ -1,0 +1,206 @@
+"""Sending: replies on a conversation's outbox reach Twilio in order, with what the engine said."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import dramatiq
+import pytest
+import redis as redis_lib
+
+from cli.twilio_standin import SentMessage, TwilioStandin
+from shared import keys, messagelog, optout
+from shared.bots import Bot, BotStore
+from shared.conversations import new_reply, queue_replies, replies_from
+from shared.settings import get_settings
+from shared.tasks import kick_delivery
+from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from tests.support.processes import start_worker
+
+ALICE = "+15552220001"
+BOB = "+15552220002"
+FAST = 50.0  # messages per second: pacing out of the way of tests about order and content
+
+
+def make_bot(store: BotStore, number: str, rate: float = FAST, **extra: object) -> Bot:
+    return store.create({
+        "name": f"bot {number}", "twilio-account-sid": BOT_ACCOUNT_SID, "twilio-auth-token": BOT_AUTH_TOKEN,
+        "main-phone-number": number, "messages-per-second": rate, **extra,
+    })
+
+
+def send(redis: redis_lib.Redis, bot: Bot, to: str, *texts: str, media_url: str | None = None) -> list[str]:
+    """Queue replies exactly as the conversation side does, and kick the outbox if it was idle."""
+    conversation = keys.conversation_id(bot.id, to)
+    replies = [new_reply(conversation, to, text, media_url=media_url, received_at=time.time()) for text in texts]
+    kick = queue_replies(redis, conversation, replies)
+    if kick is not None:
+        kick_delivery(conversation, kick)
+    return [reply["id"] for reply in replies]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
+def outbox_empty(redis: redis_lib.Redis, bot: Bot, to: str) -> Callable[[], bool]:
+    return lambda: redis.llen(keys.outbox(keys.conversation_id(bot.id, to))) == 0
+
+
+def bodies_to(messages: list[SentMessage], to: str) -> list[str]:
+    return [message.body for message in messages if message.to == to]
+
+
+def log_entry(redis: redis_lib.Redis, bot: Bot, to: str, reply_id: str) -> dict[str, object]:
+    entries = messagelog.read(redis, keys.conversation_id(bot.id, to))
+    return next(entry for entry in entries if entry["id"] == reply_id)
+
+
+class TestOrder:
+    """Replies go out in the order they were queued, whatever the number of threads and processes."""
+
+    def test_many_replies_of_one_conversation_arrive_in_order_under_four_threads(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Twenty replies queued in three batches arrive exactly in queue order."""
+        # Given a fast bot and a worker with four threads
+        bot = make_bot(store, "+15550000101")
+        expected = [f"reply {n}" for n in range(20)]
+        # When the replies are queued in batches, as several engine answers would be
+        for batch in (expected[:7], expected[7:8], expected[8:]):
+            send(redis, bot, ALICE, *batch)
+        # Then Twilio receives them in that order, each once
+        messages = twilio.wait_for(20)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert expected == bodies_to(twilio.messages, ALICE)
+        assert {bot.number} == {message.from_ for message in messages}
+
+    def test_conversations_of_one_bot_and_of_two_bots_proceed_in_parallel_each_in_order(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Three conversations on two bots all complete, each in its own order, from its own number."""
+        first, second = make_bot(store, "+15550000102"), make_bot(store, "+15550000103")
+        plan = [(first, ALICE, "a"), (first, BOB, "b"), (second, ALICE, "c")]
+        for bot, to, tag in plan:
+            send(redis, bot, to, *[f"{tag}{n}" for n in range(8)])
+        twilio.wait_for(24)
+        for bot, to, tag in plan:
+            sent = [m.body for m in twilio.messages if m.to == to and m.from_ == bot.number]
+            assert [f"{tag}{n}" for n in range(8)] == sent
+
+    def test_order_holds_with_two_worker_processes_draining_one_conversation(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        worker_env: dict[str, str],
+    ) -> None:
+        """With the Procfile's worker (two processes) and this one consuming, replies still arrive in order."""
+        # Given two more worker processes on the same Redis
+        with start_worker(worker_env, processes=2, threads=4):
+            bot = make_bot(store, "+15550000104")
+            expected = [f"m{n}" for n in range(30)]
+            # When replies are queued one engine answer at a time
+            for text in expected:
+                send(redis, bot, ALICE, text)
+            # Then they arrive in order
+            twilio.wait_for(30, timeout=30)
+            wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert expected == bodies_to(twilio.messages, ALICE)
+
+
+class TestContent:
+    """Each reply becomes one Twilio message with the engine's text and image, logged with its SID."""
+
+    def test_accepted_reply_is_logged_with_twilio_sid_and_queued_status(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """The log entry of a sent reply carries Twilio's MessageSid and the status Twilio answered."""
+        bot = make_bot(store, "+15550000201")
+        [reply_id] = send(redis, bot, ALICE, "hello")
+        [message] = twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        entry = log_entry(redis, bot, ALICE, reply_id)
+        assert (message.sid, "queued", "out", "hello") == (entry["sid"], entry["status"], entry["direction"], entry["text"])
+        assert {"pending", "queued"} <= set(entry["statuses"])  # type: ignore[arg-type]
+        assert "queued" == redis.hget(keys.delivery_status(message.sid), "status")
+
+    def test_engine_image_becomes_media_url(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """An engine `image` is sent as Twilio's MediaUrl alongside the text."""
+        bot = make_bot(store, "+15550000202")
+        send(redis, bot, ALICE, "look", media_url="https://example.com/cat.png")
+        [message] = twilio.wait_for(1)
+        assert ("look", ["https://example.com/cat.png"]) == (message.body, message.media_urls)
+
+    def test_status_callback_points_at_public_url_when_set(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """With PUBLIC_URL set, each send asks Twilio to report its status to /channels/sms/status."""
+        monkeypatch.setenv("PUBLIC_URL", "https://sms.example.com")
+        get_settings.cache_clear()
+        try:
+            bot = make_bot(store, "+15550000203")
+            send(redis, bot, ALICE, "hi")
+            [message] = twilio.wait_for(1)
+        finally:
+            monkeypatch.delenv("PUBLIC_URL")
+            get_settings.cache_clear()
+        assert "https://sms.example.com/channels/sms/status" == message.status_callback
+
+    def test_text_over_1600_characters_arrives_as_several_messages_in_order(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """A 4000-character answer is split at word boundaries into messages Twilio accepts, in order."""
+        bot = make_bot(store, "+15550000204")
+        conversation = keys.conversation_id(bot.id, ALICE)
+        text = " ".join(f"palabra{n:04d}" for n in range(360))  # 4319 characters
+        replies = replies_from(conversation, ALICE, text)
+        kick = queue_replies(redis, conversation, replies)
+        assert kick is not None
+        kick_delivery(conversation, kick)
+        messages = twilio.wait_for(len(replies))
+        bodies = bodies_to(messages, ALICE)
+        assert 3 == len(bodies)
+        assert all(len(body) <= 1600 for body in bodies)
+        assert text == " ".join(bodies)
+        assert all(attempt.code is None for attempt in twilio.attempts)  # no 21617 along the way
+
+
+class TestOptOut:
+    """Nothing is ever sent to a recipient who opted out."""
+
+    def test_replies_to_an_opted_out_recipient_are_suppressed_and_logged(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Replies to a person who texted STOP are never posted; their log entries say "suppressed"."""
+        bot = make_bot(store, "+15550000301")
+        optout.opt_out(redis, bot.number, ALICE)
+        suppressed = send(redis, bot, ALICE, "one", "two")
+        send(redis, bot, BOB, "to bob")
+        twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert [] == [attempt for attempt in twilio.attempts if attempt.to == ALICE]
+        assert ["suppressed", "suppressed"] == [log_entry(redis, bot, ALICE, i)["status"] for i in suppressed]
+        assert "2" == redis.hget(keys.METRIC_COUNTERS, 'sms_outbound{result="suppressed"}')
+
+    def test_stale_or_duplicate_kicks_send_nothing_twice(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Kicking a reply that was already sent (as a redelivery would) neither sends it again nor
+        holds up the next reply, even while the stale kicks hold the outbox lease."""
+        bot = make_bot(store, "+15550000302")
+        [reply_id] = send(redis, bot, ALICE, "once")
+        twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        conversation = keys.conversation_id(bot.id, ALICE)
+        for _ in range(10):
+            kick_delivery(conversation, reply_id)
+        send(redis, bot, ALICE, "after")
+        twilio.wait_for(2)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert ["once", "after"] == bodies_to(twilio.messages, ALICE)

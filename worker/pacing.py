@@ -1,0 +1,73 @@
+"""Pacing: each sender number sends at most its rate of segments per second, across every process.
+
+The state lives in one Redis hash per number and changes only inside Lua scripts that read the
+Redis server's clock, so every worker process and dyno shares one clock and one schedule:
+
+* `next` is the first free slot. A reply reserves its slot once (`reserve`), which spreads the
+  replies of many conversations on one number over time, each `segments / rate` apart.
+* `free_at` is when the number may actually send again, from the last send that happened
+  (`claim`). A reply that ran late must not end up too close to the one after it; this
+  second check, made just before the HTTP call, is what guarantees the spacing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared import keys
+from shared.redis import script
+
+# Added to every interval: two sends claimed exactly 1/rate apart can reach Twilio a few
+# milliseconds closer together than that, because the HTTP calls take different times.
+MARGIN = 0.05
+# Pace state outlives the last reservation by this much, then disappears with nothing queued.
+IDLE_TTL_SECONDS = 3600
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# KEYS: pace hash. ARGV: interval (seconds the reply occupies), ttl. Returns "slot now".
+RESERVE_LUA = _NOW + """
+local slot = math.max(now, tonumber(redis.call('HGET', KEYS[1], 'next') or '0'))
+local next_free = slot + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'next', string.format('%.6f', next_free))
+redis.call('EXPIREAT', KEYS[1], math.ceil(next_free + tonumber(ARGV[2])))
+return string.format('%.6f %.6f', slot, now)
+"""
+
+# KEYS: pace hash. ARGV: interval, reserved slot, ttl. Returns the seconds to wait, "0" once
+# the send is recorded (the caller must then send at once).
+CLAIM_LUA = _NOW + """
+local free_at = tonumber(redis.call('HGET', KEYS[1], 'free_at') or '0')
+local wait = math.max(tonumber(ARGV[2]) - now, free_at - now)
+if wait > 0 then return string.format('%.6f', wait) end
+local interval = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'free_at', string.format('%.6f', now + interval))
+-- A send that happened late pushes the schedule on, so later reservations stay spaced.
+if tonumber(redis.call('HGET', KEYS[1], 'next') or '0') < now + interval then
+  redis.call('HSET', KEYS[1], 'next', string.format('%.6f', now + interval))
+end
+redis.call('EXPIREAT', KEYS[1], math.ceil(now + interval + tonumber(ARGV[3])))
+return '0'
+"""
+
+
+def interval(segments: int, rate: float) -> float:
+    """Seconds a message of `segments` occupies its sender at `rate` segments per second."""
+    return max(segments, 1) / rate * (1 + MARGIN)
+
+
+def reserve(redis: Any, number: str, segments: int, rate: float) -> tuple[float, float]:
+    """Reserve the next free slot on `number`; returns (slot time, now), both on Redis's clock."""
+    raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number)], args=[interval(segments, rate), IDLE_TTL_SECONDS])
+    slot, now = (float(part) for part in raw.split())
+    return slot, now
+
+
+def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -> float:
+    """Seconds to wait before this reply may go; 0.0 means go now (the send is already recorded)."""
+    raw = script(redis, CLAIM_LUA)(keys=[keys.pace(number)],
+                                   args=[interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS])
+    return float(raw)
