@@ -27,6 +27,7 @@ _E164_IN_TEXT = re.compile(r"\+[1-9]\d{7,14}")
 # user:password@ in a URL (REDIS_URL of Heroku Redis carries its password that way).
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@", re.IGNORECASE)
 REDACTED = "[redacted]"
+_CHATTY_LIBRARIES = ("twilio", "urllib3")
 
 
 def _is_secret(key: str) -> bool:
@@ -81,6 +82,10 @@ def configure_logging(settings: Settings) -> None:
     )
     # Libraries log through the standard library; keep them at WARNING so logs stay one event per hop.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    # dramatiq's CLI sets up the root logger at INFO before we run, so basicConfig above is a no-op
+    # there: name the chatty ones (twilio logs every request's URL and headers at INFO).
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def _known_secrets(settings: Settings) -> tuple[str, ...]:

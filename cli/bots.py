@@ -1,0 +1,205 @@
+"""`mammut-sms bots list|show|create|update|delete`: the registry API from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+DEFAULT_APP = "mammut-1"
+TIMEOUT = (5.0, 30.0)
+
+# Flag -> the registry's own field name (shared/bots.py spells them this way in the API).
+_FIELD_FLAGS = {
+    "name": "name",
+    "account_sid": "twilio-account-sid",
+    "auth_token": "twilio-auth-token",
+    "number": "main-phone-number",
+    "engine_url": "engine-url",
+    "messages_per_second": "messages-per-second",
+    "fallback_message": "fallback-message",
+}
+
+
+class RegistryError(Exception):
+    """The registry refused a call or could not be reached; the message says why."""
+
+
+def default_service_url() -> str:
+    """The running service: PUBLIC_URL when this runs with the service's environment, else a local one."""
+    return (os.environ.get("PUBLIC_URL") or f"http://localhost:{os.environ.get('PORT') or 5000}").rstrip("/")
+
+
+def service_root(url: str) -> str:
+    """Scheme and host of `url`: the registry lives at the root whatever path was given."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class RegistryClient:
+    def __init__(self, url: str, token: str | None, app_id: str = DEFAULT_APP) -> None:
+        self.root = service_root(url)
+        self.token = token
+        self.app_id = app_id
+        self._session = requests.Session()
+        self._session.trust_env = False  # a local service must not go through the developer's proxy
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/graph/user")["data"]["user"]
+
+    def show(self, bot_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/graph/user:{bot_id}")["data"]["user"][0]
+
+    def find_by_number(self, number: str) -> dict[str, Any] | None:
+        return next((bot for bot in self.list() if bot.get("main-phone-number") == number), None)
+
+    def create(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/graph/user", json={"user-type": "machine", **fields})
+
+    def update(self, bot_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/graph/user:{bot_id}", json=fields)
+
+    def delete(self, bot_id: int) -> dict[str, Any]:
+        return self._call("DELETE", f"/graph/user:{bot_id}")
+
+    def messages(self, bot_id: int, person: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/graph/user:{bot_id}/messages?with={quote(person)}")["data"]["messages"]
+
+    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        if not self.token:
+            raise RegistryError("the registry needs the admin token: pass --token or set ADMIN_API_TOKEN")
+        url = f"{self.root}/app:{self.app_id}{path}"
+        try:
+            response = self._session.request(method, url, json=json, timeout=TIMEOUT,
+                                             headers={"Authorization": f"Bearer {self.token}"})
+        except requests.RequestException as error:
+            raise RegistryError(f"cannot reach {self.root}: {error.__class__.__name__} (is the service running?)") from None
+        try:
+            body = response.json()
+        except ValueError:
+            raise RegistryError(f"{method} {url}: HTTP {response.status_code}, not a registry answer") from None
+        if response.status_code >= 400 or body.get("status") != "Success":
+            raise RegistryError(f"HTTP {response.status_code}: {body.get('message') or body}")
+        return body
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def add_registry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None,
+                        help="the service's base URL (default: $PUBLIC_URL, else http://localhost:$PORT or :5000)")
+    parser.add_argument("--token", default=None, help="the registry's bearer token (default: $ADMIN_API_TOKEN)")
+    parser.add_argument("--app", default=None, help="the Mammut application id (default: $APP_ID or mammut-1)")
+
+
+def client_from(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(
+        args.url or default_service_url(),
+        args.token or os.environ.get("ADMIN_API_TOKEN"),
+        args.app or os.environ.get("APP_ID") or DEFAULT_APP,
+    )
+
+
+def _field_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="the bot's name")
+    parser.add_argument("--account-sid", help="Twilio account SID (AC + 32 hex digits)")
+    parser.add_argument("--auth-token", help="the Twilio account's primary auth token (stored encrypted, never shown)")
+    parser.add_argument("--number", help="the bot's Twilio number, E.164 (e.g. +15551234567)")
+    parser.add_argument("--engine-url", help="the bot's engine (Rasa REST protocol); default: ENGINE_URL or echo")
+    parser.add_argument("--messages-per-second", type=float, help="send pace of the bot's number, in segments/s")
+    parser.add_argument("--fallback-message", help="sent when the engine fails")
+    parser.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other user field (repeatable)")
+
+
+def add_parser(subparsers: Any) -> None:
+    bots = subparsers.add_parser("bots", help="list, show, create, update and delete bots over the registry API",
+                                 description="Manage bots through the running service's registry API.")
+    actions = bots.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="every bot", description="List every bot (auth tokens are never shown).")
+    listing.add_argument("--json", action="store_true", help="print the registry's JSON instead of a table")
+    show = actions.add_parser("show", help="one bot, as JSON", description="Show one bot as JSON.")
+    show.add_argument("bot_id", type=int, metavar="ID")
+    create = actions.add_parser("create", help="register a bot for a Twilio number",
+                                description="Register a bot (a Mammut machine user) for a Twilio number. "
+                                            "--name, --account-sid, --auth-token and --number are required.")
+    _field_options(create)
+    update = actions.add_parser("update", help="change some of a bot's fields",
+                                description="Change the given fields of a bot; the others stay as they are.")
+    update.add_argument("bot_id", type=int, metavar="ID")
+    _field_options(update)
+    delete = actions.add_parser("delete", help="delete a bot", description="Delete a bot and free its number.")
+    delete.add_argument("bot_id", type=int, metavar="ID")
+    for parser in (listing, show, create, update, delete):
+        add_registry_options(parser)
+        parser.set_defaults(run=run)
+
+
+def fields_from(args: argparse.Namespace, parser_error: Any = None) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for flag, name in _FIELD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            fields[name] = value
+    for pair in args.field:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise RegistryError(f"--field takes NAME=VALUE, not {pair!r}")
+        fields[name] = value
+    return fields
+
+
+def run(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    try:
+        if args.action == "list":
+            _print_list(client.list(), as_json=args.json)
+        elif args.action == "show":
+            _print_json(client.show(args.bot_id))
+        elif args.action == "create":
+            _print_json(client.create(_required(fields_from(args))))
+        elif args.action == "update":
+            fields = fields_from(args)
+            if not fields:
+                raise RegistryError("nothing to update: give at least one field (see --help)")
+            _print_json(client.update(args.bot_id, fields))
+        elif args.action == "delete":
+            _print_json(client.delete(args.bot_id))
+    except RegistryError as error:
+        print(f"mammut-sms bots {args.action}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _required(fields: dict[str, Any]) -> dict[str, Any]:
+    missing = [flag for flag in ("name", "account_sid", "auth_token", "number") if _FIELD_FLAGS[flag] not in fields]
+    if missing:
+        raise RegistryError("missing " + ", ".join("--" + flag.replace("_", "-") for flag in missing))
+    return fields
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_list(bots: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        _print_json(bots)
+        return
+    if not bots:
+        print("no bots yet: mammut-sms bots create --help")
+        return
+    rows = [("ID", "NUMBER", "NAME", "ENGINE")] + [
+        (str(bot["id"]), bot.get("main-phone-number") or "", bot.get("name") or "", bot.get("engine-url") or "(default)")
+        for bot in bots
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])

@@ -1,0 +1,341 @@
+"""`mammut-sms dev`: the whole service on one machine, with nothing else installed.
+
+Runs the Procfile's own `web` and `worker` commands as child processes (so what runs here is
+what runs on Heroku), with an embedded Redis (fakeredis over TCP) unless REDIS_URL is set, a
+Twilio stand-in that prints every outbound SMS, and a demo bot to text with `mammut-sms simulate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+
+from cli.twilio_standin import TwilioStandin
+from shared.bots import Bot, BotStore
+from shared.crypto import Vault
+from shared.redis import connect
+from shared.settings import DEVELOPMENT, Settings, SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_NUMBER = "+15005550006"
+DEMO_SENDER = "+15551230000"
+DEMO_ACCOUNT_SID = "AC" + "de" * 16
+READY_TIMEOUT = 60.0
+POLL = 0.1
+
+
+class DevError(Exception):
+    """The dev stack cannot start; the message says why."""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "dev", help="run web, worker, an embedded Redis and a Twilio stand-in on this machine",
+        description="Start the Procfile's web and worker processes with an embedded Redis (unless REDIS_URL is "
+                    "set), a local Twilio stand-in that prints every outbound SMS, and the built-in echo engine "
+                    "(unless ENGINE_URL is set); register a demo bot and print how to text it. Ctrl-C stops it all.",
+    )
+    parser.add_argument("--port", type=int, default=None, help="the web port (default: $PORT or 5000)")
+    parser.add_argument("--procfile", type=Path, default=None, help="the Procfile to run (default: the project's)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds the processes get to stop after SIGTERM before SIGKILL (default 30, as Heroku)")
+    parser.set_defaults(run=run)
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+class Console:
+    """One line at a time, each prefixed with its source, like honcho's `web.1 | ...`."""
+
+    def __init__(self, stream: IO[str] | None = None, width: int = 8) -> None:
+        self._stream = stream or sys.stdout
+        self._width = width
+        self._lock = threading.Lock()
+
+    def line(self, source: str, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with self._lock:
+            self._stream.write(f"{stamp} {source.ljust(self._width)} | {text.rstrip()}\n")
+            self._stream.flush()
+
+    def say(self, text: str = "") -> None:
+        with self._lock:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+
+
+# --- the Procfile and its processes ------------------------------------------------------------
+
+
+def read_procfile(path: Path) -> dict[str, str]:
+    """Process type -> command, in file order."""
+    commands: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        name, _, command = line.partition(":")
+        commands[name.strip()] = command.strip()
+    return commands
+
+
+def ipv6_available() -> bool:
+    """Whether gunicorn's `[::]` bind (Heroku's recommendation) can work on this machine."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+def web_command(command: str, port: int) -> str:
+    # gunicorn's command line overrides its config file: without IPv6, bind IPv4 instead of failing.
+    return command if ipv6_available() else f"{command} --bind 0.0.0.0:{port}"
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[str]
+    pump: threading.Thread
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_child(name: str, command: str, env: Mapping[str, str], cwd: Path, console: Console) -> Child:
+    # Its own session: Ctrl-C reaches only this supervisor, which then stops each process in turn.
+    # `exec`: the shell becomes the Procfile's process, so SIGTERM reaches gunicorn's or dramatiq's
+    # main process, which stops its own workers gracefully.
+    process = subprocess.Popen(
+        f"exec {command}", shell=True, cwd=cwd, env=dict(env), start_new_session=True, text=True, bufsize=1,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace",
+    )
+    pump = threading.Thread(target=_pump, args=(process, name, console), name=f"pump-{name}", daemon=True)
+    pump.start()
+    return Child(name, process, pump)
+
+
+def _pump(process: subprocess.Popen[str], name: str, console: Console) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        console.line(name, line)
+
+
+def stop_children(children: list[Child], grace: float, console: Console) -> None:
+    """SIGTERM each main process, then SIGKILL whatever is left of its group after `grace`.
+
+    Only the main process: dramatiq's worker processes take a second SIGTERM (their main forwards
+    one) as an order to quit at once, which would skip their graceful shutdown.
+    """
+    for child in children:
+        if child.running:
+            child.process.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            console.line("dev", f"{child.name} did not stop within {grace:g} s: killing it")
+    for child in children:
+        # Also reaps grandchildren (gunicorn's and dramatiq's workers) that outlived their parent.
+        _signal_group(child, signal.SIGKILL)
+        child.process.wait(timeout=10)
+        child.pump.join(timeout=5)
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    try:
+        os.killpg(child.process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone already
+
+
+# --- embedded services ---------------------------------------------------------------------
+
+
+@contextmanager
+def embedded_redis() -> Iterator[str]:
+    """fakeredis's TCP server in this process: a real Redis protocol endpoint both children share."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{server.server_address[1]}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def child_environment(base: Mapping[str, str], port: int, redis_url: str, twilio_url: str) -> dict[str, str]:
+    env = dict(base)
+    env.update({
+        "PORT": str(port),
+        "REDIS_URL": redis_url,
+        "TWILIO_API_BASE_URL": twilio_url,
+        "MAMMUT_SMS_ENV": DEVELOPMENT,
+        "PYTHONUNBUFFERED": "1",  # piped output would otherwise arrive in late blocks
+    })
+    env.setdefault("ADMIN_API_TOKEN", secrets.token_urlsafe(24))
+    env.setdefault("PUBLIC_URL", f"http://localhost:{port}")
+    # A laptop needs few: the Procfile's defaults are sized for a dyno.
+    env.setdefault("WORKER_PROCESSES", "1")
+    env.setdefault("WORKER_THREADS", "8")
+    env.setdefault("WEB_CONCURRENCY", "1")
+    # The Procfile's gunicorn and dramatiq live next to this interpreter, activated or not.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def wait_until_ready(port: int, children: list[Child], timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/readyz"
+    with requests.Session() as session:
+        session.trust_env = False
+        while time.monotonic() < deadline:
+            dead = [child.name for child in children if not child.running]
+            if dead:
+                raise DevError(f"{', '.join(dead)} exited during start-up (see its output above)")
+            try:
+                if session.get(url, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(POLL)
+    raise DevError(f"the web process did not answer {url} within {timeout:g} s")
+
+
+def demo_bot(settings: Settings) -> Bot:
+    """The demo bot on DEMO_NUMBER: reused when a previous run (on a real REDIS_URL) left it there."""
+    store = BotStore(connect(settings.redis_url), Vault(settings.credentials_keys))
+    existing = store.by_number(DEMO_NUMBER)
+    if existing is not None:
+        return existing
+    return store.create({
+        "name": "demo-bot", "twilio-account-sid": DEMO_ACCOUNT_SID,
+        "twilio-auth-token": secrets.token_hex(16), "main-phone-number": DEMO_NUMBER,
+    })
+
+
+def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, twilio_url: str) -> None:
+    port = env["PORT"]
+    local = f"http://localhost:{port}"
+    command = shlex.join([
+        "mammut-sms", "simulate", "--url", f"{local}/channels/sms/", "--to", bot.number, "--from", DEMO_SENDER,
+        "--auth-token", bot.auth_token, "--admin-token", env["ADMIN_API_TOKEN"], "Hola",
+    ])
+    redis = f"embedded, in memory ({env['REDIS_URL']})" if embedded else "REDIS_URL"
+    engine = env.get("ENGINE_URL") or "built-in echo (set ENGINE_URL for your own)"
+    console.say("")
+    console.say(f"mammut-sms dev is running on {local}")
+    console.say(f"  webhook:     {env['PUBLIC_URL']}/channels/sms/   (metrics: {local}/metrics, API: {local}/openapi.json)")
+    console.say(f"  redis:       {redis}")
+    console.say(f"  twilio:      stand-in at {twilio_url}: every outbound SMS is printed as 'twilio | SMS ...'")
+    console.say(f"  engine:      {engine}")
+    console.say(f"  admin token: {env['ADMIN_API_TOKEN']}   (ADMIN_API_TOKEN, for the registry API and /metrics)")
+    console.say(f"Demo bot {bot.id} ({bot.name}) answers on {bot.number}. Text it:")
+    console.say(f"  {command}")
+    console.say("Press Ctrl-C to stop.")
+    console.say("")
+
+
+# --- the supervisor ------------------------------------------------------------------------
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; polled, since a handler must not block on a lock the main thread holds."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    try:
+        return supervise(args, console)
+    except (DevError, SettingsError) as error:
+        console.line("dev", f"error: {error}")
+        return 1
+
+
+def supervise(args: argparse.Namespace, console: Console) -> int:
+    procfile = args.procfile or _default_procfile()
+    commands = read_procfile(procfile)
+    missing = {"web", "worker"} - commands.keys()
+    if missing:
+        raise DevError(f"{procfile} has no {', '.join(sorted(missing))} process")
+    port = args.port or int(os.environ.get("PORT") or 5000)
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ExitStack() as stack:
+            embedded = not os.environ.get("REDIS_URL")
+            redis_url = stack.enter_context(embedded_redis()) if embedded else os.environ["REDIS_URL"]
+            standin = stack.enter_context(TwilioStandin(echo=lambda line: console.line("twilio", line),
+                                                        status_callbacks=True))
+            env = child_environment(os.environ, port, redis_url, standin.url)
+            return _run_children(commands, env, procfile.parent, args.grace, stop, console, embedded, standin.url)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_children(commands: Mapping[str, str], env: dict[str, str], cwd: Path, grace: float, stop: _Stop,
+                  console: Console, embedded: bool, twilio_url: str) -> int:
+    """Start web and worker, show the banner, and stop them (before the embedded services) however this ends."""
+    settings = Settings.from_env(env)
+    port = int(env["PORT"])
+    children: list[Child] = []
+    try:
+        for name in ("web", "worker"):
+            command = web_command(commands[name], port) if name == "web" else commands[name]
+            console.line("dev", f"starting {name}: {command}")
+            children.append(start_child(name, command, env, cwd, console))
+        wait_until_ready(port, children)
+        banner(console, env, demo_bot(settings), embedded, twilio_url)
+        return _watch(children, stop, console)
+    finally:
+        console.line("dev", "stopping")
+        stop_children(children, grace, console)
+
+
+def _watch(children: list[Child], stop: _Stop, console: Console) -> int:
+    """Until Ctrl-C (exit 0) or a process dies on its own (exit 1, everything else is stopped)."""
+    while not stop.requested:
+        for child in children:
+            if not child.running:
+                console.line("dev", f"{child.name} exited with code {child.process.returncode}: stopping everything")
+                return 1
+        time.sleep(POLL)
+    return 0
+
+
+def _default_procfile() -> Path:
+    local = Path.cwd() / "Procfile"
+    return local if local.is_file() else PROJECT_ROOT / "Procfile"

@@ -1,0 +1,40 @@
+"""The `mammut-sms` console script: one entry point, one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cli import bots, dev, dlq, simulate
+
+DESCRIPTION = """\
+The SMS channel for Mammut chatbots.
+
+  mammut-sms dev                 run everything locally (no Redis or Twilio account needed)
+  mammut-sms simulate --to BOT --from ME "hola"
+                                 text a bot without a phone and print its replies
+  mammut-sms bots list           manage bots over the registry API
+  mammut-sms dlq list            replies that failed for good; `dlq replay` sends them again
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mammut-sms", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (dev, simulate, bots, dlq):
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

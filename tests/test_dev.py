@@ -1,0 +1,171 @@
+"""`mammut-sms dev` as an operator runs it: a real process tree, texted with `mammut-sms simulate`."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+SCRIPT = str(Path(sys.executable).parent / "mammut-sms")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+# Variables that would point dev at another Redis, engine or URL than its own.
+_OUTSIDE = ("REDIS_URL", "ENGINE_URL", "ADMIN_API_TOKEN", "PUBLIC_URL", "CREDENTIALS_KEY", "TWILIO_API_BASE_URL")
+
+
+class Output:
+    """A process's output lines, read on a thread, waited for with a timeout."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self._process = process
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in self.lines if needle in line), None)
+            if found is not None:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{needle!r} not seen within {timeout:g} s; output:\n" + "\n".join(self.lines))
+            try:
+                self._new.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                pass
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def close(self) -> None:
+        """After the process exited: finish reading and close the pipe."""
+        self._thread.join(timeout=10)
+        assert self._process.stdout is not None
+        self._process.stdout.close()
+
+
+def _environment(port: int) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in _OUTSIDE}
+    env.update({"PORT": str(port), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, read from /proc (children of children included)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def dev() -> Iterator[tuple[subprocess.Popen[str], Output, int]]:
+    port = free_port()
+    process = subprocess.Popen([SCRIPT, "dev", "--grace", "20"], env=_environment(port), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    output = Output(process)
+    try:
+        yield process, output, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        output.close()
+
+
+def test_dev_runs_the_service_that_simulate_texts_and_stops_cleanly_on_ctrl_c(
+    dev: tuple[subprocess.Popen[str], Output, int],
+) -> None:
+    """With no REDIS_URL, dev serves a demo bot whose echo reply reaches simulate and the stand-in's console,
+    and Ctrl-C stops every process it started, exiting 0."""
+    process, output, port = dev
+    # Given dev has started and printed how to text its demo bot
+    output.wait_for("Press Ctrl-C to stop.", START_TIMEOUT)
+    assert "embedded, in memory" in output.text()
+    command = shlex.split(output.wait_for("mammut-sms simulate ", 1).strip())
+    assert f"http://localhost:{port}/channels/sms/" in command
+    started = _descendants(process.pid)
+    assert started, "dev should have started the web and worker processes"
+
+    # When the operator runs the printed command with another text
+    command[0], command[-1] = SCRIPT, "Hello from the test"
+    simulated = subprocess.run(command, env=_environment(port), capture_output=True, text=True, timeout=60)
+
+    # Then the echo engine's reply shows in simulate's output and on dev's console (the Twilio stand-in)
+    assert 0 == simulated.returncode, simulated.stderr
+    assert "echo: Hello from the test" in simulated.stdout
+    line = output.wait_for("echo: Hello from the test", 15)
+    assert "twilio" in line and "SMS +15005550006 -> +15551230000" in line
+
+    # When Ctrl-C is pressed
+    process.send_signal(signal.SIGINT)
+    # Then dev exits 0 and leaves no process behind
+    assert 0 == process.wait(timeout=STOP_TIMEOUT)
+    assert set() == {pid for pid in started if _alive(pid)}
+    assert "stopping" in output.text()
+
+
+def test_dev_exits_with_an_error_and_leaves_nothing_running_when_the_port_is_taken() -> None:
+    """If the web process cannot start (its port is taken), dev says so, stops the rest and exits 1."""
+    # Given something already listens on the port
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as taken:
+        taken.bind(("::" if socket.has_ipv6 else "0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # When dev starts on it
+        process = subprocess.Popen([SCRIPT, "dev", "--grace", "10"], env=_environment(port), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        output = Output(process)
+        try:
+            code = process.wait(timeout=START_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+            output.close()
+    # Then it explains and fails, with nothing left running
+    assert 1 == code, output.text()
+    output.wait_for("exited during start-up", 5)
+    assert set() == {pid for pid in _descendants(process.pid) if _alive(pid)}
