@@ -46,21 +46,24 @@ def _entry(redis: Any, message_id: str, died_ms: float, raw: str | bytes) -> dic
     message = dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
     conversation, reply_id = message.args[0], message.args[1]
     dead_raw = redis.get(keys.dead_reply(reply_id))
-    dead = json.loads(dead_raw) if dead_raw else {}
+    # Without a dead copy the message died of an unexpected error, its reply still on the outbox.
+    queued_raw = None if dead_raw else redis.hget(keys.replies(conversation), reply_id)
+    reply = json.loads(dead_raw or queued_raw or "{}")
     bot_id, to = keys.split_conversation_id(conversation)
     return {
         "id": message_id,
         "reply_id": reply_id,
         "conversation": conversation,
         "bot_id": bot_id,
-        "to": dead.get("to", to),
-        "text": dead.get("text"),
-        "media_url": dead.get("media_url"),
-        "error_code": dead.get("error_code"),
-        "error": dead.get("error") or _last_line(message.options.get("traceback")),
-        "reason": dead.get("reason", "unexpected"),
-        "attempts": dead.get("attempts", message.options.get("retries", 0)),
-        "failed_at": dead.get("failed_at", died_ms / 1000),
+        "to": reply.get("to", to),
+        "text": reply.get("text"),
+        "media_url": reply.get("media_url"),
+        "error_code": reply.get("error_code"),
+        "error": reply.get("error") or _last_line(message.options.get("traceback")),
+        "reason": reply.get("reason", "unexpected"),
+        "attempts": reply.get("attempts", message.options.get("retries", 0)),
+        "failed_at": reply.get("failed_at", died_ms / 1000),
+        "still_queued": queued_raw is not None,
     }
 
 
@@ -87,12 +90,15 @@ def replay(redis: Any, broker: Any, ids: Iterable[str] | None = None) -> list[st
 
 def _requeue(redis: Any, broker: Any, entry: dict[str, Any]) -> None:
     conversation = entry["conversation"]
-    if entry["text"] is None and entry["media_url"] is None:
-        # Died of an unexpected error: the reply never left its outbox, so kick it again.
+    if entry["still_queued"]:
+        # The reply never left its outbox (an unexpected error): kick it where it stands.
         kick_delivery(conversation, entry["reply_id"], broker=broker)
         log.info("dlq.rekicked", conversation=conversation, reply_id=entry["reply_id"])
         return
-    reply = new_reply(conversation, entry["to"], entry["text"] or "", entry["media_url"])
+    if entry["text"] is None:
+        log.warning("dlq.unknown_reply", conversation=conversation, reply_id=entry["reply_id"])
+        return  # neither kept nor queued (its 7 days ran out): nothing left to resend
+    reply = new_reply(conversation, entry["to"], entry["text"], entry["media_url"])
     kick = queue_replies(redis, conversation, [reply])
     if kick is not None:
         kick_delivery(conversation, kick, broker=broker)
