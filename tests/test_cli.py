@@ -1,0 +1,187 @@
+"""The `mammut-sms` console script: its help and argument errors, `bots` over a live registry API, and `dlq`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import dramatiq
+import pytest
+import redis as redis_lib
+from flask import Flask
+from werkzeug.serving import make_server
+
+from cli.main import main
+from shared import keys
+from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
+
+HELP_COMMANDS = [
+    [], ["dev"], ["simulate"], ["bots"], ["bots", "list"], ["bots", "show"], ["bots", "create"], ["bots", "update"],
+    ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"],
+]
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[str]:
+    """The web app on a real local port, as the CLI reaches a running service."""
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestArguments:
+    """Every command explains itself, and wrong arguments fail with usage, not a traceback."""
+
+    @pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "mammut-sms")
+    def test_every_command_has_help(self, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+        """`--help` exits 0 and shows the command's usage and options."""
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert 0 == exited.value.code
+        assert out.startswith("usage: mammut-sms " + " ".join(command))
+        assert "--help" in out
+
+    @pytest.mark.parametrize("argv, complaint", [
+        ([], "the following arguments are required: COMMAND"),
+        (["simulate", "hola"], "the following arguments are required: --to, --from"),
+        (["simulate", "--to", "+15005550006", "--from", "+15551230000"], "the following arguments are required: text"),
+        (["bots", "show"], "the following arguments are required: ID"),
+        (["bots", "delete", "seven"], "invalid int value: 'seven'"),
+        (["dlq", "replay"], "one of the arguments --all ID is required"),
+        (["dlq", "replay", "--all", "some-id"], "not allowed with argument --all"),
+        (["dev", "--port", "web"], "invalid int value: 'web'"),
+        (["launch"], "invalid choice: 'launch'"),
+    ])
+    def test_wrong_arguments_exit_2_with_the_reason(self, argv: list[str], complaint: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """argparse's usage error, exit status 2."""
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert 2 == exited.value.code
+        assert complaint in capsys.readouterr().err
+
+
+class TestBots:
+    """`mammut-sms bots` drives the registry API of a running service."""
+
+    def test_create_list_show_update_and_delete_a_bot(self, live_server: str, redis: redis_lib.Redis,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+        """A bot's whole life through the CLI, checked against what the registry stored."""
+        auth = ("--url", live_server, "--token", ADMIN_TOKEN)
+        code, out, _ = _run(capsys, "bots", "create", *auth, "--name", "ventas", "--account-sid", BOT_ACCOUNT_SID,
+                            "--auth-token", BOT_AUTH_TOKEN, "--number", "+1 (555) 010-2000", "--field", "language=es")
+        assert 0 == code
+        bot_id = json.loads(out)["taskResult"][0]["affectedElementId"]
+
+        code, out, _ = _run(capsys, "bots", "list", *auth)
+        assert 0 == code
+        assert [str(bot_id), "+15550102000", "ventas", "(default)"] == out.splitlines()[1].split()
+
+        code, _, _ = _run(capsys, "bots", "update", str(bot_id), *auth, "--messages-per-second", "3")
+        assert 0 == code
+        code, out, _ = _run(capsys, "bots", "show", str(bot_id), *auth)
+        shown = json.loads(out)
+        assert (0, 3.0, "es") == (code, shown["messages-per-second"], shown["language"])
+        assert "twilio-auth-token" not in shown and BOT_AUTH_TOKEN not in out
+
+        code, _, _ = _run(capsys, "bots", "delete", str(bot_id), *auth)
+        assert 0 == code
+        assert [] == json.loads(_run(capsys, "bots", "list", *auth, "--json")[1])
+
+    def test_the_token_and_app_default_to_the_environment(self, live_server: str, bot: object,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+        """ADMIN_API_TOKEN and APP_ID are read when --token and --app are not given."""
+        monkeypatch.setenv("ADMIN_API_TOKEN", ADMIN_TOKEN)
+        monkeypatch.setenv("APP_ID", "mammut-1")
+        code, out, _ = _run(capsys, "bots", "list", "--url", live_server, "--json")
+        assert (0, ["test-bot"]) == (code, [entry["name"] for entry in json.loads(out)])
+
+    def test_without_a_token_it_says_how_to_give_one(self, live_server: str, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """No request is made without the admin token; the message names --token and ADMIN_API_TOKEN."""
+        monkeypatch.delenv("ADMIN_API_TOKEN", raising=False)
+        code, _, err = _run(capsys, "bots", "list", "--url", live_server)
+        assert 1 == code
+        assert "pass --token or set ADMIN_API_TOKEN" in err
+
+    def test_the_registrys_refusal_is_shown(self, live_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """A validation error comes back as the registry's own message, exit status 1."""
+        code, _, err = _run(capsys, "bots", "create", "--url", live_server, "--token", ADMIN_TOKEN, "--name", "x",
+                            "--account-sid", BOT_ACCOUNT_SID, "--auth-token", BOT_AUTH_TOKEN, "--number", "12")
+        assert 1 == code
+        assert "HTTP 400" in err and "main-phone-number" in err and "E.164" in err
+
+    def test_create_lists_the_missing_required_options(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Nothing is sent when required fields are missing."""
+        code, _, err = _run(capsys, "bots", "create", "--token", ADMIN_TOKEN, "--name", "x")
+        assert 1 == code
+        assert "missing --account-sid, --auth-token, --number" in err
+
+    def test_an_unreachable_service_is_reported_plainly(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A connection refused becomes one line, not a traceback."""
+        code, _, err = _run(capsys, "bots", "list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "t")
+        assert 1 == code
+        assert "cannot reach" in err and "is the service running?" in err
+
+
+def _dead_letter(redis: redis_lib.Redis, conversation: str, text: str) -> str:
+    """A reply that failed for good, stored as dramatiq and the outbound worker store it."""
+    reply_id = f"reply-{text}"
+    message = dramatiq.Message(queue_name="outbound", actor_name="send_reply", args=(conversation, reply_id),
+                               kwargs={}, options={})
+    redis.zadd("dramatiq:outbound.XQ", {message.message_id: time.time() * 1000})
+    redis.hset("dramatiq:outbound.XQ.msgs", message.message_id, message.encode())
+    redis.set(keys.dead_reply(reply_id), json.dumps({
+        "to": "+15551230000", "text": text, "media_url": None, "error_code": 21610, "error": "unsubscribed",
+        "reason": "opted-out", "attempts": 1, "failed_at": time.time(),
+    }))
+    return message.message_id
+
+
+class TestDeadLetters:
+    """`mammut-sms dlq` shows and replays what worker.dlq keeps, with the service's environment."""
+
+    @pytest.fixture(autouse=True)
+    def service_environment(self, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("MAMMUT_SMS_ENV", "development")
+
+    def test_list_shows_each_dead_reply_with_its_reason_and_a_masked_number(
+            self, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+        """One line per dead letter: id, bot, masked recipient, reason, Twilio code and text."""
+        message_id = _dead_letter(redis, "7:+15551230000", "hola")
+        code, out, _ = _run(capsys, "dlq", "list")
+        assert 0 == code
+        assert message_id in out and "bot 7 -> ********0000  opted-out code 21610" in out and "'hola'" in out
+        assert "+15551230000" not in out
+
+    def test_replay_of_one_id_queues_that_reply_again_and_leaves_the_others(
+            self, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+        """Only the named dead letter leaves the queue; its text joins the conversation's outbox."""
+        conversation = "7:+15551230000"
+        replayed, kept = _dead_letter(redis, conversation, "uno"), _dead_letter(redis, conversation, "dos")
+        code, out, _ = _run(capsys, "dlq", "replay", replayed)
+        assert (0, f"replayed 1: {replayed}") == (code, out.strip().splitlines()[-1])
+        assert [kept] == redis.zrange("dramatiq:outbound.XQ", 0, -1)
+        outbox = redis.lrange(keys.outbox(conversation), 0, -1)
+        assert ["uno"] == [json.loads(redis.hget(keys.replies(conversation), rid))["text"] for rid in outbox]
+
+    def test_replay_of_an_unknown_id_says_nothing_was_replayed(self, redis: redis_lib.Redis,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+        """Exit status 1 tells a script that the id matched nothing."""
+        code, out, _ = _run(capsys, "dlq", "replay", "no-such-id")
+        assert (1, "nothing replayed (see: mammut-sms dlq list)") == (code, out.strip())
