@@ -95,7 +95,7 @@ class TestBots:
         code, out, _ = _run(capsys, "bots", "show", str(bot_id), *auth)
         shown = json.loads(out)
         assert (0, 3.0, "es") == (code, shown["messages-per-second"], shown["language"])
-        assert "twilio-auth-token" not in shown and BOT_AUTH_TOKEN not in out
+        assert "twilio-auth-token" not in shown and f"\"{BOT_AUTH_TOKEN}\"" not in out
 
         code, _, _ = _run(capsys, "bots", "delete", str(bot_id), *auth)
         assert 0 == code
