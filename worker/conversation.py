@@ -17,10 +17,11 @@ import dramatiq
 from shared import keys, messagelog
 from shared.conversations import INBOUND, queue_replies, replies_from, settle
 from shared.logging import get_logger
+from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation, kick_delivery
 from worker.deps import get_redis, get_settings, get_store
 from worker.engine import Answer, engine_for
-from worker.locks import Lease
+from worker.locks import RENEW_EVERY, Lease
 
 log = get_logger(__name__)
 
@@ -55,8 +56,10 @@ def drain(redis: Any, conversation: str) -> None:
     finally:
         lease.release()
     # A message that arrived while we held the lease had its kick refused above: pick it up now.
-    waiting = redis.llen(keys.inbox(conversation)) + redis.llen(keys.processing(conversation))
-    if not finished or waiting:
+    pipe = redis.pipeline(transaction=False)
+    pipe.llen(keys.inbox(conversation))
+    pipe.llen(keys.processing(conversation))
+    if not finished or sum(pipe.execute()):
         kick_conversation(conversation)
     else:
         settle(redis, conversation)
@@ -81,13 +84,16 @@ def _drain_held(redis: Any, conversation: str, lease: Lease) -> bool:
     return False
 
 
+# A crashed worker's message first, else the oldest waiting one: one round trip either way.
+_NEXT_LUA = """
+local raw = redis.call('LINDEX', KEYS[2], 0)
+if raw then return raw end
+return redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+"""
+
+
 def _next_inbound(redis: Any, conversation: str) -> str | None:
-    """A crashed worker's message first, else the oldest waiting one."""
-    processing = keys.processing(conversation)
-    raw = redis.lindex(processing, 0)
-    if raw is None:
-        raw = redis.lmove(keys.inbox(conversation), processing, "LEFT", "RIGHT")
-    return raw
+    return script(redis, _NEXT_LUA)(keys=[keys.inbox(conversation), keys.processing(conversation)])
 
 
 def handle_message(redis: Any, conversation: str, raw: str, lease: Lease) -> None:
@@ -99,9 +105,11 @@ def handle_message(redis: Any, conversation: str, raw: str, lease: Lease) -> Non
         queue_replies(redis, conversation, [], done_inbound=raw)
         return
     _log_inbound(redis, conversation, message)
+    started = time.monotonic()
     answers = engine_for(bot, get_settings(), redis).answer(bot, message)
     replies = _replies(conversation, message, answers)
-    if not lease.renew():
+    # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
+    if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     reply_id = queue_replies(redis, conversation, replies, done_inbound=raw)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))

@@ -18,7 +18,8 @@ from types import TracebackType
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-READY_LINE = "worker.ready"  # logged by worker.middleware once a worker process consumes
+# Dramatiq's own line once a worker process consumes (its CLI logs it whatever LOG_LEVEL says).
+READY_LINE = "Worker process is ready for action"
 
 
 def procfile(path: Path = ROOT / "Procfile") -> dict[str, str]:
@@ -34,14 +35,15 @@ def procfile(path: Path = ROOT / "Procfile") -> dict[str, str]:
 class Process:
     """One Procfile process; `kill()` is a crash (SIGKILL to the whole group), `stop()` a dyno shutdown."""
 
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, env: dict[str, str], command: str | None = None) -> None:
         self.kind = kind
+        self.command = command  # None: the Procfile's line for `kind`
         self.env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.log_path = Path(tempfile.mkstemp(prefix=f"mammut-{kind}-", suffix=".log")[1])
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        command = procfile()[self.kind]
+        command = self.command or procfile()[self.kind]
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 ["/bin/sh", "-c", f"exec {command}"], cwd=ROOT, env=self.env,
@@ -90,20 +92,22 @@ class Process:
         self.stop()
 
 
-def start_worker(env: dict[str, str], processes: int = 2, threads: int = 8, timeout: float = 30.0) -> Process:
-    """The Procfile's worker, ready once every worker process logged READY_LINE."""
-    worker = Process("worker", {**env, "WORKER_PROCESSES": str(processes), "WORKER_THREADS": str(threads)}).start()
+def start_worker(env: dict[str, str], processes: int = 2, threads: int = 8, timeout: float = 30.0,
+                 command: str | None = None, ready_line: str = READY_LINE) -> Process:
+    """The Procfile's worker (or `command`), ready once every worker process logged `ready_line`."""
+    worker = Process("worker", {**env, "WORKER_PROCESSES": str(processes), "WORKER_THREADS": str(threads)},
+                     command).start()
     try:
-        worker.wait_for_log(READY_LINE, processes, timeout)
+        worker.wait_for_log(ready_line, processes, timeout)
     except BaseException:
         worker.stop(5)
         raise
     return worker
 
 
-def start_web(env: dict[str, str], port: int, timeout: float = 30.0) -> Process:
-    """The Procfile's web process on `port`, ready once /healthz answers."""
-    web = Process("web", {**env, "PORT": str(port)}).start()
+def start_web(env: dict[str, str], port: int, timeout: float = 30.0, command: str | None = None) -> Process:
+    """The Procfile's web process (or `command`) on `port`, ready once /healthz answers."""
+    web = Process("web", {**env, "PORT": str(port)}, command).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -1,0 +1,215 @@
+"""End-to-end throughput: signed webhook POST -> Redis -> worker -> engine -> Twilio, with instant fakes.
+
+Runs the product (the Procfile's web and worker processes) and a floor service (a bare Flask
+receiver that validates the signature and enqueues, a bare Dramatiq actor that makes the same
+engine and Twilio calls) one after the other, on the same machine, with the same process and
+thread counts, and prints messages/s for both and their ratio (target: product >= 0.75 x floor).
+
+    /tmp/venvprobe/bin/python bench/e2e.py [--messages 1500] [--bots 10] [--senders 200]
+
+Uses Redis db 10 (flushed). The fakes and the load generator run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+from twilio.request_validator import RequestValidator  # noqa: E402
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+WEB_CONCURRENCY, WORKER_PROCESSES, WORKER_THREADS = "2", "2", "40"
+
+
+# --- The floor: the least any such service must do, as plain as it can be written. ---------
+
+
+def floor_app() -> Any:
+    """gunicorn 'bench.e2e:floor_app()': validate Twilio's signature, enqueue, answer empty TwiML."""
+    import dramatiq
+    from flask import Flask, Response, request
+
+    broker = floor_broker()
+    validator = RequestValidator(AUTH_TOKEN)
+    app = Flask(__name__)
+
+    @app.get("/healthz")
+    def healthz() -> str:
+        return "ok"
+
+    @app.post("/channels/sms/")
+    def receive() -> Response:
+        if not validator.validate(request.url, request.form, request.headers.get("X-Twilio-Signature", "")):
+            return Response("forbidden", 403)
+        broker.enqueue(dramatiq.Message(queue_name="floor", actor_name="floor_reply",
+                                        args=(request.form.to_dict(),), kwargs={}, options={}))
+        return Response("<Response/>", content_type="text/xml")
+
+    return app
+
+
+_floor_broker: Any = None
+
+
+def floor_broker() -> Any:
+    """dramatiq 'bench.e2e:floor_broker': one actor calling the engine, then Twilio, per message."""
+    global _floor_broker
+    if _floor_broker is not None:
+        return _floor_broker
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+    from twilio.rest import Client
+
+    broker = _floor_broker = RedisBroker(url=os.environ["REDIS_URL"])
+    dramatiq.set_broker(broker)
+    local = threading.local()
+
+    def clients() -> tuple[requests.Session, Any]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.twilio = Client(ACCOUNT_SID, AUTH_TOKEN)
+            local.twilio.api.base_url = os.environ["TWILIO_API_BASE_URL"]
+        return local.session, local.twilio
+
+    @dramatiq.actor(actor_name="floor_reply", queue_name="floor", max_retries=0)
+    def floor_reply(form: dict[str, str]) -> None:
+        session, twilio = clients()
+        answer = session.post(os.environ["ENGINE_URL"], timeout=(3, 10), json={
+            "sender": form["From"], "message": form.get("Body", ""), "metadata": {"to": form["To"]}}).json()
+        for item in answer:
+            twilio.messages.create(to=form["From"], from_=form["To"], body=item["text"])
+
+    return broker
+
+
+# --- The load: signed Twilio webhooks from many senders to many bots. ------------------------
+
+
+def make_bots(redis: Any, count: int, engine_url: str) -> list[str]:
+    """Bots on fast numbers (pacing is not what this measures); returns their numbers."""
+    from shared.bots import BotStore
+    from shared.crypto import Vault
+
+    store = BotStore(redis, Vault([os.environ["CREDENTIALS_KEY"]]))
+    numbers = [f"+1500555{n:04d}" for n in range(count)]
+    for number in numbers:
+        store.create({"name": number, "twilio-account-sid": ACCOUNT_SID, "twilio-auth-token": AUTH_TOKEN,
+                      "main-phone-number": number, "engine-url": engine_url, "messages-per-second": 10_000})
+    return numbers
+
+
+def post_all(port: int, numbers: list[str], senders: int, messages: int, label: str, clients: int = 16) -> None:
+    """POST `messages` signed webhooks, spread over bots and senders, from `clients` threads."""
+    url = f"http://127.0.0.1:{port}/channels/sms/"
+    validator = RequestValidator(AUTH_TOKEN)
+    local = threading.local()
+
+    def post(n: int) -> None:
+        session = getattr(local, "session", None) or setattr(local, "session", requests.Session()) or local.session
+        form = {"MessageSid": f"SM{label}{n:030d}", "AccountSid": ACCOUNT_SID, "From": f"+1555{n % senders:07d}",
+                "To": numbers[n % len(numbers)], "Body": f"message {n}", "NumMedia": "0", "NumSegments": "1"}
+        headers = {"X-Twilio-Signature": validator.compute_signature(url, form)}
+        response = session.post(url, data=form, headers=headers, timeout=15)
+        if response.status_code != 200:
+            raise RuntimeError(f"webhook answered {response.status_code}: {response.text[:200]}")
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(post, range(messages)))
+
+
+def measure(start: Callable[[], list[Any]], port: int, twilio: Any, numbers: list[str], senders: int,
+            messages: int, label: str) -> float:
+    """Messages/s from the first POST to the last message reaching the Twilio stand-in."""
+    processes = start()
+    try:
+        post_all(port, numbers, senders, 20, label + "w")  # warm up connections and imports
+        twilio.wait_for(20, timeout=60)
+        twilio.reset()
+        started = time.time()
+        post_all(port, numbers, senders, messages, label)
+        arrived = twilio.wait_for(messages, timeout=600)
+        return messages / (arrived[messages - 1].received_at - started)
+    finally:
+        for process in processes:
+            process.stop(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1500)
+    parser.add_argument("--bots", type=int, default=10)
+    parser.add_argument("--senders", type=int, default=200)
+    args = parser.parse_args()
+
+    from cryptography.fernet import Fernet
+
+    from cli.twilio_standin import TwilioStandin
+    from shared.redis import connect
+    from tests.conftest import free_port
+    from tests.support.fake_engine import FakeEngine
+    from tests.support.processes import start_web, start_worker
+
+    os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
+    redis = connect(REDIS_URL)
+    with TwilioStandin() as twilio, FakeEngine() as engine:
+        env = {"REDIS_URL": REDIS_URL, "TWILIO_API_BASE_URL": twilio.url, "ENGINE_URL": engine.url,
+               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
+               "WEB_CONCURRENCY": WEB_CONCURRENCY}
+        port = free_port()
+
+        def floor() -> list[Any]:
+            redis.flushdb()
+            web = start_web(env, port, command="gunicorn 'bench.e2e:floor_app()' --config gunicorn.conf.py")
+            try:
+                return [web, start_worker(env, int(WORKER_PROCESSES), int(WORKER_THREADS),
+                                          command=f"dramatiq bench.e2e:floor_broker --processes {WORKER_PROCESSES} "
+                                                  f"--threads {WORKER_THREADS} --worker-shutdown-timeout 25000")]
+            except BaseException:
+                web.stop(10)
+                raise
+
+        def product() -> list[Any]:
+            redis.flushdb()
+            web = start_web(env, port)
+            try:
+                return [web, start_worker(env, int(WORKER_PROCESSES), int(WORKER_THREADS))]
+            except BaseException:
+                web.stop(10)
+                raise
+
+        redis.flushdb()
+        numbers = [f"+1500555{n:04d}" for n in range(args.bots)]
+        floor_rate = measure(floor, port, twilio, numbers, args.senders, args.messages, "F")
+
+        def product_with_bots() -> list[Any]:
+            processes = product()
+            make_bots(redis, args.bots, engine.url)
+            return processes
+
+        product_rate = measure(product_with_bots, port, twilio, numbers, args.senders, args.messages, "P")
+    redis.flushdb()
+    print(f"command: {sys.executable} bench/e2e.py --messages {args.messages} --bots {args.bots} "
+          f"--senders {args.senders}")
+    print(f"machine: {os.cpu_count()} CPUs; web {WEB_CONCURRENCY} gunicorn workers, "
+          f"worker {WORKER_PROCESSES} processes x {WORKER_THREADS} threads, for both services")
+    print(f"floor:   {floor_rate:7.1f} messages/s")
+    print(f"product: {product_rate:7.1f} messages/s")
+    print(f"ratio:   {product_rate / floor_rate:7.2f} (target >= 0.75)")
+
+
+if __name__ == "__main__":
+    main()
