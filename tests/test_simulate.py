@@ -1,0 +1,144 @@
+"""`mammut-sms simulate` against a live web app and a Dramatiq worker, with the Twilio stand-in."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+import redis as redis_lib
+from flask import Flask
+
+from cli.main import main
+from cli.simulate import replies_to
+from cli.twilio_standin import TwilioStandin
+from shared import keys
+from shared.bots import Bot
+from shared.settings import Settings
+from tests.conftest import ADMIN_TOKEN, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY
+from tests.test_cli import live_server, serving  # noqa: F401  (the fixture is used by name)
+from webhook import create_app
+
+PERSON = "+15551230000"
+
+
+@pytest.fixture
+def outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's laptop: none of the service's environment."""
+    for name in ("REDIS_URL", "PUBLIC_URL", "CREDENTIALS_KEY", "ADMIN_API_TOKEN", "MAMMUT_SMS_ENV"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def service_environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `heroku run` gives a one-off process: the service's own variables."""
+    monkeypatch.delenv("PUBLIC_URL", raising=False)
+    for name, value in {"REDIS_URL": redis_url, "CREDENTIALS_KEY": CREDENTIALS_KEY, "ADMIN_API_TOKEN": ADMIN_TOKEN,
+                        "MAMMUT_SMS_ENV": "development"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def _simulate(capsys: pytest.CaptureFixture[str], url: str, *options: str, text: str = "hola") -> tuple[int, str, str]:
+    code = main(["simulate", "--url", f"{url}/channels/sms/", "--to", BOT_NUMBER, "--from", PERSON, *options, text])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestReplies:
+    """simulate posts a signed webhook and prints what the bot answered, as it is sent."""
+
+    def test_with_the_services_environment_the_token_comes_from_the_store(
+        self, service_environment: None, live_server: str, bot: Bot, worker: dramatiq.Worker,
+        twilio: TwilioStandin, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """No token on the command line: the store at REDIS_URL supplies it, and the echo reply is printed."""
+        code, out, err = _simulate(capsys, live_server, "--wait", "20", text="¿Cómo estás?")
+        assert 0 == code, err
+        assert f"> {PERSON} -> {BOT_NUMBER}: ¿Cómo estás?" in out
+        assert "echo: ¿Cómo estás?" in out.splitlines()[-1]
+        assert ["echo: ¿Cómo estás?"] == [message.body for message in twilio.messages]
+
+    def test_with_the_auth_token_given_the_bot_is_found_through_the_registry(
+        self, outside: None, live_server: str, bot: Bot, worker: dramatiq.Worker, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """From a laptop: --auth-token signs, and the admin token finds the bot and reads its replies."""
+        code, out, err = _simulate(capsys, live_server, "--auth-token", BOT_AUTH_TOKEN, "--admin-token", ADMIN_TOKEN)
+        assert 0 == code, err
+        assert out.splitlines()[-1].startswith("< ") and out.splitlines()[-1].endswith(": echo: hola")
+
+    def test_without_the_admin_token_it_sends_and_says_how_to_see_replies(
+        self, outside: None, live_server: str, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The message is still delivered to the service; reading replies needs the registry's token."""
+        code, out, _ = _simulate(capsys, live_server, "--auth-token", BOT_AUTH_TOKEN,
+                                 "--account-sid", bot.account_sid, "--bot-id", str(bot.id))
+        assert 0 == code
+        assert "give --admin-token or set ADMIN_API_TOKEN" in out
+        assert 1 == redis.llen(keys.inbox(keys.conversation_id(bot.id, PERSON)))
+
+
+class TestRefusals:
+    """What the operator must fix is said plainly, and nothing reaches the bot."""
+
+    def test_a_wrong_auth_token_is_refused_with_an_explanation(
+        self, outside: None, live_server: str, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The service's 403 comes back with the URL that was signed and what to check."""
+        code, _, err = _simulate(capsys, live_server, "--auth-token", "not-the-token", "--admin-token", ADMIN_TOKEN)
+        assert 1 == code
+        assert "HTTP 403: bad_signature" in err and f"signed over {live_server}/channels/sms/" in err
+        assert 0 == redis.llen(keys.inbox(keys.conversation_id(bot.id, PERSON)))
+
+    def test_without_any_token_it_says_where_the_token_comes_from(
+        self, outside: None, live_server: str, bot: Bot, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Neither the store nor --auth-token: a one-line error naming both."""
+        code, _, err = _simulate(capsys, live_server, "--admin-token", ADMIN_TOKEN)
+        assert 1 == code
+        assert "pass --auth-token, or run with the service's environment" in err
+
+    def test_an_unknown_number_is_named(self, outside: None, live_server: str, bot: Bot,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+        """A --to no bot has is caught by the registry lookup before anything is sent."""
+        code = main(["simulate", "--url", f"{live_server}/channels/sms/", "--to", "+15550009999", "--from", PERSON,
+                     "--auth-token", BOT_AUTH_TOKEN, "--admin-token", ADMIN_TOKEN, "hola"])
+        assert 1 == code
+        assert "no bot has the number +15550009999" in capsys.readouterr().err
+
+
+class TestSignedUrl:
+    """simulate signs over the URL the service validates: PUBLIC_URL's when it is set."""
+
+    @pytest.fixture
+    def public_app(self, settings: Settings) -> Flask:
+        return create_app(settings.with_overrides(public_url="https://sms.example.com"))
+
+    def test_with_public_url_set_the_signature_is_over_it(
+        self, outside: None, public_app: Flask, bot: Bot, redis: redis_lib.Redis,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Posting to the local address while signing over PUBLIC_URL is accepted, as behind Heroku's router."""
+        monkeypatch.setenv("PUBLIC_URL", "https://sms.example.com")
+        with serving(public_app) as url:
+            code, out, err = _simulate(capsys, url, "--auth-token", BOT_AUTH_TOKEN,
+                                       "--account-sid", bot.account_sid, "--wait", "0")
+        assert 0 == code, err
+        assert "accepted" in out
+
+    def test_without_public_url_here_the_service_refuses_the_local_signature(
+        self, outside: None, public_app: Flask, bot: Bot, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The same request signed over the local URL fails: the service validates PUBLIC_URL's."""
+        with serving(public_app) as url:
+            code, _, err = _simulate(capsys, url, "--auth-token", BOT_AUTH_TOKEN,
+                                     "--account-sid", bot.account_sid, "--wait", "0")
+        assert 1 == code
+        assert "HTTP 403" in err
+
+
+def test_replies_are_the_outbound_entries_after_the_message() -> None:
+    """Earlier replies in the same conversation are not mistaken for answers to this message."""
+    log = [
+        {"id": "SM1", "direction": "in"}, {"id": "r1", "direction": "out"},
+        {"id": "SM2", "direction": "in"}, {"id": "r2", "direction": "out"}, {"id": "r3", "direction": "out"},
+    ]
+    assert ["r2", "r3"] == [entry["id"] for entry in replies_to(log, "SM2")]
+    assert [] == replies_to(log, "SM3")
