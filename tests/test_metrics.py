@@ -1,0 +1,103 @@
+"""GET /metrics: what every process recorded in Redis, and the queues, in Prometheus's text format."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+import redis as redis_lib
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+from twilio.request_validator import RequestValidator
+
+from shared import keys, metrics
+from shared.bots import Bot
+from shared.tasks import kick_conversation, kick_delivery
+from tests.conftest import BOT_AUTH_TOKEN, BOT_NUMBER
+
+
+def _samples(client: FlaskClient, headers: dict[str, str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics", headers=headers)
+    assert 200 == response.status_code
+    assert response.content_type.startswith("text/plain; version=")
+    # An empty label is an absent label to Prometheus: accepted requests have no `reason`.
+    return {
+        (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if v))): sample.value
+        for family in text_string_to_metric_families(response.get_data(as_text=True))
+        for sample in family.samples
+    }
+
+
+def _inbound(client: FlaskClient, bot: Bot, sid: str, token: str = BOT_AUTH_TOKEN) -> int:
+    form = {"MessageSid": sid, "AccountSid": bot.account_sid, "From": "+15551230000", "To": BOT_NUMBER, "Body": "hi"}
+    url = "http://localhost/channels/sms/"
+    signature = RequestValidator(token).compute_signature(url, form)
+    return client.post(url, data=form, headers={"X-Twilio-Signature": signature}).status_code
+
+
+class TestAccess:
+    """A scraper authenticates with the admin token, as the registry's clients do."""
+
+    def test_without_the_admin_token_metrics_are_refused(self, client: FlaskClient) -> None:
+        """Counts reveal traffic: no token, no metrics."""
+        response = client.get("/metrics")
+        assert (401, "Bearer") == (response.status_code, response.headers["WWW-Authenticate"])
+
+    def test_a_wrong_token_is_refused(self, client: FlaskClient) -> None:
+        """Only the admin token opens it."""
+        assert 401 == client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code
+
+
+class TestCounts:
+    """The webhook's own counts and the workers' (recorded in Redis) appear in one scrape."""
+
+    def test_inbound_accepted_duplicate_and_rejected_by_reason(self, client: FlaskClient, bot: Bot,
+                                                                admin_headers: dict[str, str]) -> None:
+        """One accepted, its retry a duplicate, a forged one rejected for its signature."""
+        assert [200, 200, 403] == [_inbound(client, bot, "SM1"), _inbound(client, bot, "SM1"),
+                                   _inbound(client, bot, "SM2", token="forged-token")]
+        samples = _samples(client, admin_headers)
+        assert 1 == samples[("sms_inbound_total", (("result", "accepted"),))]
+        assert 1 == samples[("sms_inbound_total", (("result", "duplicate"),))]
+        assert 1 == samples[("sms_inbound_total", (("reason", "bad_signature"), ("result", "rejected")))]
+
+    def test_counts_and_latencies_recorded_by_another_process_are_served(
+        self, client: FlaskClient, redis: redis_lib.Redis, admin_headers: dict[str, str],
+    ) -> None:
+        """What a worker dyno records with shared.metrics shows here, with the latency histogram."""
+        # Given a worker recorded a send, a retry on 20429, a failure on 21211, and two latencies
+        metrics.incr(redis, "sms_outbound", result="sent")
+        metrics.incr(redis, "sms_outbound", result="retried", code=20429)
+        metrics.incr(redis, "sms_outbound", result="failed", code=21211)
+        metrics.observe(redis, "sms_webhook_to_twilio_seconds", 0.3)
+        metrics.observe(redis, "sms_webhook_to_twilio_seconds", 7.0)
+        # Then
+        samples = _samples(client, admin_headers)
+        assert 1 == samples[("sms_outbound_total", (("code", "20429"), ("result", "retried")))]
+        assert 1 == samples[("sms_outbound_total", (("code", "21211"), ("result", "failed")))]
+        assert 1 == samples[("sms_webhook_to_twilio_seconds_bucket", (("le", "0.5"),))]
+        assert 2 == samples[("sms_webhook_to_twilio_seconds_bucket", (("le", "10.0"),))]
+        assert 2 == samples[("sms_webhook_to_twilio_seconds_count", ())]
+        assert 7.3 == pytest.approx(samples[("sms_webhook_to_twilio_seconds_sum", ())])
+
+
+class TestQueues:
+    """Queue depths, pending conversations and dead letters are read at scrape time."""
+
+    def test_queue_depths_pending_and_dead_letters(self, client: FlaskClient, app: object, redis: redis_lib.Redis,
+                                                   admin_headers: dict[str, str]) -> None:
+        """Two conversation kicks, one delayed send, one pending conversation and one dead letter."""
+        from webhook.deps import get_broker
+
+        with client.application.app_context():
+            broker: dramatiq.Broker = get_broker()
+        kick_conversation("1:+15551230000", broker=broker)
+        kick_conversation("1:+15551230001", broker=broker)
+        kick_delivery("1:+15551230000", "reply-1", delay_ms=60_000, broker=broker)
+        redis.zadd(keys.PENDING, {"1:+15551230000": 1.0})
+        redis.zadd("dramatiq:outbound.XQ", {"dead-message": 1.0})
+        samples = _samples(client, admin_headers)
+        assert 2 == samples[("sms_queue_depth", (("queue", "conversations"),))]
+        assert 1 == samples[("sms_queue_depth", (("queue", "outbound.DQ"),))]
+        assert 0 == samples[("sms_queue_depth", (("queue", "outbound"),))]
+        assert 1 == samples[("sms_pending_conversations", (("queue", "conversations"),))]
+        assert 1 == samples[("sms_dead_letters", (("queue", "outbound"),))]
