@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +18,7 @@ import pytest
 import redis as redis_lib
 import structlog
 from flask.testing import FlaskClient
+import requests
 from fakeredis import TcpFakeServer
 
 from shared import keys, metrics
@@ -21,8 +28,8 @@ from shared.optout import is_opted_out
 from shared.redis import connect
 from shared.settings import Settings
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
-from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port
-from tests.test_signature import INBOUND_PATH, inbound_params, post_signed
+from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port
+from tests.test_signature import INBOUND_PATH, inbound_params, post_signed, sign
 from webhook import create_app, inbound
 from webhook.twilio_auth import EMPTY_TWIML
 
@@ -263,6 +270,55 @@ class TestRedisDown:
         app.extensions["mammut"].broker.client.connection_pool.disconnect()
         # Then the next message is refused with 503, not acknowledged
         assert 503 == post_signed(client, inbound_params()).status_code
+
+
+class TestUnderGunicorn:
+    """Through a real gunicorn with the repo's settings: what the test client cannot show."""
+
+    @pytest.fixture
+    def server(self, redis_url: str, bot: Bot) -> Iterator[str]:
+        port = free_port()
+        env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "REDIS_URL": redis_url,
+               "ADMIN_API_TOKEN": ADMIN_TOKEN, "CREDENTIALS_KEY": CREDENTIALS_KEY, "MAMMUT_SMS_ENV": "production"}
+        env.pop("PUBLIC_URL", None)
+        repo = Path(__file__).resolve().parent.parent
+        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        process = subprocess.Popen([gunicorn, "--config", "gunicorn.conf.py", "webhook:create_app()"], cwd=repo, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_for(base + "/healthz", process)
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    def test_proxied_https_message_without_slash_is_acknowledged(self, server: str, redis: redis_lib.Redis) -> None:
+        """Signed over https://api.mammut.io/channels/sms, arriving as http with X-Forwarded-*: accepted, queued."""
+        params = inbound_params()
+        headers = {"X-Twilio-Signature": sign("https://api.mammut.io/channels/sms", params),
+                   "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.mammut.io"}
+        response = requests.post(server + "/channels/sms", data=params, headers=headers, allow_redirects=False, timeout=10)
+        assert (200, "text/xml", EMPTY_TWIML) == (
+            response.status_code, response.headers["Content-Type"], response.text)
+        assert [params["MessageSid"]] == [m["sid"] for m in inbox(redis)]
+
+    def test_oversized_form_gets_a_clean_413(self, server: str, redis: redis_lib.Redis) -> None:
+        """A 65 KiB form is answered 413 over the wire, not with a reset connection or a 500."""
+        response = requests.post(server + INBOUND_PATH, data=inbound_params(Body="x" * 65 * 1024), timeout=10)
+        assert (413, 0) == (response.status_code, len(inbox(redis)))
+
+
+def _wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "gunicorn exited before it was ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 class _own_redis:
