@@ -26,7 +26,7 @@ from shared.twilio_errors import HINTS, Action, action_for
 from worker import pacing
 from worker.deps import get_redis, get_settings, get_store
 from worker.locks import Lease
-from worker.twilio_client import Accepted, Refused, send_sms
+from worker.twilio_client import Accepted, Refused, client_for, send_sms
 
 log = get_logger(__name__)
 
@@ -118,10 +118,12 @@ def _work_head(redis: Any, conversation: str, reply_id: str) -> Step:
         return _suppress(redis, conversation, reply)
     if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
         return Step()  # a retry is scheduled; its message will send it
+    settings = get_settings()
+    client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
     wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
-    result = send_sms(bot, reply["to"], reply["text"], reply["media_url"], get_settings())
+    result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
     if isinstance(result, Accepted):
         return _sent(redis, conversation, reply, result)
     return _refused(redis, conversation, reply, result, bot.number)

@@ -1,0 +1,112 @@
+"""Pacing: a sender number sends at most its rate of segments per second, and only its own messages wait."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+import redis as redis_lib
+
+from cli.twilio_standin import SentMessage, TwilioStandin
+from shared.bots import BotStore
+from shared.segments import count_segments
+from tests.test_outbound import ALICE, BOB, make_bot, send
+from worker import pacing
+
+NUMBER, OTHER = "+15550000701", "+15550000702"
+
+
+def gaps(messages: list[SentMessage]) -> list[float]:
+    times = [message.received_at for message in messages]
+    return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+class TestSchedule:
+    """The Redis schedule of one number: reserved slots and the check made just before each send."""
+
+    def test_reservations_are_spaced_by_their_segments_over_the_rate(self, redis: redis_lib.Redis) -> None:
+        """At 2 segments/s a 1-, then a 2-, then a 1-segment message get slots 0.5 s and then 1 s apart."""
+        first, now = pacing.reserve(redis, NUMBER, 1, 2.0)
+        second, _ = pacing.reserve(redis, NUMBER, 2, 2.0)
+        third, _ = pacing.reserve(redis, NUMBER, 1, 2.0)
+        assert first == pytest.approx(now, abs=0.001)
+        assert second - first == pytest.approx(pacing.interval(1, 2.0), abs=0.001)
+        assert third - second == pytest.approx(pacing.interval(2, 2.0), abs=0.001)
+        assert pacing.interval(2, 2.0) >= 1.0
+
+    def test_numbers_have_separate_schedules(self, redis: redis_lib.Redis) -> None:
+        """A number with ten reservations queued does not move another number's first slot."""
+        for _ in range(10):
+            pacing.reserve(redis, NUMBER, 1, 1.0)
+        slot, now = pacing.reserve(redis, OTHER, 1, 1.0)
+        assert slot == pytest.approx(now, abs=0.001)
+
+    def test_claim_waits_for_the_slot_then_records_the_send(self, redis: redis_lib.Redis) -> None:
+        """A claim before the slot is told how long to wait; at the slot it goes; the next claim must wait."""
+        _, now = pacing.reserve(redis, NUMBER, 1, 1.0)
+        future_slot, _ = pacing.reserve(redis, NUMBER, 1, 1.0)
+        assert 0.9 < pacing.claim(redis, NUMBER, 1, 1.0, future_slot) <= pacing.interval(1, 1.0)
+        assert 0.0 == pacing.claim(redis, NUMBER, 1, 1.0, now)
+        # A message that is late for its slot still keeps its distance from the one just sent.
+        assert 0.9 < pacing.claim(redis, NUMBER, 1, 1.0, now) <= pacing.interval(1, 1.0)
+
+    def test_late_send_pushes_later_reservations(self, redis: redis_lib.Redis) -> None:
+        """A send made without a fresh reservation (a retry, a late slot) moves the next free slot past it."""
+        assert 0.0 == pacing.claim(redis, NUMBER, 3, 1.0, 0.0)
+        slot, now = pacing.reserve(redis, NUMBER, 1, 1.0)
+        assert slot - now == pytest.approx(pacing.interval(3, 1.0), abs=0.01)
+
+
+class TestPacedSending:
+    """Measured on the Twilio stand-in's arrival times, with the in-process worker's four threads."""
+
+    def test_five_replies_at_two_per_second_arrive_at_least_half_a_second_apart(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """One conversation's five replies to a 2-message/s number never arrive closer than 0.5 s."""
+        bot = make_bot(store, NUMBER, rate=2.0)
+        send(redis, bot, ALICE, *[f"r{n}" for n in range(5)])
+        messages = twilio.wait_for(5)
+        assert 4 == len(gaps(messages))
+        assert min(gaps(messages)) >= 0.5
+
+    def test_conversations_on_one_number_share_its_pace(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Five people answered at once by one 2-message/s number still get their replies 0.5 s apart."""
+        bot = make_bot(store, NUMBER, rate=2.0)
+        for n in range(5):
+            send(redis, bot, f"+1555222{n:04d}", f"hello {n}")
+        messages = twilio.wait_for(5)
+        assert min(gaps(messages)) >= 0.5
+
+    @pytest.mark.parametrize(("long_text", "segments"), [
+        ("x" * 200, 2),  # GSM-7: 153 characters a segment once split
+        ("¿Cómo estás? " * 6, 2),  # 78 characters with ó and á: UCS-2, 67 a segment once split
+    ])
+    def test_message_of_two_segments_holds_its_number_twice_as_long(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        long_text: str, segments: int,
+    ) -> None:
+        """At 2 segments/s, the reply after a 2-segment message arrives at least 1 s after it."""
+        assert segments == count_segments(long_text)
+        bot = make_bot(store, NUMBER, rate=2.0)
+        send(redis, bot, ALICE, long_text, "short")
+        messages = twilio.wait_for(2)
+        assert [long_text, "short"] == [message.body for message in messages]
+        assert gaps(messages)[0] >= segments / 2.0
+
+    def test_busy_number_does_not_delay_another_number(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """A reply from a second number arrives before the busy first number's second reply."""
+        # Given a 1-message/s number with a burst of six replies to six people
+        busy, idle = make_bot(store, NUMBER, rate=1.0), make_bot(store, OTHER, rate=1.0)
+        for n in range(6):
+            send(redis, busy, f"+1555333{n:04d}", f"burst {n}")
+        # When another number has one reply to send
+        send(redis, idle, BOB, "not held up")
+        # Then it does not queue behind the burst
+        twilio.wait_for(3, timeout=15)
+        from_busy = [m for m in twilio.messages if m.from_ == busy.number]
+        [from_idle] = [m for m in twilio.messages if m.from_ == idle.number]
+        assert from_idle.received_at < from_busy[1].received_at
