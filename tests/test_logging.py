@@ -1,0 +1,83 @@
+"""Logs as rendered for production: one JSON event per line, numbers masked, secrets never written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from shared.logging import configure_logging
+from shared.settings import PRODUCTION, Settings
+from tests.conftest import CREDENTIALS_KEY
+
+ADMIN = "admin-token-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def _events(capsys: pytest.CaptureFixture[str], log_phone_numbers: str = "masked", **fields: Any) -> dict[str, Any]:
+    """Log one event through the production configuration and return it as written."""
+    configure_logging(Settings(admin_api_token=ADMIN, credentials_keys=(CREDENTIALS_KEY,), environment=PRODUCTION,
+                               log_phone_numbers=log_phone_numbers))
+    structlog.get_logger("test").info("hop", **fields)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert 1 == len(lines)
+    return json.loads(lines[0])
+
+
+def test_phone_fields_show_only_their_last_four_digits(capsys: pytest.CaptureFixture[str]) -> None:
+    """The named phone fields are masked."""
+    event = _events(capsys, from_="+15551234567", to="+15005550006", recipient="+447700900123")
+    assert ("********4567", "********0006", "*********0123") == (event["from_"], event["to"], event["recipient"])
+
+
+def test_numbers_inside_other_fields_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A conversation id, a URL or an error message quoting a number does not leak it."""
+    event = _events(capsys, conversation="3:+15551234567", error="21211: Invalid 'To' +15551234567",
+                    url="/app:mammut-1/graph/user:3/messages?with=+15551234567", numbers=["+15551234567", 4])
+    text = json.dumps(event)
+    assert "+15551234567" not in text and "5551234567" not in text
+    assert "3:********4567" == event["conversation"]
+    assert ["********4567", 4] == event["numbers"]
+
+
+def test_log_phone_numbers_full_keeps_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """LOG_PHONE_NUMBERS=full is the operator's explicit choice to see them."""
+    event = _events(capsys, log_phone_numbers="full", from_="+15551234567", conversation="3:+15551234567")
+    assert ("+15551234567", "3:+15551234567") == (event["from_"], event["conversation"])
+
+
+def test_secret_fields_are_redacted_whatever_their_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """Auth tokens, authorization headers and anything named like a secret never reach the log."""
+    event = _events(capsys, auth_token="tok1", **{"twilio-auth-token": "tok2"}, authorization="Bearer tok3",
+                    api_token="tok4", client_secret="tok5", message_sid="SM123")
+    assert {"[redacted]"} == {event[name] for name in ("auth_token", "twilio-auth-token", "authorization",
+                                                       "api_token", "client_secret")}
+    assert "SM123" == event["message_sid"]
+
+
+def test_known_secrets_and_url_passwords_are_redacted_inside_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """The process's admin token and credentials key, and a Redis URL's password, are cut out of any text."""
+    event = _events(capsys, error=f"refused 'Bearer {ADMIN}'", detail=f"key {CREDENTIALS_KEY} rejected",
+                    redis="rediss://:p4ssw0rd@ec2-1-2-3-4.compute.amazonaws.com:6380")
+    text = json.dumps(event)
+    assert ADMIN not in text and CREDENTIALS_KEY not in text and "p4ssw0rd" not in text
+    assert "rediss://:[redacted]@ec2-1-2-3-4.compute.amazonaws.com:6380" == event["redis"]
+
+
+def test_a_traceback_is_scrubbed_like_any_other_field(capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception whose message holds a number and a token is logged without either."""
+    configure_logging(Settings(admin_api_token=ADMIN, credentials_keys=(CREDENTIALS_KEY,), environment=PRODUCTION))
+    try:
+        raise RuntimeError(f"sending to +15551234567 with {ADMIN} failed")
+    except RuntimeError:
+        structlog.get_logger("test").exception("outbound.failed")
+    event = json.loads(capsys.readouterr().err.strip())
+    assert "RuntimeError: sending to ********4567 with [redacted] failed" in event["exception"]
