@@ -1,0 +1,129 @@
+"""Whatever a caller sends: never a 500, never a traceback, nothing stored from a rejected request.
+
+Hypothesis draws the input; Redis state is compared inside each example (the fixtures are
+function-scoped, so each example starts from what the previous one left and checks its own change).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis as redis_lib
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings, strategies as st
+from twilio.request_validator import RequestValidator
+from werkzeug.test import TestResponse
+
+from shared import keys
+from shared.bots import Bot
+from tests.conftest import BOT_AUTH_TOKEN, BOT_NUMBER
+
+EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+WEBHOOK = "http://localhost/channels/sms/"
+# Counters of rejections are meant to change: that is the point of counting them.
+_COUNTERS = frozenset({keys.METRIC_COUNTERS, keys.METRIC_HISTOGRAMS})
+
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+twilio_names = st.sampled_from(["MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "NumSegments",
+                                "MediaUrl0", "MediaContentType0", "OptOutType", "MessageStatus", "ErrorCode"])
+forms = st.dictionaries(st.one_of(twilio_names, text), text, max_size=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+    max_leaves=12,
+)
+bot_fields = st.sampled_from(["name", "user-type", "twilio-account-sid", "twilio-auth-token", "main-phone-number",
+                              "engine-url", "messages-per-second", "fallback-message", "id", "slack-bot-token"])
+near_bots = st.dictionaries(st.one_of(bot_fields, text), json_values, max_size=8)
+
+
+def _state(redis: redis_lib.Redis) -> dict[str, Any]:
+    """Every key but the counters, with its value."""
+    state: dict[str, Any] = {}
+    for key in redis.keys("*"):
+        if key in _COUNTERS:
+            continue
+        kind = redis.type(key)
+        state[key] = {"string": redis.get, "hash": redis.hgetall, "set": redis.smembers, "zset": lambda k: redis.zrange(k, 0, -1),
+                      "list": lambda k: redis.lrange(k, 0, -1)}.get(kind, lambda k: kind)(key)
+    return state
+
+
+def _check(response: TestResponse, before: dict[str, Any], redis: redis_lib.Redis) -> None:
+    body = response.get_data(as_text=True)
+    assert response.status_code < 500 or response.status_code == 503 and "Unavailable" in body
+    assert "Traceback" not in body and 'File "' not in body
+    if response.status_code >= 400:
+        assert before == _state(redis)
+
+
+def _signed(form: dict[str, str], token: str = BOT_AUTH_TOKEN, url: str = WEBHOOK) -> dict[str, str]:
+    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url, form)}
+
+
+@EXAMPLES
+@given(form=forms)
+def test_unsigned_forms_at_the_webhook(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
+                                       form: dict[str, str]) -> None:
+    """Arbitrary forms without a signature, some aimed at a real bot's number."""
+    form = {**form, "To": BOT_NUMBER} if "To" in form else form
+    before = _state(redis)
+    response = client.post("/channels/sms/", data=form)
+    _check(response, before, redis)
+    assert response.status_code != 200
+
+
+@EXAMPLES
+@given(form=forms, account=st.booleans(), status_route=st.booleans())
+def test_signed_forms_at_the_webhook_and_status_callback(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
+                                                        form: dict[str, str], account: bool,
+                                                        status_route: bool) -> None:
+    """Correctly signed forms with arbitrary fields: refused cleanly, or accepted."""
+    path = "/channels/sms/status" if status_route else "/channels/sms/"
+    form = {**form, "To" if not status_route else "From": BOT_NUMBER}
+    if account:
+        form["AccountSid"] = bot.account_sid
+    before = _state(redis)
+    response = client.post(path, data=form, headers=_signed(form, url="http://localhost" + path))
+    _check(response, before, redis)
+
+
+@EXAMPLES
+@given(body=st.one_of(json_values, near_bots).map(json.dumps), update=st.booleans())
+def test_arbitrary_json_at_the_registry(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
+                                        admin_headers: dict[str, str], body: str, update: bool) -> None:
+    """Create and update with any JSON, near-valid bots included."""
+    path = f"/app:mammut-1/graph/user:{bot.id}" if update else "/app:mammut-1/graph/user"
+    before = _state(redis)
+    response = client.post(path, data=body, content_type="application/json", headers=admin_headers)
+    _check(response, before, redis)
+
+
+@EXAMPLES
+@given(pairs=st.lists(st.tuples(st.one_of(bot_fields, text), text), max_size=6), raw=text,
+       route=st.sampled_from(["user:{id}", "user:{id}/messages", "user", "user:x{id}", "user:{id}0"]))
+def test_arbitrary_query_strings_at_the_registry(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
+                                                 admin_headers: dict[str, str], pairs: list[tuple[str, str]],
+                                                 raw: str, route: str) -> None:
+    """The seed's query-string updates, and reads, with any names, values and raw garbage."""
+    query = "&".join(f"{quote(name)}={quote(value)}" for name, value in pairs) + quote(raw, safe="=&;\"+")
+    path = f"/app:mammut-1/graph/{route.format(id=bot.id)}?{query}"
+    for method in (client.get, client.post):
+        before = _state(redis)
+        _check(method(path, headers=admin_headers), before, redis)
+
+
+@pytest.mark.xfail(strict=True, reason="shared/bots.py BotStore.create INCRs sms:bot:next-id before the number is "
+                                       "claimed, so a 409 burns an id; reported to the lead")
+def test_a_create_refused_for_a_taken_number_stores_nothing(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
+                                                             admin_headers: dict[str, str]) -> None:
+    """A valid bot whose number is taken is refused with 409 and leaves Redis as it was."""
+    fields = {"user-type": "machine", "name": "copy", "twilio-account-sid": bot.account_sid,
+              "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": BOT_NUMBER}
+    before = _state(redis)
+    response = client.post("/app:mammut-1/graph/user", json=fields, headers=admin_headers)
+    assert 409 == response.status_code
+    _check(response, before, redis)
