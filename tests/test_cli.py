@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import redis as redis_lib
 from flask import Flask
 from werkzeug.serving import make_server
 
+from cli.dev import PROJECT_ROOT, read_procfile
 from cli.main import main
 from shared import keys
+from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
 
 HELP_COMMANDS = [
@@ -194,3 +197,24 @@ class TestDeadLetters:
         """Exit status 1 tells a script that the id matched nothing."""
         code, out, _ = _run(capsys, "dlq", "replay", "no-such-id")
         assert (1, "nothing replayed (see: mammut-sms dlq list)") == (code, out.strip())
+
+
+class TestHerokuDeploy:
+    """app.json describes a deploy that starts: the Procfile's processes and settings it accepts."""
+
+    def test_app_json_runs_the_procfiles_processes_with_a_redis_addon(self) -> None:
+        """One web and one worker dyno, the Redis add-on, the Python buildpack."""
+        manifest = json.loads((PROJECT_ROOT / "app.json").read_text())
+        assert set(read_procfile(PROJECT_ROOT / "Procfile")) == set(manifest["formation"])
+        assert ["heroku-redis"] == [addon["plan"].split(":")[0] for addon in manifest["addons"]]
+        assert [{"url": "heroku/python"}] == manifest["buildpacks"]
+
+    def test_the_generated_secrets_are_settings_production_accepts(self) -> None:
+        """Heroku's "secret" generator makes 64 hex digits; production starts with them as the two secrets."""
+        env = json.loads((PROJECT_ROOT / "app.json").read_text())["env"]
+        assert "secret" == env["ADMIN_API_TOKEN"]["generator"] == env["CREDENTIALS_KEY"]["generator"]
+        generated = {"ADMIN_API_TOKEN": secrets.token_hex(32), "CREDENTIALS_KEY": secrets.token_hex(32),
+                     "MAMMUT_SMS_ENV": env["MAMMUT_SMS_ENV"]["value"], "REDIS_URL": "rediss://:p@example.com:6380"}
+        settings = Settings.from_env(generated)
+        assert (False, generated["ADMIN_API_TOKEN"]) == (settings.development, settings.admin_api_token)
+        assert 1 == len(settings.credentials_keys)
