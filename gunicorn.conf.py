@@ -19,5 +19,8 @@ keepalive = 5
 forwarded_allow_ips = "*"
 accesslog = None
 errorlog = "-"
+# gunicorn 27's runtime control socket lives at one path per user: several web processes on one
+# machine (tests, dev) would fight over it, and nothing here uses it.
+control_socket_disable = True
 # Fail at start, with the settings error, rather than in every worker.
 preload_app = False

@@ -67,14 +67,16 @@ if not id then return false end
 return redis.call('GET', ARGV[1] .. id)
 """
 
-# Claim the number and write the record, or fail if the number is taken.
+# Claim the number, take the next id and write the record; a taken number changes nothing.
 _CREATE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('SET', KEYS[2], ARGV[2])
-  redis.call('SADD', KEYS[3], ARGV[1])
-  return 1
-end
-return 0
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local id = redis.call('INCR', KEYS[2])
+local record = cjson.decode(ARGV[1])
+record['id'] = id
+redis.call('SET', KEYS[1], id)
+redis.call('SET', ARGV[2] .. id, cjson.encode(record))
+redis.call('SADD', KEYS[3], id)
+return id
 """
 
 
@@ -86,12 +88,13 @@ class BotStore:
         self._create = redis.register_script(_CREATE)
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
-        bot_id = int(self._redis.incr(keys.BOT_NEXT_ID))
-        record = self._record(bot_id, fields)
+        record = self._record(0, fields)
         number = record[NUMBER]
-        if not self._create(keys=[keys.bot_by_number(number), keys.bot(bot_id), keys.BOT_IDS], args=[bot_id, json.dumps(record)]):
+        bot_id = self._create(keys=[keys.bot_by_number(number), keys.BOT_NEXT_ID, keys.BOT_IDS],
+                              args=[json.dumps(record), keys.BOT_PREFIX])
+        if not bot_id:
             raise NumberTaken(number)
-        return self._bot(record)
+        return self._bot({**record, "id": int(bot_id)})
 
     def get(self, bot_id: int) -> Bot | None:
         raw = self._redis.get(keys.bot(bot_id))

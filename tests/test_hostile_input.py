@@ -116,8 +116,6 @@ def test_arbitrary_query_strings_at_the_registry(client: FlaskClient, redis: red
         _check(method(path, headers=admin_headers), before, redis)
 
 
-@pytest.mark.xfail(strict=True, reason="shared/bots.py BotStore.create INCRs sms:bot:next-id before the number is "
-                                       "claimed, so a 409 burns an id; reported to the lead")
 def test_a_create_refused_for_a_taken_number_stores_nothing(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
                                                              admin_headers: dict[str, str]) -> None:
     """A valid bot whose number is taken is refused with 409 and leaves Redis as it was."""
