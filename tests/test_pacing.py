@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dramatiq
 import pytest
 import redis as redis_lib
@@ -54,6 +56,29 @@ class TestSchedule:
         assert 0.0 == pacing.claim(redis, NUMBER, 3, 1.0, 0.0)
         slot, now = pacing.reserve(redis, NUMBER, 1, 1.0)
         assert slot - now == pytest.approx(pacing.interval(3, 1.0), abs=0.01)
+
+    def test_send_stalled_after_its_claim_keeps_the_next_a_full_interval_from_twilios_answer(
+        self, redis: redis_lib.Redis,
+    ) -> None:
+        """If Twilio answers late (the send stalled on its way out), the next claim waits from the answer."""
+        # Given a send claimed now whose answer came 0.3 s later
+        assert 0.0 == pacing.claim(redis, NUMBER, 1, 1.0, 0.0)
+        time.sleep(0.3)
+        pacing.confirm(redis, NUMBER, 1, 1.0)
+        # Then the next send may only go 1 s after the answer, not 1.05 s after the claim
+        assert pacing.claim(redis, NUMBER, 1, 1.0, 0.0) > 0.95
+
+    def test_worker_polls_often_enough_for_scheduled_sends_to_arrive_on_time(self, broker: dramatiq.Broker) -> None:
+        """A worker started with Dramatiq's default 1 s poll is made to poll every POLL_MS instead."""
+        import worker.outbound  # noqa: F401  (registers the middleware with the actor)
+
+        running = dramatiq.Worker(broker, worker_timeout=1000, worker_threads=1)
+        running.start()
+        try:
+            assert pacing.POLL_MS == running.worker_timeout
+            assert {pacing.POLL_MS} == {consumer.worker_timeout for consumer in running.consumers.values()}
+        finally:
+            running.stop()
 
 
 class TestPacedSending:

@@ -97,6 +97,10 @@ def send_reply(conversation: str, reply_id: str) -> None:
         raise step.error
 
 
+# Scheduled sends (pacing slots, retries) must reach a thread close to their time.
+get_broker().add_middleware(pacing.PromptDelayedMessages())
+
+
 def _when_busy(redis: Any, conversation: str, reply_id: str) -> None:
     """The lease holder normally works the head and chains on; but it may be a stale duplicate
     that will do nothing, so a head that was bounced comes back shortly to check."""
@@ -124,6 +128,7 @@ def _work_head(redis: Any, conversation: str, reply_id: str) -> Step:
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
     result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
+    pacing.confirm(redis, bot.number, count_segments(reply["text"]), bot.messages_per_second)
     if isinstance(result, Accepted):
         return _sent(redis, conversation, reply, result)
     return _refused(redis, conversation, reply, result, bot.number)
