@@ -32,6 +32,12 @@ HINTS: dict[int, str] = {
     20003: "the bot's Twilio account SID or auth token is wrong: update the bot",
     21608: "a Twilio trial account can only text verified numbers: verify the recipient or upgrade",
     21610: "the recipient replied STOP; they must text START before the bot can reach them",
+    21211: "the recipient's number is not a valid phone number",
+    21408: "the bot's Twilio account may not text this country: enable it in Messaging Geographic Permissions",
+    21611: "the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second",
+    21612: "Twilio cannot route messages between the bot's number and this recipient",
+    21614: "the recipient's number is not a mobile number",
+    30001: "the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second",
 }
 
 

@@ -11,7 +11,7 @@ import redis as redis_lib
 from cli.twilio_standin import TwilioStandin
 from shared import keys, optout
 from shared.bots import BotStore
-from shared.twilio_errors import Action, action_for
+from shared.twilio_errors import HINTS, Action, action_for
 from tests.test_outbound import ALICE, BOB, bodies_to, log_entry, make_bot, outbox_empty, send, wait_until
 from worker import twilio_client
 from worker.dlq import list_dead_letters
@@ -177,3 +177,12 @@ class TestNever:
         [dead] = list_dead_letters(redis, broker)
         assert (failed, code, "permanent", "refused") == (dead["reply_id"], dead["error_code"], dead["reason"], dead["text"])
         assert 1 == counter(redis, result="failed", code=code)
+
+
+class TestHints:
+    """Operators get a plain explanation for the refusals they can act on."""
+
+    @pytest.mark.parametrize("code", [20003, 21211, 21408, 21608, 21610, 21611, 21612, 21614, 30001])
+    def test_codes_an_operator_can_fix_have_a_hint(self, code: int) -> None:
+        """Each code the issue names for sending, bar the transient 20429, explains itself."""
+        assert HINTS.get(code)
