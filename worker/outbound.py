@@ -138,9 +138,11 @@ def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float) 
     """Seconds still to wait for this reply's turn on its number; 0.0 once the send is claimed."""
     segments = count_segments(reply["text"])
     if reply["slot_at"] is None:
-        reply["slot_at"], _ = pacing.reserve(redis, number, segments, rate)
-        _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
-    wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
+        reply["slot_at"], wait = pacing.reserve(redis, number, segments, rate)
+        if wait > 0:
+            _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
+    else:
+        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
     for _ in range(MAX_SHORT_WAITS):
         if not 0 < wait <= SHORT_WAIT_SECONDS:
             break

@@ -4,7 +4,8 @@ The state lives in one Redis hash per number and changes only inside Lua scripts
 Redis server's clock, so every worker process and dyno shares one clock and one schedule:
 
 * `next` is the first free slot. A reply reserves its slot once (`reserve`), which spreads the
-  replies of many conversations on one number over time, each `segments / rate` apart.
+  replies of many conversations on one number over time, each `segments / rate` apart; a
+  reply whose slot is now is sent at once, its reservation doubling as its claim.
 * `free_at` is when the number may actually send again, from the last send that happened
   (`claim`, just before the HTTP call) and from when Twilio answered it (`confirm`). A reply
   that ran late, or stalled on its way out, must not end up too close to the one after it;
@@ -32,13 +33,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: pace hash. ARGV: interval (seconds the reply occupies), ttl. Returns "slot now".
+# KEYS: pace hash. ARGV: interval (seconds the reply occupies), ttl. Returns "slot wait"; a wait
+# of 0 means the number was free and the send is claimed as well (one round trip when idle).
 RESERVE_LUA = _NOW + """
+local interval = tonumber(ARGV[1])
 local slot = math.max(now, tonumber(redis.call('HGET', KEYS[1], 'next') or '0'))
-local next_free = slot + tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'next', string.format('%.6f', next_free))
-redis.call('EXPIREAT', KEYS[1], math.ceil(next_free + tonumber(ARGV[2])))
-return string.format('%.6f %.6f', slot, now)
+local free_at = tonumber(redis.call('HGET', KEYS[1], 'free_at') or '0')
+local wait = math.max(slot, free_at) - now
+redis.call('HSET', KEYS[1], 'next', string.format('%.6f', slot + interval))
+if wait <= 0 then
+  redis.call('HSET', KEYS[1], 'free_at', string.format('%.6f', now + interval))
+  wait = 0
+end
+redis.call('EXPIREAT', KEYS[1], math.ceil(slot + interval + tonumber(ARGV[2])))
+return string.format('%.6f %.6f', slot, wait)
 """
 
 # KEYS: pace hash. ARGV: interval, reserved slot, ttl. Returns the seconds to wait, "0" once
@@ -77,10 +85,11 @@ def interval(segments: int, rate: float) -> float:
 
 
 def reserve(redis: Any, number: str, segments: int, rate: float) -> tuple[float, float]:
-    """Reserve the next free slot on `number`; returns (slot time, now), both on Redis's clock."""
+    """Reserve the next free slot on `number`: returns (slot time on Redis's clock, seconds to
+    wait). A wait of 0.0 means the slot is now and the send is already claimed: go at once."""
     raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number)], args=[interval(segments, rate), IDLE_TTL_SECONDS])
-    slot, now = (float(part) for part in raw.split())
-    return slot, now
+    slot, wait = (float(part) for part in raw.split())
+    return slot, wait
 
 
 def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -> float:
