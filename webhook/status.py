@@ -14,8 +14,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared import messagelog, metrics, optout
-from shared.twilio_errors import Action, action_for
 from shared.logging import get_logger
+from shared.twilio_errors import Action, action_for
 from webhook import deps, twilio_auth
 from webhook.twilio_auth import acknowledgement, refusal
 
