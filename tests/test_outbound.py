@@ -204,3 +204,48 @@ class TestOptOut:
         twilio.wait_for(2)
         wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
         assert ["once", "after"] == bodies_to(twilio.messages, ALICE)
+
+
+class TestDeliverNow:
+    """`deliver_now` sends from the calling thread and hands what it cannot finish to the worker."""
+
+    @pytest.fixture
+    def deliver_now(self, broker: dramatiq.Broker) -> Callable[[str, str], None]:
+        from worker.outbound import deliver_now
+
+        return deliver_now
+
+    def queued(self, redis: redis_lib.Redis, bot: Bot, to: str, text: str) -> tuple[str, str]:
+        conversation = keys.conversation_id(bot.id, to)
+        reply_id = queue_replies(redis, conversation, [new_reply(conversation, to, text)])
+        assert reply_id is not None
+        return conversation, reply_id
+
+    def test_reply_is_sent_with_no_worker_running(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, deliver_now: Callable[[str, str], None],
+    ) -> None:
+        """The send happens in the caller's thread: no Dramatiq message, no worker needed."""
+        twilio.reset()
+        bot = make_bot(store, "+15550000801")
+        deliver_now(*self.queued(redis, bot, ALICE, "inline"))
+        assert ["inline"] == bodies_to(twilio.messages, ALICE)
+        assert outbox_empty(redis, bot, ALICE)()
+
+    def test_refusals_are_handed_to_the_worker_retried_or_dead_lettered(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        broker: dramatiq.Broker, deliver_now: Callable[[str, str], None],
+    ) -> None:
+        """A 429 is sent later by the worker; a 21211 is dead-lettered once, with no second attempt."""
+        from worker.dlq import list_dead_letters
+
+        bot = make_bot(store, "+15550000802")
+        twilio.fail_next(1, status=429, code=20429, to=ALICE)
+        twilio.fail_next(1, status=400, code=21211, to=BOB)
+        deliver_now(*self.queued(redis, bot, ALICE, "later"))
+        _, refused = self.queued(redis, bot, BOB, "never")
+        deliver_now(keys.conversation_id(bot.id, BOB), refused)
+        [message] = twilio.wait_for(1)
+        wait_until(lambda: list_dead_letters(redis, broker), what="a dead letter")
+        assert ("later", ALICE) == (message.body, message.to)
+        assert [(refused, 21211)] == [(d["reply_id"], d["error_code"]) for d in list_dead_letters(redis, broker)]
+        assert [21211] == [attempt.code for attempt in twilio.attempts if attempt.to == BOB]

@@ -79,13 +79,32 @@ class Step:
     actor_name=SEND_REPLY, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
     throws=(PermanentSendError,), retry_when=_retry_when, min_backoff=1000, max_backoff=60_000,
 )
-def send_reply(conversation: str, reply_id: str) -> None:
+def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> None:
     """Send `reply_id` if it is the head of the conversation's outbox, then kick the next head."""
+    if failed is not None:
+        raise PermanentSendError(failed)  # handed over by deliver_now: dead-letter this message
+    step = _attempt(conversation, reply_id)
+    if step.error is not None:
+        raise step.error
+
+
+def deliver_now(conversation: str, reply_id: str) -> None:
+    """Send a reply from the calling thread, e.g. the conversation actor's right after
+    `queue_replies` returned it: one Dramatiq message fewer per reply. What cannot finish here
+    (a retry, a dead letter) is handed to send_reply; pacing waits are scheduled as usual."""
+    step = _attempt(conversation, reply_id)
+    if isinstance(step.error, SendRetry):
+        kick_delivery(conversation, reply_id, delay_ms=step.error.delay)
+    elif step.error is not None:
+        send_reply.send_with_options(args=(conversation, reply_id), kwargs={"failed": str(step.error)})
+
+
+def _attempt(conversation: str, reply_id: str) -> Step:
     redis = get_redis()
     lease = Lease(redis, keys.outbox_lock(conversation))
     if not lease.acquire():
         _when_busy(redis, conversation, reply_id)
-        return
+        return Step()
     try:
         step = _work_head(redis, conversation, reply_id)
     finally:
@@ -93,8 +112,7 @@ def send_reply(conversation: str, reply_id: str) -> None:
     # Only after the release: the kicked message must be able to take the lease.
     if step.kick is not None:
         kick_delivery(conversation, step.kick, delay_ms=step.kick_delay_ms)
-    if step.error is not None:
-        raise step.error
+    return step
 
 
 # Scheduled sends (pacing slots, retries) must reach a thread close to their time.
