@@ -32,7 +32,6 @@ import collections
 import functools
 import json
 import logging
-import math
 import re
 import signal
 import socket

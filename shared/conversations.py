@@ -8,11 +8,13 @@ import time
 import uuid
 from typing import Any
 
+from dramatiq.brokers.redis import RedisBroker
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, messagelog, metrics
 from shared.redis import script
 from shared.segments import split_message
+from shared.tasks import conversation_kick, enqueue_in
 from shared.optout import MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
@@ -92,17 +94,28 @@ _DUPLICATE = metrics.field("sms_inbound", result="duplicate")
 _ACCEPTED = metrics.field("sms_inbound", result="accepted")
 
 
-def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None) -> bool:
-    """Queue an inbound message on its conversation; False if it was seen in the last 48 hours."""
+def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
+                   broker: RedisBroker | None = None) -> bool:
+    """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
+
+    With `broker`, a worker is woken in the same Redis transaction (and round trip): a crash can
+    leave neither a stored message nobody was told about nor a wake-up for a message not stored.
+    Duplicates wake one too, which is harmless: the conversation actor is idempotent.
+    """
     conversation = keys.conversation_id(message["bot_id"], message["sender"])
     seen_sid = keys.seen(message["sid"])
     seen_token = keys.seen(idempotency_token) if idempotency_token else seen_sid
-    return bool(script(redis, ACCEPT_LUA)(
+    pipe = redis.pipeline(transaction=broker is not None)
+    script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING,
               keys.opted_out(message["to"]), keys.METRIC_COUNTERS],
         args=[json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"],
               message["sender"], DEDUPE_TTL, _DUPLICATE, _ACCEPTED],
-    ))
+        client=pipe,
+    )
+    if broker is not None:
+        enqueue_in(pipe, conversation_kick(conversation), broker)
+    return bool(pipe.execute()[0])
 
 
 # Add replies to the outbox (and the log) in order, optionally finishing the inbound message

@@ -6,9 +6,12 @@ The webhook enqueues work by actor name here, so it never imports the worker pac
 from __future__ import annotations
 
 import threading
+import uuid
+from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 
 from shared.settings import get_settings
 
@@ -51,12 +54,35 @@ def get_broker() -> RedisBroker:
         return _broker
 
 
-def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) -> None:
-    """Ask a worker to drain this conversation's inbox (harmless if one already is)."""
-    message = dramatiq.Message(
+def conversation_kick(conversation: str) -> dramatiq.Message:
+    return dramatiq.Message(
         queue_name=CONVERSATIONS_QUEUE, actor_name=HANDLE_CONVERSATION, args=(conversation,), kwargs={}, options={},
     )
-    (broker or get_broker()).enqueue(message)
+
+
+def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) -> None:
+    """Ask a worker to drain this conversation's inbox (harmless if one already is)."""
+    (broker or get_broker()).enqueue(conversation_kick(conversation))
+
+
+def enqueue_in(pipeline: Any, message: dramatiq.Message, broker: RedisBroker) -> None:
+    """Queue `message` as one more command of the caller's Redis transaction.
+
+    RedisBroker.enqueue costs a round trip of its own; this runs the broker's own dispatch script
+    (same arguments as RedisBroker._dispatch, dramatiq 2.x) inside the caller's MULTI, so the
+    webhook stores a message and wakes a worker in one atomic step and one round trip.
+    """
+    message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
+    broker.emit_before("enqueue", message, None)
+    broker.scripts["dispatch"](
+        keys=[broker.namespace],
+        args=[
+            "enqueue", current_millis(), message.queue_name, broker.broker_id, broker.heartbeat_timeout,
+            broker.dead_message_ttl, 0, broker._max_unpack_size(),
+            message.options["redis_message_id"], message.encode(),
+        ],
+        client=pipeline,
+    )
 
 
 def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,

@@ -13,12 +13,11 @@ from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from shared import keys, metrics
+from shared import metrics
 from shared.bots import Bot
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
-from shared.tasks import kick_conversation
 from webhook import deps, twilio_auth
 from webhook.twilio_auth import acknowledgement, refusal
 
@@ -60,10 +59,9 @@ def _receive(form: MultiDict[str, str]) -> Response:
         return _reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
     message = inbound_message(form, bot)
     redis = deps.get_redis()
-    is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"))
-    # Kicked for duplicates too: if we crashed between storing and kicking, Twilio's retry still gets
-    # the message processed (the actor is idempotent, and the sweeper is the last resort).
-    kick_conversation(keys.conversation_id(bot.id, message["sender"]), broker=deps.get_broker())
+    # One atomic round trip: dedupe, record opt-out, queue on the conversation, wake a worker.
+    is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
+                            broker=deps.get_broker())
     # The conversation id embeds the sender's number: it is logged as bot_id + from_, which get masked.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
              from_=message["sender"], kind=message["event"])
