@@ -8,24 +8,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis as redis_lib
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
 
-from shared import metrics
 from shared.bots import Bot
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
 from webhook import deps, twilio_auth
-from webhook.twilio_auth import acknowledgement, refusal
+from webhook.twilio_auth import acknowledgement
 
 log = get_logger(__name__)
 bp = Blueprint("inbound", __name__)
 twilio_auth.guard(bp)
 
-REQUIRED_FIELDS = ("From", "To", "MessageSid")
+route = twilio_auth.TwilioRoute("inbound", required=("From", "To", "MessageSid"), metric="sms_inbound")
 # Twilio attaches at most 10 media to one message; NumMedia is the caller's word, so it is capped.
 MAX_MEDIA = 10
 LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
@@ -35,28 +32,16 @@ LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in (
 @bp.post("/channels/sms/")
 @bp.post("/channels/sms")
 def receive() -> Response:
-    try:
-        form = request.form
-    except RequestEntityTooLarge:
-        return _reject(413, "too_large")
-    missing = [name for name in REQUIRED_FIELDS if not form.get(name)]
-    if missing:
-        return _reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
-    try:
-        return _receive(form)
-    except redis_lib.RedisError as error:
-        # Never acknowledge what was not stored: Twilio retries (or calls the fallback URL) on a 5xx.
-        log.error("inbound.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
-        return refusal(503, "Service Unavailable")
+    return route.handle(_receive)
 
 
 def _receive(form: MultiDict[str, str]) -> Response:
     bot = deps.get_bots().by_number(form["To"])
     if bot is None:
-        return _reject(404, "unknown_number", message_sid=form["MessageSid"], to=form["To"])
+        return route.reject(404, "unknown_number", message_sid=form["MessageSid"], to=form["To"])
     reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
     if reason is not None:
-        return _reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
+        return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
     message = inbound_message(form, bot)
     redis = deps.get_redis()
     # One atomic round trip: dedupe, record opt-out, queue on the conversation, wake a worker.
@@ -102,12 +87,3 @@ def _count(raw: str | None, default: int) -> int:
         return max(int(raw), 0) if raw else default
     except ValueError:
         return default
-
-
-def _reject(status: int, reason: str, **context: Any) -> Response:
-    log.warning("inbound.rejected", http_status=status, reason=reason, **context)
-    try:
-        metrics.incr(deps.get_redis(), "sms_inbound", result="rejected", reason=reason)
-    except redis_lib.RedisError:
-        pass  # the rejection stands; only its count is lost
-    return refusal(status, reason)

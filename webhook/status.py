@@ -6,52 +6,38 @@ of order, and shared.messagelog keeps a status from ever moving backwards.
 
 from __future__ import annotations
 
-from typing import Any
-
-import redis as redis_lib
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared import messagelog, metrics, optout
 from shared.logging import get_logger
 from shared.twilio_errors import Action, action_for
 from webhook import deps, twilio_auth
-from webhook.twilio_auth import acknowledgement, refusal
+from webhook.twilio_auth import acknowledgement
 
 log = get_logger(__name__)
 bp = Blueprint("status", __name__)
 twilio_auth.guard(bp)
-
-REQUIRED_FIELDS = ("MessageSid", "MessageStatus", "From", "To")
+route = twilio_auth.TwilioRoute(
+    "status", required=("MessageSid", "MessageStatus", "From", "To"), metric="sms_status_callbacks",
+    labels=lambda reason: {"status": "rejected"},
+)
 
 
 @bp.post("/channels/sms/status")
 @bp.post("/channels/sms/status/")
 def status_callback() -> Response:
-    try:
-        form = request.form
-    except RequestEntityTooLarge:
-        return _reject(413, "too_large")
-    missing = [name for name in REQUIRED_FIELDS if not form.get(name)]
-    if missing:
-        return _reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
-    try:
-        return _record(form)
-    except redis_lib.RedisError as error:
-        # Twilio retries a 5xx; the status is recorded on the next try.
-        log.error("status.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
-        return refusal(503, "Service Unavailable")
+    return route.handle(_record)
 
 
 def _record(form: MultiDict[str, str]) -> Response:
     # The message was sent from the bot's number, so the bot is found by From.
     bot = deps.get_bots().by_number(form["From"])
     if bot is None:
-        return _reject(404, "unknown_number", message_sid=form["MessageSid"], number=form["From"])
+        return route.reject(404, "unknown_number", message_sid=form["MessageSid"], number=form["From"])
     reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
     if reason is not None:
-        return _reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
+        return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
     redis = deps.get_redis()
     status, code = form["MessageStatus"], _error_code(form.get("ErrorCode"))
     current = messagelog.record_status(redis, form["MessageSid"], status, code)
@@ -69,12 +55,3 @@ def _error_code(raw: str | None) -> int | None:
         return int(raw) if raw else None
     except ValueError:
         return None
-
-
-def _reject(status: int, reason: str, **context: Any) -> Response:
-    log.warning("status.rejected", http_status=status, reason=reason, **context)
-    try:
-        metrics.incr(deps.get_redis(), "sms_status_callbacks", status="rejected")
-    except redis_lib.RedisError:
-        pass  # the rejection stands; only its count is lost
-    return refusal(status, reason)

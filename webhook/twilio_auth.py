@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import redis as redis_lib
 from flask import Blueprint, Request, Response, request
 from twilio.request_validator import (
     SIGNATURE_HEADER,
@@ -12,10 +14,13 @@ from twilio.request_validator import (
     get_signature_algorithm,
 )
 from twilio.twiml.messaging_response import MessagingResponse
-from werkzeug.exceptions import HTTPException
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from shared import metrics
 from shared.bots import Bot
 from shared.logging import get_logger
+from webhook import deps
 
 log = get_logger(__name__)
 
@@ -69,6 +74,40 @@ def acknowledgement() -> Response:
 def refusal(status: int, reason: str) -> Response:
     """A short plain answer: Twilio only looks at the status, and a person reading its debugger sees why."""
     return Response(reason, status=status, content_type="text/plain; charset=utf-8")
+
+
+class TwilioRoute:
+    """The shape every route Twilio calls shares: 413, 400 for missing fields, the route's own work,
+    and 503 (never an acknowledgement) when Redis cannot store what Twilio sent."""
+
+    def __init__(self, name: str, required: tuple[str, ...], metric: str,
+                 labels: Callable[[str], dict[str, str]] | None = None) -> None:
+        self.name, self.required, self.metric = name, required, metric
+        # A rejection's metric labels, from its reason.
+        self.labels = labels or (lambda reason: {"result": "rejected", "reason": reason})
+
+    def handle(self, work: Callable[[MultiDict[str, str]], Response]) -> Response:
+        try:
+            form = request.form
+        except RequestEntityTooLarge:
+            return self.reject(413, "too_large")
+        missing = [name for name in self.required if not form.get(name)]
+        if missing:
+            return self.reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
+        try:
+            return work(form)
+        except redis_lib.RedisError as error:
+            # Twilio retries a 5xx (or calls the number's fallback URL); what it sent is not lost.
+            log.error(f"{self.name}.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
+            return refusal(503, "Service Unavailable")
+
+    def reject(self, status: int, reason: str, **context: Any) -> Response:
+        log.warning(f"{self.name}.rejected", http_status=status, reason=reason, **context)
+        try:
+            metrics.incr(deps.get_redis(), self.metric, **self.labels(reason))
+        except redis_lib.RedisError:
+            pass  # the rejection stands; only its count is lost
+        return refusal(status, reason)
 
 
 def guard(blueprint: Blueprint) -> None:
