@@ -208,13 +208,6 @@ class BotCache:
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def all(self) -> list[Bot]:
-        ids = sorted(int(bot_id) for bot_id in self._redis.smembers(keys.BOT_IDS))
-        if not ids:
-            return []
-        records = self._redis.mget([keys.bot(bot_id) for bot_id in ids])
-        return [self._bot(json.loads(raw)) for raw in records if raw]
-
     def by_number(self, number: str) -> Bot | None:
         self._ensure_listener()
         now = time.monotonic()
