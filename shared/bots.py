@@ -25,6 +25,8 @@ ENGINE_URL, PACE, FALLBACK = "engine-url", "messages-per-second", "fallback-mess
 KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK})
 DEFAULT_MESSAGES_PER_SECOND = 1.0
 _ENCRYPTED_TOKEN = "twilio-auth-token-encrypted"
+# Decoded records kept per store (see BotStore.load); past this many, the memo starts afresh.
+LOADED_LIMIT = 1024
 
 
 class NumberTaken(Exception):
@@ -86,6 +88,7 @@ class BotStore:
         self._vault = vault
         self._by_number = redis.register_script(_BY_NUMBER)
         self._create = redis.register_script(_CREATE)
+        self._loaded: dict[str, Bot] = {}
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
         record = self._record(0, fields)
@@ -97,8 +100,20 @@ class BotStore:
         return self._bot({**record, "id": int(bot_id)})
 
     def get(self, bot_id: int) -> Bot | None:
-        raw = self._redis.get(keys.bot(bot_id))
-        return self._bot(json.loads(raw)) if raw else None
+        return self.load(self._redis.get(keys.bot(bot_id)))
+
+    def load(self, raw: str | None) -> Bot | None:
+        """The bot a stored record (as read from keys.bot) describes. Decrypting the token costs more
+        than reading the record, and the hot paths load the same few bots again and again: each
+        record text is decoded once. Keyed by the whole text, so a changed bot is never served stale."""
+        if not raw:
+            return None
+        bot = self._loaded.get(raw)
+        if bot is None:
+            if len(self._loaded) >= LOADED_LIMIT:
+                self._loaded.clear()
+            bot = self._loaded[raw] = self._bot(json.loads(raw))
+        return bot
 
     def all(self) -> list[Bot]:
         ids = sorted(int(bot_id) for bot_id in self._redis.smembers(keys.BOT_IDS))
@@ -108,8 +123,7 @@ class BotStore:
         return [self._bot(json.loads(raw)) for raw in records if raw]
 
     def by_number(self, number: str) -> Bot | None:
-        raw = self._by_number(keys=[keys.bot_by_number(number)], args=[keys.BOT_PREFIX])
-        return self._bot(json.loads(raw)) if raw else None
+        return self.load(self._by_number(keys=[keys.bot_by_number(number)], args=[keys.BOT_PREFIX]))
 
     def update(self, bot_id: int, changes: Mapping[str, Any]) -> Bot:
         """Apply `changes`; a new number moves the index atomically with the record."""

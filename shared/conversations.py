@@ -190,11 +190,12 @@ return 0
 
 
 def settle(redis: Any, conversation: str) -> bool:
-    """Drop the conversation from the pending set if its inbox, processing list and outbox are empty."""
-    return bool(script(redis, SETTLE_LUA)(
-        keys=[keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation), keys.PENDING],
-        args=[conversation],
-    ))
+    """Drop the conversation from the pending set if its inbox, processing list and outbox are empty.
+
+    `redis` may be a pipeline (the workers batch this with the step that emptied a list), hence
+    EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip."""
+    return bool(redis.eval(SETTLE_LUA, 4, keys.inbox(conversation), keys.processing(conversation),
+                           keys.outbox(conversation), keys.PENDING, conversation))
 
 
 def reschedule(redis: Any, conversation: str, at: float) -> None:

@@ -18,9 +18,10 @@ STATUS_RANK = {
     "failed": 4, "undelivered": 4, "delivered": 4, "read": 5,
 }
 
-# Append an entry and drop the oldest past the limit, in one step.
+# Append an entry (once: a resumed message may have been logged before its worker died) and drop
+# the oldest past the limit, in one step.
 APPEND_LUA = """
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[3])
 if excess > 0 then
@@ -57,23 +58,27 @@ def new_entry(entry_id: str, direction: str, text: str, media: list[dict[str, An
 
 
 def append(redis: Any, conversation: str, entry: dict[str, Any]) -> None:
+    """Add `entry` to the end of the log, unless an entry with its id is there already."""
     script(redis, APPEND_LUA)(keys=[keys.message_log(conversation), keys.message_log_entries(conversation)],
                               args=[entry["id"], json.dumps(entry), LOG_LIMIT])
 
 
+# update and record_status take a client or a pipeline (a sender batches them with its other
+# writes), so they EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip.
+
+
 def update(redis: Any, conversation: str, entry: dict[str, Any]) -> None:
     """Rewrite an entry in place; one already trimmed from the log stays gone."""
-    script(redis, UPDATE_LUA)(keys=[keys.message_log_entries(conversation)], args=[entry["id"], json.dumps(entry)])
+    redis.eval(UPDATE_LUA, 1, keys.message_log_entries(conversation), entry["id"], json.dumps(entry))
 
 
 def record_status(redis: Any, message_sid: str, status: str, error_code: int | str | None = None,
                   at: float | None = None) -> str | None:
-    """Record `status` for a Twilio message; returns the status now current."""
+    """Record `status` for a Twilio message; returns the status now current (from a client)."""
     rank = STATUS_RANK.get(status, 0)
     at = time.time() if at is None else at
     code = "" if error_code in (None, "") else str(error_code)
-    return script(redis, STATUS_LUA)(keys=[keys.delivery_status(message_sid)],
-                                     args=[status, rank, code, repr(at), STATUS_TTL])
+    return redis.eval(STATUS_LUA, 1, keys.delivery_status(message_sid), status, rank, code, repr(at), STATUS_TTL)
 
 
 def read(redis: Any, conversation: str) -> list[dict[str, Any]]:

@@ -11,10 +11,11 @@ import dramatiq
 import pytest
 import redis as redis_lib
 
+from cli.twilio_standin import TwilioStandin
 from shared import keys, messagelog
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound
-from shared.tasks import kick_conversation
+from shared.tasks import OUTBOUND_QUEUE, kick_conversation
 from tests.support.fake_engine import FakeEngine
 from worker.locks import Lease
 
@@ -264,3 +265,35 @@ def test_a_failing_engine_gets_the_fallback_and_the_conversation_moves_on(
     drain(redis, conversation)
 
     assert ["Lo siento, vuelve a intentar.", "reply to second"] == outbox_texts(redis, conversation)
+
+
+def test_the_first_reply_is_sent_from_the_conversations_own_thread(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, twilio: TwilioStandin) -> None:
+    """With no worker consuming the outbound queue, draining the conversation alone delivers the answer."""
+    # Given a message and nothing but this thread to handle it
+    twilio.reset()
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "hola")
+
+    # When its conversation is drained
+    drain(redis, conversation)
+
+    # Then the reply reached Twilio, with no send_reply message left behind for a worker
+    assert [("reply to hola", SENDER)] == [(m.body, m.to) for m in twilio.messages]
+    assert 0 == redis.llen(keys.outbox(conversation))
+    assert 0 == redis.llen(f"dramatiq:{OUTBOUND_QUEUE}")
+
+
+def test_a_bot_changed_between_two_messages_answers_the_second_as_changed(
+        redis: redis_lib.Redis, store: BotStore, engine_bot: Bot, engine: FakeEngine) -> None:
+    """A registry change is seen by the very next message: the worker serves no stale copy of a bot."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "first")
+    drain(redis, conversation)
+
+    # When the bot's engine is removed, leaving it to the echo engine
+    store.update(engine_bot.id, {"engine-url": None})
+    accept(redis, engine_bot, "second")
+    drain(redis, conversation)
+
+    assert ["reply to first", "echo: second"] == outbox_texts(redis, conversation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ from shared import keys, messagelog, optout
 from shared.bots import Bot, BotStore
 from shared.conversations import new_reply, queue_replies, replies_from
 from shared.settings import get_settings
-from shared.tasks import kick_delivery
+from shared.tasks import OUTBOUND_QUEUE, kick_delivery
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
 from tests.support.processes import start_worker
 
@@ -249,3 +250,34 @@ class TestDeliverNow:
         assert ("later", ALICE) == (message.body, message.to)
         assert [(refused, 21211)] == [(d["reply_id"], d["error_code"]) for d in list_dead_letters(redis, broker)]
         assert [21211] == [attempt.code for attempt in twilio.attempts if attempt.to == BOB]
+
+    def test_a_reply_that_must_wait_for_its_slot_is_scheduled_not_slept_on(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, broker: dramatiq.Broker,
+        deliver_now: Callable[[str, str], None],
+    ) -> None:
+        """deliver_now leaves a paced reply to a delayed send_reply, which a worker sends no earlier than its slot."""
+        from worker import pacing
+
+        # Given a 1 message/s number that has just sent
+        twilio.reset()
+        bot = make_bot(store, "+15550000803", rate=1.0)
+        assert 0.0 == pacing.reserve(redis, bot.number, 1, 1.0)[1]
+        conversation, reply_id = self.queued(redis, bot, ALICE, "paced")
+
+        # When the next reply is delivered "now"
+        deliver_now(conversation, reply_id)
+
+        # Then nothing went out; a send_reply for it waits on the delay queue
+        assert [] == twilio.messages
+        delayed = [json.loads(body) for body in redis.hvals(f"dramatiq:{OUTBOUND_QUEUE}.DQ.msgs")]
+        assert [[conversation, reply_id]] == [body["args"] for body in delayed]
+        # And a worker sends it at its slot, not before
+        slot_at = json.loads(redis.hget(keys.replies(conversation), reply_id))["slot_at"]
+        running = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+        running.start()
+        try:
+            [message] = twilio.wait_for(1)
+        finally:
+            running.stop()
+        assert ("paced", ALICE) == (message.body, message.to)
+        assert message.received_at >= slot_at

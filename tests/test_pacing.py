@@ -71,8 +71,6 @@ class TestSchedule:
 
     def test_worker_polls_often_enough_for_scheduled_sends_to_arrive_on_time(self, broker: dramatiq.Broker) -> None:
         """A worker started with Dramatiq's default 1 s poll is made to poll every POLL_MS instead."""
-        import worker.outbound  # noqa: F401  (registers the middleware with the actor)
-
         running = dramatiq.Worker(broker, worker_timeout=1000, worker_threads=1)
         running.start()
         try:

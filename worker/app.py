@@ -1,4 +1,5 @@
-"""The worker process's entry point: `dramatiq worker.app` loads the broker and every actor."""
+"""The worker process's entry point: `dramatiq worker.app` loads the broker and every actor, and
+wires the process: its middleware is added here and nowhere else."""
 
 from __future__ import annotations
 
@@ -11,5 +12,8 @@ broker = get_broker()
 
 from worker import conversation, outbound  # noqa: E402,F401  (importing declares the actors)
 from worker.middleware import SweeperMiddleware  # noqa: E402
+from worker.pacing import PromptDelayedMessages  # noqa: E402
 
+# Scheduled sends (pacing slots, retries) must reach a thread close to their time.
+broker.add_middleware(PromptDelayedMessages())
 broker.add_middleware(SweeperMiddleware())

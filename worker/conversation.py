@@ -1,5 +1,6 @@
 """Conversations: each (bot, sender) inbox drained in order, one message at a time, by whichever
-worker holds the conversation's lease; every engine answer joins the outbox in one atomic step.
+worker holds the conversation's lease; every engine answer joins the outbox in one atomic step,
+and the first reply of an idle outbox is sent from the same thread (worker.outbound.deliver_now).
 
 A message moves inbox -> processing (LMOVE) before the engine sees it, and leaves processing in
 the same Redis step that queues its replies, so a worker killed anywhere in between loses nothing,
@@ -15,13 +16,14 @@ from typing import Any
 import dramatiq
 
 from shared import keys, messagelog
+from shared.bots import Bot
 from shared.conversations import INBOUND, queue_replies, replies_from, settle
 from shared.logging import get_logger
-from shared.redis import script
-from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation, kick_delivery
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_redis, get_settings, get_store
 from worker.engine import Answer, engine_for
 from worker.locks import RENEW_EVERY, Lease
+from worker.outbound import deliver_now
 
 log = get_logger(__name__)
 
@@ -53,16 +55,24 @@ def drain(redis: Any, conversation: str) -> None:
         finished = _drain_held(redis, conversation, lease)
     except LeaseLost:
         log.warning("conversation.lease_lost", **who(conversation))
-    finally:
+    except BaseException:
         lease.release()
-    # A message that arrived while we held the lease had its kick refused above: pick it up now.
+        raise
+    # A message that arrived while we held the lease had its kick refused: pick it up now.
+    if _release_and_look(redis, conversation, lease) or not finished:
+        kick_conversation(conversation)
+
+
+def _release_and_look(redis: Any, conversation: str, lease: Lease) -> bool:
+    """Let the conversation go and say whether messages wait; one round trip. With none, it also
+    leaves the pending set (settle checks for itself that nothing is left)."""
     pipe = redis.pipeline(transaction=False)
+    lease.release(pipe)
     pipe.llen(keys.inbox(conversation))
     pipe.llen(keys.processing(conversation))
-    if not finished or sum(pipe.execute()):
-        kick_conversation(conversation)
-    else:
-        settle(redis, conversation)
+    settle(pipe, conversation)
+    _, inbox, processing, _ = pipe.execute()
+    return bool(inbox or processing)
 
 
 def who(conversation: str) -> dict[str, Any]:
@@ -75,16 +85,16 @@ def _drain_held(redis: Any, conversation: str, lease: Lease) -> bool:
     """Handle messages until the inbox is empty (True) or this run's share is used up (False)."""
     stop_at = time.monotonic() + MAX_SECONDS_PER_RUN
     for _ in range(MAX_MESSAGES_PER_RUN):
-        raw = _next_inbound(redis, conversation)
+        raw, bot = _next_inbound(redis, conversation)
         if raw is None:
             return True
-        handle_message(redis, conversation, raw, lease)
+        handle_message(redis, conversation, raw, bot, lease)
         if time.monotonic() > stop_at:
             break
     return False
 
 
-# A crashed worker's message first, else the oldest waiting one: one round trip either way.
+# A crashed worker's message first, else the oldest waiting one.
 _NEXT_LUA = """
 local raw = redis.call('LINDEX', KEYS[2], 0)
 if raw then return raw end
@@ -92,14 +102,20 @@ return redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 """
 
 
-def _next_inbound(redis: Any, conversation: str) -> str | None:
-    return script(redis, _NEXT_LUA)(keys=[keys.inbox(conversation), keys.processing(conversation)])
+def _next_inbound(redis: Any, conversation: str) -> tuple[str | None, Bot | None]:
+    """The next message and the conversation's bot as it is now, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
+    pipe.eval(_NEXT_LUA, 2, keys.inbox(conversation), keys.processing(conversation))
+    pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
+    raw, bot = pipe.execute()
+    return raw, get_store().load(bot)
 
 
-def handle_message(redis: Any, conversation: str, raw: str, lease: Lease) -> None:
-    """Log the message, ask the bot's engine, and queue the replies (finishing the message)."""
+def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lease: Lease) -> None:
+    """Log the message, ask the bot's engine, queue the replies (finishing the message) and send
+    the first one from this thread; the rest follow it through the outbound queue."""
     message = INBOUND.load(json.loads(raw))
-    bot = get_store().get(message["bot_id"])
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         queue_replies(redis, conversation, [], done_inbound=raw)
@@ -114,13 +130,14 @@ def handle_message(redis: Any, conversation: str, raw: str, lease: Lease) -> Non
     reply_id = queue_replies(redis, conversation, replies, done_inbound=raw)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     if reply_id:
-        kick_delivery(conversation, reply_id)
+        # The outbox was idle: nobody else will send this one. Sending it here, rather than
+        # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,
+        # pacing and opt-out checks are the same, and a crash leaves it to the sweeper.
+        deliver_now(conversation, reply_id)
 
 
 def _log_inbound(redis: Any, conversation: str, message: dict[str, Any]) -> None:
-    # A resumed message may have been logged before its worker died.
-    if redis.hexists(keys.message_log_entries(conversation), message["sid"]):
-        return
+    # Logged once even when resumed after a crash: append skips an id already in the log.
     entry = messagelog.new_entry(message["sid"], "in", message["body"], message["media"],
                                  sid=message["sid"], status="received", at=message["received_at"])
     messagelog.append(redis, conversation, entry)

@@ -47,11 +47,18 @@ class Lease:
     def renew(self) -> bool:
         return bool(script(self.redis, _RENEW)(keys=[self.key], args=[self.token, int(LEASE_SECONDS * 1000)]))
 
-    def release(self) -> None:
-        if self.held:
-            _renewer.forget(self)
+    def release(self, pipeline: Any = None) -> None:
+        """Let go; with `pipeline`, as one of its commands, so what the caller queues after it
+        (a re-check, a kick) runs once the lease is free, in the same round trip."""
+        if not self.held:
+            return
+        _renewer.forget(self)
+        if pipeline is None:
             script(self.redis, _RELEASE)(keys=[self.key], args=[self.token])
-            self.held = False
+        else:
+            # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
+            pipeline.eval(_RELEASE, 1, self.key, self.token)
+        self.held = False
 
     def __enter__(self) -> Lease:
         return self

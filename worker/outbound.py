@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 
 from shared import keys, messagelog, metrics, optout
+from shared.bots import Bot
 from shared.conversations import REPLY, reschedule, settle
 from shared.logging import get_logger
 from shared.redis import script
@@ -32,6 +33,9 @@ log = get_logger(__name__)
 
 # Waits up to this long are slept in-thread; longer ones are scheduled.
 SHORT_WAIT_SECONDS = 0.3
+# deliver_now runs on the conversation's thread: it sleeps only waits shorter than scheduling
+# would take (a fast number busy with another conversation's send), and schedules the rest.
+INLINE_WAIT_SECONDS = 0.01
 # A scheduled message reaches a thread a little late (Dramatiq polls its delay queue):
 # schedule it this much early and sleep the rest, so a paced number keeps its rate.
 SCHEDULE_LEAD_SECONDS = 0.2
@@ -83,7 +87,7 @@ def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> N
     """Send `reply_id` if it is the head of the conversation's outbox, then kick the next head."""
     if failed is not None:
         raise PermanentSendError(failed)  # handed over by deliver_now: dead-letter this message
-    step = _attempt(conversation, reply_id)
+    step = _attempt(conversation, reply_id, SHORT_WAIT_SECONDS)
     if step.error is not None:
         raise step.error
 
@@ -91,32 +95,30 @@ def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> N
 def deliver_now(conversation: str, reply_id: str) -> None:
     """Send a reply from the calling thread, e.g. the conversation actor's right after
     `queue_replies` returned it: one Dramatiq message fewer per reply. What cannot finish here
-    (a retry, a dead letter) is handed to send_reply; pacing waits are scheduled as usual."""
-    step = _attempt(conversation, reply_id)
+    (a retry, a dead letter) is handed to send_reply; a reply that must wait for its pacing slot
+    is scheduled (beyond a few milliseconds, see INLINE_WAIT_SECONDS), so the caller's thread
+    is not held by a busy number."""
+    step = _attempt(conversation, reply_id, INLINE_WAIT_SECONDS)
     if isinstance(step.error, SendRetry):
         kick_delivery(conversation, reply_id, delay_ms=step.error.delay)
     elif step.error is not None:
         send_reply.send_with_options(args=(conversation, reply_id), kwargs={"failed": str(step.error)})
 
 
-def _attempt(conversation: str, reply_id: str) -> Step:
+def _attempt(conversation: str, reply_id: str, longest_sleep: float) -> Step:
     redis = get_redis()
     lease = Lease(redis, keys.outbox_lock(conversation))
     if not lease.acquire():
         _when_busy(redis, conversation, reply_id)
         return Step()
     try:
-        step = _work_head(redis, conversation, reply_id)
+        step = _work_head(redis, conversation, reply_id, lease, longest_sleep)
     finally:
-        lease.release()
+        lease.release()  # unless already released with the send's bookkeeping
     # Only after the release: the kicked message must be able to take the lease.
     if step.kick is not None:
         kick_delivery(conversation, step.kick, delay_ms=step.kick_delay_ms)
     return step
-
-
-# Scheduled sends (pacing slots, retries) must reach a thread close to their time.
-get_broker().add_middleware(pacing.PromptDelayedMessages())
 
 
 def _when_busy(redis: Any, conversation: str, reply_id: str) -> None:
@@ -126,34 +128,56 @@ def _when_busy(redis: Any, conversation: str, reply_id: str) -> None:
         kick_delivery(conversation, reply_id, delay_ms=BUSY_RECHECK_MS)
 
 
-def _work_head(redis: Any, conversation: str, reply_id: str) -> Step:
-    if redis.lindex(keys.outbox(conversation), 0) != reply_id:
-        return Step()  # already sent, or a duplicate kick
-    reply = _load(redis, conversation, reply_id)
-    bot = get_store().get(reply["bot_id"]) if reply is not None else None
+@dataclass(frozen=True)
+class Head:
+    """The outbox head being worked on, with its reply record, its log entry and its bot."""
+
+    id: str
+    reply: dict[str, Any] | None
+    entry: dict[str, Any] | None
+    bot: Bot | None
+
+
+def _read_head(redis: Any, conversation: str, reply_id: str) -> Head | None:
+    """Everything a send reads, in one round trip; None unless `reply_id` is the outbox head."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.lindex(keys.outbox(conversation), 0)
+    pipe.hget(keys.replies(conversation), reply_id)
+    pipe.hget(keys.message_log_entries(conversation), reply_id)
+    pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
+    head, reply, entry, bot = pipe.execute()
+    if head != reply_id:
+        return None  # already sent, or a duplicate kick
+    return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None, json.loads(entry) if entry else None,
+                get_store().load(bot))
+
+
+def _work_head(redis: Any, conversation: str, reply_id: str, lease: Lease, longest_sleep: float) -> Step:
+    head = _read_head(redis, conversation, reply_id)
+    if head is None:
+        return Step()
+    reply, bot = head.reply, head.bot
     if reply is None or bot is None:
-        log.warning("outbound.dropped", conversation=conversation, reply_id=reply_id,
-                    reason="no reply record" if reply is None else "bot deleted")
-        _update_entry(redis, conversation, reply_id, status="failed")
-        return Step(kick=_finish(redis, conversation, reply_id))
+        return _dropped(redis, conversation, head)
     if optout.is_opted_out(redis, bot.number, reply["to"]):
-        return _suppress(redis, conversation, reply)
+        return _suppress(redis, conversation, head)
     if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
         return Step()  # a retry is scheduled; its message will send it
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
-    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second)
+    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second, longest_sleep)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
     result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
-    pacing.confirm(redis, bot.number, count_segments(reply["text"]), bot.messages_per_second)
     if isinstance(result, Accepted):
-        return _sent(redis, conversation, reply, result)
-    return _refused(redis, conversation, reply, result, bot.number)
+        return _sent(redis, conversation, head, result, lease)
+    pacing.confirm(redis, bot.number, count_segments(reply["text"]), bot.messages_per_second)
+    return _refused(redis, conversation, head, result)
 
 
-def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float) -> float:
-    """Seconds still to wait for this reply's turn on its number; 0.0 once the send is claimed."""
+def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, longest_sleep: float) -> float:
+    """Seconds still to wait for this reply's turn on its number; 0.0 once the send is claimed.
+    Waits of up to `longest_sleep` are slept here; the caller schedules longer ones."""
     segments = count_segments(reply["text"])
     if reply["slot_at"] is None:
         reply["slot_at"], wait = pacing.reserve(redis, number, segments, rate)
@@ -162,7 +186,7 @@ def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float) 
     else:
         wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
     for _ in range(MAX_SHORT_WAITS):
-        if not 0 < wait <= SHORT_WAIT_SECONDS:
+        if not 0 < wait <= longest_sleep:
             break
         time.sleep(wait)
         wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
@@ -177,44 +201,61 @@ def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float)
     return Step(kick=reply["id"], kick_delay_ms=int(delay * 1000))
 
 
-def _sent(redis: Any, conversation: str, reply: dict[str, Any], accepted: Accepted) -> Step:
+def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease) -> Step:
+    """Twilio took it: the pace, the log, the status, the outbox, the metrics and the lease, in
+    one round trip (in this order, so the lease is free when the next head is kicked)."""
+    reply, bot = head.reply, head.bot
+    assert reply is not None and bot is not None
     now = time.time()
-    # Logged before the pop, so an empty outbox means every sent reply shows its SID.
-    _update_entry(redis, conversation, reply["id"], status=accepted.status, sid=accepted.sid, at=now)
-    messagelog.record_status(redis, accepted.sid, accepted.status, at=now)
-    next_head = _finish(redis, conversation, reply["id"])
     pipe = redis.pipeline(transaction=False)
+    pacing.confirm(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second)
+    messagelog.record_status(pipe, accepted.sid, accepted.status, at=now)
+    next_head = _finish(pipe, conversation, head, accepted.status, sid=accepted.sid, at=now)
     metrics.incr(pipe, "sms_outbound", result="sent")
     if reply["received_at"]:
         metrics.observe(pipe, "sms_webhook_to_twilio_seconds", now - reply["received_at"])
-    pipe.execute()
+    lease.release(pipe)
+    results = pipe.execute()
     log.info("outbound.sent", message_sid=accepted.sid, bot_id=reply["bot_id"], conversation=conversation,
              reply_id=reply["id"], status=accepted.status)
-    return Step(kick=next_head)
+    return Step(kick=results[next_head])
 
 
-def _suppress(redis: Any, conversation: str, reply: dict[str, Any]) -> Step:
+def _dropped(redis: Any, conversation: str, head: Head) -> Step:
+    log.warning("outbound.dropped", conversation=conversation, reply_id=head.id,
+                reason="no reply record" if head.reply is None else "bot deleted")
+    pipe = redis.pipeline(transaction=False)
+    next_head = _finish(pipe, conversation, head, "failed")
+    return Step(kick=pipe.execute()[next_head])
+
+
+def _suppress(redis: Any, conversation: str, head: Head) -> Step:
     """Nothing is ever sent to a recipient who opted out: the reply is dropped, visibly."""
-    _update_entry(redis, conversation, reply["id"], status="suppressed")
-    metrics.incr(redis, "sms_outbound", result="suppressed")
-    log.info("outbound.suppressed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"])
-    return Step(kick=_finish(redis, conversation, reply["id"]))
+    pipe = redis.pipeline(transaction=False)
+    next_head = _finish(pipe, conversation, head, "suppressed")
+    metrics.incr(pipe, "sms_outbound", result="suppressed")
+    results = pipe.execute()
+    log.info("outbound.suppressed", bot_id=head.bot.id if head.bot else None, conversation=conversation,
+             reply_id=head.id)
+    return Step(kick=results[next_head])
 
 
-def _refused(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, number: str) -> Step:
+def _refused(redis: Any, conversation: str, head: Head, refused: Refused) -> Step:
+    reply, bot = head.reply, head.bot
+    assert reply is not None and bot is not None
     action = action_for(refused.http_status, refused.code)
     now = time.time()
     reply["attempts"] += 1
     reply["first_attempt_at"] = reply["first_attempt_at"] or now
     reply["error_code"] = refused.code
     if action is Action.OPTED_OUT:
-        return _opted_out(redis, conversation, reply, number)
+        return _opted_out(redis, conversation, head, bot.number)
     if action in BACKOFF:
         delay = backoff(action, reply["attempts"])
         if now + delay - reply["first_attempt_at"] <= RETRY_BUDGET_SECONDS:
             return _retry(redis, conversation, reply, refused, delay)
-        return _fail(redis, conversation, reply, refused, reason="exhausted")
-    return _fail(redis, conversation, reply, refused, reason="permanent")
+        return _fail(redis, conversation, head, refused, reason="exhausted")
+    return _fail(redis, conversation, head, refused, reason="permanent")
 
 
 def backoff(action: Action, attempts: int) -> float:
@@ -235,29 +276,36 @@ def _retry(redis: Any, conversation: str, reply: dict[str, Any], refused: Refuse
     return Step(error=SendRetry(f"Twilio answered {refused.http_status}/{refused.code}", delay=int(delay * 1000)))
 
 
-def _opted_out(redis: Any, conversation: str, reply: dict[str, Any], number: str) -> Step:
+def _opted_out(redis: Any, conversation: str, head: Head, number: str) -> Step:
     """21610: the recipient texted STOP. Remember it; nothing to retry or replay until START."""
+    reply = head.reply
+    assert reply is not None
     optout.opt_out(redis, number, reply["to"])
-    _update_entry(redis, conversation, reply["id"], status="failed", error_code=reply["error_code"])
-    metrics.incr(redis, "sms_outbound", result="failed", code=reply["error_code"])
+    pipe = redis.pipeline(transaction=False)
+    next_head = _finish(pipe, conversation, head, "failed", error_code=reply["error_code"])
+    metrics.incr(pipe, "sms_outbound", result="failed", code=reply["error_code"])
+    results = pipe.execute()
     log.info("outbound.opted_out", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
              code=reply["error_code"], hint=HINTS.get(reply["error_code"]))
-    return Step(kick=_finish(redis, conversation, reply["id"]))
+    return Step(kick=results[next_head])
 
 
-def _fail(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, reason: str) -> Step:
+def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: str) -> Step:
     """Record the failure, keep the reply for replay, move on, and dead-letter the message."""
+    reply = head.reply
+    assert reply is not None
     code = refused.code
-    _update_entry(redis, conversation, reply["id"], status="failed", error_code=code)
     dead = {**REPLY.dump(reply), "error": refused.message, "http_status": refused.http_status,
             "reason": reason, "failed_at": time.time()}
-    next_head = _finish(redis, conversation, reply["id"], dead=dead)
-    metrics.incr(redis, "sms_outbound", result="failed", code=code or refused.http_status or "none")
+    pipe = redis.pipeline(transaction=False)
+    next_head = _finish(pipe, conversation, head, "failed", error_code=code, dead=dead)
+    metrics.incr(pipe, "sms_outbound", result="failed", code=code or refused.http_status or "none")
+    results = pipe.execute()
     log.warning("outbound.failed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
                 code=code, http_status=refused.http_status, reason=reason, attempts=reply["attempts"],
                 error=refused.message, hint=HINTS.get(code or 0))
     error = PermanentSendError(f"{reason}: Twilio answered {refused.http_status}/{code}: {refused.message}")
-    return Step(kick=next_head, error=error)
+    return Step(kick=results[next_head], error=error)
 
 
 # --- The outbox, the reply records and the log entries. ---
@@ -280,20 +328,20 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 """
 
 
-def _finish(redis: Any, conversation: str, reply_id: str, dead: dict[str, Any] | None = None) -> str | None:
-    """Take `reply_id` off the outbox; returns the next head to kick, if any."""
-    next_head = script(redis, FINISH_LUA)(
-        keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.dead_reply(reply_id)],
-        args=[reply_id, conversation, repr(time.time()), json.dumps(dead) if dead else "", DEAD_REPLY_TTL],
-    )
-    if next_head is None:
-        settle(redis, conversation)
-    return next_head
-
-
-def _load(redis: Any, conversation: str, reply_id: str) -> dict[str, Any] | None:
-    raw = redis.hget(keys.replies(conversation), reply_id)
-    return REPLY.load(json.loads(raw)) if raw else None
+def _finish(pipe: Any, conversation: str, head: Head, status: str, sid: str | None = None,
+            error_code: int | None = None, at: float | None = None, dead: dict[str, Any] | None = None) -> int:
+    """Queue on `pipe` the end of the head's journey: its status in the message log, then its
+    removal from the outbox. Returns where the next head (to kick, if any) is among the results."""
+    if head.entry is not None:  # gone if the bounded log dropped it
+        # Logged before the pop, so an empty outbox means every sent reply shows its SID.
+        messagelog.update(pipe, conversation, _with_status(head.entry, status, sid, error_code, at))
+    position = len(pipe)
+    # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
+    pipe.eval(FINISH_LUA, 4, keys.outbox(conversation), keys.replies(conversation), keys.PENDING,
+              keys.dead_reply(head.id), head.id, conversation, repr(time.time()),
+              json.dumps(dead) if dead else "", DEAD_REPLY_TTL)
+    settle(pipe, conversation)  # a no-op while anything is left to do
+    return position
 
 
 def _save(redis: Any, reply: dict[str, Any]) -> None:
@@ -301,17 +349,12 @@ def _save(redis: Any, reply: dict[str, Any]) -> None:
                             args=[reply["id"], json.dumps(REPLY.dump(reply))])
 
 
-def _update_entry(redis: Any, conversation: str, entry_id: str, status: str, sid: str | None = None,
-                  error_code: int | None = None, at: float | None = None) -> None:
-    """Record a status on the reply's message-log entry (gone if the bounded log dropped it)."""
-    raw = redis.hget(keys.message_log_entries(conversation), entry_id)
-    if not raw:
-        return
-    entry = json.loads(raw)
-    entry["status"] = status
-    entry["statuses"][status] = time.time() if at is None else at
+def _with_status(entry: dict[str, Any], status: str, sid: str | None, error_code: int | None,
+                 at: float | None) -> dict[str, Any]:
+    """The log entry as it reads with this status."""
+    entry = {**entry, "status": status, "statuses": {**entry["statuses"], status: time.time() if at is None else at}}
     if sid is not None:
         entry["sid"] = sid
     if error_code is not None:
         entry["error-code"] = error_code
-    messagelog.update(redis, conversation, entry)
+    return entry

@@ -103,8 +103,11 @@ def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -
 def confirm(redis: Any, number: str, segments: int, rate: float) -> None:
     """Once Twilio answered: the message reached it at the latest now, so the next may go a full
     interval later at the earliest. A send stalled between its claim and the wire (a busy CPU)
-    would otherwise arrive closer to the next one than the rate allows."""
-    script(redis, CONFIRM_LUA)(keys=[keys.pace(number)], args=[max(segments, 1) / rate, IDLE_TTL_SECONDS])
+    would otherwise arrive closer to the next one than the rate allows.
+
+    `redis` may be a pipeline (a sender batches this with its other writes), hence EVAL: a
+    registered script would cost the pipeline a SCRIPT EXISTS round trip."""
+    redis.eval(CONFIRM_LUA, 1, keys.pace(number), max(segments, 1) / rate, IDLE_TTL_SECONDS)
 
 
 # Dramatiq polls an idle queue, and checks its delay queue, up to worker_timeout apart: 1 s by
