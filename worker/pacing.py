@@ -117,7 +117,22 @@ POLL_MS = 100
 
 
 class PromptDelayedMessages(Middleware):
-    """Make the worker poll every POLL_MS: scheduled sends then arrive within ~0.2 s of their time."""
+    """Make the worker's consumers poll Redis every POLL_MS: scheduled sends then arrive within
+    ~0.2 s of their time.
+
+    Its threads keep the default: they wait on an in-process queue that wakes them as soon as a
+    message is handed over, and their timeout only bounds how soon they notice a pause or a stop.
+    At POLL_MS, forty idle threads a process would wake 400 times a second for nothing (an idle
+    worker of 2 x 40 threads burned ~5% of a core that way; ~0.6% without).
+    """
+
+    def __init__(self) -> None:
+        self._thread_timeout_ms = POLL_MS
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        worker.worker_timeout = min(worker.worker_timeout, POLL_MS)
+        self._thread_timeout_ms = worker.worker_timeout
+        worker.worker_timeout = min(worker.worker_timeout, POLL_MS)  # read as the consumers start
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        for thread in worker.workers:
+            thread.timeout = self._thread_timeout_ms / 1000  # dramatiq's WorkerThread reads it each wait
