@@ -12,7 +12,7 @@ from dramatiq.brokers.redis import RedisBroker
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, messagelog, metrics
-from shared.redis import script
+from shared.redis import loaded_or_rerun, queue_script, script
 from shared.segments import split_message
 from shared.tasks import conversation_kick, enqueue_in
 from shared.optout import MESSAGE, OPT_IN, OPT_OUT
@@ -98,24 +98,26 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
                    broker: RedisBroker | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
 
-    With `broker`, a worker is woken in the same Redis transaction (and round trip): a crash can
-    leave neither a stored message nobody was told about nor a wake-up for a message not stored.
-    Duplicates wake one too, which is harmless: the conversation actor is idempotent.
+    Dedupe and storing are one Lua step. With `broker`, the worker's wake-up rides in the same
+    pipeline (one write, one round trip; a MULTI around it measured ~25 us more per message):
+    should Redis die between the two commands, the sweeper wakes the conversation. Duplicates
+    wake one too, which is harmless: the conversation actor is idempotent.
     """
     conversation = keys.conversation_id(message["bot_id"], message["sender"])
     seen_sid = keys.seen(message["sid"])
     seen_token = keys.seen(idempotency_token) if idempotency_token else seen_sid
-    pipe = redis.pipeline(transaction=broker is not None)
-    script(redis, ACCEPT_LUA)(
-        keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING,
-              keys.opted_out(message["to"]), keys.METRIC_COUNTERS],
-        args=[json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"],
-              message["sender"], DEDUPE_TTL, _DUPLICATE, _ACCEPTED],
-        client=pipe,
-    )
+    accept = script(redis, ACCEPT_LUA)
+    keys_ = [seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(message["to"]),
+             keys.METRIC_COUNTERS]
+    args = [json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"], message["sender"],
+            DEDUPE_TTL, _DUPLICATE, _ACCEPTED]
+    pipe = redis.pipeline(transaction=False)
+    queue_script(pipe, accept, keys_, args)
+    checks = [lambda result: loaded_or_rerun(result, lambda: accept(keys=keys_, args=args))]
     if broker is not None:
-        enqueue_in(pipe, conversation_kick(conversation), broker)
-    return bool(pipe.execute()[0])
+        checks.append(enqueue_in(pipe, conversation_kick(conversation), broker))
+    results = [check(result) for check, result in zip(checks, pipe.execute(raise_on_error=False))]
+    return bool(results[0])
 
 
 # Add replies to the outbox (and the log) in order, optionally finishing the inbound message

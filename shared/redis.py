@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import redis as redis_lib
 
@@ -46,3 +48,21 @@ def script(client: redis_lib.Redis, source: str):  # type: ignore[no-untyped-def
     if registered is None:
         registered = _scripts[cache_key] = client.register_script(source)
     return registered
+
+
+def queue_script(pipeline: Any, registered: Any, keys: list[str], args: list[Any]) -> None:
+    """Add a registered script to a pipeline by SHA alone.
+
+    redis-py's Script objects make a pipeline ask SCRIPT EXISTS first, a round trip per execute;
+    callers pass the pipeline's result to `loaded_or_rerun`, which loads the script the rare time
+    Redis has lost it (a restart).
+    """
+    pipeline.evalsha(registered.sha, len(keys), *keys, *args)
+
+
+def loaded_or_rerun(result: Any, rerun: Callable[[], Any]) -> Any:
+    if isinstance(result, redis_lib.exceptions.NoScriptError):
+        return rerun()
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 
+from shared.redis import loaded_or_rerun, queue_script
 from shared.settings import get_settings
 
 CONVERSATIONS_QUEUE = "conversations"
@@ -65,24 +67,22 @@ def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) 
     (broker or get_broker()).enqueue(conversation_kick(conversation))
 
 
-def enqueue_in(pipeline: Any, message: dramatiq.Message, broker: RedisBroker) -> None:
-    """Queue `message` as one more command of the caller's Redis transaction.
+def enqueue_in(pipeline: Any, message: dramatiq.Message, broker: RedisBroker) -> Callable[[Any], Any]:
+    """Queue `message` as one more command of the caller's Redis pipeline.
 
     RedisBroker.enqueue costs a round trip of its own; this runs the broker's own dispatch script
-    (same arguments as RedisBroker._dispatch, dramatiq 2.x) inside the caller's MULTI, so the
-    webhook stores a message and wakes a worker in one atomic step and one round trip.
+    (same arguments as RedisBroker._dispatch, dramatiq 2.x) in the caller's pipeline, so the
+    webhook stores a message and wakes a worker in one round trip.
+    Returns the check to apply to this command's result once the pipeline has run.
     """
     message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
     broker.emit_before("enqueue", message, None)
-    broker.scripts["dispatch"](
-        keys=[broker.namespace],
-        args=[
-            "enqueue", current_millis(), message.queue_name, broker.broker_id, broker.heartbeat_timeout,
-            broker.dead_message_ttl, 0, broker._max_unpack_size(),
-            message.options["redis_message_id"], message.encode(),
-        ],
-        client=pipeline,
-    )
+    queue_script(pipeline, broker.scripts["dispatch"], [broker.namespace], [
+        "enqueue", current_millis(), message.queue_name, broker.broker_id, broker.heartbeat_timeout,
+        broker.dead_message_ttl, 0, broker._max_unpack_size(),
+        message.options["redis_message_id"], message.encode(),
+    ])
+    return lambda result: loaded_or_rerun(result, lambda: broker.enqueue(message))
 
 
 def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,

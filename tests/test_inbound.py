@@ -341,3 +341,16 @@ def _rendered(event: dict[str, Any]) -> str:
     from shared.logging import _scrub
 
     return repr(_scrub(full_numbers=False)(None, "warning", dict(event)))
+
+
+def test_a_message_is_still_accepted_after_redis_lost_its_scripts(client: FlaskClient, bot: Bot,
+                                                                   redis: redis_lib.Redis) -> None:
+    """Scripts go by SHA on the hot path; after a Redis restart (SCRIPT FLUSH) they are loaded again and nothing is lost."""
+    # Given Redis has forgotten every script
+    redis.script_flush()
+    # When Twilio delivers a message
+    response = post_signed(client, inbound_params(Body="after restart"))
+    # Then it is acknowledged, queued once, and a worker is asked to drain the conversation
+    assert 200 == response.status_code
+    assert ["after restart"] == [message["body"] for message in inbox(redis)]
+    assert [(HANDLE_CONVERSATION, (CONVERSATION,))] == [(m.actor_name, tuple(m.args)) for m in queued_kicks(redis)]

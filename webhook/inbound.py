@@ -44,7 +44,7 @@ def _receive(form: MultiDict[str, str]) -> Response:
         return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
     message = inbound_message(form, bot)
     redis = deps.get_redis()
-    # One atomic round trip: dedupe, record opt-out, queue on the conversation, wake a worker.
+    # One round trip: dedupe, record opt-out and queue on the conversation (one Lua step), wake a worker.
     is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
                             broker=deps.get_broker())
     # The conversation id embeds the sender's number: it is logged as bot_id + from_, which get masked.
