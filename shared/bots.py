@@ -70,13 +70,14 @@ return redis.call('GET', ARGV[1] .. id)
 """
 
 # Claim the number, take the next id and write the record; a taken number changes nothing.
+# The record arrives with "id" as its first key holding a placeholder, replaced here (no JSON
+# round trip in Lua, whose cjson would turn an empty object into a list).
+_ID_PLACEHOLDER = '"__ID__"'
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local id = redis.call('INCR', KEYS[2])
-local record = cjson.decode(ARGV[1])
-record['id'] = id
 redis.call('SET', KEYS[1], id)
-redis.call('SET', ARGV[2] .. id, cjson.encode(record))
+redis.call('SET', ARGV[2] .. id, (string.gsub(ARGV[1], '"__ID__"', tostring(id), 1)))
 redis.call('SADD', KEYS[3], id)
 return id
 """
@@ -93,8 +94,10 @@ class BotStore:
     def create(self, fields: Mapping[str, Any]) -> Bot:
         record = self._record(0, fields)
         number = record[NUMBER]
+        template = json.dumps({**record, "id": "__ID__"})
+        assert template.startswith('{"id": ' + _ID_PLACEHOLDER)  # the script replaces the first occurrence
         bot_id = self._create(keys=[keys.bot_by_number(number), keys.BOT_NEXT_ID, keys.BOT_IDS],
-                              args=[json.dumps(record), keys.BOT_PREFIX])
+                              args=[template, keys.BOT_PREFIX])
         if not bot_id:
             raise NumberTaken(number)
         return self._bot({**record, "id": int(bot_id)})
