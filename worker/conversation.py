@@ -48,16 +48,16 @@ def handle_conversation(conversation: str) -> None:
 
 def drain(redis: Any, conversation: str) -> None:
     lease = Lease(redis, keys.conversation_lock(conversation))
-    if not lease.acquire():
-        return  # the holder re-checks the inbox before it lets go
     finished = True
     try:
-        finished = _drain_held(redis, conversation, lease)
+        finished = _drain(redis, conversation, lease)
     except LeaseLost:
         log.warning("conversation.lease_lost", **who(conversation))
     except BaseException:
         lease.release()
         raise
+    if not lease.held:
+        return  # another worker holds it, and looks again before it lets go
     # A message that arrived while we held the lease had its kick refused: pick it up now.
     if _release_and_look(redis, conversation, lease) or not finished:
         kick_conversation(conversation)
@@ -81,34 +81,45 @@ def who(conversation: str) -> dict[str, Any]:
     return {"bot_id": bot_id, "sender": sender}
 
 
-def _drain_held(redis: Any, conversation: str, lease: Lease) -> bool:
-    """Handle messages until the inbox is empty (True) or this run's share is used up (False)."""
+def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
+    """Take the lease and handle messages until the inbox is empty (True; also when another
+    worker holds the lease) or this run's share is used up (False)."""
     stop_at = time.monotonic() + MAX_SECONDS_PER_RUN
     for _ in range(MAX_MESSAGES_PER_RUN):
-        raw, bot = _next_inbound(redis, conversation)
-        if raw is None:
+        found = _next_inbound(redis, conversation, lease)
+        if found is None:
             return True
-        handle_message(redis, conversation, raw, bot, lease)
+        handle_message(redis, conversation, *found, lease)
         if time.monotonic() > stop_at:
             break
     return False
 
 
-# A crashed worker's message first, else the oldest waiting one.
+# KEYS: inbox, processing, lease. ARGV: the lease's token. A crashed worker's message first, else
+# the oldest waiting one; nil, touching nothing, when the lease is not ours.
 _NEXT_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
 local raw = redis.call('LINDEX', KEYS[2], 0)
 if raw then return raw end
 return redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 """
 
 
-def _next_inbound(redis: Any, conversation: str) -> tuple[str | None, Bot | None]:
-    """The next message and the conversation's bot as it is now, in one round trip."""
+def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot | None] | None:
+    """The next message and the conversation's bot as it is now, or None when there is none (or
+    the lease is not ours); the first look also asks for the lease. One round trip each."""
+    first = not lease.held
     pipe = redis.pipeline(transaction=False)
+    if first:
+        lease.request(pipe)
     # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(_NEXT_LUA, 2, keys.inbox(conversation), keys.processing(conversation))
+    pipe.eval(_NEXT_LUA, 3, keys.inbox(conversation), keys.processing(conversation), lease.key, lease.token)
     pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
-    raw, bot = pipe.execute()
+    *granted, raw, bot = pipe.execute()
+    if first and not lease.granted(granted[0]):
+        return None
+    if raw is None:
+        return None
     return raw, get_store().load(bot)
 
 
@@ -122,12 +133,14 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lea
         return
     _log_inbound(redis, conversation, message)
     started = time.monotonic()
-    answers = engine_for(bot, get_settings(), redis).answer(bot, message)
+    batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
+    answers = engine_for(bot, get_settings(), batch).answer(bot, message)
     replies = _replies(conversation, message, answers)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
-    reply_id = queue_replies(redis, conversation, replies, done_inbound=raw)
+    queue_replies(batch, conversation, replies, done_inbound=raw)
+    reply_id = batch.execute()[-1]
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     if reply_id:
         # The outbox was idle: nobody else will send this one. Sending it here, rather than

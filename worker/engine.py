@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import redis as redis_lib
 import requests
 
 from shared import metrics
@@ -148,10 +149,13 @@ class HttpEngine:
 
     def _record(self, outcome: str, seconds: float) -> None:
         log.info("engine.called", url=self.url, outcome=outcome, duration=round(seconds, 4))
-        pipe = self._redis.pipeline(transaction=False)
+        # Given a pipeline (the conversation's, executed with the replies), no round trip of our own.
+        batched = isinstance(self._redis, redis_lib.client.Pipeline)
+        pipe = self._redis if batched else self._redis.pipeline(transaction=False)
         metrics.incr(pipe, "sms_engine_calls", outcome=outcome)
         metrics.observe(pipe, "sms_engine_latency_seconds", seconds)
-        pipe.execute()
+        if not batched:
+            pipe.execute()
 
     def _fallback(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         metrics.incr(self._redis, "sms_engine_calls", outcome="gave_up")
@@ -175,6 +179,7 @@ _ECHO = EchoEngine()
 
 
 def engine_for(bot: Bot, settings: Settings, redis: Any) -> Engine:
-    """The bot's own engine, else the service's, else the echo engine."""
+    """The bot's own engine, else the service's, else the echo engine. Its counts and timings go
+    to `redis`, which may be a pipeline the caller executes afterwards."""
     url = bot.engine_url or settings.engine_url
     return HttpEngine(url, redis) if url else _ECHO

@@ -39,7 +39,17 @@ class Lease:
         self.held = False
 
     def acquire(self) -> bool:
-        self.held = bool(self.redis.set(self.key, self.token, nx=True, px=int(LEASE_SECONDS * 1000)))
+        return self.granted(self.redis.set(self.key, self.token, nx=True, px=int(LEASE_SECONDS * 1000)))
+
+    def request(self, pipeline: Any) -> None:
+        """Ask for the lease as a command of `pipeline`, then pass its result to `granted`: a caller
+        can take the lease and read what it guards in one round trip (reads queued after the
+        request see the state the lease now guards; they are simply unused if it was refused)."""
+        pipeline.set(self.key, self.token, nx=True, px=int(LEASE_SECONDS * 1000))
+
+    def granted(self, result: Any) -> bool:
+        """Whether the SET of `acquire` or `request` took the lease; a taken lease is kept renewed."""
+        self.held = bool(result)
         if self.held:
             _renewer.track(self)
         return self.held

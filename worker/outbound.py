@@ -108,24 +108,21 @@ def deliver_now(conversation: str, reply_id: str) -> None:
 def _attempt(conversation: str, reply_id: str, longest_sleep: float) -> Step:
     redis = get_redis()
     lease = Lease(redis, keys.outbox_lock(conversation))
-    if not lease.acquire():
-        _when_busy(redis, conversation, reply_id)
+    head = _take_head(redis, conversation, reply_id, lease)
+    if not lease.held:
+        if head is not None:
+            # The holder normally works the head and chains on; but it may be a stale duplicate
+            # that will do nothing, so a head that was bounced comes back shortly to check.
+            kick_delivery(conversation, reply_id, delay_ms=BUSY_RECHECK_MS)
         return Step()
     try:
-        step = _work_head(redis, conversation, reply_id, lease, longest_sleep)
+        step = _work_head(redis, conversation, head, lease, longest_sleep) if head is not None else Step()
     finally:
         lease.release()  # unless already released with the send's bookkeeping
     # Only after the release: the kicked message must be able to take the lease.
     if step.kick is not None:
         kick_delivery(conversation, step.kick, delay_ms=step.kick_delay_ms)
     return step
-
-
-def _when_busy(redis: Any, conversation: str, reply_id: str) -> None:
-    """The lease holder normally works the head and chains on; but it may be a stale duplicate
-    that will do nothing, so a head that was bounced comes back shortly to check."""
-    if redis.lindex(keys.outbox(conversation), 0) == reply_id:
-        kick_delivery(conversation, reply_id, delay_ms=BUSY_RECHECK_MS)
 
 
 @dataclass(frozen=True)
@@ -138,34 +135,35 @@ class Head:
     bot: Bot | None
 
 
-def _read_head(redis: Any, conversation: str, reply_id: str) -> Head | None:
-    """Everything a send reads, in one round trip; None unless `reply_id` is the outbox head."""
+def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease) -> Head | None:
+    """Ask for the outbox lease and read everything a send needs, in one round trip; None unless
+    `reply_id` is the outbox head (else already sent, or a duplicate kick)."""
     pipe = redis.pipeline(transaction=False)
+    lease.request(pipe)
     pipe.lindex(keys.outbox(conversation), 0)
     pipe.hget(keys.replies(conversation), reply_id)
     pipe.hget(keys.message_log_entries(conversation), reply_id)
     pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
-    head, reply, entry, bot = pipe.execute()
+    granted, head, reply, entry, bot = pipe.execute()
+    lease.granted(granted)
     if head != reply_id:
-        return None  # already sent, or a duplicate kick
+        return None
     return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None, json.loads(entry) if entry else None,
                 get_store().load(bot))
 
 
-def _work_head(redis: Any, conversation: str, reply_id: str, lease: Lease, longest_sleep: float) -> Step:
-    head = _read_head(redis, conversation, reply_id)
-    if head is None:
-        return Step()
+def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float) -> Step:
     reply, bot = head.reply, head.bot
     if reply is None or bot is None:
         return _dropped(redis, conversation, head)
-    if optout.is_opted_out(redis, bot.number, reply["to"]):
-        return _suppress(redis, conversation, head)
     if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
         return Step()  # a retry is scheduled; its message will send it
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
-    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second, longest_sleep)
+    opted_out, wait = _first_look(redis, reply, bot)
+    if opted_out:
+        return _suppress(redis, conversation, head)
+    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second, wait, longest_sleep)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
     result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
@@ -175,16 +173,27 @@ def _work_head(redis: Any, conversation: str, reply_id: str, lease: Lease, longe
     return _refused(redis, conversation, head, result)
 
 
-def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, longest_sleep: float) -> float:
-    """Seconds still to wait for this reply's turn on its number; 0.0 once the send is claimed.
-    Waits of up to `longest_sleep` are slept here; the caller schedules longer ones."""
+def _first_look(redis: Any, reply: dict[str, Any], bot: Bot) -> tuple[bool, float]:
+    """Whether the recipient opted out, and the reply's first turn on its number (its slot
+    reserved or claimed), in one round trip. A suppressed reply's reservation goes unused: its
+    number idles one interval, a rare and harmless cost next to a round trip on every send."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.sismember(keys.opted_out(bot.number), reply["to"])
+    pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"])
+    opted_out, raw = pipe.execute()
+    reserved = reply["slot_at"] is None
+    reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
+    if reserved and wait > 0 and not opted_out:
+        _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
+    return bool(opted_out), wait
+
+
+def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, wait: float,
+                   longest_sleep: float) -> float:
+    """Seconds still to wait for this reply's turn on its number, after a first look that said
+    `wait`; 0.0 once the send is claimed. Waits of up to `longest_sleep` are slept here; the
+    caller schedules longer ones."""
     segments = count_segments(reply["text"])
-    if reply["slot_at"] is None:
-        reply["slot_at"], wait = pacing.reserve(redis, number, segments, rate)
-        if wait > 0:
-            _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
-    else:
-        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
     for _ in range(MAX_SHORT_WAITS):
         if not 0 < wait <= longest_sleep:
             break

@@ -99,6 +99,24 @@ def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -
     return float(raw)
 
 
+def request_turn(pipeline: Any, number: str, segments: int, rate: float, slot_at: float | None) -> None:
+    """Queue on `pipeline` a reply's first look at its number: `reserve` while it has no slot,
+    else `claim` of the slot it reserved; `turn` reads the result. Lets a sender batch it with
+    its other reads (EVAL: a registered script would cost a SCRIPT EXISTS round trip)."""
+    if slot_at is None:
+        pipeline.eval(RESERVE_LUA, 1, keys.pace(number), interval(segments, rate), IDLE_TTL_SECONDS)
+    else:
+        pipeline.eval(CLAIM_LUA, 1, keys.pace(number), interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS)
+
+
+def turn(raw: str, slot_at: float | None) -> tuple[float, float]:
+    """(slot, seconds to wait) from the result of `request_turn`; 0.0 means the send is claimed."""
+    if slot_at is None:
+        slot, wait = (float(part) for part in raw.split())
+        return slot, wait
+    return slot_at, float(raw)
+
+
 
 def confirm(redis: Any, number: str, segments: int, rate: float) -> None:
     """Once Twilio answered: the message reached it at the latest now, so the next may go a full
