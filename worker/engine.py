@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis as redis_lib
 import requests
@@ -20,6 +21,7 @@ from shared import metrics
 from shared.bots import Bot
 from shared.logging import get_logger
 from shared.settings import Settings
+from worker.http import read_environment_once
 
 log = get_logger(__name__)
 
@@ -123,7 +125,7 @@ class HttpEngine:
         started = time.monotonic()
         outcome = "ok"
         try:
-            response = _session().post(
+            response = _session(self.url).post(
                 self.url, json=payload,
                 timeout=(min(self._connect_timeout, remaining), min(self._read_timeout, remaining)),
             )
@@ -167,11 +169,14 @@ class HttpEngine:
 _local = threading.local()
 
 
-def _session() -> requests.Session:
-    """One session per worker thread: connections are reused, and sessions are not shared across threads."""
-    session = getattr(_local, "session", None)
+def _session(url: str) -> requests.Session:
+    """One session per worker thread and engine origin: connections are reused, sessions are not
+    shared across threads, and each reads the environment for its origin once (worker.http)."""
+    sessions: dict[str, requests.Session] = _local.__dict__.setdefault("sessions", {})
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+    session = sessions.get(origin)
     if session is None:
-        session = _local.session = requests.Session()
+        session = sessions[origin] = read_environment_once(requests.Session(), url)
     return session
 
 

@@ -15,6 +15,7 @@ from twilio.rest import Client
 
 from shared.bots import Bot
 from shared.settings import Settings
+from worker.http import read_environment_once
 
 # Dramatiq's TimeLimit cannot interrupt a blocked socket, so every call carries its own limits.
 CONNECT_TIMEOUT = 5.0
@@ -50,6 +51,8 @@ def get_client(account_sid: str, auth_token: str, base_url: str) -> Client:
         http_client = TwilioHttpClient(timeout=READ_TIMEOUT)
         # requests takes (connect, read); twilio-python's constructor only checks a single number.
         http_client.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)  # type: ignore[assignment]
+        assert http_client.session is not None  # it pools connections by default
+        read_environment_once(http_client.session, base_url)
         client = Client(account_sid, auth_token, http_client=http_client)
         # Tests and Twilio-compatible providers use another host than api.twilio.com.
         client.api.base_url = base_url
