@@ -13,6 +13,7 @@ Uses Redis db 10 (flushed). The fakes and the load generator run in this process
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -76,6 +77,9 @@ def floor_broker() -> Any:
 
     broker = _floor_broker = RedisBroker(url=os.environ["REDIS_URL"])
     dramatiq.set_broker(broker)
+    # dramatiq's CLI logs at INFO, where twilio-python writes every request's URL and headers: the
+    # product silences it (shared/logging.py), and so does the floor, or it would pay for logging.
+    logging.getLogger("twilio").setLevel(logging.WARNING)
     local = threading.local()
 
     def clients() -> tuple[requests.Session, Any]:
