@@ -89,7 +89,8 @@ def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
         found = _next_inbound(redis, conversation, lease)
         if found is None:
             return True
-        handle_message(redis, conversation, *found, lease)
+        if not handle_message(redis, conversation, *found, lease):
+            return True  # nothing was waiting: the look after letting go is the only one needed
         if time.monotonic() > stop_at:
             break
     return False
@@ -123,14 +124,15 @@ def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot
     return raw, get_store().load(bot)
 
 
-def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lease: Lease) -> None:
+def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lease: Lease) -> bool:
     """Log the message, ask the bot's engine, queue the replies (finishing the message) and send
-    the first one from this thread; the rest follow it through the outbound queue."""
+    the first one from this thread; the rest follow it through the outbound queue. Returns
+    whether more messages may be waiting."""
     message = INBOUND.load(json.loads(raw))
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         queue_replies(redis, conversation, [], done_inbound=raw)
-        return
+        return True
     _log_inbound(redis, conversation, message)
     started = time.monotonic()
     batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
@@ -140,13 +142,15 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lea
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     queue_replies(batch, conversation, replies, done_inbound=raw)
-    reply_id = batch.execute()[-1]
+    batch.llen(keys.inbox(conversation))
+    *_, reply_id, waiting = batch.execute()
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     if reply_id:
         # The outbox was idle: nobody else will send this one. Sending it here, rather than
         # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,
         # pacing and opt-out checks are the same, and a crash leaves it to the sweeper.
         deliver_now(conversation, reply_id)
+    return bool(waiting)
 
 
 def _log_inbound(redis: Any, conversation: str, message: dict[str, Any]) -> None:
