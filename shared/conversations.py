@@ -111,11 +111,21 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
              keys.METRIC_COUNTERS]
     args = [json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"], message["sender"],
             DEDUPE_TTL, _DUPLICATE, _ACCEPTED]
+    kick = conversation_kick(conversation)
+
+    def store_then_wake() -> Any:
+        # Redis lost its scripts (a restart): the wake-up below ran before anything was stored,
+        # so store now and wake a worker again, after it.
+        stored = accept(keys=keys_, args=args)
+        if broker is not None:
+            broker.enqueue(kick)
+        return stored
+
     pipe = redis.pipeline(transaction=False)
     queue_script(pipe, accept, keys_, args)
-    checks = [lambda result: loaded_or_rerun(result, lambda: accept(keys=keys_, args=args))]
+    checks = [lambda result: loaded_or_rerun(result, store_then_wake)]
     if broker is not None:
-        checks.append(enqueue_in(pipe, conversation_kick(conversation), broker))
+        checks.append(enqueue_in(pipe, kick, broker))
     results = [check(result) for check, result in zip(checks, pipe.execute(raise_on_error=False))]
     return bool(results[0])
 
