@@ -10,6 +10,7 @@ from typing import Any
 import dramatiq
 import pytest
 import redis as redis_lib
+import structlog
 
 from cli.twilio_standin import TwilioStandin
 from shared import keys, messagelog
@@ -297,3 +298,26 @@ def test_a_bot_changed_between_two_messages_answers_the_second_as_changed(
     drain(redis, conversation)
 
     assert ["reply to first", "echo: second"] == outbox_texts(redis, conversation)
+
+
+def test_every_event_of_a_hop_names_its_message_bot_and_conversation(
+        redis: redis_lib.Redis, engine_bot: Bot, twilio: TwilioStandin) -> None:
+    """engine.called, conversation.answered and outbound.sent all carry the MessageSid, bot id and conversation."""
+    # Given log events captured with the context they are bound in
+    captured = structlog.testing.LogCapture()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, captured])
+    twilio.reset()
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    message = accept(redis, engine_bot, "hola")
+    try:
+        # When a worker handles the message (and sends the first reply from its thread)
+        drain(redis, conversation)
+    finally:
+        structlog.reset_defaults()
+    # Then each hop's event names all three, and the send also names Twilio's SID for the reply
+    events = {entry["event"]: entry for entry in captured.entries}
+    for name in ("engine.called", "conversation.answered", "outbound.sent"):
+        assert (message["sid"], engine_bot.id, conversation) == (
+            events[name]["message_sid"], events[name]["bot_id"], events[name]["conversation"]), name
+    assert [events["outbound.sent"]["twilio_sid"]] == [sent.sid for sent in twilio.wait_for(1)]
+    assert message["sid"] == events["outbound.sent"]["in_reply_to"]

@@ -47,9 +47,9 @@ def _receive(form: MultiDict[str, str]) -> Response:
     # One round trip: dedupe, record opt-out and queue on the conversation (one Lua step), wake a worker.
     is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
                             broker=deps.get_broker())
-    # The conversation id embeds the sender's number: it is logged as bot_id + from_, which get masked.
+    # The conversation id embeds the sender's number; the log processor masks it like from_.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
-             from_=message["sender"], kind=message["event"])
+             conversation=f"{bot.id}:{message['sender']}", from_=message["sender"], kind=message["event"])
     return acknowledgement()
 
 

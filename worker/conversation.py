@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import dramatiq
+import structlog
 
 from shared import keys, messagelog
 from shared.bots import Bot
@@ -129,6 +130,13 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lea
     the first one from this thread; the rest follow it through the outbound queue. Returns
     whether more messages may be waiting."""
     message = INBOUND.load(json.loads(raw))
+    # Every event of this hop (engine, send) carries the message, its bot and its conversation.
+    with structlog.contextvars.bound_contextvars(message_sid=message["sid"], bot_id=message["bot_id"],
+                                                 conversation=conversation):
+        return _handle(redis, conversation, raw, message, bot, lease)
+
+
+def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bot: Bot | None, lease: Lease) -> bool:
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         queue_replies(redis, conversation, [], done_inbound=raw)

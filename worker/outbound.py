@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
+import structlog
 
 from shared import keys, messagelog, metrics, optout
 from shared.bots import Bot
@@ -87,7 +88,8 @@ def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> N
     """Send `reply_id` if it is the head of the conversation's outbox, then kick the next head."""
     if failed is not None:
         raise PermanentSendError(failed)  # handed over by deliver_now: dead-letter this message
-    step = _attempt(conversation, reply_id, SHORT_WAIT_SECONDS)
+    with structlog.contextvars.bound_contextvars(conversation=conversation, reply_id=reply_id):
+        step = _attempt(conversation, reply_id, SHORT_WAIT_SECONDS)
     if step.error is not None:
         raise step.error
 
@@ -225,8 +227,9 @@ def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: 
         metrics.observe(pipe, "sms_webhook_to_twilio_seconds", now - reply["received_at"])
     lease.release(pipe)
     results = pipe.execute()
-    log.info("outbound.sent", message_sid=accepted.sid, bot_id=reply["bot_id"], conversation=conversation,
-             reply_id=reply["id"], status=accepted.status)
+    # twilio_sid is this reply's own message; in_reply_to is the inbound MessageSid it answers.
+    log.info("outbound.sent", twilio_sid=accepted.sid, in_reply_to=reply["in_reply_to"], bot_id=reply["bot_id"],
+             conversation=conversation, reply_id=reply["id"], status=accepted.status)
     return Step(kick=results[next_head])
 
 
