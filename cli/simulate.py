@@ -20,7 +20,7 @@ from typing import Any
 import requests
 from twilio.request_validator import RequestValidator
 
-from cli.bots import DEFAULT_APP, RegistryClient, RegistryError, service_root
+from cli.bots import DEFAULT_APP, RegistryClient, RegistryError
 from shared.phone import InvalidNumber, normalize_e164
 
 WEBHOOK_PATH = "/channels/sms/"

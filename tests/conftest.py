@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dramatiq
 import pytest
@@ -13,12 +14,14 @@ import redis as redis_lib
 from cryptography.fernet import Fernet
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, get_settings
 from cli.twilio_standin import TwilioStandin
+from tests.support.fake_engine import FakeEngine
 from webhook import create_app
 
 ADMIN_TOKEN = "test-admin-token"
@@ -156,3 +159,31 @@ def worker(broker: dramatiq.Broker, redis: redis_lib.Redis, twilio: TwilioStandi
     running.start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeEngine]:
+    """A Rasa-style conversation engine over real HTTP (answers `reply to <text>`)."""
+    with FakeEngine() as fake:
+        yield fake
+
+
+@contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """`app` on a real local port, as the CLI reaches a running service; yields its base URL."""
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP on a local port."""
+    with serving(app) as url:
+        yield url

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import dramatiq
 import pytest
 import redis as redis_lib
-from flask import Flask
-from werkzeug.serving import make_server
 
 from cli.dev import PROJECT_ROOT, read_procfile
 from cli.main import main
@@ -25,26 +20,6 @@ HELP_COMMANDS = [
     [], ["dev"], ["simulate"], ["bots"], ["bots", "list"], ["bots", "show"], ["bots", "create"], ["bots", "update"],
     ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"],
 ]
-
-
-@contextmanager
-def serving(app: Flask) -> Iterator[str]:
-    """`app` on a real local port, as the CLI reaches a running service; yields its base URL."""
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@pytest.fixture
-def live_server(app: Flask) -> Iterator[str]:
-    with serving(app) as url:
-        yield url
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -32,12 +32,6 @@ def drain(redis: redis_lib.Redis, conversation: str) -> None:
     from worker.conversation import drain as drain_conversation
 
     drain_conversation(redis, conversation)
-
-
-@pytest.fixture
-def engine() -> Iterator[FakeEngine]:
-    with FakeEngine() as fake:
-        yield fake
 
 
 @pytest.fixture

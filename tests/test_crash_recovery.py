@@ -28,12 +28,6 @@ RECOVERY_LIMIT = 60.0  # the issue's promise for a killed worker's message
 
 
 @pytest.fixture
-def engine() -> Iterator[FakeEngine]:
-    with FakeEngine() as fake:
-        yield fake
-
-
-@pytest.fixture
 def engine_bot(bot: Bot, store: BotStore, engine: FakeEngine) -> Bot:
     # Fast pacing, so ordering tests are not waiting on the 1 message/s default.
     return store.update(bot.id, {"engine-url": engine.url, "messages-per-second": 50})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,12 +17,6 @@ from tests.support.fake_engine import FAIL_4XX, FAIL_5XX, FAIL_HANG, FAIL_INVALI
 from worker.engine import Answer, EchoEngine, HttpEngine, engine_for
 
 SENDER = "+15551230001"
-
-
-@pytest.fixture
-def engine() -> Iterator[FakeEngine]:
-    with FakeEngine() as fake:
-        yield fake
 
 
 def inbound(bot: Bot, body: str = "hola", **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 import redis as redis_lib
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings, strategies as st

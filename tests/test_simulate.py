@@ -14,7 +14,7 @@ from shared import keys
 from shared.bots import Bot
 from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY
-from tests.test_cli import live_server, serving  # noqa: F401  (the fixture is used by name)
+from tests.conftest import serving
 from webhook import create_app
 
 PERSON = "+15551230000"
