@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import dramatiq
 import pytest
 import redis as redis_lib
+import structlog
 from cryptography.fernet import Fernet
 from flask import Flask
 from flask.testing import FlaskClient
@@ -187,3 +188,10 @@ def live_server(app: Flask) -> Iterator[str]:
     """The app served over real HTTP on a local port."""
     with serving(app) as url:
         yield url
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, object]]]:
+    """Log events as structured dicts (development loggers are not cached, so every module's events show)."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured

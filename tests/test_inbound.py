@@ -17,7 +17,6 @@ import dramatiq
 import pytest
 import redis as redis_lib
 import requests
-import structlog
 from fakeredis import TcpFakeServer
 from flask.testing import FlaskClient
 
@@ -30,7 +29,7 @@ from shared.settings import Settings
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port
 from tests.test_signature import INBOUND_PATH, inbound_params, post_signed, sign
-from webhook import create_app, inbound
+from webhook import create_app
 from webhook.twilio_auth import EMPTY_TWIML
 
 SENDER = "+15551230001"
@@ -50,14 +49,6 @@ def queued_kicks(redis: redis_lib.Redis) -> list[dramatiq.Message[Any]]:
 
 def counter(redis: redis_lib.Redis, name: str, **labels: object) -> int:
     return int(redis.hget(keys.METRIC_COUNTERS, metrics.field(name, **labels)) or 0)
-
-
-@pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """The log events of the inbound module (a fresh logger, since each app reconfigures structlog)."""
-    with structlog.testing.capture_logs() as captured:
-        monkeypatch.setattr(inbound, "log", structlog.get_logger(inbound.__name__))
-        yield captured
 
 
 class TestAcknowledgement:

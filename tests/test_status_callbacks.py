@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis as redis_lib
-import structlog
 from flask.testing import FlaskClient
 
 from shared import keys, metrics
@@ -16,7 +14,6 @@ from shared.bots import Bot
 from shared.optout import is_opted_out
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER
 from tests.test_signature import LOCAL, post_signed, sign
-from webhook import status
 from webhook.twilio_auth import EMPTY_TWIML
 
 STATUS_PATH = "/channels/sms/status"
@@ -40,14 +37,6 @@ def recorded(redis: redis_lib.Redis, sid: str) -> dict[str, str]:
 @pytest.fixture
 def sid() -> str:
     return "SM" + uuid.uuid4().hex
-
-
-@pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """The log events of the status module (a fresh logger, since each app reconfigures structlog)."""
-    with structlog.testing.capture_logs() as captured:
-        monkeypatch.setattr(status, "log", structlog.get_logger(status.__name__))
-        yield captured
 
 
 class TestRecording:
