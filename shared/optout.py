@@ -1,4 +1,5 @@
-"""Opt-out keywords and the per-bot-number record of who opted out."""
+"""Opt-out keywords and the per-bot-number record of who opted out (the webhook's accept script
+records STOP and START itself, in the same step that queues the message)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,3 @@ def is_opted_out(redis: Any, bot_number: str, recipient: str) -> bool:
 def opt_out(redis: Any, bot_number: str, recipient: str) -> None:
     redis.sadd(keys.opted_out(bot_number), recipient)
 
-
-def opt_in(redis: Any, bot_number: str, recipient: str) -> None:
-    redis.srem(keys.opted_out(bot_number), recipient)
