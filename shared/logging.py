@@ -35,24 +35,36 @@ def _is_secret(key: str) -> bool:
 
 
 def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types.Processor:
-    """Redact secrets (by field name, in URLs, and the known secret values) and mask phone numbers."""
+    """Redact secrets (by field name, in URLs, and the known secret values) and mask phone numbers.
+
+    It runs for every event of the webhook's hot path, so each check is skipped when a cheap test
+    shows it cannot match: a field name is judged once, and a text without "://" holds no URL
+    credentials, one without "+" no E.164 number.
+    """
+    secret_names: dict[str, bool] = {}
+
+    def is_secret(key: str) -> bool:
+        known = secret_names.get(key)
+        if known is None:
+            known = secret_names[key] = _is_secret(key)
+        return known
 
     def clean(text: str) -> str:
-        text = _URL_CREDENTIALS.sub(lambda m: m[1] + REDACTED + "@", text)
+        if "://" in text:
+            text = _URL_CREDENTIALS.sub(lambda m: m[1] + REDACTED + "@", text)
         for secret in secrets:
-            text = text.replace(secret, REDACTED)
-        if not full_numbers:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if not full_numbers and "+" in text:
             text = _E164_IN_TEXT.sub(lambda m: mask(m[0]) or "", text)
         return text
 
     def scrub(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
         for key, value in event.items():
-            if _is_secret(key):
+            if is_secret(key):
                 event[key] = REDACTED
-            elif key in PHONE_FIELDS and isinstance(value, str) and not full_numbers:
-                event[key] = mask(value)
             elif isinstance(value, str):
-                event[key] = clean(value)
+                event[key] = mask(value) if key in PHONE_FIELDS and not full_numbers else clean(value)
             elif isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
                 event[key] = [clean(item) if isinstance(item, str) else item for item in value]
         return event
