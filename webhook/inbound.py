@@ -6,6 +6,7 @@ All bot work happens in the workers, so a slow bot can never make Twilio time ou
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -36,25 +37,29 @@ def receive() -> Response:
 
 
 def _receive(form: MultiDict[str, str]) -> Response:
-    bot = deps.get_bots().by_number(form["To"])
+    resources = deps.resources()
+    bot = resources.bots.by_number(form["To"])
     if bot is None:
         return route.reject(404, "unknown_number", message_sid=form["MessageSid"], to=form["To"])
-    reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
+    reason = twilio_auth.rejection(request, bot, resources.settings.public_url)
     if reason is not None:
         return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
-    message = inbound_message(form, bot)
-    redis = deps.get_redis()
-    # One round trip: dedupe, record opt-out and queue on the conversation (one Lua step), wake a worker.
-    is_new = accept_inbound(redis, message, idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
-                            broker=deps.get_broker())
+    message = inbound_message(form.to_dict(), bot)
+    # One round trip: dedupe, record opt-out, queue on the conversation and wake a worker (one Lua step).
+    is_new = accept_inbound(resources.redis, message,
+                            idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"))
     # The conversation id embeds the sender's number; the log processor masks it like from_.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
              conversation=f"{bot.id}:{message['sender']}", from_=message["sender"], kind=message["event"])
     return acknowledgement()
 
 
-def inbound_message(form: MultiDict[str, str], bot: Bot) -> dict[str, Any]:
-    """Everything the worker and the engine need from Twilio's form, as shared.conversations.INBOUND."""
+def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
+    """Everything the worker and the engine need from Twilio's form, as shared.conversations.INBOUND.
+
+    `form` is a plain dict of the form's first values (every Twilio field has one): a MultiDict
+    raises and catches an HTTPException inside get() for each absent field, and most are absent.
+    """
     body = form.get("Body", "")
     opt_out_type = form.get("OptOutType") or None
     return {
@@ -68,11 +73,11 @@ def inbound_message(form: MultiDict[str, str], bot: Bot) -> dict[str, Any]:
         "location": {name: form[name] for name in LOCATION_FIELDS if form.get(name)},
         "opt_out_type": opt_out_type,
         "event": classify(body, opt_out_type),
-        "received_at": time.time(),
+        "received_at": time.time(),  # also its place in the pending set
     }
 
 
-def _media(form: MultiDict[str, str]) -> list[dict[str, str | None]]:
+def _media(form: Mapping[str, str]) -> list[dict[str, str | None]]:
     count = min(_count(form.get("NumMedia"), default=0), MAX_MEDIA)
     return [
         {"url": form[f"MediaUrl{n}"], "content_type": form.get(f"MediaContentType{n}") or None}
