@@ -6,7 +6,7 @@ Both receivers serve one after the other on the same port, under the repo's guni
 gthread workers), against a Redis db of their own that is flushed before every run. wrk drives each
 with N pre-signed, distinct inbound messages (each its own MessageSid, many senders): the duplicate
 path is not the one that matters. A run only counts if every request got 200 and Redis holds as
-many queued messages as wrk counted requests: a benchmark of 403s is worthless.
+many stored messages as wrk counted requests: a benchmark of 403s is worthless.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from shared import keys, metrics  # noqa: E402
 from shared.bots import BotStore  # noqa: E402
 from shared.crypto import Vault  # noqa: E402
 from shared.redis import connect  # noqa: E402
-from shared.tasks import CONVERSATIONS_QUEUE  # noqa: E402
+from shared.tasks import CONVERSATIONS_QUEUE, queue_keys  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 BOT_NUMBER = "+15005550006"
@@ -47,7 +47,7 @@ ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 CREDENTIALS_KEY = Fernet.generate_key().decode()
 PATH = "/channels/sms/"
-QUEUE_KEY = f"dramatiq:{CONVERSATIONS_QUEUE}"
+QUEUE_KEY = queue_keys(CONVERSATIONS_QUEUE)[0]
 ACCEPTED = metrics.field("sms_inbound", result="accepted")
 WRK_THREADS = 2
 TARGET_RATIO, TARGET_P99_MS = 0.9, 25.0
@@ -186,10 +186,20 @@ def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str,
     return json.loads(line[len("BENCH "):])
 
 
-def queued(redis_url: str) -> tuple[int, int]:
-    """Messages on dramatiq's queue, and inbound messages the webhook counted as accepted."""
+def queued(name: str, redis_url: str) -> tuple[int, int]:
+    """Messages stored for the workers, and inbound messages the webhook counted as accepted.
+
+    The floor stores each request as a dramatiq message; the webhook stores it on its
+    conversation's inbox (and wakes a worker once per conversation, not once per message).
+    """
     redis = connect(redis_url)
-    return int(redis.llen(QUEUE_KEY)), int(redis.hget(keys.METRIC_COUNTERS, ACCEPTED) or 0)
+    accepted = int(redis.hget(keys.METRIC_COUNTERS, ACCEPTED) or 0)
+    if name == "floor":
+        return int(redis.llen(QUEUE_KEY)), accepted
+    pipe = redis.pipeline(transaction=False)
+    for inbox in redis.scan_iter(match=keys.inbox("*"), count=1000):
+        pipe.llen(inbox)
+    return sum(pipe.execute()), accepted
 
 
 def measure(name: str, command: list[str], env: dict[str, str], args: argparse.Namespace,
@@ -200,10 +210,10 @@ def measure(name: str, command: list[str], env: dict[str, str], args: argparse.N
     with serving(name, command, env, args.port, workdir / f"{name}.log"):
         run_wrk(url, warm, 2, args.connections)
         time.sleep(0.5)  # let the warm-up's last in-flight requests land before counting
-        before = queued(env["REDIS_URL"])
+        before = queued(name, env["REDIS_URL"])
         stats = run_wrk(url, load, args.duration, args.connections)
         time.sleep(0.5)  # requests wrk sent but did not wait for when its clock stopped
-        after = queued(env["REDIS_URL"])
+        after = queued(name, env["REDIS_URL"])
     _check(name, stats, before, after, args)
     return Result(name, stats["requests"], stats["duration_us"] / 1e6, stats["p50_us"] / 1000,
                   stats["p99_us"] / 1000, after[0] - before[0])

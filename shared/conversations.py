@@ -8,13 +8,12 @@ import time
 import uuid
 from typing import Any
 
-from dramatiq.brokers.redis import RedisBroker
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, messagelog, metrics
-from shared.redis import loaded_or_rerun, queue_script, script
+from shared.redis import script, with_constants
 from shared.segments import split_message
-from shared.tasks import conversation_kick, enqueue_in
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
 from shared.optout import MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
@@ -70,64 +69,61 @@ class ReplySchema(Schema):
 INBOUND = InboundMessageSchema()
 REPLY = ReplySchema()
 
-# Deduplicate, record opt-out/opt-in, queue on the conversation and count it: one step, so a
-# crash can neither lose an acknowledged message nor let a retry of it be processed twice.
+# Deduplicate, record opt-out/opt-in, queue on the conversation, count it and, when the inbox
+# was empty, wake a worker: one step, so a crash can neither lose an acknowledged message, nor
+# let a retry of it be processed twice, nor leave it queued with nobody woken for it.
+# A worker draining a conversation looks at its inbox again after letting go of it, so only a
+# message that finds the inbox empty needs a wake-up: a burst of thirty texts wakes one worker,
+# not thirty that would queue for the same lease.
+# KEYS: seen(MessageSid), seen(idempotency token), inbox, pending, opted-out set, metric counters,
+#       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them.
+# ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id.
 ACCEPT_LUA = """
-for i = 1, 2 do
-  if KEYS[i] ~= '' and redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[6], ARGV[7], 1)
-    return 0
-  end
+if redis.call('EXISTS', KEYS[1]) == 1 or (KEYS[2] ~= KEYS[1] and redis.call('EXISTS', KEYS[2]) == 1) then
+  redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
+  return 0
 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[6])
-if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[6]) end
-if ARGV[4] == 'opt_out' then redis.call('SADD', KEYS[5], ARGV[5])
-elseif ARGV[4] == 'opt_in' then redis.call('SREM', KEYS[5], ARGV[5]) end
-redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[1], '1', 'EX', __DEDUPE_TTL__)
+if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1', 'EX', __DEDUPE_TTL__) end
+if ARGV[4] == '__OPT_OUT__' then redis.call('SADD', KEYS[5], ARGV[5])
+elseif ARGV[4] == '__OPT_IN__' then redis.call('SREM', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
-redis.call('HINCRBY', KEYS[6], ARGV[8], 1)
+redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
+if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 then
+  -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
+  local id = cjson.encode(ARGV[6])
+  redis.call('HSET', KEYS[8], ARGV[6], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
+    .. cjson.encode(ARGV[2]) .. '],"kwargs":{},"options":{"redis_message_id":' .. id .. '},"message_id":' .. id
+    .. ',"message_timestamp":' .. string.format('%d', math.floor(tonumber(ARGV[3]) * 1000)) .. '}')
+  redis.call('RPUSH', KEYS[7], ARGV[6])
+end
 return 1
 """
+ACCEPT_LUA = with_constants(
+    ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
+    ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
+    QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
+)
+_WAKE_UP_QUEUE = queue_keys(CONVERSATIONS_QUEUE)
 
 
-_DUPLICATE = metrics.field("sms_inbound", result="duplicate")
-_ACCEPTED = metrics.field("sms_inbound", result="accepted")
-
-
-def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
-                   broker: RedisBroker | None = None) -> bool:
+def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
 
-    Dedupe and storing are one Lua step. With `broker`, the worker's wake-up rides in the same
-    pipeline (one write, one round trip; a MULTI around it measured ~25 us more per message):
-    should Redis die between the two commands, the sweeper wakes the conversation. Duplicates
-    wake one too, which is harmless: the conversation actor is idempotent.
+    One EVALSHA: dedupe, storing and the worker's wake-up are one Lua step and one round trip.
+    `message` is INBOUND's shape already (the webhook builds it field by field), so it is stored
+    as JSON without a marshmallow dump; the worker loads it through INBOUND.
     """
     conversation = keys.conversation_id(message["bot_id"], message["sender"])
     seen_sid = keys.seen(message["sid"])
     seen_token = keys.seen(idempotency_token) if idempotency_token else seen_sid
-    accept = script(redis, ACCEPT_LUA)
-    keys_ = [seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(message["to"]),
-             keys.METRIC_COUNTERS]
-    args = [json.dumps(INBOUND.dump(message)), conversation, repr(time.time()), message["event"], message["sender"],
-            DEDUPE_TTL, _DUPLICATE, _ACCEPTED]
-    kick = conversation_kick(conversation)
-
-    def store_then_wake() -> Any:
-        # Redis lost its scripts (a restart): the wake-up below ran before anything was stored,
-        # so store now and wake a worker again, after it.
-        stored = accept(keys=keys_, args=args)
-        if broker is not None:
-            broker.enqueue(kick)
-        return stored
-
-    pipe = redis.pipeline(transaction=False)
-    queue_script(pipe, accept, keys_, args)
-    checks = [lambda result: loaded_or_rerun(result, store_then_wake)]
-    if broker is not None:
-        checks.append(enqueue_in(pipe, kick, broker))
-    results = [check(result) for check, result in zip(checks, pipe.execute(raise_on_error=False))]
-    return bool(results[0])
+    return bool(script(redis, ACCEPT_LUA)(
+        keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(message["to"]),
+              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE],
+        # The wake-up is named after the message that caused it, which is unique once accepted.
+        args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
+              f"wake-{message['sid']}"],
+    ))
 
 
 # Add replies to the outbox (and the log) in order, optionally finishing the inbound message

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import redis as redis_lib
 
@@ -50,19 +48,12 @@ def script(client: redis_lib.Redis, source: str):  # type: ignore[no-untyped-def
     return registered
 
 
-def queue_script(pipeline: Any, registered: Any, keys: list[str], args: list[Any]) -> None:
-    """Add a registered script to a pipeline by SHA alone.
-
-    redis-py's Script objects make a pipeline ask SCRIPT EXISTS first, a round trip per execute;
-    callers pass the pipeline's result to `loaded_or_rerun`, which loads the script the rare time
-    Redis has lost it (a restart).
-    """
-    pipeline.evalsha(registered.sha, len(keys), *keys, *args)
-
-
-def loaded_or_rerun(result: Any, rerun: Callable[[], Any]) -> Any:
-    if isinstance(result, redis_lib.exceptions.NoScriptError):
-        return rerun()
-    if isinstance(result, Exception):
-        raise result
-    return result
+def with_constants(source: str, **constants: object) -> str:
+    """A Lua script's text with each __NAME__ replaced by its constant: what never changes is
+    written into the script once rather than sent with every call."""
+    for name, value in constants.items():
+        text = str(value)
+        if "'" in text or "\\" in text:
+            raise ValueError(f"{name} cannot go inside a Lua '...' string: {text!r}")
+        source = source.replace(f"__{name}__", text)
+    return source

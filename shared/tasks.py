@@ -6,21 +6,18 @@ The webhook enqueues work by actor name here, so it never imports the worker pac
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Callable
-from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import current_millis
 
-from shared.redis import loaded_or_rerun, queue_script
 from shared.settings import get_settings
 
 CONVERSATIONS_QUEUE = "conversations"
 OUTBOUND_QUEUE = "outbound"
 HANDLE_CONVERSATION = "handle_conversation"
 SEND_REPLY = "send_reply"
+# The Redis key prefix of dramatiq's queues (its default, named so the webhook can enqueue in Lua).
+NAMESPACE = "dramatiq"
 
 # A killed worker's messages come back after the heartbeat timeout, in a maintenance pass;
 # dramatiq's defaults (60 s, 0.1% of calls) take minutes, this takes ~20 s.
@@ -37,6 +34,7 @@ def make_broker(redis_url: str) -> RedisBroker:
         options["ssl_cert_reqs"] = None
     broker = RedisBroker(
         url=redis_url,
+        namespace=NAMESPACE,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
         maintenance_chance=MAINTENANCE_CHANCE,
         **options,
@@ -67,22 +65,12 @@ def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) 
     (broker or get_broker()).enqueue(conversation_kick(conversation))
 
 
-def enqueue_in(pipeline: Any, message: dramatiq.Message, broker: RedisBroker) -> Callable[[Any], Any]:
-    """Queue `message` as one more command of the caller's Redis pipeline.
-
-    RedisBroker.enqueue costs a round trip of its own; this runs the broker's own dispatch script
-    (same arguments as RedisBroker._dispatch, dramatiq 2.x) in the caller's pipeline, so the
-    webhook stores a message and wakes a worker in one round trip.
-    Returns the check to apply to this command's result once the pipeline has run.
-    """
-    message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
-    broker.emit_before("enqueue", message, None)
-    queue_script(pipeline, broker.scripts["dispatch"], [broker.namespace], [
-        "enqueue", current_millis(), message.queue_name, broker.broker_id, broker.heartbeat_timeout,
-        broker.dead_message_ttl, 0, broker._max_unpack_size(),
-        message.options["redis_message_id"], message.encode(),
-    ])
-    return lambda result: loaded_or_rerun(result, lambda: broker.enqueue(message))
+def queue_keys(queue_name: str) -> tuple[str, str]:
+    """A queue as dramatiq's Redis broker keeps it (its dispatch.lua): a list of message ids, and a
+    hash of id -> encoded message. The webhook's accept script enqueues onto these directly, so a
+    message is stored and its worker woken in one Lua step."""
+    name = f"{NAMESPACE}:{queue_name}"
+    return name, f"{name}.msgs"
 
 
 def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,

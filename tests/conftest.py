@@ -21,6 +21,7 @@ from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, get_settings
+from shared.tasks import CONVERSATIONS_QUEUE, queue_keys
 from cli.twilio_standin import TwilioStandin
 from tests.support.fake_engine import FakeEngine
 from webhook import create_app
@@ -36,6 +37,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def queued_kicks(redis: redis_lib.Redis) -> list[dramatiq.Message[object]]:
+    """The dramatiq messages waiting on the conversations queue, read straight from Redis."""
+    ids_key, messages_key = queue_keys(CONVERSATIONS_QUEUE)
+    ids = redis.lrange(ids_key, 0, -1)
+    bodies = redis.hmget(messages_key, ids) if ids else []
+    return [dramatiq.Message.decode(body.encode()) for body in bodies]
 
 
 def _reachable(url: str) -> bool:

@@ -16,7 +16,8 @@ from cli.twilio_standin import TwilioStandin
 from shared import keys, messagelog
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound
-from shared.tasks import OUTBOUND_QUEUE, kick_conversation
+from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, kick_conversation, queue_keys
+from tests.conftest import queued_kicks
 from tests.support.fake_engine import FakeEngine
 from worker.locks import Lease
 
@@ -189,6 +190,38 @@ def test_a_held_conversation_is_left_to_its_holder(redis: redis_lib.Redis, engin
 
     assert [] == engine.calls
     assert 1 == redis.llen(keys.inbox(conversation))
+
+
+def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message that came after the holder's last look, and whose wake-up was refused because the
+    lease was still held, is woken for by the holder's look after letting go."""
+    from worker import conversation as handler
+
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "first")
+    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # its wake-up is the drain below
+    handle = handler.handle_message
+    late: list[dict[str, Any]] = []
+
+    def handle_then_receive(*args: Any) -> bool:
+        more = handle(*args)  # its last look: the inbox was empty
+        if not late:
+            # Given a second message lands just after the holder found the inbox empty,
+            late.append(accept(redis, engine_bot, "second"))
+            # and its wake-up reaches another worker while the lease is still held
+            drain(redis, conversation)
+            redis.delete(*queue_keys(CONVERSATIONS_QUEUE))
+        return more
+
+    monkeypatch.setattr(handler, "handle_message", handle_then_receive)
+    # When the holder finishes the first message and lets go
+    drain(redis, conversation)
+    # Then "second" waits on the inbox and the holder has woken a worker for it
+    assert (["first"], 1, [conversation]) == (
+        [call.text for call in engine.calls], redis.llen(keys.inbox(conversation)),
+        [kick.args[0] for kick in queued_kicks(redis)])
 
 
 def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,

@@ -22,12 +22,15 @@ from flask.testing import FlaskClient
 
 from shared import keys, metrics
 from shared.bots import Bot, BotStore
+from shared.conversations import INBOUND
 from shared.crypto import Vault
 from shared.optout import is_opted_out
 from shared.redis import connect
 from shared.settings import Settings
-from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
-from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
+from tests.conftest import (
+    ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port, queued_kicks,
+)
 from tests.test_signature import INBOUND_PATH, inbound_params, post_signed, sign
 from webhook import create_app
 from webhook.twilio_auth import EMPTY_TWIML
@@ -38,13 +41,6 @@ CONVERSATION = f"1:{SENDER}"  # the test bot is the registry's first bot
 
 def inbox(redis: redis_lib.Redis, sender: str = SENDER, bot_id: int = 1) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in redis.lrange(keys.inbox(keys.conversation_id(bot_id, sender)), 0, -1)]
-
-
-def queued_kicks(redis: redis_lib.Redis) -> list[dramatiq.Message[Any]]:
-    """The dramatiq messages waiting on the conversations queue, read straight from Redis."""
-    ids = redis.lrange(f"dramatiq:{CONVERSATIONS_QUEUE}", 0, -1)
-    bodies = redis.hmget(f"dramatiq:{CONVERSATIONS_QUEUE}.msgs", ids) if ids else []
-    return [dramatiq.Message.decode(body.encode()) for body in bodies]
 
 
 def counter(redis: redis_lib.Redis, name: str, **labels: object) -> int:
@@ -73,8 +69,9 @@ class TestAcknowledgement:
         )
         # When Twilio posts it
         assert 200 == post_signed(client, params).status_code
-        # Then the worker finds all of it on the conversation's inbox
+        # Then the worker finds all of it on the conversation's inbox, in the shape INBOUND loads unchanged
         [message] = inbox(redis)
+        assert message == INBOUND.load(message)
         received_at = message.pop("received_at")
         assert {
             "sid": params["MessageSid"], "bot_id": bot.id, "sender": SENDER, "to": BOT_NUMBER,
@@ -89,8 +86,15 @@ class TestAcknowledgement:
 
     def test_a_handle_conversation_task_is_enqueued(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
         """A worker is asked, through dramatiq's Redis queue, to drain this conversation."""
-        post_signed(client, inbound_params())
-        assert [(HANDLE_CONVERSATION, (CONVERSATION,))] == [(m.actor_name, tuple(m.args)) for m in queued_kicks(redis)]
+        params = inbound_params()
+        post_signed(client, params)
+        [kick] = queued_kicks(redis)
+        wake_id = f"wake-{params['MessageSid']}"
+        assert {
+            "queue_name": CONVERSATIONS_QUEUE, "actor_name": HANDLE_CONVERSATION, "args": (CONVERSATION,), "kwargs": {},
+            "options": {"redis_message_id": wake_id}, "message_id": wake_id,
+        } == {name: value for name, value in kick.asdict().items() if name != "message_timestamp"}
+        assert abs(kick.message_timestamp / 1000 - time.time()) < 60
 
     def test_path_without_trailing_slash_is_served_not_redirected(
             self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
@@ -129,12 +133,12 @@ class TestDuplicates:
         again = post_signed(client, inbound_params(Body="uno"), headers=token)
         assert (200, 200, ["uno"]) == (first.status_code, again.status_code, [m["body"] for m in inbox(redis)])
 
-    def test_duplicate_still_kicks_the_conversation(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
-        """A retry after a crash between storing and kicking still gets the message processed."""
+    def test_a_duplicate_wakes_no_worker(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
+        """Storing and waking are one step, so a retry has nothing to make up for: one wake-up in all."""
         params = inbound_params()
         post_signed(client, params)
         post_signed(client, params)
-        assert [CONVERSATION, CONVERSATION] == [m.args[0] for m in queued_kicks(redis)]
+        assert [CONVERSATION] == [m.args[0] for m in queued_kicks(redis)]
 
 
 class TestOrder:
@@ -146,6 +150,25 @@ class TestOrder:
         bodies = [f"mensaje {n}" for n in range(20)]
         statuses = {post_signed(client, inbound_params(Body=body)).status_code for body in bodies}
         assert ({200}, bodies) == (statuses, [m["body"] for m in inbox(redis)])
+
+    def test_a_burst_wakes_one_worker_not_one_per_message(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
+        """Only a message that finds the inbox empty wakes a worker: the one draining it takes the rest."""
+        for n in range(20):
+            post_signed(client, inbound_params(Body=f"mensaje {n}"))
+        assert [(HANDLE_CONVERSATION, (CONVERSATION,))] == [(m.actor_name, tuple(m.args)) for m in queued_kicks(redis)]
+
+    def test_a_message_finding_the_inbox_emptied_wakes_a_worker_again(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
+        """Once a worker has taken everything off the inbox, the next message wakes one anew."""
+        # Given a message a worker has already taken off the inbox
+        post_signed(client, inbound_params(Body="uno"))
+        redis.lmove(keys.inbox(CONVERSATION), keys.processing(CONVERSATION))
+        # When the next one arrives
+        post_signed(client, inbound_params(Body="dos"))
+        # Then it is queued and wakes a worker of its own
+        assert (["dos"], [CONVERSATION] * 2) == (
+            [m["body"] for m in inbox(redis)], [m.args[0] for m in queued_kicks(redis)])
 
     def test_senders_get_separate_conversations(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
         """Two senders' messages go to two inboxes."""
@@ -200,7 +223,7 @@ class TestBadInput:
         params = inbound_params()
         del params[field]
         response = post_signed(client, params)
-        assert (400, 0) == (response.status_code, redis.llen(f"dramatiq:{CONVERSATIONS_QUEUE}"))
+        assert (400, 0) == (response.status_code, redis.llen(queue_keys(CONVERSATIONS_QUEUE)[0]))
 
     def test_unknown_number_is_404_and_logged_masked(self, client: FlaskClient, bot: Bot,
                                                      logs: list[dict[str, Any]]) -> None:
@@ -341,9 +364,7 @@ def test_a_message_is_still_accepted_after_redis_lost_its_scripts(client: FlaskC
     redis.script_flush()
     # When Twilio delivers a message
     response = post_signed(client, inbound_params(Body="after restart"))
-    # Then it is acknowledged and queued once, and a worker is asked to drain the conversation
-    # after the message was stored (the wake-up sent with the failed store is not enough)
+    # Then it is acknowledged, queued once, and a worker is woken once
     assert 200 == response.status_code
     assert ["after restart"] == [message["body"] for message in inbox(redis)]
-    kicks = [(m.actor_name, tuple(m.args)) for m in queued_kicks(redis)]
-    assert [(HANDLE_CONVERSATION, (CONVERSATION,))] * 2 == kicks
+    assert [(HANDLE_CONVERSATION, (CONVERSATION,))] == [(m.actor_name, tuple(m.args)) for m in queued_kicks(redis)]
