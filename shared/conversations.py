@@ -79,12 +79,13 @@ REPLY = ReplySchema()
 #       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id.
 ACCEPT_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or (KEYS[2] ~= KEYS[1] and redis.call('EXISTS', KEYS[2]) == 1) then
+-- Marking the token seen even when the MessageSid turns out to be a duplicate changes nothing:
+-- a request carrying either again is a duplicate anyway.
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', __DEDUPE_TTL__)
+    or (KEYS[1] ~= KEYS[2] and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', __DEDUPE_TTL__)) then
   redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
   return 0
 end
-redis.call('SET', KEYS[1], '1', 'EX', __DEDUPE_TTL__)
-if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1', 'EX', __DEDUPE_TTL__) end
 if ARGV[4] == '__OPT_OUT__' then redis.call('SADD', KEYS[5], ARGV[5])
 elseif ARGV[4] == '__OPT_IN__' then redis.call('SREM', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
