@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     parser.add_argument("--port", type=int, default=0, help="0: pick a free one")
     args = parser.parse_args()
+    if args.connections < WRK_THREADS:
+        parser.error(f"--connections must be at least {WRK_THREADS}: wrk gives each of its {WRK_THREADS} threads one or more")
     args.port = args.port or free_port()
     url = f"http://127.0.0.1:{args.port}{PATH}"
     env = {
