@@ -1,11 +1,14 @@
 """Crash recovery and ordering across real worker processes, started as the Procfile starts them.
 
-A worker SIGKILLed mid-message loses nothing and repeats nothing; conversations keep their order
+A worker SIGKILLed mid-message loses nothing and repeats nothing; a dyno shutdown lets the
+message in flight finish; conversations keep their order
 under two processes of several threads each; a failing engine costs one fallback, not the conversation.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +81,35 @@ def test_a_worker_killed_mid_message_is_answered_by_another_without_repeats(
     time.sleep(1.0)  # room for a duplicate to show up, were one coming
     assert ["reply to first", "reply to second"] == bodies_to(twilio, SENDER)
     assert ["first", "first", "second"] == [call.text for call in engine.calls]
+
+
+def test_a_dyno_shutdown_lets_the_message_in_flight_finish(
+        redis: redis_lib.Redis, broker: dramatiq.Broker, engine_bot: Bot, engine: FakeEngine,
+        twilio: TwilioStandin, workers: list[Process], worker_env: dict[str, str]) -> None:
+    """Heroku's SIGTERM to every process of the dyno, and the one Dramatiq's main process forwards,
+    are one graceful stop: the message in flight is answered before the worker exits."""
+    # Given a worker dyno busy on a slow engine call
+    engine.delay = 3.0
+    workers.append(worker := start_worker(worker_env, processes=2, threads=4))
+    send(redis, broker, engine_bot, "slow")
+    engine.wait_for_calls(1)
+
+    # When the dyno manager stops it: SIGTERM to every process at once
+    assert worker.popen is not None
+    os.killpg(worker.popen.pid, signal.SIGTERM)
+    exit_code = worker.popen.wait(30)
+
+    # Then the reply went out first, and no worker process was killed
+    assert ["reply to slow"] == bodies_to(twilio, SENDER)
+    assert (0, False) == (exit_code, "Killing worker process" in worker.log)
+
+
+def test_outside_a_dramatiq_worker_process_sigterm_is_left_alone() -> None:
+    """Importing the worker elsewhere (a test, a shell) keeps the process's own SIGTERM handler."""
+    from worker.shutdown import take_repeated_sigterm_as_one
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert (False, before) == (take_repeated_sigterm_as_one(), signal.getsignal(signal.SIGTERM))
 
 
 def test_order_holds_per_conversation_under_two_worker_processes(

@@ -6,8 +6,11 @@ from __future__ import annotations
 from shared.logging import configure_logging
 from shared.tasks import get_broker
 from worker.deps import get_settings
+from worker.shutdown import take_repeated_sigterm_as_one
 
 configure_logging(get_settings())
+# Heroku's SIGTERM and the one Dramatiq's main process forwards are one shutdown, not a kill.
+take_repeated_sigterm_as_one()
 broker = get_broker()
 
 from worker import conversation, outbound  # noqa: E402,F401  (importing declares the actors)
