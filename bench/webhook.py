@@ -52,6 +52,17 @@ ACCEPTED = metrics.field("sms_inbound", result="accepted")
 WRK_THREADS = 2
 TARGET_RATIO, TARGET_P99_MS = 0.9, 25.0
 
+# Every wrk run ends by printing one JSON line the bench reads.
+WRK_DONE = r"""
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
 WRK_SCRIPT = r"""
 -- Cycles through pre-signed requests; each wrk thread takes every NTHREADS-th, so none repeats.
 local bodies, signatures = {}, {}
@@ -80,15 +91,11 @@ function request()
     ["X-Twilio-Signature"] = signatures[i],
   }, bodies[i])
 end
+""" + WRK_DONE
 
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH {"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, "p50_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
+
+# wrk's own GET of the URL, reported like the load above.
+WRK_GET_SCRIPT = WRK_DONE
 
 
 @dataclass
@@ -219,6 +226,21 @@ def measure(name: str, command: list[str], env: dict[str, str], args: argparse.N
                   stats["p99_us"] / 1000, after[0] - before[0])
 
 
+def measure_no_work(command: list[str], env: dict[str, str], args: argparse.Namespace, workdir: Path) -> Result:
+    """The webhook app's GET /healthz (no Redis, no signature) under the same server and load: how
+    much latency the machine's scheduling alone adds with this many connections kept busy."""
+    script = workdir / "get.lua"
+    script.write_text(WRK_GET_SCRIPT)
+    url = f"http://127.0.0.1:{args.port}/healthz"
+    with serving("no-work", command, env, args.port, workdir / "no-work.log"):
+        run_wrk(url, script, 2, args.connections)
+        stats = run_wrk(url, script, args.duration, args.connections)
+    if stats["non2xx"] or stats["socket_errors"]:
+        raise SystemExit(f"no-work: invalid run: {stats}")
+    return Result("no work", stats["requests"], stats["duration_us"] / 1e6, stats["p50_us"] / 1000,
+                  stats["p99_us"] / 1000, 0)
+
+
 def _check(name: str, stats: dict[str, int], before: tuple[int, int], after: tuple[int, int],
            args: argparse.Namespace) -> None:
     """Every request got 200, was distinct, and was queued: otherwise the figures mean nothing."""
@@ -238,7 +260,7 @@ def _check(name: str, stats: dict[str, int], before: tuple[int, int], after: tup
         raise SystemExit(f"{name}: invalid run: " + "; ".join(problems))
 
 
-def report(rounds: list[tuple[Result, Result]], command: str) -> bool:
+def report(rounds: list[tuple[Result, Result]], command: str, no_work: Result | None = None) -> bool:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"\n{os.cpu_count()} CPUs; load average at the end {load} (wrk, Redis and both gunicorns share them)")
     print(f"\n{'round':<6} {'receiver':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'requests':>9} {'queued':>8}")
@@ -256,6 +278,9 @@ def report(rounds: list[tuple[Result, Result]], command: str) -> bool:
     print(f"{'receiver':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
     print(f"{'webhook':<9} {rps_w:8.0f} {p50_w:7.2f} {p99_w:7.2f}")
     print(f"{'floor':<9} {rps_f:8.0f} {p50_f:7.2f} {p99_f:7.2f}")
+    if no_work is not None:
+        print(f"{'no work':<9} {no_work.rps:8.0f} {no_work.p50_ms:7.2f} {no_work.p99_ms:7.2f}  "
+              "(GET /healthz, same server and connections: the machine's own latency floor)")
     ok = ratio >= TARGET_RATIO and p99_w < TARGET_P99_MS
     print(f"ratio webhook/floor throughput: {ratio:.2f} (target >= {TARGET_RATIO}); "
           f"webhook p99 {p99_w:.1f} ms (target < {TARGET_P99_MS:.0f} ms): {'met' if ok else 'NOT met'}")
@@ -272,6 +297,8 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=2_000)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     parser.add_argument("--port", type=int, default=0, help="0: pick a free one")
+    parser.add_argument("--no-work", action="store_true",
+                        help="also measure GET /healthz once, for the latency this machine adds by itself")
     args = parser.parse_args()
     if args.connections < WRK_THREADS:
         parser.error(f"--connections must be at least {WRK_THREADS}: wrk gives each of its {WRK_THREADS} threads one or more")
@@ -299,8 +326,9 @@ def main() -> None:
                 print(f"round {number}: {name}: {shlex.join(command)}", flush=True)
                 pair.append(measure(name, command, env, args, scripts, workdir))
             rounds.append((pair[0], pair[1]))
+        no_work = measure_no_work(receivers["webhook"], env, args, workdir) if args.no_work else None
         command = "/tmp/venvprobe/bin/python bench/webhook.py " + shlex.join(sys.argv[1:])
-        ok = report(rounds, command.strip())
+        ok = report(rounds, command.strip(), no_work)
     sys.exit(0 if ok else 1)
 
 
