@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
+from urllib.parse import urlencode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,24 @@ class TestUnderGunicorn:
     def test_oversized_form_gets_a_clean_413(self, server: str, redis: redis_lib.Redis) -> None:
         """A 65 KiB form is answered 413 over the wire, not with a reset connection or a 500."""
         response = requests.post(server + INBOUND_PATH, data=inbound_params(Body="x" * 65 * 1024), timeout=10)
+        assert (413, 0) == (response.status_code, len(inbox(redis)))
+
+    def test_chunked_message_is_read_and_acknowledged(self, server: str, redis: redis_lib.Redis) -> None:
+        """A body sent chunked (no Content-Length), as some proxies forward it, is read like any other."""
+        params = inbound_params(Body="troceado")
+        headers = {"X-Twilio-Signature": sign(server + INBOUND_PATH, params),
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        body = urlencode(params).encode()
+        chunks = (body[i:i + 50] for i in range(0, len(body), 50))
+        response = requests.post(server + INBOUND_PATH, data=chunks, headers=headers, timeout=10)
+        assert (200, ["troceado"]) == (response.status_code, [m["body"] for m in inbox(redis)])
+
+    def test_oversized_chunked_form_gets_a_clean_413(self, server: str, redis: redis_lib.Redis) -> None:
+        """Without a Content-Length to refuse it by, the 64 KiB limit still holds while reading."""
+        body = urlencode(inbound_params(Body="x" * 65 * 1024)).encode()
+        chunks = (body[i:i + 8192] for i in range(0, len(body), 8192))
+        response = requests.post(server + INBOUND_PATH, data=chunks, timeout=10,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert (413, 0) == (response.status_code, len(inbox(redis)))
 
 

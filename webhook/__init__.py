@@ -8,6 +8,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 from webhook import deps
+from webhook.chunked import ChunkedBodyLimit
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -21,7 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     deps.init_app(app, settings)
     # TLS ends at Heroku's router: trust its X-Forwarded-Proto/Host so request.url is the URL Twilio signed.
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    app.wsgi_app = ProxyFix(ChunkedBodyLimit(app.wsgi_app, MAX_BODY_BYTES), x_proto=1, x_host=1)  # type: ignore[method-assign]
 
     from webhook import errors, health, inbound, metrics, openapi, registry, replies, status
 
