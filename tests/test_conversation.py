@@ -41,7 +41,8 @@ def engine_bot(bot: Bot, store: BotStore, engine: FakeEngine) -> Bot:
 
 
 def accept(redis: redis_lib.Redis, bot: Bot, body: str, sender: str = SENDER, **extra: Any) -> dict[str, Any]:
-    """What the webhook does with an inbound SMS: store it on the conversation's inbox."""
+    """What the webhook does with an inbound SMS: store it on the conversation's inbox, which wakes a
+    worker when the inbox was empty."""
     message = INBOUND.load({
         "sid": f"SM{time.time_ns():032x}", "bot_id": bot.id, "sender": sender, "to": bot.number, "body": body,
         "received_at": time.time(), **extra,
@@ -98,12 +99,10 @@ def test_different_conversations_proceed_in_parallel(redis: redis_lib.Redis, eng
 
     engine.answer = answer
     accept(redis, engine_bot, "slow")
-    kick_conversation(keys.conversation_id(engine_bot.id, SENDER))
     engine.wait_for_calls(1)
 
     # When another sender writes meanwhile
     accept(redis, engine_bot, "fast", sender=OTHER_SENDER)
-    kick_conversation(keys.conversation_id(engine_bot.id, OTHER_SENDER))
 
     # Then that one is answered while the first is still waiting
     wait_until(lambda: outbox_texts(redis, keys.conversation_id(engine_bot.id, OTHER_SENDER)) == ["ok"])
@@ -119,7 +118,6 @@ def test_two_bots_are_answered_by_their_own_engines(redis: redis_lib.Redis, stor
                              "twilio-auth-token": "x" * 32, "main-phone-number": "+15005550007"})
     for bot in (engine_bot, echo_bot):
         accept(redis, bot, "hi")
-        kick_conversation(keys.conversation_id(bot.id, SENDER))
 
     wait_until(lambda: all(outbox_texts(redis, keys.conversation_id(b.id, SENDER)) for b in (engine_bot, echo_bot)))
 
@@ -231,7 +229,6 @@ def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engin
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     for n in range(5):
         accept(redis, engine_bot, f"m{n}")
-    kick_conversation(conversation)
 
     wait_until(lambda: len(outbox_texts(redis, conversation)) == 5)
     assert [f"m{n}" for n in range(5)] == [call.text for call in engine.calls]

@@ -21,7 +21,6 @@ from cli.twilio_standin import TwilioStandin
 from shared import keys
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound, queue_replies, replies_from
-from shared.tasks import kick_conversation
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_worker
 from worker.locks import Lease
@@ -46,12 +45,11 @@ def workers(worker_env: dict[str, str], redis: redis_lib.Redis, twilio: TwilioSt
         process.stop(10)
 
 
-def send(redis: redis_lib.Redis, broker: dramatiq.Broker, bot: Bot, body: str, sender: str = SENDER) -> None:
-    """What the webhook does with an inbound SMS: store it, then kick its conversation."""
+def send(redis: redis_lib.Redis, bot: Bot, body: str, sender: str = SENDER) -> None:
+    """What the webhook does with an inbound SMS: store it, which wakes a worker if the inbox was empty."""
     message = INBOUND.load({"sid": f"SM{time.time_ns():032x}", "bot_id": bot.id, "sender": sender, "to": bot.number,
                             "body": body, "received_at": time.time()})
     assert accept_inbound(redis, message)
-    kick_conversation(keys.conversation_id(bot.id, sender), broker=broker)
 
 
 def bodies_to(twilio: TwilioStandin, recipient: str) -> list[str]:
@@ -65,9 +63,9 @@ def test_a_worker_killed_mid_message_is_answered_by_another_without_repeats(
     # Given a worker busy on a slow engine call for the first message, with a second one waiting
     engine.delay = 5.0
     workers.append(start_worker(worker_env, processes=1, threads=4))
-    send(redis, broker, engine_bot, "first")
+    send(redis, engine_bot, "first")
     engine.wait_for_calls(1)
-    send(redis, broker, engine_bot, "second")
+    send(redis, engine_bot, "second")
 
     # When the worker dies mid-call and another starts
     workers[0].kill()
@@ -91,7 +89,7 @@ def test_a_dyno_shutdown_lets_the_message_in_flight_finish(
     # Given a worker dyno busy on a slow engine call
     engine.delay = 3.0
     workers.append(worker := start_worker(worker_env, processes=2, threads=4))
-    send(redis, broker, engine_bot, "slow")
+    send(redis, engine_bot, "slow")
     engine.wait_for_calls(1)
 
     # When the dyno manager stops it: SIGTERM to every process at once
@@ -128,7 +126,7 @@ def test_order_holds_per_conversation_under_two_worker_processes(
     # When they all write at once
     for round_ in range(8):
         for sender in senders:
-            send(redis, broker, bot_of[sender], f"{sender[-4:]}-{round_}", sender=sender)
+            send(redis, bot_of[sender], f"{sender[-4:]}-{round_}", sender=sender)
 
     # Then every conversation reached the engine one message at a time, and its replies left in order
     twilio.wait_for(80, timeout=60)
@@ -149,11 +147,11 @@ def test_an_engine_down_then_recovering_costs_one_fallback_not_the_conversation(
     workers.append(start_worker(worker_env, processes=1, threads=4))
 
     # When a message arrives while it is down, and another once it is back
-    send(redis, broker, engine_bot, "first")
+    send(redis, engine_bot, "first")
     twilio.wait_for(1, timeout=30)
     engine.up()
     engine.fail_next(2)  # a brief relapse the retries absorb
-    send(redis, broker, engine_bot, "second")
+    send(redis, engine_bot, "second")
 
     # Then the first got the fallback and the second the engine's answer
     twilio.wait_for(2, timeout=30)
