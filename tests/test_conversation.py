@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,43 @@ def test_messages_reach_the_engine_one_at_a_time_in_the_order_received(
     assert texts == [call.text for call in engine.calls]
     assert 1 == engine.most_in_flight(SENDER)
     assert [f"reply to {text}" for text in texts] == outbox_texts(redis, conversation)
+
+
+def test_concurrent_bursts_leave_no_message_without_a_worker(
+        redis: redis_lib.Redis, store: BotStore, engine_bot: Bot, engine: FakeEngine, worker: dramatiq.Worker) -> None:
+    """Messages stored from many threads while workers drain are all answered, once and in order,
+    and every conversation settles: a message stored with no wake-up of its own is never left waiting
+    for the sweeper (the wait below is shorter than its STALE_SECONDS)."""
+    # Given a fast sender number and an engine that takes a moment per answer
+    store.update(engine_bot.id, {"messages-per-second": 1000})
+    engine.delay = 0.005
+    senders = [f"+1555124{n:04d}" for n in range(5)]
+    texts = {sender: [f"{sender[-4:]}-{n}" for n in range(20)] for sender in senders}
+
+    # When five people text twenty messages each, at uneven intervals, all at once
+    def texting(sender: str) -> None:
+        for n, text in enumerate(texts[sender]):
+            accept(redis, engine_bot, text, sender=sender, sid=f"SM{uuid.uuid4().hex}")
+            time.sleep(0.002 * (n % 4))
+
+    threads = [threading.Thread(target=texting, args=(sender,)) for sender in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # and, once all is answered, one more each, to an idle conversation
+    wait_until(lambda: redis.zcard(keys.PENDING) == 0, timeout=12)
+    for sender in senders:
+        texts[sender].append(f"{sender[-4:]}-last")
+        accept(redis, engine_bot, texts[sender][-1], sender=sender, sid=f"SM{uuid.uuid4().hex}")
+
+    # Then each conversation is answered in order, once per message, and leaves the pending set
+    conversations = {sender: keys.conversation_id(engine_bot.id, sender) for sender in senders}
+    wait_until(lambda: redis.zcard(keys.PENDING) == 0, timeout=12)
+    for sender in senders:
+        assert texts[sender] == [call.text for call in engine.calls if call.sender == sender]
+        assert [f"reply to {text}" for text in texts[sender]] == outbox_texts(redis, conversations[sender])
 
 
 def test_different_conversations_proceed_in_parallel(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
