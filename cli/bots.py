@@ -142,7 +142,7 @@ def add_parser(subparsers: Any) -> None:
         parser.set_defaults(run=run)
 
 
-def fields_from(args: argparse.Namespace, parser_error: Any = None) -> dict[str, Any]:
+def fields_from(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for flag, name in _FIELD_FLAGS.items():
         value = getattr(args, flag, None)

@@ -175,19 +175,26 @@ def _signal_group(child: Child, signum: int) -> None:
 
 
 @contextmanager
+def in_background(server: Any, name: str) -> Iterator[None]:
+    """Run a socketserver-style `server` on a daemon thread; shut it down and close it on exit."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@contextmanager
 def embedded_redis() -> Iterator[str]:
     """fakeredis's TCP server in this process: a real Redis protocol endpoint both children share."""
     from fakeredis import TcpFakeServer
 
     server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    thread = threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True)
-    thread.start()
-    try:
+    with in_background(server, "embedded-redis"):
         yield f"redis://127.0.0.1:{server.server_address[1]}/0"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def child_environment(base: Mapping[str, str], port: int, redis_url: str, twilio_url: str) -> dict[str, str]:

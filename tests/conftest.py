@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +21,7 @@ from shared.crypto import Vault
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, get_settings
 from shared.tasks import CONVERSATIONS_QUEUE, queue_keys
+from cli.dev import embedded_redis, in_background
 from cli.twilio_standin import TwilioStandin
 from tests.support.fake_engine import FakeEngine
 from webhook import create_app
@@ -61,13 +61,8 @@ def redis_url() -> Iterator[str]:
     if _reachable(url):
         yield url
         return
-    from fakeredis import TcpFakeServer
-
-    port = free_port()
-    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"redis://127.0.0.1:{port}/0"
-    server.shutdown()
+    with embedded_redis() as url:
+        yield url
 
 
 @pytest.fixture
@@ -182,14 +177,8 @@ def engine() -> Iterator[FakeEngine]:
 def serving(app: Flask) -> Iterator[str]:
     """`app` on a real local port, as the CLI reaches a running service; yields its base URL."""
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with in_background(server, "test-app"):
         yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from cli.dev import in_background
 from cli.twilio_standin import TwilioStandin
 
 ACCOUNT = "AC" + "1" * 32
@@ -89,12 +90,8 @@ def callback_receiver() -> Iterator[tuple[str, queue.Queue[Callback]]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with in_background(server, "callback-receiver"):
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
 
 
 def test_send_through_twilio_client_is_accepted_and_recorded(standin: TwilioStandin, make_client: MakeClient) -> None:
