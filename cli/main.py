@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import bots, dev, dlq, simulate
+from cli import bots, dev, dlq, migrate, simulate
 
 DESCRIPTION = """\
 The SMS channel for Mammut chatbots.
@@ -16,6 +16,7 @@ The SMS channel for Mammut chatbots.
                                  text a bot without a phone and print its replies
   mammut-sms bots list           manage bots over the registry API
   mammut-sms dlq list            replies that failed for good; `dlq replay` sends them again
+  mammut-sms migrate             create or upgrade the database's tables (Heroku: the release phase)
 """
 
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammut-sms", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dev, simulate, bots, dlq):
+    for module in (dev, simulate, bots, dlq, migrate):
         module.add_parser(commands)
     return parser
 

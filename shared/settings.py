@@ -20,6 +20,10 @@ PRODUCTION = "production"
 DEV_CREDENTIALS_KEY = "ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQtISE="
 
 
+# Without DATABASE_URL, development keeps its records in SQLite in the working directory.
+DEV_DATABASE_URL = "sqlite:///mammut-sms.sqlite3"
+
+
 class SettingsError(ValueError):
     """A variable of the environment is missing or malformed; the message names it."""
 
@@ -37,6 +41,11 @@ class Settings:
     log_level: str = "INFO"
     log_phone_numbers: str = "masked"
     environment: str = PRODUCTION
+    # None: SQLite in the working directory (development only; production requires DATABASE_URL).
+    database_url: str | None = None
+    # Connections each process may hold; None: sized from the process's threads (see shared.db).
+    database_pool_size: int | None = None
+    log_retention_days: int = 90
 
     @property
     def development(self) -> bool:
@@ -58,6 +67,9 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
             log_phone_numbers=_choice(env, "LOG_PHONE_NUMBERS", ("masked", "full"), "masked"),
             environment=environment,
+            database_url=database_url(env.get("DATABASE_URL")),
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 0, 0, 1000) or None,
+            log_retention_days=_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
         )
         return settings.checked()
 
@@ -65,7 +77,12 @@ class Settings:
         """Outside development, refuse to run with an open registry or plain-text secrets."""
         if self.development:
             keys = self.credentials_keys or (DEV_CREDENTIALS_KEY,)
-            return replace(self, credentials_keys=keys)
+            return replace(self, credentials_keys=keys, database_url=self.database_url or DEV_DATABASE_URL)
+        if not self.database_url:
+            raise SettingsError(
+                "DATABASE_URL is required (PostgreSQL, e.g. postgres://user:password@host:5432/db; Heroku Postgres "
+                "sets it): a dyno's disk is not a database"
+            )
         if not self.admin_api_token:
             raise SettingsError("ADMIN_API_TOKEN is required (the bearer token of the registry API)")
         if not self.credentials_keys:
@@ -77,6 +94,29 @@ class Settings:
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes).checked()
+
+
+def database_url(raw: str | None) -> str | None:
+    """DATABASE_URL as SQLAlchemy takes it: Heroku's postgres:// and plain postgresql:// use psycopg 3."""
+    url = (raw or "").strip()
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SettingsError(f"DATABASE_URL={redacted_url(url)!r} is not a URL (postgres://... or sqlite:///...)")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme == "postgresql+psycopg" or scheme == "sqlite":
+        return url
+    raise SettingsError(f"DATABASE_URL={redacted_url(url)!r}: only PostgreSQL (postgres://) and SQLite (sqlite:///) are supported")
+
+
+def redacted_url(url: str) -> str:
+    """A URL fit for an error message: no password."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
 
 
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str, upper: bool = False) -> str:

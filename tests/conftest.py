@@ -16,9 +16,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
+from shared import db
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.redis import connect
+from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
 from shared.tasks import CONVERSATIONS_QUEUE, queue_keys
 from cli.dev import embedded_redis, in_background
@@ -65,6 +67,57 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+POSTGRES_TEST_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/mammut_sms_test"
+
+
+def _postgres_test_database() -> str | None:
+    """The local PostgreSQL's test database, created if missing; None when no server answers."""
+    try:
+        server = db.make_engine(POSTGRES_TEST_URL.rsplit("/", 1)[0] + "/postgres", size=1)
+        with server.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            exists = connection.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = 'mammut_sms_test'").first()
+            if not exists:
+                connection.exec_driver_sql("CREATE DATABASE mammut_sms_test")
+        server.dispose()
+    except Exception:  # noqa: BLE001 - no PostgreSQL here: the suite runs on SQLite
+        return None
+    return POSTGRES_TEST_URL
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The database the tests (and the processes they start) share, migrated to head:
+    TEST_DATABASE_URL (`sqlite` alone: a temporary SQLite file), else the local PostgreSQL, else SQLite."""
+    wanted = os.environ.get("TEST_DATABASE_URL", "")
+    if wanted and wanted != "sqlite":
+        url = wanted
+    else:
+        url = (None if wanted else _postgres_test_database()) or f"sqlite:///{tmp_path_factory.mktemp('db')}/test.sqlite3"
+    db.migrate(url)
+    return url
+
+
+def _empty(url: str) -> None:
+    engine = db.make_engine(url, size=1)
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            names = ", ".join(table.name for table in metadata.sorted_tables)
+            connection.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY")
+        else:
+            for table in reversed(metadata.sorted_tables):
+                connection.execute(table.delete())
+            connection.exec_driver_sql("DELETE FROM sqlite_sequence")
+    engine.dispose()
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[str]:
+    """The test database, emptied before and after the test."""
+    _empty(database_url)
+    yield database_url
+    _empty(database_url)
+
+
 @pytest.fixture
 def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
     client = connect(redis_url)
@@ -74,9 +127,10 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
 
 
 @pytest.fixture
-def settings(redis_url: str, redis: redis_lib.Redis) -> Settings:
+def settings(redis_url: str, redis: redis_lib.Redis, database: str) -> Settings:
     return Settings(
         redis_url=redis_url,
+        database_url=database,
         admin_api_token=ADMIN_TOKEN,
         credentials_keys=(CREDENTIALS_KEY,),
         environment=DEVELOPMENT,
@@ -126,10 +180,11 @@ def twilio() -> Iterator[TwilioStandin]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(redis_url: str, twilio: TwilioStandin) -> Iterator[dict[str, str]]:
-    """The environment a worker process would have: the test Redis, the stand-in, development mode."""
+def worker_env(redis_url: str, database_url: str, twilio: TwilioStandin) -> Iterator[dict[str, str]]:
+    """The environment a worker process would have: the test Redis and database, the stand-in, development mode."""
     env = {
         "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
         "TWILIO_API_BASE_URL": twilio.url,
         "ADMIN_API_TOKEN": ADMIN_TOKEN,
         "CREDENTIALS_KEY": CREDENTIALS_KEY,
@@ -157,7 +212,8 @@ def broker(worker_env: dict[str, str]) -> dramatiq.Broker:
 
 
 @pytest.fixture
-def worker(broker: dramatiq.Broker, redis: redis_lib.Redis, twilio: TwilioStandin) -> Iterator[dramatiq.Worker]:
+def worker(broker: dramatiq.Broker, redis: redis_lib.Redis, database: str,
+           twilio: TwilioStandin) -> Iterator[dramatiq.Worker]:
     """A Dramatiq worker with several threads, consuming from the test Redis."""
     twilio.reset()
     running = dramatiq.Worker(broker, worker_timeout=50, worker_threads=4)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import dramatiq
 import redis as redis_lib
 from flask import Flask, current_app
+from sqlalchemy import Engine
 
 from shared.bots import BotCache, BotStore
 from shared.crypto import Vault
+from shared.db import check_schema, get_engine as shared_engine
 from shared.redis import get_redis as shared_redis
 from shared.settings import Settings
 from shared.tasks import make_broker
@@ -19,16 +21,19 @@ from shared.tasks import make_broker
 class Resources:
     settings: Settings
     redis: redis_lib.Redis
+    engine: Engine
     store: BotStore
     bots: BotCache
     broker: dramatiq.Broker
 
 
 def init_app(app: Flask, settings: Settings) -> None:
+    engine = shared_engine(settings)
+    check_schema(engine)  # a release whose migrations did not run stops here, saying what to run
     redis = shared_redis(settings.redis_url)
     store = BotStore(redis, Vault(settings.credentials_keys))
     app.extensions["mammut"] = Resources(
-        settings=settings, redis=redis, store=store, bots=BotCache(store, redis), broker=make_broker(settings.redis_url),
+        settings=settings, redis=redis, engine=engine, store=store, bots=BotCache(store, redis), broker=make_broker(settings.redis_url),
     )
 
 
@@ -42,6 +47,10 @@ def get_settings() -> Settings:
 
 def get_redis() -> redis_lib.Redis:
     return resources().redis
+
+
+def get_engine() -> Engine:
+    return resources().engine
 
 
 def get_store() -> BotStore:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import redis as redis_lib
+from sqlalchemy import Engine
 
 from shared.bots import BotStore
 from shared.crypto import Vault
+from shared.db import get_engine as shared_engine
 from shared.redis import get_redis as shared_redis
 from shared.settings import Settings, get_settings as shared_settings
 
@@ -18,6 +20,10 @@ def get_settings() -> Settings:
 
 def get_redis() -> redis_lib.Redis:
     return shared_redis(get_settings().redis_url)
+
+
+def get_engine() -> Engine:
+    return shared_engine(get_settings())
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,168 @@
+"""The SQL database (the system of record): one engine per process, reached through get_engine().
+
+PostgreSQL in production, SQLite when DATABASE_URL is unset in development. Repositories (bots,
+opt-outs, the message log, dead letters) are plain functions over a Connection; nothing on the
+webhook's inbound hot path queries the database.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Insert
+
+from shared.settings import Settings
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# A thread waits this long for a free connection before its work fails (and is retried).
+POOL_TIMEOUT_SECONDS = 10
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_MS = 15_000
+# Connections a process keeps without DATABASE_POOL_SIZE: its threads, up to this many (a busy
+# thread holds one for milliseconds; Heroku's smaller Postgres plans allow 20-120 in all).
+DEFAULT_POOL_CAP = 10
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+class SchemaBehind(RuntimeError):
+    """The database's schema is not the one this release needs; the message says what to run."""
+
+
+def pool_size(settings: Settings) -> int:
+    if settings.database_pool_size:
+        return settings.database_pool_size
+    threads = int(os.environ.get("WORKER_THREADS") or os.environ.get("WEB_THREADS") or 4)
+    return max(2, min(threads, DEFAULT_POOL_CAP))
+
+
+def make_engine(url: str, size: int = 5) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(
+        url, pool_size=size, max_overflow=size, pool_timeout=POOL_TIMEOUT_SECONDS, pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                      "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+    )
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Transactions are begun by hand below (pysqlite's own begin comes too late for locks).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # web and worker read while the other writes
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads, then writes,
+        # fails with "database is locked" instead of waiting when another process wrote meanwhile.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(settings: Settings) -> Engine:
+    """The process-wide engine for the settings' database."""
+    url = settings.database_url
+    if not url:
+        raise SchemaBehind("no database configured: set DATABASE_URL")
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url, pool_size(settings))
+        return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection (after a fork, or in tests)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    with engine.begin() as connection:
+        yield connection
+
+
+def insert(connection: Connection, table: Table) -> Insert:
+    """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL and SQLite spell them alike)."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def insert_ignoring_duplicates(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert rows whose primary key is not there yet; rows already there are left as they are."""
+    if rows:
+        connection.execute(insert(connection, table).on_conflict_do_nothing(), list(rows))
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["url"] = url
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(url: str) -> tuple[str | None, str]:
+    """Bring the database's schema to this release's; returns (revision before, revision now)."""
+    from alembic import command
+
+    engine = make_engine(url, size=1)
+    try:
+        before = current_revision(engine)
+    finally:
+        engine.dispose()
+    command.upgrade(_alembic_config(url), "head")
+    return before, head_revision()
+
+
+def check_schema(engine: Engine) -> None:
+    """Stop a process whose database is not at this release's schema, saying what to run."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        where = "empty" if current is None else f"at revision {current}"
+        raise SchemaBehind(
+            f"the database schema is {where}, this release needs {head}: run `mammut-sms migrate` "
+            "(on Heroku the Procfile's release phase runs it on every deploy)"
+        )
