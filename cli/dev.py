@@ -2,7 +2,7 @@
 
 Runs the Procfile's own `web` and `worker` commands as child processes (so what runs here is
 what runs on Heroku), with an embedded Redis (fakeredis over TCP) unless REDIS_URL is set, a
-Twilio stand-in that prints every outbound SMS, and a demo bot to text with `mammut-sms simulate`.
+SQLite database for the run (migrated first) unless DATABASE_URL is set, a Twilio stand-in that prints every outbound SMS, and a demo bot to text with `mammut-sms simulate`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ import requests
 from cli.twilio_standin import TwilioStandin
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
+from shared.db import migrate
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, SettingsError
 
@@ -47,7 +49,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dev", help="run web, worker, an embedded Redis and a Twilio stand-in on this machine",
         description="Start the Procfile's web and worker processes with an embedded Redis (unless REDIS_URL is "
-                    "set), a local Twilio stand-in that prints every outbound SMS, and the built-in echo engine "
+                    "set), a SQLite database for this run (unless DATABASE_URL is set; migrated either way), a local Twilio "
+                    "stand-in that prints every outbound SMS, and the built-in echo engine "
                     "(unless ENGINE_URL is set); register a demo bot and print how to text it. Ctrl-C stops it all.",
     )
     parser.add_argument("--port", type=int, default=None, help="the web port (default: $PORT or 5000)")
@@ -188,6 +191,15 @@ def in_background(server: Any, name: str) -> Iterator[None]:
 
 
 @contextmanager
+def scratch_database() -> Iterator[str]:
+    """A SQLite file in a temporary folder, migrated, shared by web and worker, gone on exit."""
+    with tempfile.TemporaryDirectory(prefix="mammut-sms-dev-") as folder:
+        url = f"sqlite:///{folder}/dev.sqlite3"
+        migrate(url)
+        yield url
+
+
+@contextmanager
 def embedded_redis() -> Iterator[str]:
     """fakeredis's TCP server in this process: a real Redis protocol endpoint both children share."""
     from fakeredis import TcpFakeServer
@@ -197,11 +209,13 @@ def embedded_redis() -> Iterator[str]:
         yield f"redis://127.0.0.1:{server.server_address[1]}/0"
 
 
-def child_environment(base: Mapping[str, str], port: int, redis_url: str, twilio_url: str) -> dict[str, str]:
+def child_environment(base: Mapping[str, str], port: int, redis_url: str, twilio_url: str,
+                      database_url: str) -> dict[str, str]:
     env = dict(base)
     env.update({
         "PORT": str(port),
         "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
         "TWILIO_API_BASE_URL": twilio_url,
         "MAMMUT_SMS_ENV": DEVELOPMENT,
         "PYTHONUNBUFFERED": "1",  # piped output would otherwise arrive in late blocks
@@ -255,11 +269,13 @@ def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, t
         "--auth-token", bot.auth_token, "--admin-token", env["ADMIN_API_TOKEN"], "Hola",
     ])
     redis = f"embedded, in memory ({env['REDIS_URL']})" if embedded else "REDIS_URL"
+    database = "DATABASE_URL" if os.environ.get("DATABASE_URL") else f"SQLite, for this run only ({env['DATABASE_URL']})"
     engine = env.get("ENGINE_URL") or "built-in echo (set ENGINE_URL for your own)"
     console.say("")
     console.say(f"mammut-sms dev is running on {local}")
     console.say(f"  webhook:     {env['PUBLIC_URL']}/channels/sms/   (metrics: {local}/metrics, API: {local}/openapi.json)")
     console.say(f"  redis:       {redis}")
+    console.say(f"  database:    {database}")
     console.say(f"  twilio:      stand-in at {twilio_url}: every outbound SMS is printed as 'twilio | SMS ...'")
     console.say(f"  engine:      {engine}")
     console.say(f"  admin token: {env['ADMIN_API_TOKEN']}   (ADMIN_API_TOKEN, for the registry API and /metrics)")
@@ -306,7 +322,12 @@ def supervise(args: argparse.Namespace, console: Console) -> int:
             redis_url = stack.enter_context(embedded_redis()) if embedded else os.environ["REDIS_URL"]
             standin = stack.enter_context(TwilioStandin(echo=lambda line: console.line("twilio", line),
                                                         status_callbacks=True))
-            env = child_environment(os.environ, port, redis_url, standin.url)
+            if os.environ.get("DATABASE_URL"):
+                database_url = os.environ["DATABASE_URL"]
+                migrate(Settings.from_env({**os.environ, "MAMMUT_SMS_ENV": DEVELOPMENT}).database_url or database_url)
+            else:
+                database_url = stack.enter_context(scratch_database())
+            env = child_environment(os.environ, port, redis_url, standin.url, database_url)
             return _run_children(commands, env, procfile.parent, args.grace, stop, console, embedded, standin.url)
     finally:
         for sig, handler in previous.items():

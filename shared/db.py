@@ -48,7 +48,7 @@ def make_engine(url: str, size: int = 5) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     return create_engine(
-        url, pool_size=size, max_overflow=size, pool_timeout=POOL_TIMEOUT_SECONDS, pool_pre_ping=True,
+        url, pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT_SECONDS, pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS,
                       "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},

@@ -90,6 +90,8 @@ def message_log_entries(conversation: str) -> str:
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+# Held by the one worker process purging old log rows (worker/retention.py).
+RETENTION_LOCK = f"{PREFIX}:retention-lock"
 
 
 # A reply that failed for good, kept (like Dramatiq's dead letters) for 7 days so it can be replayed.

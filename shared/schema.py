@@ -35,6 +35,7 @@ bots = Table(
     Column("extra", JSON, nullable=False),  # the other user fields, as given
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,  # a deleted bot's id is never given to a new one (its log keeps the id)
 )
 
 # The latest opt-out state of one person towards one bot number, with when and how it changed.

@@ -22,6 +22,7 @@ from shared.crypto import Vault
 from shared.redis import connect
 from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
+from shared.settings import database_url as normalized_database_url
 from shared.tasks import CONVERSATIONS_QUEUE, queue_keys
 from cli.dev import embedded_redis, in_background
 from cli.twilio_standin import TwilioStandin
@@ -90,7 +91,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     TEST_DATABASE_URL (`sqlite` alone: a temporary SQLite file), else the local PostgreSQL, else SQLite."""
     wanted = os.environ.get("TEST_DATABASE_URL", "")
     if wanted and wanted != "sqlite":
-        url = wanted
+        url = normalized_database_url(wanted) or wanted
     else:
         url = (None if wanted else _postgres_test_database()) or f"sqlite:///{tmp_path_factory.mktemp('db')}/test.sqlite3"
     db.migrate(url)
@@ -106,7 +107,8 @@ def _empty(url: str) -> None:
         else:
             for table in reversed(metadata.sorted_tables):
                 connection.execute(table.delete())
-            connection.exec_driver_sql("DELETE FROM sqlite_sequence")
+            if connection.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").first():
+                connection.exec_driver_sql("DELETE FROM sqlite_sequence")
     engine.dispose()
 
 

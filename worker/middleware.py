@@ -8,20 +8,24 @@ import dramatiq
 from dramatiq.middleware import Middleware
 
 from shared.logging import get_logger
-from worker.deps import get_redis
+from worker.deps import get_engine, get_redis, get_settings
+from worker.retention import Retention
 from worker.sweeper import Sweeper
 
 log = get_logger(__name__)
 
 
 class SweeperMiddleware(Middleware):
-    """Starts the sweeper once the worker is up, and stops it before the worker shuts down."""
+    """Starts the sweeper and the retention job once the worker is up, and stops them before the
+    worker shuts down."""
 
     def __init__(self) -> None:
         self._sweeper: Sweeper | None = None
+        self._retention: Retention | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._sweeper = Sweeper(get_redis(), broker).start()
+        self._retention = Retention(get_redis(), get_engine(), get_settings().log_retention_days).start()
         # The process harness (and an operator reading the logs) waits for this line.
         log.info("worker.ready", pid=os.getpid())
 
@@ -29,3 +33,6 @@ class SweeperMiddleware(Middleware):
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
+        if self._retention is not None:
+            self._retention.stop()
+            self._retention = None

@@ -31,7 +31,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.Column('updated_at', sa.Float(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_bots')),
-    sa.UniqueConstraint('main_phone_number', name=op.f('uq_bots_main_phone_number'))
+    sa.UniqueConstraint('main_phone_number', name=op.f('uq_bots_main_phone_number')),
+    sqlite_autoincrement=True,
     )
     op.create_table('conversations',
     sa.Column('bot_id', sa.Integer(), nullable=False),
