@@ -1,0 +1,168 @@
+"""Redis loses everything (FLUSHALL, a restart without persistence) while the service runs: nothing durable goes.
+
+Everything here goes through the Procfile's real web and worker processes, over HTTP, as an
+operator and Twilio would: the registry API, signed webhooks, the Twilio stand-in, `mammut-sms dlq`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import requests
+from twilio.request_validator import RequestValidator
+
+from cli.dev import embedded_redis
+from cli.twilio_standin import TwilioStandin
+from shared.redis import connect
+from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
+from tests.support.processes import Process, start_web, start_worker
+
+BOT_A, BOT_B = "+15005550006", "+15005550007"
+TALKER, OTHER, STOPPER, UNREACHABLE = "+15551110001", "+15551110002", "+15551110003", "+15551110004"
+API = "/app:mammut-1/graph/user"
+
+
+class Service:
+    """The running web process, reached as Twilio and an operator reach it."""
+
+    def __init__(self, port: int, env: dict[str, str]) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.env = env
+        self.headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        self._sent = 0
+
+    def register(self, number: str) -> int:
+        response = requests.post(self.base + API, headers=self.headers, timeout=10, json={
+            "user-type": "machine", "name": f"bot {number}", "twilio-account-sid": BOT_ACCOUNT_SID,
+            "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": number, "messages-per-second": 50})
+        assert 200 == response.status_code, response.text
+        return int(response.json()["taskResult"][0]["affectedElementId"])
+
+    def text(self, bot_number: str, person: str, body: str) -> int:
+        """A signed inbound SMS, as Twilio posts it; returns the webhook's status code."""
+        self._sent += 1
+        url = self.base + "/channels/sms/"
+        form = {"MessageSid": f"SM{time.time_ns():024x}{self._sent:08d}", "AccountSid": BOT_ACCOUNT_SID,
+                "From": person, "To": bot_number, "Body": body, "NumMedia": "0"}
+        signature = RequestValidator(BOT_AUTH_TOKEN).compute_signature(url, form)
+        return requests.post(url, data=form, headers={"X-Twilio-Signature": signature}, timeout=10).status_code
+
+    def log(self, bot_id: int, person: str) -> list[dict[str, Any]]:
+        response = requests.get(f"{self.base}{API}:{bot_id}/messages", params={"with": person}, headers=self.headers,
+                                timeout=10)
+        assert 200 == response.status_code, response.text
+        return response.json()["data"]["messages"]
+
+    def bots(self) -> list[dict[str, Any]]:
+        return requests.get(self.base + API, headers=self.headers, timeout=10).json()["data"]["user"]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        result = subprocess.run([sys.executable, "-m", "cli.main", "dlq", "list", "--json"], env=self.env,
+                                capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert 0 == result.returncode, result.stderr
+        return json.loads(result.stdout)
+
+
+def wait_until(condition: Any, timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def bodies_to(twilio: TwilioStandin, person: str) -> list[str]:
+    return [message.body for message in twilio.messages if message.to == person]
+
+
+@pytest.fixture
+def private_redis() -> Iterator[redis_lib.Redis]:
+    """A Redis server of this test's own, so FLUSHALL wipes nothing but the service under test's."""
+    if not shutil.which("redis-server"):
+        with embedded_redis() as url:
+            yield connect(url)
+        return
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = connect(f"redis://127.0.0.1:{port}/0")
+        wait_until(lambda: _answers(client), timeout=10, what="redis-server to start")
+        yield client
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.RedisError:
+        return False
+
+
+@pytest.fixture
+def service(worker_env: dict[str, str], private_redis: redis_lib.Redis, database: str,
+            twilio: TwilioStandin) -> Iterator[Service]:
+    twilio.reset()
+    port = free_port()
+    redis_url = "redis://{host}:{port}/0".format(**private_redis.connection_pool.connection_kwargs)
+    env = {**worker_env, "REDIS_URL": redis_url, "ENGINE_URL": "", "PUBLIC_URL": f"http://127.0.0.1:{port}",
+           "LOG_LEVEL": "INFO"}
+    processes: list[Process] = []
+    try:
+        processes.append(start_web(env, port))
+        processes.append(start_worker(env, processes=1, threads=8))
+        yield Service(port, env)
+    finally:
+        for process in processes:
+            process.stop(10)
+
+
+def test_after_flushall_the_service_answers_remembers_opt_outs_and_keeps_every_record(
+        service: Service, private_redis: redis_lib.Redis, twilio: TwilioStandin) -> None:
+    """Bots, opt-outs, the conversation log and dead letters live in the database, not in Redis."""
+    # Given two bots that have talked, a person who texted STOP, and a reply that failed for good
+    bot_a, bot_b = service.register(BOT_A), service.register(BOT_B)
+    twilio.fail_always(to=UNREACHABLE, code=21211)
+    assert [200, 200, 200, 200] == [service.text(BOT_A, TALKER, "one"), service.text(BOT_B, OTHER, "hello"),
+                                    service.text(BOT_A, STOPPER, "STOP"), service.text(BOT_A, UNREACHABLE, "hi")]
+    wait_until(lambda: bodies_to(twilio, TALKER) and bodies_to(twilio, OTHER), what="the first replies")
+    wait_until(lambda: service.dead_letters(), what="the dead letter")
+
+    # When Redis loses everything while web and worker run
+    private_redis.flushall()
+
+    # Then each bot still answers its next message (no 404: the registry is in the database)
+    assert [200, 200] == [service.text(BOT_A, TALKER, "two"), service.text(BOT_B, OTHER, "again")]
+    wait_until(lambda: len(bodies_to(twilio, TALKER)) == 2 and len(bodies_to(twilio, OTHER)) == 2,
+               what="the replies after the flush")
+    # and the person who opted out before the flush still receives nothing
+    assert 200 == service.text(BOT_A, STOPPER, "anyone there?")
+    wait_until(lambda: any(entry["text"] == "echo: anyone there?" and entry["status"] == "suppressed"
+                           for entry in service.log(bot_a, STOPPER)), what="the suppressed reply")
+    assert [] == bodies_to(twilio, STOPPER)
+    # until they text START
+    assert 200 == service.text(BOT_A, STOPPER, "START")
+    assert 200 == service.text(BOT_A, STOPPER, "back")
+    wait_until(lambda: any("back" in body for body in bodies_to(twilio, STOPPER)), what="the reply after START")
+    # and the registry, the conversation log and the dead letters are complete
+    assert {BOT_A, BOT_B} == {bot["main-phone-number"] for bot in service.bots()}
+    talker_log = service.log(bot_a, TALKER)
+    assert ["in", "out", "in", "out"] == [entry["direction"] for entry in talker_log]
+    assert all(entry["sid"] for entry in talker_log)
+    assert ["one", "two"] == [entry["text"] for entry in talker_log if entry["direction"] == "in"]
+    assert ["in", "out", "in", "out"] == [entry["direction"] for entry in service.log(bot_b, OTHER)]
+    dead = service.dead_letters()
+    assert [(UNREACHABLE, 21211)] == [(entry["to"], entry["error_code"]) for entry in dead]
