@@ -158,6 +158,27 @@ def test_an_engine_down_then_recovering_costs_one_fallback_not_the_conversation(
     assert ["Volvemos enseguida.", "reply to second"] == bodies_to(twilio, SENDER)
 
 
+def test_replies_a_dead_worker_queued_but_never_kicked_are_sent_by_a_workers_sweeper(
+        redis: redis_lib.Redis, broker: dramatiq.Broker, engine_bot: Bot, twilio: TwilioStandin,
+        workers: list[Process], worker_env: dict[str, str]) -> None:
+    """Replies left on an outbox with no send_reply message anywhere reach Twilio, in order, within one sweep."""
+    from worker.sweeper import INTERVAL_SECONDS
+
+    # Given two replies a worker queued a minute ago, dying before it kicked their delivery
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    replies = replies_from(conversation, SENDER, "one") + replies_from(conversation, SENDER, "two")
+    queue_replies(redis, conversation, replies)
+    stale(redis, conversation)
+
+    # When a worker process starts, with nothing on any Dramatiq queue to redeliver
+    workers.append(start_worker(worker_env, processes=1, threads=4))
+
+    # Then its sweeper finds the outbox and both replies go out, in order, once each
+    twilio.wait_for(2, timeout=2 * INTERVAL_SECONDS + 5)
+    time.sleep(0.5)  # room for a duplicate to show up, were one coming
+    assert ["one", "two"] == bodies_to(twilio, SENDER)
+
+
 # --- The sweeper, against Redis, without processes ---
 
 

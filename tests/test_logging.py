@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from shared.logging import configure_logging
-from shared.settings import PRODUCTION, Settings
+from shared.settings import DEVELOPMENT, PRODUCTION, Settings
 from tests.conftest import CREDENTIALS_KEY
 
 ADMIN = "admin-token-0123456789"
@@ -46,6 +46,22 @@ def test_numbers_inside_other_fields_are_masked_too(capsys: pytest.CaptureFixtur
     assert "+15551234567" not in text and "5551234567" not in text
     assert "3:********4567" == event["conversation"]
     assert ["********4567", 4] == event["numbers"]
+
+
+@pytest.mark.parametrize("source", ["environment", "constructor"])
+def test_numbers_are_masked_when_log_phone_numbers_is_not_set(capsys: pytest.CaptureFixture[str],
+                                                              source: str) -> None:
+    """Without LOG_PHONE_NUMBERS (read from the environment, or a Settings built in code), numbers are masked."""
+    # Given logging configured from settings that never mention LOG_PHONE_NUMBERS
+    settings = (Settings.from_env({"MAMMUT_SMS_ENV": DEVELOPMENT}) if source == "environment"
+                else Settings(admin_api_token=ADMIN, credentials_keys=(CREDENTIALS_KEY,), environment=PRODUCTION))
+    configure_logging(settings)
+    # When an event carries one number in a phone field and another inside text
+    structlog.get_logger("test").info("hop", from_="+15551234567", conversation="3:+15557654321")
+    # Then each is written with its last four digits only
+    written = capsys.readouterr().err
+    assert "hop" in written and "********4567" in written and "3:********4321" in written
+    assert "5551234567" not in written and "5557654321" not in written
 
 
 def test_log_phone_numbers_full_keeps_numbers(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,9 @@ WRONG_ACCOUNT = "wrong_account"
 
 # An empty <Response/> makes Twilio send nothing back; built once, it never changes.
 EMPTY_TWIML = str(MessagingResponse())
+# The 503 bodies: Redis unreachable (a deliberate refusal) vs. an unexpected exception (a bug).
+UNAVAILABLE = "Service Unavailable"
+INTERNAL_ERROR = "Internal Error"
 
 
 def signed_url(request: Request, public_url: str | None) -> str:
@@ -112,7 +115,7 @@ class TwilioRoute:
         except redis_lib.RedisError as error:
             # Twilio retries a 5xx (or calls the number's fallback URL); what it sent is not lost.
             log.error(f"{self.name}.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
-            return refusal(503, "Service Unavailable")
+            return refusal(503, UNAVAILABLE)
 
     def reject(self, status: int, reason: str, **context: Any) -> Response:
         log.warning(f"{self.name}.rejected", http_status=status, reason=reason, **context)
@@ -133,5 +136,5 @@ def guard(blueprint: Blueprint) -> None:
     @blueprint.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
         # Our fault, not the caller's: 503 makes Twilio retry or use the number's fallback URL.
-        log.exception("twilio_route.failed", path=request.path)
-        return refusal(503, "Service Unavailable")
+        log.exception("twilio_route.crashed", path=request.path)
+        return refusal(503, INTERNAL_ERROR)

@@ -1,0 +1,271 @@
+"""Mutation check: does the test suite notice when a promise of the service is broken?
+
+Each mutation below is a one-line breakage of one promise (a file, the exact text to replace, its
+replacement) and the tests that should fail without that promise. The script copies the working
+tree (tracked and untracked, not ignored, files) to a scratch directory, runs the named tests once
+unmutated, then for each mutation applies it alone, runs its tests, and reports:
+
+  killed      the tests failed: the suite holds the promise
+  survived    the tests passed: nothing notices losing it
+  n/a         the text is gone from the file (the code moved on): update the mutation
+  unreliable  its tests already fail unmutated, so a failure proves nothing
+  error       pytest could not run them (a usage or collection error)
+
+It exits 1 when a mutation survived.
+
+Usage (from the repo root, with the project's venv):
+
+    python bench/mutations.py                 # every mutation
+    python bench/mutations.py head sweeper    # those whose name contains a word given
+    python bench/mutations.py --list
+
+The tests run against a private redis-server started for the run (else TEST_REDIS_URL, else db 14
+of the local Redis) and a temporary SQLite database (TEST_DATABASE_URL=sqlite), so a `pytest`
+running at the same time neither disturbs nor is disturbed. The working tree is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+TIMEOUT_SECONDS = 600
+# A line of pytest's short summary (-rfE): "FAILED tests/x.py::test[param] - AssertionError: ...".
+_SUMMARY = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+CLASSIFY_TESTS = tuple(f"tests/test_optout.py::{name}" for name in (
+    "test_each_opt_out_keyword_alone_is_an_opt_out", "test_each_opt_in_keyword_alone_is_an_opt_in",
+    "test_anything_else_is_an_ordinary_message", "test_twilios_opt_out_type_wins_over_the_body"))
+
+MUTATIONS: list[Mutation] = [
+    # The four promises of issue 15.
+    Mutation("outbox head check skipped", "worker/outbound.py",
+             "    if head != reply_id:\n        return None\n", "    if False:\n        return None\n",
+             ("tests/test_outbound.py::TestOutboxHead", "tests/test_outbound.py::TestOptOut")),
+    Mutation("sweeper thread never sweeps", "worker/sweeper.py",
+             "    def _run(self) -> None:\n", "    def _run(self) -> None:\n        return\n",
+             ("tests/test_crash_recovery.py::"
+              "test_replies_a_dead_worker_queued_but_never_kicked_are_sent_by_a_workers_sweeper",)),
+    Mutation("LOG_PHONE_NUMBERS defaults to full (environment)", "shared/settings.py",
+             '("masked", "full"), "masked")', '("masked", "full"), "full")',
+             ("tests/test_logging.py", "tests/test_inbound.py::TestAcknowledgement")),
+    Mutation("LOG_PHONE_NUMBERS defaults to full (Settings)", "shared/settings.py",
+             '    log_phone_numbers: str = "masked"\n', '    log_phone_numbers: str = "full"\n',
+             ("tests/test_logging.py", "tests/test_inbound.py::TestAcknowledgement")),
+    Mutation("opt-out keywords QUIT, REVOKE, OPTOUT dropped", "shared/optout.py",
+             '"END", "QUIT", "REVOKE", "OPTOUT"})', '"END"})',
+             (*CLASSIFY_TESTS, "tests/test_inbound.py::TestOptOut")),
+    Mutation("opt-in keyword YES dropped", "shared/optout.py",
+             '{"START", "YES", "UNSTOP"}', '{"START", "UNSTOP"}',
+             (*CLASSIFY_TESTS, "tests/test_inbound.py::TestOptOut")),
+    # Receiving.
+    Mutation("signature not checked", "webhook/twilio_auth.py",
+             "    if not is_signed(bot.auth_token,", "    if False and not is_signed(bot.auth_token,",
+             ("tests/test_signature.py",)),
+    Mutation("AccountSid not checked", "webhook/twilio_auth.py",
+             '    if request.form.get("AccountSid") != bot.account_sid:', "    if False:",
+             ("tests/test_signature.py",)),
+    Mutation("dedupe disabled", "shared/conversations.py",
+             "if not redis.call('SET', KEYS[2]", "if false and not redis.call('SET', KEYS[2]",
+             ("tests/test_inbound.py::TestDuplicates",)),
+    Mutation("dedupe disabled (the wake-up test alone)", "shared/conversations.py",
+             "if not redis.call('SET', KEYS[2]", "if false and not redis.call('SET', KEYS[2]",
+             ("tests/test_inbound.py::TestDuplicates::test_a_duplicate_wakes_no_worker",)),
+    Mutation("dedupe remembers 1 hour, not 48", "shared/conversations.py",
+             "DEDUPE_TTL = 48 * 3600", "DEDUPE_TTL = 3600",
+             ("tests/test_inbound.py::TestDuplicates",)),
+    Mutation("body limit gone", "webhook/__init__.py",
+             '    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES\n', "",
+             ("tests/test_inbound.py::TestBadInput", "tests/test_registry.py::TestBadInput")),
+    Mutation("a malformed NumMedia crashes the webhook", "webhook/inbound.py",
+             "    except ValueError:\n        return default", "    except TypeError:\n        return default",
+             ("tests/test_hostile_input.py::test_signed_forms_at_the_webhook_and_status_callback",)),
+    # Sending.
+    Mutation("pacing ignores segments", "worker/pacing.py",
+             "    return max(segments, 1) / rate * (1 + MARGIN)", "    return 1 / rate * (1 + MARGIN)",
+             ("tests/test_pacing.py",)),
+    Mutation("GSM-7 concatenated segment holds 160", "shared/segments.py",
+             "GSM7_MULTI_SEGMENT_SEPTETS: Final = 153", "GSM7_MULTI_SEGMENT_SEPTETS: Final = 160",
+             ("tests/test_segments.py",)),
+    Mutation("UCS-2 concatenated segment holds 70", "shared/segments.py",
+             "UCS2_MULTI_SEGMENT_UNITS: Final = 67", "UCS2_MULTI_SEGMENT_UNITS: Final = 70",
+             ("tests/test_segments.py",)),
+    Mutation("text split at 1700 characters", "shared/segments.py",
+             "MAX_MESSAGE_CHARS: Final = 1600", "MAX_MESSAGE_CHARS: Final = 1700",
+             ("tests/test_segments.py", "tests/test_outbound.py::TestContent")),
+    Mutation("21610 treated as permanent", "shared/twilio_errors.py",
+             "    21610: Action.OPTED_OUT,", "    21610: Action.PERMANENT,",
+             ("tests/test_twilio_errors.py",)),
+    Mutation("5xx not retried", "shared/twilio_errors.py",
+             "http_status == 429 or http_status >= 500:", "http_status == 429:",
+             ("tests/test_twilio_errors.py",)),
+    Mutation("no fallback message", "worker/engine.py",
+             "return [Answer(text=bot.fallback_message)] if bot.fallback_message else []", "return []",
+             ("tests/test_engine.py",)),
+    Mutation("a late status moves the status back", "shared/messagelog.py",
+             "    forwards = new.rank >= old.rank\n", "    forwards = new.rank >= 0\n",
+             ("tests/test_status_callbacks.py::TestRecording",)),
+    # Logs.
+    Mutation("secret fields logged", "shared/logging.py",
+             "            if is_secret(key):\n", "            if False:\n",
+             ("tests/test_logging.py", "tests/test_registry.py::TestReadingAndDeleting")),
+]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: str
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(word.lower() in m.name.lower() for word in args.only)]
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name}: {mutation.path} -> {' '.join(mutation.tests)}")
+        return 0
+    with _redis(args.redis_url) as redis_url, tempfile.TemporaryDirectory(prefix="mammut-mutations-") as scratch:
+        env = {**os.environ, "TEST_REDIS_URL": redis_url, "TEST_DATABASE_URL": "sqlite", "PYTHONDONTWRITEBYTECODE": "1"}
+        copy = _copy_tree(Path(scratch) / "repo")
+        env["PYTHONPATH"] = str(copy)  # the copy's packages, not the editable install's, here and in subprocesses
+        broken = set() if args.no_baseline else _baseline(copy, chosen, env)
+        outcomes = [(m, _run(copy, m, env, broken)) for m in chosen]
+    survived = _report(outcomes)
+    return 1 if survived else 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", help="run only mutations whose name contains one of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    parser.add_argument("--redis-url", help="the tests' Redis (default: a private redis-server)")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _redis(wanted: str | None) -> Iterator[str]:
+    """`wanted`, else a redis-server of our own on a free port, else TEST_REDIS_URL or db 14 of the local one."""
+    server = shutil.which("redis-server")
+    if wanted or not server:
+        yield wanted or os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _copy_tree(target: Path) -> Path:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is skipped
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def _pytest(copy: Path, tests: Sequence[str], env: dict[str, str], stop_at_first: bool) -> tuple[int, str, float]:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+               *(["-x"] if stop_at_first else []), *tests]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as expired:
+        return -1, str(expired.stdout or ""), time.monotonic() - started
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def _baseline(copy: Path, chosen: list[Mutation], env: dict[str, str]) -> set[str]:
+    """The node ids that fail with nothing mutated."""
+    tests = sorted({test for mutation in chosen for test in mutation.tests})
+    print(f"baseline: {len(tests)} test targets, unmutated ...", flush=True)
+    code, output, seconds = _pytest(copy, tests, env, stop_at_first=False)
+    failing = set(_SUMMARY.findall(output))
+    print(f"baseline: exit {code}, {len(failing)} failing, {seconds:.0f}s", flush=True)
+    for node in sorted(failing):
+        print(f"  fails unmutated: {node}")
+    return failing
+
+
+def _covers(target: str, node: str) -> bool:
+    return node == target or node.startswith((target + "::", target + "["))
+
+
+def _run(copy: Path, mutation: Mutation, env: dict[str, str], broken: set[str]) -> Outcome:
+    if any(_covers(target, node) for target in mutation.tests for node in broken):
+        return Outcome("unreliable", detail="its tests fail unmutated")
+    path = copy / mutation.path
+    original = path.read_text() if path.is_file() else ""
+    found = original.count(mutation.old)
+    if found != 1:
+        return Outcome("n/a", detail=f"old text found {found} times in {mutation.path}")
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        code, output, seconds = _pytest(copy, mutation.tests, env, stop_at_first=True)
+    finally:
+        path.write_text(original)
+    if code == 0:
+        return Outcome("survived", seconds)
+    if code in (1, -1):
+        first = next(iter(_SUMMARY.findall(output)), "timeout" if code < 0 else "")
+        return Outcome("killed", seconds, first)
+    last = (output.strip().splitlines() or [""])[-1]
+    return Outcome("error", seconds, f"pytest exit {code}: {last}")
+
+
+def _report(outcomes: list[tuple[Mutation, Outcome]]) -> int:
+    """Print one line per mutation and the totals; returns how many survived."""
+    print()
+    width = max(len(mutation.name) for mutation, _ in outcomes)
+    for mutation, outcome in outcomes:
+        detail = f"  ({outcome.detail})" if outcome.detail else ""
+        print(f"{outcome.verdict:<10} {mutation.name:<{width}} {outcome.seconds:5.0f}s{detail}")
+    counts = {verdict: sum(o.verdict == verdict for _, o in outcomes)
+              for verdict in ("killed", "survived", "n/a", "unreliable", "error")}
+    applicable = counts["killed"] + counts["survived"]
+    print(f"\n{counts['killed']} of {applicable} applicable mutations killed, {counts['survived']} survived"
+          + "".join(f", {n} {verdict}" for verdict, n in counts.items() if n and verdict not in ("killed", "survived")))
+    return counts["survived"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
