@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import requests  # noqa: E402
 from twilio.request_validator import RequestValidator  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tempfile.gettempdir()}/mammut-sms-bench-e2e.sqlite3"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 WEB_CONCURRENCY, WORKER_PROCESSES, WORKER_THREADS = "2", "2", "40"
@@ -104,11 +106,16 @@ def floor_broker() -> Any:
 
 
 def make_bots(redis: Any, count: int, engine_url: str) -> list[str]:
-    """Bots on fast numbers (pacing is not what this measures); returns their numbers."""
+    """Bots on fast numbers (pacing is not what this measures), the only ones; returns their numbers."""
+    from shared import db
     from shared.bots import BotStore
     from shared.crypto import Vault
+    from shared.schema import bots
 
-    store = BotStore(redis, Vault([os.environ["CREDENTIALS_KEY"]]))
+    engine = db.make_engine(DATABASE_URL, size=1)
+    with engine.begin() as connection:
+        connection.execute(bots.delete())
+    store = BotStore(engine, redis, Vault([os.environ["CREDENTIALS_KEY"]]))
     numbers = [f"+1500555{n:04d}" for n in range(count)]
     for number in numbers:
         store.create({"name": number, "twilio-account-sid": ACCOUNT_SID, "twilio-auth-token": AUTH_TOKEN,
@@ -167,10 +174,14 @@ def main() -> None:
     from tests.support.fake_engine import FakeEngine
     from tests.support.processes import start_web, start_worker
 
+    from shared.db import migrate
+
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
+    migrate(DATABASE_URL)
     redis = connect(REDIS_URL)
     with TwilioStandin() as twilio, FakeEngine() as engine:
-        env = {"REDIS_URL": REDIS_URL, "TWILIO_API_BASE_URL": twilio.url, "ENGINE_URL": engine.url,
+        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL, "TWILIO_API_BASE_URL": twilio.url,
+               "ENGINE_URL": engine.url,
                "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
                "WEB_CONCURRENCY": WEB_CONCURRENCY}
         port = free_port()

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tempfile.gettempdir()}/mammut-sms-bench-pacing.sqlite3"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 BUSY, OTHER = "+15550009001", "+15550009002"
@@ -40,7 +41,8 @@ def environment(twilio_url: str) -> dict[str, str]:
     from cryptography.fernet import Fernet
 
     return {
-        "REDIS_URL": REDIS_URL, "TWILIO_API_BASE_URL": twilio_url, "ADMIN_API_TOKEN": "bench",
+        "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL, "TWILIO_API_BASE_URL": twilio_url,
+        "ADMIN_API_TOKEN": "bench",
         "CREDENTIALS_KEY": Fernet.generate_key().decode(), "MAMMUT_SMS_ENV": "development", "LOG_LEVEL": "WARNING",
         "WORKER_PROCESSES": "2", "WORKER_THREADS": "40",
     }
@@ -119,13 +121,19 @@ def main() -> int:
     with TwilioStandin() as twilio:
         env = environment(twilio.url)
         os.environ.update(env)
+        from shared import db
         from shared.bots import BotStore
         from shared.crypto import Vault
         from shared.redis import connect
+        from shared.schema import bots as bots_table
 
         redis = connect(REDIS_URL)
         redis.flushdb()
-        store = BotStore(redis, Vault([env["CREDENTIALS_KEY"]]))
+        db.migrate(DATABASE_URL)
+        engine = db.make_engine(DATABASE_URL, size=1)
+        with engine.begin() as connection:
+            connection.execute(bots_table.delete())
+        store = BotStore(engine, redis, Vault([env["CREDENTIALS_KEY"]]))
         bots = [store.create({"name": f"pacing {number}", "twilio-account-sid": ACCOUNT_SID,
                               "twilio-auth-token": AUTH_TOKEN, "main-phone-number": number,
                               "messages-per-second": 1}) for number in (BUSY, OTHER)]

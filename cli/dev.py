@@ -29,7 +29,7 @@ import requests
 from cli.twilio_standin import TwilioStandin
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
-from shared.db import migrate
+from shared.db import get_engine, migrate
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, SettingsError
 
@@ -250,8 +250,8 @@ def wait_until_ready(port: int, children: list[Child], timeout: float = READY_TI
 
 
 def demo_bot(settings: Settings) -> Bot:
-    """The demo bot on DEMO_NUMBER: reused when a previous run (on a real REDIS_URL) left it there."""
-    store = BotStore(connect(settings.redis_url), Vault(settings.credentials_keys))
+    """The demo bot on DEMO_NUMBER in settings.database_url: reused when a previous run left it there."""
+    store = BotStore(get_engine(settings), connect(settings.redis_url), Vault(settings.credentials_keys))
     existing = store.by_number(DEMO_NUMBER)
     if existing is not None:
         return existing

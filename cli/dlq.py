@@ -1,6 +1,6 @@
 """`mammut-sms dlq list|replay`: the replies that failed for good, shown and sent again.
 
-Runs with the service's environment (REDIS_URL, CREDENTIALS_KEY), e.g. `heroku run mammut-sms dlq list`.
+Runs with the service's environment (DATABASE_URL, REDIS_URL), e.g. `heroku run mammut-sms dlq list`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from shared.db import get_engine
 from shared.phone import mask
 from shared.redis import connect
 from shared.settings import Settings, SettingsError
@@ -20,8 +21,9 @@ from shared.tasks import make_broker
 def add_parser(subparsers: Any) -> None:
     dlq = subparsers.add_parser(
         "dlq", help="list or replay dead-lettered replies",
-        description="Replies that failed for good (bad number, opted out, retries used up) are kept 7 days. "
-                    "Run with the service's environment (REDIS_URL).",
+        description="Replies that failed for good (bad number, retries used up) are kept in the database until "
+                    "replayed; sends that died of an unexpected error are kept 7 days by Dramatiq. "
+                    "Run with the service's environment (DATABASE_URL and REDIS_URL).",
     )
     actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="every dead-lettered reply", description="List dead-lettered replies.")
@@ -43,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from worker import dlq  # the worker's own module: the CLI may import every package
 
+    engine = get_engine(settings)  # Settings.from_env refused to go on without DATABASE_URL (bar development)
     redis = connect(settings.redis_url)
     broker = make_broker(settings.redis_url)
     try:
         if args.action == "list":
-            _print(dlq.list_dead_letters(redis, broker), as_json=args.json)
+            _print(dlq.list_dead_letters(redis, broker, engine), as_json=args.json)
             return 0
-        replayed = dlq.replay(redis, broker, ids=None if args.all else args.ids)
+        replayed = dlq.replay(redis, broker, ids=None if args.all else args.ids, engine=engine)
     finally:
         broker.close()
     print(f"replayed {len(replayed)}: {' '.join(replayed)}" if replayed else "nothing replayed (see: mammut-sms dlq list)")

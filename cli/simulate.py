@@ -50,8 +50,8 @@ def add_parser(subparsers: Any) -> None:
         "simulate", help="send a signed inbound SMS to a running service and print the bot's replies",
         description="Send the webhook Twilio would send for an SMS from --from to --to, signed with the bot's "
                     "auth token, then print the bot's replies as they are sent. With the service's environment "
-                    "(REDIS_URL, CREDENTIALS_KEY) the bot and its token come from the store; otherwise give "
-                    "--auth-token (and the admin token, to see replies).",
+                    "(DATABASE_URL, REDIS_URL, CREDENTIALS_KEY) the bot and its token come from the store; "
+                    "otherwise give --auth-token (and the admin token, to see replies).",
     )
     parser.add_argument("text", help="the message's text")
     parser.add_argument("--to", required=True, help="the bot's number, E.164")
@@ -119,7 +119,7 @@ def find_target(args: argparse.Namespace, to: str, registry: RegistryClient) -> 
     if not args.auth_token:
         raise SimulateError(
             "the bot's Twilio auth token is needed to sign the webhook: pass --auth-token, or run with the "
-            "service's environment (REDIS_URL and CREDENTIALS_KEY) so it is read from the store"
+            "service's environment (DATABASE_URL, REDIS_URL and CREDENTIALS_KEY) so it is read from the store"
         )
     bot_id, account_sid = args.bot_id, args.account_sid
     if (bot_id is None or account_sid is None) and registry.token:
@@ -148,23 +148,25 @@ def _by_number(registry: RegistryClient, to: str) -> dict[str, Any]:
 
 
 def _from_store(to: str) -> Target | None:
-    """The bot as the service itself sees it, when REDIS_URL is set here; None when it is not reachable."""
-    if not os.environ.get("REDIS_URL"):
+    """The bot as the service sees it, with its DATABASE_URL and REDIS_URL here; None when it is not reachable."""
+    if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         return None
-    import redis as redis_lib
+    from sqlalchemy.exc import SQLAlchemyError
 
     from shared.bots import BotStore
     from shared.crypto import Vault
+    from shared.db import get_engine
     from shared.redis import connect
     from shared.settings import Settings, SettingsError
 
     try:
         settings = Settings.from_env()
-        bot = BotStore(connect(settings.redis_url), Vault(settings.credentials_keys)).by_number(to)
-    except (SettingsError, redis_lib.RedisError, ValueError):
+        store = BotStore(get_engine(settings), connect(settings.redis_url), Vault(settings.credentials_keys))
+        bot = store.by_number(to)
+    except (SettingsError, SQLAlchemyError, ValueError):
         return None  # not the service's environment after all: fall back to the options
     if bot is None:
-        raise SimulateError(f"no bot has the number {to} in the store at REDIS_URL")
+        raise SimulateError(f"no bot has the number {to} in the database at DATABASE_URL")
     return Target(bot.id, bot.account_sid, bot.auth_token)
 
 

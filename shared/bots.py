@@ -1,19 +1,28 @@
-"""The bot registry: bots live in Redis, found by id or, in one round trip, by their phone number."""
+"""The bot registry: bots live in the `bots` table; the hot paths read them through a BotCache.
+
+A change commits to the database, then every BotCache drops what it holds: those of this process at
+once, those of other processes when they hear it on Redis (keys.BOTS_CHANGED_CHANNEL). A cache's
+TTL bounds how stale a bot can be if that announcement is lost.
+"""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis as redis_lib
+from sqlalchemy import Engine, Row, delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from shared import keys
 from shared.crypto import Vault
+from shared.db import insert, transaction
 from shared.logging import get_logger
+from shared.schema import bots
 
 log = get_logger(__name__)
 
@@ -23,10 +32,16 @@ NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER = (
 )
 ENGINE_URL, PACE, FALLBACK = "engine-url", "messages-per-second", "fallback-message"
 KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK})
+# Never kept as user fields: the API shows its own values under these names (or once did).
+_INTERNAL = frozenset({"id", "twilio-auth-token-encrypted", "extra", "created-at", "updated-at"})
 DEFAULT_MESSAGES_PER_SECOND = 1.0
-_ENCRYPTED_TOKEN = "twilio-auth-token-encrypted"
-# Decoded records kept per store (see BotStore.load); past this many, the memo starts afresh.
+# Decrypted tokens kept per store (see BotStore._token); past this many, the memo starts afresh.
 LOADED_LIMIT = 1024
+CACHE_TTL_SECONDS = 10.0
+# An unknown number is remembered for less: if its registration's announcement is lost, it works
+# within this long. Long enough that a flood of webhooks to it costs one query per this.
+NEGATIVE_TTL_SECONDS = 5.0
+CACHE_LIMIT = 4096
 
 
 class NumberTaken(Exception):
@@ -62,202 +77,232 @@ class Bot:
         return shown
 
 
-# GET the id the number points at, then the record: one round trip for the hot paths.
-_BY_NUMBER = """
-local id = redis.call('GET', KEYS[1])
-if not id then return false end
-return redis.call('GET', ARGV[1] .. id)
-"""
-
-# Claim the number, take the next id and write the record; a taken number changes nothing.
-# The record arrives with "id" as its first key holding a placeholder, replaced here (no JSON
-# round trip in Lua, whose cjson would turn an empty object into a list).
-_ID_PLACEHOLDER = '"__ID__"'
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local id = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], id)
-redis.call('SET', ARGV[2] .. id, (string.gsub(ARGV[1], '"__ID__"', tostring(id), 1)))
-redis.call('SADD', KEYS[3], id)
-return id
-"""
-
-
 class BotStore:
-    def __init__(self, redis: redis_lib.Redis, vault: Vault) -> None:
+    """The registry's reads and writes over the `bots` table; `redis` only carries change announcements."""
+
+    def __init__(self, engine: Engine, redis: redis_lib.Redis, vault: Vault) -> None:
+        self._engine = engine
         self._redis = redis
         self._vault = vault
-        self._by_number = redis.register_script(_BY_NUMBER)
-        self._create = redis.register_script(_CREATE)
-        self._loaded: dict[str, Bot] = {}
+        self._tokens: dict[str, str] = {}
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
-        record = self._record(0, fields)
-        number = record[NUMBER]
-        template = json.dumps({**record, "id": "__ID__"})
-        assert template.startswith('{"id": ' + _ID_PLACEHOLDER)  # the script replaces the first occurrence
-        bot_id = self._create(keys=[keys.bot_by_number(number), keys.BOT_NEXT_ID, keys.BOT_IDS],
-                              args=[template, keys.BOT_PREFIX])
-        if not bot_id:
-            raise NumberTaken(number)
-        return self._bot({**record, "id": int(bot_id)})
+        row = self._row(fields, self._vault.encrypt(fields[AUTH_TOKEN]))
+        now = time.time()
+        try:
+            with transaction(self._engine) as connection:
+                # Checked first so a refused number does not use up an id (a sequence never gives one back).
+                if self._owner(connection, row["main_phone_number"]) is not None:
+                    raise NumberTaken(row["main_phone_number"])
+                result = connection.execute(
+                    insert(connection, bots).values(**row, created_at=now, updated_at=now))
+                bot_id = int(result.inserted_primary_key[0])
+        except IntegrityError:  # the unique number: a concurrent create got there first
+            raise NumberTaken(row["main_phone_number"]) from None
+        self._announce(bot_id)
+        return self._bot({**row, "id": bot_id})
 
     def get(self, bot_id: int) -> Bot | None:
-        return self.load(self._redis.get(keys.bot(bot_id)))
-
-    def load(self, raw: str | None) -> Bot | None:
-        """The bot a stored record (as read from keys.bot) describes. Decrypting the token costs more
-        than reading the record, and the hot paths load the same few bots again and again: each
-        record text is decoded once. Keyed by the whole text, so a changed bot is never served stale."""
-        if not raw:
-            return None
-        bot = self._loaded.get(raw)
-        if bot is None:
-            if len(self._loaded) >= LOADED_LIMIT:
-                self._loaded.clear()
-            bot = self._loaded[raw] = self._bot(json.loads(raw))
-        return bot
-
-    def all(self) -> list[Bot]:
-        ids = sorted(int(bot_id) for bot_id in self._redis.smembers(keys.BOT_IDS))
-        if not ids:
-            return []
-        records = self._redis.mget([keys.bot(bot_id) for bot_id in ids])
-        return [self._bot(json.loads(raw)) for raw in records if raw]
+        return self._one(bots.c.id == bot_id)
 
     def by_number(self, number: str) -> Bot | None:
-        return self.load(self._by_number(keys=[keys.bot_by_number(number)], args=[keys.BOT_PREFIX]))
+        return self._one(bots.c.main_phone_number == number)
+
+    def all(self) -> list[Bot]:
+        with self._engine.connect() as connection:
+            rows = connection.execute(select(bots).order_by(bots.c.id)).all()
+        return [self._bot(row._mapping) for row in rows]
 
     def update(self, bot_id: int, changes: Mapping[str, Any]) -> Bot:
-        """Apply `changes`; a new number moves the index atomically with the record."""
-        record_key = keys.bot(bot_id)
-        updated: dict[str, Any] = {}
-
-        def apply(pipe: redis_lib.client.Pipeline) -> None:
-            if NUMBER in changes:
-                # Watched too, so two bots cannot claim one number at once.
-                pipe.watch(keys.bot_by_number(changes[NUMBER]))
-            raw = pipe.get(record_key)
-            if not raw:
-                raise BotNotFound(bot_id)
-            old = json.loads(raw)
-            new = self._record(bot_id, {**old["extra"], **old, **changes}, existing=old)
-            owner = pipe.get(keys.bot_by_number(new[NUMBER]))
-            if owner is not None and int(owner) != bot_id:
-                raise NumberTaken(new[NUMBER])
-            pipe.multi()
-            if new[NUMBER] != old[NUMBER]:
-                pipe.delete(keys.bot_by_number(old[NUMBER]))
-            pipe.set(keys.bot_by_number(new[NUMBER]), bot_id)
-            pipe.set(record_key, json.dumps(new))
-            pipe.publish(keys.BOTS_CHANGED_CHANNEL, json.dumps([old[NUMBER], new[NUMBER]]))
-            updated.update(new)
-
-        self._redis.transaction(apply, record_key)
-        return self._bot(updated)
+        """Apply `changes`; the row is locked meanwhile, and a number another bot has is refused."""
+        try:
+            with transaction(self._engine) as connection:
+                old = connection.execute(select(bots).where(bots.c.id == bot_id).with_for_update()).first()
+                if old is None:
+                    raise BotNotFound(bot_id)
+                merged = {**_fields(old), **changes}
+                token = changes.get(AUTH_TOKEN)
+                row = self._row(merged, self._vault.encrypt(token) if token else old.auth_token_encrypted)
+                if self._owner(connection, row["main_phone_number"]) not in (None, bot_id):
+                    raise NumberTaken(row["main_phone_number"])
+                connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
+        except IntegrityError:  # only a new number can collide: a concurrent write took it
+            raise NumberTaken(changes.get(NUMBER, "")) from None
+        self._announce(bot_id)
+        return self._bot({**row, "id": bot_id})
 
     def delete(self, bot_id: int) -> bool:
-        record_key = keys.bot(bot_id)
-        deleted: list[str] = []
+        with transaction(self._engine) as connection:
+            deleted = connection.execute(delete(bots).where(bots.c.id == bot_id)).rowcount > 0
+        if deleted:
+            self._announce(bot_id)
+        return deleted
 
-        def remove(pipe: redis_lib.client.Pipeline) -> None:
-            raw = pipe.get(record_key)
-            if not raw:
-                return
-            number = json.loads(raw)[NUMBER]
-            pipe.multi()
-            pipe.delete(record_key, keys.bot_by_number(number))
-            pipe.srem(keys.BOT_IDS, bot_id)
-            pipe.publish(keys.BOTS_CHANGED_CHANNEL, json.dumps([number]))
-            deleted.append(number)
+    def _one(self, condition: Any) -> Bot | None:
+        with self._engine.connect() as connection:
+            row = connection.execute(select(bots).where(condition)).first()
+        return None if row is None else self._bot(row._mapping)
 
-        self._redis.transaction(remove, record_key)
-        return bool(deleted)
+    @staticmethod
+    def _owner(connection: Any, number: str) -> int | None:
+        return connection.execute(select(bots.c.id).where(bots.c.main_phone_number == number)).scalar()
 
-    def _record(self, bot_id: int, fields: Mapping[str, Any], existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        existing = existing or {}
-        token = fields.get(AUTH_TOKEN)
-        encrypted = self._vault.encrypt(token) if token else existing.get(_ENCRYPTED_TOKEN)
-        now = time.time()
+    def _announce(self, bot_id: int) -> None:
+        """After the commit: every cache drops what it holds, this process's at once."""
+        for cache in list(_caches):
+            cache.clear()
+        try:
+            self._redis.publish(keys.BOTS_CHANGED_CHANNEL, str(bot_id))
+        except redis_lib.RedisError as error:
+            # The change is committed; other processes' caches see it when their entries expire.
+            log.warning("bots.change_not_announced", bot_id=bot_id, error=str(error))
+
+    @staticmethod
+    def _row(fields: Mapping[str, Any], token_encrypted: str) -> dict[str, Any]:
         return {
-            "id": bot_id,
-            NAME: fields.get(NAME, existing.get(NAME, "")),
-            ACCOUNT_SID: fields[ACCOUNT_SID],
-            _ENCRYPTED_TOKEN: encrypted,
-            NUMBER: fields[NUMBER],
-            ENGINE_URL: fields.get(ENGINE_URL),
-            PACE: float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
-            FALLBACK: fields.get(FALLBACK),
+            "name": fields.get(NAME, ""),
+            "account_sid": fields[ACCOUNT_SID],
+            "auth_token_encrypted": token_encrypted,
+            "main_phone_number": fields[NUMBER],
+            "engine_url": fields.get(ENGINE_URL),
+            "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
+            "fallback_message": fields.get(FALLBACK),
             "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
-            "created-at": existing.get("created-at", now),
-            "updated-at": now,
         }
 
-    def _bot(self, record: Mapping[str, Any]) -> Bot:
+    def _bot(self, row: Mapping[str, Any]) -> Bot:
         return Bot(
-            id=int(record["id"]),
-            name=record.get(NAME, ""),
-            account_sid=record[ACCOUNT_SID],
-            auth_token=self._vault.decrypt(record[_ENCRYPTED_TOKEN]),
-            number=record[NUMBER],
-            engine_url=record.get(ENGINE_URL),
-            messages_per_second=float(record.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
-            fallback_message=record.get(FALLBACK),
-            extra=record.get("extra", {}),
+            id=int(row["id"]),
+            name=row["name"],
+            account_sid=row["account_sid"],
+            auth_token=self._token(row["auth_token_encrypted"]),
+            number=row["main_phone_number"],
+            engine_url=row["engine_url"],
+            messages_per_second=float(row["messages_per_second"]),
+            fallback_message=row["fallback_message"],
+            extra=dict(row["extra"] or {}),
         )
 
+    def _token(self, encrypted: str) -> str:
+        """Decrypting costs more than reading the row, and the same few bots are read again and
+        again: each ciphertext is decrypted once (a new token is a new ciphertext, never stale)."""
+        token = self._tokens.get(encrypted)
+        if token is None:
+            if len(self._tokens) >= LOADED_LIMIT:
+                self._tokens.clear()
+            token = self._tokens[encrypted] = self._vault.decrypt(encrypted)
+        return token
 
-_INTERNAL = frozenset({"id", _ENCRYPTED_TOKEN, "extra", "created-at", "updated-at"})
+
+def _fields(row: Row[Any]) -> dict[str, Any]:
+    """A stored bot in the API's spelling, as an update merges its changes into it."""
+    return {
+        **row.extra, NAME: row.name, ACCOUNT_SID: row.account_sid, NUMBER: row.main_phone_number,
+        ENGINE_URL: row.engine_url, PACE: row.messages_per_second, FALLBACK: row.fallback_message,
+    }
+
+
+# Every BotCache of this process, so a change made here empties them before the call returns.
+_caches: weakref.WeakSet[BotCache] = weakref.WeakSet()
 
 
 class BotCache:
-    """Bots by number for the webhook's hot path: a short-lived in-process cache.
+    """Bots by number (the webhook) and by id (the worker): a short-lived in-process cache.
 
-    Registry changes are published on Redis; a listener thread drops the changed numbers, so an
-    update reaches every web process at once. The TTL bounds staleness if that channel is lost.
+    A miss reads the database; unknown numbers and ids are remembered too (for less), so a flood of
+    webhooks to an unregistered number costs no query per request. Any change announcement empties
+    the whole cache. Nothing is kept while the listener is not subscribed: a change could go unheard.
     """
 
-    def __init__(self, store: BotStore, redis: redis_lib.Redis, ttl: float = 10.0) -> None:
+    def __init__(self, store: BotStore, redis: redis_lib.Redis, ttl: float = CACHE_TTL_SECONDS,
+                 negative_ttl: float = NEGATIVE_TTL_SECONDS, limit: int = CACHE_LIMIT) -> None:
         self._store = store
         self._redis = redis
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, Bot]] = {}
+        self._ttl, self._negative_ttl, self._limit = ttl, min(ttl, negative_ttl), limit
+        self._entries: dict[tuple[str, Any], tuple[float, Bot | None]] = {}
+        # Bumped by every clear: a lookup that read the database before a change was announced
+        # must not store what it read after the clear.
+        self._generation = 0
+        self._subscribed = False
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
+        _caches.add(self)
+
+    @property
+    def listening(self) -> bool:
+        """Whether change announcements are heard (and so lookups are kept)."""
+        return self._subscribed
 
     def by_number(self, number: str) -> Bot | None:
+        return self._lookup(("number", number), lambda: self._store.by_number(number))
+
+    def by_id(self, bot_id: int) -> Bot | None:
+        return self._lookup(("id", int(bot_id)), lambda: self._store.get(int(bot_id)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries = {}
+
+    def _lookup(self, key: tuple[str, Any], load: Callable[[], Bot | None]) -> Bot | None:
         self._ensure_listener()
         now = time.monotonic()
-        hit = self._entries.get(number)
+        hit = self._entries.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        bot = self._store.by_number(number)
-        if bot is not None and self._listener is not None:
-            self._entries[number] = (now + self._ttl, bot)
+        generation = self._generation
+        bot = load()
+        self._remember(key, bot, generation, now)
         return bot
 
-    def invalidate(self, *numbers: str) -> None:
-        for number in numbers:
-            self._entries.pop(number, None)
+    def _remember(self, key: tuple[str, Any], bot: Bot | None, generation: int, now: float) -> None:
+        with self._lock:
+            if not self._subscribed or generation != self._generation:
+                return
+            if key not in self._entries and len(self._entries) >= self._limit:
+                del self._entries[next(iter(self._entries))]  # the oldest: entries expire in about that order
+            self._entries[key] = (now + (self._ttl if bot is not None else self._negative_ttl), bot)
+
+    def _set_subscribed(self, subscribed: bool) -> None:
+        with self._lock:
+            self._subscribed = subscribed
+            self._generation += 1
+            self._entries = {}
 
     def _ensure_listener(self) -> None:
         if self._listener is not None:
             return
         with self._lock:
             if self._listener is None:
-                self._listener = threading.Thread(target=self._listen, name="bot-cache-invalidation", daemon=True)
+                self._listener = threading.Thread(target=_listen, args=(weakref.ref(self), self._redis),
+                                                  name="bot-cache-invalidation", daemon=True)
                 self._listener.start()
 
-    def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(keys.BOTS_CHANGED_CHANNEL)
-                # Anything cached before the subscription took effect may be stale.
-                self._entries.clear()
-                for message in pubsub.listen():
-                    self.invalidate(*json.loads(message["data"]))
-            except Exception:  # noqa: BLE001 - the cache must outlive Redis restarts
-                log.warning("bot_cache.listener_reconnecting")
-                self._entries.clear()
-                time.sleep(1)
+
+# How often the listener looks up from an idle channel (to stop once its cache is gone).
+_LISTEN_POLL_SECONDS = 1.0
+
+
+def _listen(cache_ref: weakref.ref[BotCache], redis: redis_lib.Redis) -> None:
+    """Empty the cache on every announcement, and on every (re)subscription: anything kept before it
+    took effect may be stale. Holds the cache weakly, ending with it."""
+    while cache_ref() is not None:
+        pubsub = redis.pubsub()
+        try:
+            pubsub.subscribe(keys.BOTS_CHANGED_CHANNEL)
+            while (cache := cache_ref()) is not None:
+                message = pubsub.get_message(timeout=_LISTEN_POLL_SECONDS)
+                if message is not None and message["type"] == "subscribe":
+                    cache._set_subscribed(True)
+                elif message is not None and message["type"] == "message":
+                    cache.clear()
+                del cache
+        except Exception:  # noqa: BLE001 - the cache must outlive Redis restarts
+            log.warning("bot_cache.listener_reconnecting")
+            cache = cache_ref()
+            if cache is not None:
+                cache._set_subscribed(False)
+            del cache
+            time.sleep(1)
+        finally:
+            pubsub.close()

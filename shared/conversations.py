@@ -10,11 +10,11 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 
-from shared import keys, messagelog, metrics
+from shared import keys, metrics
 from shared.redis import script, with_constants
 from shared.segments import split_message
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
-from shared.optout import MESSAGE, OPT_IN, OPT_OUT
+from shared.optout import LIVE, MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
 
@@ -75,7 +75,7 @@ REPLY = ReplySchema()
 # A worker draining a conversation looks at its inbox again after letting go of it, so only a
 # message that finds the inbox empty needs a wake-up: a burst of thirty texts wakes one worker,
 # not thirty that would queue for the same lease.
-# KEYS: seen(MessageSid), seen(idempotency token), inbox, pending, opted-out set, metric counters,
+# KEYS: seen(MessageSid), seen(idempotency token), inbox, pending, opt-out copy, metric counters,
 #       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id.
 ACCEPT_LUA = """
@@ -86,8 +86,8 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', __DEDUPE_TTL__)
   redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
   return 0
 end
-if ARGV[4] == '__OPT_OUT__' then redis.call('SADD', KEYS[5], ARGV[5])
-elseif ARGV[4] == '__OPT_IN__' then redis.call('SREM', KEYS[5], ARGV[5]) end
+if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
+elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
 if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 then
@@ -103,6 +103,7 @@ return 1
 ACCEPT_LUA = with_constants(
     ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
+    LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )
 _WAKE_UP_QUEUE = queue_keys(CONVERSATIONS_QUEUE)
@@ -127,27 +128,22 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     ))
 
 
-# Add replies to the outbox (and the log) in order, optionally finishing the inbound message
-# that produced them; returns the id to kick when the outbox was idle, so exactly one kick
-# starts a chain of sends whoever else is adding or removing replies.
+# Add replies to the outbox in order, optionally finishing the inbound message that produced
+# them; returns the id to kick when the outbox was idle, so exactly one kick starts a chain of
+# sends whoever else is adding or removing replies. (Their log rows are the caller's, in SQL.)
+# KEYS: outbox, reply records, processing, pending. ARGV: the inbound to finish (or ''),
+# conversation, now, then (id, reply) per reply.
 QUEUE_REPLIES_LUA = """
 local was_empty = redis.call('LLEN', KEYS[1]) == 0
 if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
-local n = (#ARGV - 4) / 3
+local n = (#ARGV - 3) / 2
 for i = 0, n - 1 do
-  local id, reply, entry = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+  local id, reply = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   redis.call('HSET', KEYS[2], id, reply)
   redis.call('RPUSH', KEYS[1], id)
-  redis.call('HSET', KEYS[5], id, entry)
-  redis.call('RPUSH', KEYS[4], id)
 end
-local excess = redis.call('LLEN', KEYS[4]) - tonumber(ARGV[4])
-if excess > 0 then
-  local old = redis.call('LPOP', KEYS[4], excess)
-  redis.call('HDEL', KEYS[5], unpack(old))
-end
-if n > 0 then redis.call('ZADD', KEYS[6], ARGV[3], ARGV[2]) end
-if was_empty and n > 0 then return ARGV[5] end
+if n > 0 then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2]) end
+if was_empty and n > 0 then return ARGV[4] end
 return false
 """
 
@@ -176,18 +172,16 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
 
 
 def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None) -> str | None:
-    """Queue replies in order; returns the reply id a worker must be kicked for, if any.
+    """Queue replies in order; returns the reply id a worker must be kicked for, if any. Their rows
+    in the message log (shared.messagelog) are written first, by the caller.
 
     `redis` may be a pipeline (the worker batches this with its engine counts): the id is then
     its result. Hence EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip."""
-    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), messagelog.LOG_LIMIT]
+    args: list[Any] = [done_inbound or "", conversation, repr(time.time())]
     for reply in replies:
-        media = [{"url": reply["media_url"], "content_type": None}] if reply.get("media_url") else []
-        entry = messagelog.new_entry(reply["id"], "out", reply["text"], media, at=reply["created_at"])
-        args += [reply["id"], json.dumps(REPLY.dump(reply)), json.dumps(entry)]
-    return redis.eval(QUEUE_REPLIES_LUA, 6, keys.outbox(conversation), keys.replies(conversation),
-                      keys.processing(conversation), keys.message_log(conversation),
-                      keys.message_log_entries(conversation), keys.PENDING, *args)
+        args += [reply["id"], json.dumps(REPLY.dump(reply))]
+    return redis.eval(QUEUE_REPLIES_LUA, 4, keys.outbox(conversation), keys.replies(conversation),
+                      keys.processing(conversation), keys.PENDING, *args)
 
 
 # Forget a conversation in the pending set once it has nothing left to do.

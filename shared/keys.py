@@ -8,21 +8,8 @@ from __future__ import annotations
 
 PREFIX = "sms"
 
-# Bot registry
-BOT_NEXT_ID = f"{PREFIX}:bot:next-id"
-BOT_IDS = f"{PREFIX}:bot:ids"
+# The bot registry lives in the database; a change is announced here so every process's cache drops it.
 BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
-
-
-BOT_PREFIX = f"{PREFIX}:bot:"
-
-
-def bot(bot_id: int) -> str:
-    return f"{BOT_PREFIX}{bot_id}"
-
-
-def bot_by_number(number: str) -> str:
-    return f"{PREFIX}:bot:number:{number}"
 
 
 # Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours.
@@ -30,9 +17,10 @@ def seen(token: str) -> str:
     return f"{PREFIX}:seen:{token}"
 
 
-# Opt-out: the senders that texted STOP to one bot number.
+# Opt-out: the Redis copy of who opted out of one bot number (a hash; see shared/optout.py). Earlier
+# releases kept a set at sms:optout:<number>; the new name keeps the two from ever meeting.
 def opted_out(bot_number: str) -> str:
-    return f"{PREFIX}:optout:{bot_number}"
+    return f"{PREFIX}:opted-out:{bot_number}"
 
 
 # Conversations: one per (bot, sender).
@@ -77,15 +65,6 @@ def replies(conversation: str) -> str:
     return _conv(conversation, "replies")
 
 
-def message_log(conversation: str) -> str:
-    """Entry ids of the conversation's bounded message log, oldest first."""
-    return _conv(conversation, "log")
-
-
-def message_log_entries(conversation: str) -> str:
-    return _conv(conversation, "log-entries")
-
-
 # Conversations with work outstanding, scored by when they should next make progress;
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
@@ -94,14 +73,10 @@ SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
 
 
-# A reply that failed for good, kept (like Dramatiq's dead letters) for 7 days so it can be replayed.
+# Earlier releases kept a reply that failed for good here for 7 days; the database's dead_letters
+# table holds them now (`mammut-sms migrate --from-redis` copies what is left).
 def dead_reply(reply_id: str) -> str:
     return f"{PREFIX}:dead-reply:{reply_id}"
-
-
-# Delivery status of one outbound Twilio message, by MessageSid.
-def delivery_status(message_sid: str) -> str:
-    return f"{PREFIX}:status:{message_sid}"
 
 
 # Pacing state of one sender number.

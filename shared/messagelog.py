@@ -1,108 +1,255 @@
-"""The bounded per-conversation message log and the delivery status of each outbound message."""
+"""The message log: every inbound and outbound message (`messages`), what Twilio said of each sent
+one (`deliveries`), and the latest message of each conversation (`conversations`).
+
+A reply's row is written before it joins its outbox, and updated with Twilio's MessageSid before it
+leaves it; status callbacks land in `deliveries` by MessageSid, whether or not the worker's write
+came first. Reading merges the two, and a status never moves backwards.
+
+Pages are keyset pages: `next` is an opaque cursor naming the last item of a page; passed back as
+`after`, it gives the items that follow it in the same order.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from shared import keys
-from shared.redis import script
+from sqlalchemy import Connection, Select, and_, case, func, select, tuple_, update
 
-LOG_LIMIT = 200
-STATUS_TTL = 7 * 24 * 3600
+from shared.db import insert
+from shared.schema import STATUSES, conversations, deliveries, messages, opt_outs
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
 # Twilio's lifecycle; callbacks arrive out of order, and a status never moves backwards.
 STATUS_RANK = {
-    "pending": 0, "accepted": 1, "queued": 1, "sending": 2, "sent": 3,
-    "failed": 4, "undelivered": 4, "delivered": 4, "read": 5,
+    "pending": 0, "accepted": 1, "scheduled": 1, "queued": 1, "sending": 2, "sent": 3,
+    "failed": 4, "undelivered": 4, "delivered": 4, "canceled": 4, "read": 5,
 }
+assert set(STATUSES) <= STATUS_RANK.keys()
 
-# Append an entry (once: a resumed message may have been logged before its worker died) and drop
-# the oldest past the limit, in one step.
-APPEND_LUA = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[3])
-if excess > 0 then
-  local old = redis.call('LPOP', KEYS[1], excess)
-  redis.call('HDEL', KEYS[2], unpack(old))
-end
-"""
+RECEIVED, PENDING, SUPPRESSED, FAILED = "received", "pending", "suppressed", "failed"
+PERSON, ENGINE, CALLBACK, REPLAY = "person", "engine", "callback", "replay"
 
-UPDATE_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-"""
-
-# Record a status for a MessageSid: the time of every status is kept, the current one only advances.
-STATUS_LUA = """
-local rank = tonumber(ARGV[2])
-redis.call('HSETNX', KEYS[1], 'at:' .. ARGV[1], ARGV[4])
-local current = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
-if rank >= current then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', rank)
-  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error-code', ARGV[3]) end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return redis.call('HGET', KEYS[1], 'status')
-"""
+_DELIVERY = [deliveries.c.status.label("delivery_status"), deliveries.c.error_code.label("delivery_error_code"),
+             *(deliveries.c[f"{status}_at"].label(f"delivery_{status}_at") for status in STATUSES)]
 
 
-def new_entry(entry_id: str, direction: str, text: str, media: list[dict[str, Any]] | None = None,
-              sid: str | None = None, status: str = "pending", at: float | None = None) -> dict[str, Any]:
-    at = time.time() if at is None else at
-    return {
-        "id": entry_id, "direction": direction, "text": text, "media": media or [], "sid": sid,
-        "status": status, "error-code": None, "statuses": {status: at}, "at": at,
+class BadCursor(ValueError):
+    """An `after` value that no page of ours handed out."""
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next: str | None  # the cursor of the last item, when more follow
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def record_exchange(connection: Connection, message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]],
+                    bot_number: str | None) -> None:
+    """An inbound message and the replies it got, with the conversation's latest; the caller's
+    transaction makes it all or nothing. A message handled again (its worker died before queuing
+    the replies) rewrites the same reply rows and drops those the new answer no longer has."""
+    now = time.time()
+    inbound = {
+        "id": message["sid"], "bot_id": message["bot_id"], "person": message["sender"], "bot_number": message["to"],
+        "direction": "in", "origin": PERSON, "text": message["body"], "media": list(message["media"]),
+        "sid": message["sid"], "in_reply_to": None, "status": RECEIVED, "error_code": None,
+        "at": message["received_at"], "updated_at": now,
     }
+    first_time = connection.execute(
+        insert(connection, messages).values(inbound).on_conflict_do_nothing().returning(messages.c.id)).first()
+    rows = _reply_rows(replies, bot_number, ENGINE, after=inbound["at"])
+    if first_time is None:
+        _forget_stale_replies(connection, inbound, [row["id"] for row in rows])
+    _upsert_replies(connection, rows)
+    last = rows[-1] if rows else inbound
+    _touch_conversation(connection, message["bot_id"], message["sender"], last["id"], last["at"])
 
 
-def append(redis: Any, conversation: str, entry: dict[str, Any]) -> None:
-    """Add `entry` to the end of the log, unless an entry with its id is there already."""
-    script(redis, APPEND_LUA)(keys=[keys.message_log(conversation), keys.message_log_entries(conversation)],
-                              args=[entry["id"], json.dumps(entry), LOG_LIMIT])
+def record_replies(connection: Connection, replies: Sequence[Mapping[str, Any]], bot_number: str | None,
+                   origin: str = CALLBACK) -> None:
+    """Replies that answer no inbound in this step (an engine's callback, a replay), as `pending`."""
+    rows = _reply_rows(replies, bot_number, origin)
+    _upsert_replies(connection, rows)
+    latest: dict[tuple[int, str], dict[str, Any]] = {}
+    for row in rows:
+        latest[(row["bot_id"], row["person"])] = row
+    for (bot_id, person), row in latest.items():
+        _touch_conversation(connection, bot_id, person, row["id"], row["at"])
 
 
-# update and record_status take a client or a pipeline (a sender batches them with its other
-# writes), so they EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip.
-
-
-def update(redis: Any, conversation: str, entry: dict[str, Any]) -> None:
-    """Rewrite an entry in place; one already trimmed from the log stays gone."""
-    redis.eval(UPDATE_LUA, 1, keys.message_log_entries(conversation), entry["id"], json.dumps(entry))
-
-
-def record_status(redis: Any, message_sid: str, status: str, error_code: int | str | None = None,
-                  at: float | None = None) -> str | None:
-    """Record `status` for a Twilio message; returns the status now current (from a client)."""
-    rank = STATUS_RANK.get(status, 0)
+def record_sent(connection: Connection, reply_id: str, bot_id: int, sid: str, status: str,
+                at: float | None = None) -> None:
+    """Twilio took the reply: its row gets the MessageSid and status, `deliveries` the status."""
     at = time.time() if at is None else at
-    code = "" if error_code in (None, "") else str(error_code)
-    return redis.eval(STATUS_LUA, 1, keys.delivery_status(message_sid), status, rank, code, repr(at), STATUS_TTL)
+    connection.execute(update(messages).where(messages.c.id == reply_id)
+                       .values(sid=sid, status=status, updated_at=at))
+    if status in STATUSES:  # what Twilio answered; anything else stays on the row alone
+        record_delivery(connection, sid, bot_id, status, at=at)
 
 
-def read(redis: Any, conversation: str) -> list[dict[str, Any]]:
-    """The log, oldest first, each outbound entry merged with its latest delivery status."""
-    ids = redis.lrange(keys.message_log(conversation), 0, -1)
-    if not ids:
-        return []
-    raw = redis.hmget(keys.message_log_entries(conversation), ids)
-    entries = [json.loads(item) for item in raw if item]
-    pipe = redis.pipeline(transaction=False)
-    with_sid = [entry for entry in entries if entry.get("sid") and entry["direction"] == "out"]
-    for entry in with_sid:
-        pipe.hgetall(keys.delivery_status(entry["sid"]))
-    for entry, status in zip(with_sid, pipe.execute()):
-        _merge_status(entry, status)
-    return entries
+def record_outcome(connection: Connection, reply_id: str, status: str, error_code: int | None = None,
+                   at: float | None = None) -> None:
+    """A reply that ends without a MessageSid: suppressed, or failed (with Twilio's error code)."""
+    at = time.time() if at is None else at
+    values: dict[str, Any] = {"status": status, "updated_at": at}
+    if error_code is not None:
+        values["error_code"] = error_code
+    connection.execute(update(messages).where(messages.c.id == reply_id).values(**values))
 
 
-def _merge_status(entry: dict[str, Any], status: dict[str, str]) -> None:
-    for name, value in status.items():
-        if name.startswith("at:"):
-            entry["statuses"].setdefault(name[3:], float(value))
-    current = status.get("status")
-    if current and STATUS_RANK.get(current, 0) >= STATUS_RANK.get(entry["status"], 0):
-        entry["status"] = current
-    if status.get("error-code"):
-        entry["error-code"] = int(status["error-code"])
+def record_delivery(connection: Connection, sid: str, bot_id: int, status: str, error_code: int | None = None,
+                    at: float | None = None) -> str:
+    """Record one of Twilio's statuses for a MessageSid; returns the status now current. The time
+    of each status is its first report's; the current status only moves forwards."""
+    if status not in STATUSES:
+        raise ValueError(f"not a Twilio message status: {status!r}")
+    at = time.time() if at is None else at
+    stamp = f"{status}_at"
+    statement = insert(connection, deliveries).values(
+        sid=sid, bot_id=bot_id, status=status, rank=STATUS_RANK[status], error_code=error_code, updated_at=at,
+        **{stamp: at})
+    new, old = statement.excluded, deliveries.c
+    forwards = new.rank >= old.rank
+    statement = statement.on_conflict_do_update(index_elements=[old.sid], set_={
+        "status": case((forwards, new.status), else_=old.status),
+        "rank": case((forwards, new.rank), else_=old.rank),
+        stamp: func.coalesce(old[stamp], new[stamp]),
+        "error_code": func.coalesce(new.error_code, old.error_code),
+        "updated_at": new.updated_at,
+    }).returning(old.status)
+    return connection.execute(statement).scalar_one()
+
+
+def _reply_rows(replies: Sequence[Mapping[str, Any]], bot_number: str | None, origin: str,
+                after: float | None = None) -> list[dict[str, Any]]:
+    now, rows = time.time(), []
+    for reply in replies:
+        # Strictly after the previous row: the log's order is (at, id), and ids need not sort.
+        at = reply["created_at"] if after is None else max(reply["created_at"], after + 1e-6)
+        media = [{"url": reply["media_url"], "content_type": None}] if reply.get("media_url") else []
+        rows.append({
+            "id": reply["id"], "bot_id": reply["bot_id"], "person": reply["to"], "bot_number": bot_number,
+            "direction": "out", "origin": origin, "text": reply["text"], "media": media, "sid": None,
+            "in_reply_to": reply.get("in_reply_to"), "status": PENDING, "error_code": None, "at": at,
+            "updated_at": now,
+        })
+        after = at
+    return rows
+
+
+def _upsert_replies(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    statement = insert(connection, messages).values(rows)
+    new = statement.excluded
+    # Only a reply still pending is rewritten: one that went out keeps what was sent.
+    connection.execute(statement.on_conflict_do_update(
+        index_elements=[messages.c.id], where=messages.c.status == PENDING,
+        set_={"text": new.text, "media": new.media, "at": new.at, "updated_at": new.updated_at},
+    ))
+
+
+def _forget_stale_replies(connection: Connection, inbound: dict[str, Any], keep: list[str]) -> None:
+    """The pending replies of an earlier attempt at this inbound that this attempt did not give."""
+    m = messages.c
+    statement = messages.delete().where(
+        m.bot_id == inbound["bot_id"], m.person == inbound["person"], m.at >= inbound["at"],  # the index
+        m.in_reply_to == inbound["id"], m.status == PENDING, m.direction == "out")
+    if keep:
+        statement = statement.where(m.id.not_in(keep))
+    connection.execute(statement)
+
+
+def _touch_conversation(connection: Connection, bot_id: int, person: str, message_id: str, at: float) -> None:
+    statement = insert(connection, conversations).values(bot_id=bot_id, person=person, last_message_id=message_id,
+                                                         last_at=at)
+    new, old = statement.excluded, conversations.c
+    connection.execute(statement.on_conflict_do_update(
+        index_elements=[old.bot_id, old.person], where=new.last_at >= old.last_at,
+        set_={"last_message_id": new.last_message_id, "last_at": new.last_at},
+    ))
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read(connection: Connection, bot_id: int, person: str, limit: int = DEFAULT_LIMIT, newest_first: bool = False,
+         after: str | None = None) -> Page:
+    """One page of a bot's messages with one person, each outbound merged with its delivery."""
+    m = messages.c
+    query = (select(messages, *_DELIVERY).select_from(messages.outerjoin(deliveries, deliveries.c.sid == m.sid))
+             .where(m.bot_id == bot_id, m.person == person))
+    rows = _page(connection, query, (m.at, m.id), limit, newest_first, after)
+    items = [entry(row) for row in rows[:limit]]
+    return Page(items, _cursor(rows, limit, lambda row: [row.at, row.id]))
+
+
+def conversations_of(connection: Connection, bot_id: int, bot_number: str, limit: int = DEFAULT_LIMIT,
+                     newest_first: bool = True, after: str | None = None) -> Page:
+    """One page of the people a bot has talked to, with each one's latest message and opt-out state."""
+    c, m = conversations.c, messages.c
+    joined = (conversations.outerjoin(messages, m.id == c.last_message_id)
+              .outerjoin(deliveries, deliveries.c.sid == m.sid)
+              .outerjoin(opt_outs, and_(opt_outs.c.bot_number == bot_number, opt_outs.c.person == c.person)))
+    query = (select(messages, *_DELIVERY, c.person.label("conversation_person"), c.last_at,
+                    opt_outs.c.opted_out).select_from(joined).where(c.bot_id == bot_id))
+    rows = _page(connection, query, (c.last_at, c.person), limit, newest_first, after)
+    items = [{"person": row.conversation_person, "last-message": entry(row) if row.id is not None else None,
+              "opted-out": bool(row.opted_out)} for row in rows[:limit]]
+    return Page(items, _cursor(rows, limit, lambda row: [row.last_at, row.conversation_person]))
+
+
+def _page(connection: Connection, query: Select[Any], key: tuple[Any, Any], limit: int, newest_first: bool,
+          after: str | None) -> list[Any]:
+    """Up to limit + 1 rows (the extra one says whether a next page exists) after the cursor."""
+    if after is not None:
+        position = tuple_(*key)
+        query = query.where(position < tuple_(*_decode(after)) if newest_first else position > tuple_(*_decode(after)))
+    order = [column.desc() for column in key] if newest_first else list(key)
+    return list(connection.execute(query.order_by(*order).limit(limit + 1)).all())
+
+
+def _cursor(rows: list[Any], limit: int, position: Any) -> str | None:
+    if len(rows) <= limit:
+        return None
+    raw = json.dumps(position(rows[limit - 1]), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(cursor: str) -> tuple[float, str]:
+    try:
+        at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError, TypeError):
+        raise BadCursor(f"not a cursor this API handed out: {cursor!r}") from None
+    if not isinstance(at, (int, float)) or not isinstance(key, str):
+        raise BadCursor(f"not a cursor this API handed out: {cursor!r}")
+    return float(at), key
+
+
+def entry(row: Any) -> dict[str, Any]:
+    """A message as the API shows it: an outbound one with its delivery's status, error and times."""
+    statuses = {PENDING if row.direction == "out" else row.status: row.at}
+    statuses.setdefault(row.status, row.updated_at)
+    for status in STATUSES:
+        stamp = getattr(row, f"delivery_{status}_at")
+        if stamp is not None:
+            statuses.setdefault(status, stamp)
+    status = row.status
+    if row.delivery_status and STATUS_RANK[row.delivery_status] >= STATUS_RANK.get(status, 0):
+        status = row.delivery_status
+    code = row.delivery_error_code if row.delivery_error_code is not None else row.error_code
+    return {
+        "id": row.id, "direction": row.direction, "origin": row.origin, "text": row.text, "media": row.media or [],
+        "sid": row.sid, "status": status, "error-code": code,
+        "statuses": dict(sorted(statuses.items(), key=lambda item: item[1])), "at": row.at,
+    }

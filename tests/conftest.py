@@ -71,18 +71,19 @@ def redis_url() -> Iterator[str]:
 POSTGRES_TEST_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/mammut_sms_test"
 
 
-def _postgres_test_database() -> str | None:
-    """The local PostgreSQL's test database, created if missing; None when no server answers."""
+def _postgres_database(url: str) -> str | None:
+    """A PostgreSQL database, created if missing; None when no server answers."""
+    server_url, name = url.rsplit("/", 1)
     try:
-        server = db.make_engine(POSTGRES_TEST_URL.rsplit("/", 1)[0] + "/postgres", size=1)
+        server = db.make_engine(server_url + "/postgres", size=1)
         with server.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            exists = connection.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = 'mammut_sms_test'").first()
+            exists = connection.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).first()
             if not exists:
-                connection.exec_driver_sql("CREATE DATABASE mammut_sms_test")
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
         server.dispose()
     except Exception:  # noqa: BLE001 - no PostgreSQL here: the suite runs on SQLite
         return None
-    return POSTGRES_TEST_URL
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +93,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     wanted = os.environ.get("TEST_DATABASE_URL", "")
     if wanted and wanted != "sqlite":
         url = normalized_database_url(wanted) or wanted
+        if url.startswith("postgresql"):
+            _postgres_database(url)
     else:
-        url = (None if wanted else _postgres_test_database()) or f"sqlite:///{tmp_path_factory.mktemp('db')}/test.sqlite3"
+        url = (None if wanted else _postgres_database(POSTGRES_TEST_URL)) or f"sqlite:///{tmp_path_factory.mktemp('db')}/test.sqlite3"
     db.migrate(url)
     return url
 
@@ -158,8 +161,9 @@ def admin_headers() -> dict[str, str]:
 
 
 @pytest.fixture
-def store(redis: redis_lib.Redis) -> BotStore:
-    return BotStore(redis, Vault([CREDENTIALS_KEY]))
+def store(settings: Settings, redis: redis_lib.Redis) -> BotStore:
+    """The bot registry over the test database (the engine the app and the in-process worker share)."""
+    return BotStore(db.get_engine(settings), redis, Vault([CREDENTIALS_KEY]))
 
 
 @pytest.fixture

@@ -1,18 +1,35 @@
-"""The bot store against real Redis: the index by number, atomic moves, encryption, the web cache."""
+"""The bot store against the real database, and the in-process cache against real Redis pub/sub."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
 from cryptography.fernet import Fernet
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import Engine, event, select
 
-from shared import keys
-from shared.bots import BotCache, BotStore, NumberTaken
+from shared import db
+from shared.bots import BotCache, BotNotFound, BotStore, NumberTaken
 from shared.crypto import Vault
+from shared.schema import bots
+from shared.settings import Settings
 from tests.conftest import BOT_ACCOUNT_SID, CREDENTIALS_KEY
+
+REPO = Path(__file__).resolve().parent.parent
+# Pub/sub channels span a Redis server's databases: another test run on the same server announces
+# its changes on ours, and each empties the cache once more. Query counts allow for one.
+FOREIGN_SLACK = 1
 
 
 def fields(number: str, **extra: object) -> dict[str, object]:
@@ -20,26 +37,64 @@ def fields(number: str, **extra: object) -> dict[str, object]:
             "main-phone-number": number, **extra}
 
 
-def test_a_bot_is_found_by_its_number_in_one_round_trip(store: BotStore, redis: redis_lib.Redis,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """by_number resolves through one Redis command; the record comes back decrypted."""
-    created = store.create(fields("+15550001111"))
-    store.by_number("+15550001111")  # the script is loaded once; later calls go by SHA
-    commands: list[str] = []
-    execute = redis.execute_command
-    monkeypatch.setattr(redis, "execute_command", lambda *args, **kw: commands.append(args[0]) or execute(*args, **kw))
+@pytest.fixture
+def sql(settings: Settings) -> Engine:
+    """The test database's engine, as the store and the app use it."""
+    return db.get_engine(settings)
 
-    found = store.by_number("+15550001111")
+
+@contextmanager
+def counted_queries(engine: Engine) -> Iterator[list[str]]:
+    """The SQL queries `engine` runs inside the block (not SQLite's BEGIN IMMEDIATE, which opens every one)."""
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not statement.startswith("BEGIN"):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_bot_is_found_by_its_number_in_one_query(store: BotStore, sql: Engine) -> None:
+    """by_number reads one row; the record comes back with its token decrypted."""
+    created = store.create(fields("+15550001111"))
+
+    with counted_queries(sql) as statements:
+        found = store.by_number("+15550001111")
 
     assert (created.id, "token-123456") == (found.id, found.auth_token)
-    assert ["EVALSHA"] == commands
+    assert 1 == len(statements)
+
+
+def test_ids_count_up_from_one_and_a_refused_number_uses_none(store: BotStore) -> None:
+    """Bots get 1, 2, ... in order of registration; a registration refused for its number skips no id."""
+    first = store.create(fields("+15550001001"))
+    with pytest.raises(NumberTaken):
+        store.create(fields("+15550001001"))
+    second = store.create(fields("+15550001002"))
+
+    assert [1, 2] == [first.id, second.id]
+    assert [1, 2] == [bot.id for bot in store.all()]
 
 
 def test_concurrent_registrations_of_one_number_yield_one_bot(store: BotStore) -> None:
     """Ten threads race to register the same number: exactly one wins, nine get NumberTaken."""
     outcomes: list[str] = []
+    start = threading.Barrier(10)
 
     def register() -> None:
+        start.wait()
         try:
             store.create(fields("+15550002222"))
             outcomes.append("created")
@@ -50,44 +105,162 @@ def test_concurrent_registrations_of_one_number_yield_one_bot(store: BotStore) -
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=10)
+        thread.join(timeout=30)
 
     assert (1, 9) == (outcomes.count("created"), outcomes.count("taken"))
+    assert ["+15550002222"] == [bot.number for bot in store.all()]
 
 
-def test_rotated_keys_still_decrypt_old_tokens(redis: redis_lib.Redis) -> None:
+def test_updating_an_unknown_bot_is_bot_not_found(store: BotStore) -> None:
+    """An update names a bot that must exist; nothing is created."""
+    with pytest.raises(BotNotFound):
+        store.update(999, {"name": "ghost"})
+
+    assert [] == store.all()
+
+
+def test_an_update_keeps_what_it_does_not_change(store: BotStore) -> None:
+    """Unchanged fields, the token and the extra user fields survive an update of another field."""
+    bot = store.create(fields("+15550003000", language="es", **{"engine-url": "http://engine.local/hook"}))
+
+    updated = store.update(bot.id, {"name": "renamed", "timezone": "America/Caracas"})
+
+    assert ("renamed", "token-123456", "http://engine.local/hook") == (
+        updated.name, updated.auth_token, updated.engine_url)
+    assert {"language": "es", "timezone": "America/Caracas"} == dict(store.get(bot.id).extra)
+
+
+def test_the_token_is_stored_encrypted(store: BotStore, sql: Engine) -> None:
+    """The row holds a Fernet token, never the plain auth token."""
+    bot = store.create(fields("+15550003100"))
+
+    with sql.connect() as connection:
+        row = connection.execute(select(bots).where(bots.c.id == bot.id)).one()
+
+    assert "token-123456" not in repr(tuple(row))
+    assert "token-123456" == Vault([CREDENTIALS_KEY]).decrypt(row.auth_token_encrypted)
+
+
+def test_rotated_keys_still_decrypt_old_tokens(sql: Engine, redis: redis_lib.Redis) -> None:
     """With a new key first and the old one second, tokens written under the old key still read."""
-    old_store = BotStore(redis, Vault([CREDENTIALS_KEY]))
+    old_store = BotStore(sql, redis, Vault([CREDENTIALS_KEY]))
     bot = old_store.create(fields("+15550003333"))
 
-    rotated = BotStore(redis, Vault([Fernet.generate_key().decode(), CREDENTIALS_KEY]))
+    rotated = BotStore(sql, redis, Vault([Fernet.generate_key().decode(), CREDENTIALS_KEY]))
 
     assert "token-123456" == rotated.get(bot.id).auth_token
 
 
-def test_a_wrong_key_fails_loudly(redis: redis_lib.Redis, store: BotStore) -> None:
+def test_a_wrong_key_fails_loudly(sql: Engine, redis: redis_lib.Redis, store: BotStore) -> None:
     """Reading with a key that never encrypted the token is an error that names CREDENTIALS_KEY."""
     bot = store.create(fields("+15550004444"))
 
     with pytest.raises(ValueError, match="CREDENTIALS_KEY"):
-        BotStore(redis, Vault([Fernet.generate_key().decode()])).get(bot.id)
+        BotStore(sql, redis, Vault([Fernet.generate_key().decode()])).get(bot.id)
 
 
-def test_the_web_cache_forgets_a_number_when_the_registry_changes_it(store: BotStore, redis: redis_lib.Redis) -> None:
-    """An update made by another process reaches the cache through Redis pub/sub, well before its TTL."""
-    cache = BotCache(store, redis, ttl=300)
-    bot = store.create(fields("+15550005555"))
-    assert bot.id == cache.by_number("+15550005555").id  # starts the listener
-    deadline = time.monotonic() + 5
-    while redis.pubsub_numsub(keys.BOTS_CHANGED_CHANNEL)[0][1] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert bot.id == cache.by_number("+15550005555").id  # now cached
+def test_a_change_is_committed_even_when_redis_cannot_announce_it(sql: Engine, logs: list[dict[str, object]]) -> None:
+    """With Redis unreachable the registry still works; the lost announcement is logged as a warning."""
+    unreachable = redis_lib.Redis(port=1, retry=Retry(NoBackoff(), 0))
+    store = BotStore(sql, unreachable, Vault([CREDENTIALS_KEY]))
 
-    other_process_store = BotStore(redis, Vault([CREDENTIALS_KEY]))
-    other_process_store.update(bot.id, {"main-phone-number": "+15550006666"})
+    bot = store.create(fields("+15550004500"))
 
-    deadline = time.monotonic() + 5
-    while cache.by_number("+15550005555") is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cache.by_number("+15550005555") is None
-    assert bot.id == cache.by_number("+15550006666").id
+    assert bot.id == store.by_number("+15550004500").id
+    assert ["bots.change_not_announced"] == [e["event"] for e in logs if e["event"] == "bots.change_not_announced"]
+
+
+class TestCache:
+    """BotCache: a change anywhere reaches it at once; unknown numbers and ids cost no query per lookup."""
+
+    @pytest.fixture
+    def cache(self, store: BotStore, redis: redis_lib.Redis) -> BotCache:
+        """A cache with a long TTL (so only invalidation can refresh it), already listening."""
+        cache = BotCache(store, redis, ttl=300, negative_ttl=300)
+        cache.by_number("+15550000000")  # starts the listener
+        assert eventually(lambda: cache.listening)
+        return cache
+
+    def test_a_change_made_in_this_process_is_seen_at_once(self, store: BotStore, cache: BotCache) -> None:
+        """Moving a bot's number: the old number is unknown and the new one found on the very next lookup."""
+        bot = store.create(fields("+15550005555"))
+        assert bot.id == cache.by_number("+15550005555").id  # now cached
+        assert cache.by_number("+15550006666") is None  # and so is this miss
+
+        store.update(bot.id, {"main-phone-number": "+15550006666"})
+
+        assert cache.by_number("+15550005555") is None
+        assert bot.id == cache.by_number("+15550006666").id
+
+    def test_a_change_made_by_another_process_arrives_through_redis(
+            self, store: BotStore, cache: BotCache, database: str, redis_url: str) -> None:
+        """Another process's update reaches the cache through Redis pub/sub, well before its TTL."""
+        bot = store.create(fields("+15550005555"))
+        assert bot.id == cache.by_number("+15550005555").id  # now cached
+
+        # When another process moves the bot's number
+        script = ("import sys; from shared.bots import BotStore; from shared.crypto import Vault; "
+                  "from shared.db import make_engine; from shared.redis import connect; "
+                  "BotStore(make_engine(sys.argv[1]), connect(sys.argv[2]), Vault([sys.argv[3]]))"
+                  f".update({bot.id}, {{'main-phone-number': '+15550006666'}})")
+        subprocess.run([sys.executable, "-c", script, database, redis_url, CREDENTIALS_KEY], cwd=REPO, check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+
+        # Then this process's cache lets go of the old number, and finds the new one
+        assert eventually(lambda: cache.by_number("+15550005555") is None)
+        assert bot.id == cache.by_number("+15550006666").id
+
+    def test_bots_are_cached_by_id_for_the_worker(self, store: BotStore, cache: BotCache, sql: Engine) -> None:
+        """by_id queries once, then answers from memory until the bot changes."""
+        bot = store.create(fields("+15550007000"))
+
+        with counted_queries(sql) as statements:
+            looked_up = [cache.by_id(bot.id) for _ in range(20)]
+        store.update(bot.id, {"messages-per-second": 5})
+
+        assert [bot.id] * 20 == [found.id for found in looked_up]
+        assert len(statements) <= FOREIGN_SLACK + 1
+        assert 5.0 == cache.by_id(bot.id).messages_per_second
+
+    def test_unknown_numbers_are_remembered_too(self, cache: BotCache, sql: Engine) -> None:
+        """A flood of lookups of one unregistered number costs one query."""
+        with counted_queries(sql) as statements:
+            found = [cache.by_number("+15550008000") for _ in range(50)]
+
+        assert {None} == set(found)
+        assert len(statements) <= FOREIGN_SLACK + 1
+
+    def test_registering_a_number_ends_its_unknown_entry(self, store: BotStore, cache: BotCache) -> None:
+        """A number looked up before it was registered is found right after."""
+        assert cache.by_number("+15550008100") is None
+
+        bot = store.create(fields("+15550008100"))
+
+        assert bot.id == cache.by_number("+15550008100").id
+
+    def test_the_cache_holds_a_bounded_number_of_entries(self, store: BotStore, redis: redis_lib.Redis,
+                                                         sql: Engine) -> None:
+        """Past its limit the oldest entries go, so unknown numbers cannot grow it without end."""
+        cache = BotCache(store, redis, ttl=300, negative_ttl=300, limit=10)
+        cache.by_number("+15550000000")
+        assert eventually(lambda: cache.listening)
+
+        for n in range(100):
+            cache.by_number(f"+1555009{n:04d}")
+
+        with counted_queries(sql) as newest:
+            cache.by_number("+15550090099")
+        with counted_queries(sql) as oldest:
+            cache.by_number("+15550090000")
+        assert 1 == len(oldest)
+        assert len(newest) <= FOREIGN_SLACK
+
+    def test_nothing_is_kept_until_the_listener_is_subscribed(self, store: BotStore, sql: Engine) -> None:
+        """Without its subscription a cache could miss a change, so it reads the database every time."""
+        bot = store.create(fields("+15550009000"))
+        deaf = BotCache(store, redis_lib.Redis(port=1, retry=Retry(NoBackoff(), 0)))
+
+        with counted_queries(sql) as statements:
+            found = [deaf.by_number(bot.number) for _ in range(3)]
+
+        assert ([bot.id] * 3, 3, False) == ([b.id for b in found], len(statements), deaf.listening)

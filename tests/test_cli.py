@@ -6,13 +6,13 @@ import json
 import secrets
 import time
 
-import dramatiq
 import pytest
 import redis as redis_lib
 
 from cli.dev import PROJECT_ROOT, read_procfile
 from cli.main import main
-from shared import keys
+from shared import deadletters, keys
+from shared.db import make_engine, transaction
 from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
 
@@ -125,45 +125,48 @@ class TestBots:
         assert "cannot reach" in err and "is the service running?" in err
 
 
-def _dead_letter(redis: redis_lib.Redis, conversation: str, text: str) -> str:
-    """A reply that failed for good, stored as dramatiq and the outbound worker store it."""
+def _dead_letter(database: str, conversation: str, text: str) -> str:
+    """A reply that failed for good, kept as the outbound worker keeps it."""
     reply_id = f"reply-{text}"
-    message = dramatiq.Message(queue_name="outbound", actor_name="send_reply", args=(conversation, reply_id),
-                               kwargs={}, options={})
-    redis.zadd("dramatiq:outbound.XQ", {message.message_id: time.time() * 1000})
-    redis.hset("dramatiq:outbound.XQ.msgs", message.message_id, message.encode())
-    redis.set(keys.dead_reply(reply_id), json.dumps({
-        "to": "+15551230000", "text": text, "media_url": None, "error_code": 21610, "error": "unsubscribed",
-        "reason": "opted-out", "attempts": 1, "failed_at": time.time(),
-    }))
-    return message.message_id
+    bot_id, person = keys.split_conversation_id(conversation)
+    engine = make_engine(database, size=1)
+    with transaction(engine) as connection:
+        deadletters.record(connection, {
+            "id": reply_id, "bot_id": bot_id, "person": person, "text": text, "media_url": None, "error_code": 21211,
+            "http_status": 400, "error": "Invalid 'To' Phone Number", "reason": "permanent", "attempts": 1,
+            "failed_at": time.time(),
+        })
+    engine.dispose()
+    return reply_id
 
 
 class TestDeadLetters:
     """`mammut-sms dlq` shows and replays what worker.dlq keeps, with the service's environment."""
 
     @pytest.fixture(autouse=True)
-    def service_environment(self, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def service_environment(self, redis_url: str, database: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("DATABASE_URL", database)
         monkeypatch.setenv("MAMMUT_SMS_ENV", "development")
 
     def test_list_shows_each_dead_reply_with_its_reason_and_a_masked_number(
-            self, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+            self, redis: redis_lib.Redis, database: str, capsys: pytest.CaptureFixture[str]) -> None:
         """One line per dead letter: id, bot, masked recipient, reason, Twilio code and text."""
-        message_id = _dead_letter(redis, "7:+15551230000", "hola")
+        reply_id = _dead_letter(database, "7:+15551230000", "hola")
         code, out, _ = _run(capsys, "dlq", "list")
         assert 0 == code
-        assert message_id in out and "bot 7 -> ********0000  opted-out code 21610" in out and "'hola'" in out
+        assert reply_id in out and "bot 7 -> ********0000  permanent code 21211" in out and "'hola'" in out
         assert "+15551230000" not in out
 
     def test_replay_of_one_id_queues_that_reply_again_and_leaves_the_others(
-            self, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
-        """Only the named dead letter leaves the queue; its text joins the conversation's outbox."""
+            self, redis: redis_lib.Redis, database: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """Only the named dead letter is replayed; its text joins the conversation's outbox, the other stays listed."""
         conversation = "7:+15551230000"
-        replayed, kept = _dead_letter(redis, conversation, "uno"), _dead_letter(redis, conversation, "dos")
+        replayed, kept = _dead_letter(database, conversation, "uno"), _dead_letter(database, conversation, "dos")
         code, out, _ = _run(capsys, "dlq", "replay", replayed)
         assert (0, f"replayed 1: {replayed}") == (code, out.strip().splitlines()[-1])
-        assert [kept] == redis.zrange("dramatiq:outbound.XQ", 0, -1)
+        code, out, _ = _run(capsys, "dlq", "list", "--json")
+        assert [kept] == [entry["id"] for entry in json.loads(out)]
         outbox = redis.lrange(keys.outbox(conversation), 0, -1)
         assert ["uno"] == [json.loads(redis.hget(keys.replies(conversation), rid))["text"] for rid in outbox]
 
@@ -177,11 +180,11 @@ class TestDeadLetters:
 class TestHerokuDeploy:
     """app.json describes a deploy that starts: the Procfile's processes and settings it accepts."""
 
-    def test_app_json_runs_the_procfiles_processes_with_a_redis_addon(self) -> None:
-        """One web and one worker dyno, the Redis add-on, the Python buildpack."""
+    def test_app_json_runs_the_procfiles_processes_with_postgres_and_redis(self) -> None:
+        """One web and one worker dyno (the release phase is not a dyno), Postgres and Redis add-ons, the Python buildpack."""
         manifest = json.loads((PROJECT_ROOT / "app.json").read_text())
-        assert set(read_procfile(PROJECT_ROOT / "Procfile")) == set(manifest["formation"])
-        assert ["heroku-redis"] == [addon["plan"].split(":")[0] for addon in manifest["addons"]]
+        assert set(read_procfile(PROJECT_ROOT / "Procfile")) - {"release"} == set(manifest["formation"])
+        assert ["heroku-postgresql", "heroku-redis"] == [addon["plan"].split(":")[0] for addon in manifest["addons"]]
         assert [{"url": "heroku/python"}] == manifest["buildpacks"]
 
     def test_the_generated_secrets_are_settings_production_accepts(self) -> None:
@@ -189,7 +192,8 @@ class TestHerokuDeploy:
         env = json.loads((PROJECT_ROOT / "app.json").read_text())["env"]
         assert "secret" == env["ADMIN_API_TOKEN"]["generator"] == env["CREDENTIALS_KEY"]["generator"]
         generated = {"ADMIN_API_TOKEN": secrets.token_hex(32), "CREDENTIALS_KEY": secrets.token_hex(32),
-                     "MAMMUT_SMS_ENV": env["MAMMUT_SMS_ENV"]["value"], "REDIS_URL": "rediss://:p@example.com:6380"}
+                     "MAMMUT_SMS_ENV": env["MAMMUT_SMS_ENV"]["value"], "REDIS_URL": "rediss://:p@example.com:6380",
+                     "DATABASE_URL": "postgres://u:p@example.com:5432/d"}
         settings = Settings.from_env(generated)
         assert (False, generated["ADMIN_API_TOKEN"]) == (settings.development, settings.admin_api_token)
         assert 1 == len(settings.credentials_keys)

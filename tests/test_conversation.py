@@ -16,7 +16,8 @@ import structlog
 from cli.twilio_standin import TwilioStandin
 from shared import keys, messagelog
 from shared.bots import Bot, BotStore
-from shared.conversations import INBOUND, accept_inbound
+from shared.conversations import INBOUND, accept_inbound, replies_from
+from shared.db import transaction
 from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, kick_conversation, queue_keys
 from tests.conftest import queued_kicks
 from tests.support.fake_engine import FakeEngine
@@ -52,9 +53,18 @@ def accept(redis: redis_lib.Redis, bot: Bot, body: str, sender: str = SENDER, **
     return message
 
 
-def outbox_texts(redis: redis_lib.Redis, conversation: str) -> list[str]:
+def log_entries(conversation: str) -> list[dict[str, Any]]:
+    """The conversation's message log, oldest first, read from the database the worker writes."""
+    from worker.deps import get_engine
+
+    bot_id, person = keys.split_conversation_id(conversation)
+    with get_engine().connect() as connection:
+        return messagelog.read(connection, bot_id, person, limit=messagelog.MAX_LIMIT).items
+
+
+def outbox_texts(conversation: str) -> list[str]:
     """The replies queued for the conversation, in order (from the log: the sender empties the outbox)."""
-    return [entry["text"] for entry in messagelog.read(redis, conversation) if entry["direction"] == "out"]
+    return [entry["text"] for entry in log_entries(conversation) if entry["direction"] == "out"]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -79,12 +89,12 @@ def test_messages_reach_the_engine_one_at_a_time_in_the_order_received(
 
     # When the four worker threads drain them
     engine.wait_for_calls(10)
-    wait_until(lambda: len(outbox_texts(redis, conversation)) == 10)
+    wait_until(lambda: len(outbox_texts(conversation)) == 10)
 
     # Then the engine saw them in order, never two at a time, and the replies queued in that order
     assert texts == [call.text for call in engine.calls]
     assert 1 == engine.most_in_flight(SENDER)
-    assert [f"reply to {text}" for text in texts] == outbox_texts(redis, conversation)
+    assert [f"reply to {text}" for text in texts] == outbox_texts(conversation)
 
 
 def test_concurrent_bursts_leave_no_message_without_a_worker(
@@ -121,7 +131,7 @@ def test_concurrent_bursts_leave_no_message_without_a_worker(
     wait_until(lambda: redis.zcard(keys.PENDING) == 0, timeout=12)
     for sender in senders:
         assert texts[sender] == [call.text for call in engine.calls if call.sender == sender]
-        assert [f"reply to {text}" for text in texts[sender]] == outbox_texts(redis, conversations[sender])
+        assert [f"reply to {text}" for text in texts[sender]] == outbox_texts(conversations[sender])
 
 
 def test_different_conversations_proceed_in_parallel(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
@@ -143,10 +153,10 @@ def test_different_conversations_proceed_in_parallel(redis: redis_lib.Redis, eng
     accept(redis, engine_bot, "fast", sender=OTHER_SENDER)
 
     # Then that one is answered while the first is still waiting
-    wait_until(lambda: outbox_texts(redis, keys.conversation_id(engine_bot.id, OTHER_SENDER)) == ["ok"])
-    assert [] == outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER))
+    wait_until(lambda: outbox_texts(keys.conversation_id(engine_bot.id, OTHER_SENDER)) == ["ok"])
+    assert [] == outbox_texts(keys.conversation_id(engine_bot.id, SENDER))
     release.set()
-    wait_until(lambda: outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER)) == ["ok"])
+    wait_until(lambda: outbox_texts(keys.conversation_id(engine_bot.id, SENDER)) == ["ok"])
 
 
 def test_two_bots_are_answered_by_their_own_engines(redis: redis_lib.Redis, store: BotStore, engine_bot: Bot,
@@ -157,10 +167,10 @@ def test_two_bots_are_answered_by_their_own_engines(redis: redis_lib.Redis, stor
     for bot in (engine_bot, echo_bot):
         accept(redis, bot, "hi")
 
-    wait_until(lambda: all(outbox_texts(redis, keys.conversation_id(b.id, SENDER)) for b in (engine_bot, echo_bot)))
+    wait_until(lambda: all(outbox_texts(keys.conversation_id(b.id, SENDER)) for b in (engine_bot, echo_bot)))
 
-    assert ["reply to hi"] == outbox_texts(redis, keys.conversation_id(engine_bot.id, SENDER))
-    assert ["echo: hi"] == outbox_texts(redis, keys.conversation_id(echo_bot.id, SENDER))
+    assert ["reply to hi"] == outbox_texts(keys.conversation_id(engine_bot.id, SENDER))
+    assert ["echo: hi"] == outbox_texts(keys.conversation_id(echo_bot.id, SENDER))
 
 
 def test_inbound_and_replies_are_kept_in_the_message_log(redis: redis_lib.Redis, engine_bot: Bot,
@@ -171,8 +181,9 @@ def test_inbound_and_replies_are_kept_in_the_message_log(redis: redis_lib.Redis,
 
     drain(redis, conversation)
 
-    entries = messagelog.read(redis, conversation)
+    entries = log_entries(conversation)
     assert [("in", "hola"), ("out", "reply to hola")] == [(e["direction"], e["text"]) for e in entries]
+    assert (["person", "engine"], f"{message['sid']}-0") == ([e["origin"] for e in entries], entries[1]["id"])
     assert (message["sid"], "received", message["received_at"]) == (entries[0]["sid"], entries[0]["status"],
                                                                      entries[0]["at"])
     assert [{"url": "https://m.example/1", "content_type": "image/png"}] == entries[0]["media"]
@@ -181,21 +192,25 @@ def test_inbound_and_replies_are_kept_in_the_message_log(redis: redis_lib.Redis,
 def test_a_crashed_workers_message_is_resumed_first_and_logged_once(redis: redis_lib.Redis, engine_bot: Bot,
                                                                     engine: FakeEngine) -> None:
     """A message left in processing by a dead worker is answered before newer ones, without a second log entry."""
-    # Given a worker that moved the first message to processing, logged it, and died
+    from worker.deps import get_engine
+
+    # Given a worker that moved the first message to processing, logged it with its reply, and died
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     first = accept(redis, engine_bot, "first")
     accept(redis, engine_bot, "second")
     redis.lmove(keys.inbox(conversation), keys.processing(conversation), "LEFT", "RIGHT")
-    messagelog.append(redis, conversation, messagelog.new_entry(first["sid"], "in", "first", sid=first["sid"],
-                                                                status="received", at=first["received_at"]))
+    [reply] = replies_from(conversation, SENDER, "reply to first", in_reply_to=first["sid"])
+    reply["id"] = f"{first['sid']}-0"
+    with transaction(get_engine()) as connection:
+        messagelog.record_exchange(connection, first, [reply], engine_bot.number)
 
     # When another worker drains the conversation
     drain(redis, conversation)
 
-    # Then the dead worker's message went first, and the log holds each message once
+    # Then the dead worker's message went first, and the log holds each message once (in time order)
     assert ["first", "second"] == [call.text for call in engine.calls]
-    texts = [(e["direction"], e["text"]) for e in messagelog.read(redis, conversation)]
-    assert [("in", "first"), ("out", "reply to first"), ("in", "second"), ("out", "reply to second")] == texts
+    texts = [(e["direction"], e["text"]) for e in log_entries(conversation)]
+    assert [("in", "first"), ("in", "second"), ("out", "reply to first"), ("out", "reply to second")] == texts
     assert 0 == redis.llen(keys.processing(conversation))
 
 
@@ -209,7 +224,7 @@ def test_a_message_whose_replies_were_queued_is_not_answered_again(redis: redis_
         drain(redis, conversation)
 
     assert 1 == len(engine.calls)
-    assert ["reply to once"] == outbox_texts(redis, conversation)
+    assert ["reply to once"] == outbox_texts(conversation)
 
 
 def test_a_held_conversation_is_left_to_its_holder(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
@@ -268,7 +283,7 @@ def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engin
     for n in range(5):
         accept(redis, engine_bot, f"m{n}")
 
-    wait_until(lambda: len(outbox_texts(redis, conversation)) == 5)
+    wait_until(lambda: len(outbox_texts(conversation)) == 5)
     assert [f"m{n}" for n in range(5)] == [call.text for call in engine.calls]
 
 
@@ -282,7 +297,7 @@ def test_a_long_answer_becomes_several_replies_in_order(redis: redis_lib.Redis, 
 
     drain(redis, conversation)
 
-    parts = outbox_texts(redis, conversation)
+    parts = outbox_texts(conversation)
     assert len(parts) >= 3 and all(len(part) <= 1600 for part in parts)
     assert long_text.split() == " ".join(parts).split()
 
@@ -296,12 +311,13 @@ def test_an_opt_out_reaches_the_engine_as_an_event_and_its_reply_is_queued(
     drain(redis, conversation)
 
     assert ["opt_out"] == [call.payload["metadata"]["event"] for call in engine.calls]
-    assert ["reply to STOP"] == outbox_texts(redis, conversation)
+    assert ["reply to STOP"] == outbox_texts(conversation)
 
 
 def test_a_message_for_a_deleted_bot_is_dropped(redis: redis_lib.Redis, store: BotStore, engine_bot: Bot,
                                                 engine: FakeEngine) -> None:
-    """A bot deleted after its message was accepted: the message is dropped, nothing is queued or stranded."""
+    """A bot deleted after its message was accepted: the message is dropped (kept in the log as received),
+    nothing is queued or stranded."""
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     accept(redis, engine_bot, "anyone there?")
     store.delete(engine_bot.id)
@@ -309,6 +325,8 @@ def test_a_message_for_a_deleted_bot_is_dropped(redis: redis_lib.Redis, store: B
     drain(redis, conversation)
 
     assert [] == engine.calls
+    assert [("in", "anyone there?", "received")] == [(e["direction"], e["text"], e["status"])
+                                                     for e in log_entries(conversation)]
     assert (0, 0, 0) == (redis.llen(keys.inbox(conversation)), redis.llen(keys.processing(conversation)),
                          redis.llen(keys.outbox(conversation)))
     assert redis.zscore(keys.PENDING, conversation) is None
@@ -327,7 +345,7 @@ def test_a_failing_engine_gets_the_fallback_and_the_conversation_moves_on(
 
     drain(redis, conversation)
 
-    assert ["Lo siento, vuelve a intentar.", "reply to second"] == outbox_texts(redis, conversation)
+    assert ["Lo siento, vuelve a intentar.", "reply to second"] == outbox_texts(conversation)
 
 
 def test_the_first_reply_is_sent_from_the_conversations_own_thread(
@@ -359,7 +377,7 @@ def test_a_bot_changed_between_two_messages_answers_the_second_as_changed(
     accept(redis, engine_bot, "second")
     drain(redis, conversation)
 
-    assert ["reply to first", "echo: second"] == outbox_texts(redis, conversation)
+    assert ["reply to first", "echo: second"] == outbox_texts(conversation)
 
 
 def test_every_event_of_a_hop_names_its_message_bot_and_conversation(

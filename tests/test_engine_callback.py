@@ -8,7 +8,7 @@ from typing import Any
 import redis as redis_lib
 from flask.testing import FlaskClient
 
-from shared import keys, messagelog
+from shared import keys
 from shared.bots import Bot
 
 RECIPIENT, OTHER = "+15551230001", "+15551230002"
@@ -41,7 +41,9 @@ def test_one_reply_object_is_queued_logged_and_kicked(client: FlaskClient, admin
     [reply] = queued(redis, bot, RECIPIENT)
     assert (RECIPIENT, "más tarde", "https://img.example/a.png") == (reply["to"], reply["text"], reply["media_url"])
     conversation = keys.conversation_id(bot.id, RECIPIENT)
-    assert [("out", "más tarde")] == [(e["direction"], e["text"]) for e in messagelog.read(redis, conversation)]
+    log = client.get(f"/app:mammut-1/graph/user:{bot.id}/messages", query_string={"with": RECIPIENT},
+                     headers=admin_headers).json["data"]["messages"]
+    assert [("out", "más tarde", "callback")] == [(e["direction"], e["text"], e["origin"]) for e in log]
     assert [[conversation, reply["id"]]] == delivery_kicks(redis)
 
 

@@ -14,20 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 import redis as redis_lib
 import requests
+import structlog
 from fakeredis import TcpFakeServer
 from flask.testing import FlaskClient
 
-from shared import keys, metrics
+from cli.twilio_standin import TwilioStandin
+from shared import db, keys, metrics
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND
 from shared.crypto import Vault
 from shared.optout import is_opted_out
 from shared.redis import connect
 from shared.settings import Settings
-from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, OUTBOUND_QUEUE, queue_keys
 from tests.conftest import (
     ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port, queued_kicks,
 )
@@ -103,13 +106,22 @@ class TestAcknowledgement:
         assert (200, EMPTY_TWIML, 1) == (response.status_code, response.get_data(as_text=True), len(inbox(redis)))
 
     def test_received_is_logged_without_the_token_or_the_full_number(
-            self, client: FlaskClient, bot: Bot, logs: list[dict[str, Any]]) -> None:
-        """One inbound.received event names the message and bot; no auth token appears in any event."""
-        params = inbound_params()
-        post_signed(client, params)
-        [event] = [e for e in logs if e["event"] == "inbound.received"]
-        assert (params["MessageSid"], bot.id, SENDER) == (event["message_sid"], event["bot_id"], event["from_"])
-        assert BOT_AUTH_TOKEN not in repr(logs)
+            self, settings: Settings, bot: Bot, capsys: pytest.CaptureFixture[str]) -> None:
+        """The inbound.received line the app writes (default settings) names the message and bot, the
+        sender by its last four digits only, and no auth token."""
+        # Given the app logging as configured, LOG_PHONE_NUMBERS left at its default
+        client = create_app(settings).test_client()
+        try:
+            # When a message arrives
+            params = inbound_params()
+            post_signed(client, params)
+            written = capsys.readouterr().err
+        finally:
+            structlog.reset_defaults()  # the configured stream is capsys's, closed after this test
+        # Then its line is there, with the number masked, and nothing written holds a secret or the number
+        [line] = [line for line in written.splitlines() if "inbound.received" in line]
+        assert params["MessageSid"] in line and f"bot_id={bot.id}" in line and f"from_=********{SENDER[-4:]}" in line
+        assert SENDER[2:] not in written and BOT_AUTH_TOKEN not in written
 
 
 class TestDuplicates:
@@ -134,11 +146,42 @@ class TestDuplicates:
         assert (200, 200, ["uno"]) == (first.status_code, again.status_code, [m["body"] for m in inbox(redis)])
 
     def test_a_duplicate_wakes_no_worker(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
-        """Storing and waking are one step, so a retry has nothing to make up for: one wake-up in all."""
+        """A retry arriving once a worker took the message (the inbox empty again) is not queued and wakes nobody."""
+        # Given a message a worker has woken for and taken off the inbox
         params = inbound_params()
         post_signed(client, params)
-        post_signed(client, params)
         assert [CONVERSATION] == [m.args[0] for m in queued_kicks(redis)]
+        redis.lmove(keys.inbox(CONVERSATION), keys.processing(CONVERSATION))
+        redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # the wake-up, consumed
+        # When Twilio retries it
+        assert 200 == post_signed(client, params).status_code
+        # Then the inbox stays empty and no worker is woken
+        assert ([], []) == (inbox(redis), queued_kicks(redis))
+
+    def test_a_message_is_remembered_for_48_hours(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
+        """The MessageSid and the idempotency token of an accepted message are both kept as seen for 48 hours."""
+        params = inbound_params()
+        post_signed(client, params, headers={"I-Twilio-Idempotency-Token": "retry-token-2"})
+        ttls = [redis.ttl(keys.seen(name)) for name in (params["MessageSid"], "retry-token-2")]
+        assert [True, True] == [47 * 3600 < ttl <= 48 * 3600 for ttl in ttls]
+
+    @pytest.mark.parametrize("same", ["MessageSid", "I-Twilio-Idempotency-Token"])
+    def test_a_retried_webhook_is_answered_once(
+            self, client: FlaskClient, bot: Bot, twilio: TwilioStandin, worker: dramatiq.Worker,
+            broker: dramatiq.Broker, same: str) -> None:
+        """End to end: Twilio posting a message twice (same MessageSid, or same idempotency token) gets one reply."""
+        # Given a worker answering with the built-in echo engine
+        first = inbound_params(Body="una vez")
+        again = first if same == "MessageSid" else inbound_params(Body="una vez")
+        headers = {"I-Twilio-Idempotency-Token": "retry-token-3"} if same != "MessageSid" else {}
+        # When the webhook is posted, answered, and posted again
+        assert 200 == post_signed(client, first, headers=headers).status_code
+        twilio.wait_for(1)
+        assert 200 == post_signed(client, again, headers=headers).status_code
+        for queue in (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE):
+            broker.join(queue, timeout=10_000)
+        # Then exactly one reply went out
+        assert 1 == len([message for message in twilio.messages if message.to == SENDER])
 
 
 class TestOrder:
@@ -189,6 +232,22 @@ class TestOptOut:
         """The sender is opted out for this bot number, and the engine gets an opt_out event."""
         post_signed(client, inbound_params(**fields))
         assert (True, ["opt_out"]) == (is_opted_out(redis, BOT_NUMBER, SENDER), [m["event"] for m in inbox(redis)])
+
+    @pytest.mark.parametrize("keyword", ["STOP", "stopall", "Unsubscribe", "cancel", "\tEND ", "quit", "REVOKE",
+                                         "OptOut"], ids=str.strip)
+    def test_every_opt_out_keyword_is_queued_as_an_opt_out(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis, keyword: str) -> None:
+        """Each opt-out keyword the README lists, as the whole body in any case, reaches the engine as opt_out."""
+        post_signed(client, inbound_params(Body=keyword))
+        assert ["opt_out"] == [m["event"] for m in inbox(redis)]
+
+    @pytest.mark.parametrize("keyword", ["START", "yes", " Unstop "], ids=str.strip)
+    def test_every_opt_in_keyword_is_queued_as_an_opt_in(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis, keyword: str) -> None:
+        """Each opt-in keyword the README lists, after a STOP, reaches the engine as opt_in."""
+        post_signed(client, inbound_params(Body="STOP"))
+        post_signed(client, inbound_params(Body=keyword))
+        assert ["opt_out", "opt_in"] == [m["event"] for m in inbox(redis)]
 
     def test_stop_inside_a_sentence_is_an_ordinary_message(
             self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
@@ -264,7 +323,7 @@ class TestBadInput:
 class TestRedisDown:
     """Without Redis nothing is acknowledged: 503, so Twilio retries or uses the fallback URL."""
 
-    def test_redis_unreachable_is_503_not_500(self, settings: Settings) -> None:
+    def test_redis_unreachable_is_503_not_500(self, settings: Settings, bot: Bot) -> None:
         """An app pointed at a closed port answers 503."""
         client = create_app(settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
         response = post_signed(client, inbound_params())
@@ -274,7 +333,7 @@ class TestRedisDown:
         """With the bot cached in-process and Redis gone, the message is not acknowledged."""
         # Given a Redis of our own, a bot on it, and one message accepted (so the bot is cached)
         with _own_redis() as url:
-            store = BotStore(connect(url), Vault([CREDENTIALS_KEY]))
+            store = BotStore(db.get_engine(settings), connect(url), Vault([CREDENTIALS_KEY]))
             store.create({"name": "b", "twilio-account-sid": BOT_ACCOUNT_SID, "twilio-auth-token": BOT_AUTH_TOKEN,
                           "main-phone-number": BOT_NUMBER})
             app = create_app(settings.with_overrides(redis_url=url))
@@ -291,9 +350,9 @@ class TestUnderGunicorn:
     """Through a real gunicorn with the repo's settings: what the test client cannot show."""
 
     @pytest.fixture
-    def server(self, redis_url: str, bot: Bot) -> Iterator[str]:
+    def server(self, redis_url: str, database: str, bot: Bot) -> Iterator[str]:
         port = free_port()
-        env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "REDIS_URL": redis_url,
+        env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "REDIS_URL": redis_url, "DATABASE_URL": database,
                "ADMIN_API_TOKEN": ADMIN_TOKEN, "CREDENTIALS_KEY": CREDENTIALS_KEY, "MAMMUT_SMS_ENV": "production"}
         env.pop("PUBLIC_URL", None)
         repo = Path(__file__).resolve().parent.parent

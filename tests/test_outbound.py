@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 import dramatiq
 import pytest
 import redis as redis_lib
+from sqlalchemy import Engine, select
+from flask.testing import FlaskClient
 
 from cli.twilio_standin import SentMessage, TwilioStandin
 from shared import keys, messagelog, optout
 from shared.bots import Bot, BotStore
 from shared.conversations import new_reply, queue_replies, replies_from
+from shared.db import get_engine, transaction
+from shared.schema import deliveries
 from shared.settings import get_settings
 from shared.tasks import OUTBOUND_QUEUE, kick_delivery
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
@@ -31,10 +36,17 @@ def make_bot(store: BotStore, number: str, rate: float = FAST, **extra: object) 
     })
 
 
+def sql() -> Engine:
+    """The database the in-process worker writes (worker_env's DATABASE_URL)."""
+    return get_engine(get_settings())
+
+
 def send(redis: redis_lib.Redis, bot: Bot, to: str, *texts: str, media_url: str | None = None) -> list[str]:
-    """Queue replies exactly as the conversation side does, and kick the outbox if it was idle."""
+    """Log and queue replies exactly as the conversation side does, and kick the outbox if it was idle."""
     conversation = keys.conversation_id(bot.id, to)
     replies = [new_reply(conversation, to, text, media_url=media_url, received_at=time.time()) for text in texts]
+    with transaction(sql()) as connection:
+        messagelog.record_replies(connection, replies, bot.number, origin=messagelog.ENGINE)
     kick = queue_replies(redis, conversation, replies)
     if kick is not None:
         kick_delivery(conversation, kick)
@@ -58,8 +70,15 @@ def bodies_to(messages: list[SentMessage], to: str) -> list[str]:
 
 
 def log_entry(redis: redis_lib.Redis, bot: Bot, to: str, reply_id: str) -> dict[str, object]:
-    entries = messagelog.read(redis, keys.conversation_id(bot.id, to))
+    """A reply as the log shows it (from the database: `redis` is not asked)."""
+    with sql().connect() as connection:
+        entries = messagelog.read(connection, bot.id, to, limit=messagelog.MAX_LIMIT).items
     return next(entry for entry in entries if entry["id"] == reply_id)
+
+
+def delivery_status(sid: str) -> str | None:
+    with sql().connect() as connection:
+        return connection.scalar(select(deliveries.c.status).where(deliveries.c.sid == sid))
 
 
 class TestOrder:
@@ -126,7 +145,7 @@ class TestContent:
         entry = log_entry(redis, bot, ALICE, reply_id)
         assert (message.sid, "queued", "out", "hello") == (entry["sid"], entry["status"], entry["direction"], entry["text"])
         assert {"pending", "queued"} <= set(entry["statuses"])  # type: ignore[arg-type]
-        assert "queued" == redis.hget(keys.delivery_status(message.sid), "status")
+        assert "queued" == delivery_status(message.sid)
 
     def test_engine_image_becomes_media_url(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
@@ -180,7 +199,7 @@ class TestOptOut:
     ) -> None:
         """Replies to a person who texted STOP are never posted; their log entries say "suppressed"."""
         bot = make_bot(store, "+15550000301")
-        optout.opt_out(redis, bot.number, ALICE)
+        optout.opt_out(get_engine(get_settings()), redis, bot.number, ALICE, how="keyword STOP")
         suppressed = send(redis, bot, ALICE, "one", "two")
         send(redis, bot, BOB, "to bob")
         twilio.wait_for(1)
@@ -205,6 +224,57 @@ class TestOptOut:
         twilio.wait_for(2)
         wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
         assert ["once", "after"] == bodies_to(twilio.messages, ALICE)
+
+
+class TestOutboxHead:
+    """Only the head of a conversation's outbox is ever worked on, whatever kicks arrive."""
+
+    def test_a_kick_for_a_reply_behind_the_head_sends_nothing_before_the_head(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        broker: dramatiq.Broker,
+    ) -> None:
+        """A kick for the second reply while the first waits sends nothing; the first's kick sends both, in order, once."""
+        # Given two replies on an outbox, with no kick yet (their worker is about to send one)
+        bot = make_bot(store, "+15550000304")
+        conversation = keys.conversation_id(bot.id, ALICE)
+        first, second = (new_reply(conversation, ALICE, text) for text in ("first", "second"))
+        queue_replies(redis, conversation, [first, second])
+
+        # When a kick for the second arrives first (a redelivery, a sweeper racing the worker)
+        kick_delivery(conversation, second["id"])
+        broker.join(OUTBOUND_QUEUE, timeout=10_000)
+
+        # Then nothing went out: the second is not the head
+        assert [] == bodies_to(twilio.messages, ALICE)
+        # And once the head is kicked, both go out in order, each once
+        kick_delivery(conversation, first["id"])
+        twilio.wait_for(2)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        broker.join(OUTBOUND_QUEUE, timeout=10_000)
+        assert ["first", "second"] == bodies_to(twilio.messages, ALICE)
+
+    def test_a_stale_kick_for_a_sent_reply_leaves_its_logged_status_alone(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        broker: dramatiq.Broker, client: FlaskClient, admin_headers: dict[str, str],
+    ) -> None:
+        """Redelivered kicks for a reply Twilio already took leave its log entry "queued", never "failed"."""
+        # Given a reply Twilio accepted
+        bot = make_bot(store, "+15550000305")
+        [reply_id] = send(redis, bot, ALICE, "once")
+        [message] = twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+
+        # When stale kicks for it arrive, and are worked off
+        conversation = keys.conversation_id(bot.id, ALICE)
+        for _ in range(3):
+            kick_delivery(conversation, reply_id)
+        broker.join(OUTBOUND_QUEUE, timeout=10_000)
+
+        # Then the log still shows it as Twilio answered, with no failure in its history
+        response = client.get(f"/app:mammut-1/graph/user:{bot.id}/messages?with={quote(ALICE)}", headers=admin_headers)
+        [entry] = [e for e in response.get_json()["data"]["messages"] if e["id"] == reply_id]
+        assert (message.sid, "queued") == (entry["sid"], entry["status"])
+        assert "failed" not in entry["statuses"]
 
 
 class TestDeliverNow:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
 import redis as redis_lib
+import requests
 import structlog
+from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import event, select
 
-from shared import keys
 from shared.bots import BotStore
-from tests.conftest import BOT_ACCOUNT_SID
+from shared.schema import bots
+from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID
+from tests.test_bot_store import FOREIGN_SLACK, eventually
+from tests.test_signature import inbound_params, post_signed
 
 USERS = "/app:mammut-1/graph/user"
 OTHER_SID = "AC" + "fedcba9876543210" * 2
@@ -112,14 +118,37 @@ class TestRegistering:
         assert 409 == response.status_code
         assert "+11234567890" in response.json["message"]
 
-    def test_the_auth_token_is_stored_encrypted(self, client: FlaskClient, admin_headers: dict[str, str], redis: redis_lib.Redis) -> None:
-        """The plain token appears nowhere in Redis, yet the store can still decrypt it for the workers."""
+    def test_the_auth_token_is_stored_encrypted(self, app: Flask, client: FlaskClient, admin_headers: dict[str, str],
+                                               redis: redis_lib.Redis, store: BotStore) -> None:
+        """The plain token appears nowhere in Redis or the database, yet the store can still decrypt it for the workers."""
         bot_id = create(client, admin_headers)
 
-        dump = json.dumps({key: redis.dump(key).hex() for key in redis.keys("sms:*")}) + redis.get(keys.bot(bot_id))
+        with app.extensions["mammut"].engine.connect() as connection:
+            row = connection.execute(select(bots).where(bots.c.id == bot_id)).one()
+        dump = json.dumps({key: redis.dump(key).hex() for key in redis.keys("sms:*")}) + repr(tuple(row))
 
         assert "primary-auth-token-1234" not in dump
         assert "primary-auth-token-1234".encode().hex() not in dump
+        assert "primary-auth-token-1234" == store.get(bot_id).auth_token
+
+    def test_two_registrations_of_one_number_at_once_make_one_bot(self, live_server: str, store: BotStore) -> None:
+        """Two operators register the same number at the same moment: one gets the bot, the other a 409."""
+        start = threading.Barrier(2)
+        statuses: list[int] = []
+
+        def register() -> None:
+            start.wait()
+            statuses.append(requests.post(live_server + USERS, json=seed_body(), timeout=30,
+                                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code)
+
+        threads = [threading.Thread(target=register) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+        assert [200, 409] == sorted(statuses)
+        assert ["+11234567890"] == [bot.number for bot in store.all()]
 
 
 class TestBadInput:
@@ -161,7 +190,7 @@ class TestBadInput:
         ("messages-per-second", "fast"),
         ("engine-url", "ftp://example.com/"),
     ])
-    def test_each_invalid_field_is_named(self, client: FlaskClient, admin_headers: dict[str, str], redis: redis_lib.Redis,
+    def test_each_invalid_field_is_named(self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore,
                                          field: str, value: Any) -> None:
         """The 400 names the field at fault, and nothing is stored."""
         response = client.post(USERS, json=seed_body(**{field: value}), headers=admin_headers)
@@ -169,7 +198,7 @@ class TestBadInput:
         assert 400 == response.status_code
         assert field in response.json["errors"]
         assert field in response.json["message"]
-        assert [] == redis.keys("sms:bot:number:*")
+        assert [] == store.all()
 
     @pytest.mark.parametrize("body", ["[]", '"machine"', "null", "", "\xff\xfe"])
     def test_a_body_that_is_not_a_json_object_is_refused(self, client: FlaskClient, admin_headers: dict[str, str], body: str) -> None:
@@ -321,6 +350,63 @@ class TestReadingAndDeleting:
         assert "second-secret-token" not in repr(logs)
 
 
+class TestTheWebhookSeesTheRegistry:
+    """The webhook finds bots through its in-process cache: current after every change, and cheap for strangers."""
+
+    @pytest.fixture
+    def listening(self, app: Flask, client: FlaskClient) -> None:
+        """The app's bot cache is subscribed to registry changes (so it keeps what it reads)."""
+        post_signed(client, inbound_params(To="+15550000009"))  # the first lookup starts its listener
+        assert eventually(lambda: app.extensions["mammut"].bots.listening)
+
+    def test_a_number_change_reaches_the_webhook_at_once(self, client: FlaskClient, admin_headers: dict[str, str],
+                                                         listening: None) -> None:
+        """Right after an update moves a bot's number, the old number is unknown and the new one is answered."""
+        bot_id = create(client, admin_headers)
+        token = seed_body()["twilio-auth-token"]
+        assert 200 == post_signed(client, inbound_params(To="+11234567890"), token=token).status_code  # now cached
+        assert 404 == post_signed(client, inbound_params(To="+15557654321"), token=token).status_code  # and this
+
+        client.post(f"{USERS}:{bot_id}?main-phone-number=+15557654321", headers=admin_headers)
+
+        assert 404 == post_signed(client, inbound_params(To="+11234567890"), token=token).status_code
+        assert 200 == post_signed(client, inbound_params(To="+15557654321"), token=token).status_code
+
+    def test_the_registry_survives_a_redis_flush(self, app: Flask, client: FlaskClient, admin_headers: dict[str, str],
+                                                 redis: redis_lib.Redis) -> None:
+        """Redis emptied: the bot is still listed, shown and answered on its number."""
+        bot_id = create(client, admin_headers)
+
+        # FLUSHDB rather than FLUSHALL: the test server may hold other runs' databases, and this
+        # database is all of this service's Redis.
+        redis.flushdb()
+        app.extensions["mammut"].bots.clear()  # as after a restart: nothing in memory either
+
+        assert [bot_id] == [user["id"] for user in client.get(USERS, headers=admin_headers).json["data"]["user"]]
+        assert 200 == client.get(f"{USERS}:{bot_id}", headers=admin_headers).status_code
+        token = seed_body()["twilio-auth-token"]
+        assert 200 == post_signed(client, inbound_params(To="+11234567890"), token=token).status_code
+
+    def test_webhooks_to_an_unknown_number_do_not_query_the_database_each(self, app: Flask, client: FlaskClient,
+                                                                          listening: None) -> None:
+        """Fifty webhooks to a number no bot has are all 404, for at most a query or two between them."""
+        queries: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if not statement.startswith("BEGIN"):  # SQLite opens every transaction with one
+                queries.append(statement)
+
+        engine = app.extensions["mammut"].engine
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            statuses = {post_signed(client, inbound_params(To="+15550000404")).status_code for _ in range(50)}
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+
+        assert {404} == statuses
+        assert len(queries) <= 1 + FOREIGN_SLACK
+
+
 class TestMessageLog:
     """GET /graph/user:<id>/messages?with=<E.164> reads one conversation's log."""
 
@@ -342,4 +428,4 @@ class TestMessageLog:
         encoded = client.get(f"{USERS}:{bot_id}/messages?with=%2B15551234567", headers=admin_headers)
 
         assert (200, 200) == (raw.status_code, encoded.status_code)
-        assert raw.json == encoded.json == {"status": "Success", "data": {"messages": []}}
+        assert raw.json == encoded.json == {"status": "Success", "data": {"messages": [], "next": None}}

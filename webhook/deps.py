@@ -31,7 +31,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     engine = shared_engine(settings)
     check_schema(engine)  # a release whose migrations did not run stops here, saying what to run
     redis = shared_redis(settings.redis_url)
-    store = BotStore(redis, Vault(settings.credentials_keys))
+    store = BotStore(engine, redis, Vault(settings.credentials_keys))
     app.extensions["mammut"] = Resources(
         settings=settings, redis=redis, engine=engine, store=store, bots=BotCache(store, redis), broker=make_broker(settings.redis_url),
     )

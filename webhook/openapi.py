@@ -58,7 +58,15 @@ class BotListSchema(Schema):
 
 class MessageLogSchema(Schema):
     status = fields.String(metadata={"example": "Success"})
-    data = fields.Dict(metadata={"description": '{"messages": [...]}: oldest first, each with its delivery status'})
+    data = fields.Dict(metadata={"description": '{"messages": [...], "next": cursor or null}: each message with '
+                                                'its id, direction, origin, text, media, sid, status, error-code, '
+                                                'statuses and at'})
+
+
+class ConversationListSchema(Schema):
+    status = fields.String(metadata={"example": "Success"})
+    data = fields.Dict(metadata={"description": '{"conversations": [...], "next": cursor or null}: each with '
+                                                'person, last-message and opted-out'})
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -83,6 +91,18 @@ _TWILIO_REFUSALS = {
     "503": _text("Redis unavailable: Twilio retries"),
 }
 _BEARER = [{"bearerAuth": []}]
+
+
+def _paging(default_order: str) -> list[dict[str, Any]]:
+    return [
+        {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {"in": "query", "name": "order", "schema": {"type": "string", "enum": ["newest", "oldest"],
+                                                    "default": default_order}},
+        {"in": "query", "name": "after", "schema": {"type": "string"},
+         "description": "the `next` of the previous page: the items that follow it, in the same order"},
+    ]
+
+
 _TWILIO = [{"twilioSignature": []}]
 
 # Endpoint -> what its operation adds to the generated path item, by method.
@@ -106,8 +126,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "registry.conversation_log": {"tags": ["registry"], "security": _BEARER,
                                   "parameters": [{"in": "query", "name": "with", "required": True,
                                                   "description": "the person's number (E.164)",
-                                                  "schema": {"type": "string"}}],
-                                  "responses": {"200": _json("MessageLog", "the conversation's log"), **_FAILED}},
+                                                  "schema": {"type": "string"}}, *_paging("oldest")],
+                                  "responses": {"200": _json("MessageLog", "a page of the conversation's log"),
+                                                **_FAILED}},
+    "registry.conversation_list": {"tags": ["registry"], "security": _BEARER, "parameters": _paging("newest"),
+                                   "responses": {"200": _json("ConversationList", "a page of the bot's conversations"),
+                                                 **_FAILED}},
     "inbound.receive": {"tags": ["twilio"], "security": _TWILIO, "summary": "Twilio's inbound SMS webhook.",
                         "requestBody": {"required": True,
                                         "content": {"application/x-www-form-urlencoded": {"schema": "TwilioInbound"}}},
@@ -131,7 +155,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
 def _schemas() -> dict[str, type[Schema] | Schema]:
     schemas: dict[str, type[Schema] | Schema] = {
         "Bot": BotSchema, "BotUpdate": BotUpdateSchema, "TaskResult": TaskResultSchema, "Failed": FailedSchema,
-        "BotList": BotListSchema, "MessageLog": MessageLogSchema,
+        "BotList": BotListSchema, "MessageLog": MessageLogSchema, "ConversationList": ConversationListSchema,
         "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema,
     }
     try:  # the engines' callback is another engineer's module; document it when it is there

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 from flask import Blueprint, Response, jsonify, request
 from marshmallow import ValidationError
+from sqlalchemy import Connection
 from werkzeug.exceptions import NotFound
 
 from shared import messagelog
 from shared.bots import AUTH_TOKEN, NUMBER, BotNotFound, NumberTaken
-from shared.keys import conversation_id
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
-from webhook.deps import get_redis, get_settings, get_store
+from webhook.deps import get_engine, get_settings, get_store
 from webhook.errors import failed
 
 log = get_logger(__name__)
@@ -112,18 +113,53 @@ def delete_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
 
 @bp.get(ONE_USER + "/messages")
 def conversation_log(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
-    """The bot's bounded message log with one person, oldest first, with each delivery status."""
+    """The bot's messages with one person, a page at a time, each with its delivery status."""
     bot = get_store().get(_bot_id(bot_id))
     if bot is None:
         return failed(f"no bot with id {bot_id}", 404)
-    raw = _query_fields().get("with")
+    query = _query_fields()
+    raw = query.get("with")
     if not raw:
         raise BadRequest("the query parameter 'with' (the person's number, E.164) is required")
     try:
         person = normalize_e164(raw)
     except InvalidNumber as error:
         raise BadRequest(str(error), {"with": [str(error)]}) from None
-    return jsonify(status="Success", data={"messages": messagelog.read(get_redis(), conversation_id(bot.id, person))})
+    limit, newest_first, after = _paging(query, newest_by_default=False)
+    page = _read_page(lambda connection: messagelog.read(connection, bot.id, person, limit, newest_first, after))
+    return jsonify(status="Success", data={"messages": page.items, "next": page.next})
+
+
+@bp.get(ONE_USER + "/conversations")
+def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """The people the bot has talked to, most recent first, each with the latest message and opt-out state."""
+    bot = get_store().get(_bot_id(bot_id))
+    if bot is None:
+        return failed(f"no bot with id {bot_id}", 404)
+    limit, newest_first, after = _paging(_query_fields(), newest_by_default=True)
+    page = _read_page(
+        lambda connection: messagelog.conversations_of(connection, bot.id, bot.number, limit, newest_first, after))
+    return jsonify(status="Success", data={"conversations": page.items, "next": page.next})
+
+
+def _paging(query: dict[str, str], newest_by_default: bool) -> tuple[int, bool, str | None]:
+    """`limit` (1-1000), `order` (newest or oldest) and `after` (the `next` of the previous page)."""
+    raw_limit = query.get("limit", str(messagelog.DEFAULT_LIMIT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= messagelog.MAX_LIMIT:
+        problem = f"must be a whole number from 1 to {messagelog.MAX_LIMIT}"
+        raise BadRequest(f"limit {problem}", {"limit": [problem]})
+    order = query.get("order", "newest" if newest_by_default else "oldest")
+    if order not in ("newest", "oldest"):
+        raise BadRequest("order must be 'newest' or 'oldest'", {"order": ["must be 'newest' or 'oldest'"]})
+    return int(raw_limit), order == "newest", query.get("after") or None
+
+
+def _read_page(read: Callable[[Connection], messagelog.Page]) -> messagelog.Page:
+    try:
+        with get_engine().connect() as connection:
+            return read(connection)
+    except messagelog.BadCursor as error:
+        raise BadRequest(str(error), {"after": ["pass the `next` of the previous page, as given"]}) from None
 
 
 def _bot_id(raw: str) -> int:

@@ -12,8 +12,9 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 
-from shared import keys
+from shared import keys, messagelog
 from shared.conversations import queue_replies, replies_from
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.phone import is_e164
 from shared.tasks import kick_delivery
@@ -70,22 +71,26 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         answers = REPLIES.load(body)
     except ValidationError as error:
         return failed(f"invalid reply: {_describe(error.messages)}", 400, {"replies": error.messages})
-    bot = deps.get_store().get(bot_id)
+    bot = deps.get_bots().by_id(bot_id)
     if bot is None:
         return failed(f"no bot {bot_id}", 404)
-    queued = _queue(bot_id, answers)
+    queued = _queue(bot_id, bot.number, answers)
     log.info("callback.queued", bot_id=bot_id, replies=queued)
     return jsonify({"status": "Success", "data": {"queued": queued}}), 202
 
 
-def _queue(bot_id: int, answers: list[dict[str, Any]]) -> int:
-    """Queue each recipient's replies in one step, in the order given, and kick their delivery."""
+def _queue(bot_id: int, bot_number: str, answers: list[dict[str, Any]]) -> int:
+    """Log the replies (one transaction), then queue each recipient's in one step, in the order
+    given, and kick their delivery."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for answer in answers:
         conversation = keys.conversation_id(bot_id, answer["recipient_id"])
         grouped.setdefault(conversation, []).extend(
             replies_from(conversation, answer["recipient_id"], answer["text"], answer["image"])
         )
+    with transaction(deps.get_engine()) as connection:
+        messagelog.record_replies(connection, [reply for replies in grouped.values() for reply in replies],
+                                  bot_number)
     redis, broker = deps.get_redis(), deps.get_broker()
     for conversation, replies in grouped.items():
         reply_id = queue_replies(redis, conversation, replies)

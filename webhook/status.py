@@ -1,19 +1,24 @@
 """Twilio's delivery status callbacks for the messages the workers sent.
 
 The workers set StatusCallback to PUBLIC_URL/channels/sms/status on each send; callbacks arrive out
-of order, and shared.messagelog keeps a status from ever moving backwards.
+of order, before or after the worker recorded the MessageSid, and shared.messagelog keeps a status
+from ever moving backwards. Not Twilio's inbound hot path: this route writes the database itself.
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
 from shared import messagelog, metrics, optout
+from shared.bots import Bot
+from shared.db import transaction
 from shared.logging import get_logger
+from shared.schema import STATUSES
 from shared.twilio_errors import Action, action_for
 from webhook import deps, twilio_auth
-from webhook.twilio_auth import acknowledgement
+from webhook.twilio_auth import UNAVAILABLE, acknowledgement, refusal
 
 log = get_logger(__name__)
 bp = Blueprint("status", __name__)
@@ -38,20 +43,40 @@ def _record(form: MultiDict[str, str]) -> Response:
     reason = twilio_auth.rejection(request, bot, deps.get_settings().public_url)
     if reason is not None:
         return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
-    redis = deps.get_redis()
     status, code = form["MessageStatus"], _error_code(form.get("ErrorCode"))
-    current = messagelog.record_status(redis, form["MessageSid"], status, code)
-    if code is not None and action_for(None, code) is Action.OPTED_OUT:
-        optout.opt_out(redis, bot.number, form["To"])
-    # Only Twilio's own statuses become labels: a caller must not be able to invent series.
-    metrics.incr(redis, "sms_status_callbacks", status=status if status in messagelog.STATUS_RANK else "other")
+    redis = deps.get_redis()
+    if status not in STATUSES:
+        # Acknowledged all the same: Twilio would only retry it. Counted as "other", so a caller
+        # cannot invent metric series.
+        metrics.incr(redis, "sms_status_callbacks", status="other")
+        log.warning("status.rejected", reason="unknown_status", message_sid=form["MessageSid"], bot_id=bot.id,
+                    status=status[:32])
+        return acknowledgement()
+    try:
+        current = _store(bot, form["MessageSid"], status, code, form["To"])
+    except SQLAlchemyError as error:
+        log.error("status.unavailable", message_sid=form["MessageSid"], bot_id=bot.id, error=error.__class__.__name__)
+        return refusal(503, UNAVAILABLE)  # Twilio retries
+    metrics.incr(redis, "sms_status_callbacks", status=status)
     log.info("status.callback", message_sid=form["MessageSid"], bot_id=bot.id, status=status, current=current,
              error_code=code, recipient=form["To"])
     return acknowledgement()
 
 
+def _store(bot: Bot, message_sid: str, status: str, code: int | None, recipient: str) -> str:
+    """Record the status; a 21610 ("replied STOP") also opts the recipient out of the bot's number."""
+    engine = deps.get_engine()
+    with transaction(engine) as connection:
+        current = messagelog.record_delivery(connection, message_sid, bot.id, status, code)
+    if code is not None and action_for(None, code) is Action.OPTED_OUT:
+        optout.opt_out(engine, deps.get_redis(), bot.number, recipient)
+    return current
+
+
 def _error_code(raw: str | None) -> int | None:
+    """Twilio's codes are five digits; anything else is noise, not a reason to refuse the callback."""
     try:
-        return int(raw) if raw else None
+        code = int(raw) if raw else None
     except ValueError:
         return None
+    return code if code is not None and 0 < code < 1_000_000 else None

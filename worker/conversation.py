@@ -4,7 +4,9 @@ and the first reply of an idle outbox is sent from the same thread (worker.outbo
 
 A message moves inbox -> processing (LMOVE) before the engine sees it, and leaves processing in
 the same Redis step that queues its replies, so a worker killed anywhere in between loses nothing,
-and a message whose replies were queued is never handed to the engine again.
+and a message whose replies were queued is never handed to the engine again. Just before that
+step, the message and its replies are written to the message log in one transaction; their ids
+come from the inbound's, so a message handled again rewrites the same rows.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 import dramatiq
 import structlog
 
-from shared import keys, messagelog
+from shared import keys, messagelog, optout
+from shared.db import transaction
 from shared.bots import Bot
 from shared.conversations import INBOUND, queue_replies, replies_from, settle
 from shared.logging import get_logger
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
-from worker.deps import get_redis, get_settings, get_store
+from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
 from worker.locks import RENEW_EVERY, Lease
 from worker.outbound import deliver_now
@@ -116,18 +119,17 @@ def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot
         lease.request(pipe)
     # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
     pipe.eval(_NEXT_LUA, 3, keys.inbox(conversation), keys.processing(conversation), lease.key, lease.token)
-    pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
-    *granted, raw, bot = pipe.execute()
+    *granted, raw = pipe.execute()
     if first and not lease.granted(granted[0]):
         return None
     if raw is None:
         return None
-    return raw, get_store().load(bot)
+    return raw, get_bots().by_id(keys.split_conversation_id(conversation)[0])
 
 
 def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lease: Lease) -> bool:
-    """Log the message, ask the bot's engine, queue the replies (finishing the message) and send
-    the first one from this thread; the rest follow it through the outbound queue. Returns
+    """Ask the bot's engine, log the message with its replies, queue the replies (finishing the
+    message) and send the first one from this thread; the rest follow it through the outbound queue. Returns
     whether more messages may be waiting."""
     message = INBOUND.load(json.loads(raw))
     # Every event of this hop (engine, send) carries the message, its bot and its conversation.
@@ -137,11 +139,12 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lea
 
 
 def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bot: Bot | None, lease: Lease) -> bool:
+    optout.record_inbound(get_engine(), message)  # a STOP or START, durably (the webhook told the Redis copy)
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
+        _log(message, [], None)
         queue_replies(redis, conversation, [], done_inbound=raw)
         return True
-    _log_inbound(redis, conversation, message)
     started = time.monotonic()
     batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
     answers = engine_for(bot, get_settings(), batch).answer(bot, message)
@@ -149,6 +152,7 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
+    _log(message, replies, bot.number)
     queue_replies(batch, conversation, replies, done_inbound=raw)
     batch.llen(keys.inbox(conversation))
     *_, reply_id, waiting = batch.execute()
@@ -161,11 +165,11 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     return bool(waiting)
 
 
-def _log_inbound(redis: Any, conversation: str, message: dict[str, Any]) -> None:
-    # Logged once even when resumed after a crash: append skips an id already in the log.
-    entry = messagelog.new_entry(message["sid"], "in", message["body"], message["media"],
-                                 sid=message["sid"], status="received", at=message["received_at"])
-    messagelog.append(redis, conversation, entry)
+def _log(message: dict[str, Any], replies: list[dict[str, Any]], bot_number: str | None) -> None:
+    """The inbound, its replies and the conversation's latest: one transaction, before the replies
+    are queued (so a reply on an outbox always has its row)."""
+    with transaction(get_engine()) as connection:
+        messagelog.record_exchange(connection, message, replies, bot_number)
 
 
 def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:
@@ -173,4 +177,7 @@ def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) 
     for answer in answers:
         replies += replies_from(conversation, message["sender"], answer.text, answer.image,
                                 in_reply_to=message["sid"], received_at=message["received_at"])
+    # Named after the inbound: a worker that died after logging them logs the same rows again.
+    for n, reply in enumerate(replies):
+        reply["id"] = f"{message['sid']}-{n}"
     return replies

@@ -7,7 +7,7 @@ from functools import lru_cache
 import redis as redis_lib
 from sqlalchemy import Engine
 
-from shared.bots import BotStore
+from shared.bots import BotCache, BotStore
 from shared.crypto import Vault
 from shared.db import get_engine as shared_engine
 from shared.redis import get_redis as shared_redis
@@ -28,4 +28,10 @@ def get_engine() -> Engine:
 
 @lru_cache(maxsize=1)
 def get_store() -> BotStore:
-    return BotStore(get_redis(), Vault(get_settings().credentials_keys))
+    return BotStore(get_engine(), get_redis(), Vault(get_settings().credentials_keys))
+
+
+@lru_cache(maxsize=1)
+def get_bots() -> BotCache:
+    """The process's bots by id, cached: the worker reads a bot for every message and reply."""
+    return BotCache(get_store(), get_redis())

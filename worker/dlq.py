@@ -1,9 +1,11 @@
-"""The outbound dead-letter queue: replies that failed for good, shown and resent on request.
+"""The outbound dead letters: replies that failed for good, shown and resent on request.
 
-Dramatiq keeps a dead message in a sorted set `<namespace>:<queue>.XQ` (scored by when it died, in
-milliseconds) and its body in the hash `<namespace>:<queue>.XQ.msgs` (see dramatiq's
-brokers/redis/dispatch.lua). The message only names the conversation and the reply; what the reply
-said and why it failed is kept beside it, at `keys.dead_reply`, for as long as Dramatiq keeps it.
+A reply Twilio refused for good (or that ran out of retries) is a row of the database's
+`dead_letters` (shared.deadletters), listed under its reply id. A send that died of an unexpected
+error (a bug, an outage) after Dramatiq's retries is in Dramatiq's own dead-letter queue: a sorted
+set `<namespace>:<queue>.XQ` (scored by when it died, in milliseconds) with bodies in
+`<namespace>:<queue>.XQ.msgs` (see dramatiq's brokers/redis/dispatch.lua); its reply is normally
+still on its outbox. Both are listed, oldest first, under the same fields.
 """
 
 from __future__ import annotations
@@ -13,13 +15,25 @@ from collections.abc import Iterable
 from typing import Any
 
 import dramatiq
+from sqlalchemy import Engine
 
-from shared import keys
+from shared import deadletters, keys, messagelog
 from shared.conversations import new_reply, queue_replies
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.tasks import OUTBOUND_QUEUE, kick_delivery
 
 log = get_logger(__name__)
+
+DATABASE, DRAMATIQ = "database", "dramatiq"
+
+
+def _engine(engine: Engine | None) -> Engine:
+    if engine is not None:
+        return engine
+    from worker.deps import get_engine
+
+    return get_engine()
 
 
 def _xq(broker: Any) -> tuple[str, str]:
@@ -27,43 +41,51 @@ def _xq(broker: Any) -> tuple[str, str]:
     return name, name + ".msgs"
 
 
-def list_dead_letters(redis: Any, broker: Any) -> list[dict[str, Any]]:
-    """Every dead-lettered outbound message, oldest first, with the reply it was sending."""
+def list_dead_letters(redis: Any, broker: Any, engine: Engine | None = None) -> list[dict[str, Any]]:
+    """Every dead reply, oldest first: the database's, and the messages Dramatiq dead-lettered."""
+    with _engine(engine).connect() as connection:
+        kept = [_from_row(row) for row in deadletters.list_all(connection)]
+    # Earlier releases dead-lettered a permanent failure in Dramatiq too; once `migrate --from-redis`
+    # copied it, its row says everything (and Dramatiq drops the message within 7 days).
+    copied = {entry["reply_id"] for entry in kept}
+    stuck = [entry for entry in _from_dramatiq(redis, broker) if entry["reply_id"] not in copied]
+    return sorted(kept + stuck, key=lambda entry: entry["failed_at"])
+
+
+def _from_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "reply_id": row["id"], "conversation": keys.conversation_id(row["bot_id"], row["person"]),
+        "bot_id": row["bot_id"], "to": row["person"], "text": row["text"], "media_url": row["media_url"],
+        "error_code": row["error_code"], "http_status": row["http_status"], "error": row["error"],
+        "reason": row["reason"], "attempts": row["attempts"], "failed_at": row["failed_at"], "still_queued": False,
+        "kept_in": DATABASE,
+    }
+
+
+def _from_dramatiq(redis: Any, broker: Any) -> list[dict[str, Any]]:
     queue, bodies = _xq(broker)
     scored = redis.zrange(queue, 0, -1, withscores=True)
     if not scored:
         return []
     raw_messages = redis.hmget(bodies, [message_id for message_id, _ in scored])
-    entries = []
-    for (message_id, died_ms), raw in zip(scored, raw_messages):
-        if raw is None:
-            continue  # expired between the two reads
-        entries.append(_entry(redis, message_id, died_ms, raw))
-    return entries
+    return [_from_message(redis, message_id, died_ms, raw)
+            for (message_id, died_ms), raw in zip(scored, raw_messages)
+            if raw is not None]  # None: expired between the two reads
 
 
-def _entry(redis: Any, message_id: str, died_ms: float, raw: str | bytes) -> dict[str, Any]:
+def _from_message(redis: Any, message_id: str, died_ms: float, raw: str | bytes) -> dict[str, Any]:
     message = dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
     conversation, reply_id = message.args[0], message.args[1]
-    dead_raw = redis.get(keys.dead_reply(reply_id))
-    # Without a dead copy the message died of an unexpected error, its reply still on the outbox.
-    queued_raw = None if dead_raw else redis.hget(keys.replies(conversation), reply_id)
-    reply = json.loads(dead_raw or queued_raw or "{}")
+    queued_raw = redis.hget(keys.replies(conversation), reply_id)
+    reply = json.loads(queued_raw or "{}")
     bot_id, to = keys.split_conversation_id(conversation)
     return {
-        "id": message_id,
-        "reply_id": reply_id,
-        "conversation": conversation,
-        "bot_id": bot_id,
-        "to": reply.get("to", to),
-        "text": reply.get("text"),
-        "media_url": reply.get("media_url"),
-        "error_code": reply.get("error_code"),
-        "error": reply.get("error") or _last_line(message.options.get("traceback")),
-        "reason": reply.get("reason", "unexpected"),
-        "attempts": reply.get("attempts", message.options.get("retries", 0)),
-        "failed_at": reply.get("failed_at", died_ms / 1000),
-        "still_queued": queued_raw is not None,
+        "id": message_id, "reply_id": reply_id, "conversation": conversation, "bot_id": bot_id,
+        "to": reply.get("to", to), "text": reply.get("text"), "media_url": reply.get("media_url"),
+        "error_code": reply.get("error_code"), "http_status": None,
+        "error": _last_line(message.options.get("traceback")), "reason": "unexpected",
+        "attempts": message.options.get("retries", 0), "failed_at": died_ms / 1000,
+        "still_queued": queued_raw is not None, "kept_in": DRAMATIQ,
     }
 
 
@@ -71,35 +93,63 @@ def _last_line(traceback: str | None) -> str | None:
     return traceback.strip().splitlines()[-1] if traceback else None
 
 
-def replay(redis: Any, broker: Any, ids: Iterable[str] | None = None) -> list[str]:
-    """Queue each dead reply again (all, or those whose message or reply id is in `ids`) and take
-    it off the dead-letter queue; returns the message ids replayed."""
+def replay(redis: Any, broker: Any, ids: Iterable[str] | None = None, engine: Engine | None = None) -> list[str]:
+    """Queue each dead reply again (all, or those whose id or reply id is in `ids`) and forget it;
+    returns the ids replayed. A dead letter replayed twice at once is queued once."""
+    engine = _engine(engine)
     wanted = set(ids) if ids is not None else None
     replayed = []
-    for entry in list_dead_letters(redis, broker):
+    for entry in list_dead_letters(redis, broker, engine):
         if wanted is not None and not wanted & {entry["id"], entry["reply_id"]}:
             continue
-        _requeue(redis, broker, entry)
-        queue, bodies = _xq(broker)
-        redis.zrem(queue, entry["id"])
-        redis.hdel(bodies, entry["id"])
-        redis.delete(keys.dead_reply(entry["reply_id"]))
+        if entry["kept_in"] == DATABASE:
+            if not _replay_kept(engine, redis, broker, entry):
+                continue
+        else:
+            _replay_message(engine, redis, broker, entry)
         replayed.append(entry["id"])
     return replayed
 
 
-def _requeue(redis: Any, broker: Any, entry: dict[str, Any]) -> None:
+def _replay_kept(engine: Engine, redis: Any, broker: Any, entry: dict[str, Any]) -> bool:
+    # Taken in the transaction that logs the reply again, and queued before it commits: a replay
+    # that fails keeps its dead letter, and of two replays at once only the one that took it queues.
+    with transaction(engine) as connection:
+        if not deadletters.take(connection, entry["reply_id"]):
+            return False
+        reply = _again(entry)
+        messagelog.record_replies(connection, [reply], None, origin=messagelog.REPLAY)
+        _queue(redis, broker, reply, entry)
+    return True
+
+
+def _replay_message(engine: Engine, redis: Any, broker: Any, entry: dict[str, Any]) -> None:
     conversation = entry["conversation"]
     if entry["still_queued"]:
-        # The reply never left its outbox (an unexpected error): kick it where it stands.
+        # The reply never left its outbox: kick it where it stands.
         kick_delivery(conversation, entry["reply_id"], broker=broker)
         log.info("dlq.rekicked", conversation=conversation, reply_id=entry["reply_id"])
-        return
-    if entry["text"] is None:
+    elif entry["text"] is None:
+        # Its message died and its reply is gone from the outbox: nothing left to resend.
         log.warning("dlq.unknown_reply", conversation=conversation, reply_id=entry["reply_id"])
-        return  # neither kept nor queued (its 7 days ran out): nothing left to resend
-    reply = new_reply(conversation, entry["to"], entry["text"], entry["media_url"])
-    kick = queue_replies(redis, conversation, [reply])
+    else:
+        reply = _again(entry)
+        with transaction(engine) as connection:
+            messagelog.record_replies(connection, [reply], None, origin=messagelog.REPLAY)
+        _queue(redis, broker, reply, entry)
+    queue, bodies = _xq(broker)
+    redis.zrem(queue, entry["id"])
+    redis.hdel(bodies, entry["id"])
+
+
+def _again(entry: dict[str, Any]) -> dict[str, Any]:
+    """A new reply (its own id) with the dead one's text and image."""
+    return new_reply(entry["conversation"], entry["to"], entry["text"], entry["media_url"])
+
+
+def _queue(redis: Any, broker: Any, reply: dict[str, Any], entry: dict[str, Any]) -> None:
+    """At the tail of its conversation: a replay never jumps ahead of what is queued."""
+    kick = queue_replies(redis, reply["conversation"], [reply])
     if kick is not None:
-        kick_delivery(conversation, kick, broker=broker)
-    log.info("dlq.replayed", conversation=conversation, reply_id=reply["id"], replay_of=entry["reply_id"])
+        kick_delivery(reply["conversation"], kick, broker=broker)
+    log.info("dlq.replayed", conversation=reply["conversation"], reply_id=reply["id"], replay_of=entry["reply_id"])

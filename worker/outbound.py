@@ -16,17 +16,19 @@ from typing import Any
 
 import dramatiq
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
-from shared import keys, messagelog, metrics, optout
+from shared import deadletters, keys, messagelog, metrics, optout
 from shared.bots import Bot
 from shared.conversations import REPLY, reschedule, settle
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.redis import script
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
 from shared.twilio_errors import HINTS, Action, action_for
 from worker import pacing
-from worker.deps import get_redis, get_settings, get_store
+from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.locks import Lease
 from worker.twilio_client import Accepted, Refused, client_for, send_sms
 
@@ -52,17 +54,13 @@ BACKOFF: dict[Action, tuple[float, float]] = {
     Action.RETRY: (1.0, 300.0),
     Action.RETRY_SLOWLY: (10.0, 900.0),
 }
-# Unexpected errors (Redis down, a bug) are retried a few times by Dramatiq, then dead-lettered.
+# Unexpected errors (Redis down, a bug) are retried a few times by Dramatiq, then dead-lettered
+# by it; a reply Twilio refuses for good is a dead letter in the database instead (_fail).
 MAX_UNEXPECTED_RETRIES = 5
-DEAD_REPLY_TTL = 7 * 24 * 3600
 
 
 class SendRetry(dramatiq.Retry):
     """Twilio said "later": Dramatiq's Retries middleware re-enqueues the message after `delay` ms."""
-
-
-class PermanentSendError(Exception):
-    """Twilio said "never" (or retries ran out): the message goes to Dramatiq's dead-letter queue."""
 
 
 def _retry_when(retries: int, exception: BaseException) -> bool:
@@ -82,12 +80,15 @@ class Step:
 
 @dramatiq.actor(
     actor_name=SEND_REPLY, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
-    throws=(PermanentSendError,), retry_when=_retry_when, min_backoff=1000, max_backoff=60_000,
+    retry_when=_retry_when, min_backoff=1000, max_backoff=60_000,
 )
 def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> None:
     """Send `reply_id` if it is the head of the conversation's outbox, then kick the next head."""
     if failed is not None:
-        raise PermanentSendError(failed)  # handed over by deliver_now: dead-letter this message
+        # Handed over by an earlier release's deliver_now, its reply already finished and kept at
+        # keys.dead_reply (which `mammut-sms migrate --from-redis` copies): nothing left to do.
+        log.warning("outbound.legacy_failure", conversation=conversation, reply_id=reply_id, error=failed)
+        return
     with structlog.contextvars.bound_contextvars(conversation=conversation, reply_id=reply_id):
         step = _attempt(conversation, reply_id, SHORT_WAIT_SECONDS)
     if step.error is not None:
@@ -96,15 +97,12 @@ def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> N
 
 def deliver_now(conversation: str, reply_id: str) -> None:
     """Send a reply from the calling thread, e.g. the conversation actor's right after
-    `queue_replies` returned it: one Dramatiq message fewer per reply. What cannot finish here
-    (a retry, a dead letter) is handed to send_reply; a reply that must wait for its pacing slot
-    is scheduled (beyond a few milliseconds, see INLINE_WAIT_SECONDS), so the caller's thread
-    is not held by a busy number."""
+    `queue_replies` returned it: one Dramatiq message fewer per reply. A retry is handed to
+    send_reply; a reply that must wait for its pacing slot is scheduled (beyond a few
+    milliseconds, see INLINE_WAIT_SECONDS), so the caller's thread is not held by a busy number."""
     step = _attempt(conversation, reply_id, INLINE_WAIT_SECONDS)
     if isinstance(step.error, SendRetry):
         kick_delivery(conversation, reply_id, delay_ms=step.error.delay)
-    elif step.error is not None:
-        send_reply.send_with_options(args=(conversation, reply_id), kwargs={"failed": str(step.error)})
 
 
 def _attempt(conversation: str, reply_id: str, longest_sleep: float) -> Step:
@@ -129,11 +127,10 @@ def _attempt(conversation: str, reply_id: str, longest_sleep: float) -> Step:
 
 @dataclass(frozen=True)
 class Head:
-    """The outbox head being worked on, with its reply record, its log entry and its bot."""
+    """The outbox head being worked on, with its reply record and its bot."""
 
     id: str
     reply: dict[str, Any] | None
-    entry: dict[str, Any] | None
     bot: Bot | None
 
 
@@ -144,14 +141,12 @@ def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease) -> He
     lease.request(pipe)
     pipe.lindex(keys.outbox(conversation), 0)
     pipe.hget(keys.replies(conversation), reply_id)
-    pipe.hget(keys.message_log_entries(conversation), reply_id)
-    pipe.get(keys.bot(keys.split_conversation_id(conversation)[0]))
-    granted, head, reply, entry, bot = pipe.execute()
+    granted, head, reply = pipe.execute()
     lease.granted(granted)
     if head != reply_id:
         return None
-    return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None, json.loads(entry) if entry else None,
-                get_store().load(bot))
+    return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None,
+                get_bots().by_id(keys.split_conversation_id(conversation)[0]))
 
 
 def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float) -> Step:
@@ -180,14 +175,16 @@ def _first_look(redis: Any, reply: dict[str, Any], bot: Bot) -> tuple[bool, floa
     reserved or claimed), in one round trip. A suppressed reply's reservation goes unused: its
     number idles one interval, a rare and harmless cost next to a round trip on every send."""
     pipe = redis.pipeline(transaction=False)
-    pipe.sismember(keys.opted_out(bot.number), reply["to"])
+    optout.request_look(pipe, bot.number, reply["to"])
     pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"])
-    opted_out, raw = pipe.execute()
+    looked, raw = pipe.execute()
+    # The database is asked only when the copy is missing (rebuilt first) or names the recipient.
+    opted_out = optout.opted_out_after_look(get_engine(), redis, bot.number, reply["to"], looked)
     reserved = reply["slot_at"] is None
     reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
     if reserved and wait > 0 and not opted_out:
         _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
-    return bool(opted_out), wait
+    return opted_out, wait
 
 
 def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, wait: float,
@@ -213,14 +210,13 @@ def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float)
 
 
 def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease) -> Step:
-    """Twilio took it: the pace, the log, the status, the outbox, the metrics and the lease, in
-    one round trip (in this order, so the lease is free when the next head is kicked)."""
+    """Twilio took it: the log (SQL, first), then the pace, the outbox, the metrics and the lease
+    in one round trip (in this order, so the lease is free when the next head is kicked)."""
     reply, bot = head.reply, head.bot
     assert reply is not None and bot is not None
     now = time.time()
     pipe = redis.pipeline(transaction=False)
     pacing.confirm(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second)
-    messagelog.record_status(pipe, accepted.sid, accepted.status, at=now)
     next_head = _finish(pipe, conversation, head, accepted.status, sid=accepted.sid, at=now)
     metrics.incr(pipe, "sms_outbound", result="sent")
     if reply["received_at"]:
@@ -292,7 +288,7 @@ def _opted_out(redis: Any, conversation: str, head: Head, number: str) -> Step:
     """21610: the recipient texted STOP. Remember it; nothing to retry or replay until START."""
     reply = head.reply
     assert reply is not None
-    optout.opt_out(redis, number, reply["to"])
+    optout.opt_out(get_engine(), redis, number, reply["to"], how=optout.HOW_21610)
     pipe = redis.pipeline(transaction=False)
     next_head = _finish(pipe, conversation, head, "failed", error_code=reply["error_code"])
     metrics.incr(pipe, "sms_outbound", result="failed", code=reply["error_code"])
@@ -303,32 +299,35 @@ def _opted_out(redis: Any, conversation: str, head: Head, number: str) -> Step:
 
 
 def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: str) -> Step:
-    """Record the failure, keep the reply for replay, move on, and dead-letter the message."""
+    """Keep the reply as a dead letter in the database (for `mammut-sms dlq`), then move on. The
+    Dramatiq message ends here: its dead-letter queue would keep it in Redis for a week."""
     reply = head.reply
     assert reply is not None
     code = refused.code
-    dead = {**REPLY.dump(reply), "error": refused.message, "http_status": refused.http_status,
-            "reason": reason, "failed_at": time.time()}
+    with transaction(get_engine()) as connection:  # first: if this fails, the reply is still queued
+        deadletters.record(connection, {
+            "id": reply["id"], "bot_id": reply["bot_id"], "person": reply["to"], "text": reply["text"],
+            "media_url": reply["media_url"], "error_code": code, "http_status": refused.http_status,
+            "error": refused.message, "reason": reason, "attempts": reply["attempts"], "failed_at": time.time(),
+        })
     pipe = redis.pipeline(transaction=False)
-    next_head = _finish(pipe, conversation, head, "failed", error_code=code, dead=dead)
+    next_head = _finish(pipe, conversation, head, "failed", error_code=code)
     metrics.incr(pipe, "sms_outbound", result="failed", code=code or refused.http_status or "none")
     results = pipe.execute()
     log.warning("outbound.failed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
                 code=code, http_status=refused.http_status, reason=reason, attempts=reply["attempts"],
                 error=refused.message, hint=HINTS.get(code or 0))
-    error = PermanentSendError(f"{reason}: Twilio answered {refused.http_status}/{code}: {refused.message}")
-    return Step(kick=results[next_head], error=error)
+    return Step(kick=results[next_head])
 
 
-# --- The outbox, the reply records and the log entries. ---
+# --- The outbox, the reply records and the log. ---
 
-# Pop the head if it is still `reply_id` (keeping a dead copy if asked), note progress for the
-# sweeper, and return the next head: one step, so no kick is lost between two workers.
+# Pop the head if it is still `reply_id`, note progress for the sweeper, and return the next
+# head: one step, so no kick is lost between two workers.
 FINISH_LUA = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
   redis.call('LPOP', KEYS[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
-  if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5]) end
 end
 local head = redis.call('LINDEX', KEYS[1], 0)
 if head then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
@@ -341,17 +340,15 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 
 
 def _finish(pipe: Any, conversation: str, head: Head, status: str, sid: str | None = None,
-            error_code: int | None = None, at: float | None = None, dead: dict[str, Any] | None = None) -> int:
-    """Queue on `pipe` the end of the head's journey: its status in the message log, then its
-    removal from the outbox. Returns where the next head (to kick, if any) is among the results."""
-    if head.entry is not None:  # gone if the bounded log dropped it
-        # Logged before the pop, so an empty outbox means every sent reply shows its SID.
-        messagelog.update(pipe, conversation, _with_status(head.entry, status, sid, error_code, at))
+            error_code: int | None = None, at: float | None = None) -> int:
+    """Record the end of the head's journey in the message log, then queue on `pipe` its removal
+    from the outbox. Returns where the next head (to kick, if any) is among the results."""
+    # Logged before the pop, so an empty outbox means every sent reply shows its SID.
+    _log(conversation, head.id, status, sid, error_code, at)
     position = len(pipe)
     # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(FINISH_LUA, 4, keys.outbox(conversation), keys.replies(conversation), keys.PENDING,
-              keys.dead_reply(head.id), head.id, conversation, repr(time.time()),
-              json.dumps(dead) if dead else "", DEAD_REPLY_TTL)
+    pipe.eval(FINISH_LUA, 3, keys.outbox(conversation), keys.replies(conversation), keys.PENDING,
+              head.id, conversation, repr(time.time()))
     settle(pipe, conversation)  # a no-op while anything is left to do
     return position
 
@@ -361,12 +358,17 @@ def _save(redis: Any, reply: dict[str, Any]) -> None:
                             args=[reply["id"], json.dumps(REPLY.dump(reply))])
 
 
-def _with_status(entry: dict[str, Any], status: str, sid: str | None, error_code: int | None,
-                 at: float | None) -> dict[str, Any]:
-    """The log entry as it reads with this status."""
-    entry = {**entry, "status": status, "statuses": {**entry["statuses"], status: time.time() if at is None else at}}
-    if sid is not None:
-        entry["sid"] = sid
-    if error_code is not None:
-        entry["error-code"] = error_code
-    return entry
+def _log(conversation: str, reply_id: str, status: str, sid: str | None, error_code: int | None,
+         at: float | None) -> None:
+    """The reply's row (and, once sent, its delivery): one transaction. A database that fails here
+    costs the log an update, never the outbox its progress: retrying would send the reply twice."""
+    try:
+        with transaction(get_engine()) as connection:
+            if sid is not None:
+                messagelog.record_sent(connection, reply_id, keys.split_conversation_id(conversation)[0], sid,
+                                       status, at)
+            else:
+                messagelog.record_outcome(connection, reply_id, status, error_code, at)
+    except SQLAlchemyError as error:
+        log.error("outbound.log_failed", conversation=conversation, reply_id=reply_id, status=status,
+                  twilio_sid=sid, error=error.__class__.__name__)
