@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,6 @@ import requests  # noqa: E402
 from twilio.request_validator import RequestValidator  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tempfile.gettempdir()}/mammut-sms-bench-e2e.sqlite3"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 WEB_CONCURRENCY, WORKER_PROCESSES, WORKER_THREADS = "2", "2", "40"
@@ -105,16 +103,15 @@ def floor_broker() -> Any:
 # --- The load: signed Twilio webhooks from many senders to many bots. ------------------------
 
 
-def make_bots(redis: Any, count: int, engine_url: str) -> list[str]:
+def make_bots(redis: Any, database_url: str, count: int, engine_url: str) -> list[str]:
     """Bots on fast numbers (pacing is not what this measures), the only ones; returns their numbers."""
+    from bench.database import empty
     from shared import db
     from shared.bots import BotStore
     from shared.crypto import Vault
-    from shared.schema import bots
 
-    engine = db.make_engine(DATABASE_URL, size=1)
-    with engine.begin() as connection:
-        connection.execute(bots.delete())
+    empty(database_url)
+    engine = db.make_engine(database_url, size=1)
     store = BotStore(engine, redis, Vault([os.environ["CREDENTIALS_KEY"]]))
     numbers = [f"+1500555{n:04d}" for n in range(count)]
     for number in numbers:
@@ -174,13 +171,13 @@ def main() -> None:
     from tests.support.fake_engine import FakeEngine
     from tests.support.processes import start_web, start_worker
 
-    from shared.db import migrate
+    from bench.database import bench_database_url, describe
 
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
-    migrate(DATABASE_URL)
+    database_url = bench_database_url()
     redis = connect(REDIS_URL)
     with TwilioStandin() as twilio, FakeEngine() as engine:
-        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL, "TWILIO_API_BASE_URL": twilio.url,
+        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
                "ENGINE_URL": engine.url,
                "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
                "WEB_CONCURRENCY": WEB_CONCURRENCY}
@@ -212,13 +209,14 @@ def main() -> None:
 
         def product_with_bots() -> list[Any]:
             processes = product()
-            make_bots(redis, args.bots, engine.url)
+            make_bots(redis, database_url, args.bots, engine.url)
             return processes
 
         product_rate = measure(product_with_bots, port, twilio, numbers, args.senders, args.messages, "P")
     redis.flushdb()
     print(f"command: {sys.executable} bench/e2e.py --messages {args.messages} --bots {args.bots} "
           f"--senders {args.senders}")
+    print(f"database: {describe(database_url)}")
     print(f"machine: {os.cpu_count()} CPUs; web {WEB_CONCURRENCY} gunicorn workers, "
           f"worker {WORKER_PROCESSES} processes x {WORKER_THREADS} threads, for both services")
     print(f"floor:   {floor_rate:7.1f} messages/s")

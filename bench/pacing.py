@@ -31,17 +31,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tempfile.gettempdir()}/mammut-sms-bench-pacing.sqlite3"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 BUSY, OTHER = "+15550009001", "+15550009002"
 
 
-def environment(twilio_url: str) -> dict[str, str]:
+def environment(twilio_url: str, database_url: str) -> dict[str, str]:
     from cryptography.fernet import Fernet
 
     return {
-        "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL, "TWILIO_API_BASE_URL": twilio_url,
+        "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio_url,
         "ADMIN_API_TOKEN": "bench",
         "CREDENTIALS_KEY": Fernet.generate_key().decode(), "MAMMUT_SMS_ENV": "development", "LOG_LEVEL": "WARNING",
         "WORKER_PROCESSES": "2", "WORKER_THREADS": "40",
@@ -116,23 +115,22 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=30)
     args = parser.parse_args()
 
+    from bench.database import bench_database_url, empty
     from cli.twilio_standin import TwilioStandin
 
     with TwilioStandin() as twilio:
-        env = environment(twilio.url)
+        database_url = bench_database_url()
+        env = environment(twilio.url, database_url)
         os.environ.update(env)
         from shared import db
         from shared.bots import BotStore
         from shared.crypto import Vault
         from shared.redis import connect
-        from shared.schema import bots as bots_table
 
         redis = connect(REDIS_URL)
         redis.flushdb()
-        db.migrate(DATABASE_URL)
-        engine = db.make_engine(DATABASE_URL, size=1)
-        with engine.begin() as connection:
-            connection.execute(bots_table.delete())
+        empty(database_url)
+        engine = db.make_engine(database_url, size=1)
         store = BotStore(engine, redis, Vault([env["CREDENTIALS_KEY"]]))
         bots = [store.create({"name": f"pacing {number}", "twilio-account-sid": ACCOUNT_SID,
                               "twilio-auth-token": AUTH_TOKEN, "main-phone-number": number,

@@ -35,6 +35,7 @@ def main() -> None:
 
     from cryptography.fernet import Fernet
 
+    from bench.database import bench_database_url, describe
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
     from tests.conftest import free_port
@@ -44,11 +45,12 @@ def main() -> None:
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
     redis = connect(REDIS_URL)
     redis.flushdb()
+    database_url = bench_database_url()
     with TwilioStandin() as twilio, FakeEngine(delay=ENGINE_SECONDS) as engine:
-        env = {"REDIS_URL": REDIS_URL, "TWILIO_API_BASE_URL": twilio.url, "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"],
-               "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING"}
+        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
+               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING"}
         port = free_port()
-        numbers = make_bots(redis, args.bots, engine.url)
+        numbers = make_bots(redis, database_url, args.bots, engine.url)
         web = start_web(env, port)
         # The Procfile's own worker line, with its default processes and threads.
         worker = start_worker({k: v for k, v in env.items()}, processes=2, threads=40, command=procfile()["worker"])
@@ -65,6 +67,7 @@ def main() -> None:
     print(f"command: {sys.executable} bench/slow_engine.py --messages {args.messages} --senders {args.senders} "
           f"--bots {args.bots}")
     print(f"worker:  {procfile()['worker']}  (defaults: 2 processes x 40 threads)")
+    print(f"database: {describe(database_url)}")
     print(f"engine:  {ENGINE_SECONDS:.1f} s per answer; {len(engine.calls)} calls")
     # The whole run is the conservative figure: arrivals come in bursts, which flatters a window.
     print(f"sustained: {len(arrived) / (arrived[-1] - started):.1f} messages/s (first POST to last arrival; "

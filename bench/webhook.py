@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from shared import db, keys, metrics  # noqa: E402
 from shared.bots import BotStore  # noqa: E402
-from shared.schema import bots  # noqa: E402
+from bench.database import bench_database_url, empty  # noqa: E402
 from shared.crypto import Vault  # noqa: E402
 from shared.redis import connect  # noqa: E402
 from shared.tasks import CONVERSATIONS_QUEUE, queue_keys  # noqa: E402
@@ -142,10 +142,8 @@ def reset_redis(redis_url: str, database_url: str) -> None:
     """An empty Redis db, and a bots table holding only the bench bot, so every run starts from the same state."""
     redis = connect(redis_url)
     redis.flushdb()
-    db.migrate(database_url)
+    empty(database_url)
     engine = db.make_engine(database_url, size=1)
-    with engine.begin() as connection:
-        connection.execute(bots.delete())
     BotStore(engine, redis, Vault([CREDENTIALS_KEY])).create({
         "name": "bench", "twilio-account-sid": ACCOUNT_SID, "twilio-auth-token": AUTH_TOKEN,
         "main-phone-number": BOT_NUMBER,
@@ -302,8 +300,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=80_000, help="distinct pre-signed messages")
     parser.add_argument("--senders", type=int, default=2_000)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
-    parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL")
-                        or f"sqlite:///{tempfile.gettempdir()}/mammut-sms-bench-webhook.sqlite3")
+    parser.add_argument("--database-url", default=None,
+                        help="default: BENCH_DATABASE_URL, else the local PostgreSQL's mammut_sms_bench, else SQLite")
     parser.add_argument("--port", type=int, default=0, help="0: pick a free one")
     parser.add_argument("--no-work", action="store_true",
                         help="also measure GET /healthz once, for the latency this machine adds by itself")
@@ -314,7 +312,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}{PATH}"
     env = {
         **os.environ, "PORT": str(args.port), "WEB_CONCURRENCY": "2", "REDIS_URL": args.redis_url,
-        "DATABASE_URL": args.database_url,
+        "DATABASE_URL": args.database_url or bench_database_url(),
         "ADMIN_API_TOKEN": "bench-admin", "CREDENTIALS_KEY": CREDENTIALS_KEY, "MAMMUT_SMS_ENV": "production",
         "LOG_LEVEL": "INFO", "BENCH_AUTH_TOKEN": AUTH_TOKEN, "PYTHONPATH": str(REPO),
     }
