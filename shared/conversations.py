@@ -136,14 +136,15 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 QUEUE_REPLIES_LUA = """
 local was_empty = redis.call('LLEN', KEYS[1]) == 0
 if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
-local n = (#ARGV - 3) / 2
+if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[4]) end
+local n = (#ARGV - 4) / 2
 for i = 0, n - 1 do
-  local id, reply = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local id, reply = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   redis.call('HSET', KEYS[2], id, reply)
   redis.call('RPUSH', KEYS[1], id)
 end
 if n > 0 then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2]) end
-if was_empty and n > 0 then return ARGV[4] end
+if was_empty and n > 0 then return ARGV[5] end
 return false
 """
 
@@ -171,17 +172,20 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
     ]
 
 
-def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None) -> str | None:
-    """Queue replies in order; returns the reply id a worker must be kicked for, if any. Their rows
-    in the message log (shared.messagelog) are written first, by the caller.
+def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None,
+                  log_record: str | None = None) -> str | None:
+    """Queue replies in order; returns the reply id a worker must be kicked for, if any. The
+    message log's record of this step (`log_record`, see worker.logdrain) joins the log outbox in
+    the same step, so the log can neither miss nor repeat it; callers without one (an engine's
+    callback, a replay) write their rows to the database first.
 
     `redis` may be a pipeline (the worker batches this with its engine counts): the id is then
     its result. Hence EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip."""
-    args: list[Any] = [done_inbound or "", conversation, repr(time.time())]
+    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), log_record or ""]
     for reply in replies:
         args += [reply["id"], json.dumps(REPLY.dump(reply))]
-    return redis.eval(QUEUE_REPLIES_LUA, 4, keys.outbox(conversation), keys.replies(conversation),
-                      keys.processing(conversation), keys.PENDING, *args)
+    return redis.eval(QUEUE_REPLIES_LUA, 5, keys.outbox(conversation), keys.replies(conversation),
+                      keys.processing(conversation), keys.PENDING, keys.LOG_OUTBOX, *args)
 
 
 # Forget a conversation in the pending set once it has nothing left to do.

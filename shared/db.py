@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Executable, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
@@ -106,9 +106,24 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 def insert(connection: Connection, table: Table) -> Insert:
     """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL and SQLite spell them alike)."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+    return _dialect_insert(connection.dialect.name, table)
+
+
+def _dialect_insert(dialect: str, table: Table) -> Insert:
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+_built: dict[tuple[str, str], Executable] = {}
+
+
+def built(connection: Connection, name: str, build: Callable[[Callable[[Table], Insert]], Executable]) -> Executable:
+    """The statement `name`, built once per dialect by `build` (given the dialect's insert): on the
+    workers' hot path, constructing an upsert costs more than sending it. Run it with parameters."""
+    key = (connection.dialect.name, name)
+    statement = _built.get(key)
+    if statement is None:
+        statement = _built[key] = build(lambda table: _dialect_insert(key[0], table))
+    return statement
 
 
 def insert_ignoring_duplicates(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:

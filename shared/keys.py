@@ -69,6 +69,11 @@ def replies(conversation: str) -> str:
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+# Message-log records on their way to the database, oldest first, and the lease of the one worker
+# process that writes them there (worker/logdrain.py); records it could not write are kept aside.
+LOG_OUTBOX = f"{PREFIX}:log:outbox"
+LOG_DRAIN_LOCK = f"{PREFIX}:log:drain-lock"
+LOG_REFUSED = f"{PREFIX}:log:refused"
 # Held by the one worker process purging old log rows (worker/retention.py).
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
 

@@ -16,12 +16,12 @@ import binascii
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, case, func, select, tuple_, update
+from sqlalchemy import Connection, Select, and_, bindparam, case, func, select, tuple_, update
 
-from shared.db import insert
+from shared.db import built
 from shared.schema import STATUSES, conversations, deliveries, messages, opt_outs
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -53,26 +53,56 @@ class Page:
 # --- writing ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """An inbound message (as INBOUND) and the replies its engine gave (as REPLY)."""
+
+    message: Mapping[str, Any]
+    replies: Sequence[Mapping[str, Any]]
+    bot_number: str | None
+
+
 def record_exchange(connection: Connection, message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]],
                     bot_number: str | None) -> None:
-    """An inbound message and the replies it got, with the conversation's latest; the caller's
-    transaction makes it all or nothing. A message handled again (its worker died before queuing
-    the replies) rewrites the same reply rows and drops those the new answer no longer has."""
+    """An inbound message and the replies it got, with the conversation's latest; see record_exchanges."""
+    record_exchanges(connection, [Exchange(message, replies, bot_number)])
+
+
+def record_exchanges(connection: Connection, exchanges: Sequence[Exchange]) -> None:
+    """Inbound messages and the replies they got, with each conversation's latest: one statement per
+    table whatever their number, and the caller's transaction makes it all or nothing. A message
+    handled again (its worker died before queuing the replies) rewrites the same reply rows and
+    drops those the new answer no longer has."""
+    if not exchanges:
+        return
     now = time.time()
-    inbound = {
+    inbound: dict[str, dict[str, Any]] = {}
+    replies: dict[str, dict[str, Any]] = {}
+    latest: dict[tuple[int, str], tuple[float, str]] = {}
+    for exchange in exchanges:
+        message = exchange.message
+        row = inbound.setdefault(message["sid"], _inbound_row(message, now))
+        rows = _reply_rows(exchange.replies, exchange.bot_number, ENGINE, after=row["at"])
+        replies.update((reply["id"], reply) for reply in rows)
+        last = rows[-1] if rows else row
+        key = (row["bot_id"], row["person"])
+        latest[key] = max(latest.get(key, (last["at"], last["id"])), (last["at"], last["id"]))
+    fresh = {row.id for row in connection.execute(built(connection, "log:inbound", lambda insert: (
+        insert(messages).on_conflict_do_nothing().returning(messages.c.id))), list(inbound.values()))}
+    for sid in inbound.keys() - fresh:  # seen before: an earlier attempt's replies may linger
+        _forget_stale_replies(connection, inbound[sid], [reply["id"] for reply in replies.values()
+                                                         if reply["in_reply_to"] == sid])
+    _upsert_replies(connection, list(replies.values()))
+    _touch_conversations(connection, latest)
+
+
+def _inbound_row(message: Mapping[str, Any], now: float) -> dict[str, Any]:
+    return {
         "id": message["sid"], "bot_id": message["bot_id"], "person": message["sender"], "bot_number": message["to"],
         "direction": "in", "origin": PERSON, "text": message["body"], "media": list(message["media"]),
         "sid": message["sid"], "in_reply_to": None, "status": RECEIVED, "error_code": None,
         "at": message["received_at"], "updated_at": now,
     }
-    first_time = connection.execute(
-        insert(connection, messages).values(inbound).on_conflict_do_nothing().returning(messages.c.id)).first()
-    rows = _reply_rows(replies, bot_number, ENGINE, after=inbound["at"])
-    if first_time is None:
-        _forget_stale_replies(connection, inbound, [row["id"] for row in rows])
-    _upsert_replies(connection, rows)
-    last = rows[-1] if rows else inbound
-    _touch_conversation(connection, message["bot_id"], message["sender"], last["id"], last["at"])
 
 
 def record_replies(connection: Connection, replies: Sequence[Mapping[str, Any]], bot_number: str | None,
@@ -80,31 +110,46 @@ def record_replies(connection: Connection, replies: Sequence[Mapping[str, Any]],
     """Replies that answer no inbound in this step (an engine's callback, a replay), as `pending`."""
     rows = _reply_rows(replies, bot_number, origin)
     _upsert_replies(connection, rows)
-    latest: dict[tuple[int, str], dict[str, Any]] = {}
-    for row in rows:
-        latest[(row["bot_id"], row["person"])] = row
-    for (bot_id, person), row in latest.items():
-        _touch_conversation(connection, bot_id, person, row["id"], row["at"])
+    _touch_conversations(connection, {(row["bot_id"], row["person"]): (row["at"], row["id"]) for row in rows})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a reply's journey ended: sent (with Twilio's MessageSid and status), suppressed or failed."""
+
+    reply_id: str
+    status: str
+    sid: str | None = None
+    error_code: int | None = None
+    at: float = field(default_factory=time.time)
 
 
 def record_sent(connection: Connection, reply_id: str, bot_id: int, sid: str, status: str,
                 at: float | None = None) -> None:
-    """Twilio took the reply: its row gets the MessageSid and status, `deliveries` the status."""
-    at = time.time() if at is None else at
-    connection.execute(update(messages).where(messages.c.id == reply_id)
-                       .values(sid=sid, status=status, updated_at=at))
-    if status in STATUSES:  # what Twilio answered; anything else stays on the row alone
-        record_delivery(connection, sid, bot_id, status, at=at)
+    """Twilio took the reply: its row gets the MessageSid and status."""
+    record_outcomes(connection, [Outcome(reply_id, status, sid=sid, at=time.time() if at is None else at)])
 
 
 def record_outcome(connection: Connection, reply_id: str, status: str, error_code: int | None = None,
                    at: float | None = None) -> None:
     """A reply that ends without a MessageSid: suppressed, or failed (with Twilio's error code)."""
-    at = time.time() if at is None else at
-    values: dict[str, Any] = {"status": status, "updated_at": at}
-    if error_code is not None:
-        values["error_code"] = error_code
-    connection.execute(update(messages).where(messages.c.id == reply_id).values(**values))
+    record_outcomes(connection, [Outcome(reply_id, status, error_code=error_code,
+                                         at=time.time() if at is None else at)])
+
+
+def record_outcomes(connection: Connection, outcomes: Sequence[Outcome]) -> None:
+    """Each reply's row gets its outcome, in one statement whatever their number. A sent row's own
+    status and time read like a delivery's (see entry): Twilio's later statuses arrive by
+    callback, in `deliveries`."""
+    if not outcomes:
+        return
+    m = messages.c
+    connection.execute(built(connection, "log:outcome", lambda insert: (
+        update(messages).where(m.id == bindparam("reply_id")).values(
+            status=bindparam("new_status"), sid=func.coalesce(bindparam("new_sid"), m.sid),
+            error_code=func.coalesce(bindparam("new_error_code"), m.error_code), updated_at=bindparam("new_at")))),
+        [{"reply_id": outcome.reply_id, "new_status": outcome.status, "new_sid": outcome.sid,
+          "new_error_code": outcome.error_code, "new_at": outcome.at} for outcome in outcomes])
 
 
 def record_delivery(connection: Connection, sid: str, bot_id: int, status: str, error_code: int | None = None,
@@ -115,19 +160,22 @@ def record_delivery(connection: Connection, sid: str, bot_id: int, status: str, 
         raise ValueError(f"not a Twilio message status: {status!r}")
     at = time.time() if at is None else at
     stamp = f"{status}_at"
-    statement = insert(connection, deliveries).values(
-        sid=sid, bot_id=bot_id, status=status, rank=STATUS_RANK[status], error_code=error_code, updated_at=at,
-        **{stamp: at})
-    new, old = statement.excluded, deliveries.c
-    forwards = new.rank >= old.rank
-    statement = statement.on_conflict_do_update(index_elements=[old.sid], set_={
-        "status": case((forwards, new.status), else_=old.status),
-        "rank": case((forwards, new.rank), else_=old.rank),
-        stamp: func.coalesce(old[stamp], new[stamp]),
-        "error_code": func.coalesce(new.error_code, old.error_code),
-        "updated_at": new.updated_at,
-    }).returning(old.status)
-    return connection.execute(statement).scalar_one()
+
+    def upsert(insert: Any) -> Any:
+        statement = insert(deliveries)
+        new, old = statement.excluded, deliveries.c
+        forwards = new.rank >= old.rank
+        return statement.on_conflict_do_update(index_elements=[old.sid], set_={
+            "status": case((forwards, new.status), else_=old.status),
+            "rank": case((forwards, new.rank), else_=old.rank),
+            stamp: func.coalesce(old[stamp], new[stamp]),
+            "error_code": func.coalesce(new.error_code, old.error_code),
+            "updated_at": new.updated_at,
+        }).returning(old.status)
+
+    return connection.execute(built(connection, f"log:delivery:{status}", upsert), {
+        "sid": sid, "bot_id": bot_id, "status": status, "rank": STATUS_RANK[status], "error_code": error_code,
+        "updated_at": at, stamp: at}).scalar_one()
 
 
 def _reply_rows(replies: Sequence[Mapping[str, Any]], bot_number: str | None, origin: str,
@@ -150,13 +198,16 @@ def _reply_rows(replies: Sequence[Mapping[str, Any]], bot_number: str | None, or
 def _upsert_replies(connection: Connection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    statement = insert(connection, messages).values(rows)
-    new = statement.excluded
-    # Only a reply still pending is rewritten: one that went out keeps what was sent.
-    connection.execute(statement.on_conflict_do_update(
-        index_elements=[messages.c.id], where=messages.c.status == PENDING,
-        set_={"text": new.text, "media": new.media, "at": new.at, "updated_at": new.updated_at},
-    ))
+
+    def upsert(insert: Any) -> Any:
+        statement = insert(messages)
+        new = statement.excluded
+        # Only a reply still pending is rewritten: one that went out keeps what was sent.
+        return statement.on_conflict_do_update(
+            index_elements=[messages.c.id], where=messages.c.status == PENDING,
+            set_={"text": new.text, "media": new.media, "at": new.at, "updated_at": new.updated_at})
+
+    connection.execute(built(connection, "log:replies", upsert), rows)
 
 
 def _forget_stale_replies(connection: Connection, inbound: dict[str, Any], keep: list[str]) -> None:
@@ -170,14 +221,22 @@ def _forget_stale_replies(connection: Connection, inbound: dict[str, Any], keep:
     connection.execute(statement)
 
 
-def _touch_conversation(connection: Connection, bot_id: int, person: str, message_id: str, at: float) -> None:
-    statement = insert(connection, conversations).values(bot_id=bot_id, person=person, last_message_id=message_id,
-                                                         last_at=at)
-    new, old = statement.excluded, conversations.c
-    connection.execute(statement.on_conflict_do_update(
-        index_elements=[old.bot_id, old.person], where=new.last_at >= old.last_at,
-        set_={"last_message_id": new.last_message_id, "last_at": new.last_at},
-    ))
+def _touch_conversations(connection: Connection, latest: Mapping[tuple[int, str], tuple[float, str]]) -> None:
+    """Each conversation's latest message, unless a later one is there already (one row per key:
+    an upsert may not touch a row twice)."""
+    if not latest:
+        return
+
+    def upsert(insert: Any) -> Any:
+        statement = insert(conversations)
+        new, old = statement.excluded, conversations.c
+        return statement.on_conflict_do_update(
+            index_elements=[old.bot_id, old.person], where=new.last_at >= old.last_at,
+            set_={"last_message_id": new.last_message_id, "last_at": new.last_at})
+
+    connection.execute(built(connection, "log:conversation", upsert), [
+        {"bot_id": bot_id, "person": person, "last_message_id": message_id, "last_at": at}
+        for (bot_id, person), (at, message_id) in latest.items()])
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from shared.conversations import INBOUND, accept_inbound, replies_from
 from shared.db import transaction
 from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, kick_conversation, queue_keys
 from tests.conftest import queued_kicks
+from tests.support.messagelog import log_written
 from tests.support.fake_engine import FakeEngine
 from worker.locks import Lease
 
@@ -55,8 +56,9 @@ def accept(redis: redis_lib.Redis, bot: Bot, body: str, sender: str = SENDER, **
 
 def log_entries(conversation: str) -> list[dict[str, Any]]:
     """The conversation's message log, oldest first, read from the database the worker writes."""
-    from worker.deps import get_engine
+    from worker.deps import get_engine, get_redis
 
+    log_written(get_redis(), get_engine())
     bot_id, person = keys.split_conversation_id(conversation)
     with get_engine().connect() as connection:
         return messagelog.read(connection, bot_id, person, limit=messagelog.MAX_LIMIT).items

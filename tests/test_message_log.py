@@ -20,6 +20,7 @@ from shared import db, keys, messagelog, optout
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound, replies_from
 from shared.schema import conversations, messages
+from tests.support.messagelog import log_written
 from tests.support.fake_engine import FakeEngine
 
 PERSON, OTHER = "+15551230001", "+15551230002"
@@ -61,6 +62,21 @@ def exchange(sql: Engine, bot: Bot, body: str, *answers: str, person: str = PERS
 def get_log(client: FlaskClient, headers: dict[str, str], bot: Bot, person: str = PERSON,
             query: str = "") -> Any:
     return client.get(f"{API}:{bot.id}/messages?with={quote(person)}{query}", headers=headers)
+
+
+def commits_while(sql: Engine, action: Callable[[], object]) -> int:
+    """How many transactions commit on `sql` while `action` runs."""
+    commits: list[object] = []
+
+    def count(connection: object) -> None:
+        commits.append(connection)
+
+    event.listen(sql, "commit", count)
+    try:
+        action()
+    finally:
+        event.remove(sql, "commit", count)
+    return len(commits)
 
 
 def rows(sql: Engine) -> list[tuple[str, str, str]]:
@@ -184,40 +200,51 @@ class TestWrites:
         assert [("uno", "callback", "pending"), ("dos", "callback", "pending")] == [
             (e["text"], e["origin"], e["status"]) for e in log]
 
-    def test_an_inbound_and_its_replies_are_one_transaction(self, redis: redis_lib.Redis, engine_bot: Bot,
-                                                            engine: FakeEngine, sql: Engine, broker: dramatiq.Broker,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        """One handled message with two replies: one COMMIT, three rows and the conversation's latest."""
+    def test_an_answered_message_reaches_the_log_in_the_step_that_queues_its_replies(
+            self, redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, sql: Engine, broker: dramatiq.Broker,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """The exchange's record joins the log outbox with the replies (one Redis step), then one commit writes it."""
         from worker import conversation as handler
-        from worker.deps import get_engine
 
-        # Given an engine answering twice, and the send left out (it commits its own update)
+        # Given an engine answering twice, and the send left out
         engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": t} for t in ("one", "two")]
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
-        commits: list[object] = []
-        listener = lambda connection: commits.append(connection)  # noqa: E731
-        event.listen(get_engine(), "commit", listener)
-        try:
-            # When the worker handles it
-            handler.drain(redis, keys.conversation_id(engine_bot.id, PERSON))
-        finally:
-            event.remove(get_engine(), "commit", listener)
 
-        # Then it was written in one transaction
-        assert 1 == len(commits)
+        # When the worker handles it
+        handler.drain(redis, keys.conversation_id(engine_bot.id, PERSON))
+
+        # Then one record waits beside the two queued replies, and one commit writes all three rows
+        assert (1, 2) == (redis.llen(keys.LOG_OUTBOX),
+                          redis.llen(keys.outbox(keys.conversation_id(engine_bot.id, PERSON))))
+        assert 1 == commits_while(sql, lambda: log_written(redis, sql))
         expected = [(message["sid"], "hola", "received"), (f"{message['sid']}-0", "one", "pending"),
                     (f"{message['sid']}-1", "two", "pending")]
         assert expected == rows(sql)
         with sql.connect() as connection:
             assert f"{message['sid']}-1" == connection.scalar(select(conversations.c.last_message_id))
 
+    def test_many_messages_share_one_commit(self, redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,
+                                            sql: Engine, broker: dramatiq.Broker,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Twenty people's answered messages are written to the database in one transaction, not twenty."""
+        from worker import conversation as handler
+
+        monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
+        people = [f"+1555777{n:04d}" for n in range(20)]
+        for person in people:
+            assert accept_inbound(redis, inbound(engine_bot, "hola", person=person))
+            handler.drain(redis, keys.conversation_id(engine_bot.id, person))
+
+        assert 1 == commits_while(sql, lambda: log_written(redis, sql))
+        assert 40 == len(rows(sql))
+
     def test_a_message_handled_again_leaves_no_duplicate_or_orphan(self, redis: redis_lib.Redis, engine_bot: Bot,
                                                                    engine: FakeEngine, sql: Engine,
                                                                    broker: dramatiq.Broker,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-        """A worker that died after logging three replies, before queuing them: the retry's two replace them."""
+        """A worker that died before queuing three replies logged nothing; the retry's two replies are the log's."""
         from worker import conversation as handler
 
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
@@ -225,7 +252,7 @@ class TestWrites:
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
 
-        # Given a first attempt that logged three replies and died before queuing them
+        # Given a first attempt that died before queuing its three replies
         engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": t} for t in ("a", "b", "c")]
 
         def die(*_: Any, **__: Any) -> None:
@@ -235,12 +262,13 @@ class TestWrites:
             crash.setattr(handler, "queue_replies", die)
             with pytest.raises(SystemExit):
                 handler.drain(redis, conversation)
-        assert 1 == redis.llen(keys.processing(conversation))
+        assert (1, 0) == (redis.llen(keys.processing(conversation)), redis.llen(keys.LOG_OUTBOX))
 
         # When another worker handles it again, and the engine answers differently
         engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": t} for t in ("x", "y")]
         redis.delete(keys.conversation_lock(conversation))
         handler.drain(redis, conversation)
+        log_written(redis, sql)
 
         # Then the log holds the message once and the second answer's replies only
         expected = [(message["sid"], "hola", "received"), (f"{message['sid']}-0", "x", "pending"),

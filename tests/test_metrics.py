@@ -101,3 +101,12 @@ class TestQueues:
         assert 0 == samples[("sms_queue_depth", (("queue", "outbound"),))]
         assert 1 == samples[("sms_pending_conversations", (("queue", "conversations"),))]
         assert 1 == samples[("sms_dead_letters", (("queue", "outbound"),))]
+
+    def test_the_log_backlog_shows_records_waiting_for_the_database(
+            self, client: FlaskClient, redis: redis_lib.Redis, admin_headers: dict[str, str]) -> None:
+        """While the database is unreachable the log's records wait in Redis: the backlog says how many."""
+        redis.rpush(keys.LOG_OUTBOX, "{}", "{}", "{}")
+        redis.rpush(keys.LOG_REFUSED, "{}")
+        samples = _samples(client, admin_headers)
+        assert (3, 1) == (samples[("sms_log_backlog", (("queue", "waiting"),))],
+                          samples[("sms_log_backlog", (("queue", "refused"),))])

@@ -48,10 +48,20 @@ def pending_conversations(redis: Any) -> dict[str, float]:
     return {CONVERSATIONS_QUEUE: float(redis.zcard(keys.PENDING))}
 
 
+def log_backlog(redis: Any) -> dict[str, float]:
+    pipe = redis.pipeline(transaction=False)
+    pipe.llen(keys.LOG_OUTBOX)
+    pipe.llen(keys.LOG_REFUSED)
+    waiting, refused = pipe.execute()
+    return {"waiting": float(waiting), "refused": float(refused)}
+
+
 GAUGES = {
     "sms_queue_depth": ("Messages waiting in each Dramatiq queue (.DQ: delayed, e.g. retries).", queue_depths),
-    "sms_dead_letters": ("Messages in each Dramatiq dead-letter queue (kept 7 days; replay with mammut-sms dlq).",
-                         dead_letters),
+    "sms_dead_letters": ("Sends that died of an unexpected error, in each Dramatiq dead-letter queue (kept 7 days; "
+                         "replay with mammut-sms dlq). Replies Twilio refused are in the database.", dead_letters),
+    "sms_log_backlog": ("Message-log records waiting in Redis to be written to the database (grows while the "
+                        "database is unreachable), and those it refused (set aside, see the worker log).", log_backlog),
     "sms_pending_conversations": ("Conversations with inbound or outbound work outstanding.", pending_conversations),
 }
 

@@ -4,8 +4,8 @@ and the first reply of an idle outbox is sent from the same thread (worker.outbo
 
 A message moves inbox -> processing (LMOVE) before the engine sees it, and leaves processing in
 the same Redis step that queues its replies, so a worker killed anywhere in between loses nothing,
-and a message whose replies were queued is never handed to the engine again. Just before that
-step, the message and its replies are written to the message log in one transaction; their ids
+and a message whose replies were queued is never handed to the engine again. That same step hands
+the message log its record of the exchange (worker.logdrain writes it to the database); reply ids
 come from the inbound's, so a message handled again rewrites the same rows.
 """
 
@@ -18,15 +18,15 @@ from typing import Any
 import dramatiq
 import structlog
 
-from shared import keys, messagelog, optout
-from shared.db import transaction
+from shared import keys, optout
 from shared.bots import Bot
-from shared.conversations import INBOUND, queue_replies, replies_from, settle
+from shared.conversations import INBOUND, REPLY, queue_replies, replies_from, settle
 from shared.logging import get_logger
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
 from worker.locks import RENEW_EVERY, Lease
+from worker.logdrain import exchange_record
 from worker.outbound import deliver_now
 
 log = get_logger(__name__)
@@ -142,8 +142,7 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     optout.record_inbound(get_engine(), message)  # a STOP or START, durably (the webhook told the Redis copy)
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
-        _log(message, [], None)
-        queue_replies(redis, conversation, [], done_inbound=raw)
+        queue_replies(redis, conversation, [], done_inbound=raw, log_record=exchange_record(message, [], None))
         return True
     started = time.monotonic()
     batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
@@ -152,8 +151,9 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
-    _log(message, replies, bot.number)
-    queue_replies(batch, conversation, replies, done_inbound=raw)
+    # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
+    queue_replies(batch, conversation, replies, done_inbound=raw,
+                  log_record=exchange_record(message, [REPLY.dump(reply) for reply in replies], bot.number))
     batch.llen(keys.inbox(conversation))
     *_, reply_id, waiting = batch.execute()
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
@@ -163,13 +163,6 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
         # pacing and opt-out checks are the same, and a crash leaves it to the sweeper.
         deliver_now(conversation, reply_id)
     return bool(waiting)
-
-
-def _log(message: dict[str, Any], replies: list[dict[str, Any]], bot_number: str | None) -> None:
-    """The inbound, its replies and the conversation's latest: one transaction, before the replies
-    are queued (so a reply on an outbox always has its row)."""
-    with transaction(get_engine()) as connection:
-        messagelog.record_exchange(connection, message, replies, bot_number)
 
 
 def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from dramatiq.middleware import Middleware
 
 from shared.logging import get_logger
 from worker.deps import get_engine, get_redis, get_settings
+from worker.logdrain import LogDrain
 from worker.retention import Retention
 from worker.sweeper import Sweeper
 
@@ -16,15 +17,17 @@ log = get_logger(__name__)
 
 
 class SweeperMiddleware(Middleware):
-    """Starts the sweeper and the retention job once the worker is up, and stops them before the
-    worker shuts down."""
+    """Starts the sweeper, the message log's writer and the retention job once the worker is up,
+    and stops them before the worker shuts down."""
 
     def __init__(self) -> None:
         self._sweeper: Sweeper | None = None
+        self._log_drain: LogDrain | None = None
         self._retention: Retention | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._sweeper = Sweeper(get_redis(), broker).start()
+        self._log_drain = LogDrain(get_redis(), get_engine()).start()
         self._retention = Retention(get_redis(), get_engine(), get_settings().log_retention_days).start()
         # The process harness (and an operator reading the logs) waits for this line.
         log.info("worker.ready", pid=os.getpid())
@@ -36,3 +39,9 @@ class SweeperMiddleware(Middleware):
         if self._retention is not None:
             self._retention.stop()
             self._retention = None
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """The log's writer last, once the threads are done: what they finished is written now."""
+        if self._log_drain is not None:
+            self._log_drain.stop()
+            self._log_drain = None

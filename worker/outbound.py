@@ -16,9 +16,8 @@ from typing import Any
 
 import dramatiq
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
 
-from shared import deadletters, keys, messagelog, metrics, optout
+from shared import deadletters, keys, metrics, optout
 from shared.bots import Bot
 from shared.conversations import REPLY, reschedule, settle
 from shared.db import transaction
@@ -30,6 +29,7 @@ from shared.twilio_errors import HINTS, Action, action_for
 from worker import pacing
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.locks import Lease
+from worker.logdrain import outcome_record
 from worker.twilio_client import Accepted, Refused, client_for, send_sms
 
 log = get_logger(__name__)
@@ -328,6 +328,7 @@ FINISH_LUA = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
   redis.call('LPOP', KEYS[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('RPUSH', KEYS[4], ARGV[4])
 end
 local head = redis.call('LINDEX', KEYS[1], 0)
 if head then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
@@ -341,14 +342,13 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 
 def _finish(pipe: Any, conversation: str, head: Head, status: str, sid: str | None = None,
             error_code: int | None = None, at: float | None = None) -> int:
-    """Record the end of the head's journey in the message log, then queue on `pipe` its removal
-    from the outbox. Returns where the next head (to kick, if any) is among the results."""
-    # Logged before the pop, so an empty outbox means every sent reply shows its SID.
-    _log(conversation, head.id, status, sid, error_code, at)
+    """Queue on `pipe` the head's removal from the outbox, with the message log's record of how it
+    ended (in the same step: worker.logdrain). Returns where the next head (to kick, if any) is
+    among the results."""
     position = len(pipe)
     # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(FINISH_LUA, 3, keys.outbox(conversation), keys.replies(conversation), keys.PENDING,
-              head.id, conversation, repr(time.time()))
+    pipe.eval(FINISH_LUA, 4, keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
+              head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at))
     settle(pipe, conversation)  # a no-op while anything is left to do
     return position
 
@@ -356,19 +356,3 @@ def _finish(pipe: Any, conversation: str, head: Head, status: str, sid: str | No
 def _save(redis: Any, reply: dict[str, Any]) -> None:
     script(redis, SAVE_LUA)(keys=[keys.replies(reply["conversation"])],
                             args=[reply["id"], json.dumps(REPLY.dump(reply))])
-
-
-def _log(conversation: str, reply_id: str, status: str, sid: str | None, error_code: int | None,
-         at: float | None) -> None:
-    """The reply's row (and, once sent, its delivery): one transaction. A database that fails here
-    costs the log an update, never the outbox its progress: retrying would send the reply twice."""
-    try:
-        with transaction(get_engine()) as connection:
-            if sid is not None:
-                messagelog.record_sent(connection, reply_id, keys.split_conversation_id(conversation)[0], sid,
-                                       status, at)
-            else:
-                messagelog.record_outcome(connection, reply_id, status, error_code, at)
-    except SQLAlchemyError as error:
-        log.error("outbound.log_failed", conversation=conversation, reply_id=reply_id, status=status,
-                  twilio_sid=sid, error=error.__class__.__name__)

@@ -1,0 +1,163 @@
+"""The message log's outbox: log records join a Redis list in the same step as the work they
+describe, and one worker process at a time writes them to the database, hundreds per transaction.
+
+A message's path never waits for the database: the record of an answered message is pushed by the
+step that queues its replies, and a reply's outcome by the step that takes it off its outbox, so
+the log can neither miss a step nor record one twice, and a database outage delays the log
+instead of the replies. Writing is idempotent (inserts of what is there already change nothing,
+a status never moves back), so a batch written twice, after a crash between its commit and its
+removal from the list, is harmless. A record the database refuses on its own is set aside in
+keys.LOG_REFUSED (the last 1,000) with an error in the log, so it cannot hold up the others.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine
+
+from shared import keys, messagelog
+from shared.db import transaction
+from shared.logging import get_logger
+from shared.messagelog import Exchange, Outcome
+
+log = get_logger(__name__)
+
+BATCH = 500
+LEASE_MS = 10_000
+IDLE_POLL_SECONDS = 0.02
+STANDBY_POLL_SECONDS = 0.5
+REFUSED_KEPT = 1000
+EXCHANGE, OUTCOME = "exchange", "outcome"
+
+# Take the batch off the list only while the lease is still ours: a writer that lost it (a long
+# pause) leaves the batch for the new holder, which writes it again, harmlessly.
+_TRIM_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def exchange_record(message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]], bot_number: str | None) -> str:
+    """An answered inbound message and its replies (INBOUND and REPLY shapes), for the log outbox."""
+    return json.dumps({"kind": EXCHANGE, "message": message, "replies": replies, "bot_number": bot_number})
+
+
+def outcome_record(reply_id: str, status: str, sid: str | None = None, error_code: int | None = None,
+                   at: float | None = None) -> str:
+    """How a reply's journey ended (sent with Twilio's sid, suppressed, failed), for the log outbox."""
+    return json.dumps({"kind": OUTCOME, "reply_id": reply_id, "status": status, "sid": sid,
+                       "error_code": error_code, "at": time.time() if at is None else at})
+
+
+def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
+    """Records in one transaction, in their order's effect: every exchange before any outcome (an
+    outcome's reply row comes with its exchange, which was pushed first)."""
+    exchanges = [Exchange(r["message"], r["replies"], r["bot_number"]) for r in records if r["kind"] == EXCHANGE]
+    outcomes = [Outcome(r["reply_id"], r["status"], sid=r["sid"], error_code=r["error_code"], at=r["at"])
+                for r in records if r["kind"] == OUTCOME]
+    with transaction(engine) as connection:
+        messagelog.record_exchanges(connection, exchanges)
+        messagelog.record_outcomes(connection, outcomes)
+
+
+def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> int:
+    """Write the oldest records (the caller holds the lease under `token`); returns how many left the list."""
+    raw = redis.lrange(keys.LOG_OUTBOX, 0, batch - 1)
+    if not raw:
+        return 0
+    records = [json.loads(item) for item in raw]
+    try:
+        write(engine, records)
+    except Exception as error:  # noqa: BLE001 - find the record at fault, write the others
+        log.warning("log_drain.batch_failed", records=len(records), error=error.__class__.__name__)
+        _write_one_by_one(redis, engine, raw, records)
+    if not redis.eval(_TRIM_LUA, 2, keys.LOG_OUTBOX, keys.LOG_DRAIN_LOCK, token, len(raw), LEASE_MS):
+        return 0
+    return len(raw)
+
+
+def _write_one_by_one(redis: Any, engine: Engine, raw: list[str], records: list[dict[str, Any]]) -> None:
+    """After a failed batch: each record alone. A database that refuses every one is down, and the
+    batch stays on the list (raised); one refused alone is set aside."""
+    written = 0
+    refused: list[tuple[str, Exception]] = []
+    for item, record in zip(raw, records):
+        try:
+            write(engine, [record])
+            written += 1
+        except Exception as error:  # noqa: BLE001
+            refused.append((item, error))
+    if not written and refused:
+        raise refused[0][1]
+    for item, error in refused:
+        log.error("log_drain.record_refused", error=str(error)[:300], record=item[:300])
+        redis.lpush(keys.LOG_REFUSED, item)
+    redis.ltrim(keys.LOG_REFUSED, 0, REFUSED_KEPT - 1)
+
+
+def drain(redis: Any, engine: Engine, timeout: float = 10.0) -> None:
+    """Write everything on the log outbox now (tests, and tools that read the log right after work)."""
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout
+    while not redis.set(keys.LOG_DRAIN_LOCK, token, nx=True, px=LEASE_MS):
+        if time.monotonic() > deadline:
+            raise TimeoutError("another process holds the log drain lease")
+        time.sleep(0.01)
+    try:
+        while drain_once(redis, engine, token):
+            pass
+    finally:
+        redis.eval(_RELEASE_LUA, 1, keys.LOG_DRAIN_LOCK, token)
+
+
+class LogDrain:
+    """A daemon thread that writes the log outbox while this process holds the lease."""
+
+    def __init__(self, redis: Any, engine: Engine) -> None:
+        self._redis, self._engine = redis, engine
+        self._token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-drain", daemon=True)
+
+    def start(self) -> LogDrain:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop, writing what is left if no other process is writing (a dyno's shutdown)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        try:
+            self._redis.eval(_RELEASE_LUA, 1, keys.LOG_DRAIN_LOCK, self._token)
+            drain(self._redis, self._engine, timeout=0.5)
+        except Exception:  # noqa: BLE001 - another process will write it
+            pass
+
+    def _run(self) -> None:
+        pause = STANDBY_POLL_SECONDS
+        while not self._stop.wait(pause):
+            try:
+                pause = self._turn()
+            except Exception:  # noqa: BLE001 - a database or Redis outage: the records wait in Redis
+                log.warning("log_drain.failed", exc_info=True)
+                pause = 1.0
+
+    def _turn(self) -> float:
+        """Drain while records come; the pause before the next turn."""
+        holder = self._redis.set(keys.LOG_DRAIN_LOCK, self._token, nx=True, px=LEASE_MS) \
+            or self._redis.get(keys.LOG_DRAIN_LOCK) == self._token
+        if not holder:
+            return STANDBY_POLL_SECONDS
+        self._redis.pexpire(keys.LOG_DRAIN_LOCK, LEASE_MS)
+        while not self._stop.is_set() and drain_once(self._redis, self._engine, self._token) == BATCH:
+            pass
+        return IDLE_POLL_SECONDS
