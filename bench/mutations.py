@@ -66,7 +66,7 @@ MUTATIONS: list[Mutation] = [
              "    if head != reply_id:\n        return None\n", "    if False:\n        return None\n",
              ("tests/test_outbound.py::TestOutboxHead", "tests/test_outbound.py::TestOptOut")),
     Mutation("sweeper thread never sweeps", "worker/sweeper.py",
-             "    def _run(self) -> None:\n", "    def _run(self) -> None:\n        return\n",
+             "    def turn(self) -> float:\n", "    def turn(self) -> float:\n        return self._interval\n",
              ("tests/test_crash_recovery.py::"
               "test_replies_a_dead_worker_queued_but_never_kicked_are_sent_by_a_workers_sweeper",)),
     Mutation("LOG_PHONE_NUMBERS defaults to full (environment)", "shared/settings.py",

@@ -13,7 +13,6 @@ keys.LOG_REFUSED (the last 1,000) with an error in the log, so it cannot hold up
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from shared import keys, messagelog
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.messagelog import Exchange, Outcome
+from worker.background import Periodic
 
 log = get_logger(__name__)
 
@@ -119,45 +119,33 @@ def drain(redis: Any, engine: Engine, timeout: float = 10.0) -> None:
         redis.eval(_RELEASE_LUA, 1, keys.LOG_DRAIN_LOCK, token)
 
 
-class LogDrain:
-    """A daemon thread that writes the log outbox while this process holds the lease."""
+class LogDrain(Periodic):
+    """Writes the log outbox while this process holds the lease."""
+
+    name = "log_drain"
+    first_pause = STANDBY_POLL_SECONDS
 
     def __init__(self, redis: Any, engine: Engine) -> None:
+        super().__init__()
         self._redis, self._engine = redis, engine
         self._token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="log-drain", daemon=True)
-
-    def start(self) -> LogDrain:
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop, writing what is left if no other process is writing (a dyno's shutdown)."""
-        self._stop.set()
-        self._thread.join(timeout)
+        super().stop(timeout)
         try:
             self._redis.eval(_RELEASE_LUA, 1, keys.LOG_DRAIN_LOCK, self._token)
             drain(self._redis, self._engine, timeout=0.5)
         except Exception:  # noqa: BLE001 - another process will write it
             pass
 
-    def _run(self) -> None:
-        pause = STANDBY_POLL_SECONDS
-        while not self._stop.wait(pause):
-            try:
-                pause = self._turn()
-            except Exception:  # noqa: BLE001 - a database or Redis outage: the records wait in Redis
-                log.warning("log_drain.failed", exc_info=True)
-                pause = 1.0
-
-    def _turn(self) -> float:
+    def turn(self) -> float:
         """Drain while records come; the pause before the next turn."""
         holder = self._redis.set(keys.LOG_DRAIN_LOCK, self._token, nx=True, px=LEASE_MS) \
             or self._redis.get(keys.LOG_DRAIN_LOCK) == self._token
         if not holder:
             return STANDBY_POLL_SECONDS
         self._redis.pexpire(keys.LOG_DRAIN_LOCK, LEASE_MS)
-        while not self._stop.is_set() and drain_once(self._redis, self._engine, self._token) == BATCH:
+        while not self.stopping and drain_once(self._redis, self._engine, self._token) == BATCH:
             pass
         return IDLE_POLL_SECONDS

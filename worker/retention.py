@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
@@ -11,6 +10,7 @@ from sqlalchemy import Engine
 from shared import keys
 from shared.logging import get_logger
 from shared.retention import purge
+from worker.background import Periodic
 
 log = get_logger(__name__)
 
@@ -35,27 +35,17 @@ def run_once(redis: Any, engine: Engine, days: int, token: str | None = None) ->
     return True
 
 
-class Retention:
-    """A daemon thread purging every `interval` seconds (the first pass soon after start)."""
+class Retention(Periodic):
+    """Purges every `interval` seconds (the first pass a minute after start)."""
+
+    name = "retention"
 
     def __init__(self, redis: Any, engine: Engine, days: int, interval: float = INTERVAL_SECONDS) -> None:
+        super().__init__()
         self._redis, self._engine, self._days, self._interval = redis, engine, days, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self.first_pause = min(60.0, interval)
+        self.pause_after_failure = interval
 
-    def start(self) -> Retention:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        delay = min(60.0, self._interval)
-        while not self._stop.wait(delay):
-            delay = self._interval
-            try:
-                run_once(self._redis, self._engine, self._days)
-            except Exception:  # noqa: BLE001 - a database or Redis blip must not end the job
-                log.warning("retention.failed", exc_info=True)
+    def turn(self) -> float:
+        run_once(self._redis, self._engine, self._days)
+        return self._interval

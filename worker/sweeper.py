@@ -7,7 +7,6 @@ worker process runs one, and a short Redis lock lets only one of them sweep in e
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import Any
@@ -16,6 +15,7 @@ from shared import keys
 from shared.conversations import reschedule, settle
 from shared.logging import get_logger
 from shared.tasks import kick_conversation, kick_delivery
+from worker.background import Periodic
 
 log = get_logger(__name__)
 
@@ -57,31 +57,21 @@ def sweep_one(redis: Any, conversation: str, now: float, broker: Any = None) -> 
     return kicked
 
 
-class Sweeper:
-    """A daemon thread sweeping every INTERVAL_SECONDS while it may take the cluster-wide turn."""
+class Sweeper(Periodic):
+    """Sweeps every INTERVAL_SECONDS while it may take the cluster-wide turn."""
+
+    name = "sweeper"
 
     def __init__(self, redis: Any, broker: Any = None, interval: float = INTERVAL_SECONDS) -> None:
+        super().__init__()
         self._redis = redis
         self._broker = broker
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+        self.first_pause = self.pause_after_failure = self._interval = interval
         self._token = uuid.uuid4().hex
 
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                # Only one process sweeps per period; the lock simply lapses, no one releases it.
-                lock_ms = max(int(self._interval * 1000) - 200, 100)
-                if self._redis.set(keys.SWEEPER_LOCK, self._token, nx=True, px=lock_ms):
-                    sweep(self._redis, broker=self._broker)
-            except Exception:  # noqa: BLE001 - a Redis blip must not end recovery for this process
-                log.warning("sweeper.failed", exc_info=True)
+    def turn(self) -> float:
+        # Only one process sweeps per period; the lock simply lapses, no one releases it.
+        lock_ms = max(int(self._interval * 1000) - 200, 100)
+        if self._redis.set(keys.SWEEPER_LOCK, self._token, nx=True, px=lock_ms):
+            sweep(self._redis, broker=self._broker)
+        return self._interval

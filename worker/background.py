@@ -1,0 +1,46 @@
+"""Background threads of a worker process (the sweeper, the log's writer, retention): each repeats
+one turn until stopped, and a failed turn (Redis or the database away) is logged, not fatal."""
+
+from __future__ import annotations
+
+import threading
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Periodic:
+    """A daemon thread calling `turn()`, which returns the seconds to pause before the next turn."""
+
+    name = "periodic"
+    first_pause = 1.0
+    pause_after_failure = 1.0
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> Periodic:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def turn(self) -> float:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        pause = self.first_pause
+        while not self._stop.wait(pause):
+            try:
+                pause = self.turn()
+            except Exception:  # noqa: BLE001 - a blip must not end the job for this process
+                log.warning(f"{self.name}.failed", exc_info=True)
+                pause = self.pause_after_failure
