@@ -5,7 +5,7 @@ receiver that validates the signature and enqueues, a bare Dramatiq actor that m
 engine and Twilio calls) one after the other, on the same machine, with the same process and
 thread counts, and prints messages/s for both and their ratio (target: product >= 0.75 x floor).
 
-    /tmp/venvprobe/bin/python bench/e2e.py [--messages 1500] [--bots 10] [--senders 200]
+    python bench/e2e.py [--messages 1500] [--bots 10] [--senders 200]
 
 Uses Redis db 10 (flushed). The fakes and the load generator run in this process.
 """

@@ -9,7 +9,7 @@ into each burst, a second 1-message/s number has a reply for someone.
 Targets (issue 4): no two sends of the busy number within 1 s; the burst done within 32 s of
 being queued; the second number's replies at Twilio within 2 s of being queued.
 
-    /tmp/venvprobe/bin/python bench/pacing.py [--messages 30]
+    python bench/pacing.py [--messages 30]
 
 Uses Redis db 12 (flushed).
 """

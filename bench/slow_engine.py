@@ -3,7 +3,7 @@
 Many senders write at once (a few messages each, so conversations overlap); the rate is the
 messages that reached the Twilio stand-in over the time from the first POST to the last arrival (target: >= 50 messages/s).
 
-    /tmp/venvprobe/bin/python bench/slow_engine.py [--messages 1500] [--senders 500]
+    python bench/slow_engine.py [--messages 1500] [--senders 500]
 
 Uses Redis db 11 (flushed). The fakes and the load generator run in this process.
 """

@@ -1,6 +1,6 @@
 """Webhook benchmark: this receiver against a floor receiver, same gunicorn settings, same load.
 
-Run: /tmp/venvprobe/bin/python bench/webhook.py [--duration 15] [--rounds 3] [--connections 16]
+Run: python bench/webhook.py [--duration 15] [--rounds 3] [--connections 16]
 
 Both receivers serve one after the other on the same port, under the repo's gunicorn.conf.py (2
 gthread workers), against a Redis db of their own that is flushed before every run. wrk drives each
@@ -334,7 +334,7 @@ def main() -> None:
                 pair.append(measure(name, command, env, args, scripts, workdir))
             rounds.append((pair[0], pair[1]))
         no_work = measure_no_work(receivers["webhook"], env, args, workdir) if args.no_work else None
-        command = "/tmp/venvprobe/bin/python bench/webhook.py " + shlex.join(sys.argv[1:])
+        command = f"{sys.executable} bench/webhook.py " + shlex.join(sys.argv[1:])
         ok = report(rounds, command.strip(), no_work)
     sys.exit(0 if ok else 1)
 

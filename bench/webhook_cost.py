@@ -1,8 +1,8 @@
 """Webhook cost per request, without HTTP: this receiver's Flask app against the floor's, called
 through WSGI in-process with distinct pre-signed messages, against a real Redis.
 
-    /tmp/venvprobe/bin/python bench/webhook_cost.py               # CPU microseconds per request
-    /tmp/venvprobe/bin/python bench/webhook_cost.py --callgrind   # CPU instructions per request
+    python bench/webhook_cost.py               # CPU microseconds per request
+    python bench/webhook_cost.py --callgrind   # CPU instructions per request
 
 bench/webhook.py measures what Twilio would see (throughput and latency through gunicorn under
 wrk), which on a shared 2-core VM swings by ±15% from run to run. This isolates what the code
@@ -29,6 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.database import bench_database_url  # noqa: E402
 from bench.webhook import AUTH_TOKEN, CREDENTIALS_KEY, PATH, reset_redis, signed_requests  # noqa: E402
 
 URL = f"http://127.0.0.1:8000{PATH}"
@@ -36,8 +37,9 @@ WARM_UP = 50
 CALLGRIND_SMALL, CALLGRIND_LARGE = 100, 400
 
 
-def receiver(name: str, redis_url: str) -> Callable[..., Iterable[bytes]]:
-    os.environ.update(REDIS_URL=redis_url, CREDENTIALS_KEY=CREDENTIALS_KEY, BENCH_AUTH_TOKEN=AUTH_TOKEN,
+def receiver(name: str, redis_url: str, database_url: str) -> Callable[..., Iterable[bytes]]:
+    os.environ.update(REDIS_URL=redis_url, DATABASE_URL=database_url, CREDENTIALS_KEY=CREDENTIALS_KEY,
+                      BENCH_AUTH_TOKEN=AUTH_TOKEN,
                       ADMIN_API_TOKEN="bench-admin", MAMMUT_SMS_ENV="production", LOG_LEVEL="INFO")
     os.environ.pop("PUBLIC_URL", None)
     if name == "floor":
@@ -78,8 +80,9 @@ def call_all(app: Callable[..., Iterable[bytes]], batch: list[dict[str, Any]]) -
 def run_one(name: str, redis_url: str, requests: int, total: int) -> None:
     """The child: serve `requests` of `total` prepared messages and print CPU time per request.
     Logs go to stderr, as in production; the parent discards them."""
-    reset_redis(redis_url)
-    app = receiver(name, redis_url)
+    database_url = bench_database_url()
+    reset_redis(redis_url, database_url)
+    app = receiver(name, redis_url, database_url)
     call_all(app, environs(WARM_UP, "warm"))
     batch = environs(total, "")[:requests]
     started = time.process_time()
@@ -138,7 +141,7 @@ def main() -> None:
     for name in names:
         print(f"{name:<8} {figures[name]:12,.0f} {unit}")
     print(f"ratio webhook/floor cost: {figures['webhook'] / figures['floor']:.2f} ({detail})")
-    print("command: /tmp/venvprobe/bin/python bench/webhook_cost.py " + " ".join(sys.argv[1:]))
+    print(f"command: {sys.executable} bench/webhook_cost.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from twilio.request_validator import RequestValidator
 
 from cli.dev import embedded_redis
 from cli.twilio_standin import TwilioStandin
+from shared import keys
 from shared.redis import connect
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
 from tests.support.processes import Process, start_web, start_worker
@@ -140,6 +141,8 @@ def test_after_flushall_the_service_answers_remembers_opt_outs_and_keeps_every_r
                                     service.text(BOT_A, STOPPER, "STOP"), service.text(BOT_A, UNREACHABLE, "hi")]
     wait_until(lambda: bodies_to(twilio, TALKER) and bodies_to(twilio, OTHER), what="the first replies")
     wait_until(lambda: service.dead_letters(), what="the dead letter")
+    # (the log's records reach the database within a moment; those still in Redis are work in flight)
+    wait_until(lambda: private_redis.llen(keys.LOG_OUTBOX) == 0, what="the log written")
 
     # When Redis loses everything while web and worker run
     private_redis.flushall()

@@ -107,6 +107,8 @@ class TestDurability:
             sent = twilio.wait_for(n)
         conversation = keys.conversation_id(bot.id, PERSON)
         wait_until(lambda: redis.llen(keys.outbox(conversation)) == 0 and not redis.zscore(keys.PENDING, conversation))
+        # (the log's records reach the database within a moment: those still in Redis are work in flight)
+        wait_until(lambda: redis.llen(keys.LOG_OUTBOX) == 0)
 
         # When Redis loses everything
         redis.flushdb()  # FLUSHALL, kept to this test Redis database (other runs may share the server)

@@ -20,7 +20,7 @@ import structlog
 
 from shared import keys, optout
 from shared.bots import Bot
-from shared.conversations import INBOUND, REPLY, queue_replies, replies_from, settle
+from shared.conversations import INBOUND, queue_replies, replies_from, settle
 from shared.logging import get_logger
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
@@ -153,7 +153,7 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
         raise LeaseLost(conversation)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
     queue_replies(batch, conversation, replies, done_inbound=raw,
-                  log_record=exchange_record(message, [REPLY.dump(reply) for reply in replies], bot.number))
+                  log_record=exchange_record(message, replies, bot.number))
     batch.llen(keys.inbox(conversation))
     *_, reply_id, waiting = batch.execute()
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
