@@ -346,6 +346,48 @@ class TestRedisDown:
         assert 503 == post_signed(client, inbound_params()).status_code
 
 
+class TestDatabaseOutage:
+    """The webhook needs the database only for a number its cache does not know yet."""
+
+    @pytest.fixture
+    def unreachable(self) -> Iterator[db.Engine]:
+        engine = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
+        yield engine
+        engine.dispose()
+
+    def test_a_bot_already_cached_is_answered_while_the_database_is_down(
+            self, settings: Settings, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Once a number's bot is cached, its messages are accepted whatever the database does."""
+        app = create_app(settings)
+        client = app.test_client()
+        wait_for_cache_listener(app)
+        assert 200 == post_signed(client, inbound_params()).status_code
+
+        monkeypatch.setattr(app.extensions["mammut"].store, "_engine", unreachable)
+
+        assert 200 == post_signed(client, inbound_params()).status_code
+
+    def test_a_number_not_cached_is_503_while_the_database_is_down(
+            self, app: Any, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch,
+            logs: list[dict[str, object]]) -> None:
+        """Whose number it is cannot be known: 503 (Twilio retries), logged as unavailable, not as a crash."""
+        monkeypatch.setattr(app.extensions["mammut"].store, "_engine", unreachable)
+
+        response = post_signed(app.test_client(), inbound_params())
+
+        assert (503, "Service Unavailable") == (response.status_code, response.get_data(as_text=True))
+        assert ["inbound.unavailable"] == [e["event"] for e in logs if e["event"].startswith(("inbound.", "twilio_route."))]
+
+
+def wait_for_cache_listener(app: Any, timeout: float = 5.0) -> None:
+    """The bot cache keeps nothing until its invalidation listener is subscribed."""
+    cache = app.extensions["mammut"].bots
+    cache.by_number(BOT_NUMBER)
+    deadline = time.monotonic() + timeout
+    while not cache.listening and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class TestUnderGunicorn:
     """Through a real gunicorn with the repo's settings: what the test client cannot show."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis as redis_lib
+from sqlalchemy.exc import SQLAlchemyError
 from flask import Blueprint, Request, Response, request
 from twilio.request_validator import (
     SIGNATURE_HEADER,
@@ -94,7 +95,8 @@ def refusal(status: int, reason: str) -> Response:
 
 class TwilioRoute:
     """The shape every route Twilio calls shares: 413, 400 for missing fields, the route's own work,
-    and 503 (never an acknowledgement) when Redis cannot store what Twilio sent."""
+    and 503 (never an acknowledgement) when Redis cannot store what Twilio sent, or the database
+    cannot say whose number it is."""
 
     def __init__(self, name: str, required: tuple[str, ...], metric: str,
                  labels: Callable[[str], dict[str, str]] | None = None) -> None:
@@ -112,8 +114,9 @@ class TwilioRoute:
             return self.reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
         try:
             return work(form)
-        except redis_lib.RedisError as error:
-            # Twilio retries a 5xx (or calls the number's fallback URL); what it sent is not lost.
+        except (redis_lib.RedisError, SQLAlchemyError) as error:
+            # Redis, or the database for a bot not in the cache, is away: Twilio retries a 5xx (or
+            # calls the number's fallback URL), so what it sent is not lost.
             log.error(f"{self.name}.unavailable", message_sid=form["MessageSid"], error=error.__class__.__name__)
             return refusal(503, UNAVAILABLE)
 
