@@ -67,8 +67,10 @@ class RegistryClient:
     def delete(self, bot_id: int) -> dict[str, Any]:
         return self._call("DELETE", f"/graph/user:{bot_id}")
 
-    def messages(self, bot_id: int, person: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/graph/user:{bot_id}/messages?with={quote(person)}")["data"]["messages"]
+    def messages(self, bot_id: int, person: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest `limit` messages with `person`, oldest first (the log pages; its newest page is the one wanted)."""
+        newest = self._call("GET", f"/graph/user:{bot_id}/messages?with={quote(person)}&order=newest&limit={limit}")
+        return list(reversed(newest["data"]["messages"]))
 
     def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
         if not self.token:

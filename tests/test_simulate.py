@@ -142,3 +142,29 @@ def test_replies_are_the_outbound_entries_after_the_message() -> None:
     ]
     assert ["r2", "r3"] == [entry["id"] for entry in replies_to(log, "SM2")]
     assert [] == replies_to(log, "SM3")
+
+
+def test_the_replies_of_a_long_conversation_are_found_on_its_newest_page(bot: Bot, settings: Settings,
+                                                                          live_server: str) -> None:
+    """The log pages (100 messages at a time): simulate reads the newest page, where its message's replies are."""
+    import time
+
+    from cli.bots import RegistryClient
+    from shared import db, messagelog
+
+    # Given a conversation of 150 exchanges, the last of them just now
+    sender = "+15551239999"
+    with db.transaction(db.get_engine(settings)) as connection:
+        for n in range(150):
+            at = time.time() - 150 + n
+            message = {"sid": f"SM{n:032d}", "bot_id": bot.id, "sender": sender, "to": bot.number,
+                       "body": f"message {n}", "media": [], "received_at": at}
+            reply = {"id": f"SM{n:032d}-0", "bot_id": bot.id, "to": sender, "text": f"reply {n}",
+                     "media_url": None, "in_reply_to": message["sid"], "created_at": at + 0.5}
+            messagelog.record_exchange(connection, message, [reply], bot.number)
+
+    # When simulate reads the log, as it does after texting
+    entries = RegistryClient(live_server, ADMIN_TOKEN).messages(bot.id, sender)
+
+    # Then the latest message's reply is there, after it, oldest first
+    assert ["reply 149"] == [entry["text"] for entry in replies_to(entries, f"SM{149:032d}")]
