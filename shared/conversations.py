@@ -75,7 +75,7 @@ REPLY = ReplySchema()
 # A worker draining a conversation looks at its inbox again after letting go of it, so only a
 # message that finds the inbox empty needs a wake-up: a burst of thirty texts wakes one worker,
 # not thirty that would queue for the same lease.
-# KEYS: seen(MessageSid), seen(idempotency token), inbox, pending, opt-out copy, metric counters,
+# KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
 #       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id.
 ACCEPT_LUA = """
@@ -109,7 +109,8 @@ ACCEPT_LUA = with_constants(
 _WAKE_UP_QUEUE = queue_keys(CONVERSATIONS_QUEUE)
 
 
-def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None) -> bool:
+def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
+                   account_sid: str | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
 
     One EVALSHA: dedupe, storing and the worker's wake-up are one Lua step and one round trip.
@@ -117,8 +118,10 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     as JSON without a marshmallow dump; the worker loads it through INBOUND.
     """
     conversation = keys.conversation_id(message["bot_id"], message["sender"])
-    seen_sid = keys.seen(message["sid"])
-    seen_token = keys.seen(idempotency_token) if idempotency_token else seen_sid
+    # The webhook passes the verified account; callers without one get the bot's own scope.
+    account = account_sid or f"bot-{message['bot_id']}"
+    seen_sid = keys.seen(account, message["sid"])
+    seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(message["to"]),
               keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE],

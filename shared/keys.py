@@ -12,9 +12,10 @@ PREFIX = "sms"
 BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
 
 
-# Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours.
-def seen(token: str) -> str:
-    return f"{PREFIX}:seen:{token}"
+# Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours. Scoped by account,
+# so a SID that one tenant's signed requests name cannot mark another tenant's message a duplicate.
+def seen(account: str, token: str) -> str:
+    return f"{PREFIX}:seen:{account}:{token}"
 
 
 # Opt-out: the Redis copy of who opted out of one bot number (a hash; see shared/optout.py). Earlier

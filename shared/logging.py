@@ -27,6 +27,10 @@ _E164_IN_TEXT = re.compile(r"\+[1-9]\d{7,14}")
 # user:password@ in a URL (REDIS_URL of Heroku Redis carries its password that way).
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@", re.IGNORECASE)
 REDACTED = "[redacted]"
+# Request fields reach log lines as the caller sent them: a 60 KB MessageSid must not become 60 KB of log.
+MAX_FIELD_CHARS = 200
+# A traceback is ours and needed whole, but its message may quote a request field.
+MAX_TRACEBACK_CHARS = 10_000
 _CHATTY_LIBRARIES = ("twilio", "urllib3")
 
 
@@ -72,6 +76,21 @@ def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types
     return scrub
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…[+{len(text) - limit} chars]"
+
+
+def _truncate(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Cap every string field (and the strings in a list) of every event."""
+    for key, value in event.items():
+        limit = MAX_TRACEBACK_CHARS if key == "exception" else MAX_FIELD_CHARS
+        if isinstance(value, str):
+            event[key] = _cut(value, limit)
+        elif isinstance(value, (list, tuple)):
+            event[key] = [_cut(item, limit) if isinstance(item, str) else item for item in value]
+    return event
+
+
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level)
     renderer: structlog.types.Processor = (
@@ -85,6 +104,8 @@ def configure_logging(settings: Settings) -> None:
             # After format_exc_info, so a traceback's text is scrubbed like any other field.
             structlog.processors.format_exc_info,
             _scrub(settings.log_phone_numbers == "full", _known_secrets(settings)),
+            # After _scrub, so a secret is redacted whole rather than cut into a prefix it no longer matches.
+            _truncate,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

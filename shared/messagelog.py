@@ -178,6 +178,13 @@ def record_delivery(connection: Connection, sid: str, bot_id: int, status: str, 
         "updated_at": at, stamp: at}).scalar_one()
 
 
+def sender_of(connection: Connection, sid: str) -> int | None:
+    """The bot that sent the message `sid`: the worker's own record first, else the first callback's."""
+    sent = select(messages.c.bot_id).where(messages.c.sid == sid).scalar_subquery()
+    reported = select(deliveries.c.bot_id).where(deliveries.c.sid == sid).scalar_subquery()
+    return connection.execute(select(func.coalesce(sent, reported))).scalar()
+
+
 def _reply_rows(replies: Sequence[Mapping[str, Any]], bot_number: str | None, origin: str,
                 after: float | None = None) -> list[dict[str, Any]]:
     now, rows = time.time(), []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -10,8 +11,15 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, pre
 from shared.bots import ACCOUNT_SID, AUTH_TOKEN, ENGINE_URL, FALLBACK, NAME, NUMBER, PACE, USER_TYPE
 from shared.phone import InvalidNumber, normalize_e164
 
+# Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
+# listing, showing and deleting bots, so only short scalars are kept.
 MAX_EXTRA_FIELDS = 50
+MAX_EXTRA_TEXT = 1000
+MAX_EXTRA_INTEGER = 2**63
 _EXTRA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+_SECRET_NAME = re.compile(r"password|secret|api[-_]?key|[-_]token$", re.IGNORECASE)
+SECRET_FIELD = ("looks like a secret, and user fields are stored and returned in plain text: the Twilio auth "
+                "token goes in twilio-auth-token; an engine's credentials belong in the engine's own configuration")
 
 
 class PhoneNumber(fields.String):
@@ -58,9 +66,9 @@ class BotSchema(Schema):
         extras = [key for key in data if key not in _FIELD_NAMES]
         if len(extras) > MAX_EXTRA_FIELDS:
             raise ValidationError(f"at most {MAX_EXTRA_FIELDS} additional user fields", "_schema")
-        bad = [key for key in extras if not _EXTRA_NAME.fullmatch(str(key))]
-        if bad:
-            raise ValidationError({key: ["is not a valid field name"] for key in bad[:10]})
+        problems = {key: [problem] for key in extras if (problem := _extra_problem(key, data[key])) is not None}
+        if problems:
+            raise ValidationError(dict(list(problems.items())[:10]))
 
     @post_load
     def _as_fields(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -68,6 +76,23 @@ class BotSchema(Schema):
         spelled = {_DATA_KEYS.get(key, key): value for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
         return {key: value for key, value in spelled.items() if value is not None or key in _NULLABLE}
+
+
+def _extra_problem(name: object, value: object) -> str | None:
+    """Why an additional user field cannot be stored, or None: only short scalars under plain names."""
+    if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name):
+        return "is not a valid field name"
+    if _SECRET_NAME.search(name):
+        return SECRET_FIELD
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return None if len(value) <= MAX_EXTRA_TEXT else f"must be at most {MAX_EXTRA_TEXT} characters"
+    if isinstance(value, int):
+        return None if abs(value) < MAX_EXTRA_INTEGER else "is too large a number"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be a finite number"
+    return "must be a string, a number, true, false or null (lists and objects are not stored)"
 
 
 class BotUpdateSchema(BotSchema):

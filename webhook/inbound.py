@@ -5,6 +5,7 @@ All bot work happens in the workers, so a slow bot can never make Twilio time ou
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from shared.bots import Bot
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
+from shared.phone import is_sender
 from webhook import deps, twilio_auth
 from webhook.twilio_auth import acknowledgement
 
@@ -27,6 +29,9 @@ route = twilio_auth.TwilioRoute("inbound", required=("From", "To", "MessageSid")
 # Twilio attaches at most 10 media to one message; NumMedia is the caller's word, so it is capped.
 MAX_MEDIA = 10
 LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
+# C0 and C1 controls but \t and \n: a NUL or an escape sequence in a body would reach an engine and a terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+BAD_SENDER = "bad_sender"
 
 
 # Both spellings are served: a redirect from one to the other would break Twilio's signature.
@@ -44,10 +49,14 @@ def _receive(form: MultiDict[str, str]) -> Response:
     reason = twilio_auth.rejection(request, bot, resources.settings.public_url)
     if reason is not None:
         return route.reject(403, reason, message_sid=form["MessageSid"], bot_id=bot.id)
+    # Signed is not enough: the answer would go back to From through the Twilio API, billed to the bot.
+    if not is_sender(form["From"]):
+        return route.reject(400, BAD_SENDER, message_sid=form["MessageSid"], bot_id=bot.id, from_=form["From"])
     message = inbound_message(form.to_dict(), bot)
     # One round trip: dedupe, record opt-out, queue on the conversation and wake a worker (one Lua step).
     is_new = accept_inbound(resources.redis, message,
-                            idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"))
+                            idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
+                            account_sid=bot.account_sid)
     # The conversation id embeds the sender's number; the log processor masks it like from_.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
              conversation=f"{bot.id}:{message['sender']}", from_=message["sender"], kind=message["event"])
@@ -60,7 +69,7 @@ def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
     `form` is a plain dict of the form's first values (every Twilio field has one): a MultiDict
     raises and catches an HTTPException inside get() for each absent field, and most are absent.
     """
-    body = form.get("Body", "")
+    body = _CONTROL.sub("", form.get("Body", ""))
     opt_out_type = form.get("OptOutType") or None
     return {
         "sid": form["MessageSid"],
@@ -88,7 +97,10 @@ def _media(form: Mapping[str, str]) -> list[dict[str, str | None]]:
 
 def _count(raw: str | None, default: int) -> int:
     """A non-negative count from the form; anything else is the caller's mistake, not a 500."""
+    # ASCII only: int() would also read "５" or "٥" as 5.
+    if not raw or not raw.isascii():
+        return default
     try:
-        return max(int(raw), 0) if raw else default
+        return max(int(raw), 0)
     except ValueError:
         return default

@@ -145,7 +145,7 @@ def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
 def _paging(query: dict[str, str], newest_by_default: bool) -> tuple[int, bool, str | None]:
     """`limit` (1-1000), `order` (newest or oldest) and `after` (the `next` of the previous page)."""
     raw_limit = query.get("limit", str(messagelog.DEFAULT_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= messagelog.MAX_LIMIT:
+    if not _is_ascii_number(raw_limit) or not 1 <= int(raw_limit) <= messagelog.MAX_LIMIT:
         problem = f"must be a whole number from 1 to {messagelog.MAX_LIMIT}"
         raise BadRequest(f"limit {problem}", {"limit": [problem]})
     order = query.get("order", "newest" if newest_by_default else "oldest")
@@ -163,9 +163,14 @@ def _read_page(read: Callable[[Connection], messagelog.Page]) -> messagelog.Page
 
 
 def _bot_id(raw: str) -> int:
-    if not raw.isdigit() or int(raw) < 1:
+    if not _is_ascii_number(raw) or int(raw) < 1:
         raise NotFound(f"no bot with id {raw!r}")
     return int(raw)
+
+
+def _is_ascii_number(raw: str) -> bool:
+    # str.isdigit() is true of "²" and "５", which int() then refuses or reads as 5.
+    return raw.isascii() and raw.isdigit()
 
 
 def _task_result(bot_id: int, action: str) -> Response:
@@ -186,6 +191,10 @@ def _json_body(required: bool) -> dict[str, Any]:
         raise BadRequest("the body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise BadRequest(f"malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply: user fields are strings, numbers or booleans") from None
+    except ValueError as error:  # an integer past Python's 4,300-digit limit, say
+        raise BadRequest(f"unreadable JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise BadRequest("the JSON body must be an object of user fields")
     return body

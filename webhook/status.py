@@ -21,6 +21,7 @@ from webhook import deps, twilio_auth
 from webhook.twilio_auth import UNAVAILABLE, acknowledgement, refusal
 
 log = get_logger(__name__)
+NOT_THIS_BOTS_MESSAGE = "not_this_bots_message"
 bp = Blueprint("status", __name__)
 twilio_auth.guard(bp)
 route = twilio_auth.TwilioRoute(
@@ -57,16 +58,27 @@ def _record(form: MultiDict[str, str]) -> Response:
     except SQLAlchemyError as error:
         log.error("status.unavailable", message_sid=form["MessageSid"], bot_id=bot.id, error=error.__class__.__name__)
         return refusal(503, UNAVAILABLE)  # Twilio retries
+    if current is None:
+        # Acknowledged and ignored, like an unknown status: a 4xx would only fill Twilio's debugger with
+        # retries of a callback (after a number moved to another bot, say) that will never be recorded.
+        metrics.incr(redis, "sms_status_callbacks", status="rejected")
+        log.warning("status.rejected", reason=NOT_THIS_BOTS_MESSAGE, message_sid=form["MessageSid"], bot_id=bot.id)
+        return acknowledgement()
     metrics.incr(redis, "sms_status_callbacks", status=status)
     log.info("status.callback", message_sid=form["MessageSid"], bot_id=bot.id, status=status, current=current,
              error_code=code, recipient=form["To"])
     return acknowledgement()
 
 
-def _store(bot: Bot, message_sid: str, status: str, code: int | None, recipient: str) -> str:
-    """Record the status; a 21610 ("replied STOP") also opts the recipient out of the bot's number."""
+def _store(bot: Bot, message_sid: str, status: str, code: int | None, recipient: str) -> str | None:
+    """Record the status, or None when the SID is another bot's; a 21610 ("replied STOP") also opts the
+    recipient out of the bot's number."""
     engine = deps.get_engine()
     with transaction(engine) as connection:
+        owner = messagelog.sender_of(connection, message_sid)
+        # A SID never seen is recorded for the caller: a callback can overtake the worker's own write.
+        if owner is not None and owner != bot.id:
+            return None
         current = messagelog.record_delivery(connection, message_sid, bot.id, status, code)
     if code is not None and action_for(None, code) is Action.OPTED_OUT:
         optout.opt_out(engine, deps.get_redis(), bot.number, recipient)
@@ -75,8 +87,8 @@ def _store(bot: Bot, message_sid: str, status: str, code: int | None, recipient:
 
 def _error_code(raw: str | None) -> int | None:
     """Twilio's codes are five digits; anything else is noise, not a reason to refuse the callback."""
-    try:
-        code = int(raw) if raw else None
-    except ValueError:
+    # int() would also read fullwidth or Arabic-Indic digits, which Twilio never sends.
+    if not raw or not (raw.isascii() and raw.isdigit()):
         return None
-    return code if code is not None and 0 < code < 1_000_000 else None
+    code = int(raw)
+    return code if 0 < code < 1_000_000 else None
