@@ -102,7 +102,8 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_inbound.py::TestBadInput", "tests/test_registry.py::TestBadInput")),
     Mutation("a malformed NumMedia crashes the webhook", "webhook/inbound.py",
              "    except ValueError:\n        return default", "    except TypeError:\n        return default",
-             ("tests/test_hostile_input.py::test_signed_forms_at_the_webhook_and_status_callback",)),
+             ("tests/test_hostile_input.py::test_a_count_that_is_not_a_whole_number_is_read_as_its_default",
+              "tests/test_hostile_input.py::test_signed_forms_at_the_webhook_and_status_callback")),
     # Sending.
     Mutation("pacing ignores segments", "worker/pacing.py",
              "    return max(segments, 1) / rate * (1 + MARGIN)", "    return 1 / rate * (1 + MARGIN)",

@@ -89,10 +89,11 @@ def test_unsigned_forms_at_the_webhook(client: FlaskClient, redis: redis_lib.Red
 
 
 @EXAMPLES
-@given(form=forms, account=st.booleans(), status_route=st.booleans(), complete=st.booleans())
+@given(form=forms, account=st.booleans(), status_route=st.booleans(), complete=st.booleans(),
+       real_sender=st.booleans())
 def test_signed_forms_at_the_webhook_and_status_callback(client: FlaskClient, redis: redis_lib.Redis, bot: Bot,
                                                         form: dict[str, str], account: bool, status_route: bool,
-                                                        complete: bool, logs: Logs) -> None:
+                                                        complete: bool, real_sender: bool, logs: Logs) -> None:
     """Correctly signed forms with arbitrary fields, some with every required one: refused cleanly, or accepted."""
     path = "/channels/sms/status" if status_route else "/channels/sms/"
     form = {**form, "To" if not status_route else "From": BOT_NUMBER}
@@ -100,6 +101,8 @@ def test_signed_forms_at_the_webhook_and_status_callback(client: FlaskClient, re
         form["AccountSid"] = bot.account_sid
     if complete:  # past the 400 for a missing field, into the route's own reading of the other fields
         form.update({name: value for name, value in REQUIRED.items() if not form.get(name)})
+    if real_sender and not status_route:  # past the 400 for a sender Twilio never sends, into the media and counts
+        form["From"] = REQUIRED["From"]
     before = _state(redis)
     logs.clear()  # this example's events only
     response = client.post(path, data=form, headers=_signed(form, url="http://localhost" + path))
@@ -158,3 +161,16 @@ def test_a_crash_in_a_twilio_route_is_answered_unlike_a_refusal(client: FlaskCli
     # Then the answer and the log say "crash", not "Redis unavailable" nor a refusal
     assert (503, INTERNAL_ERROR) == (response.status_code, response.get_data(as_text=True))
     assert ["twilio_route.crashed"] == [event["event"] for event in logs if event["event"] in CRASH_EVENTS]
+
+
+@pytest.mark.parametrize("count", ["abc", "1.5", "-3", "٣", "３", " ", "9" * 30])
+@pytest.mark.parametrize("field", ["NumMedia", "NumSegments"])
+def test_a_count_that_is_not_a_whole_number_is_read_as_its_default(client: FlaskClient, redis: redis_lib.Redis,
+                                                                   bot: Bot, logs: Logs, field: str,
+                                                                   count: str) -> None:
+    """Twilio's counts are the caller's word: a signed message with a nonsense count is accepted, never a crash."""
+    form = {"MessageSid": "SM" + "1" * 32, "AccountSid": bot.account_sid, "From": "+15551230001", "To": BOT_NUMBER,
+            "Body": "hola", field: count}
+    response = client.post("/channels/sms/", data=form, headers=_signed(form))
+    assert 200 == response.status_code, response.get_data(as_text=True)
+    assert [] == [event for event in logs if event["event"] in CRASH_EVENTS]
