@@ -1,29 +1,58 @@
-"""Redis access: one client (and connection pool) per process, reached through get_redis()."""
+"""Redis access: one client (and connection pool) per process, reached through get_redis().
+
+Every pool is a BlockingConnectionPool sized to the process's threads: redis-py's default pool
+raises "Too many connections" past 100 instead of waiting for a connection to come back.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
+from typing import Any
 
 import redis as redis_lib
 
 from shared.settings import get_settings
 
+# Connections beyond the process's threads: the lease renewer, the sweeper, the log's writer,
+# retention, the bot cache's pub/sub and Dramatiq's consumers each hold one at times.
+POOL_MARGIN = 16
+# A thread waits this long for a free connection before its work fails (and is retried).
+POOL_TIMEOUT_SECONDS = 10
+# The Procfile's and gunicorn.conf.py's defaults, for a process started without the variables.
+DEFAULT_WORKER_THREADS = 40
+DEFAULT_WEB_THREADS = 4
+
 _clients: dict[str, redis_lib.Redis] = {}
 _lock = threading.Lock()
 
 
-def connect(url: str) -> redis_lib.Redis:
-    """A client for `url`; rediss:// accepts Heroku Redis's self-signed certificate."""
-    options: dict[str, object] = {
-        "decode_responses": True,
-        "socket_timeout": 10,
-        "socket_connect_timeout": 5,
-        "health_check_interval": 30,
-        "retry_on_timeout": True,
-    }
+def pool_size() -> int:
+    """Connections a process may open: its threads plus the background threads' margin.
+    Heroku gives web and worker dynos the same variables, so this takes the larger of the two;
+    a pool opens connections only as they are needed, so a web process pays nothing for it."""
+    worker = int(os.environ.get("WORKER_THREADS") or DEFAULT_WORKER_THREADS)
+    web = int(os.environ.get("WEB_THREADS") or DEFAULT_WEB_THREADS)
+    return max(worker, web) + POOL_MARGIN
+
+
+def blocking_pool(url: str, **options: Any) -> redis_lib.BlockingConnectionPool:
+    """A pool for `url` that waits for a free connection when all are in use; rediss:// accepts
+    Heroku Redis's self-signed certificate (from_url picks the SSL connection class for it)."""
     if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
         options["ssl_cert_reqs"] = None
-    return redis_lib.Redis.from_url(url, **options)
+    return redis_lib.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size(), timeout=POOL_TIMEOUT_SECONDS, **options,
+    )
+
+
+def connect(url: str) -> redis_lib.Redis:
+    """A client for `url` with its own pool, answering str."""
+    pool = blocking_pool(
+        url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+        health_check_interval=30, retry_on_timeout=True,
+    )
+    return redis_lib.Redis.from_pool(pool)
 
 
 def get_redis(url: str | None = None) -> redis_lib.Redis:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import threading
 
 import dramatiq
+import redis as redis_lib
 from dramatiq.brokers.redis import RedisBroker
 
+from shared.redis import blocking_pool
 from shared.settings import get_settings
 
 CONVERSATIONS_QUEUE = "conversations"
@@ -29,15 +31,13 @@ _lock = threading.Lock()
 
 
 def make_broker(redis_url: str) -> RedisBroker:
-    options: dict[str, object] = {}
-    if redis_url.startswith("rediss://") and "ssl_cert_reqs" not in redis_url:
-        options["ssl_cert_reqs"] = None
+    # Dramatiq's own client (from url=) has redis-py's default pool, which fails past 100
+    # connections; it reads bytes, so it cannot share the app's str client.
     broker = RedisBroker(
-        url=redis_url,
+        client=redis_lib.Redis.from_pool(blocking_pool(redis_url)),
         namespace=NAMESPACE,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
         maintenance_chance=MAINTENANCE_CHANCE,
-        **options,
     )
     broker.declare_queue(CONVERSATIONS_QUEUE)
     broker.declare_queue(OUTBOUND_QUEUE)

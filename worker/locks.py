@@ -1,7 +1,9 @@
 """Leases: Redis locks with a short expiry that this process renews while it holds them.
 
 A worker killed mid-message stops renewing, so its lease lapses within LEASE_SECONDS and
-another worker can take the conversation over; a live holder never loses it to slowness.
+another worker can take the conversation over; a live holder never loses it to slowness: one
+thread renews every lease the process holds in one round trip, every RENEW_EVERY from the start
+of the previous pass, so neither the number of leases nor a slow pass lets one lapse.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: the leases. ARGV: the expiry in ms, then each lease's token in KEYS' order.
+# Renews those still ours; returns the (1-based) positions of those that are not.
+_RENEW_ALL = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
 
 
 class Lease:
@@ -37,6 +52,7 @@ class Lease:
         self.key = key
         self.token = uuid.uuid4().hex
         self.held = False
+        self.lost = False  # set by the renewer when the key no longer holds our token
 
     def acquire(self) -> bool:
         return self.granted(self.redis.set(self.key, self.token, nx=True, px=int(LEASE_SECONDS * 1000)))
@@ -81,8 +97,8 @@ def is_held(redis: Any, key: str) -> bool:
     return bool(redis.exists(key))
 
 
-class _Renewer:
-    """One thread per process renews every lease it holds."""
+class Renewer:
+    """One thread per process renews every lease it holds, all in one round trip per pass."""
 
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
@@ -100,17 +116,46 @@ class _Renewer:
         with self._lock:
             self._leases.pop(lease.token, None)
 
+    def renew_all(self) -> list[Lease]:
+        """One pass: renew every tracked lease, one round trip per Redis client; returns those lost."""
+        with self._lock:
+            leases = list(self._leases.values())
+        by_client: dict[int, list[Lease]] = {}
+        for lease in leases:
+            by_client.setdefault(id(lease.redis), []).append(lease)
+        lost: list[Lease] = []
+        for group in by_client.values():
+            lost.extend(self._renew_group(group))
+        return lost
+
+    def _renew_group(self, leases: list[Lease]) -> list[Lease]:
+        client = leases[0].redis
+        try:
+            positions = script(client, _RENEW_ALL)(
+                keys=[lease.key for lease in leases],
+                args=[int(LEASE_SECONDS * 1000), *(lease.token for lease in leases)],
+            )
+        except Exception:  # noqa: BLE001 - a Redis blip must not kill the renewer
+            log.warning("lease.renew_failed", leases=len(leases), exc_info=True)
+            return []
+        return self._report_lost([leases[position - 1] for position in positions])
+
+    def _report_lost(self, candidates: list[Lease]) -> list[Lease]:
+        # A lease released during the pass is gone from Redis without having been lost.
+        with self._lock:
+            lost = [lease for lease in candidates if self._leases.pop(lease.token, None) is not None]
+        for lease in lost:
+            lease.lost = True
+            log.warning("lease.lost", key=lease.key)
+        return lost
+
     def _run(self) -> None:
+        next_pass = time.monotonic() + RENEW_EVERY
         while True:
-            time.sleep(RENEW_EVERY)
-            with self._lock:
-                leases = list(self._leases.values())
-            for lease in leases:
-                try:
-                    if not lease.renew():
-                        log.warning("lease.lost", key=lease.key)
-                except Exception:  # noqa: BLE001 - a Redis blip must not kill the renewer
-                    log.warning("lease.renew_failed", key=lease.key, exc_info=True)
+            time.sleep(max(0.0, next_pass - time.monotonic()))
+            # From this pass's start, so a slow pass does not push the next one later.
+            next_pass = time.monotonic() + RENEW_EVERY
+            self.renew_all()
 
 
-_renewer = _Renewer()
+_renewer = Renewer()

@@ -1,0 +1,112 @@
+"""Redis pools sized to the process: a thread past the pool's size waits for a connection
+instead of failing with "Too many connections", in a test process and in a real worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis as redis_lib
+
+from cli.twilio_standin import TwilioStandin
+from shared.bots import Bot, BotStore
+from shared.conversations import INBOUND, accept_inbound
+from shared.redis import POOL_MARGIN, POOL_TIMEOUT_SECONDS, connect
+from shared.tasks import make_broker
+from tests.support.fake_engine import FakeEngine
+from tests.support.processes import Process, start_worker
+
+PEOPLE = 300
+
+
+def test_hundreds_of_threads_share_one_client_without_too_many_connections(redis_url: str) -> None:
+    """300 threads, each holding a connection of one client at once, all finish with no error."""
+    # Given one client, as a process has, and more threads than redis-py's default cap of 100
+    client = connect(redis_url)
+    start = threading.Barrier(PEOPLE)
+    errors: list[BaseException] = []
+
+    def hold_a_connection(index: int) -> None:
+        start.wait()
+        try:
+            client.blpop([f"test:pools:nothing:{index}"], timeout=0.2)
+        except BaseException as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    # When they all use it at the same moment
+    threads = [threading.Thread(target=hold_a_connection, args=(index,)) for index in range(PEOPLE)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    # Then every thread finished, and none was refused a connection
+    assert ([], 0) == (errors, sum(thread.is_alive() for thread in threads))
+    client.close()
+
+
+def test_every_client_waits_in_a_pool_sized_to_the_threads_and_keeps_rediss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's and the broker's clients over rediss:// use SSL without checking the certificate, in
+    blocking pools of WORKER_THREADS plus the margin."""
+    # Given a worker process of 200 threads and a Heroku-style rediss:// URL
+    monkeypatch.setenv("WORKER_THREADS", "200")
+    url = "rediss://:secret@redis.example.com:6380/0"
+
+    # When the process makes its clients (nothing connects until a command is sent)
+    pools = [connect(url).connection_pool, make_broker(url).client.connection_pool]
+
+    # Then each waits up to the timeout for one of 200 + margin SSL connections
+    expected = (redis_lib.BlockingConnectionPool, 200 + POOL_MARGIN, POOL_TIMEOUT_SECONDS, redis_lib.SSLConnection, None)
+    for pool in pools:
+        assert expected == (type(pool), pool.max_connections, pool.timeout, pool.connection_class,
+                            pool.connection_kwargs["ssl_cert_reqs"])
+
+
+@pytest.fixture
+def slow_engine() -> Iterator[FakeEngine]:
+    with FakeEngine(delay=1.0) as fake:
+        yield fake
+
+
+@pytest.fixture
+def slow_bot(bot: Bot, store: BotStore, slow_engine: FakeEngine) -> Bot:
+    # Pacing is per number: 300 replies from one number would otherwise take 300 s.
+    return store.update(bot.id, {"engine-url": slow_engine.url, "messages-per-second": 200})
+
+
+@pytest.fixture
+def worker_process(worker_env: dict[str, str], redis: redis_lib.Redis, twilio: TwilioStandin) -> Iterator[Process]:
+    """The Procfile's worker, one process of 150 threads: above redis-py's default pool cap."""
+    twilio.reset()
+    with start_worker(worker_env, processes=1, threads=150) as worker:
+        yield worker
+
+
+def send(redis: redis_lib.Redis, bot: Bot, body: str, sender: str) -> None:
+    """What the webhook does with an inbound SMS: store it, which wakes a worker."""
+    message = INBOUND.load({"sid": f"SM{time.time_ns():032x}", "bot_id": bot.id, "sender": sender, "to": bot.number,
+                            "body": body, "received_at": time.time()})
+    assert accept_inbound(redis, message)
+
+
+def test_a_worker_of_150_threads_answers_300_people_once_each_without_pool_errors(
+        redis: redis_lib.Redis, slow_bot: Bot, twilio: TwilioStandin, worker_process: Process) -> None:
+    """A slow engine keeps 150 threads busy at once: every person gets one reply, the log no pool error or lost lease."""
+    # Given 300 people writing at once to a bot whose engine takes 1 s
+    senders = [f"+1555{index:07d}" for index in range(PEOPLE)]
+    for sender in senders:
+        send(redis, slow_bot, f"hello from {sender}", sender)
+
+    # When the worker has answered them
+    twilio.wait_for(PEOPLE, timeout=90)
+    time.sleep(1.0)  # room for a duplicate to show up, were one coming
+
+    # Then each person got exactly one reply, and the worker logged no refusal or lost lease
+    replies = sorted((message.to, message.body) for message in twilio.messages)
+    assert sorted((sender, f"reply to hello from {sender}") for sender in senders) == replies
+    log = worker_process.log
+    assert {"Too many connections": 0, "lease_lost": 0, "lease.lost": 0, "Traceback": 0} == {
+        text: log.count(text) for text in ("Too many connections", "lease_lost", "lease.lost", "Traceback")
+    }
