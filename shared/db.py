@@ -7,7 +7,6 @@ webhook's inbound hot path queries the database.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from sqlalchemy import Connection, Engine, Executable, Table, create_engine, eve
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
+from shared.redis import process_threads
 from shared.settings import Settings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -40,8 +40,7 @@ class SchemaBehind(RuntimeError):
 def pool_size(settings: Settings) -> int:
     if settings.database_pool_size:
         return settings.database_pool_size
-    threads = int(os.environ.get("WORKER_THREADS") or os.environ.get("WEB_THREADS") or 4)
-    return max(2, min(threads, DEFAULT_POOL_CAP))
+    return max(2, min(process_threads(), DEFAULT_POOL_CAP))
 
 
 def make_engine(url: str, size: int = 5) -> Engine:

@@ -27,13 +27,18 @@ _clients: dict[str, redis_lib.Redis] = {}
 _lock = threading.Lock()
 
 
-def pool_size() -> int:
-    """Connections a process may open: its threads plus the background threads' margin.
-    Heroku gives web and worker dynos the same variables, so this takes the larger of the two;
-    a pool opens connections only as they are needed, so a web process pays nothing for it."""
+def process_threads() -> int:
+    """The threads a process may run at once. Heroku gives web and worker dynos the same
+    variables, so this is the larger of the two; pools open connections only as they are needed,
+    so a web process pays nothing for a worker-sized limit."""
     worker = int(os.environ.get("WORKER_THREADS") or DEFAULT_WORKER_THREADS)
     web = int(os.environ.get("WEB_THREADS") or DEFAULT_WEB_THREADS)
-    return max(worker, web) + POOL_MARGIN
+    return max(worker, web)
+
+
+def pool_size() -> int:
+    """Connections a process may open: its threads plus the background threads' margin."""
+    return process_threads() + POOL_MARGIN
 
 
 def blocking_pool(url: str, **options: Any) -> redis_lib.BlockingConnectionPool:
