@@ -150,6 +150,14 @@ MUTATIONS: list[Mutation] = [
              "    oldest = select(*key).where(age < cutoff).limit(batch)\n",
              "    oldest = select(*key).where(age < 0).limit(batch)\n",
              ("tests/test_retention.py",)),
+    # Fencing (issue 10).
+    Mutation("a stale conversation lease still queues replies", "shared/conversations.py",
+             "if ARGV[5] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end",
+             "if false then return -1 end",
+             ("tests/test_fencing.py::test_a_stale_holder_queues_no_replies_and_leaves_the_message_to_the_new_one",)),
+    Mutation("a stale outbox lease still sends", "worker/outbound.py",
+             "    if not ours:\n        return _lease_lost(conversation, reply)\n", "",
+             ("tests/test_fencing.py::test_a_sender_whose_outbox_lease_passed_on_sends_nothing",)),
     # Logs.
     Mutation("secret fields logged", "shared/logging.py",
              "            if is_secret(key):\n", "            if False:\n",

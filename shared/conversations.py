@@ -137,17 +137,18 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 # KEYS: outbox, reply records, processing, pending. ARGV: the inbound to finish (or ''),
 # conversation, now, then (id, reply) per reply.
 QUEUE_REPLIES_LUA = """
+if ARGV[5] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end
 local was_empty = redis.call('LLEN', KEYS[1]) == 0
 if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[4]) end
-local n = (#ARGV - 4) / 2
+local n = (#ARGV - 5) / 2
 for i = 0, n - 1 do
-  local id, reply = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  local id, reply = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
   redis.call('HSET', KEYS[2], id, reply)
   redis.call('RPUSH', KEYS[1], id)
 end
 if n > 0 then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2]) end
-if was_empty and n > 0 then return ARGV[5] end
+if was_empty and n > 0 then return ARGV[6] end
 return false
 """
 
@@ -175,20 +176,28 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
     ]
 
 
+# What queue_replies answers when the caller's conversation lease is no longer its own.
+FENCED = -1
+
+
 def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None,
-                  log_record: str | None = None) -> str | None:
+                  log_record: str | None = None, lease_token: str | None = None) -> str | int | None:
     """Queue replies in order; returns the reply id a worker must be kicked for, if any. The
     message log's record of this step (`log_record`, see worker.logdrain) joins the log outbox in
     the same step, so the log can neither miss nor repeat it; callers without one (an engine's
     callback, a replay) write their rows to the database first.
 
+    With `lease_token`, the step happens only while the conversation's lease still holds that
+    token (fencing): a worker that lost its lease (a long pause) queues nothing, and gets FENCED.
+
     `redis` may be a pipeline (the worker batches this with its engine counts): the id is then
     its result. Hence EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip."""
-    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), log_record or ""]
+    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), log_record or "", lease_token or ""]
     for reply in replies:
         args += [reply["id"], json.dumps(REPLY.dump(reply))]
-    return redis.eval(QUEUE_REPLIES_LUA, 5, keys.outbox(conversation), keys.replies(conversation),
-                      keys.processing(conversation), keys.PENDING, keys.LOG_OUTBOX, *args)
+    return redis.eval(QUEUE_REPLIES_LUA, 6, keys.outbox(conversation), keys.replies(conversation),
+                      keys.processing(conversation), keys.PENDING, keys.LOG_OUTBOX,
+                      keys.conversation_lock(conversation), *args)
 
 
 # Forget a conversation in the pending set once it has nothing left to do.

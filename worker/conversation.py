@@ -20,7 +20,7 @@ import structlog
 
 from shared import keys, optout
 from shared.bots import Bot
-from shared.conversations import INBOUND, queue_replies, replies_from, settle
+from shared.conversations import FENCED, INBOUND, queue_replies, replies_from, settle
 from shared.logging import get_logger
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
@@ -142,7 +142,10 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     optout.record_inbound(get_engine(), message)  # a STOP or START, durably (the webhook told the Redis copy)
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
-        queue_replies(redis, conversation, [], done_inbound=raw, log_record=exchange_record(message, [], None))
+        fenced = queue_replies(redis, conversation, [], done_inbound=raw, lease_token=lease.token,
+                               log_record=exchange_record(message, [], None))
+        if fenced == FENCED:
+            raise LeaseLost(conversation)
         return True
     started = time.monotonic()
     batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
@@ -152,10 +155,12 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
-    queue_replies(batch, conversation, replies, done_inbound=raw,
+    queue_replies(batch, conversation, replies, done_inbound=raw, lease_token=lease.token,
                   log_record=exchange_record(message, replies, bot.number))
     batch.llen(keys.inbox(conversation))
     *_, reply_id, waiting = batch.execute()
+    if reply_id == FENCED:  # our lease lapsed (a pause) and another worker took over: it answers
+        raise LeaseLost(conversation)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     if reply_id:
         # The outbox was idle: nobody else will send this one. Sending it here, rather than

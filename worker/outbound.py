@@ -157,12 +157,16 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return Step()  # a retry is scheduled; its message will send it
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
-    opted_out, wait = _first_look(redis, reply, bot)
+    ours, opted_out, wait = _first_look(redis, reply, bot, lease)
+    if not ours:
+        return _lease_lost(conversation, reply)
     if opted_out:
         return _suppress(redis, conversation, head)
     wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second, wait, longest_sleep)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
+    if lease.lost:  # the renewer found it taken while we waited for the slot
+        return _lease_lost(conversation, reply)
     result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
     if isinstance(result, Accepted):
         return _sent(redis, conversation, head, result, lease)
@@ -170,21 +174,31 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
     return _refused(redis, conversation, head, result)
 
 
-def _first_look(redis: Any, reply: dict[str, Any], bot: Bot) -> tuple[bool, float]:
-    """Whether the recipient opted out, and the reply's first turn on its number (its slot
-    reserved or claimed), in one round trip. A suppressed reply's reservation goes unused: its
-    number idles one interval, a rare and harmless cost next to a round trip on every send."""
+def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease) -> tuple[bool, bool, float]:
+    """Whether the outbox lease is still ours, whether the recipient opted out, and the reply's
+    first turn on its number (its slot reserved or claimed), in one round trip. A suppressed
+    reply's reservation goes unused: its number idles one interval, a rare and harmless cost next
+    to a round trip on every send."""
     pipe = redis.pipeline(transaction=False)
+    pipe.get(lease.key)
     optout.request_look(pipe, bot.number, reply["to"])
     pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"])
-    looked, raw = pipe.execute()
+    holder, looked, raw = pipe.execute()
+    if holder != lease.token:
+        return False, False, 0.0
     # The database is asked only when the copy is missing (rebuilt first) or names the recipient.
     opted_out = optout.opted_out_after_look(get_engine(), redis, bot.number, reply["to"], looked)
     reserved = reply["slot_at"] is None
     reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
     if reserved and wait > 0 and not opted_out:
         _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
-    return opted_out, wait
+    return True, opted_out, wait
+
+
+def _lease_lost(conversation: str, reply: dict[str, Any]) -> Step:
+    """Another worker holds this outbox now (ours lapsed in a pause): it sends; we send nothing."""
+    log.warning("outbound.lease_lost", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"])
+    return Step()
 
 
 def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, wait: float,
