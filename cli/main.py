@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from cli import bots, dev, dlq, migrate, simulate
+from shared.settings import SettingsError
 
 DESCRIPTION = """\
 The SMS channel for Mammut chatbots.
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except SettingsError as error:  # a command that needs the service's environment, without it
+        print(f"mammut-sms {args.command}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

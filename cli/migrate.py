@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from shared.db import migrate
-from shared.settings import Settings, SettingsError, redacted_url
+from shared.settings import Settings, redacted_url
 
 
 def add_parser(subparsers: Any) -> None:
@@ -23,11 +22,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as error:
-        print(f"mammut-sms migrate: {error}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env()
     assert settings.database_url is not None
     before, now = migrate(settings.database_url)
     where = redacted_url(settings.database_url)
