@@ -158,6 +158,10 @@ MUTATIONS: list[Mutation] = [
     Mutation("a stale outbox lease still sends", "worker/outbound.py",
              "    if not ours:\n        return _lease_lost(conversation, reply)\n", "",
              ("tests/test_fencing.py::test_a_sender_whose_outbox_lease_passed_on_sends_nothing",)),
+    # Trust (issue 14).
+    Mutation("an engine answer is not capped", "worker/conversation.py",
+             "    replies = cut.replies\n", "",
+             ("tests/test_answer_caps.py::test_an_answer_of_many_items_sends_ten",)),
     # Logs.
     Mutation("secret fields logged", "shared/logging.py",
              "            if is_secret(key):\n", "            if False:\n",

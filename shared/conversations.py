@@ -4,6 +4,7 @@ the webhook accepting an inbound message, and replies joining a conversation's o
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import time
 import uuid
 from typing import Any
@@ -12,7 +13,7 @@ from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, metrics
 from shared.redis import script, with_constants
-from shared.segments import split_message
+from shared.segments import count_segments, split_message
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
 from shared.optout import LIVE, MESSAGE, OPT_IN, OPT_OUT
 
@@ -178,6 +179,58 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
 
 # What queue_replies answers when the caller's conversation lease is no longer its own.
 FENCED = -1
+
+
+# What one engine answer may send: more is cut (and logged), so one inbound text can never run up
+# unbounded SMS. Per-bot settings for these are issue 14's; these are its defaults.
+MAX_REPLIES_PER_ANSWER = 10
+MAX_SEGMENTS_PER_ANSWER = 30
+ELLIPSIS = "..."  # GSM-7: "…" would turn the whole message into UCS-2, half the text per segment
+
+
+@dataclass(frozen=True)
+class Capped:
+    """An answer's replies after the caps, and what was cut."""
+
+    replies: list[dict[str, Any]]
+    replies_cut: int
+    truncated: bool
+
+
+def capped(replies: list[dict[str, Any]], max_replies: int = MAX_REPLIES_PER_ANSWER,
+           max_segments: int = MAX_SEGMENTS_PER_ANSWER) -> Capped:
+    """At most `max_replies` replies and `max_segments` segments in all, in order; the reply that
+    crosses the segment budget is cut at a word, with an ellipsis, and nothing after it is sent."""
+    kept: list[dict[str, Any]] = []
+    left = max_segments
+    for reply in replies[:max_replies]:
+        segments = count_segments(reply["text"]) if reply["text"] else 1
+        if segments <= left:
+            kept.append(reply)
+            left -= segments
+            continue
+        if left > 0 and reply["text"]:
+            kept.append({**reply, "text": _cut(reply["text"], left)})
+        return Capped(kept, len(replies) - len(kept), True)
+    return Capped(kept, len(replies) - len(kept), False)
+
+
+def _cut(text: str, segments: int) -> str:
+    """The longest start of `text` ending at a word, plus an ellipsis, that fits in `segments`."""
+    words = text.split(" ")
+    low, high = 0, len(words)  # the answer is a number of whole words: search it
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_segments(" ".join(words[:middle]) + ELLIPSIS) <= segments:
+            low = middle
+        else:
+            high = middle - 1
+    if low:
+        return " ".join(words[:low]) + ELLIPSIS
+    head = text  # one word longer than the budget: cut it by characters
+    while head and count_segments(head + ELLIPSIS) > segments:
+        head = head[: len(head) * 9 // 10]
+    return head + ELLIPSIS
 
 
 def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None,

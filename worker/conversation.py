@@ -20,7 +20,9 @@ import structlog
 
 from shared import keys, optout
 from shared.bots import Bot
-from shared.conversations import FENCED, INBOUND, queue_replies, replies_from, settle
+from shared.conversations import (
+    FENCED, INBOUND, MAX_REPLIES_PER_ANSWER, MAX_SEGMENTS_PER_ANSWER, capped, queue_replies, replies_from, settle,
+)
 from shared.logging import get_logger
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
@@ -173,8 +175,15 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
 def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:
     replies: list[dict[str, Any]] = []
     for answer in answers:
+        if len(replies) > MAX_REPLIES_PER_ANSWER:
+            break  # enough to know the answer is cut: the rest need not be built
         replies += replies_from(conversation, message["sender"], answer.text, answer.image,
                                 in_reply_to=message["sid"], received_at=message["received_at"])
+    cut = capped(replies)
+    if cut.replies_cut or cut.truncated:
+        log.warning("conversation.answer_capped", answer_items=len(answers), replies_sent=len(cut.replies),
+                    truncated=cut.truncated, max_replies=MAX_REPLIES_PER_ANSWER, max_segments=MAX_SEGMENTS_PER_ANSWER)
+    replies = cut.replies
     # Named after the inbound: a worker that died after logging them logs the same rows again.
     for n, reply in enumerate(replies):
         reply["id"] = f"{message['sid']}-{n}"
