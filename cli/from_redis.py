@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tuple_
 
@@ -21,6 +21,8 @@ from shared.messagelog import STATUS_RANK
 from shared.redis import connect
 from shared.schema import STATUSES, bots, conversations, dead_letters, deliveries, messages, opt_outs
 from shared.settings import Settings
+
+T = TypeVar("T")
 
 # Rows per transaction, and keys asked for per SCAN call.
 BATCH = 500
@@ -105,16 +107,13 @@ def copy_from_redis(settings: Settings) -> Copied:
 def _scan(redis: Any, pattern: str) -> Iterator[list[str]]:
     """The keys matching `pattern`, a batch at a time; SCAN may repeat a key, this does not."""
     seen: set[str] = set()
-    chunk: list[str] = []
-    for key in redis.scan_iter(match=pattern, count=SCAN_COUNT):
-        if key not in seen:
-            seen.add(key)
-            chunk.append(key)
-        if len(chunk) >= BATCH:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+
+    def first_sight(key: str) -> bool:
+        fresh = key not in seen
+        seen.add(key)
+        return fresh
+
+    return _batches(key for key in redis.scan_iter(match=pattern, count=SCAN_COUNT) if first_sight(key))
 
 
 def _records(redis: Any, pattern: str) -> Iterator[list[tuple[str, dict[str, Any]]]]:
@@ -124,8 +123,8 @@ def _records(redis: Any, pattern: str) -> Iterator[list[tuple[str, dict[str, Any
         yield [(key, json.loads(raw)) for key, raw in zip(chunk, values) if raw]
 
 
-def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
+def _batches(rows: Iterable[T]) -> Iterator[list[T]]:
+    chunk: list[T] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) >= BATCH:

@@ -88,14 +88,6 @@ def get_engine(settings: Settings) -> Engine:
         return engine
 
 
-def dispose_all() -> None:
-    """Close every pooled connection (after a fork, or in tests)."""
-    with _lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
-
-
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction: committed when the block ends, rolled back if it raises."""

@@ -124,7 +124,7 @@ class Outcome:
     at: float = field(default_factory=time.time)
 
 
-def record_sent(connection: Connection, reply_id: str, bot_id: int, sid: str, status: str,
+def record_sent(connection: Connection, reply_id: str, sid: str, status: str,
                 at: float | None = None) -> None:
     """Twilio took the reply: its row gets the MessageSid and status."""
     record_outcomes(connection, [Outcome(reply_id, status, sid=sid, at=time.time() if at is None else at)])

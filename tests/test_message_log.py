@@ -171,7 +171,7 @@ class TestDeliveries:
         with db.transaction(sql) as connection:
             messagelog.record_delivery(connection, sid, bot.id, "delivered", error_code=None)
         with db.transaction(sql) as connection:
-            messagelog.record_sent(connection, reply_id, bot.id, sid, "queued")
+            messagelog.record_sent(connection, reply_id, sid, "queued")
         [reply] = [e for e in get_log(client, admin_headers, bot).get_json()["data"]["messages"] if e["id"] == reply_id]
         assert (sid, "delivered") == (reply["sid"], reply["status"])
         assert {"pending", "queued", "delivered"} == set(reply["statuses"])
@@ -182,7 +182,7 @@ class TestDeliveries:
         message = exchange(sql, bot, "hola", "buenas")
         reply_id, sid = f"{message['sid']}-0", f"SM{uuid.uuid4().hex}"
         with db.transaction(sql) as connection:
-            messagelog.record_sent(connection, reply_id, bot.id, sid, "queued")
+            messagelog.record_sent(connection, reply_id, sid, "queued")
             messagelog.record_delivery(connection, sid, bot.id, "undelivered", error_code=30003)
             messagelog.record_delivery(connection, sid, bot.id, "sent")
         [reply] = [e for e in get_log(client, admin_headers, bot).get_json()["data"]["messages"] if e["id"] == reply_id]
