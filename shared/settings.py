@@ -54,7 +54,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        environment = _choice(env, "MAMMUT_SMS_ENV", (PRODUCTION, DEVELOPMENT), PRODUCTION)
+        environment = env_choice(env, "MAMMUT_SMS_ENV", (PRODUCTION, DEVELOPMENT), PRODUCTION)
         settings = cls(
             redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")) or cls.redis_url,
             admin_api_token=env.get("ADMIN_API_TOKEN") or None,
@@ -63,13 +63,13 @@ class Settings:
             engine_url=_url(env, "ENGINE_URL", ("http", "https")),
             public_url=(_url(env, "PUBLIC_URL", ("http", "https")) or "").rstrip("/") or None,
             app_id=env.get("APP_ID") or cls.app_id,
-            port=_int(env, "PORT", cls.port, 1, 65535),
-            log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
-            log_phone_numbers=_choice(env, "LOG_PHONE_NUMBERS", ("masked", "full"), "masked"),
+            port=env_int(env, "PORT", cls.port, 1, 65535),
+            log_level=env_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
+            log_phone_numbers=env_choice(env, "LOG_PHONE_NUMBERS", ("masked", "full"), "masked"),
             environment=environment,
             database_url=database_url(env.get("DATABASE_URL")),
-            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 0, 0, 1000) or None,
-            log_retention_days=_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
+            database_pool_size=env_int(env, "DATABASE_POOL_SIZE", 0, 0, 1000) or None,
+            log_retention_days=env_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
         )
         return settings.checked()
 
@@ -119,7 +119,7 @@ def redacted_url(url: str) -> str:
     return url
 
 
-def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str, upper: bool = False) -> str:
+def env_choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str, upper: bool = False) -> str:
     raw = env.get(name) or default
     value = raw.upper() if upper else raw.lower()
     if value not in allowed:
@@ -127,7 +127,7 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = env.get(name)
     if not raw:
         return default

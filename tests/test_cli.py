@@ -18,7 +18,7 @@ from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_po
 
 HELP_COMMANDS = [
     [], ["dev"], ["simulate"], ["bots"], ["bots", "list"], ["bots", "show"], ["bots", "create"], ["bots", "update"],
-    ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"],
+    ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["worker"],
 ]
 
 
@@ -197,3 +197,36 @@ class TestHerokuDeploy:
         settings = Settings.from_env(generated)
         assert (False, generated["ADMIN_API_TOKEN"]) == (settings.development, settings.admin_api_token)
         assert 1 == len(settings.credentials_keys)
+
+
+class TestWorkerCommand:
+    """`mammut-sms worker`, the Procfile's worker line: Dramatiq's command for WORKER_POOL."""
+
+    @pytest.mark.parametrize(("env", "expected"), [
+        ({}, "dramatiq worker.app --processes 2 --threads 40 --worker-shutdown-timeout 25000"),
+        ({"WORKER_POOL": "threads", "WORKER_PROCESSES": "3", "WORKER_THREADS": "200"},
+         "dramatiq worker.app --processes 3 --threads 200 --worker-shutdown-timeout 25000"),
+        ({"WORKER_POOL": "GEVENT", "WORKER_THREADS": "1000"},
+         "dramatiq-gevent worker.app --processes 2 --threads 1000 --worker-shutdown-timeout 25000"),
+    ], ids=["defaults", "threads", "gevent"])
+    def test_the_pool_and_sizes_come_from_the_environment(
+            self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str],
+            expected: str) -> None:
+        for name in ("WORKER_POOL", "WORKER_PROCESSES", "WORKER_THREADS"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert 0 == main(["worker", "--print"])
+        assert expected == capsys.readouterr().out.strip()
+
+    @pytest.mark.parametrize(("name", "value"), [
+        ("WORKER_POOL", "eventlet"), ("WORKER_THREADS", "0"), ("WORKER_THREADS", "1001"), ("WORKER_PROCESSES", "two"),
+    ])
+    def test_a_bad_setting_stops_it_naming_the_variable(
+            self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        assert 2 == main(["worker"])
+        assert f"{name}={value!r}" in capsys.readouterr().err
+
+    def test_the_procfile_runs_it(self) -> None:
+        assert "mammut-sms worker" == read_procfile(PROJECT_ROOT / "Procfile")["worker"]

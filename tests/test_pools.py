@@ -3,6 +3,7 @@ instead of failing with "Too many connections", in a test process and in a real 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -64,6 +65,35 @@ def test_every_client_waits_in_a_pool_sized_to_the_threads_and_keeps_rediss(monk
                             pool.connection_kwargs["ssl_cert_reqs"])
 
 
+def test_redis_pool_size_caps_a_process_below_its_threads_for_a_small_redis_plan(
+        monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    """REDIS_POOL_SIZE=5 with 1,000 greenlets: pools of 5, and 50 threads sharing them all finish."""
+    # Given a gevent-sized worker on a Redis plan that allows few connections
+    monkeypatch.setenv("WORKER_THREADS", "1000")
+    monkeypatch.setenv("REDIS_POOL_SIZE", "5")
+    client = connect(redis_url)
+    assert (5, 5) == (client.connection_pool.max_connections, make_broker(redis_url).client.connection_pool.max_connections)
+
+    # When 50 threads use the client at once
+    errors: list[BaseException] = []
+
+    def use(index: int) -> None:
+        try:
+            client.blpop([f"test:pools:small:{index}"], timeout=0.05)
+        except BaseException as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=use, args=(index,)) for index in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    # Then they took turns: none failed, and no more than 5 connections were ever opened
+    assert ([], True) == (errors, len(client.connection_pool._connections) <= 5)
+    client.close()
+
+
 @pytest.fixture
 def slow_engine() -> Iterator[FakeEngine]:
     with FakeEngine(delay=1.0) as fake:
@@ -76,11 +106,14 @@ def slow_bot(bot: Bot, store: BotStore, slow_engine: FakeEngine) -> Bot:
     return store.update(bot.id, {"engine-url": slow_engine.url, "messages-per-second": 200})
 
 
-@pytest.fixture
-def worker_process(worker_env: dict[str, str], redis: redis_lib.Redis, twilio: TwilioStandin) -> Iterator[Process]:
-    """The Procfile's worker, one process of 150 threads: above redis-py's default pool cap."""
+@pytest.fixture(params=[("threads", 150), ("gevent", 400)], ids=["threads", "gevent"])
+def worker_process(request: pytest.FixtureRequest, worker_env: dict[str, str], redis: redis_lib.Redis,
+                   twilio: TwilioStandin) -> Iterator[Process]:
+    """The Procfile's worker, one process above redis-py's default pool cap: 150 threads, or 400 greenlets."""
+    pool, threads = request.param
     twilio.reset()
-    with start_worker(worker_env, processes=1, threads=150) as worker:
+    with start_worker({**worker_env, "WORKER_POOL": pool}, processes=1, threads=threads) as worker:
+        assert re.search(rf"\bpool\W{{1,4}}{pool}\b", worker.log), worker.log[-2000:]  # it runs the pool asked for
         yield worker
 
 
@@ -91,7 +124,7 @@ def send(redis: redis_lib.Redis, bot: Bot, body: str, sender: str) -> None:
     assert accept_inbound(redis, message)
 
 
-def test_a_worker_of_150_threads_answers_300_people_once_each_without_pool_errors(
+def test_a_worker_of_hundreds_of_threads_or_greenlets_answers_300_people_once_each(
         redis: redis_lib.Redis, slow_bot: Bot, twilio: TwilioStandin, worker_process: Process) -> None:
     """A slow engine keeps 150 threads busy at once: every person gets one reply, the log no pool error or lost lease."""
     # Given 300 people writing at once to a bot whose engine takes 1 s

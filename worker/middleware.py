@@ -6,6 +6,7 @@ import os
 
 import dramatiq
 from dramatiq.middleware import Middleware
+from dramatiq.threading import is_gevent_active
 
 from shared.logging import get_logger
 from worker.deps import get_engine, get_redis, get_settings
@@ -30,7 +31,8 @@ class SweeperMiddleware(Middleware):
         self._log_drain = LogDrain(get_redis(), get_engine()).start()
         self._retention = Retention(get_redis(), get_engine(), get_settings().log_retention_days).start()
         # The process harness (and an operator reading the logs) waits for this line.
-        log.info("worker.ready", pid=os.getpid())
+        log.info("worker.ready", pid=os.getpid(), pool="gevent" if is_gevent_active() else "threads",
+                 threads=worker.worker_threads)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self._sweeper is not None:
