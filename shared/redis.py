@@ -12,7 +12,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from shared.settings import get_settings
+from shared.settings import env_int, get_settings
 
 # Connections beyond the process's threads: the lease renewer, the sweeper, the log's writer,
 # retention, the bot cache's pub/sub and Dramatiq's consumers each hold one at times.
@@ -31,14 +31,15 @@ def process_threads() -> int:
     """The threads a process may run at once. Heroku gives web and worker dynos the same
     variables, so this is the larger of the two; pools open connections only as they are needed,
     so a web process pays nothing for a worker-sized limit."""
-    worker = int(os.environ.get("WORKER_THREADS") or DEFAULT_WORKER_THREADS)
-    web = int(os.environ.get("WEB_THREADS") or DEFAULT_WEB_THREADS)
+    worker = env_int(os.environ, "WORKER_THREADS", DEFAULT_WORKER_THREADS, 1, 100_000)
+    web = env_int(os.environ, "WEB_THREADS", DEFAULT_WEB_THREADS, 1, 100_000)
     return max(worker, web)
 
 
 def pool_size() -> int:
-    """Connections a process may open: its threads plus the background threads' margin."""
-    return process_threads() + POOL_MARGIN
+    """Connections a process may open per pool: REDIS_POOL_SIZE, else its threads plus the
+    background threads' margin. A smaller pool makes threads wait their turn, never fail."""
+    return env_int(os.environ, "REDIS_POOL_SIZE", 0, 0, 100_000) or process_threads() + POOL_MARGIN
 
 
 def blocking_pool(url: str, **options: Any) -> redis_lib.BlockingConnectionPool:
