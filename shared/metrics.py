@@ -4,7 +4,8 @@ records them and the web process serves them at /metrics."""
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,9 +42,58 @@ def incr(redis: Any, name: str, amount: int = 1, **labels: object) -> None:
 
 
 def observe(redis: Any, name: str, value: float) -> None:
-    bucket = next((str(b) for b in LATENCY_BUCKETS if value <= b), "+Inf")
-    redis.hincrby(keys.METRIC_HISTOGRAMS, field(name, le=bucket), 1)
+    redis.hincrby(keys.METRIC_HISTOGRAMS, field(name, le=bucket_of(value)), 1)
     redis.hincrbyfloat(keys.METRIC_HISTOGRAMS, field(name + "_sum"), value)
+
+
+def bucket_of(value: float) -> str:
+    return next((str(b) for b in LATENCY_BUCKETS if value <= b), "+Inf")
+
+
+class Tally:
+    """A worker process's counts and observations, added up in memory and written to Redis together
+    (worker.middleware flushes every second and at shutdown): one round trip a second for all of
+    them, instead of three to five commands on every message. A process killed between flushes
+    loses at most that second's counts: these are metrics; the conversation log keeps the records."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._sums: defaultdict[str, float] = defaultdict(float)
+
+    def incr(self, name: str, amount: int = 1, **labels: object) -> None:
+        with self._lock:
+            self._counts[(keys.METRIC_COUNTERS, field(name, **labels))] += amount
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self._counts[(keys.METRIC_HISTOGRAMS, field(name, le=bucket_of(value)))] += 1
+            self._sums[field(name + "_sum")] += value
+
+    def flush(self, redis: Any) -> None:
+        """Write what was added since the last flush; if Redis refuses, keep it for the next one."""
+        with self._lock:
+            counts, sums = self._counts, self._sums
+            self._counts, self._sums = Counter(), defaultdict(float)
+        if not counts and not sums:
+            return
+        pipe = redis.pipeline(transaction=False)
+        for (key, series), amount in counts.items():
+            pipe.hincrby(key, series, amount)
+        for series, total in sums.items():
+            pipe.hincrbyfloat(keys.METRIC_HISTOGRAMS, series, total)
+        try:
+            pipe.execute()
+        except Exception:
+            with self._lock:  # nothing is lost to a blip: the next flush writes it
+                self._counts.update(counts)
+                for series, total in sums.items():
+                    self._sums[series] += total
+            raise
+
+
+# The worker process's tally (the web process writes its few counts directly).
+TALLY = Tally()
 
 
 _SERIES = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>.*)\})?$')

@@ -64,12 +64,15 @@ class TestCounts:
         self, client: FlaskClient, redis: redis_lib.Redis, admin_headers: dict[str, str],
     ) -> None:
         """What a worker dyno records with shared.metrics shows here, with the latency histogram."""
-        # Given a worker recorded a send, a retry on 20429, a failure on 21211, and two latencies
-        metrics.incr(redis, "sms_outbound", result="sent")
-        metrics.incr(redis, "sms_outbound", result="retried", code=20429)
-        metrics.incr(redis, "sms_outbound", result="failed", code=21211)
-        metrics.observe(redis, "sms_webhook_to_twilio_seconds", 0.3)
-        metrics.observe(redis, "sms_webhook_to_twilio_seconds", 7.0)
+        # Given a worker tallied a send, a retry on 20429, a failure on 21211, and two latencies,
+        # and flushed them (as its flusher does every second)
+        tally = metrics.Tally()
+        tally.incr("sms_outbound", result="sent")
+        tally.incr("sms_outbound", result="retried", code=20429)
+        tally.incr("sms_outbound", result="failed", code=21211)
+        tally.observe("sms_webhook_to_twilio_seconds", 0.3)
+        tally.observe("sms_webhook_to_twilio_seconds", 7.0)
+        tally.flush(redis)
         # Then
         samples = _samples(client, admin_headers)
         assert 1 == samples[("sms_outbound_total", (("code", "20429"), ("result", "retried")))]
@@ -78,6 +81,44 @@ class TestCounts:
         assert 2 == samples[("sms_webhook_to_twilio_seconds_bucket", (("le", "10.0"),))]
         assert 2 == samples[("sms_webhook_to_twilio_seconds_count", ())]
         assert 7.3 == pytest.approx(samples[("sms_webhook_to_twilio_seconds_sum", ())])
+
+
+class TestTally:
+    """A worker adds its counts up in memory and writes them in one round trip a second."""
+
+    def test_a_flush_adds_to_what_is_there_and_the_next_starts_from_zero(self, redis: redis_lib.Redis) -> None:
+        # Given counts already in Redis from another process, and 3 sends tallied here
+        metrics.incr(redis, "sms_outbound", result="sent")
+        tally = metrics.Tally()
+        for _ in range(3):
+            tally.incr("sms_outbound", result="sent")
+        tally.observe("sms_engine_latency_seconds", 0.2)
+
+        # When it is flushed twice
+        tally.flush(redis)
+        tally.flush(redis)
+
+        # Then each count was added once
+        assert "4" == redis.hget(keys.METRIC_COUNTERS, metrics.field("sms_outbound", result="sent"))
+        assert ("1", 0.2) == (
+            redis.hget(keys.METRIC_HISTOGRAMS, metrics.field("sms_engine_latency_seconds", le="0.25")),
+            float(redis.hget(keys.METRIC_HISTOGRAMS, "sms_engine_latency_seconds_sum")),
+        )
+
+    def test_counts_a_flush_could_not_write_are_kept_for_the_next(self, redis: redis_lib.Redis) -> None:
+        # Given a tally whose first flush meets a Redis that does not answer
+        tally = metrics.Tally()
+        tally.incr("sms_outbound", result="sent")
+        unreachable = redis_lib.Redis(port=1, socket_connect_timeout=0.2)
+        with pytest.raises(redis_lib.ConnectionError):
+            tally.flush(unreachable)
+
+        # When the next flush reaches Redis
+        tally.incr("sms_outbound", result="sent")
+        tally.flush(redis)
+
+        # Then both sends are counted
+        assert "2" == redis.hget(keys.METRIC_COUNTERS, metrics.field("sms_outbound", result="sent"))
 
 
 class TestQueues:

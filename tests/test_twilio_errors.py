@@ -9,7 +9,7 @@ import pytest
 import redis as redis_lib
 
 from cli.twilio_standin import TwilioStandin
-from shared import keys, optout
+from shared import keys, metrics, optout
 from shared.bots import BotStore
 from shared.twilio_errors import HINTS, Action, action_for
 from tests.test_outbound import ALICE, BOB, bodies_to, log_entry, make_bot, outbox_empty, send, wait_until
@@ -65,6 +65,7 @@ class TestTable:
 
 
 def counter(redis: redis_lib.Redis, **labels: object) -> int:
+    metrics.TALLY.flush(redis)  # what the worker's flusher writes every second
     inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
     return int(redis.hget(keys.METRIC_COUNTERS, f"sms_outbound{{{inner}}}") or 0)
 

@@ -4,8 +4,10 @@ one turn until stopped, and a failed turn (Redis or the database away) is logged
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from shared.logging import get_logger
+from shared.metrics import TALLY
 
 log = get_logger(__name__)
 
@@ -44,3 +46,18 @@ class Periodic:
             except Exception:  # noqa: BLE001 - a blip must not end the job for this process
                 log.warning(f"{self.name}.failed", exc_info=True)
                 pause = self.pause_after_failure
+
+
+class MetricsFlush(Periodic):
+    """Writes the process's metrics tally (shared.metrics.TALLY) to Redis every second."""
+
+    name = "metrics_flush"
+    first_pause = pause_after_failure = FLUSH_SECONDS = 1.0
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__()
+        self.redis = redis
+
+    def turn(self) -> float:
+        TALLY.flush(self.redis)
+        return self.FLUSH_SECONDS

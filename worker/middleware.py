@@ -9,7 +9,9 @@ from dramatiq.middleware import Middleware
 from dramatiq.threading import is_gevent_active
 
 from shared.logging import get_logger
+from shared.metrics import TALLY
 from worker.deps import get_engine, get_redis, get_settings
+from worker.background import MetricsFlush
 from worker.logdrain import LogDrain
 from worker.retention import Retention
 from worker.sweeper import Sweeper
@@ -25,11 +27,13 @@ class SweeperMiddleware(Middleware):
         self._sweeper: Sweeper | None = None
         self._log_drain: LogDrain | None = None
         self._retention: Retention | None = None
+        self._metrics: MetricsFlush | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._sweeper = Sweeper(get_redis(), broker).start()
         self._log_drain = LogDrain(get_redis(), get_engine()).start()
         self._retention = Retention(get_redis(), get_engine(), get_settings().log_retention_days).start()
+        self._metrics = MetricsFlush(get_redis()).start()
         # The process harness (and an operator reading the logs) waits for this line.
         log.info("worker.ready", pid=os.getpid(), pool="gevent" if is_gevent_active() else "threads",
                  threads=worker.worker_threads)
@@ -44,6 +48,13 @@ class SweeperMiddleware(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The log's writer last, once the threads are done: what they finished is written now."""
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+            try:
+                TALLY.flush(get_redis())  # the counts of the messages just finished
+            except Exception:  # noqa: BLE001 - metrics must not hold up a shutdown
+                log.warning("metrics_flush.failed", exc_info=True)
         if self._log_drain is not None:
             self._log_drain.stop()
             self._log_drain = None
