@@ -134,23 +134,32 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 
 # Add replies to the outbox in order, optionally finishing the inbound message that produced
 # them; returns the id to kick when the outbox was idle, so exactly one kick starts a chain of
-# sends whoever else is adding or removing replies. (Their log rows are the caller's, in SQL.)
-# KEYS: outbox, reply records, processing, pending. ARGV: the inbound to finish (or ''),
-# conversation, now, then (id, reply) per reply.
-QUEUE_REPLIES_LUA = """
-if ARGV[5] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end
-local was_empty = redis.call('LLEN', KEYS[1]) == 0
-if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
-if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[4]) end
-local n = (#ARGV - 5) / 2
-for i = 0, n - 1 do
-  local id, reply = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
-  redis.call('HSET', KEYS[2], id, reply)
-  redis.call('RPUSH', KEYS[1], id)
+# sends whoever else is adding or removing replies; FENCED (-1), doing nothing, when the caller's
+# conversation lease is no longer its own. A function, so the worker's step can go on to take
+# the first reply's turn (worker.conversation).
+# queue(outbox, reply records, processing, pending, log outbox, conversation lease,
+#       the inbound to finish (or ''), conversation, now, log record (or ''), lease token (or ''),
+#       where in ARGV the (id, reply) pairs start)
+QUEUE_FUNCTION = """
+local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first)
+  if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
+  local was_empty = redis.call('LLEN', outbox) == 0
+  if done ~= '' then redis.call('LREM', processing, 1, done) end
+  if record ~= '' then redis.call('RPUSH', log, record) end
+  for i = first, #ARGV - 1, 2 do
+    redis.call('HSET', records, ARGV[i], ARGV[i + 1])
+    redis.call('RPUSH', outbox, ARGV[i])
+  end
+  if #ARGV < first then return false end
+  redis.call('ZADD', pending, now, conversation)
+  if was_empty then return ARGV[first] end
+  return false
 end
-if n > 0 then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2]) end
-if was_empty and n > 0 then return ARGV[6] end
-return false
+"""
+# KEYS: outbox, reply records, processing, pending, log outbox, conversation lease.
+# ARGV: the inbound to finish, conversation, now, log record, lease token, then (id, reply)s.
+QUEUE_REPLIES_LUA = QUEUE_FUNCTION + """
+return queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)
 """
 
 
@@ -241,16 +250,24 @@ def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], 
     callback, a replay) write their rows to the database first.
 
     With `lease_token`, the step happens only while the conversation's lease still holds that
-    token (fencing): a worker that lost its lease (a long pause) queues nothing, and gets FENCED.
+    token (fencing): a worker that lost its lease (a long pause) queues nothing, and gets FENCED."""
+    leading, pairs = queue_args(conversation, replies, done_inbound, log_record, lease_token)
+    return script(redis, QUEUE_REPLIES_LUA)(keys=queue_keys_of(conversation), args=leading + pairs)
 
-    `redis` may be a pipeline (the worker batches this with its engine counts): the id is then
-    its result. Hence EVAL: a registered script would cost a pipeline a SCRIPT EXISTS round trip."""
-    args: list[Any] = [done_inbound or "", conversation, repr(time.time()), log_record or "", lease_token or ""]
+
+def queue_keys_of(conversation: str) -> list[str]:
+    """QUEUE_FUNCTION's keys, in its order."""
+    return [keys.outbox(conversation), keys.replies(conversation), keys.processing(conversation), keys.PENDING,
+            keys.LOG_OUTBOX, keys.conversation_lock(conversation)]
+
+
+def queue_args(conversation: str, replies: list[dict[str, Any]], done_inbound: str | None = None,
+               log_record: str | None = None, lease_token: str | None = None) -> tuple[list[Any], list[Any]]:
+    """QUEUE_FUNCTION's leading arguments, and the (id, reply) pairs that go last."""
+    pairs: list[Any] = []
     for reply in replies:
-        args += [reply["id"], json.dumps(REPLY.dump(reply))]
-    return redis.eval(QUEUE_REPLIES_LUA, 6, keys.outbox(conversation), keys.replies(conversation),
-                      keys.processing(conversation), keys.PENDING, keys.LOG_OUTBOX,
-                      keys.conversation_lock(conversation), *args)
+        pairs += [reply["id"], json.dumps(REPLY.dump(reply))]
+    return [done_inbound or "", conversation, repr(time.time()), log_record or "", lease_token or ""], pairs
 
 
 # Forget a conversation in the pending set once it has nothing left to do.

@@ -211,6 +211,7 @@ class TestWrites:
         # Given an engine answering twice, and the send left out
         engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": t} for t in ("one", "two")]
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
 
@@ -234,6 +235,7 @@ class TestWrites:
         from worker import conversation as handler
 
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
         people = [f"+1555777{n:04d}" for n in range(20)]
         for person in people:
             assert accept_inbound(redis, inbound(engine_bot, "hola", person=person))
@@ -250,6 +252,7 @@ class TestWrites:
         from worker import conversation as handler
 
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
         conversation = keys.conversation_id(engine_bot.id, PERSON)
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
@@ -261,7 +264,7 @@ class TestWrites:
             raise SystemExit("killed")
 
         with monkeypatch.context() as crash:
-            crash.setattr(handler, "queue_replies", die)
+            crash.setattr(handler, "queue_and_take", die)
             with pytest.raises(SystemExit):
                 handler.drain(redis, conversation)
         assert (1, 0) == (redis.llen(keys.processing(conversation)), redis.llen(keys.LOG_OUTBOX))

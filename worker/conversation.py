@@ -21,15 +21,16 @@ import structlog
 from shared import keys, optout
 from shared.bots import Bot
 from shared.conversations import (
-    FENCED, INBOUND, MAX_REPLIES_PER_ANSWER, MAX_SEGMENTS_PER_ANSWER, capped, queue_replies, replies_from, settle,
+    FENCED, INBOUND, MAX_REPLIES_PER_ANSWER, MAX_SEGMENTS_PER_ANSWER, capped, queue_replies, replies_from,
 )
 from shared.logging import get_logger
+from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
 from worker.locks import RENEW_EVERY, Lease
 from worker.logdrain import exchange_record
-from worker.outbound import deliver_now
+from worker.outbound import deliver_now, deliver_taken, queue_and_take
 
 log = get_logger(__name__)
 
@@ -69,16 +70,25 @@ def drain(redis: Any, conversation: str) -> None:
         kick_conversation(conversation)
 
 
+# KEYS: the lease, inbox, processing, outbox, pending. ARGV: the lease's token, conversation.
+# Let the lease go, count what waits, and with nothing left anywhere leave the pending set.
+_LET_GO_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local waiting = redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+if waiting == 0 and redis.call('LLEN', KEYS[4]) == 0 then redis.call('ZREM', KEYS[5], ARGV[2]) end
+return waiting
+"""
+
+
 def _release_and_look(redis: Any, conversation: str, lease: Lease) -> bool:
-    """Let the conversation go and say whether messages wait; one round trip. With none, it also
-    leaves the pending set (settle checks for itself that nothing is left)."""
-    pipe = redis.pipeline(transaction=False)
-    lease.release(pipe)
-    pipe.llen(keys.inbox(conversation))
-    pipe.llen(keys.processing(conversation))
-    settle(pipe, conversation)
-    _, inbox, processing, _ = pipe.execute()
-    return bool(inbox or processing)
+    """Let the conversation go and say whether messages wait, in one step; with nothing left to
+    do it also leaves the pending set."""
+    lease.forget()
+    return bool(script(redis, _LET_GO_LUA)(
+        keys=[lease.key, keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation),
+              keys.PENDING],
+        args=[lease.token, conversation],
+    ))
 
 
 def who(conversation: str) -> dict[str, Any]:
@@ -150,26 +160,26 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
             raise LeaseLost(conversation)
         return True
     started = time.monotonic()
-    batch = redis.pipeline(transaction=False)  # the engine's counts go with the replies: one round trip
-    answers = engine_for(bot, get_settings(), batch).answer(bot, message)
+    answers = engine_for(bot, get_settings(), redis).answer(bot, message)
     replies = _replies(conversation, message, answers)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
-    queue_replies(batch, conversation, replies, done_inbound=raw, lease_token=lease.token,
-                  log_record=exchange_record(message, replies, bot.number))
-    batch.llen(keys.inbox(conversation))
-    *_, reply_id, waiting = batch.execute()
-    if reply_id == FENCED:  # our lease lapsed (a pause) and another worker took over: it answers
+    queued = queue_and_take(redis, conversation, replies, bot, done_inbound=raw, lease_token=lease.token,
+                            log_record=exchange_record(message, replies, bot.number))
+    if queued.fenced:  # our lease lapsed (a pause) and another worker took over: it answers
         raise LeaseLost(conversation)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
-    if reply_id:
-        # The outbox was idle: nobody else will send this one. Sending it here, rather than
-        # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,
-        # pacing and opt-out checks are the same, and a crash leaves it to the sweeper.
-        deliver_now(conversation, reply_id)
-    return bool(waiting)
+    # The outbox was idle: nobody else will send the first reply. Sending it here, rather than
+    # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,
+    # pacing and opt-out checks are the same (taken in the queuing step), and a crash leaves it
+    # to the sweeper.
+    if queued.lease is not None:
+        deliver_taken(conversation, replies[0], bot, queued)
+    elif queued.head:
+        deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
+    return queued.waiting
 
 
 def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:

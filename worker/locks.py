@@ -73,6 +73,13 @@ class Lease:
     def renew(self) -> bool:
         return bool(script(self.redis, _RENEW)(keys=[self.key], args=[self.token, int(LEASE_SECONDS * 1000)]))
 
+    def forget(self) -> None:
+        """Stop renewing and count the lease as let go, for a caller whose own script deletes the
+        key (checking the token) in the step that ends its work."""
+        if self.held:
+            _renewer.forget(self)
+            self.held = False
+
     def release(self, pipeline: Any = None) -> None:
         """Let go; with `pipeline`, as one of its commands, so what the caller queues after it
         (a re-check, a kick) runs once the lease is free, in the same round trip."""

@@ -17,18 +17,20 @@ from typing import Any
 import dramatiq
 import structlog
 
-from shared import deadletters, keys, metrics, optout
+from shared import deadletters, keys, optout
 from shared.bots import Bot
-from shared.conversations import REPLY, reschedule, settle
+from shared.conversations import FENCED, QUEUE_FUNCTION, REPLY, queue_args, queue_keys_of, reschedule
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.metrics import TALLY
 from shared.redis import script
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
 from shared.twilio_errors import HINTS, Action, action_for
 from worker import pacing
 from worker.deps import get_bots, get_engine, get_redis, get_settings
-from worker.locks import Lease
+from worker.locks import LEASE_SECONDS, Lease
+from worker.pacing import CONFIRM_FUNCTION, RESERVE_FUNCTION
 from worker.logdrain import outcome_record
 from worker.twilio_client import Accepted, Refused, client_for, send_sms
 
@@ -100,29 +102,99 @@ def deliver_now(conversation: str, reply_id: str) -> None:
     `queue_replies` returned it: one Dramatiq message fewer per reply. A retry is handed to
     send_reply; a reply that must wait for its pacing slot is scheduled (beyond a few
     milliseconds, see INLINE_WAIT_SECONDS), so the caller's thread is not held by a busy number."""
-    step = _attempt(conversation, reply_id, INLINE_WAIT_SECONDS)
+    _hand_over_retry(conversation, reply_id, _attempt(conversation, reply_id, INLINE_WAIT_SECONDS, settles=False))
+
+
+def _hand_over_retry(conversation: str, reply_id: str, step: Step) -> None:
     if isinstance(step.error, SendRetry):
         kick_delivery(conversation, reply_id, delay_ms=step.error.delay)
 
 
-def _attempt(conversation: str, reply_id: str, longest_sleep: float) -> Step:
+def _attempt(conversation: str, reply_id: str, longest_sleep: float, settles: bool = True) -> Step:
     redis = get_redis()
     lease = Lease(redis, keys.outbox_lock(conversation))
-    head = _take_head(redis, conversation, reply_id, lease)
+    head = _take_head(redis, conversation, reply_id, lease, settles)
     if not lease.held:
         if head is not None:
             # The holder normally works the head and chains on; but it may be a stale duplicate
             # that will do nothing, so a head that was bounced comes back shortly to check.
             kick_delivery(conversation, reply_id, delay_ms=BUSY_RECHECK_MS)
         return Step()
+    return _run(redis, conversation, head, lease, longest_sleep)
+
+
+def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest_sleep: float,
+         looked: tuple[list[str | None], str] | None = None) -> Step:
+    """Work the head under the held outbox lease, let the lease go, then kick what comes next."""
     try:
-        step = _work_head(redis, conversation, head, lease, longest_sleep) if head is not None else Step()
+        step = _work_head(redis, conversation, head, lease, longest_sleep, looked) if head is not None else Step()
     finally:
         lease.release()  # unless already released with the send's bookkeeping
     # Only after the release: the kicked message must be able to take the lease.
     if step.kick is not None:
         kick_delivery(conversation, step.kick, delay_ms=step.kick_delay_ms)
     return step
+
+
+# Queue an answer's replies (QUEUE_FUNCTION, fenced by the conversation lease) and tell whether
+# the conversation's inbox holds more; when the outbox was idle, go on to take the first reply's
+# turn: the outbox lease, the opt-out copy's word on the recipient and the pace's reservation,
+# all in the same step, so the conversation's thread sends it without another round trip.
+# KEYS: QUEUE_FUNCTION's six, then inbox, outbox lease, opt-out copy, pace hash.
+# ARGV: QUEUE_FUNCTION's five, then the outbox lease's token and ms, the recipient, the opt-out
+#       copy's loaded marker, the pace's interval and ttl, then the (id, reply) pairs.
+# Returns {head or FENCED or false, messages waiting, and when the lease was taken: 1, the
+# opt-out copy's two values, the pace's turn}.
+QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + """
+local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12)
+local waiting = redis.call('LLEN', KEYS[7])
+if not head or head == -1 or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
+  return {head, waiting}
+end
+local looked = redis.call('HMGET', KEYS[9], ARGV[8], ARGV[9])
+return {head, waiting, 1, looked[1] or false, looked[2] or false, reserve(KEYS[10], ARGV[10], ARGV[11])}
+"""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What queue_and_take did: the head to send (None: the outbox was busy, or nothing was
+    queued), whether the step was fenced, whether more messages wait, and the taken turn."""
+
+    head: str | None
+    fenced: bool
+    waiting: bool
+    lease: Lease | None
+    looked: tuple[list[str | None], str] | None
+
+
+def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]], bot: Bot, done_inbound: str,
+                   log_record: str, lease_token: str) -> Queued:
+    """Queue the replies of one answer and, when the outbox was idle, take the first one's turn."""
+    leading, pairs = queue_args(conversation, replies, done_inbound, log_record, lease_token)
+    lease = Lease(redis, keys.outbox_lock(conversation))
+    first = replies[0] if replies else {"to": "", "text": ""}
+    result = script(redis, QUEUE_AND_TAKE_LUA)(
+        keys=[*queue_keys_of(conversation), keys.inbox(conversation), lease.key, keys.opted_out(bot.number),
+              keys.pace(bot.number)],
+        args=[*leading, lease.token, int(LEASE_SECONDS * 1000), first["to"], optout.LOADED,
+              *pacing.reserve_args(count_segments(first["text"]), bot.messages_per_second), *pairs],
+    )
+    head, waiting, *taken = result
+    if head == FENCED:
+        return Queued(None, True, bool(waiting), None, None)
+    if not taken:
+        return Queued(head or None, False, bool(waiting), None, None)
+    lease.granted(taken[0])
+    return Queued(head, False, bool(waiting), lease, (taken[1:3], taken[3]))
+
+
+def deliver_taken(conversation: str, reply: dict[str, Any], bot: Bot, queued: Queued) -> None:
+    """deliver_now for a reply whose turn queue_and_take already took."""
+    assert queued.lease is not None and queued.head == reply["id"]
+    head = Head(reply["id"], reply, bot, settles=False)
+    step = _run(get_redis(), conversation, head, queued.lease, INLINE_WAIT_SECONDS, queued.looked)
+    _hand_over_retry(conversation, reply["id"], step)
 
 
 @dataclass(frozen=True)
@@ -132,9 +204,12 @@ class Head:
     id: str
     reply: dict[str, Any] | None
     bot: Bot | None
+    # Whether finishing it may drop the conversation from the pending set. Not when the
+    # conversation's own drain sends it (deliver_now): that drain settles once, as it lets go.
+    settles: bool = True
 
 
-def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease) -> Head | None:
+def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease, settles: bool = True) -> Head | None:
     """Ask for the outbox lease and read everything a send needs, in one round trip; None unless
     `reply_id` is the outbox head (else already sent, or a duplicate kick)."""
     pipe = redis.pipeline(transaction=False)
@@ -146,10 +221,13 @@ def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease) -> He
     if head != reply_id:
         return None
     return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None,
-                get_bots().by_id(keys.split_conversation_id(conversation)[0]))
+                get_bots().by_id(keys.split_conversation_id(conversation)[0]), settles)
 
 
-def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float) -> Step:
+def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float,
+               looked: tuple[list[str | None], str] | None = None) -> Step:
+    """Send the head (or suppress, schedule, retry or fail it). `looked`: the opt-out copy's word
+    and the pace's turn, when the step that took the lease read them already (queue_and_take)."""
     reply, bot = head.reply, head.bot
     if reply is None or bot is None:
         return _dropped(redis, conversation, head)
@@ -157,7 +235,8 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return Step()  # a retry is scheduled; its message will send it
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
-    ours, opted_out, wait = _first_look(redis, reply, bot, lease)
+    ours, opted_out, wait = _first_look(redis, reply, bot, lease) if looked is None else \
+        _after_look(redis, reply, bot, *looked)
     if not ours:
         return _lease_lost(conversation, reply)
     if opted_out:
@@ -186,6 +265,11 @@ def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease) -> tu
     holder, looked, raw = pipe.execute()
     if holder != lease.token:
         return False, False, 0.0
+    return _after_look(redis, reply, bot, looked, raw)
+
+
+def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, looked: list[str | None], raw: str) -> tuple[bool, bool, float]:
+    """_first_look's answer from what it read, for a lease known to be ours."""
     # The database is asked only when the copy is missing (rebuilt first) or names the recipient.
     opted_out = optout.opted_out_after_look(get_engine(), redis, bot.number, reply["to"], looked)
     reserved = reply["slot_at"] is None
@@ -224,42 +308,35 @@ def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float)
 
 
 def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease) -> Step:
-    """Twilio took it: the log (SQL, first), then the pace, the outbox, the metrics and the lease
-    in one round trip (in this order, so the lease is free when the next head is kicked)."""
+    """Twilio took it: the pace, the outbox, the log's record and the lease, in one step (the
+    lease last, so it is free when the next head is kicked)."""
     reply, bot = head.reply, head.bot
     assert reply is not None and bot is not None
     now = time.time()
-    pipe = redis.pipeline(transaction=False)
-    pacing.confirm(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second)
-    next_head = _finish(pipe, conversation, head, accepted.status, sid=accepted.sid, at=now)
-    metrics.incr(pipe, "sms_outbound", result="sent")
+    next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
+                        pace=(bot.number, count_segments(reply["text"]), bot.messages_per_second))
+    TALLY.incr("sms_outbound", result="sent")
     if reply["received_at"]:
-        metrics.observe(pipe, "sms_webhook_to_twilio_seconds", now - reply["received_at"])
-    lease.release(pipe)
-    results = pipe.execute()
+        TALLY.observe("sms_webhook_to_twilio_seconds", now - reply["received_at"])
     # twilio_sid is this reply's own message; in_reply_to is the inbound MessageSid it answers.
     log.info("outbound.sent", twilio_sid=accepted.sid, in_reply_to=reply["in_reply_to"], bot_id=reply["bot_id"],
              conversation=conversation, reply_id=reply["id"], status=accepted.status)
-    return Step(kick=results[next_head])
+    return Step(kick=next_head)
 
 
 def _dropped(redis: Any, conversation: str, head: Head) -> Step:
     log.warning("outbound.dropped", conversation=conversation, reply_id=head.id,
                 reason="no reply record" if head.reply is None else "bot deleted")
-    pipe = redis.pipeline(transaction=False)
-    next_head = _finish(pipe, conversation, head, "failed")
-    return Step(kick=pipe.execute()[next_head])
+    return Step(kick=_finish(redis, conversation, head, "failed"))
 
 
 def _suppress(redis: Any, conversation: str, head: Head) -> Step:
     """Nothing is ever sent to a recipient who opted out: the reply is dropped, visibly."""
-    pipe = redis.pipeline(transaction=False)
-    next_head = _finish(pipe, conversation, head, "suppressed")
-    metrics.incr(pipe, "sms_outbound", result="suppressed")
-    results = pipe.execute()
+    next_head = _finish(redis, conversation, head, "suppressed")
+    TALLY.incr("sms_outbound", result="suppressed")
     log.info("outbound.suppressed", bot_id=head.bot.id if head.bot else None, conversation=conversation,
              reply_id=head.id)
-    return Step(kick=results[next_head])
+    return Step(kick=next_head)
 
 
 def _refused(redis: Any, conversation: str, head: Head, refused: Refused) -> Step:
@@ -291,7 +368,7 @@ def _retry(redis: Any, conversation: str, reply: dict[str, Any], refused: Refuse
     reply["slot_at"] = None  # the retry takes a fresh place in the number's schedule
     _save(redis, reply)
     reschedule(redis, conversation, reply["not_before"])
-    metrics.incr(redis, "sms_outbound", result="retried", code=refused.code or refused.http_status or "none")
+    TALLY.incr("sms_outbound", result="retried", code=refused.code or refused.http_status or "none")
     log.info("outbound.retried", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
              code=refused.code, http_status=refused.http_status, attempts=reply["attempts"],
              delay=round(delay, 3), error=refused.message)
@@ -303,13 +380,11 @@ def _opted_out(redis: Any, conversation: str, head: Head, number: str) -> Step:
     reply = head.reply
     assert reply is not None
     optout.opt_out(get_engine(), redis, number, reply["to"], how=optout.HOW_21610)
-    pipe = redis.pipeline(transaction=False)
-    next_head = _finish(pipe, conversation, head, "failed", error_code=reply["error_code"])
-    metrics.incr(pipe, "sms_outbound", result="failed", code=reply["error_code"])
-    results = pipe.execute()
+    next_head = _finish(redis, conversation, head, "failed", error_code=reply["error_code"])
+    TALLY.incr("sms_outbound", result="failed", code=reply["error_code"])
     log.info("outbound.opted_out", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
              code=reply["error_code"], hint=HINTS.get(reply["error_code"]))
-    return Step(kick=results[next_head])
+    return Step(kick=next_head)
 
 
 def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: str) -> Step:
@@ -324,29 +399,40 @@ def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: s
             "media_url": reply["media_url"], "error_code": code, "http_status": refused.http_status,
             "error": refused.message, "reason": reason, "attempts": reply["attempts"], "failed_at": time.time(),
         })
-    pipe = redis.pipeline(transaction=False)
-    next_head = _finish(pipe, conversation, head, "failed", error_code=code)
-    metrics.incr(pipe, "sms_outbound", result="failed", code=code or refused.http_status or "none")
-    results = pipe.execute()
+    next_head = _finish(redis, conversation, head, "failed", error_code=code)
+    TALLY.incr("sms_outbound", result="failed", code=code or refused.http_status or "none")
     log.warning("outbound.failed", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
                 code=code, http_status=refused.http_status, reason=reason, attempts=reply["attempts"],
                 error=refused.message, hint=HINTS.get(code or 0))
-    return Step(kick=results[next_head])
+    return Step(kick=next_head)
 
 
 # --- The outbox, the reply records and the log. ---
 
-# Pop the head if it is still `reply_id`, note progress for the sweeper, and return the next
-# head: one step, so no kick is lost between two workers.
-FINISH_LUA = """
-if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
+# Finish the head if it is still `reply_id`: pop it, drop its record, hand the log its outcome;
+# then note progress for the sweeper (a next head) or settle (none left; not for deliver_now,
+# whose drain settles as it lets go); confirm the pace and let the lease go when asked. One step,
+# so no kick is lost between two workers. Returns the next head.
+# KEYS: outbox, replies, pending, log outbox, inbox, processing, pace hash, outbox lease.
+# ARGV: reply id, conversation, now, outcome record, settle ('1' or ''), then the pace's bare
+#       interval and ttl ('' '': no confirm), then the lease's token ('': keep it).
+FINISH_LUA = CONFIRM_FUNCTION + """
+if ARGV[6] ~= '' then confirm(KEYS[7], ARGV[6], ARGV[7]) end
+local first = redis.call('LRANGE', KEYS[1], 0, 1)
+local head = first[1]
+if head == ARGV[1] then
   redis.call('LPOP', KEYS[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('RPUSH', KEYS[4], ARGV[4])
+  head = first[2]
 end
-local head = redis.call('LINDEX', KEYS[1], 0)
-if head then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
-return head
+if head then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+elseif ARGV[5] ~= '' and redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then redis.call('DEL', KEYS[8]) end
+return head or false
 """
 
 SAVE_LUA = """
@@ -354,17 +440,22 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 """
 
 
-def _finish(pipe: Any, conversation: str, head: Head, status: str, sid: str | None = None,
-            error_code: int | None = None, at: float | None = None) -> int:
-    """Queue on `pipe` the head's removal from the outbox, with the message log's record of how it
-    ended (in the same step: worker.logdrain). Returns where the next head (to kick, if any) is
-    among the results."""
-    position = len(pipe)
-    # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(FINISH_LUA, 4, keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
-              head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at))
-    settle(pipe, conversation)  # a no-op while anything is left to do
-    return position
+def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | None = None,
+            error_code: int | None = None, at: float | None = None, lease: Lease | None = None,
+            pace: tuple[str, int, float] | None = None) -> str | None:
+    """Take the head off the outbox with the message log's record of how it ended (in the same
+    step: worker.logdrain); with `pace` (number, segments, rate) confirm the send's pace, with
+    `lease` let it go. Returns the next head, to kick, if any."""
+    pace_args = pacing.confirm_args(pace[1], pace[2]) if pace else ["", ""]
+    if lease is not None:
+        lease.forget()  # released by the script, after the outcome is recorded
+    return script(redis, FINISH_LUA)(
+        keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
+              keys.inbox(conversation), keys.processing(conversation),
+              keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation)],
+        args=[head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at),
+              "1" if head.settles else "", *pace_args, lease.token if lease is not None else ""],
+    )
 
 
 def _save(redis: Any, reply: dict[str, Any]) -> None:

@@ -33,50 +33,70 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: pace hash. ARGV: interval (seconds the reply occupies), ttl. Returns "slot wait"; a wait
-# of 0 means the number was free and the send is claimed as well (one round trip when idle).
-RESERVE_LUA = _NOW + """
-local interval = tonumber(ARGV[1])
-local slot = math.max(now, tonumber(redis.call('HGET', KEYS[1], 'next') or '0'))
-local free_at = tonumber(redis.call('HGET', KEYS[1], 'free_at') or '0')
-local wait = math.max(slot, free_at) - now
-redis.call('HSET', KEYS[1], 'next', string.format('%.6f', slot + interval))
-if wait <= 0 then
-  redis.call('HSET', KEYS[1], 'free_at', string.format('%.6f', now + interval))
-  wait = 0
+# reserve(pace hash, interval (seconds the reply occupies), ttl) returns "slot wait"; a wait of 0
+# means the number was free and the send is claimed as well (one round trip when idle). A
+# function, so the step that queues a conversation's replies can reserve the first one's slot.
+RESERVE_FUNCTION = """
+local function reserve(key, interval, ttl)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  interval = tonumber(interval)
+  local state = redis.call('HMGET', key, 'next', 'free_at')
+  local slot = math.max(now, tonumber(state[1] or '0'))
+  local wait = math.max(slot, tonumber(state[2] or '0')) - now
+  if wait <= 0 then
+    redis.call('HSET', key, 'next', string.format('%.6f', slot + interval), 'free_at',
+               string.format('%.6f', now + interval))
+    wait = 0
+  else
+    redis.call('HSET', key, 'next', string.format('%.6f', slot + interval))
+  end
+  redis.call('EXPIREAT', key, math.ceil(slot + interval + tonumber(ttl)))
+  return string.format('%.6f %.6f', slot, wait)
 end
-redis.call('EXPIREAT', KEYS[1], math.ceil(slot + interval + tonumber(ARGV[2])))
-return string.format('%.6f %.6f', slot, wait)
 """
+# KEYS: pace hash. ARGV: interval, ttl.
+RESERVE_LUA = RESERVE_FUNCTION + "return reserve(KEYS[1], ARGV[1], ARGV[2])\n"
 
 # KEYS: pace hash. ARGV: interval, reserved slot, ttl. Returns the seconds to wait, "0" once
 # the send is recorded (the caller must then send at once).
 CLAIM_LUA = _NOW + """
-local free_at = tonumber(redis.call('HGET', KEYS[1], 'free_at') or '0')
-local wait = math.max(tonumber(ARGV[2]) - now, free_at - now)
+local state = redis.call('HMGET', KEYS[1], 'next', 'free_at')
+local wait = math.max(tonumber(ARGV[2]) - now, tonumber(state[2] or '0') - now)
 if wait > 0 then return string.format('%.6f', wait) end
 local interval = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'free_at', string.format('%.6f', now + interval))
+local free_at = string.format('%.6f', now + interval)
 -- A send that happened late pushes the schedule on, so later reservations stay spaced.
-if tonumber(redis.call('HGET', KEYS[1], 'next') or '0') < now + interval then
-  redis.call('HSET', KEYS[1], 'next', string.format('%.6f', now + interval))
+if tonumber(state[1] or '0') < now + interval then
+  redis.call('HSET', KEYS[1], 'free_at', free_at, 'next', free_at)
+else
+  redis.call('HSET', KEYS[1], 'free_at', free_at)
 end
 redis.call('EXPIREAT', KEYS[1], math.ceil(now + interval + tonumber(ARGV[3])))
 return '0'
 """
 
 
-# KEYS: pace hash. ARGV: the bare interval (no margin), ttl. Called once Twilio answered.
-CONFIRM_LUA = _NOW + """
-local floor = now + tonumber(ARGV[1])
-if tonumber(redis.call('HGET', KEYS[1], 'free_at') or '0') < floor then
-  redis.call('HSET', KEYS[1], 'free_at', string.format('%.6f', floor))
-  if tonumber(redis.call('HGET', KEYS[1], 'next') or '0') < floor then
-    redis.call('HSET', KEYS[1], 'next', string.format('%.6f', floor))
+# confirm(pace hash, bare interval (no margin), ttl), called once Twilio answered; a function,
+# so a sender's script that finishes the reply confirms the pace in the same step.
+CONFIRM_FUNCTION = """
+local function confirm(key, bare_interval, ttl)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(bare_interval)
+  local state = redis.call('HMGET', key, 'next', 'free_at')
+  if tonumber(state[2] or '0') < floor then
+    local at = string.format('%.6f', floor)
+    if tonumber(state[1] or '0') < floor then
+      redis.call('HSET', key, 'free_at', at, 'next', at)
+    else
+      redis.call('HSET', key, 'free_at', at)
+    end
+    redis.call('EXPIREAT', key, math.ceil(floor + tonumber(ttl)))
   end
-  redis.call('EXPIREAT', KEYS[1], math.ceil(floor + tonumber(ARGV[2])))
 end
 """
+# KEYS: pace hash. ARGV: the bare interval, ttl.
+CONFIRM_LUA = CONFIRM_FUNCTION + "confirm(KEYS[1], ARGV[1], ARGV[2])\n"
 
 
 def interval(segments: int, rate: float) -> float:
@@ -87,9 +107,14 @@ def interval(segments: int, rate: float) -> float:
 def reserve(redis: Any, number: str, segments: int, rate: float) -> tuple[float, float]:
     """Reserve the next free slot on `number`: returns (slot time on Redis's clock, seconds to
     wait). A wait of 0.0 means the slot is now and the send is already claimed: go at once."""
-    raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number)], args=[interval(segments, rate), IDLE_TTL_SECONDS])
+    raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number)], args=reserve_args(segments, rate))
     slot, wait = (float(part) for part in raw.split())
     return slot, wait
+
+
+def reserve_args(segments: int, rate: float) -> list[Any]:
+    """RESERVE_FUNCTION's arguments after the key: the interval and the ttl."""
+    return [interval(segments, rate), IDLE_TTL_SECONDS]
 
 
 def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -> float:
@@ -104,7 +129,7 @@ def request_turn(pipeline: Any, number: str, segments: int, rate: float, slot_at
     else `claim` of the slot it reserved; `turn` reads the result. Lets a sender batch it with
     its other reads (EVAL: a registered script would cost a SCRIPT EXISTS round trip)."""
     if slot_at is None:
-        pipeline.eval(RESERVE_LUA, 1, keys.pace(number), interval(segments, rate), IDLE_TTL_SECONDS)
+        pipeline.eval(RESERVE_LUA, 1, keys.pace(number), *reserve_args(segments, rate))
     else:
         pipeline.eval(CLAIM_LUA, 1, keys.pace(number), interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS)
 
@@ -117,15 +142,16 @@ def turn(raw: str, slot_at: float | None) -> tuple[float, float]:
     return slot_at, float(raw)
 
 
-
 def confirm(redis: Any, number: str, segments: int, rate: float) -> None:
     """Once Twilio answered: the message reached it at the latest now, so the next may go a full
     interval later at the earliest. A send stalled between its claim and the wire (a busy CPU)
-    would otherwise arrive closer to the next one than the rate allows.
+    would otherwise arrive closer to the next one than the rate allows."""
+    script(redis, CONFIRM_LUA)(keys=[keys.pace(number)], args=confirm_args(segments, rate))
 
-    `redis` may be a pipeline (a sender batches this with its other writes), hence EVAL: a
-    registered script would cost the pipeline a SCRIPT EXISTS round trip."""
-    redis.eval(CONFIRM_LUA, 1, keys.pace(number), max(segments, 1) / rate, IDLE_TTL_SECONDS)
+
+def confirm_args(segments: int, rate: float) -> list[Any]:
+    """CONFIRM_FUNCTION's arguments after the key: the bare interval and the ttl."""
+    return [max(segments, 1) / rate, IDLE_TTL_SECONDS]
 
 
 # Dramatiq polls an idle queue, and checks its delay queue, up to worker_timeout apart: 1 s by
