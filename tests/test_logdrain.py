@@ -13,7 +13,7 @@ from sqlalchemy import Engine, select
 from shared import db, keys
 from shared.schema import messages
 from shared.settings import Settings
-from worker.logdrain import drain, drain_once, exchange_record, outcome_record
+from worker.logdrain import FENCED, STANDBY_POLL_SECONDS, LogDrain, drain, drain_once, exchange_record, outcome_record
 
 BOT_NUMBER, PERSON = "+15005550006", "+15551230000"
 
@@ -77,7 +77,7 @@ def test_a_writer_that_lost_its_lease_leaves_the_records_for_the_new_holder(
     redis.rpush(keys.LOG_OUTBOX, exchange("SM1", "hi"))
     redis.set(keys.LOG_DRAIN_LOCK, "another-process")
 
-    assert 0 == drain_once(redis, sql, token="a-paused-process")
+    assert FENCED == drain_once(redis, sql, token="a-paused-process")
     assert 1 == redis.llen(keys.LOG_OUTBOX)
 
     assert 1 == drain_once(redis, sql, token="another-process")
@@ -92,3 +92,19 @@ def test_writing_a_batch_twice_changes_nothing(redis: redis_lib.Redis, sql: Engi
         drain(redis, sql)
 
     assert [("SM1", "received"), ("SM1-0", "queued")] == logged(sql)
+
+
+def test_the_writer_asks_for_its_lease_again_as_soon_as_a_batch_is_fenced(redis: redis_lib.Redis, sql: Engine) -> None:
+    """A writer whose lease passed on stops writing at the next turn, not when its periodic check comes."""
+    # Given a writer that holds the lease, and then loses it to another process
+    writer = LogDrain(redis, sql)
+    writer.turn()
+    redis.set(keys.LOG_DRAIN_LOCK, "another-process")
+    redis.rpush(keys.LOG_OUTBOX, exchange("SM1", "hi"))
+
+    # When it takes its turns: the first batch is fenced, the next turn finds the lease taken
+    writer.turn()
+    assert STANDBY_POLL_SECONDS == writer.turn()
+
+    # Then the records wait for the holder
+    assert 1 == redis.llen(keys.LOG_OUTBOX)

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from shared import keys, messagelog
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.redis import script
 from shared.messagelog import Exchange, Outcome
 from worker.background import Periodic
 
@@ -33,8 +34,11 @@ LEASE_MS = 10_000
 # The log lags the work by up to this much; in exchange, each transaction carries more records.
 IDLE_POLL_SECONDS = 0.05
 STANDBY_POLL_SECONDS = 0.5
+# The holder checks (and renews) its lease this often, well within LEASE_MS.
+HOLD_CHECK_SECONDS = 2.0
 REFUSED_KEPT = 1000
 EXCHANGE, OUTCOME = "exchange", "outcome"
+FENCED = -1  # drain_once: the lease is another process's
 
 # Take the batch off the list only while the lease is still ours: a writer that lost it (a long
 # pause) leaves the batch for the new holder, which writes it again, harmlessly.
@@ -43,6 +47,12 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[1], tonumber(ARGV[2]), -1)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
+"""
+# Take the lease, or renew it if it is already ours; whether we hold it.
+_HOLD_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -79,7 +89,8 @@ def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> int:
-    """Write the oldest records (the caller holds the lease under `token`); returns how many left the list."""
+    """Write the oldest records (the caller holds the lease under `token`); returns how many left
+    the list, or FENCED when the lease turned out to be another process's (nothing left it)."""
     raw = redis.lrange(keys.LOG_OUTBOX, 0, batch - 1)
     if not raw:
         return 0
@@ -90,7 +101,7 @@ def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> in
         log.warning("log_drain.batch_failed", records=len(records), error=error.__class__.__name__)
         _write_one_by_one(redis, engine, raw, records)
     if not redis.eval(_TRIM_LUA, 2, keys.LOG_OUTBOX, keys.LOG_DRAIN_LOCK, token, len(raw), LEASE_MS):
-        return 0
+        return FENCED
     return len(raw)
 
 
@@ -122,7 +133,7 @@ def drain(redis: Any, engine: Engine, timeout: float = 10.0) -> None:
             raise TimeoutError("another process holds the log drain lease")
         time.sleep(0.01)
     try:
-        while drain_once(redis, engine, token):
+        while drain_once(redis, engine, token) > 0:
             pass
     finally:
         redis.eval(_RELEASE_LUA, 1, keys.LOG_DRAIN_LOCK, token)
@@ -138,6 +149,7 @@ class LogDrain(Periodic):
         super().__init__()
         self._redis, self._engine = redis, engine
         self._token = uuid.uuid4().hex
+        self._check_at = 0.0
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop, writing what is left if no other process is writing (a dyno's shutdown)."""
@@ -149,12 +161,16 @@ class LogDrain(Periodic):
             pass
 
     def turn(self) -> float:
-        """Drain while records come; the pause before the next turn."""
-        holder = self._redis.set(keys.LOG_DRAIN_LOCK, self._token, nx=True, px=LEASE_MS) \
-            or self._redis.get(keys.LOG_DRAIN_LOCK) == self._token
-        if not holder:
-            return STANDBY_POLL_SECONDS
-        self._redis.pexpire(keys.LOG_DRAIN_LOCK, LEASE_MS)
-        while not self.stopping and drain_once(self._redis, self._engine, self._token) == BATCH:
+        """Drain while records come; the pause before the next turn. The lease is checked (and
+        renewed) every HOLD_CHECK_SECONDS, not on each 50 ms poll: each batch's trim is fenced by
+        it anyway, and renews it."""
+        now = time.monotonic()
+        if now >= self._check_at:
+            if not script(self._redis, _HOLD_LUA)(keys=[keys.LOG_DRAIN_LOCK], args=[self._token, LEASE_MS]):
+                return STANDBY_POLL_SECONDS
+            self._check_at = now + HOLD_CHECK_SECONDS
+        while not self.stopping and (written := drain_once(self._redis, self._engine, self._token)) == BATCH:
             pass
+        if written == FENCED:
+            self._check_at = 0.0  # the lease passed on: ask for it again before the next batch
         return IDLE_POLL_SECONDS
