@@ -31,7 +31,42 @@ NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER = (
     "name", "user-type", "twilio-account-sid", "twilio-auth-token", "main-phone-number",
 )
 ENGINE_URL, PACE, FALLBACK = "engine-url", "messages-per-second", "fallback-message"
-KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK})
+MAX_REPLIES, MAX_SEGMENTS, MAX_PER_DAY, MAX_PER_MINUTE, PUSH_WINDOW, COLD_PUSH, MAX_ENGINE_CALLS = (
+    "max-replies", "max-segments", "max-messages-per-day", "max-replies-per-minute", "push-window-days",
+    "allow-cold-push", "max-concurrent-engine-calls",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one bot may make the service do, so a careless or hostile engine (or a loop with another
+    bot) cannot run up unbounded SMS or hold every worker. A bot's own settings, with these defaults."""
+
+    max_replies: int = 10  # messages one engine answer may send; more are cut, and logged
+    max_segments: int = 30  # segments one engine answer may send; a long text is cut at a word
+    max_messages_per_day: int = 10_000  # sends per UTC day across all recipients; past it, held back; 0: none
+    max_replies_per_minute: int = 20  # per person: more and the conversation is stopped for the minute; 0: none
+    push_window_days: int = 30  # the engine callback pushes only to people who wrote within this long
+    allow_cold_push: bool = False  # ...unless this is set
+    max_concurrent_engine_calls: int | None = None  # in one worker process; None: a quarter of its threads
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any] | None) -> Limits:
+        """The limits a bot's stored settings (API names) make, defaults for the rest."""
+        given = {LIMIT_ATTRIBUTES[name]: value for name, value in (stored or {}).items() if name in LIMIT_ATTRIBUTES}
+        return cls(**given)
+
+    def shown(self) -> dict[str, Any]:
+        return {name: getattr(self, attribute) for name, attribute in LIMIT_ATTRIBUTES.items()}
+
+
+# The API's names of the limits -> Limits' attributes.
+LIMIT_ATTRIBUTES = {
+    MAX_REPLIES: "max_replies", MAX_SEGMENTS: "max_segments", MAX_PER_DAY: "max_messages_per_day",
+    MAX_PER_MINUTE: "max_replies_per_minute", PUSH_WINDOW: "push_window_days", COLD_PUSH: "allow_cold_push",
+    MAX_ENGINE_CALLS: "max_concurrent_engine_calls",
+}
+KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK, *LIMIT_ATTRIBUTES})
 # Never kept as user fields: the API shows its own values under these names (or once did).
 _INTERNAL = frozenset({"id", "twilio-auth-token-encrypted", "extra", "created-at", "updated-at"})
 DEFAULT_MESSAGES_PER_SECOND = 1.0
@@ -65,14 +100,15 @@ class Bot:
     messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND
     fallback_message: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
     def public(self) -> dict[str, Any]:
-        """The bot as the API shows it: everything but the auth token."""
+        """The bot as the API shows it: everything but the auth token; every limit, set or default."""
         shown: dict[str, Any] = dict(self.extra)
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
             NUMBER: self.number, ENGINE_URL: self.engine_url, PACE: self.messages_per_second,
-            FALLBACK: self.fallback_message,
+            FALLBACK: self.fallback_message, **self.limits.shown(),
         })
         return shown
 
@@ -107,6 +143,11 @@ class BotStore:
 
     def by_number(self, number: str) -> Bot | None:
         return self._one(bots.c.main_phone_number == number)
+
+    def numbers(self) -> frozenset[str]:
+        """Every bot's number."""
+        with self._engine.connect() as connection:
+            return frozenset(connection.execute(select(bots.c.main_phone_number)).scalars())
 
     def all(self) -> list[Bot]:
         with self._engine.connect() as connection:
@@ -168,6 +209,8 @@ class BotStore:
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
             "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
+            # None unsets a limit (back to its default).
+            "limits": {k: fields[k] for k in LIMIT_ATTRIBUTES if fields.get(k) is not None},
         }
 
     def _bot(self, row: Mapping[str, Any]) -> Bot:
@@ -181,6 +224,7 @@ class BotStore:
             messages_per_second=float(row["messages_per_second"]),
             fallback_message=row["fallback_message"],
             extra=dict(row["extra"] or {}),
+            limits=Limits.from_stored(row.get("limits")),
         )
 
     def _token(self, encrypted: str) -> str:
@@ -197,7 +241,7 @@ class BotStore:
 def _fields(row: Row[Any]) -> dict[str, Any]:
     """A stored bot in the API's spelling, as an update merges its changes into it."""
     return {
-        **row.extra, NAME: row.name, ACCOUNT_SID: row.account_sid, NUMBER: row.main_phone_number,
+        **row.extra, **(row.limits or {}), NAME: row.name, ACCOUNT_SID: row.account_sid, NUMBER: row.main_phone_number,
         ENGINE_URL: row.engine_url, PACE: row.messages_per_second, FALLBACK: row.fallback_message,
     }
 
@@ -219,7 +263,7 @@ class BotCache:
         self._store = store
         self._redis = redis
         self._ttl, self._negative_ttl, self._limit = ttl, min(ttl, negative_ttl), limit
-        self._entries: dict[tuple[str, Any], tuple[float, Bot | None]] = {}
+        self._entries: dict[tuple[str, Any], tuple[float, Any]] = {}
         # Bumped by every clear: a lookup that read the database before a change was announced
         # must not store what it read after the clear.
         self._generation = 0
@@ -239,12 +283,17 @@ class BotCache:
     def by_id(self, bot_id: int) -> Bot | None:
         return self._lookup(("id", int(bot_id)), lambda: self._store.get(int(bot_id)))
 
+    def is_bot_number(self, number: str) -> bool:
+        """Whether `number` belongs to a bot of this service (whose texts no bot answers: two bots
+        would answer each other forever). All numbers are read in one query and kept like a bot."""
+        return number in self._lookup(("numbers", None), self._store.numbers)
+
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
             self._entries = {}
 
-    def _lookup(self, key: tuple[str, Any], load: Callable[[], Bot | None]) -> Bot | None:
+    def _lookup(self, key: tuple[str, Any], load: Callable[[], Any]) -> Any:
         self._ensure_listener()
         now = time.monotonic()
         hit = self._entries.get(key)
@@ -255,7 +304,7 @@ class BotCache:
         self._remember(key, bot, generation, now)
         return bot
 
-    def _remember(self, key: tuple[str, Any], bot: Bot | None, generation: int, now: float) -> None:
+    def _remember(self, key: tuple[str, Any], bot: Any, generation: int, now: float) -> None:
         with self._lock:
             if not self._subscribed or generation != self._generation:
                 return

@@ -12,6 +12,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared import keys, metrics
+from shared.bots import Limits
 from shared.redis import script, with_constants
 from shared.segments import count_segments, split_message
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
@@ -190,10 +191,10 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
 FENCED = -1
 
 
-# What one engine answer may send: more is cut (and logged), so one inbound text can never run up
-# unbounded SMS. Per-bot settings for these are issue 14's; these are its defaults.
-MAX_REPLIES_PER_ANSWER = 10
-MAX_SEGMENTS_PER_ANSWER = 30
+# What one engine answer may send by default: more is cut (and logged), so one inbound text can
+# never run up unbounded SMS. Each bot's own are its max-replies and max-segments (shared.bots.Limits).
+MAX_REPLIES_PER_ANSWER = Limits.max_replies
+MAX_SEGMENTS_PER_ANSWER = Limits.max_segments
 ELLIPSIS = "..."  # GSM-7: "…" would turn the whole message into UCS-2, half the text per segment
 
 

@@ -6,6 +6,8 @@ should this ever move to a Redis Cluster.
 
 from __future__ import annotations
 
+import time
+
 PREFIX = "sms"
 
 # The bot registry lives in the database; a change is announced here so every process's cache drops it.
@@ -93,3 +95,14 @@ def pace(sender_number: str) -> str:
 # Metrics recorded by every process, rendered by the web process at /metrics.
 METRIC_COUNTERS = f"{PREFIX}:metrics:counters"
 METRIC_HISTOGRAMS = f"{PREFIX}:metrics:histograms"
+
+
+def daily_sends(day: str) -> str:
+    """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day."""
+    return f"{PREFIX}:sent:{day}"
+
+
+def replies_this_minute(conversation: str, at: float | None = None) -> str:
+    """A count of the replies queued to the person in the current minute (max-replies-per-minute)."""
+    minute = int((time.time() if at is None else at) // 60)
+    return f"{_conv(conversation, 'replies-minute')}:{minute}"

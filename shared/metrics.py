@@ -21,6 +21,8 @@ COUNTERS = {
     "sms_status_callbacks": "Delivery status callbacks received, by status.",
     "sms_engine_calls": "Conversation engine calls, by outcome.",
     "sms_outbound": "Outbound messages, by result (sent, retried, failed, suppressed) and Twilio code.",
+    "sms_answers_capped": "Engine answers cut to the bot's max-replies or max-segments.",
+    "sms_unanswered": "Inbound messages the engine was not asked about, by reason (from_bot, rate_limited).",
 }
 HISTOGRAMS = {
     "sms_engine_latency_seconds": "Conversation engine call duration.",
@@ -58,6 +60,10 @@ class Tally:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.forget()
+
+    def forget(self) -> None:
+        """Start afresh, as a new process does (the tests' service is new for every test)."""
         self._counts: Counter[tuple[str, str]] = Counter()
         self._sums: defaultdict[str, float] = defaultdict(float)
 

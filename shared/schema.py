@@ -8,7 +8,7 @@ Alembic revision in shared/migrations/versions (`alembic revision --autogenerate
 from __future__ import annotations
 
 from sqlalchemy import (
-    JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+    JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, text,
 )
 
 # Named constraints, so migrations can refer to them on every database.
@@ -35,6 +35,9 @@ bots = Table(
     Column("extra", JSON, nullable=False),  # the other user fields, as given
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Only the limits an operator set; the others take the release's defaults (shared.bots.Limits).
+    Column("limits", JSON, nullable=False, server_default=text("'{}'")),
+    Column("engine_token_hash", String(64)),  # SHA-256 of the bot's engine token; null: none issued
     sqlite_autoincrement=True,  # a deleted bot's id is never given to a new one (its log keeps the id)
 )
 

@@ -19,6 +19,7 @@ from werkzeug.serving import make_server
 from shared import db
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
+from shared.metrics import TALLY
 from shared.redis import connect
 from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
@@ -127,6 +128,11 @@ def database(database_url: str) -> Iterator[str]:
 def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
     client = connect(redis_url)
     client.flushdb()
+    # What this process counted in memory for the previous test's service goes with its Redis.
+    from worker.budget import DAILY_SENDS
+
+    TALLY.forget()
+    DAILY_SENDS.forget()
     yield client
     client.flushdb()
 

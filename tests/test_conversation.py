@@ -104,8 +104,9 @@ def test_concurrent_bursts_leave_no_message_without_a_worker(
     """Messages stored from many threads while workers drain are all answered, once and in order,
     and every conversation settles: a message stored with no wake-up of its own is never left waiting
     for the sweeper (the wait below is shorter than its STALE_SECONDS)."""
-    # Given a fast sender number and an engine that takes a moment per answer
-    store.update(engine_bot.id, {"messages-per-second": 1000})
+    # Given a fast sender number (and no cap on the replies a person gets a minute) and an engine
+    # that takes a moment per answer
+    store.update(engine_bot.id, {"messages-per-second": 1000, "max-replies-per-minute": 0})
     engine.delay = 0.005
     senders = [f"+1555124{n:04d}" for n in range(5)]
     texts = {sender: [f"{sender[-4:]}-{n}" for n in range(20)] for sender in senders}

@@ -49,7 +49,8 @@ class Periodic:
 
 
 class MetricsFlush(Periodic):
-    """Writes the process's metrics tally (shared.metrics.TALLY) to Redis every second."""
+    """Writes the process's metrics tally (shared.metrics.TALLY) and its count of sends per bot
+    (worker.budget) to Redis every second."""
 
     name = "metrics_flush"
     first_pause = pause_after_failure = FLUSH_SECONDS = 1.0
@@ -59,5 +60,13 @@ class MetricsFlush(Periodic):
         self.redis = redis
 
     def turn(self) -> float:
-        TALLY.flush(self.redis)
+        flush(self.redis)
         return self.FLUSH_SECONDS
+
+
+def flush(redis: Any) -> None:
+    """What the process counted in memory, to Redis (also once more at shutdown)."""
+    from worker.budget import DAILY_SENDS
+
+    DAILY_SENDS.flush(redis)
+    TALLY.flush(redis)

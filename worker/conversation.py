@@ -19,11 +19,12 @@ import dramatiq
 import structlog
 
 from shared import keys, optout
-from shared.bots import Bot
+from shared.bots import Bot, Limits
 from shared.conversations import (
-    FENCED, INBOUND, MAX_REPLIES_PER_ANSWER, MAX_SEGMENTS_PER_ANSWER, capped, queue_replies, replies_from,
+    FENCED, INBOUND, capped, queue_replies, replies_from,
 )
 from shared.logging import get_logger
+from shared.metrics import TALLY
 from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
@@ -112,34 +113,38 @@ def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
     return False
 
 
-# KEYS: inbox, processing, lease. ARGV: the lease's token. A crashed worker's message first, else
-# the oldest waiting one; nil, touching nothing, when the lease is not ours.
+# KEYS: inbox, processing, lease, the person's replies this minute. ARGV: the lease's token. A
+# crashed worker's message first, else the oldest waiting one, with the replies the person got
+# this minute; nil, touching nothing, when the lease is not ours.
 _NEXT_LUA = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
-local raw = redis.call('LINDEX', KEYS[2], 0)
-if raw then return raw end
-return redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+local raw = redis.call('LINDEX', KEYS[2], 0) or redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+if not raw then return false end
+return {raw, redis.call('GET', KEYS[4]) or '0'}
 """
 
 
-def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot | None] | None:
-    """The next message and the conversation's bot as it is now, or None when there is none (or
-    the lease is not ours); the first look also asks for the lease. One round trip each."""
+def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot | None, int] | None:
+    """The next message, the conversation's bot as it is now and the replies the person got this
+    minute, or None when there is none (or the lease is not ours); the first look also asks for
+    the lease. One round trip each."""
     first = not lease.held
     pipe = redis.pipeline(transaction=False)
     if first:
         lease.request(pipe)
     # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(_NEXT_LUA, 3, keys.inbox(conversation), keys.processing(conversation), lease.key, lease.token)
-    *granted, raw = pipe.execute()
+    pipe.eval(_NEXT_LUA, 4, keys.inbox(conversation), keys.processing(conversation), lease.key,
+              keys.replies_this_minute(conversation), lease.token)
+    *granted, found = pipe.execute()
     if first and not lease.granted(granted[0]):
         return None
-    if raw is None:
+    if found is None:
         return None
-    return raw, get_bots().by_id(keys.split_conversation_id(conversation)[0])
+    raw, replied = found
+    return raw, get_bots().by_id(keys.split_conversation_id(conversation)[0]), int(replied)
 
 
-def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lease: Lease) -> bool:
+def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, replied: int, lease: Lease) -> bool:
     """Ask the bot's engine, log the message with its replies, queue the replies (finishing the
     message) and send the first one from this thread; the rest follow it through the outbound queue. Returns
     whether more messages may be waiting."""
@@ -147,21 +152,29 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, lea
     # Every event of this hop (engine, send) carries the message, its bot and its conversation.
     with structlog.contextvars.bound_contextvars(message_sid=message["sid"], bot_id=message["bot_id"],
                                                  conversation=conversation):
-        return _handle(redis, conversation, raw, message, bot, lease)
+        return _handle(redis, conversation, raw, message, bot, replied, lease)
 
 
-def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bot: Bot | None, lease: Lease) -> bool:
+def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bot: Bot | None, replied: int,
+            lease: Lease) -> bool:
     optout.record_inbound(get_engine(), message)  # a STOP or START, durably (the webhook told the Redis copy)
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
-        fenced = queue_replies(redis, conversation, [], done_inbound=raw, lease_token=lease.token,
-                               log_record=exchange_record(message, [], None))
-        if fenced == FENCED:
-            raise LeaseLost(conversation)
-        return True
+        return _unanswered(redis, conversation, raw, message, lease, None)
+    if get_bots().is_bot_number(message["sender"]):
+        # Another bot of this service: answering would start a loop that never ends.
+        log.warning("conversation.from_bot", bot_id=bot.id, message_sid=message["sid"])
+        TALLY.incr("sms_unanswered", reason="from_bot")
+        return _unanswered(redis, conversation, raw, message, lease, bot.number)
+    if bot.limits.max_replies_per_minute and replied >= bot.limits.max_replies_per_minute:
+        # A loop with an auto-responder elsewhere, or a flood: the engine is not asked until the minute is over.
+        log.warning("conversation.rate_limited", bot_id=bot.id, message_sid=message["sid"], replies_this_minute=replied,
+                    max_replies_per_minute=bot.limits.max_replies_per_minute)
+        TALLY.incr("sms_unanswered", reason="rate_limited")
+        return _unanswered(redis, conversation, raw, message, lease, bot.number)
     started = time.monotonic()
     answers = engine_for(bot, get_settings(), redis).answer(bot, message)
-    replies = _replies(conversation, message, answers)
+    replies = _replies(conversation, message, answers, bot.limits)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
@@ -182,17 +195,28 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     return queued.waiting
 
 
-def _replies(conversation: str, message: dict[str, Any], answers: list[Answer]) -> list[dict[str, Any]]:
+def _unanswered(redis: Any, conversation: str, raw: str, message: dict[str, Any], lease: Lease,
+                bot_number: str | None) -> bool:
+    """Finish the message without asking the engine; the log keeps it, with no replies."""
+    fenced = queue_replies(redis, conversation, [], done_inbound=raw, lease_token=lease.token,
+                           log_record=exchange_record(message, [], bot_number))
+    if fenced == FENCED:
+        raise LeaseLost(conversation)
+    return True
+
+
+def _replies(conversation: str, message: dict[str, Any], answers: list[Answer], limits: Limits) -> list[dict[str, Any]]:
     replies: list[dict[str, Any]] = []
     for answer in answers:
-        if len(replies) > MAX_REPLIES_PER_ANSWER:
+        if len(replies) > limits.max_replies:
             break  # enough to know the answer is cut: the rest need not be built
         replies += replies_from(conversation, message["sender"], answer.text, answer.image,
                                 in_reply_to=message["sid"], received_at=message["received_at"])
-    cut = capped(replies)
+    cut = capped(replies, limits.max_replies, limits.max_segments)
     if cut.replies_cut or cut.truncated:
         log.warning("conversation.answer_capped", answer_items=len(answers), replies_sent=len(cut.replies),
-                    truncated=cut.truncated, max_replies=MAX_REPLIES_PER_ANSWER, max_segments=MAX_SEGMENTS_PER_ANSWER)
+                    truncated=cut.truncated, max_replies=limits.max_replies, max_segments=limits.max_segments)
+        TALLY.incr("sms_answers_capped")
     replies = cut.replies
     # Named after the inbound: a worker that died after logging them logs the same rows again.
     for n, reply in enumerate(replies):

@@ -9,9 +9,8 @@ from dramatiq.middleware import Middleware
 from dramatiq.threading import is_gevent_active
 
 from shared.logging import get_logger
-from shared.metrics import TALLY
 from worker.deps import get_engine, get_redis, get_settings
-from worker.background import MetricsFlush
+from worker.background import MetricsFlush, flush
 from worker.logdrain import LogDrain
 from worker.retention import Retention
 from worker.sweeper import Sweeper
@@ -52,7 +51,7 @@ class SweeperMiddleware(Middleware):
             self._metrics.stop()
             self._metrics = None
             try:
-                TALLY.flush(get_redis())  # the counts of the messages just finished
+                flush(get_redis())  # the counts of the messages just finished
             except Exception:  # noqa: BLE001 - metrics must not hold up a shutdown
                 log.warning("metrics_flush.failed", exc_info=True)
         if self._log_drain is not None:

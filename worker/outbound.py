@@ -27,11 +27,12 @@ from shared.redis import script
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
 from shared.twilio_errors import HINTS, Action, action_for
-from worker import pacing
+from worker import budget, pacing
+from worker.budget import DAILY_SENDS
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.locks import LEASE_SECONDS, Lease
-from worker.pacing import CONFIRM_FUNCTION, RESERVE_FUNCTION
 from worker.logdrain import outcome_record
+from worker.pacing import CONFIRM_FUNCTION, RESERVE_FUNCTION
 from worker.twilio_client import Accepted, Refused, client_for, send_sms
 
 log = get_logger(__name__)
@@ -140,7 +141,8 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 # the conversation's inbox holds more; when the outbox was idle, go on to take the first reply's
 # turn: the outbox lease, the opt-out copy's word on the recipient and the pace's reservation,
 # all in the same step, so the conversation's thread sends it without another round trip.
-# KEYS: QUEUE_FUNCTION's six, then inbox, outbox lease, opt-out copy, pace hash.
+# Also counts the replies toward the person's max-replies-per-minute.
+# KEYS: QUEUE_FUNCTION's six, then inbox, outbox lease, opt-out copy, pace hash, replies this minute.
 # ARGV: QUEUE_FUNCTION's five, then the outbox lease's token and ms, the recipient, the opt-out
 #       copy's loaded marker, the pace's interval and ttl, then the (id, reply) pairs.
 # Returns {head or FENCED or false, messages waiting, and when the lease was taken: 1, the
@@ -148,6 +150,8 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + """
 local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12)
 local waiting = redis.call('LLEN', KEYS[7])
+local n = (#ARGV - 11) / 2
+if head ~= -1 and n > 0 and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
 if not head or head == -1 or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
   return {head, waiting}
 end
@@ -176,7 +180,7 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     first = replies[0] if replies else {"to": "", "text": ""}
     result = script(redis, QUEUE_AND_TAKE_LUA)(
         keys=[*queue_keys_of(conversation), keys.inbox(conversation), lease.key, keys.opted_out(bot.number),
-              keys.pace(bot.number)],
+              keys.pace(bot.number), keys.replies_this_minute(conversation)],
         args=[*leading, lease.token, int(LEASE_SECONDS * 1000), first["to"], optout.LOADED,
               *pacing.reserve_args(count_segments(first["text"]), bot.messages_per_second), *pairs],
     )
@@ -233,6 +237,8 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return _dropped(redis, conversation, head)
     if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
         return Step()  # a retry is scheduled; its message will send it
+    if DAILY_SENDS.exhausted(bot):
+        return _hold_back(redis, conversation, reply, bot)
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
     ours, opted_out, wait = _first_look(redis, reply, bot, lease) if looked is None else \
@@ -279,6 +285,16 @@ def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, looked: list[str | 
     return True, opted_out, wait
 
 
+def _hold_back(redis: Any, conversation: str, reply: dict[str, Any], bot: Bot) -> Step:
+    """The bot sent its max-messages-per-day: the reply (and those after it) wait, and look again
+    every few minutes, so a raised limit or the next UTC day releases them."""
+    wait = min(budget.RECHECK_SECONDS, budget.seconds_to_next_day())
+    log.warning("outbound.held_back", bot_id=bot.id, conversation=conversation, reply_id=reply["id"],
+                max_messages_per_day=bot.limits.max_messages_per_day, recheck_in=round(wait))
+    TALLY.incr("sms_outbound", result="held_back")
+    return _schedule(redis, conversation, reply, wait)
+
+
 def _lease_lost(conversation: str, reply: dict[str, Any]) -> Step:
     """Another worker holds this outbox now (ours lapsed in a pause): it sends; we send nothing."""
     log.warning("outbound.lease_lost", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"])
@@ -316,6 +332,7 @@ def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: 
     next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
                         pace=(bot.number, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
+    DAILY_SENDS.sent(bot.id)
     if reply["received_at"]:
         TALLY.observe("sms_webhook_to_twilio_seconds", now - reply["received_at"])
     # twilio_sid is this reply's own message; in_reply_to is the inbound MessageSid it answers.

@@ -1,0 +1,125 @@
+"""Each bot's own limits: what one answer may send, a daily budget that holds replies back (never
+drops them), and no bot answering another bot of this service."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+import pytest
+import redis as redis_lib
+
+from cli.twilio_standin import TwilioStandin
+from shared import keys, metrics
+from shared.bots import Bot, BotStore, Limits
+from tests.support.fake_engine import FakeEngine
+from tests.test_crash_recovery import SENDER, bodies_to, engine_bot, send  # noqa: F401 (fixture)
+from worker import budget
+from worker.background import flush
+
+__all__ = ["engine_bot"]
+
+
+def answering(*texts: str) -> Any:
+    return lambda payload: [{"recipient_id": payload["sender"], "text": text} for text in texts]
+
+
+def wait_until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+class TestPerAnswer:
+    def test_a_bots_own_max_replies_and_max_segments_cap_its_answers(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+        """max-replies 3: an answer of eight items sends three; max-segments 2 then cuts a long one to two segments."""
+        store.update(engine_bot.id, {"max-replies": 3, "max-segments": 2})
+        engine.answer = answering(*(f"item {n}" for n in range(8)))
+        send(redis, engine_bot, "hola")
+        twilio.wait_for(2, timeout=30)
+        time.sleep(1.0)  # room for a fourth, were one coming
+        assert ["item 0", "item 1"] == bodies_to(twilio, SENDER)  # three items, but two segments in all
+
+    def test_defaults_apply_to_limits_a_bot_never_set_and_are_shown(self, bot: Bot, store: BotStore) -> None:
+        shown = store.update(bot.id, {"max-replies": 4}).public()
+        assert (4, Limits.max_segments, 10_000, 20, 30, False) == (
+            shown["max-replies"], shown["max-segments"], shown["max-messages-per-day"],
+            shown["max-replies-per-minute"], shown["push-window-days"], shown["allow-cold-push"])
+        assert Limits.max_replies == store.update(bot.id, {"max-replies": None}).limits.max_replies  # null unsets
+
+
+class TestDailyBudget:
+    def test_past_max_messages_per_day_replies_are_held_back_then_released_when_the_limit_is_raised(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+            twilio: TwilioStandin, worker: dramatiq.Worker, logs: list[dict[str, object]]) -> None:
+        """A budget of 2: two people are answered, the third waits (logged, counted), and goes once raised."""
+        monkeypatch.setattr(budget, "RECHECK_SECONDS", 1.0)
+        bot = store.update(engine_bot.id, {"max-messages-per-day": 2})
+        people = [f"+1555123000{n}" for n in range(3)]
+        for person in people:
+            send(redis, bot, "hola", person)
+            time.sleep(0.3)  # in this order
+        twilio.wait_for(2, timeout=30)
+        wait_until(lambda: any(event["event"] == "outbound.held_back" for event in logs))
+        assert [people[0], people[1]] == [message.to for message in twilio.messages]
+
+        # When the operator raises the limit, the held reply goes out (nothing was dropped)
+        store.update(bot.id, {"max-messages-per-day": 10})
+        twilio.wait_for(3, timeout=30)
+        assert people == [message.to for message in twilio.messages]
+        wait_until(lambda: 3 == sum(event["event"] == "outbound.sent" for event in logs))
+        flush(redis)
+        assert int(redis.hget(keys.METRIC_COUNTERS, metrics.field("sms_outbound", result="held_back")) or 0) >= 1
+        assert "3" == redis.hget(keys.daily_sends(budget.utc_day()), str(bot.id))
+
+    def test_totals_are_shared_by_processes_and_kept_when_redis_refuses(self, redis: redis_lib.Redis, bot: Bot,
+                                                                        store: BotStore) -> None:
+        """Another process's sends count against the budget after one flush; a refused flush loses nothing."""
+        bot = store.update(bot.id, {"max-messages-per-day": 3})
+        elsewhere, here = budget.DailySends(), budget.DailySends()
+        for _ in range(2):
+            elsewhere.sent(bot.id)
+        elsewhere.flush(redis)
+        here.sent(bot.id)
+        assert not here.exhausted(bot)
+        with pytest.raises(redis_lib.ConnectionError):
+            here.flush(redis_lib.Redis(port=1, socket_connect_timeout=0.2))
+        here.flush(redis)
+        assert (True, "3") == (here.exhausted(bot), redis.hget(keys.daily_sends(budget.utc_day()), str(bot.id)))
+        assert not here.exhausted(store.update(bot.id, {"max-messages-per-day": 0}))  # 0: no limit
+
+
+class TestLoops:
+    def test_a_bot_never_answers_another_bot_of_this_service(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker,
+            logs: list[dict[str, object]]) -> None:
+        """A text from a number registered here gets no engine call and no reply; a person's still does."""
+        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
+                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
+                              "main-phone-number": "+15005550099"})
+        send(redis, engine_bot, "I am a bot", other.number)
+        send(redis, engine_bot, "I am a person", SENDER)
+        twilio.wait_for(1, timeout=30)
+        time.sleep(1.0)
+        assert ([SENDER], ["I am a person"]) == ([m.to for m in twilio.messages], [c.text for c in engine.calls])
+        assert any(event["event"] == "conversation.from_bot" for event in logs)
+
+    def test_a_person_past_max_replies_per_minute_is_not_answered_until_the_minute_is_over(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker,
+            logs: list[dict[str, object]]) -> None:
+        """max-replies-per-minute 2 (an auto-responder elsewhere answering every reply): the third and fourth
+        texts of the minute reach neither the engine nor Twilio; the log says why."""
+        store.update(engine_bot.id, {"max-replies-per-minute": 2})
+        for n in range(4):
+            send(redis, engine_bot, f"auto {n}")
+        wait_until(lambda: 2 == sum(event["event"] == "conversation.rate_limited" for event in logs))
+        time.sleep(0.5)
+        assert (["auto 0", "auto 1"], ["reply to auto 0", "reply to auto 1"]) == (
+            [call.text for call in engine.calls], bodies_to(twilio, SENDER))
