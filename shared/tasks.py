@@ -60,9 +60,9 @@ def conversation_kick(conversation: str) -> dramatiq.Message:
     )
 
 
-def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None) -> None:
+def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None, delay_ms: int | None = None) -> None:
     """Ask a worker to drain this conversation's inbox (harmless if one already is)."""
-    (broker or get_broker()).enqueue(conversation_kick(conversation))
+    (broker or get_broker()).enqueue(conversation_kick(conversation), delay=delay_ms)
 
 
 def queue_keys(queue_name: str) -> tuple[str, str]:

@@ -123,3 +123,34 @@ class TestLoops:
         time.sleep(0.5)
         assert (["auto 0", "auto 1"], ["reply to auto 0", "reply to auto 1"]) == (
             [call.text for call in engine.calls], bodies_to(twilio, SENDER))
+
+
+class TestEngineSlots:
+    def test_a_slow_bot_holds_only_its_own_engine_calls_and_other_bots_are_answered_first(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+        """max-concurrent-engine-calls 1, six people at a 1 s engine, four worker threads: the slow engine
+        never has two calls at once, another bot's person is answered before any of them, and all six are."""
+        slow = store.update(engine_bot.id, {"max-concurrent-engine-calls": 1})
+        engine.delay = 1.0
+        with FakeEngine() as quick_engine:
+            quick = store.create({"name": "quick", "twilio-account-sid": slow.account_sid,
+                                  "twilio-auth-token": "0123456789abcdef0123456789abcdef",
+                                  "main-phone-number": "+15005550077", "engine-url": quick_engine.url,
+                                  "messages-per-second": 50})
+            people = [f"+1555124000{n}" for n in range(6)]
+            for person in people:
+                send(redis, slow, "slow", person)
+            time.sleep(0.2)  # every thread has had the chance to pick a slow one up
+            send(redis, quick, "quick", "+15551249999")
+            twilio.wait_for(7, timeout=30)
+        assert "+15551249999" == twilio.messages[0].to
+        assert sorted(people) == sorted(message.to for message in twilio.messages[1:])
+        assert [1] * 6 == [engine.most_in_flight(person) for person in people]
+        assert 1 == max(call_overlap(engine))
+
+
+def call_overlap(engine: FakeEngine) -> list[int]:
+    """How many calls were in flight at each call's start (each lasts engine.delay)."""
+    starts = sorted(call.at for call in engine.calls)
+    return [sum(1 for other in starts if other <= start < other + engine.delay - 0.05) for start in starts]

@@ -29,6 +29,7 @@ from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
+from worker.slots import ENGINE_SLOTS
 from worker.locks import RENEW_EVERY, Lease
 from worker.logdrain import exchange_record
 from worker.outbound import deliver_now, deliver_taken, queue_and_take
@@ -45,6 +46,15 @@ class LeaseLost(Exception):
     """Another worker took the conversation over (ours lapsed): stop without queuing anything."""
 
 
+class EngineBusy(Exception):
+    """The bot has max-concurrent-engine-calls in flight in this process: come back shortly."""
+
+
+# A conversation whose bot's engine calls are all in use looks again after this long; meanwhile
+# its thread serves other bots' conversations.
+ENGINE_BUSY_RETRY_MS = 250
+
+
 @dramatiq.actor(
     actor_name=HANDLE_CONVERSATION, queue_name=CONVERSATIONS_QUEUE,
     max_retries=20, min_backoff=500, max_backoff=30_000, time_limit=5 * 60_000,
@@ -56,11 +66,14 @@ def handle_conversation(conversation: str) -> None:
 
 def drain(redis: Any, conversation: str) -> None:
     lease = Lease(redis, keys.conversation_lock(conversation))
-    finished = True
+    finished, delay_ms = True, None
     try:
         finished = _drain(redis, conversation, lease)
     except LeaseLost:
         log.warning("conversation.lease_lost", **who(conversation))
+    except EngineBusy:
+        # The message stays at the head of the processing list, where the next run finds it first.
+        finished, delay_ms = False, ENGINE_BUSY_RETRY_MS
     except BaseException:
         lease.release()
         raise
@@ -68,7 +81,7 @@ def drain(redis: Any, conversation: str) -> None:
         return  # another worker holds it, and looks again before it lets go
     # A message that arrived while we held the lease had its kick refused: pick it up now.
     if _release_and_look(redis, conversation, lease) or not finished:
-        kick_conversation(conversation)
+        kick_conversation(conversation, delay_ms=delay_ms)
 
 
 # KEYS: the lease, inbox, processing, outbox, pending. ARGV: the lease's token, conversation.
@@ -173,7 +186,12 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
         TALLY.incr("sms_unanswered", reason="rate_limited")
         return _unanswered(redis, conversation, raw, message, lease, bot.number)
     started = time.monotonic()
-    answers = engine_for(bot, get_settings(), redis).answer(bot, message)
+    with ENGINE_SLOTS.taken(bot) as taken:
+        if not taken:
+            log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
+                     in_flight=ENGINE_SLOTS.in_flight(bot.id))
+            raise EngineBusy(bot.id)
+        answers = engine_for(bot, get_settings(), redis).answer(bot, message)
     replies = _replies(conversation, message, answers, bot.limits)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
