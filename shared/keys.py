@@ -106,3 +106,9 @@ def replies_this_minute(conversation: str, at: float | None = None) -> str:
     """A count of the replies queued to the person in the current minute (max-replies-per-minute)."""
     minute = int((time.time() if at is None else at) // 60)
     return f"{_conv(conversation, 'replies-minute')}:{minute}"
+
+
+def erased(conversation: str) -> str:
+    """When the person's data with the bot was erased on request: records of messages from before
+    then, still on their way to the database (the log outbox), are dropped rather than written."""
+    return f"{PREFIX}:erased:{conversation}"

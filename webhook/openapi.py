@@ -132,6 +132,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "registry.conversation_list": {"tags": ["registry"], "security": _BEARER, "parameters": _paging("newest"),
                                    "responses": {"200": _json("ConversationList", "a page of the bot's conversations"),
                                                  **_FAILED}},
+    "registry.erase_conversation": {
+        "tags": ["registry"], "security": _BEARER,
+        "summary": "Erase one person's conversation with the bot (messages, statuses, dead letters, queued replies); "
+                   "an opt-out is kept.",
+        "responses": {"200": {"description": "erased: how many messages and dead letters, and what was queued",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}, **_FAILED}},
     "inbound.receive": {"tags": ["twilio"], "security": _TWILIO, "summary": "Twilio's inbound SMS webhook.",
                         "requestBody": {"required": True,
                                         "content": {"application/x-www-form-urlencoded": {"schema": "TwilioInbound"}}},

@@ -17,12 +17,12 @@ from marshmallow import ValidationError
 from sqlalchemy import Connection
 from werkzeug.exceptions import NotFound
 
-from shared import messagelog
+from shared import erasure, messagelog
 from shared.bots import AUTH_TOKEN, NUMBER, BotNotFound, NumberTaken
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
-from webhook.deps import get_engine, get_settings, get_store
+from webhook.deps import get_engine, get_redis, get_settings, get_store
 from webhook.errors import failed
 
 log = get_logger(__name__)
@@ -140,6 +140,22 @@ def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     page = _read_page(
         lambda connection: messagelog.conversations_of(connection, bot.id, bot.number, limit, newest_first, after))
     return jsonify(status="Success", data={"conversations": page.items, "next": page.next})
+
+
+@bp.delete(ONE_USER + "/conversations/<person>")
+def erase_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[no-untyped-def]
+    """Erase what the service keeps of one person's conversation with the bot (shared.erasure says
+    what goes and what stays); nothing queued for them is sent afterwards."""
+    bot = get_store().get(_bot_id(bot_id))
+    if bot is None:
+        return failed(f"no bot with id {bot_id}", 404)
+    try:
+        number = normalize_e164(unquote(person))
+    except InvalidNumber as error:
+        raise BadRequest(str(error), {"person": [str(error)]}) from None
+    erased = erasure.erase(get_engine(), get_redis(), bot.id, number)
+    log.info("registry.conversation_erased", bot_id=bot.id, person=number, **erased.public())
+    return jsonify(status="Success", data={"erased": erased.public()})
 
 
 def _paging(query: dict[str, str], newest_by_default: bool) -> tuple[int, bool, str | None]:

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from shared import keys, messagelog
 from shared.db import transaction
+from shared.erasure import erased_since
 from shared.logging import get_logger
 from shared.redis import script
 from shared.messagelog import Exchange, Outcome
@@ -94,15 +95,33 @@ def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> in
     raw = redis.lrange(keys.LOG_OUTBOX, 0, batch - 1)
     if not raw:
         return 0
-    records = [json.loads(item) for item in raw]
+    taken = len(raw)
+    records, raw = _without_erased(redis, [json.loads(item) for item in raw], raw)
     try:
         write(engine, records)
     except Exception as error:  # noqa: BLE001 - find the record at fault, write the others
         log.warning("log_drain.batch_failed", records=len(records), error=error.__class__.__name__)
         _write_one_by_one(redis, engine, raw, records)
-    if not redis.eval(_TRIM_LUA, 2, keys.LOG_OUTBOX, keys.LOG_DRAIN_LOCK, token, len(raw), LEASE_MS):
+    if not redis.eval(_TRIM_LUA, 2, keys.LOG_OUTBOX, keys.LOG_DRAIN_LOCK, token, taken, LEASE_MS):
         return FENCED
-    return len(raw)
+    return taken
+
+
+def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records, less exchanges of conversations erased (on request) after their message came:
+    written now, they would bring back what was erased. One MGET per batch."""
+    def conversation(record: dict[str, Any]) -> str | None:
+        message = record.get("message") if record.get("kind") == EXCHANGE else None
+        if not isinstance(message, dict) or "bot_id" not in message or "sender" not in message:
+            return None  # not an exchange, or malformed (write sets it aside)
+        return keys.conversation_id(message["bot_id"], message["sender"])
+
+    erased = erased_since(redis, sorted({c for record in records if (c := conversation(record)) is not None}))
+    if not erased:
+        return records, raw
+    kept = [(record, item) for record, item in zip(records, raw)
+            if (c := conversation(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
+    return [record for record, _ in kept], [item for _, item in kept]
 
 
 def _write_one_by_one(redis: Any, engine: Engine, raw: list[str], records: list[dict[str, Any]]) -> None:
