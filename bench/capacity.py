@@ -71,7 +71,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     database_url = bench_database_url()
     with TwilioStandin() as twilio, FakeEngine(delay=engine_seconds) as engine:
         env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
+               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING",
                "WORKER_POOL": pool}
         store_messages(redis, create_bots(redis, database_url, bots, engine.url), messages)
         memory = PeakMemory()

@@ -203,7 +203,7 @@ def main() -> None:
     with TwilioStandin() as twilio, FakeEngine() as engine:
         env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
                "ENGINE_URL": engine.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
+               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING",
                "WEB_CONCURRENCY": WEB_CONCURRENCY}
         port = free_port()
 

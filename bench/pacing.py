@@ -41,7 +41,7 @@ def environment(twilio_url: str, database_url: str) -> dict[str, str]:
 
     return {
         "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio_url,
-        "ADMIN_API_TOKEN": "bench",
+        "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8",
         "CREDENTIALS_KEY": Fernet.generate_key().decode(), "MAMMUT_SMS_ENV": "development", "LOG_LEVEL": "WARNING",
         "WORKER_PROCESSES": "2", "WORKER_THREADS": "40",
     }

@@ -48,7 +48,7 @@ def main() -> None:
     database_url = bench_database_url()
     with TwilioStandin() as twilio, FakeEngine(delay=ENGINE_SECONDS) as engine:
         env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING"}
+               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING"}
         port = free_port()
         numbers = make_bots(redis, database_url, args.bots, engine.url)
         web = start_web(env, port)

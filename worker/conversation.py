@@ -191,7 +191,7 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
             log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
                      in_flight=ENGINE_SLOTS.in_flight(bot.id))
             raise EngineBusy(bot.id)
-        answers = engine_for(bot, get_settings(), redis).answer(bot, message)
+        answers = engine_for(bot, get_settings()).answer(bot, message)
     replies = _replies(conversation, message, answers, bot.limits)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():

@@ -7,6 +7,8 @@ answers, so the service runs with no engine at all.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -14,14 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import redis as redis_lib
 import requests
+import urllib3
 
-from shared import metrics
+from shared.metrics import TALLY
 from shared.bots import Bot
 from shared.logging import get_logger
+from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
-from worker.http import read_environment_once
+from worker.http import engine_session, responding_by
 
 log = get_logger(__name__)
 
@@ -30,6 +33,9 @@ READ_TIMEOUT = 10.0
 # A failing engine may hold a conversation's next message back this long at most.
 DEADLINE_SECONDS = 14.0
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
+# An answer is a few replies of at most 1600 characters: anything near this is not an answer.
+MAX_ANSWER_BYTES = 256 * 1024
+_CHUNK_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,8 @@ class Answer:
 
 
 class EngineError(Exception):
-    """The engine did not answer usably (5xx, timeout, connection refused, invalid JSON)."""
+    """The engine did not answer usably (5xx, a redirect, timeout, connection refused, invalid JSON,
+    too large, or an address a bot's engine may not be at)."""
 
     def __init__(self, outcome: str, detail: str, retryable: bool = True) -> None:
         super().__init__(f"{outcome}: {detail}")
@@ -75,8 +82,9 @@ def rasa_payload(bot: Bot, message: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_answers(payload: Any) -> list[Answer]:
-    """Rasa answers a list of {recipient_id, text, image, ...}; items with neither text nor image are skipped."""
+def parse_answers(payload: Any, *, development: bool = False) -> list[Answer]:
+    """Rasa answers a list of {recipient_id, text, image, ...}; items with neither text nor image are
+    skipped, and an image Twilio may not be asked to fetch is dropped (shared.netguard)."""
     if not isinstance(payload, list) or not all(isinstance(item, dict) for item in payload):
         raise EngineError("invalid", "expected a JSON list of objects")
     answers = []
@@ -84,25 +92,33 @@ def parse_answers(payload: Any) -> list[Answer]:
         text, image = item.get("text"), item.get("image")
         if not isinstance(text, str) or not text:
             text = None
-        if not isinstance(image, str) or not image:
-            image = None
+        image = allowed_media(image if isinstance(image, str) and image else None, development=development)
         if text or image:
             answers.append(Answer(text=text, image=image))
     return answers
 
 
 class HttpEngine:
-    """A Rasa REST-channel engine, retried with short backoff inside an overall deadline."""
+    """A Rasa REST-channel engine, retried with short backoff inside an overall deadline.
 
-    def __init__(self, url: str, redis: Any, *, deadline: float | None = None, connect_timeout: float | None = None,
-                 read_timeout: float | None = None, backoff: tuple[float, ...] | None = None) -> None:
-        self.url = url
-        self._redis = redis
+    With a `policy` (a bot's own engine-url) it is reached only at addresses the policy allows;
+    without one (the operator's ENGINE_URL) it is trusted. Either way a call ends by the deadline
+    and reads at most `max_bytes` of answer, and redirects are not followed.
+    """
+
+    def __init__(self, url: str, *, policy: AddressPolicy | None = None, development: bool = False,
+                 deadline: float | None = None, connect_timeout: float | None = None,
+                 read_timeout: float | None = None, backoff: tuple[float, ...] | None = None,
+                 max_bytes: int | None = None) -> None:
+        self.url = url if policy is None else without_credentials(url)
+        self._policy = policy
+        self._development = development
         # Module defaults are read here, not at definition, so they can be tuned in one place.
         self._deadline = DEADLINE_SECONDS if deadline is None else deadline
         self._connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         self._read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
         self._backoff = BACKOFF_SECONDS if backoff is None else backoff
+        self._max_bytes = MAX_ANSWER_BYTES if max_bytes is None else max_bytes
 
     def answer(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         """The engine's answers; after the retries the bot's fallback message, if it has one."""
@@ -121,26 +137,32 @@ class HttpEngine:
         return self._fallback(bot, message)
 
     def _call(self, payload: dict[str, Any], deadline: float) -> list[Answer]:
+        """One attempt, over by `deadline` however the engine paces its bytes; every way it can fail
+        is an EngineError with its outcome, counted in metrics."""
         remaining = max(deadline - time.monotonic(), 0.1)
         started = time.monotonic()
         outcome = "ok"
         try:
-            response = _session(self.url).post(
-                self.url, json=payload,
-                timeout=(min(self._connect_timeout, remaining), min(self._read_timeout, remaining)),
-            )
-            if response.status_code >= 400:
-                # A 4xx refuses our request as such (a wrong URL, say): asking again would be refused too.
-                retryable = response.status_code >= 500 or response.status_code == 429
-                raise EngineError("http_error", f"HTTP {response.status_code}", retryable)
+            with responding_by(deadline):
+                response = _session(self.url, self._policy).post(
+                    self.url, json=payload, allow_redirects=False, stream=True,
+                    timeout=(min(self._connect_timeout, remaining), min(self._read_timeout, remaining)),
+                )
+                # Closing a response not read to its end closes its connection: it never goes back to the pool.
+                with contextlib.closing(response):
+                    body = self._body(response)
             try:
-                return parse_answers(response.json())
+                return parse_answers(json.loads(body), development=self._development)
             except ValueError:
                 raise EngineError("invalid", "the answer is not JSON") from None
-        except requests.Timeout as error:
+        except RefusedAddress as refused:
+            outcome = "refused_address"
+            log.warning("engine.refused_address", url=self.url, address=refused.address, reason=refused.reason)
+            raise EngineError(outcome, str(refused), retryable=False) from None
+        except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
             outcome = "timeout"
             raise EngineError("timeout", str(error)) from None
-        except requests.RequestException as error:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
             outcome = "connection_error"
             raise EngineError("connection_error", str(error)) from None
         except EngineError as error:
@@ -149,18 +171,35 @@ class HttpEngine:
         finally:
             self._record(outcome, time.monotonic() - started)
 
+    def _body(self, response: requests.Response) -> bytes:
+        """The answer's body, read by the deadline and no further than the byte cap."""
+        status = response.status_code
+        if 300 <= status < 400:
+            # A redirect could point anywhere, inside included; an engine that moved needs its URL updated.
+            raise EngineError("redirect", f"HTTP {status} to {response.headers.get('Location')!r}: "
+                              "redirects are not followed", retryable=False)
+        if status >= 400:
+            # A 4xx refuses our request as such (a wrong URL, say): asking again would be refused too.
+            raise EngineError("http_error", f"HTTP {status}", status >= 500 or status == 429)
+        if (response.raw.length_remaining or 0) > self._max_bytes:  # its Content-Length
+            raise self._too_large()
+        body = bytearray()
+        for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=True):
+            body += chunk
+            if len(body) > self._max_bytes:
+                raise self._too_large()
+        return bytes(body)
+
+    def _too_large(self) -> EngineError:
+        return EngineError("too_large", f"the answer is over {self._max_bytes} bytes", retryable=False)
+
     def _record(self, outcome: str, seconds: float) -> None:
         log.info("engine.called", url=self.url, outcome=outcome, duration=round(seconds, 4))
-        # Given a pipeline (the conversation's, executed with the replies), no round trip of our own.
-        batched = isinstance(self._redis, redis_lib.client.Pipeline)
-        pipe = self._redis if batched else self._redis.pipeline(transaction=False)
-        metrics.incr(pipe, "sms_engine_calls", outcome=outcome)
-        metrics.observe(pipe, "sms_engine_latency_seconds", seconds)
-        if not batched:
-            pipe.execute()
+        TALLY.incr("sms_engine_calls", outcome=outcome)
+        TALLY.observe("sms_engine_latency_seconds", seconds)
 
     def _fallback(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
-        metrics.incr(self._redis, "sms_engine_calls", outcome="gave_up")
+        TALLY.incr("sms_engine_calls", outcome="gave_up")
         log.error("engine.gave_up", bot_id=bot.id, message_sid=message.get("sid"),
                   fallback=bool(bot.fallback_message))
         return [Answer(text=bot.fallback_message)] if bot.fallback_message else []
@@ -169,22 +208,27 @@ class HttpEngine:
 _local = threading.local()
 
 
-def _session(url: str) -> requests.Session:
-    """One session per worker thread and engine origin: connections are reused, sessions are not
-    shared across threads, and each reads the environment for its origin once (worker.http)."""
-    sessions: dict[str, requests.Session] = _local.__dict__.setdefault("sessions", {})
-    origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
-    session = sessions.get(origin)
+def _session(url: str, policy: AddressPolicy | None) -> requests.Session:
+    """One session per worker thread, engine origin and policy: connections are reused, sessions
+    are not shared across threads, and each reads the environment for its origin once (worker.http)."""
+    sessions: dict[tuple[str, AddressPolicy | None], requests.Session] = _local.__dict__.setdefault("sessions", {})
+    key = ("{0.scheme}://{0.netloc}".format(urlsplit(url)), policy)
+    session = sessions.get(key)
     if session is None:
-        session = sessions[origin] = read_environment_once(requests.Session(), url)
+        session = sessions[key] = engine_session(url, policy)
     return session
 
 
 _ECHO = EchoEngine()
 
 
-def engine_for(bot: Bot, settings: Settings, redis: Any) -> Engine:
-    """The bot's own engine, else the service's, else the echo engine. Its counts and timings go
-    to `redis`, which may be a pipeline the caller executes afterwards."""
-    url = bot.engine_url or settings.engine_url
-    return HttpEngine(url, redis) if url else _ECHO
+def engine_for(bot: Bot, settings: Settings) -> Engine:
+    """The bot's own engine (kept to the addresses ENGINE_ALLOWED_NETWORKS and development allow),
+    else the service's (trusted: the operator chose it), else the echo engine. Its counts and
+    timings go to the process's metrics tally."""
+    if bot.engine_url:
+        return HttpEngine(bot.engine_url, policy=AddressPolicy.for_settings(settings),
+                          development=settings.development)
+    if settings.engine_url:
+        return HttpEngine(settings.engine_url, development=settings.development)
+    return _ECHO
