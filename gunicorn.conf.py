@@ -8,8 +8,10 @@ import os
 bind = [f"[::]:{os.environ.get('PORT', '5000')}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # The webhook does a few milliseconds of Redis work per request: threads cover Redis latency
-# spikes without the memory of more processes.
-worker_class = "gthread"
+# spikes without the memory of more processes. gthread's, except that a thread gets a request only
+# once all of it has arrived, and a request unfinished 10 s after its first byte is closed: slow
+# clients hold no thread (issue 14), whatever the router in front does (webhook/slowclient.py).
+worker_class = "webhook.slowclient.BufferingThreadWorker"
 threads = int(os.environ.get("WEB_THREADS", "4"))
 # Under the router's 30 s limit, so gunicorn, not the router, reports a stuck request.
 timeout = 25

@@ -1,0 +1,149 @@
+"""Slow clients (a header or a body trickled a byte a second) against the Procfile's real web process.
+
+Issue 14: such connections, unauthenticated, held every gunicorn thread of a web dyno for minutes,
+and Twilio's webhooks went unanswered. They must neither hold a thread nor stay open long.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from twilio.request_validator import RequestValidator
+
+from shared.bots import Bot
+from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, free_port
+from tests.support.processes import Process, start_web
+
+WEB_CONCURRENCY, WEB_THREADS = 2, 4
+# Three times the web's threads: under a worker that gives each a thread, the rest queue behind them.
+SLOW_CLIENTS = 3 * WEB_CONCURRENCY * WEB_THREADS
+# webhook/slowclient.py's REQUEST_DEADLINE (not imported: the test must run against any gunicorn.conf.py).
+REQUEST_DEADLINE = 10.0
+PROMPT = 2.0  # seconds a normal request may take while the slow clients are connected
+
+# (sent at once, then trickled a byte a second): neither ever finishes within the test.
+SLOW_HEADER = (b"", b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200)
+SLOW_BODY = (b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 200\r\n\r\n", b"a" * 200)
+
+
+class SlowClients:
+    """Connections that send `opening`, then `trickle` a byte a second; each records when the server closed it."""
+
+    def __init__(self, port: int, opening: bytes, trickle: bytes, count: int) -> None:
+        self.data = trickle
+        self.sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        for sock in self.sockets:
+            sock.sendall(opening)
+        self.sent = [0] * count
+        self.closed_at: dict[int, float] = {}
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._trickle, daemon=True)
+        self._thread.start()
+
+    def _trickle(self) -> None:
+        while not self._stop.is_set():
+            for index, sock in enumerate(self.sockets):
+                if index not in self.closed_at and self.sent[index] < len(self.data):
+                    try:
+                        sock.send(self.data[self.sent[index]:self.sent[index] + 1])
+                        self.sent[index] += 1
+                    except OSError:
+                        self.closed_at.setdefault(index, time.monotonic())
+            self._watch(until=time.monotonic() + 1.0)
+
+    def _watch(self, until: float) -> None:
+        """Note the connections the server closed (EOF or reset; a 408 before it is read past)."""
+        while (remaining := until - time.monotonic()) > 0 and not self._stop.is_set():
+            open_ = [sock for index, sock in enumerate(self.sockets) if index not in self.closed_at]
+            if not open_:
+                self._stop.wait(remaining)
+                return
+            readable, _, _ = select.select(open_, [], [], remaining)
+            for sock in readable:
+                try:
+                    ended = not sock.recv(4096)
+                except OSError:
+                    ended = True
+                if ended:
+                    self.closed_at.setdefault(self.sockets.index(sock), time.monotonic())
+
+    @property
+    def open_count(self) -> int:
+        return len(self.sockets) - len(self.closed_at)
+
+    def wait_closed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.open_count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def web(worker_env: dict[str, str]) -> Iterator[tuple[Process, str]]:
+    """The Procfile's web process with the default 2 processes x 4 threads."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**worker_env, "WEB_CONCURRENCY": str(WEB_CONCURRENCY), "WEB_THREADS": str(WEB_THREADS),
+           "PUBLIC_URL": base, "LOG_LEVEL": "INFO"}
+    with start_web(env, port) as process:
+        yield process, base
+
+
+def signed_text(base: str, number: int) -> requests.Response:
+    """An inbound SMS to the test bot, signed as Twilio signs it."""
+    url = base + "/channels/sms/"
+    form = {"MessageSid": f"SM{time.time_ns():024x}{number:08d}", "AccountSid": BOT_ACCOUNT_SID,
+            "From": "+15551230000", "To": BOT_NUMBER, "Body": "hello", "NumMedia": "0"}
+    signature = RequestValidator(BOT_AUTH_TOKEN).compute_signature(url, form)
+    return requests.post(url, data=form, headers={"X-Twilio-Signature": signature}, timeout=PROMPT)
+
+
+def assert_answered_promptly_then_closed(web: tuple[Process, str], slow: SlowClients) -> None:
+    _, base = web
+    # Given slow clients on more connections than the web has threads, all in flight
+    time.sleep(1.5)
+    assert SLOW_CLIENTS == slow.open_count
+    # When Twilio posts a webhook and a monitor checks health, on fresh connections
+    for number in range(4):
+        started = time.monotonic()
+        answer = signed_text(base, number)
+        health = requests.get(base + "/healthz", timeout=PROMPT)
+        # Then each is answered in time
+        assert (200, 200) == (answer.status_code, health.status_code)
+        assert time.monotonic() - started < PROMPT
+    assert SLOW_CLIENTS == slow.open_count
+    # And every slow connection is closed by the server at the deadline
+    slow.wait_closed(timeout=REQUEST_DEADLINE + 1.5 - (time.monotonic() - slow.started))
+    assert 0 == slow.open_count
+    assert all(at - slow.started <= REQUEST_DEADLINE + 1.5 for at in slow.closed_at.values())
+
+
+def test_slow_headers_neither_starve_webhooks_nor_outlive_the_deadline(web: tuple[Process, str], bot: Bot) -> None:
+    """Connections trickling an unfinished header a byte a second hold no request thread."""
+    slow = SlowClients(int(web[1].rsplit(":", 1)[1]), *SLOW_HEADER, count=SLOW_CLIENTS)
+    try:
+        assert_answered_promptly_then_closed(web, slow)
+    finally:
+        slow.close()
+
+
+def test_slow_bodies_neither_starve_webhooks_nor_outlive_the_deadline(web: tuple[Process, str], bot: Bot) -> None:
+    """Connections with a complete header and a body trickled a byte a second hold no request thread."""
+    slow = SlowClients(int(web[1].rsplit(":", 1)[1]), *SLOW_BODY, count=SLOW_CLIENTS)
+    try:
+        assert_answered_promptly_then_closed(web, slow)
+    finally:
+        slow.close()

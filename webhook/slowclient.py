@@ -1,0 +1,202 @@
+"""gunicorn's gthread worker, except that a request reaches a thread only once all of it has arrived.
+
+Stock gthread hands a connection to a thread at its first byte; the thread then blocks on the
+socket until the header and the body are complete, so a client trickling either holds a thread for
+as long as it likes (issue 14). Here the worker's main loop, which already polls every idle
+connection, reads the request into memory as it arrives: a thread gets it whole and never waits on
+the client. A request not complete `REQUEST_DEADLINE` seconds after its first byte (or its accept)
+is answered 408 and closed; one larger than the app accepts goes on at once, to be refused there.
+TLS and HTTP/2 (neither used behind Heroku's router) keep gthread's own handling.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from gunicorn import http
+from gunicorn.http.message import Request
+from gunicorn.http.unreader import IterUnreader
+from gunicorn.http2 import negotiation
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from webhook import MAX_BODY_BYTES
+
+REQUEST_DEADLINE = 10.0
+MAX_HEAD_BYTES = 64 * 1024
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+HEAD_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+@dataclass
+class Arrival:
+    """The bytes of one request received so far, and what is known of where it ends."""
+
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    body_start: int = -1  # after the head's blank line, once it has arrived
+    length: int | None = None  # Content-Length; None while unknown or chunked
+    chunk: int = -1  # chunked: where the next chunk-size line starts
+    close_after: bool = False  # too large to wait for: the app refuses it, then the connection closes
+
+
+class DeadlineSocket:
+    """The client socket as the parser reads it: a read the buffered request did not satisfy
+    (framing judged differently from gunicorn's) still ends at the request's deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = 0.0
+
+    def recv(self, size: int) -> bytes:
+        before = self.sock.gettimeout()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(remaining if before is None else min(before, remaining))
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.sock.settimeout(before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class BufferingThreadWorker(ThreadWorker):
+    """gthread whose threads are handed complete requests only (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: dict[TConn, Arrival] = {}
+        self.deadlines: deque[tuple[float, TConn]] = deque()  # in deadline order: all are now + the same
+        self.cut_short: set[TConn] = set()  # sent on before all of it arrived: not drained, not reused
+
+    def enqueue_req(self, conn: TConn) -> None:
+        if conn.parser is None:
+            if self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
+                return super().enqueue_req(conn)
+            conn.initialized = conn.data_ready = True
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.parser.unreader.sock = DeadlineSocket(conn.sock)
+        arrival = Arrival(time.monotonic() + REQUEST_DEADLINE, bytearray(conn.parser.unreader.take_buffered()))
+        if self._complete(conn, arrival):
+            return self._dispatch(conn, arrival)
+        conn.sock.setblocking(False)
+        self.arrivals[conn] = arrival
+        self.deadlines.append((arrival.deadline, conn))
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_arrival, conn))
+
+    def on_arrival(self, conn: TConn, _sock: socket.socket) -> None:
+        arrival = self.arrivals[conn]
+        try:
+            data = conn.sock.recv(64 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._drop(conn, b"")
+        arrival.data += data
+        if self._complete(conn, arrival):
+            self.poller.unregister(conn.sock)
+            del self.arrivals[conn]
+            self._dispatch(conn, arrival)
+        elif arrival.body_start < 0 and len(arrival.data) > MAX_HEAD_BYTES:
+            self._drop(conn, HEAD_TOO_LARGE)
+
+    def _complete(self, conn: TConn, arrival: Arrival) -> bool:
+        """Whether a thread may have the request: all of it is here, or waiting for more is pointless."""
+        data = arrival.data
+        if arrival.body_start < 0:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            arrival.body_start = end + 4
+            try:
+                request = Request(self.cfg, IterUnreader([bytes(data[:end + 4])]), conn.client)
+            except Exception:  # noqa: BLE001 - a malformed head: the thread's parser answers 400
+                return True
+            if request._expected_100_continue:  # the client waits for this before sending its body
+                _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            reader = request.body.reader
+            if hasattr(reader, "length"):
+                arrival.length = reader.length
+            else:
+                arrival.chunk = arrival.body_start
+        body = len(data) - arrival.body_start
+        if arrival.length is not None:
+            arrival.close_after = arrival.length > MAX_BODY_BYTES  # the app refuses it without reading
+            return arrival.close_after or body >= arrival.length
+        if body > 2 * MAX_BODY_BYTES:
+            arrival.close_after = True
+            return True
+        return self._chunks_complete(arrival)
+
+    @staticmethod
+    def _chunks_complete(arrival: Arrival) -> bool:
+        """Walk the chunks received since the last call; True at the last chunk's trailer end."""
+        data = arrival.data
+        while True:
+            line_end = data.find(b"\r\n", arrival.chunk)
+            if line_end < 0:
+                return False
+            try:
+                size = int(bytes(data[arrival.chunk:line_end]).split(b";", 1)[0].strip(b" \t"), 16)
+            except ValueError:
+                return True  # gunicorn's chunk parser refuses it
+            if size <= 0:
+                return size < 0 or data.find(b"\r\n\r\n", line_end) >= 0
+            if len(data) < line_end + 2 + size + 2:
+                return False
+            arrival.chunk = line_end + 2 + size + 2
+
+    def _dispatch(self, conn: TConn, arrival: Arrival) -> None:
+        conn.sock.setblocking(True)
+        conn.parser.unreader.unread(bytes(arrival.data))
+        conn.parser.unreader.sock.deadline = arrival.deadline
+        if arrival.close_after:
+            self.cut_short.add(conn)
+        super().enqueue_req(conn)
+
+    def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
+        """Runs in the request's thread; the set's add and discard are atomic under the GIL."""
+        if conn in self.cut_short:
+            self.cut_short.discard(conn)
+            return False
+        return bool(super()._keepalive_after(conn, keepalive))
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, conn = self.deadlines.popleft()
+            arrival = self.arrivals.get(conn)
+            if arrival is not None and arrival.deadline == deadline:
+                self._drop(conn, REQUEST_TIMEOUT if arrival.data else b"")
+
+    def _drop(self, conn: TConn, answer: bytes) -> None:
+        self.arrivals.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        _send(conn.sock, answer)
+        self.nr_conns -= 1
+        conn.close()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """A short answer, best effort: never blocks the worker's main loop."""
+    if not data:
+        return
+    try:
+        sock.setblocking(False)
+        sock.send(data)
+    except OSError:
+        pass
