@@ -18,7 +18,15 @@ Other processes (benchmarks, end-to-end tests) program it over HTTP, without cre
 * ``POST /_standin/fail`` with JSON ``{count, status, code, message, to}`` is :meth:`fail_next`;
   add ``"always": true`` (and ``to``) for :meth:`fail_always`.
 * ``POST /_standin/delay`` with JSON ``{seconds, count}`` is :meth:`fail_with_delay`.
+* ``POST /_standin/accept_then_drop`` with JSON ``{count, to}`` is :meth:`accept_then_drop`: the
+  send is accepted (stored, listed, its callbacks run) but the connection closes with no answer.
+* ``POST /_standin/accept_then_delay`` with JSON ``{seconds, count, to}`` is
+  :meth:`accept_then_delay`: the send is accepted but answered only ``seconds`` later.
 * ``POST /_standin/reset`` is :meth:`reset`.
+
+Those last two model lost answers: Twilio took the SMS but the client never learns it, so only
+listing ``GET .../Messages.json`` (``From``, ``To``, ``DateSent``/``DateSent<``/``DateSent>``,
+``PageSize``, ``Page``/``PageToken``; newest first, paged through ``next_page_uri``) tells.
 
 Run it alone with ``python -m cli.twilio_standin --port 8765 [--quiet]``.
 """
@@ -42,12 +50,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import requests
 from twilio.request_validator import RequestValidator
@@ -64,6 +72,8 @@ _MAX_REQUEST_BYTES = 1 << 20  # a real send is a few KB; this only stops a runaw
 _IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection may hold its handler thread
 _CALLBACK_TIMEOUT = 5.0  # Twilio gives status callback receivers a similar budget
 _CALLBACK_WORKERS = 4
+DEFAULT_PAGE_SIZE = 50  # Twilio's default PageSize for lists
+MAX_PAGE_SIZE = 1000  # and its maximum; larger requests get this many
 
 _MESSAGES_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages\.json")
 _MESSAGE_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages/(?P<sid>[^/]+)\.json")
@@ -96,6 +106,7 @@ class SentMessage:
     messaging_service_sid: str | None = None
     status: str = "queued"  # advanced by the status-callback lifecycle
     error_code: int | None = None
+    sent_at: float | None = None  # when the lifecycle marked it "sent" (Twilio's date_sent)
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class Attempt:
     body: str | None
     http_status: int
     code: int | None  # Twilio error code; None when accepted
+    lost: str | None = None  # "drop" or "late" when accept_then_drop/accept_then_delay withheld the answer
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,24 @@ class _Reply:
     status: int
     payload: Any  # JSON-serialisable
     headers: Mapping[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds to hold the answer back (fail_with_delay)
+    delay: float = 0.0  # seconds to hold the answer back (fail_with_delay, accept_then_delay)
+    lost: str | None = None  # "drop": close without answering; "late": never answer once stop() began
 
 
 @dataclass
 class _FailRule:
     remaining: int
     error: _Reply
+    to: str | None
+
+
+@dataclass
+class _LostRule:
+    """accept_then_drop / accept_then_delay: consumed only by sends that are accepted."""
+
+    remaining: int
+    mode: str  # "drop" or "late"
+    seconds: float
     to: str | None
 
 
@@ -178,6 +201,90 @@ def _validation_error(fields: _Fields) -> _Reply | None:
     return None
 
 
+class _BadQuery(ValueError):
+    """A list query Twilio would refuse with 400/20001."""
+
+
+def _filter_day(name: str, value: str) -> date:
+    """A DateSent filter's day: ``YYYY-MM-DD``, or an ISO 8601 date-time (what twilio-python
+    sends for a ``datetime``) whose time of day is ignored, as Twilio filters by day only."""
+    try:
+        day = date.fromisoformat(value[:10])
+        if len(value) > 10 and (value[10] != "T" or not datetime.fromisoformat(value)):
+            raise ValueError(value)
+    except ValueError:
+        raise _BadQuery(f"Invalid date value for {name}: {value!r}") from None
+    return day
+
+
+@dataclass(frozen=True)
+class _ListQuery:
+    """GET Messages.json's query: Twilio's filters, page size and page position."""
+
+    filters: list[tuple[str, str]]  # the filters given, in Twilio's order, echoed in page URIs
+    to: str | None
+    from_: str | None
+    sent_on: date | None
+    sent_on_or_before: date | None
+    sent_on_or_after: date | None
+    page_size: int
+    page: int
+    page_token: str | None
+
+    @classmethod
+    def parse(cls, query: str) -> _ListQuery:
+        params = {name: values[0] for name, values in parse_qs(query, keep_blank_values=True).items()}
+        # Blank values count as missing, as for the create form.
+        names = ("To", "From", "DateSent", "DateSent<", "DateSent>")
+        filters = [(name, params[name]) for name in names if params.get(name)]
+        given = dict(filters)
+        days = {name: _filter_day(name, value) for name, value in given.items() if name.startswith("DateSent")}
+        try:
+            page_size = int(params.get("PageSize") or DEFAULT_PAGE_SIZE)
+            page = int(params.get("Page") or 0)
+        except ValueError:
+            raise _BadQuery("PageSize and Page must be integers") from None
+        if page_size < 1 or page < 0:
+            raise _BadQuery("PageSize must be at least 1 and Page at least 0")
+        token = params.get("PageToken") or None
+        if token is not None and (token[:2] not in ("PA", "PB") or not token[2:]):
+            raise _BadQuery(f"Invalid PageToken: {token!r}")
+        return cls(
+            filters=filters,
+            to=given.get("To"),
+            from_=given.get("From"),
+            sent_on=days.get("DateSent"),
+            sent_on_or_before=days.get("DateSent<"),
+            sent_on_or_after=days.get("DateSent>"),
+            page_size=min(page_size, MAX_PAGE_SIZE),
+            page=page,
+            page_token=token,
+        )
+
+    def matches(self, message: SentMessage) -> bool:
+        if self.to is not None and message.to != self.to:
+            return False
+        if self.from_ is not None and message.from_ != self.from_:
+            return False
+        if self.sent_on is None and self.sent_on_or_before is None and self.sent_on_or_after is None:
+            return True
+        if message.sent_at is None:  # date_sent is empty until sent: no date filter matches it
+            return False
+        day = datetime.fromtimestamp(message.sent_at, timezone.utc).date()
+        return (
+            (self.sent_on is None or day == self.sent_on)
+            and (self.sent_on_or_before is None or day <= self.sent_on_or_before)
+            and (self.sent_on_or_after is None or day >= self.sent_on_or_after)
+        )
+
+    def uri(self, path: str, page: int, token: str | None) -> str:
+        """A page's URI as Twilio writes it: the filters, PageSize, Page and PageToken."""
+        params: list[tuple[str, Any]] = [*self.filters, ("PageSize", self.page_size), ("Page", page)]
+        if token is not None:
+            params.append(("PageToken", token))
+        return f"{path}?{urlencode(params)}"
+
+
 def _basic_auth(header: str | None) -> tuple[str, str] | None:
     if not header or not header.startswith("Basic "):
         return None
@@ -198,13 +305,14 @@ def _resource(message: SentMessage) -> dict[str, Any]:
     """The message as Twilio's API renders it."""
     uri = f"/{API_VERSION}/Accounts/{message.account_sid}/Messages/{message.sid}.json"
     created = _rfc2822(message.received_at)
+    sent = None if message.sent_at is None else _rfc2822(message.sent_at)
     return {
         "account_sid": message.account_sid,
         "api_version": API_VERSION,
         "body": message.body,
         "date_created": created,
-        "date_sent": None,
-        "date_updated": created,
+        "date_sent": sent,
+        "date_updated": sent or created,
         "direction": "outbound-api",
         "error_code": message.error_code,
         "error_message": None,
@@ -260,12 +368,14 @@ class TwilioStandin:
         accounts: dict[str, str] | None = None,
         echo: Callable[[str], None] | None = None,
         status_callbacks: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._host = host
         self._port = port
         self._accounts = dict(accounts) if accounts is not None else None  # None: any credentials
         self._echo = echo
         self._status_callbacks = status_callbacks
+        self._clock = clock  # received_at and sent_at; tests pass a fake one to place sends on given days
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # wakes wait_for on every POST
         self._stopped = threading.Event()  # also cuts injected delays short on stop()
@@ -283,6 +393,7 @@ class TwilioStandin:
         self._fail_always: dict[str, _Reply] = {}
         self._undeliverable: dict[str, int] = {}
         self._delays: collections.deque[float] = collections.deque()
+        self._lost_rules: list[_LostRule] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -387,6 +498,32 @@ class TwilioStandin:
         with self._lock:
             self._delays.extend([seconds] * count)
 
+    def accept_then_drop(self, count: int = 1, *, to: str | None = None) -> None:
+        """The next ``count`` accepted sends (only those to ``to``, if given) get no answer at all.
+
+        Each such send is accepted as usual (stored, listed, counted in :attr:`messages`, echoed,
+        its status callbacks run), then the connection is closed without an HTTP response, so
+        the client sees the server hang up (requests' ``ConnectionError`` wrapping
+        ``RemoteDisconnected``). Rejected sends (auth, injected errors, validation) answer as
+        usual and do not use up the count.
+        """
+        self._add_lost_rule(_LostRule(count, "drop", 0.0, to))
+
+    def accept_then_delay(self, seconds: float, count: int = 1, *, to: str | None = None) -> None:
+        """The next ``count`` accepted sends (only those to ``to``, if given) are answered ``seconds`` late.
+
+        Like :meth:`fail_with_delay`, but only accepted sends use up the count and ``to`` can
+        narrow it. Pick ``seconds`` above the client's read timeout so it times out. If stop()
+        comes first the answer is never written: the connection just closes.
+        """
+        self._add_lost_rule(_LostRule(count, "late", float(seconds), to))
+
+    def _add_lost_rule(self, rule: _LostRule) -> None:
+        if rule.remaining < 1 or not rule.seconds >= 0:
+            raise ValueError(f"count must be at least 1 and seconds at least 0, not {rule.remaining}, {rule.seconds}")
+        with self._lock:
+            self._lost_rules.append(rule)
+
     def fail_delivery(self, *, to: str, code: int = 30003) -> None:
         """Accept sends to ``to``, then call back "undelivered" with ``ErrorCode`` (needs status_callbacks)."""
         with self._lock:
@@ -400,17 +537,21 @@ class TwilioStandin:
     # -- request handling (called from server threads) ---------------------------------------
 
     def _handle(self, method: str, target: str, authorization: str | None, body: bytes) -> _Reply:
-        path = urlsplit(target).path
+        path, query = urlsplit(target)[2:4]
         try:
             if path.startswith("/_standin/"):
                 return self._control(method, path, body)
-            return self._api(method, path, _basic_auth(authorization), body)
+            return self._api(method, path, query, _basic_auth(authorization), body)
         except Exception:  # a stand-in bug must reach the client as Twilio's 500, not a hang-up
             _log.exception("twilio stand-in failed on %s %s", method, path)
             return _error(500, 20500, "Internal Server Error")
 
-    def _api(self, method: str, path: str, credentials: tuple[str, str] | None, body: bytes) -> _Reply:
+    def _api(
+        self, method: str, path: str, query: str, credentials: tuple[str, str] | None, body: bytes
+    ) -> _Reply:
         if match := _MESSAGES_PATH.fullmatch(path):
+            if method == "GET":
+                return self._list(match["account"], credentials, query)
             if method != "POST":
                 return _error(405, 20004, "Method not allowed")
             form = parse_qs(body.decode("ascii", "replace"), keep_blank_values=True, encoding="utf-8")
@@ -441,7 +582,7 @@ class TwilioStandin:
         fields = _Fields.parse(form)
         message: SentMessage | None = None
         with self._changed:
-            now = time.time()
+            now = self._clock()
             delay = self._delays.popleft() if self._delays else 0.0
             # Auth first, then injected faults (a 429 comes before Twilio looks at the payload).
             error = self._auth_error(account_sid, credentials) or self._injected_error(fields.to)
@@ -449,15 +590,27 @@ class TwilioStandin:
             if error is None:
                 message = self._accept(account_sid, fields, form, now)
                 reply = _Reply(201, _resource(message), delay=delay)
+                if (rule := self._lost_rule(fields.to)) is not None:
+                    reply = replace(reply, delay=max(delay, rule.seconds), lost=rule.mode)
             else:
                 reply = replace(error, delay=delay)
             code = None if error is None else error.payload["code"]
-            self._attempts.append(Attempt(now, fields.to, fields.from_, fields.body, reply.status, code))
+            attempt = Attempt(now, fields.to, fields.from_, fields.body, reply.status, code, reply.lost)
+            self._attempts.append(attempt)
             undelivered_code = self._undeliverable.get(fields.to or "")
             self._changed.notify_all()
         if message is not None and credentials is not None:
             self._announce(message, credentials[1], undelivered_code)
         return reply
+
+    def _lost_rule(self, to: str | None) -> _LostRule | None:
+        for rule in self._lost_rules:
+            if rule.to is None or rule.to == to:
+                rule.remaining -= 1
+                if rule.remaining <= 0:
+                    self._lost_rules.remove(rule)
+                return rule
+        return None
 
     def _accept(self, account_sid: str, fields: _Fields, form: dict[str, list[str]], now: float) -> SentMessage:
         assert fields.to is not None  # _validation_error guarantees it
@@ -502,6 +655,66 @@ class TwilioStandin:
                 return _error(404, 20404, f"The requested resource {path} was not found")
             return _Reply(200, _resource(message))
 
+    def _list_auth_error(self, account_sid: str, credentials: tuple[str, str] | None) -> _Reply | None:
+        """401 for missing or wrong credentials; 404 when good credentials name another account's path."""
+        if credentials is None:
+            return _error(401, 20003)
+        user, token = credentials
+        if self._accounts is not None and self._accounts.get(user) != token:
+            return _error(401, 20003)
+        if user != account_sid:
+            path = f"/{API_VERSION}/Accounts/{account_sid}/Messages.json"
+            return _error(404, 20404, f"The requested resource {path} was not found")
+        return None
+
+    def _list(self, account_sid: str, credentials: tuple[str, str] | None, query: str) -> _Reply:
+        """Twilio's Messages list: the account's messages matching the filters, newest first, paged."""
+        error = self._list_auth_error(account_sid, credentials)
+        if error is not None:
+            return error
+        try:
+            request = _ListQuery.parse(query)
+        except _BadQuery as exc:
+            return _error(400, 20001, str(exc))
+        path = f"/{API_VERSION}/Accounts/{account_sid}/Messages.json"
+        size = request.page_size
+        with self._lock:
+            # Newest first by date_created; arrival order breaks ties (and orders equal fake clocks).
+            keyed = [((m.received_at, i), m) for i, m in enumerate(self._messages) if m.account_sid == account_sid]
+            matching = sorted(((k, m) for k, m in keyed if request.matches(m)), key=lambda e: e[0], reverse=True)
+            if request.page_token is None:
+                start = request.page * size
+                page = matching[start : start + size]
+            else:
+                # Twilio's tokens name the record a page continues from: PA<sid> (after it, i.e.
+                # older) or PB<sid> (before it). Anchoring on a record, not an offset, keeps paging
+                # exact while new messages arrive on top.
+                anchor = next((k for k, m in keyed if m.sid == request.page_token[2:]), None)
+                if anchor is None:
+                    return _error(400, 20001, f"Invalid PageToken: {request.page_token!r}")
+                if request.page_token.startswith("PA"):
+                    page = [e for e in matching if e[0] < anchor][:size]
+                else:
+                    page = [e for e in matching if e[0] > anchor][-size:]
+            records = [_resource(m) for _, m in page]
+        older = bool(page) and matching[-1][0] < page[-1][0]
+        newer = bool(page) and matching[0][0] > page[0][0]
+        first = request.page * size
+        payload = {
+            "end": first + len(records) - 1 if records else first,
+            "first_page_uri": request.uri(path, 0, None),
+            "messages": records,
+            "next_page_uri": request.uri(path, request.page + 1, "PA" + records[-1]["sid"]) if older else None,
+            "page": request.page,
+            "page_size": size,
+            "previous_page_uri": (
+                request.uri(path, max(request.page - 1, 0), "PB" + records[0]["sid"]) if newer else None
+            ),
+            "start": first,
+            "uri": request.uri(path, request.page, request.page_token),
+        }
+        return _Reply(200, payload)
+
     # -- status callbacks (run on the callback pool) -----------------------------------------
 
     def _run_lifecycle(self, message: SentMessage, auth_token: str, undelivered_code: int | None) -> None:
@@ -511,6 +724,8 @@ class TwilioStandin:
                 return
             with self._lock:
                 message.status, message.error_code = status, error_code
+                if status == "sent":
+                    message.sent_at = self._clock()
             self._post_callback(message, status, error_code, auth_token)
 
     def _post_callback(self, message: SentMessage, status: str, error_code: int | None, auth_token: str) -> None:
@@ -540,7 +755,8 @@ class TwilioStandin:
         if route == ("POST", "/_standin/reset"):
             self.reset()
             return _Reply(200, {"ok": True})
-        if route in (("POST", "/_standin/fail"), ("POST", "/_standin/delay")):
+        programs = ("/_standin/fail", "/_standin/delay", "/_standin/accept_then_drop", "/_standin/accept_then_delay")
+        if method == "POST" and path in programs:
             try:
                 spec = json.loads(body or b"{}")
                 self._program(path, spec)
@@ -550,9 +766,14 @@ class TwilioStandin:
         return _Reply(404, {"message": f"no control endpoint {method} {path}"})
 
     def _program(self, path: str, spec: dict[str, Any]) -> None:
-        """Apply a JSON failure spec: {count, status, code, message, to, always} or {seconds, count}."""
+        """Apply a JSON failure spec: {count, status, code, message, to, always}, {seconds, count}
+        for /delay, {count, to} for /accept_then_drop or {seconds, count, to} for /accept_then_delay."""
         if path == "/_standin/delay":
             self.fail_with_delay(float(spec["seconds"]), int(spec.get("count", 1)))
+        elif path == "/_standin/accept_then_drop":
+            self.accept_then_drop(int(spec.get("count", 1)), to=spec.get("to"))
+        elif path == "/_standin/accept_then_delay":
+            self.accept_then_delay(float(spec["seconds"]), int(spec.get("count", 1)), to=spec.get("to"))
         elif spec.get("always"):
             status, code = int(spec.get("status", 400)), int(spec.get("code", 21211))
             self.fail_always(to=str(spec["to"]), status=status, code=code, message=spec.get("message"))
@@ -650,8 +871,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         standin = self.server.standin
         reply = standin._handle(method, self.path, self.headers.get("Authorization"), body)
-        if reply.delay > 0:
-            standin._stopped.wait(reply.delay)
+        if reply.delay > 0 and standin._stopped.wait(reply.delay) and reply.lost is not None:
+            reply = replace(reply, lost="drop")  # stop() came first: a lost answer stays lost
+        if reply.lost == "drop":
+            # Hang up without a byte of response: the client sees RemoteDisconnected.
+            self.close_connection = True
+            return
         self._write(reply)
 
     def _read_body(self) -> bytes | None:

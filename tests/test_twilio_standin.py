@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import parse_qs
 
 import pytest
 import requests
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
@@ -30,6 +31,9 @@ TOKEN = "auth-token-1"
 BOT = "+15550001111"
 ALICE = "+15552223333"
 BOB = "+15554445555"
+OTHER_BOT = "+15556667777"
+OTHER_ACCOUNT = "AC" + "2" * 32
+OTHER_TOKEN = "auth-token-2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MakeClient = Callable[..., Client]
@@ -402,3 +406,250 @@ def test_context_manager_accepts_an_already_started_standin() -> None:
     with pytest.raises(RuntimeError, match="already started"):
         server.start().start()
     server.stop()
+
+
+# -- listing Messages.json, as a worker checks whether Twilio took a send ----------------------
+
+
+def _list_url(server: TwilioStandin, account: str = ACCOUNT) -> str:
+    return f"{server.url}/2010-04-01/Accounts/{account}/Messages.json"
+
+
+def test_list_filters_by_from_and_to_newest_first(make_client: MakeClient) -> None:
+    """From/To select the account's own matching messages, newest first, shaped like create's answer."""
+    with TwilioStandin(accounts={ACCOUNT: TOKEN, OTHER_ACCOUNT: OTHER_TOKEN}) as server:
+        client, other = make_client(server), make_client(server, OTHER_ACCOUNT, OTHER_TOKEN)
+        created = {}
+        for to, from_, body in [(ALICE, BOT, "a1"), (BOB, BOT, "b1"), (ALICE, OTHER_BOT, "x1"), (ALICE, BOT, "a2")]:
+            created[body] = client.messages.create(to=to, from_=from_, body=body)
+        other.messages.create(to=ALICE, from_=BOT, body="another account's")
+
+        listed = client.messages.list(from_=BOT, to=ALICE)
+
+        assert [m.body for m in listed] == ["a2", "a1"]
+        newest = listed[0]
+        assert (newest.sid, newest.to, newest.from_, newest.status) == (created["a2"].sid, ALICE, BOT, "queued")
+        assert (newest.date_sent, newest.date_created, newest.num_segments) == (None, created["a2"].date_created, "1")
+        assert [m.body for m in client.messages.list(to=ALICE)] == ["a2", "x1", "a1"]
+        assert [m.body for m in client.messages.list(from_=BOT)] == ["a2", "b1", "a1"]
+        assert [m.body for m in client.messages.list()] == ["a2", "x1", "b1", "a1"]
+        assert client.messages.list(to=BOB, from_=OTHER_BOT) == []
+        assert [m.body for m in other.messages.list()] == ["another account's"]
+
+
+def test_list_pages_120_messages_by_50_each_exactly_once(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """twilio-python's list() follows next_page_uri through 50+50+20, and a send mid-paging shifts nothing."""
+    client = make_client(standin)
+    sids = [client.messages.create(to=ALICE, from_=BOT, body=str(n)).sid for n in range(120)]
+    client.messages.create(to=BOB, from_=BOT, body="filtered out")
+
+    listed = client.messages.list(to=ALICE, limit=None, page_size=50)
+
+    assert [m.sid for m in listed] == sids[::-1]
+    first = client.messages.page(to=ALICE, page_size=50)
+    second = first.next_page()
+    client.messages.create(to=ALICE, from_=BOT, body="arrives while paging")  # lands on top, not mid-list
+    third = second.next_page()
+    pages = [[m.sid for m in page] for page in (first, second, third)]
+    assert [len(page) for page in pages] == [50, 50, 20]
+    assert sum(pages, []) == sids[::-1]
+    assert third.next_page() is None and first.previous_page() is None
+    assert [m.sid for m in second.previous_page()] == pages[0]
+
+
+def test_list_answers_with_twilios_page_envelope(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """The JSON page carries Twilio's keys; next_page_uri is an absolute path keeping the filters."""
+    client = make_client(standin)
+    for n in range(3):
+        client.messages.create(to=ALICE, from_=BOT, body=str(n))
+    with requests.Session() as http:
+        http.auth = (ACCOUNT, TOKEN)
+        page = http.get(_list_url(standin), params={"To": ALICE, "PageSize": 2}).json()
+        base = f"/2010-04-01/Accounts/{ACCOUNT}/Messages.json"
+        assert set(page) == {
+            "messages", "next_page_uri", "page", "page_size", "uri",
+            "first_page_uri", "previous_page_uri", "start", "end",
+        }
+        assert (page["page"], page["page_size"], page["start"], page["end"]) == (0, 2, 0, 1)
+        assert page["uri"] == page["first_page_uri"] == f"{base}?To=%2B15552223333&PageSize=2&Page=0"
+        assert page["previous_page_uri"] is None
+        token = "PA" + page["messages"][-1]["sid"]
+        assert page["next_page_uri"] == f"{base}?To=%2B15552223333&PageSize=2&Page=1&PageToken={token}"
+        last = http.get(standin.url + page["next_page_uri"]).json()
+        assert ([m["body"] for m in last["messages"]], last["next_page_uri"]) == (["0"], None)
+        assert (last["page"], last["start"], last["end"]) == (1, 2, 2)
+        back = "PB" + last["messages"][0]["sid"]
+        assert last["previous_page_uri"] == f"{base}?To=%2B15552223333&PageSize=2&Page=0&PageToken={back}"
+        assert http.get(_list_url(standin)).json()["page_size"] == 50
+        assert http.get(_list_url(standin), params={"PageSize": 5000}).json()["page_size"] == 1000
+        for bad in ({"PageSize": "0"}, {"Page": "-1"}, {"PageToken": "nonsense"}, {"PageToken": "PASM" + "0" * 32}):
+            answer = http.get(_list_url(standin), params=bad)
+            assert (answer.status_code, answer.json()["code"]) == (400, 20001), bad
+
+
+def test_list_filters_on_the_day_of_date_sent(
+    make_client: MakeClient, callback_receiver: tuple[str, queue.Queue[Callback]]
+) -> None:
+    """DateSent, DateSent< and DateSent> compare date_sent's UTC day, inclusively; unsent messages never match."""
+    base, received = callback_receiver
+    now = [0.0]
+    with TwilioStandin(accounts={ACCOUNT: TOKEN}, status_callbacks=True, clock=lambda: now[0]) as server:
+        client = make_client(server)
+        moments = {
+            "day1": datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc),
+            "day2-late": datetime(2024, 3, 2, 23, 59, 59, tzinfo=timezone.utc),
+            "day3-midnight": datetime(2024, 3, 3, 0, 0, 0, tzinfo=timezone.utc),
+        }
+        for body, moment in moments.items():
+            now[0] = moment.timestamp()
+            client.messages.create(to=ALICE, from_=BOT, body=body, status_callback=f"{base}/s")
+            assert [received.get(timeout=5)[1]["MessageStatus"] for _ in range(2)] == ["sent", "delivered"]
+        client.messages.create(to=ALICE, from_=BOT, body="still queued")  # no callback: date_sent stays empty
+
+        def bodies(**filters: Any) -> list[str]:
+            return [m.body for m in client.messages.list(**filters)]
+
+        listed = client.messages.list()
+        assert [(m.body, m.date_sent) for m in listed] == [("still queued", None)] + [
+            (body, moment) for body, moment in reversed(moments.items())
+        ]
+        # twilio-python sends a datetime as 2024-03-02T00:00:00Z; only its day counts.
+        assert bodies(date_sent=datetime(2024, 3, 2, 0, 0)) == ["day2-late"]
+        assert bodies(date_sent="2024-03-02") == ["day2-late"]
+        assert bodies(date_sent_before=datetime(2024, 3, 2, 0, 0)) == ["day2-late", "day1"]
+        assert bodies(date_sent_after=datetime(2024, 3, 2, 23, 59, 59)) == ["day3-midnight", "day2-late"]
+        assert bodies(date_sent_after=date(2024, 3, 2), date_sent_before="2024-03-02") == ["day2-late"]
+        assert bodies(date_sent_after="2024-03-04") == []
+        with requests.Session() as http:
+            answer = http.get(_list_url(server), params={"DateSent>": ">=2024-03-01"}, auth=(ACCOUNT, TOKEN))
+            assert (answer.status_code, answer.json()["code"]) == (400, 20001)
+
+
+def test_list_requires_the_accounts_own_credentials(make_client: MakeClient) -> None:
+    """No or wrong credentials get 401/20003; good credentials on another account's path get 404/20404."""
+    with TwilioStandin(accounts={ACCOUNT: TOKEN, OTHER_ACCOUNT: OTHER_TOKEN}) as server:
+        make_client(server).messages.create(to=ALICE, from_=BOT, body="private")
+        with requests.Session() as http:
+            anonymous = http.get(_list_url(server))
+            assert (anonymous.status_code, anonymous.json()["code"]) == (401, 20003)
+            assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="Twilio API"'
+            wrong = http.get(_list_url(server), auth=(ACCOUNT, "wrong-token"))
+            assert (wrong.status_code, wrong.json()["code"]) == (401, 20003)
+            unknown = http.get(_list_url(server, "AC" + "9" * 32), auth=("AC" + "9" * 32, TOKEN))
+            assert (unknown.status_code, unknown.json()["code"]) == (401, 20003)
+            foreign = http.get(_list_url(server), auth=(OTHER_ACCOUNT, OTHER_TOKEN))
+            assert (foreign.status_code, foreign.json()["code"]) == (404, 20404)
+            assert "private" not in foreign.text
+        # twilio-python reports a failed page as TwilioException("Unable to fetch page", response).
+        for client, status in [
+            (make_client(server, ACCOUNT, "wrong-token"), 401),
+            (make_client(server, OTHER_ACCOUNT, OTHER_TOKEN, account_sid=ACCOUNT), 404),
+        ]:
+            with pytest.raises(TwilioException, match="Unable to fetch page") as caught:
+                client.messages.list(to=ALICE)
+            assert caught.value.args[1].status_code == status
+
+
+# -- lost answers: Twilio accepted, the client never heard ------------------------------------
+
+
+def test_accept_then_drop_hangs_up_yet_the_message_is_listed_counted_and_called_back(
+    callback_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """accept_then_drop(to=...) stores the send, runs its callbacks, then closes without any answer."""
+    base, received = callback_receiver
+    client = make_client(callback_standin, timeout=5)
+    callback_standin.accept_then_drop(to=BOB)
+    client.messages.create(to=ALICE, from_=BOT, body="not for bob")  # another recipient: answered
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ConnectionError, match="RemoteDisconnected") as caught:
+        client.messages.create(to=BOB, from_=BOT, body="did it go?", status_callback=f"{base}/s")
+    assert not isinstance(caught.value, requests.exceptions.Timeout)
+    assert time.monotonic() - started < 1.0
+    [listed] = client.messages.list(from_=BOT, to=BOB)
+    assert (listed.body, listed.to) == ("did it go?", BOB)
+    assert [m.body for m in callback_standin.messages] == ["not for bob", "did it go?"]
+    assert [(a.http_status, a.lost) for a in callback_standin.attempts] == [(201, None), (201, "drop")]
+    callbacks = [received.get(timeout=5)[1] for _ in range(2)]
+    assert [(f["MessageSid"], f["MessageStatus"]) for f in callbacks] == [
+        (listed.sid, "sent"), (listed.sid, "delivered"),
+    ]
+    client.messages.create(to=BOB, from_=BOT, body="answered again")  # count=1 is used up
+    assert len(callback_standin.messages) == 3
+
+
+def test_accept_then_delay_times_the_client_out_yet_the_message_is_listed(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """accept_then_delay() past a 1 s read timeout: the client times out, the message is already listed."""
+    client = make_client(standin, timeout=1)
+    standin.accept_then_delay(3.0, to=ALICE)
+    standin.fail_next(to=ALICE)
+    with pytest.raises(TwilioRestException):  # answered at once: a rejected send does not use up the rule
+        client.messages.create(to=ALICE, from_=BOT, body="rejected")
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        client.messages.create(to=ALICE, from_=BOT, body="late")
+    assert 0.9 < time.monotonic() - started < 2.5
+    [listed] = client.messages.list(to=ALICE)
+    assert (listed.body, listed.status) == ("late", "queued")
+    assert [(a.http_status, a.lost) for a in standin.attempts] == [(429, None), (201, "late")]
+    started = time.monotonic()
+    client.messages.create(to=ALICE, from_=BOT, body="prompt")
+    assert time.monotonic() - started < 0.5
+
+
+def test_lost_answers_are_programmed_over_http_and_cleared_by_reset(
+    standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """/_standin/accept_then_drop and /_standin/accept_then_delay program the rules; reset() clears them."""
+    client = make_client(standin, timeout=1)
+    with requests.Session() as http:
+        assert http.post(f"{standin.url}/_standin/accept_then_drop", json={"count": 2, "to": BOB}).status_code == 200
+        for _ in range(2):
+            with pytest.raises(requests.exceptions.ConnectionError):
+                client.messages.create(to=BOB, from_=BOT, body="dropped")
+        client.messages.create(to=BOB, from_=BOT, body="answered")
+        assert http.post(f"{standin.url}/_standin/accept_then_delay", json={"seconds": 3}).status_code == 200
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            client.messages.create(to=ALICE, from_=BOT, body="late")
+        assert [m.body for m in client.messages.list()] == ["late", "answered", "dropped", "dropped"]
+        for path, spec in [("accept_then_drop", {"count": 0}), ("accept_then_delay", {"count": 1})]:
+            assert http.post(f"{standin.url}/_standin/{path}", json=spec).status_code == 400
+        assert http.post(f"{standin.url}/_standin/accept_then_drop", json={"count": 5}).status_code == 200
+        late = {"seconds": 3, "count": 5}
+        assert http.post(f"{standin.url}/_standin/accept_then_delay", json=late).status_code == 200
+    standin.accept_then_drop(5)
+    standin.accept_then_delay(3.0, 5, to=ALICE)
+    standin.reset()
+    started = time.monotonic()
+    client.messages.create(to=ALICE, from_=BOT, body="after reset")
+    assert time.monotonic() - started < 0.5
+    assert [(a.http_status, a.lost) for a in standin.attempts] == [(201, None)]
+
+
+def test_stop_does_not_wait_for_a_late_answer(make_client: MakeClient) -> None:
+    """stop() during accept_then_delay returns at once; the client gets a hang-up, never the late 201."""
+    server = TwilioStandin().start()
+    client = make_client(server, timeout=30)
+    server.accept_then_delay(30.0)
+    outcome: list[BaseException | str] = []
+
+    def send() -> None:
+        try:
+            outcome.append(client.messages.create(to=ALICE, from_=BOT, body="never answered").sid)
+        except BaseException as exc:  # checked below
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    server.wait_for(1)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 1.0
+    sender.join(5)
+    assert not sender.is_alive()
+    [error] = outcome
+    assert isinstance(error, requests.exceptions.ConnectionError), error
