@@ -190,6 +190,35 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
 # What queue_replies answers when the caller's conversation lease is no longer its own.
 FENCED = -1
 
+# Beside each reply's record in the conversation's replies hash: when a send of it was claimed
+# (its outcome unknown until it is finished), and the MessageSid a status callback named for it.
+SENDING_SUFFIX, CALLBACK_SUFFIX = "#sending", "#sid"
+
+
+def sending_field(reply_id: str) -> str:
+    return reply_id + SENDING_SUFFIX
+
+
+def callback_field(reply_id: str) -> str:
+    return reply_id + CALLBACK_SUFFIX
+
+
+# KEYS: the replies hash. ARGV: the reply's sending field, its callback field, the MessageSid.
+# Only a reply whose send is under way (or unknown) takes it: a late callback for a finished
+# reply leaves nothing behind.
+NOTE_CALLBACK_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+def note_callback(redis: Any, conversation: str, reply_id: str, sid: str) -> bool:
+    """A status callback named `reply_id`: tell its sender (worker.outbound) the MessageSid Twilio
+    gave it, in case the answer to the send was lost. Whether the reply was waiting for it."""
+    return bool(script(redis, NOTE_CALLBACK_LUA)(keys=[keys.replies(conversation)],
+                                                 args=[sending_field(reply_id), callback_field(reply_id), sid]))
+
 
 # What one engine answer may send by default: more is cut (and logged), so one inbound text can
 # never run up unbounded SMS. Each bot's own are its max-replies and max-segments (shared.bots.Limits).

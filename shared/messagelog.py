@@ -185,6 +185,18 @@ def sender_of(connection: Connection, sid: str) -> int | None:
     return connection.execute(select(func.coalesce(sent, reported))).scalar()
 
 
+def people_who_wrote(connection: Connection, bot_id: int, people: Sequence[str], since: float) -> set[str]:
+    """Of `people`, those who texted the bot since `since`."""
+    m = messages.c
+    return set(connection.execute(select(m.person).where(
+        m.bot_id == bot_id, m.person.in_(list(people)), m.direction == "in", m.at >= since).distinct()).scalars())
+
+
+def known_sids(connection: Connection, sids: Sequence[str]) -> set[str]:
+    """Of these MessageSids, those the log already gives to a message."""
+    return set(connection.execute(select(messages.c.sid).where(messages.c.sid.in_(list(sids)))).scalars())
+
+
 def _reply_rows(replies: Sequence[Mapping[str, Any]], bot_number: str | None, origin: str,
                 after: float | None = None) -> list[dict[str, Any]]:
     now, rows = time.time(), []

@@ -21,6 +21,7 @@ COUNTERS = {
     "sms_status_callbacks": "Delivery status callbacks received, by status.",
     "sms_engine_calls": "Conversation engine calls, by outcome.",
     "sms_outbound": "Outbound messages, by result (sent, retried, failed, suppressed) and Twilio code.",
+    "sms_reconciled": "Sends whose outcome was unknown, settled by how (callback, lookup-found, lookup-absent-resent).",
     "sms_answers_capped": "Engine answers cut to the bot's max-replies or max-segments.",
     "sms_unanswered": "Inbound messages the engine was not asked about, by reason (from_bot, rate_limited).",
 }

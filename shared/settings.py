@@ -8,6 +8,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
@@ -46,6 +47,11 @@ class Settings:
     # Connections each process may hold; None: sized from the process's threads (see shared.db).
     database_pool_size: int | None = None
     log_retention_days: int = 90
+    # Private networks where bots' own engines may be (a bot's engine-url is otherwise kept to public addresses).
+    engine_allowed_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    # How long a send whose outcome is unknown waits for Twilio's status callback before the
+    # worker asks Twilio's message list (without PUBLIC_URL there are no callbacks: it asks sooner).
+    send_reconcile_seconds: int = 60
 
     @property
     def development(self) -> bool:
@@ -70,6 +76,8 @@ class Settings:
             database_url=database_url(env.get("DATABASE_URL")),
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", 0, 0, 1000) or None,
             log_retention_days=env_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
+            engine_allowed_networks=env_networks(env, "ENGINE_ALLOWED_NETWORKS"),
+            send_reconcile_seconds=env_int(env, "SEND_RECONCILE_SECONDS", cls.send_reconcile_seconds, 1, 3600),
         )
         return settings.checked()
 
@@ -138,6 +146,21 @@ def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int
     if not low <= value <= high:
         raise SettingsError(f"{name}={raw!r} is out of range ({low}-{high})")
     return value
+
+
+def env_networks(env: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated CIDR networks (a bare address is its own /32 or /128)."""
+    networks = []
+    for raw in (env.get(name) or "").split(","):
+        if not raw.strip():
+            continue
+        try:
+            networks.append(ip_network(raw.strip()))
+        except ValueError as error:
+            raise SettingsError(
+                f"{name}: {raw.strip()!r} is not a network in CIDR notation, e.g. 10.0.0.0/8 or fd00::/8 ({error})"
+            ) from None
+    return tuple(networks)
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:

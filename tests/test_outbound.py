@@ -156,17 +156,18 @@ class TestContent:
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """With PUBLIC_URL set, each send asks Twilio to report its status to /channels/sms/status."""
+        """With PUBLIC_URL set, each send asks Twilio to report its status to /channels/sms/status, naming
+        the reply (so a callback can settle a send whose answer was lost)."""
         monkeypatch.setenv("PUBLIC_URL", "https://sms.example.com")
         get_settings.cache_clear()
         try:
             bot = make_bot(store, "+15550000203")
-            send(redis, bot, ALICE, "hi")
+            [reply_id] = send(redis, bot, ALICE, "hi")
             [message] = twilio.wait_for(1)
         finally:
             monkeypatch.delenv("PUBLIC_URL")
             get_settings.cache_clear()
-        assert "https://sms.example.com/channels/sms/status" == message.status_callback
+        assert f"https://sms.example.com/channels/sms/status?reply={reply_id}" == message.status_callback
 
     def test_text_over_1600_characters_arrives_as_several_messages_in_order(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,

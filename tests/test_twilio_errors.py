@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import ModuleType
 
 import dramatiq
@@ -106,22 +107,53 @@ class TestRetried:
         assert [400, 400, 201] == [attempt.http_status for attempt in twilio.attempts]
         assert 2 == counter(redis, result="retried", code=code)
 
-    def test_timed_out_send_is_retried(
+    def test_a_send_whose_answer_timed_out_is_found_at_twilio_and_not_sent_again(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
-        monkeypatch: pytest.MonkeyPatch,
+        monkeypatch: pytest.MonkeyPatch, outbound: ModuleType, logs: list[dict[str, object]],
     ) -> None:
-        """A send whose answer outlasts the client's read timeout is retried (a duplicate is accepted)."""
+        """A send whose answer outlasts the client's read timeout has an unknown outcome: Twilio's message
+        list shows it was accepted, so the reply is finished with that SID, sent once, and the next follows."""
         # Given a client that gives up after 0.5 s, and a Twilio that answers the next send after 3 s
         monkeypatch.setattr(twilio_client, "READ_TIMEOUT", 0.5)
+        monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
         twilio.fail_with_delay(3.0)
-        bot = make_bot(store, "+15550000403")
-        # When a reply is sent
-        send(redis, bot, ALICE, "slow")
-        # Then the timeout counts as "later": the reply is posted again and the outbox moves on
+        bot = make_bot(store, "+15550000403", rate=50)
+        # When two replies are sent
+        send(redis, bot, ALICE, "slow", "next")
+        # Then the first is not posted again: the list lookup finds it; the second follows it
         twilio.wait_for(2)
         wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
-        assert ["slow", "slow"] == bodies_to(twilio.messages, ALICE)  # Twilio had created the first one
-        assert 1 == counter(redis, result="retried", code="none")
+        time.sleep(0.5)
+        assert ["slow", "next"] == bodies_to(twilio.messages, ALICE)
+        assert ["lookup-found"] == [event["how"] for event in logs if event["event"] == "outbound.reconciled"]
+        assert 0 == counter(redis, result="retried", code="none")
+
+    def test_a_send_lost_before_it_reached_twilio_is_sent_again_once_the_list_says_it_is_not_there(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        monkeypatch: pytest.MonkeyPatch, outbound: ModuleType, logs: list[dict[str, object]],
+    ) -> None:
+        """A connection refused by a proxy (no HTTP status, nothing created): after the list lookup finds
+        nothing, the reply is sent again, once."""
+        monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        real_send = outbound.send_sms
+        calls: list[str] = []
+
+        def lost_on_the_way(*args: object, **kwargs: object) -> object:
+            calls.append("send")
+            if len(calls) == 1:
+                return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
+            return real_send(*args, **kwargs)
+
+        monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
+        bot = make_bot(store, "+15550000404", rate=50)
+        send(redis, bot, ALICE, "lost")
+        twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert (["lost"], ["lookup-absent-resent"]) == (
+            bodies_to(twilio.messages, ALICE),
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"])
 
     def test_retries_stop_after_the_budget_and_the_reply_is_dead_lettered(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,

@@ -11,8 +11,9 @@ from flask import Blueprint, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
-from shared import messagelog, metrics, optout
+from shared import keys, messagelog, metrics, optout
 from shared.bots import Bot
+from shared.conversations import note_callback
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.schema import STATUSES
@@ -22,6 +23,7 @@ from webhook.twilio_auth import UNAVAILABLE, acknowledgement, refusal
 
 log = get_logger(__name__)
 NOT_THIS_BOTS_MESSAGE = "not_this_bots_message"
+MAX_REPLY_ID = 100  # reply ids are an inbound MessageSid and a number, or 32 hex digits
 bp = Blueprint("status", __name__)
 twilio_auth.guard(bp)
 route = twilio_auth.TwilioRoute(
@@ -65,6 +67,10 @@ def _record(form: MultiDict[str, str]) -> Response:
         log.warning("status.rejected", reason=NOT_THIS_BOTS_MESSAGE, message_sid=form["MessageSid"], bot_id=bot.id)
         return acknowledgement()
     metrics.incr(redis, "sms_status_callbacks", status=status)
+    reply_id = request.args.get("reply")
+    if reply_id and len(reply_id) <= MAX_REPLY_ID:
+        # The worker may not know this send happened (its answer was lost): tell it the MessageSid.
+        note_callback(redis, keys.conversation_id(bot.id, form["To"]), reply_id, form["MessageSid"])
     log.info("status.callback", message_sid=form["MessageSid"], bot_id=bot.id, status=status, current=current,
              error_code=code, recipient=form["To"])
     return acknowledgement()

@@ -16,14 +16,18 @@ from typing import Any
 
 import dramatiq
 import structlog
+from twilio.base.exceptions import TwilioRestException
 
-from shared import deadletters, keys, optout
+from shared import deadletters, keys, messagelog, optout
 from shared.bots import Bot
-from shared.conversations import FENCED, QUEUE_FUNCTION, REPLY, queue_args, queue_keys_of, reschedule
+from shared.conversations import (
+    CALLBACK_SUFFIX, FENCED, QUEUE_FUNCTION, REPLY, SENDING_SUFFIX, callback_field, queue_args, queue_keys_of, reschedule,
+    sending_field,
+)
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.metrics import TALLY
-from shared.redis import script
+from shared.redis import script, with_constants
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
 from shared.twilio_errors import HINTS, Action, action_for
@@ -33,7 +37,7 @@ from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.locks import LEASE_SECONDS, Lease
 from worker.logdrain import outcome_record
 from worker.pacing import CONFIRM_FUNCTION, RESERVE_FUNCTION
-from worker.twilio_client import Accepted, Refused, client_for, send_sms
+from worker.twilio_client import Accepted, Refused, client_for, find_sent, outcome_unknown, send_sms
 
 log = get_logger(__name__)
 
@@ -48,6 +52,12 @@ SCHEDULE_LEAD_SECONDS = 0.2
 MAX_SHORT_WAITS = 10
 # A kick for the head that finds the outbox lease taken looks again after this long.
 BUSY_RECHECK_MS = 500
+# A send whose outcome is unknown looks again this often while it waits (for a status callback,
+# or for Twilio's message list to be asked again after a failed look).
+RECONCILE_RECHECK_SECONDS = 5.0
+# Without PUBLIC_URL no status callback can come: Twilio's list is asked after this long (a
+# message appears there as soon as the create is accepted).
+NO_CALLBACK_GRACE_SECONDS = 5.0
 # A retry message may arrive slightly before not_before on another host's clock.
 CLOCK_TOLERANCE_SECONDS = 1.0
 # Retries stop this long after the first attempt: the reply is then failed as "exhausted".
@@ -147,7 +157,7 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 #       copy's loaded marker, the pace's interval and ttl, then the (id, reply) pairs.
 # Returns {head or FENCED or false, messages waiting, and when the lease was taken: 1, the
 # opt-out copy's two values, the pace's turn}.
-QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + """
+QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + with_constants("""
 local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12)
 local waiting = redis.call('LLEN', KEYS[7])
 local n = (#ARGV - 11) / 2
@@ -156,8 +166,9 @@ if not head or head == -1 or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX',
   return {head, waiting}
 end
 local looked = redis.call('HMGET', KEYS[9], ARGV[8], ARGV[9])
-return {head, waiting, 1, looked[1] or false, looked[2] or false, reserve(KEYS[10], ARGV[10], ARGV[11])}
-"""
+return {head, waiting, 1, looked[1] or false, looked[2] or false,
+        reserve(KEYS[10], ARGV[10], ARGV[11], KEYS[2], head .. '__SENDING__')}
+""", SENDING=SENDING_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,10 @@ class Head:
     # Whether finishing it may drop the conversation from the pending set. Not when the
     # conversation's own drain sends it (deliver_now): that drain settles once, as it lets go.
     settles: bool = True
+    # Set when an earlier attempt may have sent it (its outcome is unknown): when that attempt
+    # claimed its turn, and the MessageSid a status callback named for it since, if any.
+    sending_since: float | None = None
+    callback_sid: str | None = None
 
 
 def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease, settles: bool = True) -> Head | None:
@@ -219,13 +234,14 @@ def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease, settl
     pipe = redis.pipeline(transaction=False)
     lease.request(pipe)
     pipe.lindex(keys.outbox(conversation), 0)
-    pipe.hget(keys.replies(conversation), reply_id)
-    granted, head, reply = pipe.execute()
+    pipe.hmget(keys.replies(conversation), [reply_id, sending_field(reply_id), callback_field(reply_id)])
+    granted, head, (reply, sending_since, callback_sid) = pipe.execute()
     lease.granted(granted)
     if head != reply_id:
         return None
     return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None,
-                get_bots().by_id(keys.split_conversation_id(conversation)[0]), settles)
+                get_bots().by_id(keys.split_conversation_id(conversation)[0]), settles,
+                float(sending_since) if sending_since else None, callback_sid)
 
 
 def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float,
@@ -237,10 +253,14 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return _dropped(redis, conversation, head)
     if reply["not_before"] and reply["not_before"] > time.time() + CLOCK_TOLERANCE_SECONDS:
         return Step()  # a retry is scheduled; its message will send it
-    if DAILY_SENDS.exhausted(bot):
-        return _hold_back(redis, conversation, reply, bot)
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
+    if head.sending_since is not None:
+        settled = _reconcile(redis, conversation, head, lease, client, settings)
+        if settled is not None:
+            return settled
+    if DAILY_SENDS.exhausted(bot):
+        return _hold_back(redis, conversation, reply, bot)
     ours, opted_out, wait = _first_look(redis, reply, bot, lease) if looked is None else \
         _after_look(redis, reply, bot, *looked)
     if not ours:
@@ -252,10 +272,14 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return _schedule(redis, conversation, reply, wait)
     if lease.lost:  # the renewer found it taken while we waited for the slot
         return _lease_lost(conversation, reply)
-    result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url)
+    result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url,
+                      reply["id"])
     if isinstance(result, Accepted):
         return _sent(redis, conversation, head, result, lease)
     pacing.confirm(redis, bot.number, count_segments(reply["text"]), bot.messages_per_second)
+    if outcome_unknown(result):
+        return _outcome_unknown(redis, conversation, reply, result, settings)
+    redis.hdel(keys.replies(conversation), sending_field(reply["id"]))  # Twilio says it was not created
     return _refused(redis, conversation, head, result)
 
 
@@ -267,7 +291,8 @@ def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease) -> tu
     pipe = redis.pipeline(transaction=False)
     pipe.get(lease.key)
     optout.request_look(pipe, bot.number, reply["to"])
-    pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"])
+    pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"],
+                        mark=sending_mark(reply))
     holder, looked, raw = pipe.execute()
     if holder != lease.token:
         return False, False, 0.0
@@ -295,6 +320,74 @@ def _hold_back(redis: Any, conversation: str, reply: dict[str, Any], bot: Bot) -
     return _schedule(redis, conversation, reply, wait)
 
 
+def sending_mark(reply: dict[str, Any]) -> tuple[str, str]:
+    """Where the step that claims a reply's send marks it as under way (worker.pacing)."""
+    return keys.replies(reply["conversation"]), sending_field(reply["id"])
+
+
+def _outcome_unknown(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, settings: Any) -> Step:
+    """The send may have reached Twilio (no answer came back): it is neither retried nor failed
+    now, but settled by _reconcile once Twilio has told us (a status callback) or can be asked."""
+    wait = min(_grace(settings), RECONCILE_RECHECK_SECONDS)
+    log.warning("outbound.outcome_unknown", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"],
+                http_status=refused.http_status, error=refused.message, recheck_in=round(wait, 1))
+    TALLY.incr("sms_outbound", result="outcome_unknown")
+    return _schedule(redis, conversation, reply, wait)
+
+
+def _grace(settings: Any) -> float:
+    """How long an unknown outcome waits for Twilio's status callback before Twilio is asked."""
+    return float(settings.send_reconcile_seconds) if settings.public_url else NO_CALLBACK_GRACE_SECONDS
+
+
+def _reconcile(redis: Any, conversation: str, head: Head, lease: Lease, client: Any, settings: Any) -> Step | None:
+    """An earlier attempt claimed this reply's send and its outcome is unknown (its answer was lost,
+    its worker died): settle it without guessing. A status callback that named its MessageSid
+    finishes it as sent; otherwise, within the grace period, wait for one; after it, ask Twilio's
+    message list: found, finished as sent; not there, None (send it again). Later replies of the
+    conversation wait behind it all along."""
+    reply, bot = head.reply, head.bot
+    assert reply is not None and bot is not None and head.sending_since is not None
+    if head.callback_sid:
+        return _reconciled(redis, conversation, head, lease, head.callback_sid, "callback")
+    age = time.time() - head.sending_since
+    if age < _grace(settings):
+        return _schedule(redis, conversation, reply, min(_grace(settings) - age, RECONCILE_RECHECK_SECONDS))
+    try:
+        sid = find_sent(client, bot.number, reply["to"], reply["text"], head.sending_since, _other_replies)
+    except (TwilioRestException, OSError) as error:
+        log.warning("outbound.reconcile_failed", bot_id=bot.id, conversation=conversation, reply_id=reply["id"],
+                    error=f"{error.__class__.__name__}: {error}"[:300])
+        return _schedule(redis, conversation, reply, RECONCILE_RECHECK_SECONDS)
+    if sid is not None:
+        return _reconciled(redis, conversation, head, lease, sid, "lookup-found")
+    redis.hdel(keys.replies(conversation), sending_field(reply["id"]))
+    _log_reconciled(bot.id, conversation, reply["id"], None, "lookup-absent-resent")
+    return None
+
+
+def _other_replies(sids: list[str]) -> set[str]:
+    with get_engine().connect() as connection:
+        return messagelog.known_sids(connection, sids)
+
+
+def _reconciled(redis: Any, conversation: str, head: Head, lease: Lease, sid: str, how: str) -> Step:
+    """Twilio has the message: finish the reply as sent, with the MessageSid it gave it."""
+    reply, bot = head.reply, head.bot
+    assert reply is not None and bot is not None
+    next_head = _finish(redis, conversation, head, "queued", sid=sid, at=time.time(), lease=lease)
+    TALLY.incr("sms_outbound", result="sent")
+    DAILY_SENDS.sent(bot.id)
+    _log_reconciled(bot.id, conversation, reply["id"], sid, how)
+    return Step(kick=next_head)
+
+
+def _log_reconciled(bot_id: int, conversation: str, reply_id: str, sid: str | None, how: str) -> None:
+    log.info("outbound.reconciled", bot_id=bot_id, conversation=conversation, reply_id=reply_id, twilio_sid=sid,
+             how=how)
+    TALLY.incr("sms_reconciled", how=how)
+
+
 def _lease_lost(conversation: str, reply: dict[str, Any]) -> Step:
     """Another worker holds this outbox now (ours lapsed in a pause): it sends; we send nothing."""
     log.warning("outbound.lease_lost", bot_id=reply["bot_id"], conversation=conversation, reply_id=reply["id"])
@@ -311,7 +404,7 @@ def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, 
         if not 0 < wait <= longest_sleep:
             break
         time.sleep(wait)
-        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"])
+        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"], mark=sending_mark(reply))
     return wait
 
 
@@ -433,13 +526,13 @@ def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: s
 # KEYS: outbox, replies, pending, log outbox, inbox, processing, pace hash, outbox lease.
 # ARGV: reply id, conversation, now, outcome record, settle ('1' or ''), then the pace's bare
 #       interval and ttl ('' '': no confirm), then the lease's token ('': keep it).
-FINISH_LUA = CONFIRM_FUNCTION + """
+FINISH_LUA = CONFIRM_FUNCTION + with_constants("""
 if ARGV[6] ~= '' then confirm(KEYS[7], ARGV[6], ARGV[7]) end
 local first = redis.call('LRANGE', KEYS[1], 0, 1)
 local head = first[1]
 if head == ARGV[1] then
   redis.call('LPOP', KEYS[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1], ARGV[1] .. '__SENDING__', ARGV[1] .. '__SID__')
   redis.call('RPUSH', KEYS[4], ARGV[4])
   head = first[2]
 end
@@ -450,7 +543,7 @@ elseif ARGV[5] ~= '' and redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6
 end
 if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then redis.call('DEL', KEYS[8]) end
 return head or false
-"""
+""", SENDING=SENDING_SUFFIX, SID=CALLBACK_SUFFIX)
 
 SAVE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end

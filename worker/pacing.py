@@ -33,11 +33,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# reserve(pace hash, interval (seconds the reply occupies), ttl) returns "slot wait"; a wait of 0
-# means the number was free and the send is claimed as well (one round trip when idle). A
-# function, so the step that queues a conversation's replies can reserve the first one's slot.
-RESERVE_FUNCTION = """
-local function reserve(key, interval, ttl)
+# A claimed send is marked as under way before it is made (worker.outbound): mark(hash, field)
+# sets field = now on Redis's clock, in the step that claims the slot; '' '' marks nothing.
+_MARK_FUNCTION = """
+local function mark(hash, field, now)
+  if hash ~= '' then redis.call('HSET', hash, field, string.format('%.6f', now)) end
+end
+"""
+
+# reserve(pace hash, interval (seconds the reply occupies), ttl, mark hash, mark field) returns
+# "slot wait"; a wait of 0 means the number was free and the send is claimed (and marked) as well
+# (one round trip when idle). A function, so the step that queues a conversation's replies can
+# reserve the first one's slot.
+RESERVE_FUNCTION = _MARK_FUNCTION + """
+local function reserve(key, interval, ttl, mark_hash, mark_field)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   interval = tonumber(interval)
@@ -47,6 +56,7 @@ local function reserve(key, interval, ttl)
   if wait <= 0 then
     redis.call('HSET', key, 'next', string.format('%.6f', slot + interval), 'free_at',
                string.format('%.6f', now + interval))
+    mark(mark_hash, mark_field, now)
     wait = 0
   else
     redis.call('HSET', key, 'next', string.format('%.6f', slot + interval))
@@ -55,12 +65,15 @@ local function reserve(key, interval, ttl)
   return string.format('%.6f %.6f', slot, wait)
 end
 """
-# KEYS: pace hash. ARGV: interval, ttl.
-RESERVE_LUA = RESERVE_FUNCTION + "return reserve(KEYS[1], ARGV[1], ARGV[2])\n"
+# KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, ttl, mark field ('': none).
+RESERVE_LUA = RESERVE_FUNCTION + """
+return reserve(KEYS[1], ARGV[1], ARGV[2], ARGV[3] ~= '' and KEYS[2] or '', ARGV[3])
+"""
 
-# KEYS: pace hash. ARGV: interval, reserved slot, ttl. Returns the seconds to wait, "0" once
-# the send is recorded (the caller must then send at once).
-CLAIM_LUA = _NOW + """
+# KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, reserved slot, ttl, mark
+# field ('': none). Returns the seconds to wait, "0" once the send is claimed and marked (the
+# caller must then send at once).
+CLAIM_LUA = _NOW + _MARK_FUNCTION + """
 local state = redis.call('HMGET', KEYS[1], 'next', 'free_at')
 local wait = math.max(tonumber(ARGV[2]) - now, tonumber(state[2] or '0') - now)
 if wait > 0 then return string.format('%.6f', wait) end
@@ -73,6 +86,7 @@ else
   redis.call('HSET', KEYS[1], 'free_at', free_at)
 end
 redis.call('EXPIREAT', KEYS[1], math.ceil(now + interval + tonumber(ARGV[3])))
+if ARGV[4] ~= '' then mark(KEYS[2], ARGV[4], now) end
 return '0'
 """
 
@@ -104,34 +118,43 @@ def interval(segments: int, rate: float) -> float:
     return max(segments, 1) / rate * (1 + MARGIN)
 
 
-def reserve(redis: Any, number: str, segments: int, rate: float) -> tuple[float, float]:
+# Where a claimed send is marked: (hash, field), or None.
+Mark = tuple[str, str] | None
+
+
+def reserve(redis: Any, number: str, segments: int, rate: float, mark: Mark = None) -> tuple[float, float]:
     """Reserve the next free slot on `number`: returns (slot time on Redis's clock, seconds to
-    wait). A wait of 0.0 means the slot is now and the send is already claimed: go at once."""
-    raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number)], args=reserve_args(segments, rate))
+    wait). A wait of 0.0 means the slot is now and the send is already claimed (and `mark`ed): go at once."""
+    raw = script(redis, RESERVE_LUA)(keys=[keys.pace(number), mark[0] if mark else keys.pace(number)],
+                                     args=[interval(segments, rate), IDLE_TTL_SECONDS, mark[1] if mark else ""])
     slot, wait = (float(part) for part in raw.split())
     return slot, wait
 
 
 def reserve_args(segments: int, rate: float) -> list[Any]:
-    """RESERVE_FUNCTION's arguments after the key: the interval and the ttl."""
+    """RESERVE_FUNCTION's interval and ttl (its key and mark go around them)."""
     return [interval(segments, rate), IDLE_TTL_SECONDS]
 
 
-def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float) -> float:
-    """Seconds to wait before this reply may go; 0.0 means go now (the send is already recorded)."""
-    raw = script(redis, CLAIM_LUA)(keys=[keys.pace(number)],
-                                   args=[interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS])
+def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float, mark: Mark = None) -> float:
+    """Seconds to wait before this reply may go; 0.0 means go now (the send is already claimed and `mark`ed)."""
+    raw = script(redis, CLAIM_LUA)(keys=[keys.pace(number), mark[0] if mark else keys.pace(number)],
+                                   args=[interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS,
+                                         mark[1] if mark else ""])
     return float(raw)
 
 
-def request_turn(pipeline: Any, number: str, segments: int, rate: float, slot_at: float | None) -> None:
+def request_turn(pipeline: Any, number: str, segments: int, rate: float, slot_at: float | None,
+                 mark: Mark = None) -> None:
     """Queue on `pipeline` a reply's first look at its number: `reserve` while it has no slot,
     else `claim` of the slot it reserved; `turn` reads the result. Lets a sender batch it with
     its other reads (EVAL: a registered script would cost a SCRIPT EXISTS round trip)."""
+    pace_key, mark_key, field = keys.pace(number), mark[0] if mark else keys.pace(number), mark[1] if mark else ""
     if slot_at is None:
-        pipeline.eval(RESERVE_LUA, 1, keys.pace(number), *reserve_args(segments, rate))
+        pipeline.eval(RESERVE_LUA, 2, pace_key, mark_key, *reserve_args(segments, rate), field)
     else:
-        pipeline.eval(CLAIM_LUA, 1, keys.pace(number), interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS)
+        pipeline.eval(CLAIM_LUA, 2, pace_key, mark_key, interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS,
+                      field)
 
 
 def turn(raw: str, slot_at: float | None) -> tuple[float, float]:

@@ -7,7 +7,9 @@ one per thread because a Session is not documented as thread-safe.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
@@ -21,6 +23,9 @@ from worker.http import read_environment_once
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 STATUS_CALLBACK_PATH = "/channels/sms/status"
+# Twilio's date_created has second precision, and our clocks may differ from Twilio's a little.
+CLOCK_MARGIN_SECONDS = 5.0
+LIST_PAGE_SIZE = 50
 
 _local = threading.local()
 
@@ -66,15 +71,16 @@ def client_for(bot: Bot, settings: Settings) -> Client:
 
 
 def send_sms(client: Client, from_: str, to: str, body: str, media_url: str | None,
-             public_url: str | None) -> Accepted | Refused:
-    """POST one message; never raises for Twilio's or the network's refusals."""
+             public_url: str | None, reply_id: str | None = None) -> Accepted | Refused:
+    """POST one message; never raises for Twilio's or the network's refusals. The status callback
+    names the reply (`?reply=`), so a callback can settle a send whose answer was lost."""
     options: dict[str, object] = {"to": to, "from_": from_}
     if body:
         options["body"] = body
     if media_url:
         options["media_url"] = [media_url]
     if public_url:
-        options["status_callback"] = public_url + STATUS_CALLBACK_PATH
+        options["status_callback"] = public_url + STATUS_CALLBACK_PATH + (f"?reply={quote(reply_id)}" if reply_id else "")
     try:
         message = client.messages.create(**options)  # type: ignore[arg-type]
     except TwilioRestException as error:
@@ -83,3 +89,28 @@ def send_sms(client: Client, from_: str, to: str, body: str, media_url: str | No
         # requests' ConnectionError and Timeout are OSErrors: the message may or may not exist.
         return Refused(None, None, f"{error.__class__.__name__}: {error}")
     return Accepted(sid=str(message.sid), status=str(message.status or "queued"))
+
+
+def outcome_unknown(refused: Refused) -> bool:
+    """Whether the message may exist at Twilio all the same: no answer reached us (a timeout, a
+    reset after the request was written), or a 5xx that is not Twilio's own error document (a
+    proxy's). Twilio's own refusals, 5xx included, say it was not created."""
+    return refused.http_status is None or (refused.http_status >= 500 and refused.code is None)
+
+
+def find_sent(client: Client, from_: str, to: str, body: str, since: float, exclude: Callable[[list[str]], set[str]]) -> str | None:
+    """The SID of a message with `body` that Twilio accepted from `from_` to `to` since `since`
+    (Unix time, give or take CLOCK_MARGIN_SECONDS), if there is one: the account's message list,
+    newest first, read until messages older than that. `exclude` names, of the candidates, those
+    known to be other replies (the same text sent twice). Raises TwilioRestException or OSError
+    when Twilio cannot be asked."""
+    candidates: list[str] = []
+    for message in client.messages.stream(from_=from_, to=to, page_size=LIST_PAGE_SIZE):
+        created = message.date_created
+        if created is not None and created.timestamp() < since - CLOCK_MARGIN_SECONDS:
+            break
+        if (message.body or "") == body:
+            candidates.append(str(message.sid))
+    others = exclude(candidates) if candidates else set()
+    # Newest first: the oldest match is the one this attempt made, later ones another reply's.
+    return next((sid for sid in reversed(candidates) if sid not in others), None)
