@@ -7,6 +7,9 @@ TTL bounds how stale a bot can be if that announcement is lost.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import threading
 import time
 import weakref
@@ -79,6 +82,15 @@ NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
 
 
+def new_engine_token() -> str:
+    """A bot's engine token: it authorizes that bot's engine callback, nothing else."""
+    return "mset_" + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 class NumberTaken(Exception):
     def __init__(self, number: str) -> None:
         super().__init__(f"{number} already belongs to another bot")
@@ -101,6 +113,14 @@ class Bot:
     fallback_message: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    # SHA-256 (hex) of the bot's engine token; None until one is issued. Never shown.
+    engine_token_hash: str | None = field(default=None, repr=False)
+
+    def accepts_engine_token(self, token: str) -> bool:
+        """Whether `token` is this bot's engine token (compared in constant time, by its hash)."""
+        if not self.engine_token_hash or not token:
+            return False
+        return hmac.compare_digest(token_hash(token), self.engine_token_hash)
 
     def public(self) -> dict[str, Any]:
         """The bot as the API shows it: everything but the auth token; every limit, set or default."""
@@ -123,7 +143,12 @@ class BotStore:
         self._tokens: dict[str, str] = {}
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
-        row = self._row(fields, self._vault.encrypt(fields[AUTH_TOKEN]))
+        return self.create_with_token(fields)[0]
+
+    def create_with_token(self, fields: Mapping[str, Any]) -> tuple[Bot, str]:
+        """The new bot, and its engine token (kept only as a hash: this is the one time it is known)."""
+        engine_token = new_engine_token()
+        row = {**self._row(fields, self._vault.encrypt(fields[AUTH_TOKEN])), "engine_token_hash": token_hash(engine_token)}
         now = time.time()
         try:
             with transaction(self._engine) as connection:
@@ -136,7 +161,18 @@ class BotStore:
         except IntegrityError:  # the unique number: a concurrent create got there first
             raise NumberTaken(row["main_phone_number"]) from None
         self._announce(bot_id)
-        return self._bot({**row, "id": bot_id})
+        return self._bot({**row, "id": bot_id}), engine_token
+
+    def rotate_engine_token(self, bot_id: int) -> str:
+        """A new engine token for the bot; the old one stops working at once (every cache hears it)."""
+        engine_token = new_engine_token()
+        with transaction(self._engine) as connection:
+            changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
+                engine_token_hash=token_hash(engine_token), updated_at=time.time())).rowcount
+        if not changed:
+            raise BotNotFound(bot_id)
+        self._announce(bot_id)
+        return engine_token
 
     def get(self, bot_id: int) -> Bot | None:
         return self._one(bots.c.id == bot_id)
@@ -170,7 +206,7 @@ class BotStore:
         except IntegrityError:  # only a new number can collide: a concurrent write took it
             raise NumberTaken(changes.get(NUMBER, "")) from None
         self._announce(bot_id)
-        return self._bot({**row, "id": bot_id})
+        return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash})
 
     def delete(self, bot_id: int) -> bool:
         with transaction(self._engine) as connection:
@@ -225,6 +261,7 @@ class BotStore:
             fallback_message=row["fallback_message"],
             extra=dict(row["extra"] or {}),
             limits=Limits.from_stored(row.get("limits")),
+            engine_token_hash=row.get("engine_token_hash"),
         )
 
     def _token(self, encrypted: str) -> str:

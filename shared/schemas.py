@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
+from marshmallow import (INCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate, validates,
+                         validates_schema)
 
-from shared.bots import ACCOUNT_SID, AUTH_TOKEN, ENGINE_URL, FALLBACK, NAME, NUMBER, PACE, USER_TYPE
+from shared.bots import (
+    ACCOUNT_SID, AUTH_TOKEN, COLD_PUSH, ENGINE_URL, FALLBACK, LIMIT_ATTRIBUTES, MAX_ENGINE_CALLS, MAX_PER_DAY, MAX_PER_MINUTE,
+    MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE,
+)
 from shared.phone import InvalidNumber, normalize_e164
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -20,6 +25,9 @@ _EXTRA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
 _SECRET_NAME = re.compile(r"password|secret|api[-_]?key|[-_]token$", re.IGNORECASE)
 SECRET_FIELD = ("looks like a secret, and user fields are stored and returned in plain text: the Twilio auth "
                 "token goes in twilio-auth-token; an engine's credentials belong in the engine's own configuration")
+URL_CREDENTIALS = ("must not carry credentials (user:password@): the URL is stored and returned in plain text, "
+                   "and a bot's engine is never sent them; an engine's credentials belong in the engine's own "
+                   "configuration")
 
 
 class PhoneNumber(fields.String):
@@ -30,6 +38,24 @@ class PhoneNumber(fields.String):
             return normalize_e164(value)
         except InvalidNumber as error:
             raise ValidationError(str(error)) from None
+
+
+class WholeNumber(fields.Integer):
+    """A whole number, from JSON or from the seed's query string ("10"): never true/false (which
+    Python reads as 1/0), a fraction, or digits other than ASCII."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValidationError("must be a whole number")
+
+
+def _limit(name: str, low: int, high: int, description: str) -> fields.Integer:
+    return WholeNumber(data_key=name, load_default=None, allow_none=True,
+                       validate=validate.Range(min=low, max=high, error=f"must be a whole number from {low} to {high}"),
+                       metadata={"description": description})
 
 
 class BotSchema(Schema):
@@ -60,6 +86,21 @@ class BotSchema(Schema):
     )
     fallback_message = fields.String(data_key=FALLBACK, load_default=None, allow_none=True,
                                      validate=validate.Length(max=1600))
+    # The bot's limits (shared.bots.Limits): null sets one back to its default.
+    max_replies = _limit(MAX_REPLIES, 1, 100, "messages one engine answer may send")
+    max_segments = _limit(MAX_SEGMENTS, 1, 300, "segments one engine answer may send")
+    max_messages_per_day = _limit(MAX_PER_DAY, 0, 10_000_000, "sends per UTC day, past which replies wait (0: none)")
+    max_replies_per_minute = _limit(MAX_PER_MINUTE, 0, 10_000, "replies per person a minute (0: none)")
+    push_window_days = _limit(PUSH_WINDOW, 1, 3650, "days after a person's last text that the engine may push to them")
+    allow_cold_push = fields.Boolean(data_key=COLD_PUSH, load_default=None, allow_none=True,
+                                     truthy={True, "true"}, falsy={False, "false"},
+                                     metadata={"description": "the engine may push to people who never wrote"})
+    max_concurrent_engine_calls = _limit(MAX_ENGINE_CALLS, 1, 10_000, "engine calls in flight per worker process")
+
+    @validates("engine_url")
+    def _no_credentials(self, value: str | None, **kwargs: Any) -> None:
+        if value and "@" in urlsplit(value).netloc:
+            raise ValidationError(URL_CREDENTIALS)
 
     @validates_schema(pass_original=True)
     def _check_extras(self, data: dict[str, Any], original: Any, **kwargs: Any) -> None:
@@ -120,6 +161,6 @@ class FailedSchema(Schema):
 
 _FIELD_NAMES = {name for name in BotSchema._declared_fields}
 _DATA_KEYS = {name: field.data_key or name for name, field in BotSchema._declared_fields.items()}
-_NULLABLE = {ENGINE_URL, FALLBACK}
+_NULLABLE = {ENGINE_URL, FALLBACK, *LIMIT_ATTRIBUTES}
 CREATE = BotSchema()
 UPDATE = BotUpdateSchema(partial=True)

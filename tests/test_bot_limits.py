@@ -154,3 +154,29 @@ def call_overlap(engine: FakeEngine) -> list[int]:
     """How many calls were in flight at each call's start (each lasts engine.delay)."""
     starts = sorted(call.at for call in engine.calls)
     return [sum(1 for other in starts if other <= start < other + engine.delay - 0.05) for start in starts]
+
+
+class TestRegistry:
+    API = "/app:mammut-1/graph/user"
+
+    def test_limits_are_set_by_json_or_query_string_shown_and_unset_by_null(
+            self, client: Any, admin_headers: dict[str, str], bot: Bot) -> None:
+        url = f"{self.API}:{bot.id}"
+        assert 200 == client.post(url, json={"max-replies": 3, "allow-cold-push": True}, headers=admin_headers).status_code
+        assert 200 == client.post(f'{url}?max-messages-per-day="500"&max-replies-per-minute=0',
+                                  headers=admin_headers).status_code
+        shown = client.get(url, headers=admin_headers).get_json()["data"]["user"][0]
+        assert (3, True, 500, 0, Limits.max_segments) == (
+            shown["max-replies"], shown["allow-cold-push"], shown["max-messages-per-day"],
+            shown["max-replies-per-minute"], shown["max-segments"])
+        assert 200 == client.post(url, json={"max-replies": None}, headers=admin_headers).status_code
+        assert Limits.max_replies == client.get(url, headers=admin_headers).get_json()["data"]["user"][0]["max-replies"]
+
+    @pytest.mark.parametrize("body", [{"max-replies": 0}, {"max-replies": 101}, {"max-replies": True},
+                                      {"max-replies": 2.5}, {"max-replies": "٣"}, {"max-messages-per-day": -1},
+                                      {"allow-cold-push": "yes"}, {"max-concurrent-engine-calls": 0}])
+    def test_a_bad_limit_is_refused_naming_it(self, client: Any, admin_headers: dict[str, str], bot: Bot,
+                                              body: dict[str, Any]) -> None:
+        response = client.post(f"{self.API}:{bot.id}", json=body, headers=admin_headers)
+        assert 400 == response.status_code
+        assert next(iter(body)) in response.get_data(as_text=True)

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import pytest
 import redis as redis_lib
 from flask.testing import FlaskClient
 
-from shared import keys
-from shared.bots import Bot
+from shared import keys, messagelog
+from shared.db import get_engine, transaction
+from shared.settings import Settings
+from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from shared.bots import Bot, BotStore
 
 RECIPIENT, OTHER = "+15551230001", "+15551230002"
+
+
+@pytest.fixture
+def bot(bot: Bot, store: BotStore) -> Bot:
+    """Most tests here are about the callback's path, not the push window: this bot may push to anyone."""
+    return store.update(bot.id, {"allow-cold-push": True})
 
 
 def url(bot_id: int) -> str:
@@ -123,3 +134,59 @@ def test_malformed_bodies_are_bad_requests(client: FlaskClient, admin_headers: d
     statuses = [client.post(url(bot.id), headers=admin_headers, **body).status_code for body in bodies]
 
     assert [400, 400, 400, 400] == statuses
+
+
+class TestTrust:
+    """Who may push, to whom, and how much: an engine is not trusted with more than its own bot."""
+
+    def test_a_bots_engine_token_works_for_its_own_callback_only(
+            self, client: FlaskClient, store: BotStore, bot: Bot, redis: redis_lib.Redis) -> None:
+        """The token shown when the bot is created authorizes its callback; not another bot's, not the registry."""
+        created = client.post("/app:mammut-1/graph/user", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, json={
+            "user-type": "machine", "name": "second", "twilio-account-sid": BOT_ACCOUNT_SID,
+            "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": "+15005550123", "allow-cold-push": True,
+        }).json["taskResult"][0]
+        token, second = created["engine-token"], created["affectedElementId"]
+        engine = {"Authorization": f"Bearer {token}"}
+        reply = {"recipient_id": RECIPIENT, "text": "hola"}
+        assert 202 == client.post(url(second), headers=engine, json=reply).status_code
+        assert 401 == client.post(url(bot.id), headers=engine, json=reply).status_code
+        assert 401 == client.get("/app:mammut-1/graph/user", headers=engine).status_code
+        assert "engine-token" not in json.dumps(client.get(f"/app:mammut-1/graph/user:{second}",
+                                                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json)
+
+    def test_a_rotated_token_replaces_the_old_one(self, client: FlaskClient, store: BotStore, bot: Bot) -> None:
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        _, old = store.create_with_token({"name": "third", "twilio-account-sid": BOT_ACCOUNT_SID,
+                                          "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": "+15005550124",
+                                          "allow-cold-push": True})
+        third = store.by_number("+15005550124")
+        assert third is not None
+        new = client.post(f"/app:mammut-1/graph/user:{third.id}/engine-token", headers=admin).json["taskResult"][0]
+        reply = {"recipient_id": RECIPIENT, "text": "hola"}
+        assert 401 == client.post(url(third.id), headers={"Authorization": f"Bearer {old}"}, json=reply).status_code
+        assert 202 == client.post(url(third.id), headers={"Authorization": f"Bearer {new['engine-token']}"},
+                                  json=reply).status_code
+
+    def test_pushes_go_only_to_people_who_wrote_within_the_window(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, bot: Bot,
+            redis: redis_lib.Redis, settings: Settings) -> None:
+        """A person who texted the bot may get a push; a list naming anyone who never wrote is refused whole."""
+        bot = store.update(bot.id, {"allow-cold-push": False})
+        with transaction(get_engine(settings)) as connection:
+            messagelog.record_exchange(connection, {
+                "sid": "SMwrote", "bot_id": bot.id, "sender": RECIPIENT, "to": bot.number, "body": "hola", "media": [],
+                "received_at": time.time() - 3600}, [], bot.number)
+        assert 202 == client.post(url(bot.id), headers=admin_headers,
+                                  json={"recipient_id": RECIPIENT, "text": "un recordatorio"}).status_code
+        refused = client.post(url(bot.id), headers=admin_headers, json=[
+            {"recipient_id": RECIPIENT, "text": "a"}, {"recipient_id": OTHER, "text": "b"}])
+        assert (403, [OTHER]) == (refused.status_code, refused.json["errors"]["recipient_id"])
+        assert ["un recordatorio"] == [reply["text"] for reply in queued(redis, bot, RECIPIENT)]
+        assert [] == queued(redis, bot, OTHER)
+
+    def test_a_list_of_more_than_a_hundred_replies_is_refused(
+            self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+        body = [{"recipient_id": RECIPIENT, "text": f"n{n}"} for n in range(101)]
+        assert 413 == client.post(url(bot.id), headers=admin_headers, json=body).status_code
+        assert [] == queued(redis, bot, RECIPIENT)

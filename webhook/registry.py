@@ -32,6 +32,8 @@ USER = "/app:<app_id>/graph/user"
 ONE_USER = "/app:<app_id>/graph/user:<bot_id>"
 # A '+' in these fields is the number's own, not form encoding's space.
 _LITERAL_PLUS = frozenset({NUMBER, "with"})
+# The bot's engine token, in the answer that creates or rotates it (its only appearance).
+ENGINE_TOKEN = "engine-token"
 
 
 class BadRequest(Exception):
@@ -64,11 +66,23 @@ def authenticate():  # type: ignore[no-untyped-def]
 def create_bot(app_id: str):  # type: ignore[no-untyped-def]
     fields = _validated(CREATE, _json_body(required=True))
     try:
-        bot = get_store().create(fields)
+        bot, engine_token = get_store().create_with_token(fields)
     except NumberTaken as taken:
         return failed(f"{taken.number} already belongs to another bot", 409, {NUMBER: [str(taken)]})
     log.info("registry.created", bot_id=bot.id, number=bot.number)
-    return _task_result(bot.id, "created")
+    return _task_result(bot.id, "created", {ENGINE_TOKEN: engine_token})
+
+
+@bp.post(ONE_USER + "/engine-token")
+def rotate_engine_token(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """A new engine token for the bot (shown this once); the old one stops working."""
+    bot_id_number = _bot_id(bot_id)
+    try:
+        engine_token = get_store().rotate_engine_token(bot_id_number)
+    except BotNotFound:
+        return failed(f"no bot with id {bot_id_number}", 404)
+    log.info("registry.engine_token_rotated", bot_id=bot_id_number)
+    return _task_result(bot_id_number, "engine-token-rotated", {ENGINE_TOKEN: engine_token})
 
 
 @bp.get(USER)
@@ -189,9 +203,10 @@ def _is_ascii_number(raw: str) -> bool:
     return raw.isascii() and raw.isdigit()
 
 
-def _task_result(bot_id: int, action: str) -> Response:
+def _task_result(bot_id: int, action: str, shown_once: dict[str, str] | None = None) -> Response:
     return jsonify(status="Success", taskResult=[
-        {"affectedElementName": "user", "affectedElementId": bot_id, "affectedElementType": "machine", "action": action},
+        {"affectedElementName": "user", "affectedElementId": bot_id, "affectedElementType": "machine", "action": action,
+         **(shown_once or {})},
     ])
 
 

@@ -7,15 +7,18 @@ the replies a worker got from the engine directly.
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 
 from shared import keys, messagelog
+from shared.bots import Bot
 from shared.conversations import queue_replies, replies_from
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.netguard import allowed_media
 from shared.phone import is_e164
 from shared.tasks import kick_delivery
 from webhook import deps
@@ -49,34 +52,76 @@ class CallbackReplySchema(Schema):
 REPLIES = CallbackReplySchema(many=True)
 
 
-@bp.before_request
-def authenticate():  # type: ignore[no-untyped-def]
-    expected = deps.get_settings().admin_api_token or ""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        response, status = failed("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)", 401)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response, status
-    return None
+# One request pushes to at most this many recipients' conversations.
+MAX_REPLIES_PER_REQUEST = 100
 
 
 @bp.post("/channels/sms/callback/<int:bot_id>")
 def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
+    bot = deps.get_bots().by_id(bot_id)
+    if not _authorized(bot):
+        response, status = failed("missing or wrong bearer token (Authorization: Bearer <the bot's engine token>)", 401)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
+    if bot is None:
+        return failed(f"no bot {bot_id}", 404)
     body = request.get_json(silent=True)
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or not body:
         return failed("expected a JSON object {recipient_id, text, image} or a non-empty list of them", 400)
+    if len(body) > MAX_REPLIES_PER_REQUEST:
+        return failed(f"at most {MAX_REPLIES_PER_REQUEST} replies per request", 413)
     try:
         answers = REPLIES.load(body)
     except ValidationError as error:
         return failed(f"invalid reply: {_describe(error.messages)}", 400, {"replies": error.messages})
-    bot = deps.get_bots().by_id(bot_id)
-    if bot is None:
-        return failed(f"no bot {bot_id}", 404)
-    queued = _queue(bot_id, bot.number, answers)
+    cold = _outside_push_window(bot, {answer["recipient_id"] for answer in answers})
+    if cold:
+        log.warning("callback.refused", bot_id=bot_id, reason="outside_push_window", recipients=len(cold))
+        return failed(f"{len(cold)} recipient(s) have not written to the bot in the last {bot.limits.push_window_days} "
+                      "days (push-window-days; allow-cold-push lets the engine write first)", 403,
+                      {"recipient_id": sorted(cold)})
+    queued = _queue(bot_id, bot.number, _without_refused_media(answers, bot_id))
     log.info("callback.queued", bot_id=bot_id, replies=queued)
     return jsonify({"status": "Success", "data": {"queued": queued}}), 202
+
+
+def _authorized(bot: Bot | None) -> bool:
+    """The bot's own engine token (it authorizes this bot's callback and nothing else), or the
+    operator's admin token. Without a bot, only the admin token (so an unknown id says 404 only to
+    the operator)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return False
+    if bot is not None and bot.accepts_engine_token(token):
+        return True
+    admin = deps.get_settings().admin_api_token or ""
+    return bool(admin) and hmac.compare_digest(token.encode(), admin.encode())
+
+
+def _outside_push_window(bot: Bot, recipients: set[str]) -> set[str]:
+    """The recipients who have not written to the bot within its push-window-days (none when the
+    bot allows cold pushes): an engine pushes only into conversations a person started."""
+    if bot.limits.allow_cold_push:
+        return set()
+    since = time.time() - bot.limits.push_window_days * 86400
+    with deps.get_engine().connect() as connection:
+        recent = messagelog.people_who_wrote(connection, bot.id, sorted(recipients), since)
+    return recipients - recent
+
+
+def _without_refused_media(answers: list[dict[str, Any]], bot_id: int) -> list[dict[str, Any]]:
+    """The replies with every image Twilio may not fetch dropped (shared.netguard), as for an
+    engine's direct answers: the text still goes, and a reply left with nothing is not sent."""
+    development = deps.get_settings().development
+    kept = []
+    for answer in answers:
+        image = allowed_media(answer["image"], development=development, bot_id=bot_id)
+        if answer["text"] or image:
+            kept.append({**answer, "image": image})
+    return kept
 
 
 def _queue(bot_id: int, bot_number: str, answers: list[dict[str, Any]]) -> int:
