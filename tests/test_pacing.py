@@ -36,6 +36,26 @@ class TestSchedule:
         assert third - second == pytest.approx(pacing.interval(2, 2.0), abs=0.001)
         assert pacing.interval(2, 2.0) >= 1.0
 
+    def test_a_numbers_state_outlives_its_schedule_and_a_busy_number_renews_it_rarely(
+            self, redis: redis_lib.Redis) -> None:
+        """The pace hash expires about IDLE_TTL after its last slot; sends within half of that leave its
+        expiry alone (one EXPIREAT a half hour, not one a send), and a schedule reaching past it renews it."""
+        from shared import keys
+
+        key = keys.pace(NUMBER)
+        pacing.reserve(redis, NUMBER, 1, 1.0)
+        first_expiry = redis.ttl(key)
+        assert pacing.IDLE_TTL_SECONDS - 5 <= first_expiry <= pacing.IDLE_TTL_SECONDS + 5
+        expires = redis.hget(key, "expires")
+        for _ in range(5):
+            pacing.claim(redis, NUMBER, 1, 1000.0, 0.0)
+            pacing.confirm(redis, NUMBER, 1, 1000.0)
+        assert expires == redis.hget(key, "expires")
+        # A schedule that reaches more than half the ttl ahead pushes the expiry on
+        for _ in range(int(pacing.IDLE_TTL_SECONDS * 0.6)):
+            slot, _ = pacing.reserve(redis, NUMBER, 1, 1.0)
+        assert redis.ttl(key) >= slot - time.time() + pacing.IDLE_TTL_SECONDS / 2
+
     def test_numbers_have_separate_schedules(self, redis: redis_lib.Redis) -> None:
         """A number with ten reservations queued does not delay another number's first send."""
         for _ in range(10):

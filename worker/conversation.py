@@ -11,7 +11,6 @@ come from the inbound's, so a message handled again rewrites the same rows.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ import structlog
 from shared import keys, optout
 from shared.bots import Bot, Limits
 from shared.conversations import (
-    FENCED, INBOUND, capped, queue_replies, replies_from,
+    FENCED, capped, inbound_from, queue_replies, replies_from,
 )
 from shared.logging import get_logger
 from shared.metrics import TALLY
@@ -30,7 +29,7 @@ from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversa
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
 from worker.slots import ENGINE_SLOTS
-from worker.locks import RENEW_EVERY, Lease
+from worker.locks import LEASE_SECONDS, RENEW_EVERY, Lease
 from worker.logdrain import exchange_record
 from worker.outbound import deliver_now, deliver_taken, queue_and_take
 
@@ -126,32 +125,34 @@ def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
     return False
 
 
-# KEYS: inbox, processing, lease, the person's replies this minute. ARGV: the lease's token. A
-# crashed worker's message first, else the oldest waiting one, with the replies the person got
-# this minute; nil, touching nothing, when the lease is not ours.
+# KEYS: inbox, processing, lease, the person's replies this minute. ARGV: the lease's token, its
+# ms when this run has yet to take it ('' when it holds it). Takes the lease (or checks it is still
+# ours), then a crashed worker's message first, else the oldest waiting one, with the replies the
+# person got this minute: {raw, replies}. 0 when the lease is another's; {false} with no message.
 _NEXT_LUA = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
+if ARGV[2] ~= '' then
+  if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+elseif redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return 0
+end
 local raw = redis.call('LINDEX', KEYS[2], 0) or redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-if not raw then return false end
+if not raw then return {false} end
 return {raw, redis.call('GET', KEYS[4]) or '0'}
 """
 
 
 def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot | None, int] | None:
     """The next message, the conversation's bot as it is now and the replies the person got this
-    minute, or None when there is none (or the lease is not ours); the first look also asks for
-    the lease. One round trip each."""
+    minute, or None when there is none (or the lease is not ours); the first look also takes the
+    lease. One round trip each."""
     first = not lease.held
-    pipe = redis.pipeline(transaction=False)
-    if first:
-        lease.request(pipe)
-    # EVAL: a registered script would cost the pipeline a SCRIPT EXISTS round trip.
-    pipe.eval(_NEXT_LUA, 4, keys.inbox(conversation), keys.processing(conversation), lease.key,
-              keys.replies_this_minute(conversation), lease.token)
-    *granted, found = pipe.execute()
-    if first and not lease.granted(granted[0]):
+    found = script(redis, _NEXT_LUA)(
+        keys=[keys.inbox(conversation), keys.processing(conversation), lease.key,
+              keys.replies_this_minute(conversation)],
+        args=[lease.token, int(LEASE_SECONDS * 1000) if first else ""])
+    if first and not lease.granted(found != 0):
         return None
-    if found is None:
+    if not found or not found[0]:
         return None
     raw, replied = found
     return raw, get_bots().by_id(keys.split_conversation_id(conversation)[0]), int(replied)
@@ -161,7 +162,7 @@ def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, rep
     """Ask the bot's engine, log the message with its replies, queue the replies (finishing the
     message) and send the first one from this thread; the rest follow it through the outbound queue. Returns
     whether more messages may be waiting."""
-    message = INBOUND.load(json.loads(raw))
+    message = inbound_from(raw)
     # Every event of this hop (engine, send) carries the message, its bot and its conversation.
     with structlog.contextvars.bound_contextvars(message_sid=message["sid"], bot_id=message["bot_id"],
                                                  conversation=conversation):

@@ -41,27 +41,44 @@ local function mark(hash, field, now)
 end
 """
 
+# write(pace hash, state read (next, free_at, expires), fields to set, the latest time they speak
+# of, ttl): one HSET; the key's expiry is pushed on (EXPIREAT, and `expires` in the hash) only when
+# less than half the ttl would be left past that time, so a busy number pays for it every half
+# hour rather than on every send, and an idle one still disappears within the ttl.
+_WRITE_FUNCTION = """
+local function write(key, state, fields, horizon, ttl)
+  ttl = tonumber(ttl)
+  if tonumber(state[3] or '0') < horizon + ttl / 2 then
+    local at = math.ceil(horizon + ttl)
+    fields[#fields + 1] = 'expires'
+    fields[#fields + 1] = tostring(at)
+    redis.call('HSET', key, unpack(fields))
+    redis.call('EXPIREAT', key, at)
+  else
+    redis.call('HSET', key, unpack(fields))
+  end
+end
+"""
+
 # reserve(pace hash, interval (seconds the reply occupies), ttl, mark hash, mark field) returns
 # "slot wait"; a wait of 0 means the number was free and the send is claimed (and marked) as well
 # (one round trip when idle). A function, so the step that queues a conversation's replies can
 # reserve the first one's slot.
-RESERVE_FUNCTION = _MARK_FUNCTION + """
+RESERVE_FUNCTION = _MARK_FUNCTION + _WRITE_FUNCTION + """
 local function reserve(key, interval, ttl, mark_hash, mark_field)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   interval = tonumber(interval)
-  local state = redis.call('HMGET', key, 'next', 'free_at')
+  local state = redis.call('HMGET', key, 'next', 'free_at', 'expires')
   local slot = math.max(now, tonumber(state[1] or '0'))
   local wait = math.max(slot, tonumber(state[2] or '0')) - now
+  local fields = {'next', string.format('%.6f', slot + interval)}
   if wait <= 0 then
-    redis.call('HSET', key, 'next', string.format('%.6f', slot + interval), 'free_at',
-               string.format('%.6f', now + interval))
+    fields[3], fields[4] = 'free_at', string.format('%.6f', now + interval)
     mark(mark_hash, mark_field, now)
     wait = 0
-  else
-    redis.call('HSET', key, 'next', string.format('%.6f', slot + interval))
   end
-  redis.call('EXPIREAT', key, math.ceil(slot + interval + tonumber(ttl)))
+  write(key, state, fields, slot + interval, ttl)
   return string.format('%.6f %.6f', slot, wait)
 end
 """
@@ -73,19 +90,16 @@ return reserve(KEYS[1], ARGV[1], ARGV[2], ARGV[3] ~= '' and KEYS[2] or '', ARGV[
 # KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, reserved slot, ttl, mark
 # field ('': none). Returns the seconds to wait, "0" once the send is claimed and marked (the
 # caller must then send at once).
-CLAIM_LUA = _NOW + _MARK_FUNCTION + """
-local state = redis.call('HMGET', KEYS[1], 'next', 'free_at')
+CLAIM_LUA = _NOW + _MARK_FUNCTION + _WRITE_FUNCTION + """
+local state = redis.call('HMGET', KEYS[1], 'next', 'free_at', 'expires')
 local wait = math.max(tonumber(ARGV[2]) - now, tonumber(state[2] or '0') - now)
 if wait > 0 then return string.format('%.6f', wait) end
 local interval = tonumber(ARGV[1])
 local free_at = string.format('%.6f', now + interval)
+local fields = {'free_at', free_at}
 -- A send that happened late pushes the schedule on, so later reservations stay spaced.
-if tonumber(state[1] or '0') < now + interval then
-  redis.call('HSET', KEYS[1], 'free_at', free_at, 'next', free_at)
-else
-  redis.call('HSET', KEYS[1], 'free_at', free_at)
-end
-redis.call('EXPIREAT', KEYS[1], math.ceil(now + interval + tonumber(ARGV[3])))
+if tonumber(state[1] or '0') < now + interval then fields[3], fields[4] = 'next', free_at end
+write(KEYS[1], state, fields, now + interval, ARGV[3])
 if ARGV[4] ~= '' then mark(KEYS[2], ARGV[4], now) end
 return '0'
 """
@@ -93,19 +107,16 @@ return '0'
 
 # confirm(pace hash, bare interval (no margin), ttl), called once Twilio answered; a function,
 # so a sender's script that finishes the reply confirms the pace in the same step.
-CONFIRM_FUNCTION = """
+CONFIRM_FUNCTION = _WRITE_FUNCTION + """
 local function confirm(key, bare_interval, ttl)
   local t = redis.call('TIME')
   local floor = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(bare_interval)
-  local state = redis.call('HMGET', key, 'next', 'free_at')
+  local state = redis.call('HMGET', key, 'next', 'free_at', 'expires')
   if tonumber(state[2] or '0') < floor then
     local at = string.format('%.6f', floor)
-    if tonumber(state[1] or '0') < floor then
-      redis.call('HSET', key, 'free_at', at, 'next', at)
-    else
-      redis.call('HSET', key, 'free_at', at)
-    end
-    redis.call('EXPIREAT', key, math.ceil(floor + tonumber(ttl)))
+    local fields = {'free_at', at}
+    if tonumber(state[1] or '0') < floor then fields[3], fields[4] = 'next', at end
+    write(key, state, fields, floor, ttl)
   end
 end
 """
