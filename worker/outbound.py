@@ -22,7 +22,7 @@ from shared import deadletters, keys, messagelog, optout
 from shared.bots import Bot
 from shared.conversations import (
     CALLBACK_SUFFIX, FENCED, QUEUE_FUNCTION, REPLY, SENDING_SUFFIX, callback_field, queue_args, queue_keys_of, reschedule,
-    sending_field,
+    sending_field, stored,
 )
 from shared.db import transaction
 from shared.logging import get_logger
@@ -570,4 +570,4 @@ def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | N
 
 def _save(redis: Any, reply: dict[str, Any]) -> None:
     script(redis, SAVE_LUA)(keys=[keys.replies(reply["conversation"])],
-                            args=[reply["id"], json.dumps(REPLY.dump(reply))])
+                            args=[reply["id"], stored(reply)])
