@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis as redis_lib
@@ -20,6 +21,7 @@ from shared.bots import Bot, BotStore
 from tests.conftest import free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_web, start_worker
+from tests.support.proxy import CuttableProxy
 from tests.test_crash_recovery import SENDER, bodies_to, send
 
 ANSWER = ("first reply", "second reply")
@@ -108,3 +110,25 @@ def killed_after_twilio_accepted(redis: redis_lib.Redis, bot: Bot, twilio: Twili
     twilio.wait_for(2, timeout=60)
     time.sleep(1.0)
     return second
+
+
+def test_redis_unreachable_right_after_twilios_answer_sends_nothing_twice(
+        redis: redis_lib.Redis, redis_url: str, two_replies_bot: Bot, twilio: TwilioStandin,
+        processes: list[Process], worker_env: dict[str, str]) -> None:
+    """Twilio accepts the first reply and, as its answer arrives, Redis is unreachable for 3 s: the send
+    cannot be recorded. Once Redis is back, the reply is settled from Twilio's list, not sent again."""
+    parts = urlsplit(redis_url)
+    with CuttableProxy((parts.hostname or "127.0.0.1", parts.port or 6379)) as proxy:
+        env = {**worker_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}{parts.path or '/0'}"}
+        twilio.accept_then_delay(1.0, count=1)
+        processes.append(worker := start_worker(env, processes=1, threads=4))
+        send(redis, two_replies_bot, "hola")
+        twilio.wait_for(1, timeout=30)  # Twilio has it; its answer comes in 1 s, into a Redis that is gone
+        proxy.cut()
+        time.sleep(3.0)
+        proxy.restore()
+
+        twilio.wait_for(2, timeout=90)
+        time.sleep(1.0)
+        assert list(ANSWER) == bodies_to(twilio, SENDER)
+        assert ["lookup-found"] == reconciled(worker)
