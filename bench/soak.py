@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ def main() -> None:
     from bench.database import bench_database_url, describe
     from bench.e2e import create_bots
     from cli.twilio_standin import TwilioStandin
+    from shared import keys
     from shared.conversations import INBOUND, accept_inbound
     from shared.redis import connect
     from tests.conftest import free_port
@@ -88,7 +88,7 @@ def main() -> None:
             for worker in workers:
                 worker.stop(30)
             web.stop(10)
-        logs = "".join(worker.log for worker in workers)
+        counters = redis.hgetall(keys.METRIC_COUNTERS)  # as flushed once a second (a killed process loses its last)
     redis.flushdb()
 
     by_person: dict[str, list[str]] = {}
@@ -100,14 +100,16 @@ def main() -> None:
     # Each person's replies, first copies in the order they reached Twilio, must be the messages' order.
     firsts = {person: list(dict.fromkeys(by_person.get(person, []))) for person in people}
     out_of_order = sum(1 for person, bodies in firsts.items() if bodies != expected[:len(bodies)])
-    hows = Counter(re.findall(r"how[=\"': ]+([a-z-]+)", logs))
+    hows = {series.split('how="')[1].rstrip('"}'): int(count) for series, count in counters.items()
+            if series.startswith("sms_reconciled")}
+    unknown = sum(int(count) for series, count in counters.items() if 'result="outcome_unknown"' in series)
     print(f"command: {sys.executable} bench/soak.py --people {args.people} --per-person {args.per_person} "
           f"--bots {args.bots} --threads {args.threads} --kill-every {args.kill_every}")
     print(f"database: {describe(database_url)}; engine {ENGINE_SECONDS:.0f} s; worker 2 processes x {args.threads} "
           f"threads; web with PUBLIC_URL (status callbacks on)")
     print(f"messages: {total} from {args.people} people to {args.bots} bots; worker SIGKILLed {kills} times")
     print(f"must be 0: replies sent twice {repeated}, replies lost {lost}, conversations out of order {out_of_order}")
-    print(f"unknown sends settled: {dict(hows) or 'none'}")
+    print(f"sends whose answer was lost: {unknown}; settled (sms_reconciled_total, by how): {hows or 'none'}")
     print(f"took {finished - started:.1f} s: {total / (finished - started):.1f} messages/s with the kills")
 
 

@@ -154,7 +154,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        if len(body) < length:  # the caller died mid-request (a killed worker): nothing to answer
+            self.close_connection = True
+            return
         status, data = self.server.engine._respond(json.loads(body or b"{}"))
         try:
             self.send_response(status)
