@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 from sqlalchemy import Engine, Row, delete, select, update
@@ -82,6 +83,20 @@ NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
 
 
+def shown_url(url: str | None) -> str | None:
+    """An engine URL as the API shows it: query values and any user:password@ replaced by ***, since
+    an engine's URL may carry a key (`?token=...`); the worker alone reads the URL whole."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    query = "&".join(f"{name}=***" if sep else name
+                     for name, sep, _ in (pair.partition("=") for pair in parts.query.split("&")) if name)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def new_engine_token() -> str:
     """A bot's engine token: it authorizes that bot's engine callback, nothing else."""
     return "mset_" + secrets.token_urlsafe(32)
@@ -127,7 +142,7 @@ class Bot:
         shown: dict[str, Any] = dict(self.extra)
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
-            NUMBER: self.number, ENGINE_URL: self.engine_url, PACE: self.messages_per_second,
+            NUMBER: self.number, ENGINE_URL: shown_url(self.engine_url), PACE: self.messages_per_second,
             FALLBACK: self.fallback_message, **self.limits.shown(),
         })
         return shown
@@ -197,7 +212,7 @@ class BotStore:
                 old = connection.execute(select(bots).where(bots.c.id == bot_id).with_for_update()).first()
                 if old is None:
                     raise BotNotFound(bot_id)
-                merged = {**_fields(old), **changes}
+                merged = {**_fields(old), ENGINE_URL: self._engine_url(old.engine_url), **changes}
                 token = changes.get(AUTH_TOKEN)
                 row = self._row(merged, self._vault.encrypt(token) if token else old.auth_token_encrypted)
                 if self._owner(connection, row["main_phone_number"]) not in (None, bot_id):
@@ -234,14 +249,13 @@ class BotStore:
             # The change is committed; other processes' caches see it when their entries expire.
             log.warning("bots.change_not_announced", bot_id=bot_id, error=str(error))
 
-    @staticmethod
-    def _row(fields: Mapping[str, Any], token_encrypted: str) -> dict[str, Any]:
+    def _row(self, fields: Mapping[str, Any], token_encrypted: str) -> dict[str, Any]:
         return {
             "name": fields.get(NAME, ""),
             "account_sid": fields[ACCOUNT_SID],
             "auth_token_encrypted": token_encrypted,
             "main_phone_number": fields[NUMBER],
-            "engine_url": fields.get(ENGINE_URL),
+            "engine_url": self._vault.encrypt(fields[ENGINE_URL]) if fields.get(ENGINE_URL) else None,
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
             "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
@@ -256,13 +270,20 @@ class BotStore:
             account_sid=row["account_sid"],
             auth_token=self._token(row["auth_token_encrypted"]),
             number=row["main_phone_number"],
-            engine_url=row["engine_url"],
+            engine_url=self._engine_url(row["engine_url"]),
             messages_per_second=float(row["messages_per_second"]),
             fallback_message=row["fallback_message"],
             extra=dict(row["extra"] or {}),
             limits=Limits.from_stored(row.get("limits")),
             engine_token_hash=row.get("engine_token_hash"),
         )
+
+    def _engine_url(self, stored: str | None) -> str | None:
+        """Engine URLs are stored encrypted like auth tokens (they may carry a key); a row written by
+        an earlier release holds it in plain text, and is encrypted by its next update."""
+        if not stored or "://" in stored:
+            return stored
+        return self._token(stored)
 
     def _token(self, encrypted: str) -> str:
         """Decrypting costs more than reading the row, and the same few bots are read again and

@@ -26,6 +26,8 @@ _NOT_SECRET = frozenset({"idempotency_token"})
 _E164_IN_TEXT = re.compile(r"\+[1-9]\d{7,14}")
 # user:password@ in a URL (REDIS_URL of Heroku Redis carries its password that way).
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@", re.IGNORECASE)
+# A URL's query values (an engine URL may carry ?token=...): logged as name=***.
+_URL_QUERY_VALUE = re.compile(r"([?&][^=&#\s]+=)[^&#\s]+")
 REDACTED = "[redacted]"
 # Request fields reach log lines as the caller sent them: a 60 KB MessageSid must not become 60 KB of log.
 MAX_FIELD_CHARS = 200
@@ -56,6 +58,7 @@ def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types
     def clean(text: str) -> str:
         if "://" in text:
             text = _URL_CREDENTIALS.sub(lambda m: m[1] + REDACTED + "@", text)
+            text = _URL_QUERY_VALUE.sub(lambda m: m[1] + REDACTED, text)
         for secret in secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)

@@ -8,6 +8,7 @@ where a bot's engine must not reach unless the operator allows it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import datetime
 import socket
 import ssl
@@ -479,3 +480,29 @@ class TestRules:
 
         assert 400 == response.status_code
         assert "engine's own configuration" in response.json["errors"]["engine-url"][0]
+
+
+class TestEngineUrlSecrets:
+    """An engine URL may carry a key (`?token=...`): stored encrypted, shown and logged redacted, used whole."""
+
+    def test_the_url_is_stored_encrypted_shown_redacted_and_called_whole(
+            self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, store: BotStore,
+            settings: Any, engine: FakeEngine, logs: list[dict[str, Any]]) -> None:
+        from sqlalchemy import select
+
+        from shared.db import get_engine
+        from shared.schema import bots
+
+        url = engine.url + "?token=s3cr3t-value&lang=es"
+        assert 200 == client.post(f"/app:mammut-1/graph/user:{bot.id}", json={"engine-url": url},
+                                  headers=admin_headers).status_code
+        with get_engine(settings).connect() as connection:
+            stored = connection.execute(select(bots.c.engine_url).where(bots.c.id == bot.id)).scalar_one()
+        shown = client.get(f"/app:mammut-1/graph/user:{bot.id}", headers=admin_headers).get_json()["data"]["user"][0]
+        assert "s3cr3t" not in stored and "s3cr3t" not in json.dumps(shown)
+        assert shown["engine-url"].endswith("?token=***&lang=***")
+        bot = store.get(bot.id)
+        assert bot is not None and url == bot.engine_url  # the worker reads it whole
+        answers = engine_for(bot, Settings.from_env({"MAMMUT_SMS_ENV": "development"})).answer(bot, inbound(bot))
+        assert [Answer("reply to hola")] == answers
+        assert [] == [event for event in logs if "s3cr3t" in json.dumps(event)]

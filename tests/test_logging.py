@@ -88,6 +88,12 @@ def test_known_secrets_and_url_passwords_are_redacted_inside_text(capsys: pytest
     assert "rediss://:[redacted]@ec2-1-2-3-4.compute.amazonaws.com:6380" == event["redis"]
 
 
+def test_a_urls_query_values_are_redacted_inside_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """An engine URL's ?token=... (or any URL's query values) never reaches the log."""
+    event = _events(capsys, error="POST https://engine.example.com/hook?token=k3y&lang=es failed: timeout")
+    assert "POST https://engine.example.com/hook?token=[redacted]&lang=[redacted] failed: timeout" == event["error"]
+
+
 def test_a_traceback_is_scrubbed_like_any_other_field(capsys: pytest.CaptureFixture[str]) -> None:
     """An exception whose message holds a number and a token is logged without either."""
     configure_logging(Settings(admin_api_token=ADMIN, credentials_keys=(CREDENTIALS_KEY,), environment=PRODUCTION))

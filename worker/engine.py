@@ -20,7 +20,7 @@ import requests
 import urllib3
 
 from shared.metrics import TALLY
-from shared.bots import Bot
+from shared.bots import Bot, shown_url
 from shared.logging import get_logger
 from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
@@ -157,7 +157,7 @@ class HttpEngine:
                 raise EngineError("invalid", "the answer is not JSON") from None
         except RefusedAddress as refused:
             outcome = "refused_address"
-            log.warning("engine.refused_address", url=self.url, address=refused.address, reason=refused.reason)
+            log.warning("engine.refused_address", url=shown_url(self.url), address=refused.address, reason=refused.reason)
             raise EngineError(outcome, str(refused), retryable=False) from None
         except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
             outcome = "timeout"
@@ -194,7 +194,7 @@ class HttpEngine:
         return EngineError("too_large", f"the answer is over {self._max_bytes} bytes", retryable=False)
 
     def _record(self, outcome: str, seconds: float) -> None:
-        log.info("engine.called", url=self.url, outcome=outcome, duration=round(seconds, 4))
+        log.info("engine.called", url=shown_url(self.url), outcome=outcome, duration=round(seconds, 4))
         TALLY.incr("sms_engine_calls", outcome=outcome)
         TALLY.observe("sms_engine_latency_seconds", seconds)
 
