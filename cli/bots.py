@@ -72,13 +72,20 @@ class RegistryClient:
         newest = self._call("GET", f"/graph/user:{bot_id}/messages?with={quote(person)}&order=newest&limit={limit}")
         return list(reversed(newest["data"]["messages"]))
 
-    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+    def send(self, bot_id: int, to: str, text: str | None, media_url: str | None = None,
+             idempotency_key: str | None = None) -> dict[str, Any]:
+        """Text `to` from the bot's number, without the engine; the answer names the queued reply ids."""
+        body = {"to": to, "text": text, "media-url": media_url}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", f"/graph/user:{bot_id}/messages", json=body, headers=headers)
+
+    def _call(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
         if not self.token:
             raise RegistryError("the registry needs the admin token: pass --token or set ADMIN_API_TOKEN")
         url = f"{self.root}/app:{self.app_id}{path}"
         try:
             response = self._session.request(method, url, json=json, timeout=TIMEOUT,
-                                             headers={"Authorization": f"Bearer {self.token}"})
+                                             headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
         except requests.RequestException as error:
             raise RegistryError(f"cannot reach {self.root}: {error.__class__.__name__} (is the service running?)") from None
         try:

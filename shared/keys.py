@@ -112,3 +112,8 @@ def erased(conversation: str) -> str:
     """When the person's data with the bot was erased on request: records of messages from before
     then, still on their way to the database (the log outbox), are dropped rather than written."""
     return f"{PREFIX}:erased:{conversation}"
+
+
+def operator_send(bot_id: int, idempotency_key: str) -> str:
+    """The answer to an operator's send under an Idempotency-Key, kept for a day."""
+    return f"{PREFIX}:operator-send:{bot_id}:{idempotency_key}"

@@ -34,7 +34,7 @@ STATUS_RANK = {
 assert set(STATUSES) <= STATUS_RANK.keys()
 
 RECEIVED, PENDING, SUPPRESSED, FAILED = "received", "pending", "suppressed", "failed"
-PERSON, ENGINE, CALLBACK, REPLAY = "person", "engine", "callback", "replay"
+PERSON, ENGINE, CALLBACK, REPLAY, OPERATOR = "person", "engine", "callback", "replay", "operator"
 
 _DELIVERY = [deliveries.c.status.label("delivery_status"), deliveries.c.error_code.label("delivery_error_code"),
              *(deliveries.c[f"{status}_at"].label(f"delivery_{status}_at") for status in STATUSES)]

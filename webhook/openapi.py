@@ -132,6 +132,17 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "registry.conversation_list": {"tags": ["registry"], "security": _BEARER, "parameters": _paging("newest"),
                                    "responses": {"200": _json("ConversationList", "a page of the bot's conversations"),
                                                  **_FAILED}},
+    "registry.send_as_bot": {
+        "tags": ["registry"], "security": _BEARER,
+        "summary": "Text a person from the bot's number, without the engine; an Idempotency-Key header makes a "
+                   "retry queue nothing new for 24 h.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["to"],
+            "properties": {"to": {"type": "string"}, "text": {"type": "string"}, "media-url": {"type": "string"}}}}}},
+        "responses": {"202": {"description": "queued: the reply ids",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "409": _json("Failed", "the person opted out, or the same Idempotency-Key is in flight"),
+                      **_FAILED}},
     "registry.erase_conversation": {
         "tags": ["registry"], "security": _BEARER,
         "summary": "Erase one person's conversation with the bot (messages, statuses, dead letters, queued replies); "

@@ -22,6 +22,7 @@ from shared.bots import AUTH_TOKEN, NUMBER, BotNotFound, NumberTaken
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
+from webhook import operator
 from webhook.deps import get_engine, get_redis, get_settings, get_store
 from webhook.errors import failed
 
@@ -154,6 +155,12 @@ def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     page = _read_page(
         lambda connection: messagelog.conversations_of(connection, bot.id, bot.number, limit, newest_first, after))
     return jsonify(status="Success", data={"conversations": page.items, "next": page.next})
+
+
+@bp.post(ONE_USER + "/messages")
+def send_as_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """Text a person from the bot's number, without the engine (webhook.operator)."""
+    return operator.send_as_bot(_bot_id(bot_id))
 
 
 @bp.delete(ONE_USER + "/conversations/<person>")

@@ -1,0 +1,84 @@
+"""POST /app:<app>/graph/user:<id>/messages: an operator texts a person as the bot, without the engine."""
+
+from __future__ import annotations
+
+import dramatiq
+import redis as redis_lib
+from flask.testing import FlaskClient
+
+from cli.twilio_standin import TwilioStandin
+from shared import keys, optout
+from shared.bots import Bot
+from shared.conversations import new_reply, queue_replies
+
+PERSON = "+15551230001"
+
+
+def url(bot: Bot) -> str:
+    return f"/app:mammut-1/graph/user:{bot.id}/messages"
+
+
+def test_an_operators_message_is_sent_after_the_replies_already_queued_and_logged_as_operator(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+        twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+    # Given an engine's reply already waiting for the person
+    conversation = keys.conversation_id(bot.id, PERSON)
+    queue_replies(redis, conversation, [new_reply(conversation, PERSON, "the engine's")])
+
+    # When the operator sends a message as the bot (the queued reply is kicked by nobody else: the
+    # operator's send finds the outbox busy, and the reply ahead goes first once kicked)
+    response = client.post(url(bot), headers=admin_headers, json={"to": PERSON, "text": "hola, soy Ana"})
+    from shared.tasks import kick_delivery
+
+    kick_delivery(conversation, redis.lindex(keys.outbox(conversation), 0))
+
+    # Then both go, in order, and the log says who wrote the second
+    assert 202 == response.status_code
+    [reply_id] = response.get_json()["data"]["queued"]
+    twilio.wait_for(2, timeout=30)
+    assert ["the engine's", "hola, soy Ana"] == [m.body for m in twilio.messages]
+    log = client.get(f"/app:mammut-1/graph/user:{bot.id}/messages?with=%2B15551230001",
+                     headers=admin_headers).get_json()["data"]["messages"]
+    assert [("out", "operator")] == [(e["direction"], e["origin"]) for e in log if e["id"] == reply_id]
+
+
+def test_a_retried_request_with_the_same_idempotency_key_queues_nothing_new(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+    headers = {**admin_headers, "Idempotency-Key": "reminder-42"}
+    first = client.post(url(bot), headers=headers, json={"to": PERSON, "text": "tu cita es mañana"})
+    again = client.post(url(bot), headers=headers, json={"to": PERSON, "text": "tu cita es mañana"})
+    other = client.post(url(bot), headers={**admin_headers, "Idempotency-Key": "reminder-43"},
+                        json={"to": PERSON, "text": "otra"})
+    assert (202, 202, 202) == (first.status_code, again.status_code, other.status_code)
+    assert first.get_json() == again.get_json()
+    assert 2 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))
+
+
+def test_an_opted_out_person_a_bad_number_or_nothing_to_send_is_refused(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+        settings: object) -> None:
+    from shared.db import get_engine
+
+    optout.opt_out(get_engine(settings), redis, bot.number, PERSON, how="keyword STOP")  # type: ignore[arg-type]
+    refused = {
+        "opted out": client.post(url(bot), headers=admin_headers, json={"to": PERSON, "text": "hola"}),
+        "bad number": client.post(url(bot), headers=admin_headers, json={"to": "alice", "text": "hola"}),
+        "empty": client.post(url(bot), headers=admin_headers, json={"to": "+15551230002", "text": "  "}),
+        "file media": client.post(url(bot), headers=admin_headers,
+                                  json={"to": "+15551230002", "media-url": "file:///etc/passwd"}),
+        "no token": client.post(url(bot), json={"to": "+15551230002", "text": "hola"}),
+    }
+    assert {"opted out": 409, "bad number": 400, "empty": 400, "file media": 400, "no token": 401} == {
+        name: response.status_code for name, response in refused.items()}
+    assert "opted out" in refused["opted out"].get_json()["message"]
+    assert [] == redis.keys(f"*{PERSON}*outbox*")
+
+
+def test_the_cli_sends_as_the_bot(live_server: str, bot: Bot, redis: redis_lib.Redis,
+                                  capsys: object) -> None:
+    from cli.main import main
+    from tests.conftest import ADMIN_TOKEN
+
+    assert 0 == main(["send", "--url", live_server, "--token", ADMIN_TOKEN, "--bot", str(bot.id), "--to", PERSON,
+                      "hola desde la terminal"])
+    assert 1 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))

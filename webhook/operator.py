@@ -1,0 +1,125 @@
+"""Sending as the bot: an operator (a script, a support tool) texts a person from the bot's number,
+without the engine: `POST /app:<app>/graph/user:<id>/messages` with the admin token.
+
+The message takes the path of an engine's reply (after any replies already queued for the person,
+split, paced, logged, sent once), and is refused with a clear 4xx for an opted-out person, a number
+that is not E.164, or nothing to send. An `Idempotency-Key` makes a retried request queue nothing new
+for 24 hours: it gets the first answer again, so a script retrying after a timeout never texts twice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Response, request
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
+
+from shared import keys, messagelog, optout
+from shared.conversations import replies_from, queue_replies
+from shared.db import transaction
+from shared.logging import get_logger
+from shared.netguard import media_refusal
+from shared.schemas import PhoneNumber
+from shared.tasks import kick_delivery
+from webhook import deps
+from webhook.errors import failed
+
+log = get_logger(__name__)
+
+IDEMPOTENCY_SECONDS = 24 * 3600
+MAX_IDEMPOTENCY_KEY = 200
+MAX_TEXT = 16_000  # ten messages of 1,600 characters
+IN_PROGRESS = "in-progress"
+
+
+class OperatorMessageSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    to = PhoneNumber(required=True)
+    text = fields.String(load_default=None, allow_none=True)
+    media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
+
+    @validates_schema
+    def _something_to_send(self, data: dict[str, Any], **_: Any) -> None:
+        if not (data.get("text") or "").strip() and not data.get("media_url"):
+            raise ValidationError("a message needs a text or a media-url", "text")
+        if data.get("text") and len(data["text"]) > MAX_TEXT:
+            raise ValidationError(f"at most {MAX_TEXT} characters", "text")
+
+
+OPERATOR_MESSAGE = OperatorMessageSchema()
+
+
+def send_as_bot(bot_id: int) -> tuple[Response, int] | Response:
+    bot = deps.get_store().get(bot_id)
+    if bot is None:
+        return failed(f"no bot with id {bot_id}", 404)
+    redis = deps.get_redis()
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        return failed(f"Idempotency-Key must be printable, at most {MAX_IDEMPOTENCY_KEY} characters", 400)
+    remembered_key = keys.operator_send(bot.id, key) if key else None
+    if remembered_key is not None and not redis.set(remembered_key, IN_PROGRESS, nx=True, ex=IDEMPOTENCY_SECONDS):
+        return _remembered(redis.get(remembered_key))
+    try:
+        answer, status = _send(bot, redis)
+    except BaseException:
+        if remembered_key is not None:
+            redis.delete(remembered_key)  # nothing was queued: a retry may try again
+        raise
+    if remembered_key is not None:
+        if status == 202:
+            redis.set(remembered_key, json.dumps(answer), ex=IDEMPOTENCY_SECONDS)
+        else:
+            redis.delete(remembered_key)  # a refusal queued nothing; a corrected retry may use the key
+    return Response(json.dumps(answer), status=status, content_type="application/json")
+
+
+def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _refusal("expected a JSON object {to, text, media-url}", 400)
+    try:
+        data = OPERATOR_MESSAGE.load(body)
+    except ValidationError as error:
+        return _refusal("invalid message: " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in
+                                                         error.normalized_messages().items()), 400, error.messages)
+    media_url = data["media_url"]
+    if media_url and (problem := media_refusal(media_url, development=deps.get_settings().development)):
+        return _refusal(f"media-url {problem}", 400, {"media-url": [problem]})
+    to = data["to"]
+    if optout.is_opted_out(redis, bot.number, to) or _opted_out_in_database(bot.number, to):
+        return _refusal(f"{to} opted out of {bot.number} (texted STOP): nothing is sent until they text START",
+                        409, {"to": ["opted out"]})
+    conversation = keys.conversation_id(bot.id, to)
+    replies = replies_from(conversation, to, data["text"], media_url)
+    with transaction(deps.get_engine()) as connection:
+        messagelog.record_replies(connection, replies, bot.number, origin=messagelog.OPERATOR)
+    reply_id = queue_replies(redis, conversation, replies)
+    if reply_id:
+        kick_delivery(conversation, reply_id, broker=deps.get_broker())
+    ids = [reply["id"] for reply in replies]
+    log.info("operator.queued", bot_id=bot.id, recipient=to, replies=len(ids))
+    return {"status": "Success", "data": {"queued": ids}}, 202
+
+
+def _opted_out_in_database(bot_number: str, person: str) -> bool:
+    with deps.get_engine().connect() as connection:
+        record = optout.read(connection, bot_number, person)
+    return bool(record and record.opted_out)
+
+
+def _refusal(message: str, status: int, errors: Any = None) -> tuple[dict[str, Any], int]:
+    body: dict[str, Any] = {"status": "Failed", "message": message}
+    if errors:
+        body["errors"] = errors
+    return body, status
+
+
+def _remembered(raw: str | None) -> tuple[Response, int]:
+    if raw is None or raw == IN_PROGRESS:
+        response, status = failed("a request with this Idempotency-Key is being handled; retry in a moment", 409)
+        return response, status
+    return Response(raw, status=202, content_type="application/json"), 202
