@@ -506,3 +506,13 @@ class TestEngineUrlSecrets:
         answers = engine_for(bot, Settings.from_env({"MAMMUT_SMS_ENV": "development"})).answer(bot, inbound(bot))
         assert [Answer("reply to hola")] == answers
         assert [] == [event for event in logs if "s3cr3t" in json.dumps(event)]
+
+
+def test_a_bots_engine_at_the_services_own_public_url_is_refused(bot: Bot, store: BotStore,
+                                                                 logs: list[dict[str, Any]]) -> None:
+    """engine-url https://sms.example.com/channels/sms/callback/1 (the service itself): nothing is sent."""
+    own = store.update(bot.id, {"engine-url": "https://SMS.example.com./channels/sms/callback/1",
+                                "fallback-message": "sorry"})
+    settings = Settings.from_env({"MAMMUT_SMS_ENV": "development", "PUBLIC_URL": "https://sms.example.com"})
+    assert [Answer("sorry")] == engine_for(own, settings).answer(own, inbound(own))
+    assert ["the service itself"] == [e["reason"] for e in logs if e["event"] == "engine.refused_address"]

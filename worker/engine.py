@@ -109,9 +109,12 @@ class HttpEngine:
     def __init__(self, url: str, *, policy: AddressPolicy | None = None, development: bool = False,
                  deadline: float | None = None, connect_timeout: float | None = None,
                  read_timeout: float | None = None, backoff: tuple[float, ...] | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, service_url: str | None = None) -> None:
         self.url = url if policy is None else without_credentials(url)
         self._policy = policy
+        # A bot's engine pointed at this very service (its PUBLIC_URL) would be handed every
+        # conversation, and could loop the service's own endpoints into itself.
+        self._calls_the_service = policy is not None and bool(service_url) and _host(url) == _host(service_url or "")
         self._development = development
         # Module defaults are read here, not at definition, so they can be tuned in one place.
         self._deadline = DEADLINE_SECONDS if deadline is None else deadline
@@ -143,6 +146,8 @@ class HttpEngine:
         started = time.monotonic()
         outcome = "ok"
         try:
+            if self._calls_the_service:
+                raise RefusedAddress(_host(self.url), "PUBLIC_URL", "the service itself")
             with responding_by(deadline):
                 response = _session(self.url, self._policy).post(
                     self.url, json=payload, allow_redirects=False, stream=True,
@@ -219,6 +224,10 @@ def _session(url: str, policy: AddressPolicy | None) -> requests.Session:
     return session
 
 
+def _host(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower().rstrip(".")
+
+
 _ECHO = EchoEngine()
 
 
@@ -228,7 +237,7 @@ def engine_for(bot: Bot, settings: Settings) -> Engine:
     timings go to the process's metrics tally."""
     if bot.engine_url:
         return HttpEngine(bot.engine_url, policy=AddressPolicy.for_settings(settings),
-                          development=settings.development)
+                          development=settings.development, service_url=settings.public_url)
     if settings.engine_url:
         return HttpEngine(settings.engine_url, development=settings.development)
     return _ECHO
