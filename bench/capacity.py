@@ -58,7 +58,7 @@ def main() -> None:
 def run(pool: str, threads: int, engine_seconds: float, messages: int, target: float, bots: int) -> None:
     from cryptography.fernet import Fernet
 
-    from bench.database import bench_database_url, describe
+    from bench.database import bench_database_url, describe, service_env
     from bench.e2e import create_bots
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
@@ -70,9 +70,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     redis.flushdb()
     database_url = bench_database_url()
     with TwilioStandin() as twilio, FakeEngine(delay=engine_seconds) as engine:
-        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING",
-               "WORKER_POOL": pool}
+        env = service_env(REDIS_URL, database_url, twilio.url, WORKER_POOL=pool)
         store_messages(redis, create_bots(redis, database_url, bots, engine.url), messages)
         memory = PeakMemory()
         worker = start_worker(env, processes=PROCESSES, threads=threads, timeout=60)

@@ -31,6 +31,14 @@ def empty(url: str) -> None:
     engine.dispose()
 
 
+def service_env(redis_url: str, database_url: str, twilio_url: str, **extra: str) -> dict[str, str]:
+    """The environment the benchmarks give the Procfile's processes: their Redis and database, the
+    Twilio stand-in, quiet logs, and loopback allowed for the bots' local engines."""
+    return {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio_url,
+            "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
+            "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", **extra}
+
+
 def describe(url: str) -> str:
     """The database for a benchmark's printout, without credentials."""
     return url.split("@")[-1] if url.startswith("postgresql") else url

@@ -195,16 +195,13 @@ def main() -> None:
     from tests.support.fake_engine import FakeEngine
     from tests.support.processes import start_web, start_worker
 
-    from bench.database import bench_database_url, describe
+    from bench.database import bench_database_url, describe, service_env
 
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
     database_url = bench_database_url()
     redis = connect(REDIS_URL)
     with TwilioStandin() as twilio, FakeEngine() as engine:
-        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "ENGINE_URL": engine.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING",
-               "WEB_CONCURRENCY": WEB_CONCURRENCY}
+        env = service_env(REDIS_URL, database_url, twilio.url, ENGINE_URL=engine.url, WEB_CONCURRENCY=WEB_CONCURRENCY)
         port = free_port()
 
         def floor() -> list[Any]:

@@ -35,7 +35,7 @@ def main() -> None:
 
     from cryptography.fernet import Fernet
 
-    from bench.database import bench_database_url, describe
+    from bench.database import bench_database_url, describe, service_env
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
     from tests.conftest import free_port
@@ -47,8 +47,7 @@ def main() -> None:
     redis.flushdb()
     database_url = bench_database_url()
     with TwilioStandin() as twilio, FakeEngine(delay=ENGINE_SECONDS) as engine:
-        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "LOG_LEVEL": "WARNING"}
+        env = service_env(REDIS_URL, database_url, twilio.url)
         port = free_port()
         numbers = make_bots(redis, database_url, args.bots, engine.url)
         web = start_web(env, port)

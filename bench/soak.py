@@ -38,7 +38,7 @@ def main() -> None:
 
     from cryptography.fernet import Fernet
 
-    from bench.database import bench_database_url, describe
+    from bench.database import bench_database_url, describe, service_env
     from bench.e2e import create_bots
     from cli.twilio_standin import TwilioStandin
     from shared import keys
@@ -55,9 +55,7 @@ def main() -> None:
     total = args.people * args.per_person
     port = free_port()
     with TwilioStandin(status_callbacks=True) as twilio, FakeEngine(delay=ENGINE_SECONDS) as engine:
-        env = {"REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "TWILIO_API_BASE_URL": twilio.url,
-               "CREDENTIALS_KEY": os.environ["CREDENTIALS_KEY"], "ADMIN_API_TOKEN": "bench", "LOG_LEVEL": "WARNING",
-               "ENGINE_ALLOWED_NETWORKS": "127.0.0.0/8", "PUBLIC_URL": f"http://127.0.0.1:{port}"}
+        env = service_env(REDIS_URL, database_url, twilio.url, PUBLIC_URL=f"http://127.0.0.1:{port}")
         bots = create_bots(redis, database_url, args.bots, engine.url)
         web = start_web(env, port)
         numbers = list(bots)

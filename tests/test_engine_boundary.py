@@ -516,3 +516,8 @@ def test_a_bots_engine_at_the_services_own_public_url_is_refused(bot: Bot, store
     settings = Settings.from_env({"MAMMUT_SMS_ENV": "development", "PUBLIC_URL": "https://sms.example.com"})
     assert [Answer("sorry")] == engine_for(own, settings).answer(own, inbound(own))
     assert ["the service itself"] == [e["reason"] for e in logs if e["event"] == "engine.refused_address"]
+    # Another port of that host is another server (in development, a local engine beside the service)
+    local = Settings.from_env({"MAMMUT_SMS_ENV": "development", "PUBLIC_URL": "http://127.0.0.1:1"})
+    with FakeEngine() as fake:
+        beside = store.update(bot.id, {"engine-url": fake.url})
+        assert [Answer("reply to hola")] == engine_for(beside, local).answer(beside, inbound(beside))

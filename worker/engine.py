@@ -114,7 +114,7 @@ class HttpEngine:
         self._policy = policy
         # A bot's engine pointed at this very service (its PUBLIC_URL) would be handed every
         # conversation, and could loop the service's own endpoints into itself.
-        self._calls_the_service = policy is not None and bool(service_url) and _host(url) == _host(service_url or "")
+        self._calls_the_service = policy is not None and bool(service_url) and _origin(url) == _origin(service_url or "")
         self._development = development
         # Module defaults are read here, not at definition, so they can be tuned in one place.
         self._deadline = DEADLINE_SECONDS if deadline is None else deadline
@@ -147,7 +147,7 @@ class HttpEngine:
         outcome = "ok"
         try:
             if self._calls_the_service:
-                raise RefusedAddress(_host(self.url), "PUBLIC_URL", "the service itself")
+                raise RefusedAddress(_origin(self.url)[0], "PUBLIC_URL", "the service itself")
             with responding_by(deadline):
                 response = _session(self.url, self._policy).post(
                     self.url, json=payload, allow_redirects=False, stream=True,
@@ -224,8 +224,10 @@ def _session(url: str, policy: AddressPolicy | None) -> requests.Session:
     return session
 
 
-def _host(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower().rstrip(".")
+def _origin(url: str) -> tuple[str, int | None]:
+    """Host and port, the scheme's default port spelled out: what says two URLs reach one server."""
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower().rstrip("."), parts.port or {"https": 443, "http": 80}.get(parts.scheme)
 
 
 _ECHO = EchoEngine()
