@@ -224,7 +224,10 @@ class TestWorkerCommand:
     ])
     def test_a_bad_setting_stops_it_naming_the_variable(
             self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str) -> None:
+        for variable in ("WORKER_POOL", "WORKER_PROCESSES", "WORKER_THREADS"):
+            monkeypatch.delenv(variable, raising=False)
         monkeypatch.setenv(name, value)
+        monkeypatch.setattr("os.execv", lambda *_: pytest.fail("a bad setting must not start the worker"))
         assert 2 == main(["worker"])
         assert f"{name}={value!r}" in capsys.readouterr().err
 
