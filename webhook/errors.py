@@ -10,12 +10,17 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
-def failed(message: str, status: int, errors: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
-    """Mammut's TaskResult failure shape."""
+def failure(message: str, errors: object = None) -> dict[str, object]:
+    """Mammut's TaskResult failure shape, as a dict (for an answer that is also kept, say)."""
     body: dict[str, object] = {"status": "Failed", "message": message}
     if errors:
         body["errors"] = errors
-    return jsonify(body), status
+    return body
+
+
+def failed(message: str, status: int, errors: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
+    """Mammut's TaskResult failure shape, answered."""
+    return jsonify(failure(message, errors)), status
 
 
 def init_app(app: Flask) -> None:

@@ -23,7 +23,7 @@ from shared.netguard import media_refusal
 from shared.schemas import PhoneNumber
 from shared.tasks import kick_delivery
 from webhook import deps
-from webhook.errors import failed
+from webhook.errors import failed, failure
 
 log = get_logger(__name__)
 
@@ -112,10 +112,7 @@ def _opted_out_in_database(bot_number: str, person: str) -> bool:
 
 
 def _refusal(message: str, status: int, errors: Any = None) -> tuple[dict[str, Any], int]:
-    body: dict[str, Any] = {"status": "Failed", "message": message}
-    if errors:
-        body["errors"] = errors
-    return body, status
+    return failure(message, errors), status
 
 
 def _remembered(raw: str | None) -> tuple[Response, int]:
