@@ -22,13 +22,21 @@ Other processes (benchmarks, end-to-end tests) program it over HTTP, without cre
   send is accepted (stored, listed, its callbacks run) but the connection closes with no answer.
 * ``POST /_standin/accept_then_delay`` with JSON ``{seconds, count, to}`` is
   :meth:`accept_then_delay`: the send is accepted but answered only ``seconds`` later.
+* ``POST /_standin/services`` with JSON ``{sid, numbers}`` is :meth:`set_service`.
+* ``POST /_standin/queue_overflow`` with JSON ``{service, on}`` is :meth:`queue_overflow`.
+* ``POST /_standin/fail_after_accept`` with JSON ``{to, code}`` is :meth:`fail_after_accept`.
 * ``POST /_standin/reset`` is :meth:`reset`.
 
 Those last two model lost answers: Twilio took the SMS but the client never learns it, so only
 listing ``GET .../Messages.json`` (``From``, ``To``, ``DateSent``/``DateSent<``/``DateSent>``,
 ``PageSize``, ``Page``/``PageToken``; newest first, paged through ``next_page_uri``) tells.
 
-Run it alone with ``python -m cli.twilio_standin --port 8765 [--quiet]``.
+Messaging Services: a send with ``MessagingServiceSid`` (``services=`` or :meth:`set_service` give
+each service its pool of numbers) is answered ``accepted`` with ``from`` null and ``num_segments``
+0, as Twilio answers before it picks a sender. The stand-in picks one at once, sticky per
+recipient, so fetch, list and the callbacks (``queued``, ``sent``, ``delivered``) show it.
+
+Run it alone with ``python -m cli.twilio_standin --port 8765 [--quiet] [--service MG...:+1...,+1...]``.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ MAX_PAGE_SIZE = 1000  # and its maximum; larger requests get this many
 
 _MESSAGES_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages\.json")
 _MESSAGE_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages/(?P<sid>[^/]+)\.json")
+_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 
 # Twilio's own wording for the codes tests inject most, so logs read like production ones.
 _DEFAULT_MESSAGES: dict[int, str] = {
@@ -86,8 +95,12 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     21610: "Attempt to send to unsubscribed recipient",
     21611: "This 'From' number has exceeded the maximum number of queued messages",
     21614: "'To' number is not a valid mobile number",
+    21701: "The Messaging Service does not exist",
+    21705: "The Messaging Service is invalid",
+    21711: "Phone Number, Shortcode, or AlphaSender is not associated to the specified Messaging Service",
     30001: "Queue overflow",
     30003: "Unreachable destination handset",
+    30124: "MessagingServiceSID cannot be empty or null",
 }
 
 @dataclass
@@ -97,7 +110,7 @@ class SentMessage:
     sid: str
     account_sid: str
     to: str
-    from_: str | None  # None when only a MessagingServiceSid was given
+    from_: str | None  # the sender: with a MessagingServiceSid and no From, the one picked from the pool
     body: str
     media_urls: list[str]
     status_callback: str | None
@@ -107,6 +120,9 @@ class SentMessage:
     status: str = "queued"  # advanced by the status-callback lifecycle
     error_code: int | None = None
     sent_at: float | None = None  # when the lifecycle marked it "sent" (Twilio's date_sent)
+    validity_period: int | None = None  # ValidityPeriod, SmartEncoded, ShortenUrls as posted; None: absent
+    smart_encoded: bool | None = None
+    shorten_urls: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,7 @@ class Attempt:
     http_status: int
     code: int | None  # Twilio error code; None when accepted
     lost: str | None = None  # "drop" or "late" when accept_then_drop/accept_then_delay withheld the answer
+    messaging_service_sid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,9 @@ class _Fields:
     messaging_service_sid: str | None
     status_callback: str | None
     content_sid: str | None
+    validity_period: int | None
+    smart_encoded: bool | None
+    shorten_urls: bool | None
 
     @classmethod
     def parse(cls, form: Mapping[str, list[str]]) -> _Fields:
@@ -166,14 +186,25 @@ class _Fields:
             values = form.get(name)
             return values[0] if values and values[0] != "" else None
 
+        def flag(name: str) -> bool | None:
+            value = first(name)
+            return None if value is None else value.lower() == "true"
+
+        from_, service = first("From"), first("MessagingServiceSid")
+        if service is None and from_ is not None and _SERVICE_SID.fullmatch(from_):
+            from_, service = None, from_  # Twilio takes a Messaging Service SID in From too
+        validity = first("ValidityPeriod")
         return cls(
             to=first("To"),
-            from_=first("From"),
+            from_=from_,
             body=first("Body"),
             media_urls=[url for url in form.get("MediaUrl", []) if url],
-            messaging_service_sid=first("MessagingServiceSid"),
+            messaging_service_sid=service,
             status_callback=first("StatusCallback"),
             content_sid=first("ContentSid"),
+            validity_period=int(validity) if validity is not None and validity.isdigit() else None,
+            smart_encoded=flag("SmartEncoded"),
+            shorten_urls=flag("ShortenUrls"),
         )
 
 
@@ -198,6 +229,9 @@ def _validation_error(fields: _Fields) -> _Reply | None:
         return _error(400, 21602, "Message body is required.")
     if fields.body is not None and len(fields.body) > MAX_BODY_CHARS:
         return _error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
+    if fields.shorten_urls and fields.messaging_service_sid is None:
+        # Twilio's docs: ShortenUrls=true needs a MessagingServiceSid; 30124 is the code for a missing one.
+        return _error(400, 30124)
     return None
 
 
@@ -330,6 +364,15 @@ def _resource(message: SentMessage) -> dict[str, Any]:
     }
 
 
+def _answer(message: SentMessage, fields: _Fields) -> dict[str, Any]:
+    """Create's answer. Through a Messaging Service Twilio answers before it picks a sender: "accepted",
+    no segments counted and, unless From was given, "from" null (twilio-python's ``from_`` is None)."""
+    resource = _resource(message)
+    if message.messaging_service_sid is not None:
+        resource.update({"status": "accepted", "num_segments": "0", "from": fields.from_})
+    return resource
+
+
 def _callback_params(message: SentMessage, status: str, error_code: int | None) -> dict[str, str]:
     params = {
         "AccountSid": message.account_sid,
@@ -350,8 +393,8 @@ def _callback_params(message: SentMessage, status: str, error_code: int | None) 
 
 
 def _echo_line(message: SentMessage) -> str:
-    sender = message.from_ or message.messaging_service_sid
-    line = f"SMS {sender} -> {message.to}: {message.body}".replace("\r", "").replace("\n", "\\n")
+    via = f" via {message.messaging_service_sid}" if message.messaging_service_sid else ""
+    line = f"SMS {message.from_} -> {message.to}{via}: {message.body}".replace("\r", "").replace("\n", "\\n")
     if message.media_urls:
         line += f" [media: {', '.join(message.media_urls)}]"
     return line
@@ -369,6 +412,7 @@ class TwilioStandin:
         echo: Callable[[str], None] | None = None,
         status_callbacks: bool = False,
         clock: Callable[[], float] = time.time,
+        services: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -383,6 +427,9 @@ class TwilioStandin:
         self._thread: threading.Thread | None = None
         self._callbacks: ThreadPoolExecutor | None = None
         self._url: str | None = None
+        self._services: dict[str, tuple[str, ...]] = {}  # Messaging Service SID -> its pool; kept by reset()
+        for sid, numbers in (services or {}).items():
+            self.set_service(sid, numbers)
         self._clear()
 
     def _clear(self) -> None:
@@ -394,6 +441,10 @@ class TwilioStandin:
         self._undeliverable: dict[str, int] = {}
         self._delays: collections.deque[float] = collections.deque()
         self._lost_rules: list[_LostRule] = []
+        self._sticky: dict[tuple[str, str], str] = {}  # (service, To) -> the sender it was given
+        self._assigned: collections.Counter[str] = collections.Counter()  # senders handed out per service
+        self._overflowing: set[str] = set()
+        self._late_failures: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -529,8 +580,37 @@ class TwilioStandin:
         with self._lock:
             self._undeliverable[to] = code
 
+    def set_service(self, sid: str, numbers: Sequence[str]) -> None:
+        """Create or replace Messaging Service ``sid`` with this pool of sender numbers.
+
+        A recipient keeps its sender while that sender stays in the pool; reset() forgets who had which.
+        """
+        if not _SERVICE_SID.fullmatch(sid) or not numbers or len(set(numbers)) != len(numbers):
+            raise ValueError(f"a service needs an MG + 32 hex SID and distinct numbers, not {sid!r}: {numbers!r}")
+        with self._lock:
+            self._services[sid] = tuple(numbers)
+
+    def queue_overflow(self, service: str, on: bool = True) -> None:
+        """Sends through ``service`` are accepted, then fail with 30001 in a callback (needs status_callbacks).
+
+        With a Messaging Service, Twilio reports a full sender queue this way instead of 21611.
+        """
+        with self._lock:
+            if on:
+                self._overflowing.add(service)
+            else:
+                self._overflowing.discard(service)
+
+    def fail_after_accept(self, *, to: str, code: int = 21610) -> None:
+        """Accept sends to ``to``, then call back "failed" with ``ErrorCode`` (needs status_callbacks).
+
+        The default is an opted-out recipient as a Messaging Service send learns of it: late, not as a 400.
+        """
+        with self._lock:
+            self._late_failures[to] = code
+
     def reset(self) -> None:
-        """Forget recorded messages, attempts and every injected failure."""
+        """Forget recorded messages, attempts, sticky senders and every injected failure (not the services)."""
         with self._lock:
             self._clear()
 
@@ -581,27 +661,65 @@ class TwilioStandin:
     def _create(self, account_sid: str, credentials: tuple[str, str] | None, form: dict[str, list[str]]) -> _Reply:
         fields = _Fields.parse(form)
         message: SentMessage | None = None
+        steps: list[tuple[str, int | None]] = []
         with self._changed:
             now = self._clock()
             delay = self._delays.popleft() if self._delays else 0.0
             # Auth first, then injected faults (a 429 comes before Twilio looks at the payload).
             error = self._auth_error(account_sid, credentials) or self._injected_error(fields.to)
-            error = error or _validation_error(fields)
+            error = error or _validation_error(fields) or self._service_error(fields)
             if error is None:
                 message = self._accept(account_sid, fields, form, now)
-                reply = _Reply(201, _resource(message), delay=delay)
+                reply = _Reply(201, _answer(message, fields), delay=delay)
                 if (rule := self._lost_rule(fields.to)) is not None:
                     reply = replace(reply, delay=max(delay, rule.seconds), lost=rule.mode)
+                steps = self._lifecycle(message)
             else:
                 reply = replace(error, delay=delay)
             code = None if error is None else error.payload["code"]
-            attempt = Attempt(now, fields.to, fields.from_, fields.body, reply.status, code, reply.lost)
+            attempt = Attempt(
+                now, fields.to, fields.from_, fields.body, reply.status, code, reply.lost, fields.messaging_service_sid
+            )
             self._attempts.append(attempt)
-            undelivered_code = self._undeliverable.get(fields.to or "")
             self._changed.notify_all()
         if message is not None and credentials is not None:
-            self._announce(message, credentials[1], undelivered_code)
+            self._announce(message, credentials[1], steps)
         return reply
+
+    def _service_error(self, fields: _Fields) -> _Reply | None:
+        service = fields.messaging_service_sid
+        if service is None:
+            return None
+        if not _SERVICE_SID.fullmatch(service):
+            return _error(400, 21705)
+        if service not in self._services:
+            return _error(400, 21701)
+        if fields.from_ is not None and fields.from_ not in self._services[service]:
+            return _error(400, 21711)
+        return None
+
+    def _sender(self, service: str, to: str) -> str:
+        """Sticky Sender: the recipient's sender while it is in the pool, else the pool's next in turn."""
+        pool = self._services[service]
+        sender = self._sticky.get((service, to))
+        if sender not in pool:
+            sender = pool[self._assigned[service] % len(pool)]
+            self._assigned[service] += 1
+            self._sticky[(service, to)] = sender
+        return sender
+
+    def _lifecycle(self, message: SentMessage) -> list[tuple[str, int | None]]:
+        """The statuses the callbacks will report, in order, each with its ErrorCode."""
+        overflowing = message.messaging_service_sid in self._overflowing
+        late_code = 30001 if overflowing else self._late_failures.get(message.to)
+        if late_code is not None:
+            steps: list[tuple[str, int | None]] = [("failed", late_code)]
+        elif (undelivered_code := self._undeliverable.get(message.to)) is not None:
+            steps = [("sent", None), ("undelivered", undelivered_code)]
+        else:
+            steps = [("sent", None), ("delivered", None)]
+        # A service's message is "accepted" until a sender is picked; "queued" is then called back too.
+        return steps if message.messaging_service_sid is None else [("queued", None), *steps]
 
     def _lost_rule(self, to: str | None) -> _LostRule | None:
         for rule in self._lost_rules:
@@ -614,25 +732,27 @@ class TwilioStandin:
 
     def _accept(self, account_sid: str, fields: _Fields, form: dict[str, list[str]], now: float) -> SentMessage:
         assert fields.to is not None  # _validation_error guarantees it
+        service = fields.messaging_service_sid
         message = SentMessage(
             sid="SM" + uuid.uuid4().hex,
             account_sid=account_sid,
             to=fields.to,
-            from_=fields.from_,
+            from_=fields.from_ if fields.from_ is not None or service is None else self._sender(service, fields.to),
             body=fields.body or "",
             media_urls=fields.media_urls,
             status_callback=fields.status_callback,
             received_at=now,
             form=form,
-            messaging_service_sid=fields.messaging_service_sid,
-            # Twilio answers "accepted" while a Messaging Service still has to pick a sender.
-            status="queued" if fields.from_ else "accepted",
+            messaging_service_sid=service,
+            validity_period=fields.validity_period,
+            smart_encoded=fields.smart_encoded,
+            shorten_urls=fields.shorten_urls,
         )
         self._messages.append(message)
         self._by_sid[message.sid] = message
         return message
 
-    def _announce(self, message: SentMessage, auth_token: str, undelivered_code: int | None) -> None:
+    def _announce(self, message: SentMessage, auth_token: str, steps: list[tuple[str, int | None]]) -> None:
         if self._echo is not None:
             try:
                 self._echo(_echo_line(message))
@@ -640,7 +760,7 @@ class TwilioStandin:
                 _log.exception("twilio stand-in echo failed")
         if self._callbacks is not None and message.status_callback is not None:
             try:
-                self._callbacks.submit(self._run_lifecycle, message, auth_token, undelivered_code)
+                self._callbacks.submit(self._run_lifecycle, message, auth_token, steps)
             except RuntimeError:  # executor already shut down: stop() is under way
                 pass
 
@@ -717,9 +837,8 @@ class TwilioStandin:
 
     # -- status callbacks (run on the callback pool) -----------------------------------------
 
-    def _run_lifecycle(self, message: SentMessage, auth_token: str, undelivered_code: int | None) -> None:
-        final = ("undelivered", undelivered_code) if undelivered_code is not None else ("delivered", None)
-        for status, error_code in (("sent", None), final):
+    def _run_lifecycle(self, message: SentMessage, auth_token: str, steps: list[tuple[str, int | None]]) -> None:
+        for status, error_code in steps:
             if self._stopped.is_set():
                 return
             with self._lock:
@@ -755,7 +874,10 @@ class TwilioStandin:
         if route == ("POST", "/_standin/reset"):
             self.reset()
             return _Reply(200, {"ok": True})
-        programs = ("/_standin/fail", "/_standin/delay", "/_standin/accept_then_drop", "/_standin/accept_then_delay")
+        programs = (
+            "/_standin/fail", "/_standin/delay", "/_standin/accept_then_drop", "/_standin/accept_then_delay",
+            "/_standin/services", "/_standin/queue_overflow", "/_standin/fail_after_accept",
+        )
         if method == "POST" and path in programs:
             try:
                 spec = json.loads(body or b"{}")
@@ -767,8 +889,15 @@ class TwilioStandin:
 
     def _program(self, path: str, spec: dict[str, Any]) -> None:
         """Apply a JSON failure spec: {count, status, code, message, to, always}, {seconds, count}
-        for /delay, {count, to} for /accept_then_drop or {seconds, count, to} for /accept_then_delay."""
-        if path == "/_standin/delay":
+        for /delay, {count, to} for /accept_then_drop or {seconds, count, to} for /accept_then_delay;
+        or {sid, numbers} for /services, {service, on} for /queue_overflow, {to, code} for /fail_after_accept."""
+        if path == "/_standin/services":
+            self.set_service(str(spec["sid"]), [str(number) for number in spec["numbers"]])
+        elif path == "/_standin/queue_overflow":
+            self.queue_overflow(str(spec["service"]), bool(spec.get("on", True)))
+        elif path == "/_standin/fail_after_accept":
+            self.fail_after_accept(to=str(spec["to"]), code=int(spec.get("code", 21610)))
+        elif path == "/_standin/delay":
             self.fail_with_delay(float(spec["seconds"]), int(spec.get("count", 1)))
         elif path == "/_standin/accept_then_drop":
             self.accept_then_drop(int(spec.get("count", 1)), to=spec.get("to"))
@@ -925,11 +1054,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="accept only these credentials (repeatable); default: accept any",
     )
     parser.add_argument("--status-callbacks", action="store_true", help="POST signed sent/delivered callbacks")
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="MG_SID:NUMBER,NUMBER",
+        help="a Messaging Service and its pool of sender numbers (repeatable)",
+    )
     args = parser.parse_args(argv)
     pairs = [account.partition(":") for account in args.account]
     if any(not sep for _, sep, _ in pairs):
         parser.error("--account takes SID:TOKEN")
     args.accounts = {sid: token for sid, _, token in pairs} or None
+    services = [service.partition(":") for service in args.service]
+    if any(not sep or not _SERVICE_SID.fullmatch(sid) or not numbers.strip(",") for sid, sep, numbers in services):
+        parser.error("--service takes MG_SID:NUMBER,NUMBER")
+    args.services = {sid: [n for n in numbers.split(",") if n] for sid, _, numbers in services}
     return args
 
 
@@ -957,7 +1097,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # flush=True: under honcho or a pipe, stdout is block-buffered and replies would show late.
     echo = None if args.quiet else functools.partial(print, flush=True)
     standin = TwilioStandin(
-        args.host, args.port, accounts=args.accounts, echo=echo, status_callbacks=args.status_callbacks
+        args.host,
+        args.port,
+        accounts=args.accounts,
+        echo=echo,
+        status_callbacks=args.status_callbacks,
+        services=args.services,
     )
     with standin:
         print(f"Twilio stand-in listening on {standin.url} (set client.api.base_url to it)", flush=True)

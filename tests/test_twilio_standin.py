@@ -653,3 +653,257 @@ def test_stop_does_not_wait_for_a_late_answer(make_client: MakeClient) -> None:
     assert not sender.is_alive()
     [error] = outcome
     assert isinstance(error, requests.exceptions.ConnectionError), error
+
+
+# -- Messaging Services: a pool of senders behind one MG SID ----------------------------------
+
+SERVICE = "MG" + "3" * 32
+POOL = ("+15550000001", "+15550000002")
+CAROL = "+15558889999"
+
+
+@pytest.fixture
+def service_standin() -> Iterator[TwilioStandin]:
+    with TwilioStandin(accounts={ACCOUNT: TOKEN}, status_callbacks=True, services={SERVICE: POOL}) as server:
+        yield server
+
+
+def test_service_send_is_answered_accepted_without_a_sender_then_shows_the_one_picked(
+    service_standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """Twilio answers a MessagingServiceSid send before picking a sender: "accepted", from null, 0 segments;
+    fetch and the record then show the sender picked from the pool (twilio-python docstrings, messaging-services.md)."""
+    client = make_client(service_standin)
+
+    sent = client.messages.create(to=ALICE, messaging_service_sid=SERVICE, body="hola")
+
+    assert (sent.status, sent.from_, sent.num_segments, sent.messaging_service_sid) == ("accepted", None, "0", SERVICE)
+    fetched = client.messages(sent.sid).fetch()
+    assert (fetched.status, fetched.from_, fetched.num_segments) == ("queued", POOL[0], "1")
+    [message] = service_standin.messages
+    assert (message.from_, message.messaging_service_sid, "From" in message.form) == (POOL[0], SERVICE, False)
+    [attempt] = service_standin.attempts
+    assert (attempt.from_, attempt.messaging_service_sid, attempt.http_status) == (None, SERVICE, 201)
+
+
+def test_sticky_sender_keeps_each_recipient_on_its_sender_while_it_stays_in_the_pool(
+    service_standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """New recipients take the pool's senders in turn; a recipient keeps its sender until it leaves the pool."""
+    client = make_client(service_standin)
+
+    def sender(to: str) -> str | None:
+        sent = client.messages.create(to=to, messaging_service_sid=SERVICE, body="hi")
+        return client.messages(sent.sid).fetch().from_
+
+    assert [sender(to) for to in (ALICE, BOB, ALICE, CAROL, BOB, ALICE)] == [
+        POOL[0], POOL[1], POOL[0], POOL[0], POOL[1], POOL[0],
+    ]
+    service_standin.set_service(SERVICE, [POOL[1], OTHER_BOT])  # ALICE's and CAROL's sender leaves the pool
+    assert [sender(to) for to in (BOB, ALICE, ALICE, CAROL)] == [POOL[1], OTHER_BOT, OTHER_BOT, POOL[1]]
+    assert [m.from_ for m in client.messages.list(to=ALICE)] == [OTHER_BOT, OTHER_BOT, POOL[0], POOL[0], POOL[0]]
+
+
+def test_a_from_in_the_pool_is_used_and_one_outside_it_is_refused_with_21711(
+    service_standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """With a service, a given From must be one of its senders (error 21711 otherwise); it is used as given."""
+    client = make_client(service_standin)
+
+    chosen = client.messages.create(to=ALICE, from_=POOL[1], messaging_service_sid=SERVICE, body="from two")
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages.create(to=ALICE, from_=OTHER_BOT, messaging_service_sid=SERVICE, body="not in the pool")
+
+    assert (chosen.status, chosen.from_, chosen.messaging_service_sid) == ("accepted", POOL[1], SERVICE)
+    assert (caught.value.status, caught.value.code) == (400, 21711)
+    assert [(m.from_, m.body) for m in service_standin.messages] == [(POOL[1], "from two")]
+    # An explicit From does not make a sender sticky: ALICE's first pooled send still gets the pool's first.
+    pooled = client.messages.create(to=ALICE, messaging_service_sid=SERVICE, body="pooled")
+    assert POOL[0] == client.messages(pooled.sid).fetch().from_
+
+
+def test_a_service_sid_given_as_from_sends_through_that_service(
+    service_standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """Twilio's 21603 page: From may carry a Messaging Service SID instead of MessagingServiceSid."""
+    sent = make_client(service_standin).messages.create(to=ALICE, from_=SERVICE, body="hi")
+    assert (sent.status, sent.from_, sent.messaging_service_sid) == ("accepted", None, SERVICE)
+    assert [(m.from_, m.messaging_service_sid) for m in service_standin.messages] == [(POOL[0], SERVICE)]
+
+
+@pytest.mark.parametrize(
+    ("service", "code"),
+    [("MG" + "9" * 32, 21701), ("MG123", 21705), ("PN" + "3" * 32, 21705)],
+    ids=["unknown", "too-short", "not-an-MG-sid"],
+)
+def test_an_unknown_or_malformed_service_is_refused(
+    service_standin: TwilioStandin, make_client: MakeClient, service: str, code: int
+) -> None:
+    """A well-formed SID of no service gets 21701 (does not exist), a malformed one 21705 (invalid)."""
+    with pytest.raises(TwilioRestException) as caught:
+        make_client(service_standin).messages.create(to=ALICE, messaging_service_sid=service, body="hi")
+    assert (caught.value.status, caught.value.code) == (400, code)
+    assert service_standin.messages == []
+    assert [(a.messaging_service_sid, a.code) for a in service_standin.attempts] == [(service, code)]
+
+
+def test_service_callbacks_report_queued_sent_delivered_with_the_service_and_sender_signed(
+    service_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """No callback for "accepted"; then "queued", "sent", "delivered", each naming the service and the
+    picked sender, signed so RequestValidator accepts them."""
+    base, received = callback_receiver
+    client = make_client(service_standin)
+
+    sent = client.messages.create(to=BOB, messaging_service_sid=SERVICE, body="hi", status_callback=f"{base}/s?b=1")
+
+    callbacks = [received.get(timeout=5) for _ in range(3)]
+    assert [form["MessageStatus"] for _, form, _ in callbacks] == ["queued", "sent", "delivered"]
+    for url, form, signature in callbacks:
+        assert RequestValidator(TOKEN).validate(url, form, signature)
+        assert (form["MessageSid"], form["MessagingServiceSid"], form["From"], form["To"]) == (
+            sent.sid, SERVICE, POOL[0], BOB,
+        )
+        assert "ErrorCode" not in form
+    assert client.messages(sent.sid).fetch().status == "delivered"
+
+
+def test_validity_period_smart_encoded_and_shorten_urls_are_recorded_as_sent(
+    service_standin: TwilioStandin, make_client: MakeClient
+) -> None:
+    """The send options are kept per message, typed, and listed over HTTP; absent ones are None."""
+    client = make_client(service_standin)
+
+    client.messages.create(
+        to=ALICE, messaging_service_sid=SERVICE, body="see https://example.com", validity_period=600,
+        smart_encoded=True, shorten_urls=True,
+    )
+    client.messages.create(to=BOB, messaging_service_sid=SERVICE, body="plain", smart_encoded=False)
+    client.messages.create(to=BOB, from_=BOT, body="no service")
+
+    options = [(m.validity_period, m.smart_encoded, m.shorten_urls) for m in service_standin.messages]
+    assert options == [(600, True, True), (None, False, None), (None, None, None)]
+    assert service_standin.messages[0].form["ShortenUrls"] == ["true"]
+    listed = requests.get(f"{service_standin.url}/_standin/messages").json()
+    assert [(m["validity_period"], m["smart_encoded"], m["shorten_urls"]) for m in listed] == options
+    assert [m["messaging_service_sid"] for m in listed] == [SERVICE, SERVICE, None]
+
+
+def test_shorten_urls_without_a_service_is_refused(standin: TwilioStandin, make_client: MakeClient) -> None:
+    """Twilio's docs: ShortenUrls=true needs a MessagingServiceSid; without one the send fails (30124).
+    ShortenUrls=false needs nothing."""
+    client = make_client(standin)
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages.create(to=ALICE, from_=BOT, body="https://example.com", shorten_urls=True)
+    client.messages.create(to=ALICE, from_=BOT, body="https://example.com", shorten_urls=False)
+    assert (caught.value.status, caught.value.code) == (400, 30124)
+    assert [m.shorten_urls for m in standin.messages] == [False]
+
+
+def test_queue_overflow_accepts_a_services_sends_then_fails_them_with_30001(
+    service_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """queue_overflow(service): the send is accepted, then called back "failed" with ErrorCode 30001
+    (where a number alone answers 21611); switched off, sends are delivered again."""
+    base, received = callback_receiver
+    client = make_client(service_standin)
+    service_standin.queue_overflow(SERVICE)
+
+    sent = client.messages.create(to=ALICE, messaging_service_sid=SERVICE, body="hi", status_callback=f"{base}/s")
+    plain = client.messages.create(to=BOB, from_=BOT, body="not through the service", status_callback=f"{base}/p")
+
+    assert sent.status == "accepted"
+    callbacks = [received.get(timeout=5) for _ in range(4)]
+    by_path = {path: [(f["MessageStatus"], f.get("ErrorCode")) for u, f, _ in callbacks if u.endswith(path)]
+               for path in ("/s", "/p")}
+    assert by_path == {"/s": [("queued", None), ("failed", "30001")], "/p": [("sent", None), ("delivered", None)]}
+    failed = client.messages(sent.sid).fetch()
+    assert (failed.status, failed.error_code, failed.date_sent) == ("failed", 30001, None)
+    assert client.messages(plain.sid).fetch().status == "delivered"
+    service_standin.queue_overflow(SERVICE, on=False)
+    client.messages.create(to=ALICE, messaging_service_sid=SERVICE, body="again", status_callback=f"{base}/s")
+    assert [received.get(timeout=5)[1]["MessageStatus"] for _ in range(3)] == ["queued", "sent", "delivered"]
+
+
+def test_fail_after_accept_reports_a_late_21610_for_an_opted_out_recipient(
+    service_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """fail_after_accept(to=...): the send is accepted, then called back "failed" with ErrorCode 21610,
+    as a Messaging Service send to an opted-out recipient fails; other recipients are unaffected."""
+    base, received = callback_receiver
+    client = make_client(service_standin)
+    service_standin.fail_after_accept(to=BOB)
+
+    sent = client.messages.create(to=BOB, messaging_service_sid=SERVICE, body="hi", status_callback=f"{base}/s")
+
+    assert sent.status == "accepted"
+    callbacks = [received.get(timeout=5)[1] for _ in range(2)]
+    assert [(f["MessageStatus"], f.get("ErrorCode"), f["MessagingServiceSid"]) for f in callbacks] == [
+        ("queued", None, SERVICE), ("failed", "21610", SERVICE),
+    ]
+    assert (service_standin.messages[0].status, service_standin.messages[0].error_code) == ("failed", 21610)
+    client.messages.create(to=ALICE, messaging_service_sid=SERVICE, body="hi", status_callback=f"{base}/s")
+    assert [received.get(timeout=5)[1]["MessageStatus"] for _ in range(3)] == ["queued", "sent", "delivered"]
+
+
+def test_services_and_late_failures_are_programmed_over_http_and_reset_keeps_the_services(
+    callback_standin: TwilioStandin,
+    make_client: MakeClient,
+    callback_receiver: tuple[str, queue.Queue[Callback]],
+) -> None:
+    """/_standin/services, /queue_overflow and /fail_after_accept program another process's stand-in;
+    reset() clears the failures and the sticky senders but keeps the services."""
+    base, received = callback_receiver
+    client = make_client(callback_standin)
+
+    def statuses(to: str) -> list[tuple[str, str | None]]:
+        client.messages.create(to=to, messaging_service_sid=SERVICE, body="hi", status_callback=f"{base}/s")
+        forms = [received.get(timeout=5)[1]]
+        while forms[-1]["MessageStatus"] not in ("delivered", "failed"):
+            forms.append(received.get(timeout=5)[1])
+        return [(f["MessageStatus"], f.get("ErrorCode")) for f in forms]
+
+    with requests.Session() as http:
+        control = callback_standin.url + "/_standin"
+        assert http.post(f"{control}/services", json={"sid": SERVICE, "numbers": list(POOL)}).status_code == 200
+        assert http.post(f"{control}/queue_overflow", json={"service": SERVICE}).status_code == 200
+        assert statuses(ALICE) == [("queued", None), ("failed", "30001")]
+        assert http.post(f"{control}/queue_overflow", json={"service": SERVICE, "on": False}).status_code == 200
+        assert http.post(f"{control}/fail_after_accept", json={"to": BOB, "code": 21610}).status_code == 200
+        assert statuses(BOB) == [("queued", None), ("failed", "21610")]
+        for path, spec in [("services", {"sid": "MG1", "numbers": ["+1"]}), ("services", {"sid": SERVICE}),
+                           ("services", {"sid": SERVICE, "numbers": []}), ("fail_after_accept", {"code": 21610})]:
+            assert http.post(f"{control}/{path}", json=spec).status_code == 400, (path, spec)
+        assert http.post(f"{control}/reset").status_code == 200
+    assert statuses(BOB) == [("queued", None), ("sent", None), ("delivered", None)]
+    assert [m.from_ for m in callback_standin.messages] == [POOL[0]]  # BOB is first again: stickiness forgotten
+
+
+def test_module_serves_the_services_given_on_the_command_line() -> None:
+    """`--service MG...:+1...,+1...` registers a pool; the echoed line names the sender it picked."""
+    command = [sys.executable, "-m", "cli.twilio_standin", "--port", "0", "--service", f"{SERVICE}:{','.join(POOL)}"]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            match = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline())
+            assert match
+            response = requests.post(
+                f"{match.group()}/2010-04-01/Accounts/{ACCOUNT}/Messages.json",
+                data={"To": ALICE, "MessagingServiceSid": SERVICE, "Body": "pooled"},
+                auth=(ACCOUNT, "any-token"),
+            )
+            assert (response.status_code, response.json()["status"], response.json()["from"]) == (201, "accepted", None)
+            assert process.stdout.readline() == f"SMS {POOL[0]} -> {ALICE} via {SERVICE}: pooled\n"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=5) == 0
+        finally:
+            process.kill()
+    for bad_pool in ("+15550000001", f"{SERVICE}:", f"MG123:{POOL[0]}"):
+        bad = subprocess.run([*command[:-1], bad_pool], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and "--service takes MG_SID:NUMBER,NUMBER" in bad.stderr, bad_pool
