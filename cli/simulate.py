@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from twilio.request_validator import RequestValidator
@@ -24,7 +25,9 @@ from cli.bots import DEFAULT_APP, RegistryClient, RegistryError
 from shared.phone import InvalidNumber, normalize_e164
 
 WEBHOOK_PATH = "/channels/sms/"
-DEFAULT_URL = "http://localhost:5000" + WEBHOOK_PATH
+DEFAULT_URL = "http://localhost:5000"
+# The body of the webhook's own 404 (webhook/inbound.py); any other 404 means the URL is wrong.
+UNKNOWN_NUMBER = "unknown_number"
 POLL_SECONDS = 0.3
 # Replies to one message go out within moments of each other: this long without a new one ends the wait.
 QUIET_SECONDS = 3.0
@@ -57,7 +60,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--to", required=True, help="the bot's number, E.164")
     parser.add_argument("--from", dest="sender", required=True, metavar="FROM", help="the texting person's number, E.164")
     parser.add_argument("--url", default=None,
-                        help=f"the service's webhook URL (default: $PUBLIC_URL{WEBHOOK_PATH}, else {DEFAULT_URL})")
+                        help=f"the service's base URL, such as {DEFAULT_URL} or https://host/prefix, or its webhook "
+                             f"URL (the base + {WEBHOOK_PATH}) (default: $PUBLIC_URL, else {DEFAULT_URL})")
     parser.add_argument("--auth-token", default=None,
                         help="the bot's Twilio auth token, when the store is not reachable from here")
     parser.add_argument("--account-sid", default=None, help="the bot's Twilio account SID (default: from the registry)")
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def simulate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     to, sender = _number(args.to, "--to"), _number(args.sender, "--from")
-    url = args.url or webhook_url()
+    url = webhook_url(args.url or os.environ.get("PUBLIC_URL") or DEFAULT_URL)
     registry = RegistryClient(url, args.admin_token or os.environ.get("ADMIN_API_TOKEN"),
                               args.app or os.environ.get("APP_ID") or DEFAULT_APP)
     target = find_target(args, to, registry)
@@ -87,7 +91,7 @@ def simulate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     signed_over = signed_url(url)
     response = post_signed(url, signed_over, form, target.auth_token)
     if response.status_code != 200:
-        raise SimulateError(_refusal(response, signed_over))
+        raise SimulateError(_refusal(response, url, signed_over, to))
     say(f"> {sender} -> {to}: {args.text}  (MessageSid {form['MessageSid']}, accepted)")
     if args.wait <= 0:
         return 0
@@ -100,15 +104,26 @@ def simulate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     return 0
 
 
-def webhook_url() -> str:
-    public = (os.environ.get("PUBLIC_URL") or "").rstrip("/")
-    return public + WEBHOOK_PATH if public else DEFAULT_URL
+def webhook_url(given: str) -> str:
+    """The URL to post to: `given` when it is the webhook's (either spelling), else `given` is a base URL."""
+    parts = urlsplit(given.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SimulateError(f"--url: {given!r} is not an http(s) URL; give the service's base URL, "
+                            f"such as {DEFAULT_URL}")
+    path = parts.path.rstrip("/")
+    if path.endswith(WEBHOOK_PATH.rstrip("/")):
+        return urlunsplit(parts._replace(fragment=""))
+    return urlunsplit(parts._replace(path=path + WEBHOOK_PATH, fragment=""))
 
 
 def signed_url(url: str) -> str:
-    """The URL the service validates: PUBLIC_URL's when it is set, for the service does the same."""
+    """The URL the service validates: with PUBLIC_URL set, PUBLIC_URL and the webhook's path as it was called."""
     public = (os.environ.get("PUBLIC_URL") or "").rstrip("/")
-    return public + WEBHOOK_PATH if public else url
+    if not public:
+        return url
+    parts = urlsplit(url)
+    path = WEBHOOK_PATH if parts.path.endswith("/") else WEBHOOK_PATH.rstrip("/")
+    return public + path + ("?" + parts.query if parts.query else "")
 
 
 def find_target(args: argparse.Namespace, to: str, registry: RegistryClient) -> Target:
@@ -193,15 +208,23 @@ def post_signed(url: str, signed_over: str, form: dict[str, str], auth_token: st
         raise SimulateError(f"cannot reach {url}: {error.__class__.__name__} (is the service running?)") from None
 
 
-def _refusal(response: requests.Response, signed_over: str) -> str:
-    reason = response.text.strip()[:200]
-    text = f"the service answered HTTP {response.status_code}: {reason}"
+def _refusal(response: requests.Response, url: str, signed_over: str, to: str) -> str:
+    if response.status_code == 404 and not _is_unknown_number(response):
+        root = urlunsplit(urlsplit(url)[:2] + ("", "", ""))
+        return (f"nothing at {url} takes the webhook (HTTP 404): the URL is wrong. --url takes the service's base "
+                f"URL, such as {root}, or its webhook URL, such as {root}{WEBHOOK_PATH}")
+    text = f"the service answered HTTP {response.status_code}: {response.text.strip()[:200]}"
     if response.status_code == 403:
         text += (f"\n  signed over {signed_over}; the service validates PUBLIC_URL + {WEBHOOK_PATH} when PUBLIC_URL "
                  "is set, else the URL it was called at. Check the auth token and PUBLIC_URL on both sides.")
     elif response.status_code == 404:
-        text += "\n  no bot has that number (mammut-sms bots list)"
+        text += f"\n  no bot has the number {to} (mammut-sms bots list)"
     return text
+
+
+def _is_unknown_number(response: requests.Response) -> bool:
+    """The webhook's own 404 is its bare reason (webhook/twilio_auth.refusal); Flask's is a JSON failure."""
+    return response.text.strip() == UNKNOWN_NUMBER
 
 
 def watch_replies(registry: RegistryClient, bot_id: int, sender: str, message_sid: str, wait: float,

@@ -6,9 +6,11 @@ import dramatiq
 import pytest
 import redis as redis_lib
 from flask import Flask
+from werkzeug.exceptions import NotFound
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from cli.main import main
-from cli.simulate import replies_to
+from cli.simulate import SimulateError, replies_to, webhook_url
 from cli.twilio_standin import TwilioStandin
 from shared import keys
 from shared.bots import Bot
@@ -36,8 +38,9 @@ def service_environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setenv(name, value)
 
 
-def _simulate(capsys: pytest.CaptureFixture[str], url: str, *options: str, text: str = "hola") -> tuple[int, str, str]:
-    code = main(["simulate", "--url", f"{url}/channels/sms/", "--to", BOT_NUMBER, "--from", PERSON, *options, text])
+def _simulate(capsys: pytest.CaptureFixture[str], url: str, *options: str, text: str = "hola",
+              path: str = "/channels/sms/", to: str = BOT_NUMBER) -> tuple[int, str, str]:
+    code = main(["simulate", "--url", f"{url}{path}", "--to", to, "--from", PERSON, *options, text])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -104,6 +107,73 @@ class TestRefusals:
         assert "no bot has the number +15550009999" in capsys.readouterr().err
 
 
+class TestUrl:
+    """--url takes the service's base URL as well as its webhook URL, and a wrong one is named as wrong."""
+
+    @pytest.mark.parametrize("path", ["", "/", "/channels/sms"])
+    def test_the_base_url_or_the_webhook_without_its_slash_reaches_the_bot(
+        self, outside: None, live_server: str, bot: Bot, worker: dramatiq.Worker, path: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The message is signed over the URL posted to, accepted, and answered."""
+        code, out, err = _simulate(capsys, live_server, "--auth-token", BOT_AUTH_TOKEN, "--admin-token", ADMIN_TOKEN,
+                                   path=path)
+        assert 0 == code, err
+        assert out.splitlines()[-1].endswith(": echo: hola")
+
+    def test_a_base_url_behind_a_path_prefix_reaches_the_webhook(
+        self, outside: None, app: Flask, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A proxy that serves the app under /prefix: the webhook is at the prefix + /channels/sms/, signed so."""
+        app.wsgi_app = DispatcherMiddleware(NotFound(), {"/prefix": app.wsgi_app})  # type: ignore[method-assign]
+        with serving(app) as url:
+            code, out, err = _simulate(capsys, url, "--auth-token", BOT_AUTH_TOKEN, "--account-sid", bot.account_sid,
+                                       "--bot-id", str(bot.id), path="/prefix")
+        assert 0 == code, err
+        assert "accepted" in out
+        assert 1 == redis.llen(keys.inbox(keys.conversation_id(bot.id, PERSON)))
+
+    def test_a_wrong_url_is_named_as_wrong(
+        self, outside: None, live_server: str, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The service's generic 404 says the URL is wrong, names it and the right form, and blames no number."""
+        code, _, err = _simulate(capsys, live_server, "--auth-token", BOT_AUTH_TOKEN,
+                                 "--account-sid", bot.account_sid, "--wait", "0", path="/nope/")
+        assert 1 == code
+        assert f"nothing at {live_server}/nope/channels/sms/ takes the webhook (HTTP 404): the URL is wrong" in err
+        assert f"such as {live_server}/channels/sms/" in err
+        assert "no bot has" not in err
+        assert 0 == redis.llen(keys.inbox(keys.conversation_id(bot.id, PERSON)))
+
+    def test_an_unknown_number_at_the_right_url_is_the_numbers_fault(
+        self, outside: None, live_server: str, bot: Bot, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Without the registry to look it up first, the webhook's own 404 names the number, not the URL."""
+        code, _, err = _simulate(capsys, live_server, "--auth-token", BOT_AUTH_TOKEN,
+                                 "--account-sid", bot.account_sid, "--wait", "0", to="+15550009999")
+        assert 1 == code
+        assert "no bot has the number +15550009999" in err
+        assert "URL is wrong" not in err
+
+    @pytest.mark.parametrize(("given", "expected"), [
+        ("http://localhost:5000", "http://localhost:5000/channels/sms/"),
+        ("http://localhost:5000/", "http://localhost:5000/channels/sms/"),
+        ("https://host/prefix", "https://host/prefix/channels/sms/"),
+        ("https://host/prefix/", "https://host/prefix/channels/sms/"),
+        ("https://host/prefix/channels/sms", "https://host/prefix/channels/sms"),
+        ("https://host/channels/sms/?rc=2#top", "https://host/channels/sms/?rc=2"),
+    ])
+    def test_a_base_url_gets_the_webhook_path_and_a_webhook_url_is_kept(self, given: str, expected: str) -> None:
+        """Either spelling of the webhook is posted to as typed (the service serves both); the fragment is not sent."""
+        assert expected == webhook_url(given)
+
+    @pytest.mark.parametrize("given", ["localhost:5000", "ftp://host/", "/channels/sms/"])
+    def test_what_is_not_an_http_url_is_refused(self, given: str) -> None:
+        """Nothing is posted to a URL requests would refuse anyway; the error shows the form wanted."""
+        with pytest.raises(SimulateError, match="http://localhost:5000"):
+            webhook_url(given)
+
+
 class TestSignedUrl:
     """simulate signs over the URL the service validates: PUBLIC_URL's when it is set."""
 
@@ -111,15 +181,16 @@ class TestSignedUrl:
     def public_app(self, settings: Settings) -> Flask:
         return create_app(settings.with_overrides(public_url="https://sms.example.com"))
 
+    @pytest.mark.parametrize("path", ["/channels/sms/", "/channels/sms", ""])
     def test_with_public_url_set_the_signature_is_over_it(
-        self, outside: None, public_app: Flask, bot: Bot, redis: redis_lib.Redis,
+        self, outside: None, public_app: Flask, bot: Bot, redis: redis_lib.Redis, path: str,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     ) -> None:
-        """Posting to the local address while signing over PUBLIC_URL is accepted, as behind Heroku's router."""
+        """Posting to the local address, by any form of --url, while signing over PUBLIC_URL is accepted."""
         monkeypatch.setenv("PUBLIC_URL", "https://sms.example.com")
         with serving(public_app) as url:
             code, out, err = _simulate(capsys, url, "--auth-token", BOT_AUTH_TOKEN,
-                                       "--account-sid", bot.account_sid, "--wait", "0")
+                                       "--account-sid", bot.account_sid, "--wait", "0", path=path)
         assert 0 == code, err
         assert "accepted" in out
 
