@@ -23,6 +23,11 @@ _FIELD_FLAGS = {
     "engine_url": "engine-url",
     "messages_per_second": "messages-per-second",
     "fallback_message": "fallback-message",
+    "messaging_service_sid": "twilio-messaging-service-sid",
+    "phone_numbers": "phone-numbers",
+    "validity_period": "validity-period",
+    "smart_encoded": "smart-encoded",
+    "shorten_urls": "shorten-urls",
 }
 
 
@@ -56,7 +61,9 @@ class RegistryClient:
         return self._call("GET", f"/graph/user:{bot_id}")["data"]["user"][0]
 
     def find_by_number(self, number: str) -> dict[str, Any] | None:
-        return next((bot for bot in self.list() if bot.get("main-phone-number") == number), None)
+        """The bot that answers on `number`: its main-phone-number or one of its phone-numbers."""
+        return next((bot for bot in self.list()
+                     if number == bot.get("main-phone-number") or number in (bot.get("phone-numbers") or [])), None)
 
     def create(self, fields: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/graph/user", json={"user-type": "machine", **fields})
@@ -78,6 +85,11 @@ class RegistryClient:
         body = {"to": to, "text": text, "media-url": media_url}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", f"/graph/user:{bot_id}/messages", json=body, headers=headers)
+
+    def handoff(self, bot_id: int, person: str, pause: bool, note: str | None = None) -> dict[str, Any]:
+        """Hand the conversation with `person` to a human (pause) or give it back to the bot."""
+        path = f"/graph/user:{bot_id}/conversations/{quote(person)}/handoff"
+        return self._call("POST", path, json={"note": note} if note else None) if pause else self._call("DELETE", path)
 
     def _call(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
         if not self.token:
@@ -123,8 +135,28 @@ def _field_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-url", help="the bot's engine (Rasa REST protocol); default: ENGINE_URL or echo")
     parser.add_argument("--messages-per-second", type=float, help="send pace of the bot's number, in segments/s")
     parser.add_argument("--fallback-message", help="sent when the engine fails")
+    parser.add_argument("--messaging-service-sid", help="the Twilio Messaging Service the bot sends through (MG + 32 "
+                                                        "hex digits); with it, --number is optional")
+    parser.add_argument("--phone-numbers", type=_numbers, metavar="E164[,E164...]",
+                        help="the bot's numbers besides --number, comma-separated ('' clears them)")
+    parser.add_argument("--validity-period", type=int, metavar="SECONDS",
+                        help="seconds a message may wait in Twilio's queue before it fails (1-36000)")
+    parser.add_argument("--smart-encoded", type=_flag, metavar="true|false",
+                        help="Twilio replaces Unicode look-alikes with GSM-7 characters")
+    parser.add_argument("--shorten-urls", type=_flag, metavar="true|false",
+                        help="Twilio shortens links (needs a messaging service with link shortening)")
     parser.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
                         help="any other user field (repeatable)")
+
+
+def _numbers(raw: str) -> list[str]:
+    return [number.strip() for number in raw.split(",") if number.strip()]
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"true or false, not {raw!r}")
+    return raw.lower() == "true"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -138,7 +170,8 @@ def add_parser(subparsers: Any) -> None:
     show.add_argument("bot_id", type=int, metavar="ID")
     create = actions.add_parser("create", help="register a bot for a Twilio number",
                                 description="Register a bot (a Mammut machine user) for a Twilio number. "
-                                            "--name, --account-sid, --auth-token and --number are required.")
+                                            "--name, --account-sid, --auth-token and --number (or "
+                                            "--messaging-service-sid) are required.")
     _field_options(create)
     update = actions.add_parser("update", help="change some of a bot's fields",
                                 description="Change the given fields of a bot; the others stay as they are.")
@@ -188,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _required(fields: dict[str, Any]) -> dict[str, Any]:
-    missing = [flag for flag in ("name", "account_sid", "auth_token", "number") if _FIELD_FLAGS[flag] not in fields]
+    missing = [flag for flag in ("name", "account_sid", "auth_token") if _FIELD_FLAGS[flag] not in fields]
+    if _FIELD_FLAGS["number"] not in fields and _FIELD_FLAGS["messaging_service_sid"] not in fields:
+        missing.append("number")
     if missing:
         raise RegistryError("missing " + ", ".join("--" + flag.replace("_", "-") for flag in missing))
     return fields
@@ -206,7 +241,7 @@ def _print_list(bots: list[dict[str, Any]], as_json: bool) -> None:
         print("no bots yet: mammut-sms bots create --help")
         return
     rows = [("ID", "NUMBER", "NAME", "ENGINE")] + [
-        (str(bot["id"]), bot.get("main-phone-number") or "", bot.get("name") or "", bot.get("engine-url") or "(default)")
+        (str(bot["id"]), bot.get("main-phone-number") or bot.get("twilio-messaging-service-sid") or "", bot.get("name") or "", bot.get("engine-url") or "(default)")
         for bot in bots
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

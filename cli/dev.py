@@ -3,6 +3,7 @@
 Runs the Procfile's own `web` and `worker` commands as child processes (so what runs here is
 what runs on Heroku), with an embedded Redis (fakeredis over TCP) unless REDIS_URL is set, a
 SQLite database for the run (migrated first) unless DATABASE_URL is set, a Twilio stand-in that prints every outbound SMS, and a demo bot to text with `mammut-sms simulate`.
+With `--pool` the demo bot sends through a Messaging Service whose pool (three numbers) the stand-in knows.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import IO, Any
 import requests
 
 from cli.twilio_standin import TwilioStandin
-from shared.bots import Bot, BotStore
+from shared.bots import PHONE_NUMBERS, SERVICE_SID, Bot, BotStore
 from shared.crypto import Vault
 from shared.db import get_engine, migrate
 from shared.redis import connect
@@ -37,6 +38,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_NUMBER = "+15005550006"
 DEMO_SENDER = "+15551230000"
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
+DEMO_SERVICE_SID = "MG" + "de" * 16
+DEMO_POOL = (DEMO_NUMBER, "+15005551001", "+15005551002")  # --pool: the demo Messaging Service's senders
 READY_TIMEOUT = 60.0
 POLL = 0.1
 
@@ -57,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--procfile", type=Path, default=None, help="the Procfile to run (default: the project's)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds the processes get to stop after SIGTERM before SIGKILL (default 30, as Heroku)")
+    parser.add_argument("--pool", action="store_true",
+                        help=f"the demo bot sends through Messaging Service {DEMO_SERVICE_SID}, whose pool is "
+                             f"{', '.join(DEMO_POOL)} (a demo bot left by an earlier run is reused as it is)")
     parser.set_defaults(run=run)
 
 
@@ -249,15 +255,19 @@ def wait_until_ready(port: int, children: list[Child], timeout: float = READY_TI
     raise DevError(f"the web process did not answer {url} within {timeout:g} s")
 
 
-def demo_bot(settings: Settings) -> Bot:
-    """The demo bot on DEMO_NUMBER in settings.database_url: reused when a previous run left it there."""
+def demo_bot(settings: Settings, pooled: bool = False) -> Bot:
+    """The demo bot on DEMO_NUMBER in settings.database_url: reused when a previous run left it there.
+    `pooled`: a new one also has DEMO_POOL's other numbers and sends through DEMO_SERVICE_SID."""
     store = BotStore(get_engine(settings), connect(settings.redis_url), Vault(settings.credentials_keys))
     existing = store.by_number(DEMO_NUMBER)
+    pool = {SERVICE_SID: DEMO_SERVICE_SID, PHONE_NUMBERS: list(DEMO_POOL[1:])} if pooled else {}
+    if existing is not None and pooled and existing.messaging_service_sid != DEMO_SERVICE_SID:
+        return store.update(existing.id, pool)  # a previous run's demo bot, without the pool
     if existing is not None:
         return existing
     return store.create({
         "name": "demo-bot", "twilio-account-sid": DEMO_ACCOUNT_SID,
-        "twilio-auth-token": secrets.token_hex(16), "main-phone-number": DEMO_NUMBER,
+        "twilio-auth-token": secrets.token_hex(16), "main-phone-number": DEMO_NUMBER, **pool,
     })
 
 
@@ -281,6 +291,11 @@ def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, t
     console.say(f"  admin token: {env['ADMIN_API_TOKEN']}   (ADMIN_API_TOKEN, for the registry API and /metrics)")
     console.say(f"Demo bot {bot.id} ({bot.name}) answers on {bot.number}. Text it:")
     console.say(f"  {command}")
+    if bot.messaging_service_sid and bot.phone_numbers:
+        pooled = command.replace(f"--to {bot.number}", f"--to {bot.phone_numbers[0]} --bot-id {bot.id}")
+        console.say(f"It sends through Messaging Service {bot.messaging_service_sid} (pool: {bot.number}, "
+                    f"{', '.join(bot.phone_numbers)}); a reply comes from the number texted:")
+        console.say(f"  {pooled}")
     console.say("Press Ctrl-C to stop.")
     console.say("")
 
@@ -320,22 +335,24 @@ def supervise(args: argparse.Namespace, console: Console) -> int:
         with ExitStack() as stack:
             embedded = not os.environ.get("REDIS_URL")
             redis_url = stack.enter_context(embedded_redis()) if embedded else os.environ["REDIS_URL"]
+            services = {DEMO_SERVICE_SID: DEMO_POOL} if args.pool else None
             standin = stack.enter_context(TwilioStandin(echo=lambda line: console.line("twilio", line),
-                                                        status_callbacks=True))
+                                                        status_callbacks=True, services=services))
             if os.environ.get("DATABASE_URL"):
                 database_url = os.environ["DATABASE_URL"]
                 migrate(Settings.from_env({**os.environ, "MAMMUT_SMS_ENV": DEVELOPMENT}).database_url or database_url)
             else:
                 database_url = stack.enter_context(scratch_database())
             env = child_environment(os.environ, port, redis_url, standin.url, database_url)
-            return _run_children(commands, env, procfile.parent, args.grace, stop, console, embedded, standin.url)
+            return _run_children(commands, env, procfile.parent, args.grace, stop, console, embedded, standin.url,
+                                 args.pool)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _run_children(commands: Mapping[str, str], env: dict[str, str], cwd: Path, grace: float, stop: _Stop,
-                  console: Console, embedded: bool, twilio_url: str) -> int:
+                  console: Console, embedded: bool, twilio_url: str, pooled: bool = False) -> int:
     """Start web and worker, show the banner, and stop them (before the embedded services) however this ends."""
     settings = Settings.from_env(env)
     port = int(env["PORT"])
@@ -346,7 +363,7 @@ def _run_children(commands: Mapping[str, str], env: dict[str, str], cwd: Path, g
             console.line("dev", f"starting {name}: {command}")
             children.append(start_child(name, command, env, cwd, console))
         wait_until_ready(port, children)
-        banner(console, env, demo_bot(settings), embedded, twilio_url)
+        banner(console, env, demo_bot(settings, pooled), embedded, twilio_url)
         return _watch(children, stop, console)
     finally:
         console.line("dev", "stopping")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import bots, dev, dlq, migrate, send, simulate, worker
+from cli import bots, dev, dlq, handoff, migrate, send, simulate, worker
 from shared.settings import SettingsError
 
 DESCRIPTION = """\
@@ -18,6 +18,8 @@ The SMS channel for Mammut chatbots.
   mammut-sms bots list           manage bots over the registry API
   mammut-sms send --bot 1 --to +15551230001 "hola"
                                  text a person as the bot, without the engine
+  mammut-sms handoff pause --bot 1 --with +15551230001
+                                 hand a conversation to a human (`handoff resume` gives it back)
   mammut-sms dlq list            replies that failed for good; `dlq replay` sends them again
   mammut-sms migrate             create or upgrade the database's tables (Heroku: the release phase)
   mammut-sms worker              run the Dramatiq worker (WORKER_POOL=threads|gevent; the Procfile's worker)
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammut-sms", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dev, simulate, bots, send, dlq, migrate, worker):
+    for module in (dev, simulate, bots, send, handoff, dlq, migrate, worker):
         module.add_parser(commands)
     return parser
 

@@ -7,6 +7,7 @@ TTL bounds how stale a bot can be if that announcement is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -15,18 +16,18 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
-from sqlalchemy import Engine, Row, delete, select, update
+from sqlalchemy import Engine, Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared import keys
 from shared.crypto import Vault
 from shared.db import insert, transaction
 from shared.logging import get_logger
-from shared.schema import bots
+from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
 
@@ -39,13 +40,48 @@ MAX_REPLIES, MAX_SEGMENTS, MAX_PER_DAY, MAX_PER_MINUTE, PUSH_WINDOW, COLD_PUSH, 
     "max-replies", "max-segments", "max-messages-per-day", "max-replies-per-minute", "push-window-days",
     "allow-cold-push", "max-concurrent-engine-calls",
 )
+# Conversation controls (human handoff, merging a burst of texts): see shared.handoff and worker.conversation.
+HANDOFF_URL, HANDOFF_SECRET, HANDOFF_TIMEOUT, MERGE_WINDOW = (
+    "handoff-url", "handoff-secret", "handoff-timeout", "merge-window-ms",
+)
+# Messaging Services and number pools: see webhook.inbound and worker.outbound.
+SERVICE_SID, PHONE_NUMBERS, VALIDITY, SMART_ENCODED, SHORTEN_URLS = (
+    "twilio-messaging-service-sid", "phone-numbers", "validity-period", "smart-encoded", "shorten-urls",
+)
+
+
+# --- A bot's settings, kept in its `limits` column: only those an operator set; the rest take the
+# release's defaults. Each group maps the API's names to its attributes.
+
+LIMIT_ATTRIBUTES = {
+    MAX_REPLIES: "max_replies", MAX_SEGMENTS: "max_segments", MAX_PER_DAY: "max_messages_per_day",
+    MAX_PER_MINUTE: "max_replies_per_minute", PUSH_WINDOW: "push_window_days", COLD_PUSH: "allow_cold_push",
+    MAX_ENGINE_CALLS: "max_concurrent_engine_calls",
+}
+CONTROL_ATTRIBUTES = {HANDOFF_TIMEOUT: "handoff_timeout", MERGE_WINDOW: "merge_window_ms"}
+SENDING_ATTRIBUTES = {VALIDITY: "validity_period", SMART_ENCODED: "smart_encoded", SHORTEN_URLS: "shorten_urls"}
+
+
+class _Settings:
+    """A group of a bot's settings: read from what is stored (the API's names), shown by the API."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]]
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any] | None) -> Self:
+        """The settings a bot's stored ones make, defaults for the rest."""
+        return cls(**{cls.ATTRIBUTES[name]: value for name, value in (stored or {}).items() if name in cls.ATTRIBUTES})
+
+    def shown(self) -> dict[str, Any]:
+        return {name: getattr(self, attribute) for name, attribute in self.ATTRIBUTES.items()}
 
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(_Settings):
     """What one bot may make the service do, so a careless or hostile engine (or a loop with another
-    bot) cannot run up unbounded SMS or hold every worker. A bot's own settings, with these defaults."""
+    bot) cannot run up unbounded SMS or hold every worker."""
 
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = LIMIT_ATTRIBUTES
     max_replies: int = 10  # messages one engine answer may send; more are cut, and logged
     max_segments: int = 30  # segments one engine answer may send; a long text is cut at a word
     max_messages_per_day: int = 10_000  # sends per UTC day across all recipients; past it, held back; 0: none
@@ -54,23 +90,39 @@ class Limits:
     allow_cold_push: bool = False  # ...unless this is set
     max_concurrent_engine_calls: int | None = None  # in one worker process; None: a quarter of its threads
 
-    @classmethod
-    def from_stored(cls, stored: Mapping[str, Any] | None) -> Limits:
-        """The limits a bot's stored settings (API names) make, defaults for the rest."""
-        given = {LIMIT_ATTRIBUTES[name]: value for name, value in (stored or {}).items() if name in LIMIT_ATTRIBUTES}
-        return cls(**given)
 
-    def shown(self) -> dict[str, Any]:
-        return {name: getattr(self, attribute) for name, attribute in LIMIT_ATTRIBUTES.items()}
+@dataclass(frozen=True)
+class Controls(_Settings):
+    """How a bot's conversations behave around its engine (shared.handoff, worker.conversation)."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = CONTROL_ATTRIBUTES
+    handoff_timeout: int = 24 * 3600  # a conversation handed to a human resumes by itself after this long; 0: never
+    merge_window_ms: int = 0  # texts a person sends within this of each other are one turn for the engine; 0: off
 
 
-# The API's names of the limits -> Limits' attributes.
-LIMIT_ATTRIBUTES = {
-    MAX_REPLIES: "max_replies", MAX_SEGMENTS: "max_segments", MAX_PER_DAY: "max_messages_per_day",
-    MAX_PER_MINUTE: "max_replies_per_minute", PUSH_WINDOW: "push_window_days", COLD_PUSH: "allow_cold_push",
-    MAX_ENGINE_CALLS: "max_concurrent_engine_calls",
-}
-KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK, *LIMIT_ATTRIBUTES})
+@dataclass(frozen=True)
+class Sending(_Settings):
+    """Twilio's send options a bot sets (None: not sent, Twilio's default applies)."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = SENDING_ATTRIBUTES
+    validity_period: int | None = None  # ValidityPeriod, seconds a message may wait in Twilio's queue
+    smart_encoded: bool | None = None  # SmartEncoded: Unicode look-alikes become GSM-7 characters
+    shorten_urls: bool | None = None  # ShortenUrls: only with a Messaging Service
+
+
+class InvalidBot(ValueError):
+    """A bot whose fields, once merged, cannot send: the field at fault and why."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field, self.problem = field_name, problem
+
+
+# A bot's settings kept in its `limits` column (those an operator set; the rest are defaults).
+SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES})
+KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK, HANDOFF_URL,
+                          SERVICE_SID, PHONE_NUMBERS,
+                          *SETTING_NAMES})
 # Never kept as user fields: the API shows its own values under these names (or once did).
 _INTERNAL = frozenset({"id", "twilio-auth-token-encrypted", "extra", "created-at", "updated-at"})
 DEFAULT_MESSAGES_PER_SECOND = 1.0
@@ -107,9 +159,11 @@ def token_hash(token: str) -> str:
 
 
 class NumberTaken(Exception):
-    def __init__(self, number: str) -> None:
-        super().__init__(f"{number} already belongs to another bot")
-        self.number = number
+    """A number (or Messaging Service SID) that another bot has: which, whose, and the field that gave it."""
+
+    def __init__(self, number: str, owner: int | None = None, field_name: str = NUMBER) -> None:
+        super().__init__(f"{number} already belongs to {'bot ' + str(owner) if owner else 'another bot'}")
+        self.number, self.owner, self.field = number, owner, field_name
 
 
 class BotNotFound(Exception):
@@ -122,7 +176,7 @@ class Bot:
     name: str
     account_sid: str
     auth_token: str = field(repr=False)
-    number: str
+    number: str | None  # main-phone-number; None for a bot that sends only through its messaging service
     engine_url: str | None = None
     messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND
     fallback_message: str | None = None
@@ -130,6 +184,31 @@ class Bot:
     limits: Limits = field(default_factory=Limits)
     # SHA-256 (hex) of the bot's engine token; None until one is issued. Never shown.
     engine_token_hash: str | None = field(default=None, repr=False)
+    controls: Controls = field(default_factory=Controls)
+    # Where a handed-off conversation's messages are forwarded, and the key that signs them (shown
+    # once, when the URL is first set or the secret rotated).
+    handoff_url: str | None = None
+    handoff_secret: str | None = field(default=None, repr=False)
+    # Messaging Services and number pools: the bot's service, its numbers besides `number`, send options.
+    messaging_service_sid: str | None = None
+    phone_numbers: tuple[str, ...] = ()
+    sending: Sending = field(default_factory=Sending)
+
+    @property
+    def numbers(self) -> tuple[str, ...]:
+        """Every number the bot answers on: main-phone-number first."""
+        return ((self.number,) if self.number else ()) + self.phone_numbers
+
+    def opt_out_key(self, number: str | None = None) -> str:
+        """Under what a person's STOP to `number` (one of the bot's) is kept and honoured: the bot's
+        Messaging Service when it has one (Twilio's opt-out covers every sender of a service, and
+        any of them may be picked to write to the person), else that number (else the main one)."""
+        return self.messaging_service_sid or number or self.number or ""
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the number a person texted matters to the reply (the bot has several, or a service)."""
+        return bool(self.messaging_service_sid or self.phone_numbers)
 
     def accepts_engine_token(self, token: str) -> bool:
         """Whether `token` is this bot's engine token (compared in constant time, by its hash)."""
@@ -143,7 +222,9 @@ class Bot:
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
             NUMBER: self.number, ENGINE_URL: shown_url(self.engine_url), PACE: self.messages_per_second,
-            FALLBACK: self.fallback_message, **self.limits.shown(),
+            FALLBACK: self.fallback_message, **self.limits.shown(), **self.controls.shown(),
+            HANDOFF_URL: shown_url(self.handoff_url),
+            SERVICE_SID: self.messaging_service_sid, PHONE_NUMBERS: list(self.phone_numbers), **self.sending.shown(),
         })
         return shown
 
@@ -163,20 +244,21 @@ class BotStore:
     def create_with_token(self, fields: Mapping[str, Any]) -> tuple[Bot, str]:
         """The new bot, and its engine token (kept only as a hash: this is the one time it is known)."""
         engine_token = new_engine_token()
-        row = {**self._row(fields, self._vault.encrypt(fields[AUTH_TOKEN])), "engine_token_hash": token_hash(engine_token)}
+        row = {**self._row(fields, self._vault.encrypt(fields[AUTH_TOKEN])), "engine_token_hash": token_hash(engine_token),
+               "handoff_secret_encrypted": self._new_handoff_secret() if fields.get(HANDOFF_URL) else None}
         now = time.time()
         try:
             with transaction(self._engine) as connection:
                 # Checked first so a refused number does not use up an id (a sequence never gives one back).
-                if self._owner(connection, row["main_phone_number"]) is not None:
-                    raise NumberTaken(row["main_phone_number"])
+                self._check_owners(connection, fields, None)
                 result = connection.execute(
                     insert(connection, bots).values(**row, created_at=now, updated_at=now))
                 bot_id = int(result.inserted_primary_key[0])
-        except IntegrityError:  # the unique number: a concurrent create got there first
-            raise NumberTaken(row["main_phone_number"]) from None
+                pool = self._save_numbers(connection, bot_id, fields)
+        except IntegrityError:  # a unique number or service: a concurrent create got there first
+            raise self._taken(fields, None) from None
         self._announce(bot_id)
-        return self._bot({**row, "id": bot_id}), engine_token
+        return self._bot({**row, "id": bot_id, "phone_numbers": pool}), engine_token
 
     def rotate_engine_token(self, bot_id: int) -> str:
         """A new engine token for the bot; the old one stops working at once (every cache hears it)."""
@@ -189,55 +271,131 @@ class BotStore:
         self._announce(bot_id)
         return engine_token
 
+    def rotate_handoff_secret(self, bot_id: int) -> str:
+        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at once."""
+        with transaction(self._engine) as connection:
+            changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
+                handoff_secret_encrypted=(encrypted := self._new_handoff_secret()), updated_at=time.time())).rowcount
+        if not changed:
+            raise BotNotFound(bot_id)
+        self._announce(bot_id)
+        return self._token(encrypted)
+
+    def _new_handoff_secret(self) -> str:
+        return self._vault.encrypt("mshs_" + secrets.token_urlsafe(32))
+
     def get(self, bot_id: int) -> Bot | None:
         return self._one(bots.c.id == bot_id)
 
     def by_number(self, number: str) -> Bot | None:
-        return self._one(bots.c.main_phone_number == number)
+        """The bot with `number`, main or further (a bot copied from an earlier release's Redis may
+        have no bot_numbers row for its main number)."""
+        return self._one((bots.c.main_phone_number == number)
+                         | bots.c.id.in_(select(bot_numbers.c.bot_id).where(bot_numbers.c.number == number)))
+
+    def by_service(self, service_sid: str) -> Bot | None:
+        return self._one(bots.c.messaging_service_sid == service_sid)
 
     def numbers(self) -> frozenset[str]:
-        """Every bot's number."""
+        """Every bot's numbers."""
         with self._engine.connect() as connection:
-            return frozenset(connection.execute(select(bots.c.main_phone_number)).scalars())
+            return frozenset(connection.execute(select(bots.c.main_phone_number).where(
+                bots.c.main_phone_number.is_not(None)).union(select(bot_numbers.c.number))).scalars())
 
     def all(self) -> list[Bot]:
         with self._engine.connect() as connection:
             rows = connection.execute(select(bots).order_by(bots.c.id)).all()
-        return [self._bot(row._mapping) for row in rows]
+            pools = _pools(connection, None)
+        return [self._bot({**row._mapping, "phone_numbers": pools.get(row.id, ())}) for row in rows]
 
     def update(self, bot_id: int, changes: Mapping[str, Any]) -> Bot:
-        """Apply `changes`; the row is locked meanwhile, and a number another bot has is refused."""
+        return self.update_with_secrets(bot_id, changes)[0]
+
+    def update_with_secrets(self, bot_id: int, changes: Mapping[str, Any]) -> tuple[Bot, dict[str, str]]:
+        """Apply `changes`; the row is locked meanwhile, and a number another bot has is refused.
+        Also the secrets the change made, by API name, for their one showing: a handoff secret is
+        made when a handoff URL is set where none was, and dropped with the URL."""
+        shown_once: dict[str, str] = {}
         try:
             with transaction(self._engine) as connection:
                 old = connection.execute(select(bots).where(bots.c.id == bot_id).with_for_update()).first()
                 if old is None:
                     raise BotNotFound(bot_id)
-                merged = {**_fields(old), ENGINE_URL: self._engine_url(old.engine_url), **changes}
+                merged = {**_fields(old), ENGINE_URL: self._engine_url(old.engine_url),
+                          HANDOFF_URL: self._engine_url(old.handoff_url),
+                          PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ()), **changes}
                 token = changes.get(AUTH_TOKEN)
                 row = self._row(merged, self._vault.encrypt(token) if token else old.auth_token_encrypted)
-                if self._owner(connection, row["main_phone_number"]) not in (None, bot_id):
-                    raise NumberTaken(row["main_phone_number"])
+                row["handoff_secret_encrypted"] = old.handoff_secret_encrypted if row["handoff_url"] else None
+                if row["handoff_url"] and not old.handoff_secret_encrypted:
+                    row["handoff_secret_encrypted"] = self._new_handoff_secret()
+                    shown_once[HANDOFF_SECRET] = self._token(row["handoff_secret_encrypted"])
+                self._check_owners(connection, merged, bot_id)
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
+                pool = self._save_numbers(connection, bot_id, merged)
         except IntegrityError:  # only a new number can collide: a concurrent write took it
-            raise NumberTaken(changes.get(NUMBER, "")) from None
+            raise self._taken(merged, bot_id) from None
         self._announce(bot_id)
-        return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash})
+        return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash,
+                          "phone_numbers": pool}), shown_once
 
     def delete(self, bot_id: int) -> bool:
         with transaction(self._engine) as connection:
             deleted = connection.execute(delete(bots).where(bots.c.id == bot_id)).rowcount > 0
+            connection.execute(delete(bot_numbers).where(bot_numbers.c.bot_id == bot_id))
+            connection.execute(delete(handoffs).where(handoffs.c.bot_id == bot_id))
         if deleted:
+            with contextlib.suppress(redis_lib.RedisError):  # a stale copy of a bot that is gone is never read
+                self._redis.delete(keys.handoffs(bot_id))
             self._announce(bot_id)
         return deleted
 
     def _one(self, condition: Any) -> Bot | None:
+        """One bot, with its phone-numbers: one query (a row per number it has)."""
         with self._engine.connect() as connection:
-            row = connection.execute(select(bots).where(condition)).first()
-        return None if row is None else self._bot(row._mapping)
+            rows = connection.execute(select(bots, bot_numbers.c.number.label("pool_number")).outerjoin(
+                bot_numbers, bot_numbers.c.bot_id == bots.c.id).where(condition).order_by(bot_numbers.c.number)).all()
+        if not rows:
+            return None
+        main = rows[0].main_phone_number
+        pool = tuple(row.pool_number for row in rows if row.pool_number and row.pool_number != main)
+        return self._bot({**rows[0]._mapping, "phone_numbers": pool})
+
+    # Ownership of numbers and services across the registry.
+
+    def _check_owners(self, connection: Any, fields: Mapping[str, Any], bot_id: int | None) -> None:
+        """Refuse a bot without a way to send, and any number or service SID another bot has."""
+        if not fields.get(NUMBER) and not fields.get(SERVICE_SID):
+            raise InvalidBot(NUMBER, f"a bot needs a {NUMBER} or a {SERVICE_SID}")
+        if fields.get(SHORTEN_URLS) and not fields.get(SERVICE_SID):
+            raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
+        for field_name, number in _numbers_of(fields):
+            owner = _owner(connection, number)
+            if owner not in (None, bot_id):
+                raise NumberTaken(number, owner, field_name)
+        service = fields.get(SERVICE_SID)
+        if service:
+            owner = connection.execute(select(bots.c.id).where(bots.c.messaging_service_sid == service)).scalar()
+            if owner not in (None, bot_id):
+                raise NumberTaken(service, owner, SERVICE_SID)
 
     @staticmethod
-    def _owner(connection: Any, number: str) -> int | None:
-        return connection.execute(select(bots.c.id).where(bots.c.main_phone_number == number)).scalar()
+    def _save_numbers(connection: Any, bot_id: int, fields: Mapping[str, Any]) -> tuple[str, ...]:
+        """Make bot_numbers hold exactly the bot's numbers; returns its further ones (phone-numbers)."""
+        connection.execute(delete(bot_numbers).where(bot_numbers.c.bot_id == bot_id))
+        numbers = [number for _, number in _numbers_of(fields)]
+        if numbers:
+            connection.execute(insert(connection, bot_numbers), [{"number": n, "bot_id": bot_id} for n in numbers])
+        return tuple(number for number in numbers if number != fields.get(NUMBER))
+
+    def _taken(self, fields: Mapping[str, Any], bot_id: int | None) -> Exception:
+        """After a unique constraint refused a write: which number (or service) a concurrent write took."""
+        try:
+            with self._engine.connect() as connection:
+                self._check_owners(connection, fields, bot_id)
+        except (NumberTaken, InvalidBot) as taken:
+            return taken
+        return NumberTaken(fields.get(NUMBER) or fields.get(SERVICE_SID) or "")
 
     def _announce(self, bot_id: int) -> None:
         """After the commit: every cache drops what it holds, this process's at once."""
@@ -254,13 +412,15 @@ class BotStore:
             "name": fields.get(NAME, ""),
             "account_sid": fields[ACCOUNT_SID],
             "auth_token_encrypted": token_encrypted,
-            "main_phone_number": fields[NUMBER],
+            "main_phone_number": fields.get(NUMBER),
+            "messaging_service_sid": fields.get(SERVICE_SID),
             "engine_url": self._vault.encrypt(fields[ENGINE_URL]) if fields.get(ENGINE_URL) else None,
+            "handoff_url": self._vault.encrypt(fields[HANDOFF_URL]) if fields.get(HANDOFF_URL) else None,
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
             "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
             # None unsets a limit (back to its default).
-            "limits": {k: fields[k] for k in LIMIT_ATTRIBUTES if fields.get(k) is not None},
+            "limits": {k: fields[k] for k in SETTING_NAMES if fields.get(k) is not None},
         }
 
     def _bot(self, row: Mapping[str, Any]) -> Bot:
@@ -276,6 +436,12 @@ class BotStore:
             extra=dict(row["extra"] or {}),
             limits=Limits.from_stored(row.get("limits")),
             engine_token_hash=row.get("engine_token_hash"),
+            controls=Controls.from_stored(row.get("limits")),
+            handoff_url=self._engine_url(row.get("handoff_url")),
+            handoff_secret=self._token(secret) if (secret := row.get("handoff_secret_encrypted")) else None,
+            messaging_service_sid=row.get("messaging_service_sid"),
+            phone_numbers=tuple(row.get("phone_numbers") or ()),
+            sending=Sending.from_stored(row.get("limits")),
         )
 
     def _engine_url(self, stored: str | None) -> str | None:
@@ -300,8 +466,36 @@ def _fields(row: Row[Any]) -> dict[str, Any]:
     """A stored bot in the API's spelling, as an update merges its changes into it."""
     return {
         **row.extra, **(row.limits or {}), NAME: row.name, ACCOUNT_SID: row.account_sid, NUMBER: row.main_phone_number,
+        SERVICE_SID: row.messaging_service_sid,
         ENGINE_URL: row.engine_url, PACE: row.messages_per_second, FALLBACK: row.fallback_message,
     }
+
+
+def _numbers_of(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A bot's numbers, each with the field that gives it: main-phone-number first, no repeats."""
+    given = [(NUMBER, fields[NUMBER])] if fields.get(NUMBER) else []
+    given += [(PHONE_NUMBERS, number) for number in fields.get(PHONE_NUMBERS) or ()]
+    seen: set[str] = set()
+    return [(name, number) for name, number in given if not (number in seen or seen.add(number))]
+
+
+def _owner(connection: Any, number: str) -> int | None:
+    """The bot that has `number`, as its main-phone-number or one of its phone-numbers."""
+    main = connection.execute(select(bots.c.id).where(bots.c.main_phone_number == number)).scalar()
+    return main if main is not None else connection.execute(
+        select(bot_numbers.c.bot_id).where(bot_numbers.c.number == number)).scalar()
+
+
+def _pools(connection: Any, bot_id: int | None) -> dict[int, tuple[str, ...]]:
+    """Each bot's phone-numbers (its numbers besides main-phone-number), sorted; one bot's, or every bot's."""
+    query = select(bot_numbers.c.bot_id, bot_numbers.c.number).join(bots, bots.c.id == bot_numbers.c.bot_id).where(
+        bot_numbers.c.number != func.coalesce(bots.c.main_phone_number, "")).order_by(bot_numbers.c.number)
+    if bot_id is not None:
+        query = query.where(bot_numbers.c.bot_id == bot_id)
+    pools: dict[int, tuple[str, ...]] = {}
+    for owner, number in connection.execute(query):
+        pools[owner] = (*pools.get(owner, ()), number)
+    return pools
 
 
 # Every BotCache of this process, so a change made here empties them before the call returns.
@@ -340,6 +534,10 @@ class BotCache:
 
     def by_id(self, bot_id: int) -> Bot | None:
         return self._lookup(("id", int(bot_id)), lambda: self._store.get(int(bot_id)))
+
+    def by_service(self, service_sid: str) -> Bot | None:
+        """The bot with this Messaging Service SID (inbound messages and status callbacks name it)."""
+        return self._lookup(("service", service_sid), lambda: self._store.by_service(service_sid))
 
     def is_bot_number(self, number: str) -> bool:
         """Whether `number` belongs to a bot of this service (whose texts no bot answers: two bots

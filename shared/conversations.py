@@ -66,6 +66,8 @@ class ReplySchema(Schema):
     slot_at = fields.Float(load_default=None, allow_none=True)
     sid = fields.String(load_default=None, allow_none=True)
     error_code = fields.Integer(load_default=None, allow_none=True)
+    # The bot's number it goes from: the one the person texted (None: see worker.outbound.route_of).
+    from_number = fields.String(load_default=None, allow_none=True)
 
 
 INBOUND = InboundMessageSchema()
@@ -90,8 +92,10 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # message that finds the inbox empty needs a wake-up: a burst of thirty texts wakes one worker,
 # not thirty that would queue for the same lease.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
-#       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them.
-# ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id.
+#       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them, the
+#       number the person last texted (keys.texted).
+# ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
+#       texted ('': not kept, the bot has one number).
 ACCEPT_LUA = """
 -- Marking the token seen even when the MessageSid turns out to be a duplicate changes nothing:
 -- a request carrying either again is a duplicate anyway.
@@ -104,6 +108,7 @@ if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__'
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
+if ARGV[7] ~= '' then redis.call('SET', KEYS[9], ARGV[7], 'EX', __DEDUPE_TTL__) end
 if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
   local id = cjson.encode(ARGV[6])
@@ -124,12 +129,15 @@ _WAKE_UP_QUEUE = queue_keys(CONVERSATIONS_QUEUE)
 
 
 def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
-                   account_sid: str | None = None) -> bool:
+                   account_sid: str | None = None, remember_texted: bool = False, opt_out_key: str | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
 
     One EVALSHA: dedupe, storing and the worker's wake-up are one Lua step and one round trip.
     `message` is INBOUND's shape already (the webhook builds it field by field), so it is stored
-    as JSON without a marshmallow dump; the worker loads it through INBOUND.
+    as JSON without a marshmallow dump; the worker loads it through INBOUND. With `remember_texted`
+    (a bot with several numbers or a messaging service), the number texted is kept for the sends
+    that answer no inbound of their own (worker.outbound). A STOP or START is kept under
+    `opt_out_key` (the bot's, shared.bots.Bot.opt_out_key), by default the number texted.
     """
     conversation = keys.conversation_id(message["bot_id"], message["sender"])
     # The webhook passes the verified account; callers without one get the bot's own scope.
@@ -137,11 +145,11 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     seen_sid = keys.seen(account, message["sid"])
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
-        keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(message["to"]),
-              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE],
+        keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
+              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE, keys.texted(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
-              f"wake-{message['sid']}"],
+              f"wake-{message['sid']}", message["to"] if remember_texted else ""],
     ))
 
 
@@ -241,6 +249,20 @@ def note_callback(redis: Any, conversation: str, reply_id: str, sid: str) -> boo
     gave it, in case the answer to the send was lost. Whether the reply was waiting for it."""
     return bool(script(redis, NOTE_CALLBACK_LUA)(keys=[keys.replies(conversation)],
                                                  args=[sending_field(reply_id), callback_field(reply_id), sid]))
+
+
+# A reply Twilio accepted and then could not queue (30001, a Messaging Service's 21611, told by
+# status callback) is sent again by a worker (worker.outbound.resend_reply) after a slow backoff, as
+# a new reply `<id>~<n>` at the end of its conversation; after MAX_RESENDS it is a dead letter.
+RESEND_MARK, MAX_RESENDS = "~", 6
+
+
+def resend_attempt(reply_id: str) -> tuple[str, int]:
+    """The first reply's id, and which resend sending `reply_id` again would be (1 for the first)."""
+    first, mark, done = reply_id.rpartition(RESEND_MARK)
+    if not mark or not done.isdigit():
+        return reply_id, 1
+    return first, int(done) + 1
 
 
 # What one engine answer may send by default: more is cut (and logged), so one inbound text can

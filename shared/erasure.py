@@ -2,7 +2,8 @@
 (`DELETE /app:<app>/graph/user:<id>/conversations/<E.164>`).
 
 What goes: every message both ways, their delivery statuses, the conversation's entry, its dead
-letters, and whatever is queued in Redis for the person (nothing queued is sent afterwards).
+letters, a handoff to a human (with its note), and whatever is queued in Redis for the person
+(nothing queued is sent afterwards).
 What stays: the opt-out record, if there is one (erasing it would let the bot text someone who
 said STOP), and, until it expires, the 48-hour dedupe mark of each MessageSid (no content).
 A record of the conversation still on its way from Redis to the database is dropped by the log's
@@ -17,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, select
 
-from shared import keys
+from shared import handoff, keys
 from shared.db import transaction
 from shared.schema import conversations, dead_letters, deliveries, messages
 
@@ -52,6 +53,7 @@ def erase(engine: Engine, redis: Any, bot_id: int, person: str) -> Erased:
                                                        conversations.c.person == person))
         erased_letters = connection.execute(
             delete(dead_letters).where(dead_letters.c.bot_id == bot_id, dead_letters.c.person == person)).rowcount
+        handoff.forget(connection, redis, bot_id, person)
     return Erased(erased_messages, erased_letters, queued)
 
 
@@ -60,7 +62,7 @@ def _drop_queued(redis: Any, conversation: str) -> int:
     for key in (keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation)):
         pipe.llen(key)
     pipe.delete(keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation),
-                keys.replies(conversation))
+                keys.replies(conversation), keys.texted(conversation))
     pipe.zrem(keys.PENDING, conversation)
     *lengths, _, _ = pipe.execute()
     return sum(lengths)

@@ -68,6 +68,12 @@ def replies(conversation: str) -> str:
     return _conv(conversation, "replies")
 
 
+def texted(conversation: str) -> str:
+    """The bot's number the person last texted (bots with several numbers or a messaging service),
+    kept as long as dedupe marks: replies that answer no inbound of their own go from it."""
+    return _conv(conversation, "texted")
+
+
 # Conversations with work outstanding, scored by when they should next make progress;
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
@@ -117,3 +123,9 @@ def erased(conversation: str) -> str:
 def operator_send(bot_id: int, idempotency_key: str) -> str:
     """The answer to an operator's send under an Idempotency-Key, kept for a day."""
     return f"{PREFIX}:operator-send:{bot_id}:{idempotency_key}"
+
+
+def handoffs(bot_id: int) -> str:
+    """The Redis copy of which of a bot's conversations a human has taken over (shared.handoff): a
+    hash of person -> until (Unix seconds; 0: until resumed), with LOADED once it holds the database's."""
+    return f"{PREFIX}:handoffs:{bot_id}"

@@ -28,7 +28,7 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
 # Twilio's lifecycle; callbacks arrive out of order, and a status never moves backwards.
 STATUS_RANK = {
-    "pending": 0, "accepted": 1, "scheduled": 1, "queued": 1, "sending": 2, "sent": 3,
+    "pending": 0, "accepted": 0, "scheduled": 0, "queued": 1, "sending": 2, "sent": 3,
     "failed": 4, "undelivered": 4, "delivered": 4, "canceled": 4, "read": 5,
 }
 assert set(STATUSES) <= STATUS_RANK.keys()
@@ -331,3 +331,14 @@ def entry(row: Any) -> dict[str, Any]:
         "sid": row.sid, "status": status, "error-code": code,
         "statuses": dict(sorted(statuses.items(), key=lambda item: item[1])), "at": row.at,
     }
+
+
+def sent_reply(connection: Connection, bot_id: int, reply_id: str) -> dict[str, Any] | None:
+    """What the log keeps of a reply the bot sent: enough to send it again."""
+    row = connection.execute(select(messages).where(
+        messages.c.id == reply_id, messages.c.bot_id == bot_id, messages.c.direction == "out")).first()
+    if row is None:
+        return None
+    media = row.media or []
+    return {"person": row.person, "text": row.text, "media_url": media[0]["url"] if media else None,
+            "in_reply_to": row.in_reply_to, "bot_number": row.bot_number, "origin": row.origin}

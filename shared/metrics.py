@@ -23,7 +23,9 @@ COUNTERS = {
     "sms_outbound": "Outbound messages, by result (sent, retried, failed, suppressed) and Twilio code.",
     "sms_reconciled": "Sends whose outcome was unknown, settled by how (callback, lookup-found, lookup-absent-resent).",
     "sms_answers_capped": "Engine answers cut to the bot's max-replies or max-segments.",
-    "sms_unanswered": "Inbound messages the engine was not asked about, by reason (from_bot, rate_limited).",
+    "sms_unanswered": "Inbound messages the engine was not asked about, by reason (from_bot, rate_limited, handed_off).",
+    "sms_handoff_forwards": "Handed-off conversations' messages forwarded to a bot's handoff-url, by outcome.",
+    "sms_handoffs": "Conversations handed to a human or given back, by event (paused, resumed) and by whom.",
 }
 HISTOGRAMS = {
     "sms_engine_latency_seconds": "Conversation engine call duration.",

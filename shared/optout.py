@@ -95,8 +95,9 @@ def opted_out_people(connection: Connection, bot_number: str) -> list[str]:
     ))
 
 
-def record_inbound(engine: Engine, message: dict[str, Any]) -> None:
-    """Record an inbound STOP or START (an INBOUND message); ordinary messages change nothing.
+def record_inbound(engine: Engine, message: dict[str, Any], key: str | None = None) -> None:
+    """Record an inbound STOP or START (an INBOUND message) under `key` (the bot's opt-out key for
+    the number texted; by default that number); ordinary messages change nothing.
     The copy was told by the accept script, in the order the texts arrived: telling it again here
     could undo a later text (this START's removal dropping the STOP that followed it)."""
     if message["event"] == MESSAGE:
@@ -104,7 +105,7 @@ def record_inbound(engine: Engine, message: dict[str, Any]) -> None:
     kind = (message.get("opt_out_type") or "").strip().upper()
     how = f"OptOutType {kind}" if kind in ("STOP", "START") else f"keyword {message['body'].strip().upper()}"
     with transaction(engine) as connection:
-        record(connection, message["to"], message["sender"], message["event"] == OPT_OUT, how[:64],
+        record(connection, key or message["to"], message["sender"], message["event"] == OPT_OUT, how[:64],
                at=message["received_at"])
 
 

@@ -28,7 +28,7 @@ bots = Table(
     Column("name", String(200), nullable=False),
     Column("account_sid", String(64), nullable=False),
     Column("auth_token_encrypted", Text, nullable=False),  # Fernet, under CREDENTIALS_KEY
-    Column("main_phone_number", String(20), nullable=False, unique=True),
+    Column("main_phone_number", String(20), unique=True),  # null: the bot sends only through its messaging service
     Column("engine_url", Text),
     Column("messages_per_second", Float, nullable=False),
     Column("fallback_message", Text),
@@ -38,13 +38,27 @@ bots = Table(
     # Only the limits an operator set; the others take the release's defaults (shared.bots.Limits).
     Column("limits", JSON, nullable=False, server_default=text("'{}'")),
     Column("engine_token_hash", String(64)),  # SHA-256 of the bot's engine token; null: none issued
+    Column("handoff_url", Text),  # encrypted like engine_url; a paused conversation's messages go there
+    Column("handoff_secret_encrypted", Text),  # the HMAC key of those forwards, under CREDENTIALS_KEY
+    # The bot's Twilio Messaging Service, if any (it sends through it; any of its pool's numbers reaches the bot).
+    Column("messaging_service_sid", String(34), unique=True),
     sqlite_autoincrement=True,  # a deleted bot's id is never given to a new one (its log keeps the id)
+)
+
+# Every number of every bot (its main-phone-number and its phone-numbers), so that no number ever
+# belongs to two bots: the primary key says so even to concurrent writes.
+bot_numbers = Table(
+    "bot_numbers", metadata,
+    Column("number", String(20), primary_key=True),
+    Column("bot_id", Integer, nullable=False),
+    Index(None, "bot_id"),
 )
 
 # The latest opt-out state of one person towards one bot number, with when and how it changed.
 opt_outs = Table(
     "opt_outs", metadata,
-    Column("bot_number", String(20), primary_key=True),
+    # A sender number, or a Messaging Service SID for a send whose number Twilio picked.
+    Column("bot_number", String(40), primary_key=True),
     Column("person", String(32), primary_key=True),
     Column("opted_out", Boolean, nullable=False),
     Column("how", String(64), nullable=False),  # "keyword STOP", "OptOutType STOP", "error 21610", ...
@@ -96,6 +110,20 @@ conversations = Table(
     Column("last_at", Float, nullable=False),
     Index(None, "bot_id", "last_at"),
     Index(None, "last_at"),
+)
+
+# Conversations a human has taken over (human handoff): the bot's engine is not asked while
+# `until` (null: until resumed) is in the future. `by`: "operator" or "engine"; `message_sid`: the
+# inbound whose answer asked for it (an engine's handoff), so that message is answered if handled again.
+handoffs = Table(
+    "handoffs", metadata,
+    Column("bot_id", Integer, primary_key=True),
+    Column("person", String(32), primary_key=True),
+    Column("since", Float, nullable=False),
+    Column("until", Float),
+    Column("by", String(16), nullable=False),
+    Column("note", Text),
+    Column("message_sid", String(64)),
 )
 
 # Replies that failed for good, with what `mammut-sms dlq list` shows and `dlq replay` needs.

@@ -12,8 +12,10 @@ from marshmallow import (INCLUDE, Schema, ValidationError, fields, post_load, pr
 
 from shared.bots import (
     ACCOUNT_SID, AUTH_TOKEN, COLD_PUSH, ENGINE_URL, FALLBACK, LIMIT_ATTRIBUTES, MAX_ENGINE_CALLS, MAX_PER_DAY, MAX_PER_MINUTE,
-    MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE,
+    MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE, CONTROL_ATTRIBUTES, HANDOFF_TIMEOUT, HANDOFF_URL,
+    MERGE_WINDOW,
 )
+from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
 from shared.phone import InvalidNumber, normalize_e164
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -38,6 +40,32 @@ class PhoneNumber(fields.String):
             return normalize_e164(value)
         except InvalidNumber as error:
             raise ValidationError(str(error)) from None
+
+
+class PhoneNumbers(fields.Field):
+    """E.164 numbers: a JSON list, or comma-separated (the seed's query string). Each is checked and
+    normalized like main-phone-number; the first bad one is named."""
+
+    MAX = 400  # a Messaging Service's default pool limit (Twilio error 21714)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValidationError("must be a list of E.164 numbers (or, in a query string, numbers separated by commas)")
+        if len(items) > self.MAX:
+            raise ValidationError(f"at most {self.MAX} numbers")
+        numbers: list[str] = []
+        for item in filter(None, items):
+            try:
+                numbers.append(normalize_e164(item))
+            except InvalidNumber as error:
+                raise ValidationError(f"{item[:40]!r}: {error}") from None
+        return list(dict.fromkeys(numbers))
+
+
+def _flag(name: str, description: str) -> fields.Boolean:
+    return fields.Boolean(data_key=name, load_default=None, allow_none=True, truthy={True, "true"},
+                          falsy={False, "false"}, metadata={"description": description})
 
 
 class WholeNumber(fields.Integer):
@@ -77,7 +105,8 @@ class BotSchema(Schema):
         data_key=AUTH_TOKEN, required=True, load_only=True,
         validate=validate.Regexp(r"^\S{8,128}$", error="must be the account's primary auth token (no spaces)"),
     )
-    number = PhoneNumber(data_key=NUMBER, required=True)
+    number = PhoneNumber(data_key=NUMBER, load_default=None,
+                         metadata={"description": "the bot's number, E.164; required unless it has a messaging service"})
     engine_url = fields.Url(data_key=ENGINE_URL, load_default=None, allow_none=True, schemes={"http", "https"},
                             require_tld=False)
     messages_per_second = fields.Float(
@@ -96,8 +125,33 @@ class BotSchema(Schema):
                                      truthy={True, "true"}, falsy={False, "false"},
                                      metadata={"description": "the engine may push to people who never wrote"})
     max_concurrent_engine_calls = _limit(MAX_ENGINE_CALLS, 1, 10_000, "engine calls in flight per worker process")
+    # Conversation controls (shared.bots.Controls, shared.handoff).
+    handoff_url = fields.Url(data_key=HANDOFF_URL, load_default=None, allow_none=True, schemes={"http", "https"},
+                             require_tld=False, metadata={
+                                 "description": "where a handed-off conversation's messages are POSTed, signed with "
+                                                "the handoff-secret shown once when this is first set"})
+    handoff_timeout = _limit(HANDOFF_TIMEOUT, 0, 365 * 24 * 3600,
+                             "seconds after which a handed-off conversation resumes by itself (0: never; default 86400)")
+    merge_window_ms = _limit(MERGE_WINDOW, 0, 60_000,
+                             "texts a person sends within this many ms of each other reach the engine as one turn (0: off)")
 
-    @validates("engine_url")
+    # Messaging Services and number pools (shared.bots.Sending; README "Sending through a Messaging Service").
+    messaging_service_sid = fields.String(
+        data_key=SERVICE_SID, load_default=None, allow_none=True,
+        validate=validate.Regexp(r"^MG[0-9a-fA-F]{32}$", error="must be a Messaging Service SID: MG followed by 32 hex digits"),
+        metadata={"description": "the Twilio Messaging Service the bot sends through (its pool's numbers reach it too)"})
+    phone_numbers = PhoneNumbers(data_key=PHONE_NUMBERS, load_default=None, allow_none=True, metadata={
+        "description": "the bot's numbers besides main-phone-number, E.164; each belongs to one bot"})
+    validity_period = _limit(VALIDITY, 1, 36_000, "seconds a message may wait in Twilio's queue (ValidityPeriod)")
+    smart_encoded = _flag(SMART_ENCODED, "Twilio replaces Unicode look-alikes with GSM-7 characters (SmartEncoded)")
+    shorten_urls = _flag(SHORTEN_URLS, "Twilio shortens links (ShortenUrls); needs a messaging service")
+
+    @validates_schema
+    def _can_send(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not self.partial and not data.get("number") and not data.get("messaging_service_sid"):
+            raise ValidationError(f"required unless the bot has a {SERVICE_SID}", "number")
+
+    @validates("engine_url", "handoff_url")
     def _no_credentials(self, value: str | None, **kwargs: Any) -> None:
         if value and "@" in urlsplit(value).netloc:
             raise ValidationError(URL_CREDENTIALS)
@@ -161,6 +215,7 @@ class FailedSchema(Schema):
 
 _FIELD_NAMES = {name for name in BotSchema._declared_fields}
 _DATA_KEYS = {name: field.data_key or name for name, field in BotSchema._declared_fields.items()}
-_NULLABLE = {ENGINE_URL, FALLBACK, *LIMIT_ATTRIBUTES}
+_NULLABLE = {ENGINE_URL, FALLBACK, HANDOFF_URL, *LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, SERVICE_SID, PHONE_NUMBERS,
+             *SENDING_ATTRIBUTES}
 CREATE = BotSchema()
 UPDATE = BotUpdateSchema(partial=True)

@@ -18,6 +18,7 @@ CONVERSATIONS_QUEUE = "conversations"
 OUTBOUND_QUEUE = "outbound"
 HANDLE_CONVERSATION = "handle_conversation"
 SEND_REPLY = "send_reply"
+RESEND_REPLY = "resend_reply"
 # The Redis key prefix of dramatiq's queues (its default, named so the webhook can enqueue in Lua).
 NAMESPACE = "dramatiq"
 
@@ -80,3 +81,12 @@ def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,
         queue_name=OUTBOUND_QUEUE, actor_name=SEND_REPLY, args=(conversation, reply_id), kwargs={}, options={},
     )
     (broker or get_broker()).enqueue(message, delay=delay_ms)
+
+
+def request_resend(broker: dramatiq.Broker, bot_id: int, reply_id: str, from_number: str | None, code: int,
+                   delay_ms: int) -> None:
+    """Ask a worker to send `reply_id` again in `delay_ms`, as a new reply (a 30001 told by status
+    callback, worker.outbound.resend_reply); it reads the reply from the log by then."""
+    broker.enqueue(dramatiq.Message(queue_name=OUTBOUND_QUEUE, actor_name=RESEND_REPLY,
+                                    args=(bot_id, reply_id, from_number, code), kwargs={}, options={}),
+                   delay=delay_ms)

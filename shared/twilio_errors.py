@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import random
 
 
 class Action(enum.Enum):
@@ -25,6 +26,7 @@ BY_CODE: dict[int, Action] = {
     21612: Action.PERMANENT,  # To/From pair unroutable
     21614: Action.PERMANENT,  # not a mobile number
     21617: Action.PERMANENT,  # body too long (we split before sending; this would be our bug)
+    30036: Action.PERMANENT,  # validity period expired: it waited in Twilio's queue past the bot's validity-period
 }
 
 # Friendly explanations for the operator, where Twilio's message alone is not enough.
@@ -37,8 +39,28 @@ HINTS: dict[int, str] = {
     21611: "the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second",
     21612: "Twilio cannot route messages between the bot's number and this recipient",
     21614: "the recipient's number is not a mobile number",
-    30001: "the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second",
+    30001: "the bot's sender (number or messaging service) has over 10 hours of messages queued at Twilio: "
+           "lower its messages-per-second to what its number or A2P 10DLC campaign may send",
+    30036: "the message waited in Twilio's queue longer than the bot's validity-period and was not sent: "
+           "raise validity-period, or lower messages-per-second",
 }
+
+# Final statuses a status callback can bring without an error code that explains them.
+STATUS_HINTS: dict[str, str] = {
+    "canceled": "the message was canceled before Twilio sent it (a scheduled message canceled in the console or API)",
+}
+
+# (first delay, longest delay) in seconds; each retry doubles, times a random 1-2 (jitter).
+BACKOFF: dict[Action, tuple[float, float]] = {
+    Action.RETRY: (1.0, 300.0),
+    Action.RETRY_SLOWLY: (10.0, 900.0),
+}
+
+
+def backoff(action: Action, attempts: int) -> float:
+    """Seconds before retry number `attempts` (1 for the first): exponential, with jitter."""
+    first, longest = BACKOFF[action]
+    return min(first * 2 ** (attempts - 1), longest) * random.uniform(1.0, 2.0)
 
 
 def action_for(http_status: int | None, code: int | None) -> Action:

@@ -18,7 +18,8 @@ from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_po
 
 HELP_COMMANDS = [
     [], ["dev"], ["simulate"], ["bots"], ["bots", "list"], ["bots", "show"], ["bots", "create"], ["bots", "update"],
-    ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["worker"], ["send"],
+    ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["worker"], ["send"], ["handoff"],
+    ["handoff", "pause"], ["handoff", "resume"],
 ]
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,20 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def dev() -> Iterator[tuple[subprocess.Popen[str], Output, int]]:
+    with _running_dev() as running:
+        yield running
+
+
+@pytest.fixture
+def pooled_dev() -> Iterator[tuple[subprocess.Popen[str], Output, int]]:
+    with _running_dev("--pool") as running:
+        yield running
+
+
+@contextmanager
+def _running_dev(*options: str) -> Iterator[tuple[subprocess.Popen[str], Output, int]]:
     port = free_port()
-    process = subprocess.Popen([SCRIPT, "dev", "--grace", "20"], env=_environment(port), text=True,
+    process = subprocess.Popen([SCRIPT, "dev", "--grace", "20", *options], env=_environment(port), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     output = Output(process)
     try:
@@ -145,6 +158,29 @@ def test_dev_runs_the_service_that_simulate_texts_and_stops_cleanly_on_ctrl_c(
     assert 0 == process.wait(timeout=STOP_TIMEOUT)
     assert set() == {pid for pid in started if _alive(pid)}
     assert "stopping" in output.text()
+
+
+def test_dev_pool_demo_answers_through_the_messaging_service_from_the_number_texted(
+    pooled_dev: tuple[subprocess.Popen[str], Output, int],
+) -> None:
+    """With --pool, the demo bot has a Messaging Service whose pool the stand-in knows: texting another of
+    its numbers gets the echo from that number, sent through the service."""
+    process, output, port = pooled_dev
+    # Given dev --pool has started and printed how to text the pool's second number
+    output.wait_for("Press Ctrl-C to stop.", START_TIMEOUT)
+    assert "Messaging Service MG" + "de" * 16 in output.text()
+    command = shlex.split(output.wait_for("--bot-id", 1).strip())
+    assert "+15005551001" in command
+
+    # When the operator runs it
+    command[0], command[-1] = SCRIPT, "Hello pool"
+    simulated = subprocess.run(command, env=_environment(port), capture_output=True, text=True, timeout=60)
+
+    # Then the reply reaches simulate and leaves the stand-in from the texted pool number
+    assert 0 == simulated.returncode, simulated.stderr
+    assert "echo: Hello pool" in simulated.stdout
+    line = output.wait_for("echo: Hello pool", 15)
+    assert "twilio" in line and f"SMS +15005551001 -> +15551230000 via MG{'de' * 16}" in line
 
 
 def test_dev_exits_with_an_error_and_leaves_nothing_running_when_the_port_is_taken() -> None:

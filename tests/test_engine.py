@@ -61,7 +61,7 @@ def test_http_engine_posts_the_rasa_rest_channel_payload(bot: Bot, engine: FakeE
         "sender": SENDER,
         "message": "¿Cómo estás?",
         "metadata": {
-            "bot_id": bot.id, "to": bot.number, "message_sid": message["sid"],
+            "bot_id": bot.id, "to": bot.number, "message_sid": message["sid"], "message_sids": [message["sid"]],
             "media": [{"url": "https://api.twilio.com/m/1", "content_type": "image/jpeg"}], "event": "opt_out",
         },
     }

@@ -36,7 +36,11 @@ def test_the_bot_schema_is_generated_from_the_marshmallow_schema(document: dict[
     assert {field.data_key or name for name, field in BotSchema().fields.items()} == set(bot["properties"])
     assert bot["properties"]["twilio-account-sid"]["pattern"] == "^AC[0-9a-fA-F]{32}$"
     assert bot["properties"]["twilio-auth-token"]["writeOnly"] is True
-    assert {"name", "user-type", "twilio-account-sid", "twilio-auth-token", "main-phone-number"} == set(bot["required"])
+    assert {"name", "user-type", "twilio-account-sid", "twilio-auth-token"} == set(bot["required"])
+    # A bot needs a number or a messaging service (or both).
+    assert [{"required": ["main-phone-number"]}, {"required": ["twilio-messaging-service-sid"]}] == bot["anyOf"]
+    assert bot["properties"]["twilio-messaging-service-sid"]["pattern"] == "^MG[0-9a-fA-F]{32}$"
+    assert {"phone-numbers", "validity-period", "smart-encoded", "shorten-urls"} <= set(bot["properties"])
 
 
 def test_registry_routes_need_the_bearer_token_and_twilio_routes_a_signature(document: dict[str, Any]) -> None:

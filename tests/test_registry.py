@@ -428,4 +428,5 @@ class TestMessageLog:
         encoded = client.get(f"{USERS}:{bot_id}/messages?with=%2B15551234567", headers=admin_headers)
 
         assert (200, 200) == (raw.status_code, encoded.status_code)
-        assert raw.json == encoded.json == {"status": "Success", "data": {"messages": [], "next": None}}
+        assert raw.json == encoded.json == {"status": "Success", "data": {"messages": [], "next": None,
+                                                                     "handoff": {"paused": False}}}

@@ -13,11 +13,11 @@ from typing import Any
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
 
-from shared.bots import Bot
+from shared.bots import Bot, BotCache
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
-from shared.phone import is_sender
+from shared.phone import is_e164, is_sender
 from webhook import deps, twilio_auth
 from webhook.twilio_auth import acknowledgement
 
@@ -43,7 +43,7 @@ def receive() -> Response:
 
 def _receive(form: MultiDict[str, str]) -> Response:
     resources = deps.resources()
-    bot = resources.bots.by_number(form["To"])
+    bot = addressee(resources.bots, form["To"], form.get("MessagingServiceSid"))
     if bot is None:
         return route.reject(404, "unknown_number", message_sid=form["MessageSid"], to=form["To"])
     reason = twilio_auth.rejection(request, bot, resources.settings.public_url)
@@ -56,11 +56,21 @@ def _receive(form: MultiDict[str, str]) -> Response:
     # One round trip: dedupe, record opt-out, queue on the conversation and wake a worker (one Lua step).
     is_new = accept_inbound(resources.redis, message,
                             idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
-                            account_sid=bot.account_sid)
+                            account_sid=bot.account_sid, remember_texted=bot.pooled,
+                            opt_out_key=bot.opt_out_key(message["to"]))
     # The conversation id embeds the sender's number; the log processor masks it like from_.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
              conversation=f"{bot.id}:{message['sender']}", from_=message["sender"], kind=message["event"])
     return acknowledgement()
+
+
+def addressee(bots: BotCache, to: str, service_sid: str | None) -> Bot | None:
+    """The bot a message is for: the one with the number texted, else the one with its Messaging
+    Service (a pool number the registry does not list). From the cache: no query per message."""
+    bot = bots.by_number(to)
+    if bot is None and service_sid and is_e164(to):
+        bot = bots.by_service(service_sid)
+    return bot
 
 
 def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
@@ -75,7 +85,7 @@ def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
         "sid": form["MessageSid"],
         "bot_id": bot.id,
         "sender": form["From"],
-        "to": bot.number,
+        "to": form["To"],  # the number texted: the bot's main one, another of its own, or one of its service's
         "body": body,
         "media": _media(form),
         "num_segments": _count(form.get("NumSegments"), default=1),

@@ -15,6 +15,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from marshmallow import Schema, fields
 from werkzeug.routing import Rule
 
+from shared.bots import NUMBER, SERVICE_SID
 from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, TaskResultSchema
 
 bp = Blueprint("openapi", __name__)
@@ -31,7 +32,10 @@ class TwilioInboundSchema(Schema):
     MessageSid = fields.String(required=True, metadata={"example": "SM" + "0" * 32})
     AccountSid = fields.String(required=True, metadata={"example": "AC" + "0" * 32})
     From = fields.String(required=True, metadata={"example": "+15551234567"})
-    To = fields.String(required=True, metadata={"description": "the bot's number", "example": "+15005550006"})
+    To = fields.String(required=True, metadata={"description": "the number texted: one of the bot's, or of its "
+                                                               "messaging service's pool", "example": "+15005550006"})
+    MessagingServiceSid = fields.String(metadata={"description": "the Messaging Service of the number texted, if any: "
+                                                                 "the bot with that twilio-messaging-service-sid gets it"})
     Body = fields.String(metadata={"example": "hola"})
     NumMedia = fields.Integer()
     NumSegments = fields.Integer()
@@ -46,8 +50,9 @@ class TwilioStatusSchema(Schema):
     MessageSid = fields.String(required=True)
     MessageStatus = fields.String(required=True, metadata={"example": "delivered"})
     AccountSid = fields.String(required=True)
-    From = fields.String(required=True)
+    From = fields.String(metadata={"description": "the number the message was sent from; needed without MessagingServiceSid"})
     To = fields.String(required=True)
+    MessagingServiceSid = fields.String(metadata={"description": "for a message sent through a Messaging Service"})
     ErrorCode = fields.String()
 
 
@@ -60,13 +65,14 @@ class MessageLogSchema(Schema):
     status = fields.String(metadata={"example": "Success"})
     data = fields.Dict(metadata={"description": '{"messages": [...], "next": cursor or null}: each message with '
                                                 'its id, direction, origin, text, media, sid, status, error-code, '
-                                                'statuses and at'})
+                                                'statuses and at; "handoff": whether a human has the conversation'})
 
 
 class ConversationListSchema(Schema):
     status = fields.String(metadata={"example": "Success"})
     data = fields.Dict(metadata={"description": '{"conversations": [...], "next": cursor or null}: each with '
-                                                'person, last-message and opted-out'})
+                                                'person, last-message, opted-out and handoff ({"paused": false}, or '
+                                                'paused, since, until, by and note)'})
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -143,6 +149,25 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "409": _json("Failed", "the person opted out, or the same Idempotency-Key is in flight"),
                       **_FAILED}},
+    "registry.pause_conversation": {
+        "tags": ["registry"], "security": _BEARER,
+        "summary": "Hand the conversation to a human: the engine is not asked until it is resumed or the bot's "
+                   "handoff-timeout passes; the person's messages go, signed, to the bot's handoff-url.",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"note": {"type": "string", "maxLength": 1000}}}}}},
+        "responses": {"200": {"description": "paused: since, until (null: until resumed), by, note",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "503": _json("Failed", "storage unavailable: try again"), **_FAILED}},
+    "registry.resume_conversation": {
+        "tags": ["registry"], "security": _BEARER, "summary": "Give the conversation back to the bot.",
+        "responses": {"200": {"description": "resumed (whether it was paused)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "503": _json("Failed", "storage unavailable: try again"), **_FAILED}},
+    "registry.rotate_handoff_secret": {
+        "tags": ["registry"], "security": _BEARER,
+        "summary": "A new handoff-secret (shown this once); forwards are signed with it at once.",
+        "responses": {"200": _json("TaskResult", "rotated: the new secret in handoff-secret"),
+                      "409": _json("Failed", "the bot has no handoff-url"), **_FAILED}},
     "registry.erase_conversation": {
         "tags": ["registry"], "security": _BEARER,
         "summary": "Erase one person's conversation with the bot (messages, statuses, dead letters, queued replies); "
@@ -250,7 +275,12 @@ def build_spec(app: Flask) -> dict[str, Any]:
             operation["operationId"] = _unique(operation["operationId"], used_ids)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
-    return spec.to_dict()
+    document = spec.to_dict()
+    # A bot sends from its number, through its Messaging Service, or both: one of the two is required.
+    document["components"]["schemas"]["Bot"]["anyOf"] = [
+        {"required": [NUMBER]}, {"required": [SERVICE_SID]},
+    ]
+    return document
 
 
 @bp.get("/openapi.json")

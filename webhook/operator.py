@@ -90,13 +90,16 @@ def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
     if media_url and (problem := media_refusal(media_url, development=deps.get_settings().development)):
         return _refusal(f"media-url {problem}", 400, {"media-url": [problem]})
     to = data["to"]
-    if optout.is_opted_out(redis, bot.number, to) or _opted_out_in_database(bot.number, to):
-        return _refusal(f"{to} opted out of {bot.number} (texted STOP): nothing is sent until they text START",
-                        409, {"to": ["opted out"]})
     conversation = keys.conversation_id(bot.id, to)
+    # It goes from the number the person last texted (a bot with several numbers or a service), else the main one.
+    sender = (redis.get(keys.texted(conversation)) if bot.pooled else None) or bot.number
+    scope = bot.opt_out_key(sender)
+    if optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to):
+        return _refusal(f"{to} opted out of {scope} (texted STOP): nothing is sent until they text START",
+                        409, {"to": ["opted out"]})
     replies = replies_from(conversation, to, data["text"], media_url)
     with transaction(deps.get_engine()) as connection:
-        messagelog.record_replies(connection, replies, bot.number, origin=messagelog.OPERATOR)
+        messagelog.record_replies(connection, replies, sender, origin=messagelog.OPERATOR)
     reply_id = queue_replies(redis, conversation, replies)
     if reply_id:
         kick_delivery(conversation, reply_id, broker=deps.get_broker())

@@ -18,11 +18,11 @@ from sqlalchemy import Connection
 from werkzeug.exceptions import NotFound
 
 from shared import erasure, messagelog
-from shared.bots import AUTH_TOKEN, NUMBER, BotNotFound, NumberTaken
+from shared.bots import AUTH_TOKEN, HANDOFF_SECRET, NUMBER, PHONE_NUMBERS, Bot, BotNotFound, InvalidBot, NumberTaken
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
-from webhook import operator
+from webhook import handoffs, operator
 from webhook.deps import get_engine, get_redis, get_settings, get_store
 from webhook.errors import failed
 
@@ -32,7 +32,7 @@ bp = Blueprint("registry", __name__)
 USER = "/app:<app_id>/graph/user"
 ONE_USER = "/app:<app_id>/graph/user:<bot_id>"
 # A '+' in these fields is the number's own, not form encoding's space.
-_LITERAL_PLUS = frozenset({NUMBER, "with"})
+_LITERAL_PLUS = frozenset({NUMBER, PHONE_NUMBERS, "with"})
 # The bot's engine token, in the answer that creates or rotates it (its only appearance).
 ENGINE_TOKEN = "engine-token"
 
@@ -68,10 +68,13 @@ def create_bot(app_id: str):  # type: ignore[no-untyped-def]
     fields = _validated(CREATE, _json_body(required=True))
     try:
         bot, engine_token = get_store().create_with_token(fields)
-    except NumberTaken as taken:
-        return failed(f"{taken.number} already belongs to another bot", 409, {NUMBER: [str(taken)]})
+    except NumberTaken as taken:  # the number (or service) and the bot that has it
+        return failed(str(taken), 409, {taken.field: [str(taken)]})
+    except InvalidBot as invalid:
+        return failed(f"invalid user fields: {invalid}", 400, {invalid.field: [invalid.problem]})
     log.info("registry.created", bot_id=bot.id, number=bot.number)
-    return _task_result(bot.id, "created", {ENGINE_TOKEN: engine_token})
+    shown_once = {ENGINE_TOKEN: engine_token, **({HANDOFF_SECRET: bot.handoff_secret} if bot.handoff_secret else {})}
+    return _task_result(bot.id, "created", shown_once)
 
 
 @bp.post(ONE_USER + "/engine-token")
@@ -84,6 +87,17 @@ def rotate_engine_token(app_id: str, bot_id: str):  # type: ignore[no-untyped-de
         return failed(f"no bot with id {bot_id_number}", 404)
     log.info("registry.engine_token_rotated", bot_id=bot_id_number)
     return _task_result(bot_id_number, "engine-token-rotated", {ENGINE_TOKEN: engine_token})
+
+
+@bp.post(ONE_USER + "/handoff-secret")
+def rotate_handoff_secret(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at once."""
+    bot = _bot(bot_id)
+    if not bot.handoff_url:
+        return failed("the bot has no handoff-url: set one, and its secret is made and shown then", 409)
+    secret = get_store().rotate_handoff_secret(bot.id)
+    log.info("registry.handoff_secret_rotated", bot_id=bot.id)
+    return _task_result(bot.id, "handoff-secret-rotated", {HANDOFF_SECRET: secret})
 
 
 @bp.get(USER)
@@ -99,13 +113,15 @@ def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
         raise BadRequest("nothing to update: send fields in the query string or a JSON body")
     fields = _validated(UPDATE, changes)
     try:
-        bot = get_store().update(bot_id_number, fields)
+        bot, shown_once = get_store().update_with_secrets(bot_id_number, fields)
     except BotNotFound:
         return failed(f"no bot with id {bot_id_number}", 404)
-    except NumberTaken as taken:
-        return failed(f"{taken.number} already belongs to another bot", 409, {NUMBER: [str(taken)]})
+    except NumberTaken as taken:  # the number (or service) and the bot that has it
+        return failed(str(taken), 409, {taken.field: [str(taken)]})
+    except InvalidBot as invalid:
+        return failed(f"invalid user fields: {invalid}", 400, {invalid.field: [invalid.problem]})
     log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
-    return _task_result(bot.id, "updated")
+    return _task_result(bot.id, "updated", shown_once)
 
 
 @bp.get(ONE_USER)
@@ -142,7 +158,8 @@ def conversation_log(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
         raise BadRequest(str(error), {"with": [str(error)]}) from None
     limit, newest_first, after = _paging(query, newest_by_default=False)
     page = _read_page(lambda connection: messagelog.read(connection, bot.id, person, limit, newest_first, after))
-    return jsonify(status="Success", data={"messages": page.items, "next": page.next})
+    return jsonify(status="Success", data={"messages": page.items, "next": page.next,
+                                           "handoff": handoffs.shown(bot.id, [person])[person]})
 
 
 @bp.get(ONE_USER + "/conversations")
@@ -153,8 +170,23 @@ def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
         return failed(f"no bot with id {bot_id}", 404)
     limit, newest_first, after = _paging(_query_fields(), newest_by_default=True)
     page = _read_page(
-        lambda connection: messagelog.conversations_of(connection, bot.id, bot.number, limit, newest_first, after))
-    return jsonify(status="Success", data={"conversations": page.items, "next": page.next})
+        lambda connection: messagelog.conversations_of(connection, bot.id, bot.opt_out_key(), limit, newest_first, after))
+    paused = handoffs.shown(bot.id, [item["person"] for item in page.items])
+    items = [{**item, "handoff": paused[item["person"]]} for item in page.items]
+    return jsonify(status="Success", data={"conversations": items, "next": page.next})
+
+
+@bp.post(ONE_USER + "/conversations/<person>/handoff")
+def pause_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[no-untyped-def]
+    """Hand the conversation to a human: the bot's engine is not asked until it is resumed (or the
+    bot's handoff-timeout passes); the person's messages go to the bot's handoff-url, if it has one."""
+    return handoffs.pause(_bot(bot_id), _person(person))
+
+
+@bp.delete(ONE_USER + "/conversations/<person>/handoff")
+def resume_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[no-untyped-def]
+    """Give the conversation back to the bot."""
+    return handoffs.resume(_bot(bot_id), _person(person))
 
 
 @bp.post(ONE_USER + "/messages")
@@ -167,13 +199,8 @@ def send_as_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
 def erase_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[no-untyped-def]
     """Erase what the service keeps of one person's conversation with the bot (shared.erasure says
     what goes and what stays); nothing queued for them is sent afterwards."""
-    bot = get_store().get(_bot_id(bot_id))
-    if bot is None:
-        return failed(f"no bot with id {bot_id}", 404)
-    try:
-        number = normalize_e164(unquote(person))
-    except InvalidNumber as error:
-        raise BadRequest(str(error), {"person": [str(error)]}) from None
+    bot = _bot(bot_id)
+    number = _person(person)
     erased = erasure.erase(get_engine(), get_redis(), bot.id, number)
     log.info("registry.conversation_erased", bot_id=bot.id, person=number, **erased.public())
     return jsonify(status="Success", data={"erased": erased.public()})
@@ -197,6 +224,21 @@ def _read_page(read: Callable[[Connection], messagelog.Page]) -> messagelog.Page
             return read(connection)
     except messagelog.BadCursor as error:
         raise BadRequest(str(error), {"after": ["pass the `next` of the previous page, as given"]}) from None
+
+
+def _bot(raw: str) -> Bot:
+    bot = get_store().get(_bot_id(raw))
+    if bot is None:
+        raise NotFound(f"no bot with id {raw}")
+    return bot
+
+
+def _person(raw: str) -> str:
+    """A person's number from the path ('+' as itself or %2B)."""
+    try:
+        return normalize_e164(unquote(raw))
+    except InvalidNumber as error:
+        raise BadRequest(str(error), {"person": [str(error)]}) from None
 
 
 def _bot_id(raw: str) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 
-from shared import keys, messagelog
+from shared import handoff, keys, messagelog
 from shared.bots import Bot
 from shared.conversations import queue_replies, replies_from
 from shared.db import transaction
@@ -82,6 +82,13 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         return failed(f"{len(cold)} recipient(s) have not written to the bot in the last {bot.limits.push_window_days} "
                       "days (push-window-days; allow-cold-push lets the engine write first)", 403,
                       {"recipient_id": sorted(cold)})
+    with deps.get_engine().connect() as connection:
+        paused = handoff.active_of(connection, bot.id, sorted({answer["recipient_id"] for answer in answers}))
+    if paused:
+        # A human has these conversations: the bot's engine stays out of them until they are resumed.
+        log.warning("callback.refused", bot_id=bot_id, reason="handed_off", recipients=len(paused))
+        return failed(f"{len(paused)} recipient(s) are talking with a human (handoff): the engine may write to them "
+                      "again once the conversation is resumed", 409, {"recipient_id": sorted(paused)})
     queued = _queue(bot_id, bot.number, _without_refused_media(answers, bot_id))
     log.info("callback.queued", bot_id=bot_id, replies=queued)
     return jsonify({"status": "Success", "data": {"queued": queued}}), 202

@@ -11,13 +11,15 @@ come from the inbound's, so a message handled again rewrites the same rows.
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 import structlog
 
-from shared import keys, optout
+from shared import handoff, keys, optout
 from shared.bots import Bot, Limits
 from shared.conversations import (
     FENCED, capped, inbound_from, queue_replies, replies_from,
@@ -26,6 +28,7 @@ from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
+from worker import handoff as forwarding
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.engine import Answer, engine_for
 from worker.slots import ENGINE_SLOTS
@@ -54,6 +57,20 @@ class EngineBusy(Exception):
 ENGINE_BUSY_RETRY_MS = 250
 
 
+class MergeWait(Exception):
+    """The person may still be typing (the bot's merge-window-ms): look again in `delay_ms`, and
+    meanwhile let the thread serve other conversations."""
+
+    def __init__(self, delay_ms: int) -> None:
+        super().__init__(delay_ms)
+        self.delay_ms = delay_ms
+
+
+# A merge waits at most this many windows from the first text, and takes at most this many texts.
+MERGE_MAX_WINDOWS = 5
+MERGE_MAX_TEXTS = 20
+
+
 @dramatiq.actor(
     actor_name=HANDLE_CONVERSATION, queue_name=CONVERSATIONS_QUEUE,
     max_retries=20, min_backoff=500, max_backoff=30_000, time_limit=5 * 60_000,
@@ -73,6 +90,8 @@ def drain(redis: Any, conversation: str) -> None:
     except EngineBusy:
         # The message stays at the head of the processing list, where the next run finds it first.
         finished, delay_ms = False, ENGINE_BUSY_RETRY_MS
+    except MergeWait as wait:
+        finished, delay_ms = False, wait.delay_ms
     except BaseException:
         lease.release()
         raise
@@ -115,20 +134,22 @@ def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
     worker holds the lease) or this run's share is used up (False)."""
     stop_at = time.monotonic() + MAX_SECONDS_PER_RUN
     for _ in range(MAX_MESSAGES_PER_RUN):
-        found = _next_inbound(redis, conversation, lease)
-        if found is None:
+        turn = _next_inbound(redis, conversation, lease)
+        if turn is None:
             return True
-        if not handle_message(redis, conversation, *found, lease):
+        if not handle_message(redis, conversation, turn, lease):
             return True  # nothing was waiting: the look after letting go is the only one needed
         if time.monotonic() > stop_at:
             break
     return False
 
 
-# KEYS: inbox, processing, lease, the person's replies this minute. ARGV: the lease's token, its
-# ms when this run has yet to take it ('' when it holds it). Takes the lease (or checks it is still
-# ours), then a crashed worker's message first, else the oldest waiting one, with the replies the
-# person got this minute: {raw, replies}. 0 when the lease is another's; {false} with no message.
+# KEYS: inbox, processing, lease, the person's replies this minute, the bot's handoffs copy. ARGV:
+# the lease's token, its ms when this run has yet to take it ('' when it holds it), the person.
+# Takes the lease (or checks it is still ours), then a crashed worker's message first, else the
+# oldest waiting one, with the replies the person got this minute and what the handoffs copy says
+# of the person: {raw, replies, copy loaded, pause hint}. 0 when the lease is another's; {false}
+# with no message.
 _NEXT_LUA = """
 if ARGV[2] ~= '' then
   if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
@@ -137,41 +158,54 @@ elseif redis.call('GET', KEYS[3]) ~= ARGV[1] then
 end
 local raw = redis.call('LINDEX', KEYS[2], 0) or redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not raw then return {false} end
-return {raw, redis.call('GET', KEYS[4]) or '0'}
-"""
+local handoff = redis.call('HMGET', KEYS[5], '__LOADED__', ARGV[3])
+return {raw, redis.call('GET', KEYS[4]) or '0', handoff[1] or '', handoff[2] or ''}
+""".replace("__LOADED__", handoff.LOADED)
 
 
-def _next_inbound(redis: Any, conversation: str, lease: Lease) -> tuple[str, Bot | None, int] | None:
-    """The next message, the conversation's bot as it is now and the replies the person got this
-    minute, or None when there is none (or the lease is not ours); the first look also takes the
-    lease. One round trip each."""
+@dataclass(frozen=True)
+class Turn:
+    """The next message of a conversation, with what handling it needs to know."""
+
+    raw: str
+    bot: Bot | None  # as it is now; None once deleted
+    replied: int  # replies the person got this minute
+    copy_loaded: bool  # whether the bot's handoffs copy holds the database's
+    pause_hint: str  # the copy's word on the person: '' when not paused
+
+
+def _next_inbound(redis: Any, conversation: str, lease: Lease) -> Turn | None:
+    """The next message, or None when there is none (or the lease is not ours); the first look also
+    takes the lease. One round trip each."""
     first = not lease.held
+    bot_id, sender = keys.split_conversation_id(conversation)
     found = script(redis, _NEXT_LUA)(
         keys=[keys.inbox(conversation), keys.processing(conversation), lease.key,
-              keys.replies_this_minute(conversation)],
-        args=[lease.token, int(LEASE_SECONDS * 1000) if first else ""])
+              keys.replies_this_minute(conversation), keys.handoffs(bot_id)],
+        args=[lease.token, int(LEASE_SECONDS * 1000) if first else "", sender])
     if first and not lease.granted(found != 0):
         return None
     if not found or not found[0]:
         return None
-    raw, replied = found
-    return raw, get_bots().by_id(keys.split_conversation_id(conversation)[0]), int(replied)
+    raw, replied, loaded, hint = found
+    return Turn(raw, get_bots().by_id(bot_id), int(replied), bool(loaded), hint)
 
 
-def handle_message(redis: Any, conversation: str, raw: str, bot: Bot | None, replied: int, lease: Lease) -> bool:
+def handle_message(redis: Any, conversation: str, turn: Turn, lease: Lease) -> bool:
     """Ask the bot's engine, log the message with its replies, queue the replies (finishing the
     message) and send the first one from this thread; the rest follow it through the outbound queue. Returns
     whether more messages may be waiting."""
-    message = inbound_from(raw)
+    message = inbound_from(turn.raw)
     # Every event of this hop (engine, send) carries the message, its bot and its conversation.
     with structlog.contextvars.bound_contextvars(message_sid=message["sid"], bot_id=message["bot_id"],
                                                  conversation=conversation):
-        return _handle(redis, conversation, raw, message, bot, replied, lease)
+        return _handle(redis, conversation, turn, message, lease)
 
 
-def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bot: Bot | None, replied: int,
-            lease: Lease) -> bool:
-    optout.record_inbound(get_engine(), message)  # a STOP or START, durably (the webhook told the Redis copy)
+def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], lease: Lease) -> bool:
+    raw, bot, replied = turn.raw, turn.bot, turn.replied
+    # A STOP or START, durably (the webhook told the Redis copy).
+    optout.record_inbound(get_engine(), message, bot.opt_out_key(message["to"]) if bot else None)
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         return _unanswered(redis, conversation, raw, message, lease, None)
@@ -179,13 +213,22 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
         # Another bot of this service: answering would start a loop that never ends.
         log.warning("conversation.from_bot", bot_id=bot.id, message_sid=message["sid"])
         TALLY.incr("sms_unanswered", reason="from_bot")
-        return _unanswered(redis, conversation, raw, message, lease, bot.number)
+        return _unanswered(redis, conversation, raw, message, lease, message["to"])
+    paused = _paused(redis, bot, message, turn)
+    if paused is not None:
+        # A human has the conversation: the message is logged and goes to their tool, not the engine.
+        forwarded = forwarding.forward(bot, message, paused, get_settings())
+        log.info("conversation.handed_off", bot_id=bot.id, message_sid=message["sid"], forwarded=forwarded)
+        TALLY.incr("sms_unanswered", reason="handed_off")
+        return _unanswered(redis, conversation, raw, message, lease, message["to"])
     if bot.limits.max_replies_per_minute and replied >= bot.limits.max_replies_per_minute:
         # A loop with an auto-responder elsewhere, or a flood: the engine is not asked until the minute is over.
         log.warning("conversation.rate_limited", bot_id=bot.id, message_sid=message["sid"], replies_this_minute=replied,
                     max_replies_per_minute=bot.limits.max_replies_per_minute)
         TALLY.incr("sms_unanswered", reason="rate_limited")
-        return _unanswered(redis, conversation, raw, message, lease, bot.number)
+        return _unanswered(redis, conversation, raw, message, lease, message["to"])
+    if bot.controls.merge_window_ms and message["event"] == optout.MESSAGE:
+        raw, message = _merged(redis, conversation, raw, message, bot.controls.merge_window_ms, lease)
     started = time.monotonic()
     with ENGINE_SLOTS.taken(bot) as taken:
         if not taken:
@@ -193,13 +236,21 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
                      in_flight=ENGINE_SLOTS.in_flight(bot.id))
             raise EngineBusy(bot.id)
         answers = engine_for(bot, get_settings()).answer(bot, message)
+    asked = next((answer for answer in answers if answer.handoff), None)
+    if asked is not None:
+        # Before its replies are queued: a worker that dies in between handles the message again,
+        # and the pause names it, so that one message is still answered (see _paused).
+        handoff.pause(get_engine(), redis, bot.id, message["sender"], by=handoff.BY_ENGINE,
+                      timeout=bot.controls.handoff_timeout, note=asked.note, message_sid=message["sid"])
+        log.info("conversation.handoff_requested", bot_id=bot.id, message_sid=message["sid"])
+        TALLY.incr("sms_handoffs", event="paused", by=handoff.BY_ENGINE)
     replies = _replies(conversation, message, answers, bot.limits)
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
     queued = queue_and_take(redis, conversation, replies, bot, done_inbound=raw, lease_token=lease.token,
-                            log_record=exchange_record(message, replies, bot.number))
+                            log_record=exchange_record(message, replies, message["to"]))
     if queued.fenced:  # our lease lapsed (a pause) and another worker took over: it answers
         raise LeaseLost(conversation)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
@@ -212,6 +263,87 @@ def _handle(redis: Any, conversation: str, raw: str, message: dict[str, Any], bo
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
     return queued.waiting
+
+
+def _paused(redis: Any, bot: Bot, message: dict[str, Any], turn: Turn) -> handoff.Handoff | None:
+    """The conversation's handoff, when a human has it; not when the engine asked for it while
+    answering this very message (handled again after a crash: it is still answered)."""
+    hint = turn.pause_hint
+    if not turn.copy_loaded:  # flushed or never built: rebuilt from the record first
+        handoff.load_copy(get_engine(), redis, bot.id)
+        hint = redis.hget(keys.handoffs(bot.id), message["sender"]) or ""
+    if not hint:
+        return None
+    found = handoff.current(get_engine(), redis, bot.id, message["sender"], hint)
+    if found is None or found.message_sid == message["sid"]:
+        return None
+    return found
+
+
+# KEYS: inbox, processing, the conversation lease. ARGV: the lease's token, the message being
+# handled (processing's head), the merged message that replaces it, then the texts merged into
+# it, as they lead the inbox. The texts leave the inbox and the merged message takes the head's
+# place in one step; 1 done, 0 when something changed meanwhile (nothing done), -1 when the lease
+# is no longer ours.
+_MERGE_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then return 0 end
+local taken = #ARGV - 3
+local leading = redis.call('LRANGE', KEYS[1], 0, taken - 1)
+if #leading ~= taken then return 0 end
+for i = 1, taken do
+  if leading[i] ~= ARGV[i + 3] then return 0 end
+end
+redis.call('LTRIM', KEYS[1], taken, -1)
+redis.call('LSET', KEYS[2], 0, ARGV[3])
+return 1
+"""
+
+
+def _merged(redis: Any, conversation: str, raw: str, message: dict[str, Any], window_ms: int,
+            lease: Lease) -> tuple[str, dict[str, Any]]:
+    """The message with the texts the person sent right after it, as one turn (merge-window-ms);
+    MergeWait while they may still be typing. Nothing waits in a thread: the conversation is looked
+    at again when the window can next have closed. A non-text event (STOP, START) ends the burst."""
+    window = window_ms / 1000
+    waiting = redis.lrange(keys.inbox(conversation), 0, MERGE_MAX_TEXTS - 1)
+    texts: list[tuple[str, dict[str, Any]]] = []
+    for item in waiting:
+        later = inbound_from(item)
+        if later["event"] != optout.MESSAGE:
+            break
+        texts.append((item, later))
+    parts = list(message.get("merged") or [message])
+    first_at = parts[0]["received_at"]
+    last_at = max(part["received_at"] for part in [*parts, *(later for _, later in texts)])
+    burst_over = len(texts) < len(waiting) or len(parts) + len(texts) >= MERGE_MAX_TEXTS
+    close_at = min(last_at + window, first_at + MERGE_MAX_WINDOWS * window)
+    if not burst_over and time.time() < close_at:
+        raise MergeWait(max(int((close_at - time.time()) * 1000) + 1, 1))
+    if not texts:
+        return raw, message
+    parts += [later for _, later in texts]
+    merged = {
+        **message,
+        "body": "\n".join(part["body"] for part in parts if part["body"]),
+        "media": [media for part in parts for media in part["media"]],
+        "num_segments": sum(part.get("num_segments", 1) for part in parts),
+        "message_sids": [part["sid"] for part in parts],
+        "merged": [{name: part[name] for name in _ORIGINAL_FIELDS if name in part} for part in parts],
+    }
+    merged_raw = json.dumps(merged)
+    done = script(redis, _MERGE_LUA)(keys=[keys.inbox(conversation), keys.processing(conversation), lease.key],
+                                     args=[lease.token, raw, merged_raw, *(item for item, _ in texts)])
+    if done == FENCED:
+        raise LeaseLost(conversation)
+    if not done:  # the inbox changed under us (an erasure): answer the one message
+        return raw, message
+    log.info("conversation.merged", texts=len(parts), waited_ms=int((time.time() - first_at) * 1000))
+    return merged_raw, merged
+
+
+# What a merged turn keeps of each text it was made of: what the log and the handoff forward need.
+_ORIGINAL_FIELDS = ("sid", "bot_id", "sender", "to", "body", "media", "received_at", "event", "num_segments")
 
 
 def _unanswered(redis: Any, conversation: str, raw: str, message: dict[str, Any], lease: Lease,

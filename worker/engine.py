@@ -11,9 +11,9 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -27,6 +27,7 @@ from shared.settings import Settings
 from worker.http import engine_session, responding_by
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 3.05  # just over a TCP retransmit window
 READ_TIMEOUT = 10.0
@@ -40,10 +41,13 @@ _CHUNK_BYTES = 16 * 1024
 
 @dataclass(frozen=True)
 class Answer:
-    """One reply as an engine gives it: text, an image URL, or both."""
+    """One reply as an engine gives it: text, an image URL, or both; or its request to hand the
+    conversation to a human (Rasa's custom payload `{"custom": {"handoff": true, "note": ...}}`)."""
 
     text: str | None = None
     image: str | None = None
+    handoff: bool = False
+    note: str | None = None
 
 
 class EngineError(Exception):
@@ -76,6 +80,8 @@ def rasa_payload(bot: Bot, message: Mapping[str, Any]) -> dict[str, Any]:
             "bot_id": bot.id,
             "to": message["to"],
             "message_sid": message["sid"],
+            # Every text of the turn: several when a burst was merged into one (merge-window-ms).
+            "message_sids": message.get("message_sids") or [message["sid"]],
             "media": [{"url": m["url"], "content_type": m.get("content_type")} for m in message.get("media") or []],
             "event": message.get("event") or "message",
         },
@@ -89,6 +95,10 @@ def parse_answers(payload: Any, *, development: bool = False) -> list[Answer]:
         raise EngineError("invalid", "expected a JSON list of objects")
     answers = []
     for item in payload:
+        custom = item.get("custom")
+        if isinstance(custom, dict) and custom.get("handoff") is True:
+            note = custom.get("note")
+            answers.append(Answer(handoff=True, note=note if isinstance(note, str) and note else None))
         text, image = item.get("text"), item.get("image")
         if not isinstance(text, str) or not text:
             text = None
@@ -123,25 +133,39 @@ class HttpEngine:
         self._backoff = BACKOFF_SECONDS if backoff is None else backoff
         self._max_bytes = MAX_ANSWER_BYTES if max_bytes is None else max_bytes
 
+    # What its calls are counted and logged as.
+    METRIC, EVENT = "sms_engine_calls", "engine"
+
     def answer(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         """The engine's answers; after the retries the bot's fallback message, if it has one."""
-        payload = rasa_payload(bot, message)
-        deadline = time.monotonic() + self._deadline
-        for attempt in range(len(self._backoff) + 1):
-            try:
-                return self._call(payload, deadline)
-            except EngineError as error:
-                pause = self._backoff[attempt] if attempt < len(self._backoff) else 0.0
-                remaining = deadline - time.monotonic()
-                log.warning("engine.failed", bot_id=bot.id, attempt=attempt + 1, error=str(error))
-                if not error.retryable or attempt == len(self._backoff) or remaining <= pause + 0.1:
-                    break
-                time.sleep(pause)
-        return self._fallback(bot, message)
+        data = json.dumps(rasa_payload(bot, message)).encode()
+        answers = self._retried(bot, lambda deadline: self._call(data, {}, deadline, self._answers))
+        return self._fallback(bot, message) if answers is None else answers
 
-    def _call(self, payload: dict[str, Any], deadline: float) -> list[Answer]:
-        """One attempt, over by `deadline` however the engine paces its bytes; every way it can fail
-        is an EngineError with its outcome, counted in metrics."""
+    def _answers(self, body: bytes) -> list[Answer]:
+        try:
+            return parse_answers(json.loads(body), development=self._development)
+        except ValueError:
+            raise EngineError("invalid", "the answer is not JSON") from None
+
+    def _retried(self, bot: Bot, attempt: Callable[[float], T]) -> T | None:
+        """`attempt(deadline)` until it succeeds, with backoff, within the deadline; None if it never did."""
+        deadline = time.monotonic() + self._deadline
+        for number in range(len(self._backoff) + 1):
+            try:
+                return attempt(deadline)
+            except EngineError as error:
+                pause = self._backoff[number] if number < len(self._backoff) else 0.0
+                remaining = deadline - time.monotonic()
+                log.warning(f"{self.EVENT}.failed", bot_id=bot.id, attempt=number + 1, error=str(error))
+                if not error.retryable or number == len(self._backoff) or remaining <= pause + 0.1:
+                    return None
+                time.sleep(pause)
+        return None
+
+    def _call(self, data: bytes, headers: Mapping[str, str], deadline: float, read: Callable[[bytes], T]) -> T:
+        """One attempt: POST `data` (JSON) and `read` the answer's body, over by `deadline` however the
+        server paces its bytes; every way it can fail is an EngineError with its outcome, counted in metrics."""
         remaining = max(deadline - time.monotonic(), 0.1)
         started = time.monotonic()
         outcome = "ok"
@@ -150,19 +174,18 @@ class HttpEngine:
                 raise RefusedAddress(_origin(self.url)[0], "PUBLIC_URL", "the service itself")
             with responding_by(deadline):
                 response = _session(self.url, self._policy).post(
-                    self.url, json=payload, allow_redirects=False, stream=True,
+                    self.url, data=data, headers={"Content-Type": "application/json", **headers},
+                    allow_redirects=False, stream=True,
                     timeout=(min(self._connect_timeout, remaining), min(self._read_timeout, remaining)),
                 )
                 # Closing a response not read to its end closes its connection: it never goes back to the pool.
                 with contextlib.closing(response):
                     body = self._body(response)
-            try:
-                return parse_answers(json.loads(body), development=self._development)
-            except ValueError:
-                raise EngineError("invalid", "the answer is not JSON") from None
+            return read(body)
         except RefusedAddress as refused:
             outcome = "refused_address"
-            log.warning("engine.refused_address", url=shown_url(self.url), address=refused.address, reason=refused.reason)
+            log.warning(f"{self.EVENT}.refused_address", url=shown_url(self.url), address=refused.address,
+                        reason=refused.reason)
             raise EngineError(outcome, str(refused), retryable=False) from None
         except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
             outcome = "timeout"
@@ -199,9 +222,10 @@ class HttpEngine:
         return EngineError("too_large", f"the answer is over {self._max_bytes} bytes", retryable=False)
 
     def _record(self, outcome: str, seconds: float) -> None:
-        log.info("engine.called", url=shown_url(self.url), outcome=outcome, duration=round(seconds, 4))
-        TALLY.incr("sms_engine_calls", outcome=outcome)
-        TALLY.observe("sms_engine_latency_seconds", seconds)
+        log.info(f"{self.EVENT}.called", url=shown_url(self.url), outcome=outcome, duration=round(seconds, 4))
+        TALLY.incr(self.METRIC, outcome=outcome)
+        if self.METRIC == HttpEngine.METRIC:
+            TALLY.observe("sms_engine_latency_seconds", seconds)
 
     def _fallback(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         TALLY.incr("sms_engine_calls", outcome="gave_up")

@@ -64,10 +64,13 @@ _REPLY_FIELDS = ("id", "bot_id", "to", "text", "media_url", "in_reply_to", "crea
 
 def exchange_record(message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]], bot_number: str | None) -> str:
     """An answered inbound message and its replies (INBOUND and REPLY shapes), for the log outbox:
-    what the log keeps of them, no more (it passes through Redis)."""
+    what the log keeps of them, no more (it passes through Redis). A burst merged into one turn
+    (worker.conversation) is logged as the texts it was, each on its own; the replies answer the first."""
+    head, *also = message.get("merged") or [message]
     return json.dumps({
-        "kind": EXCHANGE, "message": {name: message[name] for name in _MESSAGE_FIELDS},
+        "kind": EXCHANGE, "message": {name: head[name] for name in _MESSAGE_FIELDS},
         "replies": [{name: reply.get(name) for name in _REPLY_FIELDS} for reply in replies], "bot_number": bot_number,
+        **({"also": [{name: other[name] for name in _MESSAGE_FIELDS} for other in also]} if also else {}),
     }, separators=(",", ":"))
 
 
@@ -81,7 +84,8 @@ def outcome_record(reply_id: str, status: str, sid: str | None = None, error_cod
 def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
     """Records in one transaction, in their order's effect: every exchange before any outcome (an
     outcome's reply row comes with its exchange, which was pushed first)."""
-    exchanges = [Exchange(r["message"], r["replies"], r["bot_number"]) for r in records if r["kind"] == EXCHANGE]
+    exchanges = [Exchange(message, r["replies"] if n == 0 else [], r["bot_number"])
+                 for r in records if r["kind"] == EXCHANGE for n, message in enumerate([r["message"], *r.get("also", [])])]
     outcomes = [Outcome(r["reply_id"], r["status"], sid=r["sid"], error_code=r["error_code"], at=r["at"])
                 for r in records if r["kind"] == OUTCOME]
     with transaction(engine) as connection:

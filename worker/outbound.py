@@ -9,7 +9,6 @@ than slept on, so no worker thread is held by a busy number.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,26 +17,26 @@ import dramatiq
 import structlog
 from twilio.base.exceptions import TwilioRestException
 
-from shared import deadletters, keys, messagelog, optout
+from shared import conversations, deadletters, keys, messagelog, optout
 from shared.bots import Bot
 from shared.conversations import (
-    CALLBACK_SUFFIX, FENCED, QUEUE_FUNCTION, REPLY, SENDING_SUFFIX, callback_field, queue_args, queue_keys_of, reschedule,
-    sending_field, stored,
+    CALLBACK_SUFFIX, FENCED, QUEUE_FUNCTION, REPLY, RESEND_MARK, SENDING_SUFFIX, callback_field,
+    new_reply, queue_args, queue_keys_of, queue_replies, resend_attempt, reschedule, sending_field, stored,
 )
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.redis import script, with_constants
 from shared.segments import count_segments
-from shared.tasks import OUTBOUND_QUEUE, SEND_REPLY, get_broker, kick_delivery
-from shared.twilio_errors import HINTS, Action, action_for
+from shared.tasks import OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, get_broker, kick_delivery
+from shared.twilio_errors import BACKOFF, HINTS, Action, action_for, backoff
 from worker import budget, pacing
 from worker.budget import DAILY_SENDS
 from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.locks import LEASE_SECONDS, Lease
 from worker.logdrain import outcome_record
 from worker.pacing import CONFIRM_FUNCTION, RESERVE_FUNCTION
-from worker.twilio_client import Accepted, Refused, client_for, find_sent, outcome_unknown, send_sms
+from worker.twilio_client import Accepted, Refused, Sender, client_for, find_sent, outcome_unknown, send_sms
 
 log = get_logger(__name__)
 
@@ -62,11 +61,6 @@ NO_CALLBACK_GRACE_SECONDS = 5.0
 CLOCK_TOLERANCE_SECONDS = 1.0
 # Retries stop this long after the first attempt: the reply is then failed as "exhausted".
 RETRY_BUDGET_SECONDS = 3600.0
-# (first delay, longest delay) in seconds; each retry doubles, times a random 1-2 (jitter).
-BACKOFF: dict[Action, tuple[float, float]] = {
-    Action.RETRY: (1.0, 300.0),
-    Action.RETRY_SLOWLY: (10.0, 900.0),
-}
 # Unexpected errors (Redis down, a bug) are retried a few times by Dramatiq, then dead-lettered
 # by it; a reply Twilio refuses for good is a dead letter in the database instead (_fail).
 MAX_UNEXPECTED_RETRIES = 5
@@ -106,6 +100,40 @@ def send_reply(conversation: str, reply_id: str, failed: str | None = None) -> N
         step = _attempt(conversation, reply_id, SHORT_WAIT_SECONDS)
     if step.error is not None:
         raise step.error
+
+
+@dramatiq.actor(actor_name=RESEND_REPLY, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
+                max_retries=10, min_backoff=500, max_backoff=30_000)
+def resend_reply(bot_id: int, reply_id: str, from_number: str | None, code: int) -> None:
+    """Send again a reply that Twilio accepted and then could not queue (30001 by status callback,
+    webhook.status): a new reply at the end of its conversation, past MAX_RESENDS a dead letter."""
+    with get_engine().connect() as connection:
+        sent = messagelog.sent_reply(connection, bot_id, reply_id)
+    if sent is None:
+        raise LookupError(f"reply {reply_id} is not in the log yet")  # the log trails the send: retried
+    first_id, attempt = resend_attempt(reply_id)
+    conversation = keys.conversation_id(bot_id, sent["person"])
+    if attempt > conversations.MAX_RESENDS:
+        with transaction(get_engine()) as connection:
+            deadletters.record(connection, {
+                "id": reply_id, "bot_id": bot_id, "person": sent["person"], "text": sent["text"],
+                "media_url": sent["media_url"], "error_code": code, "http_status": None,
+                "error": "Twilio's queue refused it by status callback", "reason": "exhausted", "attempts": attempt,
+                "failed_at": time.time()})
+        log.warning("outbound.failed", bot_id=bot_id, conversation=conversation, reply_id=reply_id, code=code,
+                    reason="exhausted", attempts=attempt, hint=HINTS.get(code))
+        TALLY.incr("sms_outbound", result="failed", code=code)
+        return
+    reply = new_reply(conversation, sent["person"], sent["text"], sent["media_url"], in_reply_to=sent["in_reply_to"])
+    reply.update(id=f"{first_id}{RESEND_MARK}{attempt}", attempts=attempt, error_code=code, from_number=from_number)
+    with transaction(get_engine()) as connection:
+        messagelog.record_replies(connection, [reply], sent["bot_number"], origin=sent["origin"])
+    kick = queue_replies(get_redis(), conversation, [reply])
+    if kick is not None:
+        kick_delivery(conversation, kick)
+    TALLY.incr("sms_outbound", result="retried", code=code)
+    log.info("outbound.resent", bot_id=bot_id, conversation=conversation, reply_id=reply["id"], code=code,
+             attempts=attempt)
 
 
 def deliver_now(conversation: str, reply_id: str) -> None:
@@ -186,12 +214,18 @@ class Queued:
 def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]], bot: Bot, done_inbound: str,
                    log_record: str, lease_token: str) -> Queued:
     """Queue the replies of one answer and, when the outbox was idle, take the first one's turn."""
+    if bot.pooled and replies:
+        # The answer goes from the number its inbound was sent to (the webhook's "to").
+        texted = json.loads(done_inbound).get("to")
+        for reply in replies:
+            reply["from_number"] = texted
     leading, pairs = queue_args(conversation, replies, done_inbound, log_record, lease_token)
     lease = Lease(redis, keys.outbox_lock(conversation))
     first = replies[0] if replies else {"to": "", "text": ""}
+    sender = sender_for(bot, first)
     result = script(redis, QUEUE_AND_TAKE_LUA)(
-        keys=[*queue_keys_of(conversation), keys.inbox(conversation), lease.key, keys.opted_out(bot.number),
-              keys.pace(bot.number), keys.replies_this_minute(conversation)],
+        keys=[*queue_keys_of(conversation), keys.inbox(conversation), lease.key, keys.opted_out(sender.opt_out_key),
+              keys.pace(sender.pace_key), keys.replies_this_minute(conversation)],
         args=[*leading, lease.token, int(LEASE_SECONDS * 1000), first["to"], optout.LOADED,
               *pacing.reserve_args(count_segments(first["text"]), bot.messages_per_second), *pairs],
     )
@@ -226,22 +260,41 @@ class Head:
     # claimed its turn, and the MessageSid a status callback named for it since, if any.
     sending_since: float | None = None
     callback_sid: str | None = None
+    # The bot's number the person last texted (keys.texted), for a bot with several or a service.
+    texted: str | None = None
+
+
+def sender_for(bot: Bot, reply: dict[str, Any], texted: str | None = None) -> Sender:
+    """Who a reply goes from. A bot with a messaging service sends through it, From the number the
+    person texted when known (else the service's Sticky Sender picks); a bot without one, from the
+    number texted if it is still the bot's, else its main-phone-number."""
+    sending = bot.sending
+    options = {"validity_period": sending.validity_period, "smart_encoded": sending.smart_encoded,
+               "shorten_urls": sending.shorten_urls}
+    if not bot.pooled:
+        return Sender(bot.number, **options)
+    chosen = reply.get("from_number") or texted
+    if bot.messaging_service_sid:
+        return Sender(chosen, bot.messaging_service_sid, **options)
+    return Sender(chosen if chosen in bot.numbers else bot.number, **options)
 
 
 def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease, settles: bool = True) -> Head | None:
     """Ask for the outbox lease and read everything a send needs, in one round trip; None unless
     `reply_id` is the outbox head (else already sent, or a duplicate kick)."""
+    bot = get_bots().by_id(keys.split_conversation_id(conversation)[0])
     pipe = redis.pipeline(transaction=False)
     lease.request(pipe)
     pipe.lindex(keys.outbox(conversation), 0)
     pipe.hmget(keys.replies(conversation), [reply_id, sending_field(reply_id), callback_field(reply_id)])
-    granted, head, (reply, sending_since, callback_sid) = pipe.execute()
+    if bot is not None and bot.pooled:
+        pipe.get(keys.texted(conversation))
+    granted, head, (reply, sending_since, callback_sid), *texted = pipe.execute()
     lease.granted(granted)
     if head != reply_id:
         return None
-    return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None,
-                get_bots().by_id(keys.split_conversation_id(conversation)[0]), settles,
-                float(sending_since) if sending_since else None, callback_sid)
+    return Head(reply_id, REPLY.load(json.loads(reply)) if reply else None, bot, settles,
+                float(sending_since) if sending_since else None, callback_sid, texted[0] if texted else None)
 
 
 def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float,
@@ -255,54 +308,55 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         return Step()  # a retry is scheduled; its message will send it
     settings = get_settings()
     client = client_for(bot, settings)  # before the slot is claimed, so the send follows at once
+    sender = sender_for(bot, reply, head.texted)
     if head.sending_since is not None:
-        settled = _reconcile(redis, conversation, head, lease, client, settings)
+        settled = _reconcile(redis, conversation, head, lease, client, settings, sender)
         if settled is not None:
             return settled
     if DAILY_SENDS.exhausted(bot):
         return _hold_back(redis, conversation, reply, bot)
-    ours, opted_out, wait = _first_look(redis, reply, bot, lease) if looked is None else \
-        _after_look(redis, reply, bot, *looked)
+    ours, opted_out, wait = _first_look(redis, reply, bot, lease, sender) if looked is None else \
+        _after_look(redis, reply, bot, sender, *looked)
     if not ours:
         return _lease_lost(conversation, reply)
     if opted_out:
         return _suppress(redis, conversation, head)
-    wait = _wait_for_slot(redis, reply, bot.number, bot.messages_per_second, wait, longest_sleep)
+    wait = _wait_for_slot(redis, reply, sender.pace_key, bot.messages_per_second, wait, longest_sleep)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
     if lease.lost:  # the renewer found it taken while we waited for the slot
         return _lease_lost(conversation, reply)
-    result = send_sms(client, bot.number, reply["to"], reply["text"], reply["media_url"], settings.public_url,
-                      reply["id"])
+    result = send_sms(client, sender, reply["to"], reply["text"], reply["media_url"], settings.public_url, reply["id"])
     if isinstance(result, Accepted):
-        return _sent(redis, conversation, head, result, lease)
-    pacing.confirm(redis, bot.number, count_segments(reply["text"]), bot.messages_per_second)
+        return _sent(redis, conversation, head, result, lease, sender)
+    pacing.confirm(redis, sender.pace_key, count_segments(reply["text"]), bot.messages_per_second)
     if outcome_unknown(result):
         return _outcome_unknown(redis, conversation, reply, result, settings)
     redis.hdel(keys.replies(conversation), sending_field(reply["id"]))  # Twilio says it was not created
-    return _refused(redis, conversation, head, result)
+    return _refused(redis, conversation, head, result, sender)
 
 
-def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease) -> tuple[bool, bool, float]:
+def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease, sender: Sender) -> tuple[bool, bool, float]:
     """Whether the outbox lease is still ours, whether the recipient opted out, and the reply's
     first turn on its number (its slot reserved or claimed), in one round trip. A suppressed
     reply's reservation goes unused: its number idles one interval, a rare and harmless cost next
     to a round trip on every send."""
     pipe = redis.pipeline(transaction=False)
     pipe.get(lease.key)
-    optout.request_look(pipe, bot.number, reply["to"])
-    pacing.request_turn(pipe, bot.number, count_segments(reply["text"]), bot.messages_per_second, reply["slot_at"],
-                        mark=sending_mark(reply))
+    optout.request_look(pipe, sender.opt_out_key, reply["to"])
+    pacing.request_turn(pipe, sender.pace_key, count_segments(reply["text"]), bot.messages_per_second,
+                        reply["slot_at"], mark=sending_mark(reply))
     holder, looked, raw = pipe.execute()
     if holder != lease.token:
         return False, False, 0.0
-    return _after_look(redis, reply, bot, looked, raw)
+    return _after_look(redis, reply, bot, sender, looked, raw)
 
 
-def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, looked: list[str | None], raw: str) -> tuple[bool, bool, float]:
+def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, sender: Sender, looked: list[str | None],
+                raw: str) -> tuple[bool, bool, float]:
     """_first_look's answer from what it read, for a lease known to be ours."""
     # The database is asked only when the copy is missing (rebuilt first) or names the recipient.
-    opted_out = optout.opted_out_after_look(get_engine(), redis, bot.number, reply["to"], looked)
+    opted_out = optout.opted_out_after_look(get_engine(), redis, sender.opt_out_key, reply["to"], looked)
     reserved = reply["slot_at"] is None
     reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
     if reserved and wait > 0 and not opted_out:
@@ -340,7 +394,8 @@ def _grace(settings: Any) -> float:
     return float(settings.send_reconcile_seconds) if settings.public_url else NO_CALLBACK_GRACE_SECONDS
 
 
-def _reconcile(redis: Any, conversation: str, head: Head, lease: Lease, client: Any, settings: Any) -> Step | None:
+def _reconcile(redis: Any, conversation: str, head: Head, lease: Lease, client: Any, settings: Any,
+               sender: Sender) -> Step | None:
     """An earlier attempt claimed this reply's send and its outcome is unknown (its answer was lost,
     its worker died): settle it without guessing. A status callback that named its MessageSid
     finishes it as sent; otherwise, within the grace period, wait for one; after it, ask Twilio's
@@ -354,7 +409,7 @@ def _reconcile(redis: Any, conversation: str, head: Head, lease: Lease, client: 
     if age < _grace(settings):
         return _schedule(redis, conversation, reply, min(_grace(settings) - age, RECONCILE_RECHECK_SECONDS))
     try:
-        sid = find_sent(client, bot.number, reply["to"], reply["text"], head.sending_since, _other_replies)
+        sid = find_sent(client, sender.from_, reply["to"], reply["text"], head.sending_since, _other_replies)
     except (TwilioRestException, OSError) as error:
         log.warning("outbound.reconcile_failed", bot_id=bot.id, conversation=conversation, reply_id=reply["id"],
                     error=f"{error.__class__.__name__}: {error}"[:300])
@@ -416,14 +471,14 @@ def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float)
     return Step(kick=reply["id"], kick_delay_ms=int(delay * 1000))
 
 
-def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease) -> Step:
+def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease, sender: Sender) -> Step:
     """Twilio took it: the pace, the outbox, the log's record and the lease, in one step (the
     lease last, so it is free when the next head is kicked)."""
     reply, bot = head.reply, head.bot
     assert reply is not None and bot is not None
     now = time.time()
     next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
-                        pace=(bot.number, count_segments(reply["text"]), bot.messages_per_second))
+                        pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
     DAILY_SENDS.sent(bot.id)
     if reply["received_at"]:
@@ -449,7 +504,7 @@ def _suppress(redis: Any, conversation: str, head: Head) -> Step:
     return Step(kick=next_head)
 
 
-def _refused(redis: Any, conversation: str, head: Head, refused: Refused) -> Step:
+def _refused(redis: Any, conversation: str, head: Head, refused: Refused, sender: Sender) -> Step:
     reply, bot = head.reply, head.bot
     assert reply is not None and bot is not None
     action = action_for(refused.http_status, refused.code)
@@ -458,19 +513,13 @@ def _refused(redis: Any, conversation: str, head: Head, refused: Refused) -> Ste
     reply["first_attempt_at"] = reply["first_attempt_at"] or now
     reply["error_code"] = refused.code
     if action is Action.OPTED_OUT:
-        return _opted_out(redis, conversation, head, bot.number)
+        return _opted_out(redis, conversation, head, sender.opt_out_key)
     if action in BACKOFF:
         delay = backoff(action, reply["attempts"])
         if now + delay - reply["first_attempt_at"] <= RETRY_BUDGET_SECONDS:
             return _retry(redis, conversation, reply, refused, delay)
         return _fail(redis, conversation, head, refused, reason="exhausted")
     return _fail(redis, conversation, head, refused, reason="permanent")
-
-
-def backoff(action: Action, attempts: int) -> float:
-    """Seconds before retry number `attempts` (1 for the first): exponential, with jitter."""
-    first, longest = BACKOFF[action]
-    return min(first * 2 ** (attempts - 1), longest) * random.uniform(1.0, 2.0)
 
 
 def _retry(redis: Any, conversation: str, reply: dict[str, Any], refused: Refused, delay: float) -> Step:

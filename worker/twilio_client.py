@@ -39,6 +39,39 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class Sender:
+    """Who a message goes from: a number (`from_`), a Messaging Service (which picks a number from
+    its pool when `from_` is None), or both; with the bot's send options (None: not sent)."""
+
+    from_: str | None
+    messaging_service_sid: str | None = None
+    validity_period: int | None = None
+    smart_encoded: bool | None = None
+    shorten_urls: bool | None = None
+
+    @property
+    def pace_key(self) -> str:
+        """What the send is paced on: the service (its campaign's throughput), else the number."""
+        return self.messaging_service_sid or self.from_ or ""
+
+    @property
+    def opt_out_key(self) -> str:
+        """Whose opt-outs the send honours: the service's, when it goes through one (Bot.opt_out_key),
+        else the number it goes from."""
+        return self.messaging_service_sid or self.from_ or ""
+
+    def options(self) -> dict[str, object]:
+        """Messages.create's arguments for the sender: only what is set goes on the wire."""
+        options: dict[str, object] = {}
+        if self.from_:
+            options["from_"] = self.from_
+        for name in ("messaging_service_sid", "validity_period", "smart_encoded", "shorten_urls"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return options
+
+
+@dataclass(frozen=True)
 class Refused:
     """Twilio (or the network) refused the message: the HTTP status and Twilio code, when there are any."""
 
@@ -70,11 +103,13 @@ def client_for(bot: Bot, settings: Settings) -> Client:
     return get_client(bot.account_sid, bot.auth_token, settings.twilio_api_base_url)
 
 
-def send_sms(client: Client, from_: str, to: str, body: str, media_url: str | None,
+def send_sms(client: Client, sender: Sender | str, to: str, body: str, media_url: str | None,
              public_url: str | None, reply_id: str | None = None) -> Accepted | Refused:
-    """POST one message; never raises for Twilio's or the network's refusals. The status callback
-    names the reply (`?reply=`), so a callback can settle a send whose answer was lost."""
-    options: dict[str, object] = {"to": to, "from_": from_}
+    """POST one message from `sender` (a Sender, or a bare number); never raises for Twilio's or the
+    network's refusals. The status callback names the reply (`?reply=`), so a callback can settle a
+    send whose answer was lost."""
+    sender = Sender(sender) if isinstance(sender, str) else sender
+    options: dict[str, object] = {"to": to, **sender.options()}
     if body:
         options["body"] = body
     if media_url:
@@ -98,14 +133,17 @@ def outcome_unknown(refused: Refused) -> bool:
     return refused.http_status is None or (refused.http_status >= 500 and refused.code is None)
 
 
-def find_sent(client: Client, from_: str, to: str, body: str, since: float, exclude: Callable[[list[str]], set[str]]) -> str | None:
-    """The SID of a message with `body` that Twilio accepted from `from_` to `to` since `since`
+def find_sent(client: Client, from_: str | None, to: str, body: str, since: float,
+              exclude: Callable[[list[str]], set[str]]) -> str | None:
+    """The SID of a message with `body` that Twilio accepted from `from_` (any sender when None:
+    a messaging service picked it) to `to` since `since`
     (Unix time, give or take CLOCK_MARGIN_SECONDS), if there is one: the account's message list,
     newest first, read until messages older than that. `exclude` names, of the candidates, those
     known to be other replies (the same text sent twice). Raises TwilioRestException or OSError
     when Twilio cannot be asked."""
     candidates: list[str] = []
-    for message in client.messages.stream(from_=from_, to=to, page_size=LIST_PAGE_SIZE):
+    filters: dict[str, str] = {"from_": from_} if from_ else {}
+    for message in client.messages.stream(to=to, page_size=LIST_PAGE_SIZE, **filters):  # type: ignore[arg-type]
         created = message.date_created
         if created is not None and created.timestamp() < since - CLOCK_MARGIN_SECONDS:
             break
