@@ -236,6 +236,10 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
                      in_flight=ENGINE_SLOTS.in_flight(bot.id))
             raise EngineBusy(bot.id)
         answers = engine_for(bot, get_settings()).answer(bot, message)
+    replies = _replies(conversation, message, answers, bot.limits)
+    # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
+    if time.monotonic() - started > RENEW_EVERY and not lease.renew():
+        raise LeaseLost(conversation)
     asked = next((answer for answer in answers if answer.handoff), None)
     if asked is not None:
         # Before its replies are queued: a worker that dies in between handles the message again,
@@ -244,10 +248,6 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
                       timeout=bot.controls.handoff_timeout, note=asked.note, message_sid=message["sid"])
         log.info("conversation.handoff_requested", bot_id=bot.id, message_sid=message["sid"])
         TALLY.incr("sms_handoffs", event="paused", by=handoff.BY_ENGINE)
-    replies = _replies(conversation, message, answers, bot.limits)
-    # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
-    if time.monotonic() - started > RENEW_EVERY and not lease.renew():
-        raise LeaseLost(conversation)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
     queued = queue_and_take(redis, conversation, replies, bot, done_inbound=raw, lease_token=lease.token,
                             log_record=exchange_record(message, replies, message["to"]))
