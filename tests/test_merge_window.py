@@ -4,7 +4,6 @@ turn for the engine, without a worker thread waiting on the window."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -19,9 +18,9 @@ from shared.conversations import INBOUND, accept_inbound
 from shared.optout import classify
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_worker
-from tests.test_crash_recovery import SENDER, bodies_to, engine_bot  # noqa: F401 (fixture)
+from tests.test_crash_recovery import SENDER, bodies_to, engine_bot, workers  # noqa: F401 (fixtures)
 
-__all__ = ["engine_bot"]
+__all__ = ["engine_bot", "workers"]
 USERS = "/app:mammut-1/graph/user"
 
 
@@ -109,15 +108,6 @@ def test_a_stop_ends_the_burst(engine_bot: Bot, store: BotStore, redis: redis_li
     engine.wait_for_calls(2, timeout=30)
     assert [("hola\notra cosa", "message"), ("STOP", "opt_out")] == [
         (call.text, call.payload["metadata"]["event"]) for call in engine.calls]
-
-
-@pytest.fixture
-def workers(worker_env: dict[str, str], twilio: TwilioStandin) -> Iterator[list[Process]]:
-    twilio.reset()
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop(10)
 
 
 def test_a_merge_window_holds_no_worker_thread(
