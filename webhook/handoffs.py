@@ -7,10 +7,9 @@ pauses the bot for that person until the bot's handoff-timeout; `DELETE` on the 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, jsonify
 from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,8 +22,9 @@ from webhook.errors import failed
 log = get_logger(__name__)
 
 
-def pause(bot: Bot, person: str) -> tuple[Response, int] | Response:
-    note, problem = _note()
+def pause(bot: Bot, person: str, body: dict[str, Any]) -> tuple[Response, int] | Response:
+    """`body`: the request's JSON object, maybe empty."""
+    note, problem = _note(body)
     if problem:
         return failed(f"note {problem}", 400, {"note": [problem]})
     try:
@@ -56,17 +56,8 @@ def shown(bot_id: int, people: list[str]) -> dict[str, dict[str, Any]]:
     return {person: active[person].public() if person in active else handoff.NOT_PAUSED for person in people}
 
 
-def _note() -> tuple[str | None, str | None]:
+def _note(body: dict[str, Any]) -> tuple[str | None, str | None]:
     """The optional note of a pause, or why it cannot be taken."""
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return None, None
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None, "is unreadable: send a JSON object such as {\"note\": \"Ana from support\"}"
-    if not isinstance(body, dict):
-        return None, "must be given in a JSON object: {\"note\": \"...\"}"
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         return None, "must be a string"

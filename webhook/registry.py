@@ -180,7 +180,7 @@ def conversation_list(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
 def pause_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[no-untyped-def]
     """Hand the conversation to a human: the bot's engine is not asked until it is resumed (or the
     bot's handoff-timeout passes); the person's messages go to the bot's handoff-url, if it has one."""
-    return handoffs.pause(_bot(bot_id), _person(person))
+    return handoffs.pause(_bot(bot_id), _person(person), _json_body(required=False))
 
 
 @bp.delete(ONE_USER + "/conversations/<person>/handoff")
@@ -276,7 +276,7 @@ def _json_body(required: bool) -> dict[str, Any]:
     except ValueError as error:  # an integer past Python's 4,300-digit limit, say
         raise BadRequest(f"unreadable JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
-        raise BadRequest("the JSON body must be an object of user fields")
+        raise BadRequest("the JSON body must be an object")
     return body
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
+from sqlalchemy import Connection
 
 from shared import handoff, keys, messagelog
 from shared.bots import Bot
@@ -76,14 +77,15 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         answers = REPLIES.load(body)
     except ValidationError as error:
         return failed(f"invalid reply: {_describe(error.messages)}", 400, {"replies": error.messages})
-    cold = _outside_push_window(bot, {answer["recipient_id"] for answer in answers})
+    recipients = sorted({answer["recipient_id"] for answer in answers})
+    with deps.get_engine().connect() as connection:
+        cold = _outside_push_window(connection, bot, recipients)
+        paused = handoff.active_of(connection, bot.id, recipients) if not cold else {}
     if cold:
         log.warning("callback.refused", bot_id=bot_id, reason="outside_push_window", recipients=len(cold))
         return failed(f"{len(cold)} recipient(s) have not written to the bot in the last {bot.limits.push_window_days} "
                       "days (push-window-days; allow-cold-push lets the engine write first)", 403,
                       {"recipient_id": sorted(cold)})
-    with deps.get_engine().connect() as connection:
-        paused = handoff.active_of(connection, bot.id, sorted({answer["recipient_id"] for answer in answers}))
     if paused:
         # A human has these conversations: the bot's engine stays out of them until they are resumed.
         log.warning("callback.refused", bot_id=bot_id, reason="handed_off", recipients=len(paused))
@@ -108,15 +110,13 @@ def _authorized(bot: Bot | None) -> bool:
     return bool(admin) and hmac.compare_digest(token.encode(), admin.encode())
 
 
-def _outside_push_window(bot: Bot, recipients: set[str]) -> set[str]:
+def _outside_push_window(connection: Connection, bot: Bot, recipients: list[str]) -> set[str]:
     """The recipients who have not written to the bot within its push-window-days (none when the
     bot allows cold pushes): an engine pushes only into conversations a person started."""
     if bot.limits.allow_cold_push:
         return set()
     since = time.time() - bot.limits.push_window_days * 86400
-    with deps.get_engine().connect() as connection:
-        recent = messagelog.people_who_wrote(connection, bot.id, sorted(recipients), since)
-    return recipients - recent
+    return set(recipients) - messagelog.people_who_wrote(connection, bot.id, recipients, since)
 
 
 def _without_refused_media(answers: list[dict[str, Any]], bot_id: int) -> list[dict[str, Any]]:

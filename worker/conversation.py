@@ -250,7 +250,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
         TALLY.incr("sms_handoffs", event="paused", by=handoff.BY_ENGINE)
     # The log's record of this exchange goes with the replies, in their one Redis step (worker.logdrain).
     queued = queue_and_take(redis, conversation, replies, bot, done_inbound=raw, lease_token=lease.token,
-                            log_record=exchange_record(message, replies, message["to"]))
+                            log_record=exchange_record(message, replies, message["to"]), texted=message["to"])
     if queued.fenced:  # our lease lapsed (a pause) and another worker took over: it answers
         raise LeaseLost(conversation)
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))

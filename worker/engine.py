@@ -82,10 +82,15 @@ def rasa_payload(bot: Bot, message: Mapping[str, Any]) -> dict[str, Any]:
             "message_sid": message["sid"],
             # Every text of the turn: several when a burst was merged into one (merge-window-ms).
             "message_sids": message.get("message_sids") or [message["sid"]],
-            "media": [{"url": m["url"], "content_type": m.get("content_type")} for m in message.get("media") or []],
+            "media": media_of(message),
             "event": message.get("event") or "message",
         },
     }
+
+
+def media_of(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An inbound message's media as engines (and a handoff-url) are given them."""
+    return [{"url": m["url"], "content_type": m.get("content_type")} for m in message.get("media") or []]
 
 
 def parse_answers(payload: Any, *, development: bool = False) -> list[Answer]:

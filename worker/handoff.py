@@ -22,7 +22,7 @@ from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.netguard import AddressPolicy
 from shared.settings import Settings
-from worker.engine import HttpEngine
+from worker.engine import HttpEngine, media_of
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ def forward_payload(bot: Bot, message: Mapping[str, Any], handoff: Handoff) -> d
         "person": message["sender"],
         "to": message["to"],
         "text": message.get("body") or "",
-        "media": [{"url": m["url"], "content_type": m.get("content_type")} for m in message.get("media") or []],
+        "media": media_of(message),
         "message_sid": message["sid"],
         "message_sids": message.get("message_sids") or [message["sid"]],
         "time": message["received_at"],

@@ -212,11 +212,10 @@ class Queued:
 
 
 def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]], bot: Bot, done_inbound: str,
-                   log_record: str, lease_token: str) -> Queued:
-    """Queue the replies of one answer and, when the outbox was idle, take the first one's turn."""
-    if bot.pooled and replies:
-        # The answer goes from the number its inbound was sent to (the webhook's "to").
-        texted = json.loads(done_inbound).get("to")
+                   log_record: str, lease_token: str, texted: str | None = None) -> Queued:
+    """Queue the replies of one answer and, when the outbox was idle, take the first one's turn.
+    `texted`: the number the answered text was sent to, which the replies go from (a pooled bot)."""
+    if bot.pooled and texted:
         for reply in replies:
             reply["from_number"] = texted
     leading, pairs = queue_args(conversation, replies, done_inbound, log_record, lease_token)
