@@ -153,25 +153,3 @@ def test_engine_calls_are_counted_and_timed_in_metrics(bot: Bot, engine: FakeEng
     assert "1" == counters[metrics.field("sms_engine_calls", outcome="http_error")]
     assert "1" == counters[metrics.field("sms_engine_calls", outcome="ok")]
     assert "2" == redis.hget(keys.METRIC_HISTOGRAMS, metrics.field("sms_engine_latency_seconds", le="0.05"))
-
-
-def test_outbound_sessions_keep_the_environments_proxy_and_ca_settings_read_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy, NO_PROXY and a CA bundle set in the environment still apply, though read when the session is made."""
-    import requests
-
-    from worker.http import read_environment_once
-
-    # Given an environment with a proxy, an exempt host and a CA bundle
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    monkeypatch.setenv("NO_PROXY", "engine.internal")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/company-ca.pem")
-
-    # When sessions are made for a proxied and an exempt origin
-    proxied = read_environment_once(requests.Session(), "https://api.twilio.com/2010-04-01/")
-    exempt = read_environment_once(requests.Session(), "https://engine.internal/webhooks/rest/webhook")
-
-    # Then each carries what requests would have read on every request, and reads no more
-    assert "http://proxy.internal:3128" == proxied.proxies.get("https")
-    assert "https" not in exempt.proxies
-    assert ("/etc/ssl/company-ca.pem", False) == (proxied.verify, proxied.trust_env)

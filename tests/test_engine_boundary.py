@@ -7,6 +7,8 @@ where a bot's engine must not reach unless the operator allows it.
 
 from __future__ import annotations
 
+import base64
+
 import dataclasses
 import json
 import datetime
@@ -269,6 +271,47 @@ class TestAddresses:
 
         assert [Answer("hola")] == answers
         assert "Authorization" not in server.requests[0][1]
+
+
+class TestTheEnvironment:
+    """The operator's engine gets what requests would have taken from the environment (a proxy
+    unless NO_PROXY exempts it, credentials in its URL); a bot's own engine gets none of it."""
+
+    def test_the_operators_engine_goes_through_the_proxy_unless_no_proxy_exempts_it(
+            self, bot: Bot, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        with serving(answers_json) as proxy, serving(answers_json) as exempt:
+            # Given a proxy in the environment, and an engine host NO_PROXY exempts
+            monkeypatch.setenv("HTTP_PROXY", proxy.url(path=""))
+            monkeypatch.setenv("NO_PROXY", "localhost")
+
+            # When the operator's engine is called by a proxied name and by an exempt one
+            proxied = HttpEngine("http://engine.invalid:8080/webhook", backoff=()).answer(bot, inbound(bot))
+            direct = HttpEngine(exempt.url("localhost"), backoff=()).answer(bot, inbound(bot))
+
+        # Then the first went to the proxy (the absolute URL is the proxy's request target), the second straight
+        assert [Answer("hola")] == proxied == direct
+        assert ["http://engine.invalid:8080/webhook"] == [path for path, _ in proxy.requests]
+        assert ["/engine"] == [path for path, _ in exempt.requests]
+
+    def test_a_bots_own_engine_never_goes_through_the_operators_proxy(
+            self, bot: Bot, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        with serving(answers_json) as proxy, serving(answers_json) as engine:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url(path=""))
+            monkeypatch.setenv("NO_PROXY", "")
+
+            answers = guarded(engine.url(), LOOPBACK).answer(bot, inbound(bot))
+
+        assert [Answer("hola")] == answers
+        assert [] == proxy.requests and 1 == len(engine.requests)
+
+    def test_credentials_in_the_operators_engine_url_are_sent_as_basic_auth(
+            self, bot: Bot, redis: redis_lib.Redis) -> None:
+        with serving(answers_json) as server:
+            url = server.url().replace("http://", "http://rasa:s%40cret@")
+
+            HttpEngine(url, backoff=()).answer(bot, inbound(bot))
+
+        assert "Basic " + base64.b64encode(b"rasa:s@cret").decode() == server.requests[0][1]["Authorization"]
 
 
 class TestRedirects:

@@ -7,16 +7,13 @@ answers, so the service runs with no engine at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-import requests
 import urllib3
 
 from shared.metrics import TALLY
@@ -24,7 +21,7 @@ from shared.bots import Bot, shown_url
 from shared.logging import get_logger
 from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
-from worker.http import engine_session, responding_by
+from worker.http import finished, origin, responding_by
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -177,25 +174,27 @@ class HttpEngine:
         try:
             if self._calls_the_service:
                 raise RefusedAddress(_origin(self.url)[0], "PUBLIC_URL", "the service itself")
+            timeout = urllib3.Timeout(connect=min(self._connect_timeout, remaining),
+                                      read=min(self._read_timeout, remaining))
             with responding_by(deadline):
-                response = _session(self.url, self._policy).post(
-                    self.url, data=data, headers={"Content-Type": "application/json", **headers},
-                    allow_redirects=False, stream=True,
-                    timeout=(min(self._connect_timeout, remaining), min(self._read_timeout, remaining)),
-                )
-                # Closing a response not read to its end closes its connection: it never goes back to the pool.
-                with contextlib.closing(response):
+                response = origin(self.url, self._policy).request(
+                    "POST", self.url, data, {"Content-Type": "application/json", **headers}, timeout, stream=True)
+                read_to_the_end = False
+                try:
                     body = self._body(response)
+                    read_to_the_end = True
+                finally:
+                    finished(response, read_to_the_end)
             return read(body)
         except RefusedAddress as refused:
             outcome = "refused_address"
             log.warning(f"{self.EVENT}.refused_address", url=shown_url(self.url), address=refused.address,
                         reason=refused.reason)
             raise EngineError(outcome, str(refused), retryable=False) from None
-        except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
+        except (urllib3.exceptions.TimeoutError, TimeoutError) as error:
             outcome = "timeout"
             raise EngineError("timeout", str(error)) from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+        except (urllib3.exceptions.HTTPError, OSError) as error:
             outcome = "connection_error"
             raise EngineError("connection_error", str(error)) from None
         except EngineError as error:
@@ -204,9 +203,9 @@ class HttpEngine:
         finally:
             self._record(outcome, time.monotonic() - started)
 
-    def _body(self, response: requests.Response) -> bytes:
+    def _body(self, response: urllib3.BaseHTTPResponse) -> bytes:
         """The answer's body, read by the deadline and no further than the byte cap."""
-        status = response.status_code
+        status = response.status
         if 300 <= status < 400:
             # A redirect could point anywhere, inside included; an engine that moved needs its URL updated.
             raise EngineError("redirect", f"HTTP {status} to {response.headers.get('Location')!r}: "
@@ -214,10 +213,10 @@ class HttpEngine:
         if status >= 400:
             # A 4xx refuses our request as such (a wrong URL, say): asking again would be refused too.
             raise EngineError("http_error", f"HTTP {status}", status >= 500 or status == 429)
-        if (response.raw.length_remaining or 0) > self._max_bytes:  # its Content-Length
+        if (response.length_remaining or 0) > self._max_bytes:  # its Content-Length
             raise self._too_large()
         body = bytearray()
-        for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=True):
+        for chunk in response.stream(_CHUNK_BYTES, decode_content=True):
             body += chunk
             if len(body) > self._max_bytes:
                 raise self._too_large()
@@ -237,20 +236,6 @@ class HttpEngine:
         log.error("engine.gave_up", bot_id=bot.id, message_sid=message.get("sid"),
                   fallback=bool(bot.fallback_message))
         return [Answer(text=bot.fallback_message)] if bot.fallback_message else []
-
-
-_local = threading.local()
-
-
-def _session(url: str, policy: AddressPolicy | None) -> requests.Session:
-    """One session per worker thread, engine origin and policy: connections are reused, sessions
-    are not shared across threads, and each reads the environment for its origin once (worker.http)."""
-    sessions: dict[tuple[str, AddressPolicy | None], requests.Session] = _local.__dict__.setdefault("sessions", {})
-    key = ("{0.scheme}://{0.netloc}".format(urlsplit(url)), policy)
-    session = sessions.get(key)
-    if session is None:
-        session = sessions[key] = engine_session(url, policy)
-    return session
 
 
 def _origin(url: str) -> tuple[str, int | None]:

@@ -1,65 +1,126 @@
-"""HTTP sessions for the worker's calls out (the engine, Twilio), with the environment read once.
+"""HTTP for the worker's calls out (the engine, Twilio): urllib3 connection pools, one per origin,
+shared by the process's threads, with the environment read once.
 
-A requests Session that trusts the environment reads the proxy variables (HTTP(S)_PROXY,
-NO_PROXY), the CA bundle variables and ~/.netrc again on every request: about a tenth of the
-worker's CPU per message, measured with py-spy, for answers that cannot change while the process
-runs. A session made here reads them once, for the one origin it talks to, and then stops looking.
+The worker makes two calls per message, to origins fixed for the life of the process. Through
+requests each call also built and merged a Session's settings, hooks and cookies, and re-read the
+proxy and CA variables: about 0.5 ms of CPU per call on the benchmark machine (`bench/e2e.py`),
+a sixth of the worker's whole cost per message. An Origin asks urllib3, which requests itself
+sends through, directly: what requests would have read from the environment (proxies unless
+NO_PROXY exempts the host, the CA bundle, credentials in the URL or ~/.netrc) is read when the
+origin is first used, and its pool holds up to a connection per thread, waiting when all are busy.
 
-Engine sessions also hold the engine to two limits a plain session cannot: a wall-clock deadline
-over the whole exchange (requests' read timeout restarts with every byte, so an engine dripping a
-byte a second holds a thread for as long as it likes), and, for a bot's own engine, an
-AddressPolicy checked on the addresses the connection is then made to (so DNS cannot answer one
-address to the check and another to the connection).
+Engine calls are also held to two limits requests cannot give: a wall-clock deadline over the
+whole exchange (a read timeout restarts with every byte, so an engine dripping a byte a second
+holds a thread for as long as it likes), and, for a bot's own engine, an AddressPolicy checked on
+the addresses the connection is then made to (so DNS cannot answer one address to the check and
+another to the connection).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
+import urllib3
 from requests.utils import get_environ_proxies, get_netrc_auth
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connectionpool import connection_from_url
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from shared.netguard import AddressPolicy
+from shared.redis import process_threads
 
 # When the engine call in progress on this thread (or greenlet) must be over, on time.monotonic().
 _deadline: ContextVar[float | None] = ContextVar("engine_deadline", default=None)
+# A thread finding every connection of an origin in use waits this long for one (with a
+# connection per thread it never has to: this bounds the wait if that ever stops being true).
+POOL_TIMEOUT_SECONDS = 30.0
 
 
-def read_environment_once(session: requests.Session, url: str) -> requests.Session:
-    """Fix on `session` what the environment says for `url`'s origin, as requests would on each
-    request (proxies unless NO_PROXY exempts the host, the CA bundle, .netrc credentials)."""
-    session.proxies.update(get_environ_proxies(url))
-    session.verify = _ca_bundle() or session.verify
-    if session.auth is None:
-        session.auth = get_netrc_auth(url)
-    session.trust_env = False
-    return session
+class Origin:
+    """One scheme://host:port's connections, shared by the process's threads (urllib3's pools are
+    thread-safe): at most `size` open at once (default: the process's threads), kept alive between
+    calls. With a policy (a bot's own engine) connections go only to addresses the policy allows,
+    directly: a host a bot chose gets neither the operator's proxy nor the machine's .netrc
+    credentials, nor credentials from its URL. Without one (the operator's ENGINE_URL, Twilio) the
+    environment applies as requests would apply it."""
+
+    def __init__(self, url: str, policy: AddressPolicy | None = None, size: int | None = None) -> None:
+        parts = urlsplit(url)
+        https = parts.scheme == "https"
+        size = size or process_threads()
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED", "ca_certs": _ca_bundle() or certifi.where()} if https else {}
+        proxy = None if policy is not None else get_environ_proxies(url).get(parts.scheme)
+        self._proxied: urllib3.ProxyManager | None = None
+        if proxy:
+            self._proxied = urllib3.ProxyManager(proxy, num_pools=1, maxsize=size, block=True, **tls)
+            pool = self._proxied.connection_from_url(url)
+        else:
+            pool = connection_from_url(url, maxsize=size, block=True, **tls)
+        pool.ConnectionCls = _GuardedHTTPSConnection if https else _GuardedHTTPConnection  # type: ignore[assignment]
+        pool.conn_kw["address_policy"] = policy
+        self._pool = pool
+        self.authorization = None if policy is not None else _basic_credentials(url)
+
+    def request(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                timeout: urllib3.Timeout, stream: bool = False) -> urllib3.BaseHTTPResponse:
+        """One request, never retried and never redirected (a 3xx is the answer). A streamed
+        response holds its connection until `finished(response, read_to_the_end)`. Raises urllib3's
+        errors: TimeoutError for timeouts, HTTPError for the rest."""
+        if self.authorization and "Authorization" not in headers:
+            headers = {**headers, "Authorization": self.authorization}
+        options: dict[str, Any] = {"body": body, "headers": headers, "retries": False, "redirect": False,
+                                   "timeout": timeout, "preload_content": not stream,
+                                   "pool_timeout": POOL_TIMEOUT_SECONDS}
+        if self._proxied is not None:
+            return self._proxied.urlopen(method, url, **options)
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return self._pool.urlopen(method, target, assert_same_host=False, **options)
 
 
-def engine_session(url: str, policy: AddressPolicy | None) -> requests.Session:
-    """A session for one engine origin whose calls keep to `responding_by()`. With a policy (a bot's own
-    engine) it connects only to addresses the policy allows, directly: a host a bot chose gets
-    neither the operator's proxy nor the machine's .netrc credentials."""
-    session = requests.Session()
-    adapter = EngineAdapter(policy)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    if policy is None:
-        return read_environment_once(session, url)
-    session.verify = _ca_bundle() or session.verify
-    session.trust_env = False
-    return session
+def finished(response: urllib3.BaseHTTPResponse, read_to_the_end: bool) -> None:
+    """Gives a streamed response's connection back: for the next call if the answer was read to its
+    end, closed otherwise (what is left of it must not be read as the next call's answer)."""
+    if not read_to_the_end:
+        response.close()
+    response.release_conn()
+
+
+_origins: dict[tuple[str, str, int | None, AddressPolicy | None], Origin] = {}
+_origins_lock = threading.Lock()
+
+
+def origin(url: str, policy: AddressPolicy | None = None) -> Origin:
+    """The process's Origin for `url`'s scheme, host and port under `policy`, made on first use."""
+    parts = urlsplit(url)
+    key = (parts.scheme, (parts.hostname or "").lower(), parts.port, policy)
+    found = _origins.get(key)
+    if found is None:
+        with _origins_lock:
+            found = _origins.get(key)
+            if found is None:
+                found = _origins[key] = Origin(url, policy)
+    return found
+
+
+def _basic_credentials(url: str) -> str | None:
+    """The Authorization header requests would send for `url`: its user:password@, else ~/.netrc's."""
+    parts = urlsplit(url)
+    pair = (unquote(parts.username), unquote(parts.password or "")) if parts.username else get_netrc_auth(url)
+    if not pair:
+        return None
+    return "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode("ascii")
 
 
 @contextmanager
@@ -75,21 +136,6 @@ def responding_by(at: float) -> Iterator[None]:
 
 def _ca_bundle() -> str | None:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-
-
-class EngineAdapter(HTTPAdapter):
-    """Makes every connection of its pools an engine connection, under `policy` (None: trusted)."""
-
-    def __init__(self, policy: AddressPolicy | None) -> None:
-        self.policy = policy
-        super().__init__()
-
-    def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: Any,
-                                        proxies: Any = None, cert: Any = None) -> HTTPConnectionPool:
-        pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-        pool.ConnectionCls = _GuardedHTTPSConnection if pool.scheme == "https" else _GuardedHTTPConnection
-        pool.conn_kw["address_policy"] = self.policy
-        return pool
 
 
 class _GuardedMixin:

@@ -1,23 +1,29 @@
-"""Twilio's REST API through twilio-python: one client per (account, token) per thread, reused.
+"""Twilio's REST API through twilio-python: one client per (account, token) per process, reused.
 
-A client holds a requests Session, so reusing it keeps connections to Twilio alive between sends;
-one per thread because a Session is not documented as thread-safe.
+twilio-python builds each request and reads each answer; the HTTP goes through `Transport`, a
+twilio-python HttpClient on the process's connection pool to Twilio (worker.http.Origin), which
+keeps connections alive between sends and is shared by every thread and every account.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlencode
 
+import urllib3
 from twilio.base.exceptions import TwilioRestException
-from twilio.http.http_client import TwilioHttpClient
+from twilio.http import HttpClient
+from twilio.http.response import Response
 from twilio.rest import Client
 
 from shared.bots import Bot
 from shared.settings import Settings
-from worker.http import read_environment_once
+from worker.http import origin
 
 # Dramatiq's TimeLimit cannot interrupt a blocked socket, so every call carries its own limits.
 CONNECT_TIMEOUT = 5.0
@@ -27,7 +33,8 @@ STATUS_CALLBACK_PATH = "/channels/sms/status"
 CLOCK_MARGIN_SECONDS = 5.0
 LIST_PAGE_SIZE = 50
 
-_local = threading.local()
+_clients: dict[tuple[str, str, str], Client] = {}
+_clients_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -80,21 +87,63 @@ class Refused:
     message: str
 
 
+class Transport(HttpClient):
+    """twilio-python's requests, sent on the process's pooled connections to their origin. Never
+    retried or redirected; a network failure raises an OSError (a TimeoutError for a timeout), as
+    twilio-python's own client lets requests' errors through."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("twilio.http_client"), is_async=False, timeout=READ_TIMEOUT)
+
+    def request(self, method: str, url: str, params: dict[str, object] | None = None,
+                data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
+                auth: tuple[str, str] | None = None, timeout: float | None = None,
+                allow_redirects: bool = False) -> Response:
+        headers = dict(headers or {})
+        if auth is not None:
+            headers["Authorization"] = urllib3.make_headers(basic_auth=f"{auth[0]}:{auth[1]}")["authorization"]
+        if params:
+            url += ("&" if "?" in url else "?") + _form(params)
+        body = None
+        if data:
+            json_body = headers.get("Content-Type") in ("application/json", "application/scim+json")
+            body = (json.dumps(data) if json_body else _form(data)).encode()
+        # The module's limits, read on each call, so they can be tuned in one place.
+        limits = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=timeout or READ_TIMEOUT)
+        try:
+            answer = origin(url).request(method.upper(), url, body, headers, limits)
+        except urllib3.exceptions.TimeoutError as error:
+            raise TimeoutError(f"Twilio did not answer in time: {error}") from error
+        except urllib3.exceptions.HTTPError as error:
+            raise ConnectionError(f"Twilio could not be reached: {error}") from error
+        return Response(answer.status, answer.data.decode("utf-8", "replace"), answer.headers)
+
+
+def _form(values: dict[str, object]) -> str:
+    """Form or query encoding as requests does it: a list is the field repeated, None leaves it out."""
+    pairs: list[tuple[str, Any]] = []
+    for name, value in values.items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if item is not None:
+                pairs.append((name, item))
+    return urlencode(pairs)
+
+
+_TRANSPORT = Transport()
+
+
 def get_client(account_sid: str, auth_token: str, base_url: str) -> Client:
-    """This thread's client for one Twilio account, made on first use."""
-    clients: dict[tuple[str, str, str, float, float], Client] = _local.__dict__.setdefault("clients", {})
-    key = (account_sid, auth_token, base_url, CONNECT_TIMEOUT, READ_TIMEOUT)
-    client = clients.get(key)
+    """The process's client for one Twilio account, made on first use."""
+    key = (account_sid, auth_token, base_url)
+    client = _clients.get(key)
     if client is None:
-        http_client = TwilioHttpClient(timeout=READ_TIMEOUT)
-        # requests takes (connect, read); twilio-python's constructor only checks a single number.
-        http_client.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)  # type: ignore[assignment]
-        assert http_client.session is not None  # it pools connections by default
-        read_environment_once(http_client.session, base_url)
-        client = Client(account_sid, auth_token, http_client=http_client)
-        # Tests and Twilio-compatible providers use another host than api.twilio.com.
-        client.api.base_url = base_url
-        clients[key] = client
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = Client(account_sid, auth_token, http_client=_TRANSPORT)
+                # Tests and Twilio-compatible providers use another host than api.twilio.com.
+                client.api.base_url = base_url
+                _clients[key] = client
     return client
 
 
