@@ -253,6 +253,8 @@ def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
     lease was still held, is woken for by the holder's look after letting go."""
     from worker import conversation as handler
 
+    # (An engine with nothing to say: with a reply to send, the step finishing it lets go, below.)
+    monkeypatch.setattr(engine, "answer", lambda payload: [])
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     accept(redis, engine_bot, "first")
     redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # its wake-up is the drain below
@@ -276,6 +278,56 @@ def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
     assert (["first"], 1, [conversation]) == (
         [call.text for call in engine.calls], redis.llen(keys.inbox(conversation)),
         [kick.args[0] for kick in queued_kicks(redis)])
+
+
+def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
+        twilio: TwilioStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step that finishes a drain's last reply lets the conversation go only if no message
+    waits: one landing while that reply was being sent (its wake-up refused, the lease was held)
+    is woken for as the drain lets go."""
+    from worker import conversation as handler
+
+    twilio.reset()
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "first")
+    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # its wake-up is the drain below
+    deliver = handler.deliver_taken
+
+    def receive_then_deliver(*args: Any, **kwargs: Any) -> None:
+        # Given "second" lands after "first"'s replies were queued, while its reply is being sent
+        accept(redis, engine_bot, "second")
+        redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # refused: the lease is held
+        deliver(*args, **kwargs)
+
+    monkeypatch.setattr(handler, "deliver_taken", receive_then_deliver)
+    # When the holder drains, answering "first"
+    drain(redis, conversation)
+    # Then "first" was answered, and "second" waits with a worker woken for it and the lease free
+    twilio.wait_for(1)
+    assert (["first"], ["reply to first"]) == ([call.text for call in engine.calls],
+                                               [message.body for message in twilio.messages])
+    assert (1, None, [conversation]) == (redis.llen(keys.inbox(conversation)),
+                                         redis.get(keys.conversation_lock(conversation)),
+                                         [kick.args[0] for kick in queued_kicks(redis)])
+
+
+def test_a_drain_whose_last_reply_was_sent_has_let_go_and_settled(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
+        twilio: TwilioStandin) -> None:
+    """With nothing waiting, the conversation is let go and leaves the pending set (what the
+    sweeper watches) in the step that finishes its reply."""
+    twilio.reset()
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "hola")
+    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))
+
+    drain(redis, conversation)
+
+    twilio.wait_for(1)
+    assert (None, None, None, []) == (redis.get(keys.conversation_lock(conversation)),
+                                      redis.get(keys.outbox_lock(conversation)),
+                                      redis.zscore(keys.PENDING, conversation), queued_kicks(redis))
 
 
 def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,

@@ -96,7 +96,9 @@ def drain(redis: Any, conversation: str) -> None:
         lease.release()
         raise
     if not lease.held:
-        return  # another worker holds it, and looks again before it lets go
+        # Another worker holds it and looks again before it lets go; or the step that finished our
+        # last reply let it go, having seen nothing waiting.
+        return
     # A message that arrived while we held the lease had its kick refused: pick it up now.
     if _release_and_look(redis, conversation, lease) or not finished:
         kick_conversation(conversation, delay_ms=delay_ms)
@@ -259,7 +261,8 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     # pacing and opt-out checks are the same (taken in the queuing step), and a crash leaves it
     # to the sweeper.
     if queued.lease is not None:
-        deliver_taken(conversation, replies[0], bot, queued)
+        # With no message waiting, the step that finishes the reply lets the conversation go too.
+        deliver_taken(conversation, replies[0], bot, queued, lets_go=None if queued.waiting else lease)
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
     return queued.waiting

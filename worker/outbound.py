@@ -237,10 +237,13 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     return Queued(head, False, bool(waiting), lease, (taken[1:3], taken[3]))
 
 
-def deliver_taken(conversation: str, reply: dict[str, Any], bot: Bot, queued: Queued) -> None:
-    """deliver_now for a reply whose turn queue_and_take already took."""
+def deliver_taken(conversation: str, reply: dict[str, Any], bot: Bot, queued: Queued,
+                  lets_go: Lease | None = None) -> None:
+    """deliver_now for a reply whose turn queue_and_take already took. `lets_go`: the
+    conversation's lease, to let go in the step that finishes the reply if no message waits then
+    (it is no longer held afterwards)."""
     assert queued.lease is not None and queued.head == reply["id"]
-    head = Head(reply["id"], reply, bot, settles=False)
+    head = Head(reply["id"], reply, bot, settles=False, lets_go=lets_go)
     step = _run(get_redis(), conversation, head, queued.lease, INLINE_WAIT_SECONDS, queued.looked)
     _hand_over_retry(conversation, reply["id"], step)
 
@@ -261,6 +264,9 @@ class Head:
     callback_sid: str | None = None
     # The bot's number the person last texted (keys.texted), for a bot with several or a service.
     texted: str | None = None
+    # The conversation's lease, when its drain has nothing more to do once this reply is finished
+    # (deliver_taken): the finishing step lets it go too if no message waits, sparing the drain's own step.
+    lets_go: Lease | None = None
 
 
 def sender_for(bot: Bot, reply: dict[str, Any], texted: str | None = None) -> Sender:
@@ -569,11 +575,14 @@ def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: s
 
 # Finish the head if it is still `reply_id`: pop it, drop its record, hand the log its outcome;
 # then note progress for the sweeper (a next head) or settle (none left; not for deliver_now,
-# whose drain settles as it lets go); confirm the pace and let the lease go when asked. One step,
-# so no kick is lost between two workers. Returns the next head.
-# KEYS: outbox, replies, pending, log outbox, inbox, processing, pace hash, outbox lease.
+# whose drain settles as it lets go); confirm the pace and let the lease go when asked; and for
+# deliver_taken, let the conversation's lease go too when no message waits (and settle). One step,
+# so no kick is lost between two workers. Returns {the next head, whether the conversation was let go}.
+# KEYS: outbox, replies, pending, log outbox, inbox, processing, pace hash, outbox lease,
+#       conversation lease.
 # ARGV: reply id, conversation, now, outcome record, settle ('1' or ''), then the pace's bare
-#       interval and ttl ('' '': no confirm), then the lease's token ('': keep it).
+#       interval and ttl ('' '': no confirm), then the outbox lease's token ('': keep it), then the
+#       conversation lease's token ('': not this step's to let go).
 FINISH_LUA = CONFIRM_FUNCTION + with_constants("""
 if ARGV[6] ~= '' then confirm(KEYS[7], ARGV[6], ARGV[7]) end
 local first = redis.call('LRANGE', KEYS[1], 0, 1)
@@ -584,13 +593,20 @@ if head == ARGV[1] then
   redis.call('RPUSH', KEYS[4], ARGV[4])
   head = first[2]
 end
+if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then redis.call('DEL', KEYS[8]) end
+local idle = nil
+if ARGV[5] ~= '' or ARGV[9] ~= '' then idle = redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 end
+local let_go = 0
+if idle and ARGV[9] ~= '' and redis.call('GET', KEYS[9]) == ARGV[9] then
+  redis.call('DEL', KEYS[9])
+  let_go = 1
+end
 if head then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-elseif ARGV[5] ~= '' and redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 then
+elseif idle and (ARGV[5] ~= '' or let_go == 1) then
   redis.call('ZREM', KEYS[3], ARGV[2])
 end
-if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then redis.call('DEL', KEYS[8]) end
-return head or false
+return {head or false, let_go}
 """, SENDING=SENDING_SUFFIX, SID=CALLBACK_SUFFIX)
 
 SAVE_LUA = """
@@ -603,17 +619,26 @@ def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | N
             pace: tuple[str, int, float] | None = None) -> str | None:
     """Take the head off the outbox with the message log's record of how it ended (in the same
     step: worker.logdrain); with `pace` (number, segments, rate) confirm the send's pace, with
-    `lease` let it go. Returns the next head, to kick, if any."""
+    `lease` let it go; with the head's `lets_go`, let the conversation go if no message waits.
+    Returns the next head, to kick, if any."""
     pace_args = pacing.confirm_args(pace[1], pace[2]) if pace else ["", ""]
     if lease is not None:
         lease.forget()  # released by the script, after the outcome is recorded
-    return script(redis, FINISH_LUA)(
+    conversation_lease = head.lets_go if head.lets_go is not None and head.lets_go.held else None
+    if conversation_lease is not None:
+        conversation_lease.forget()  # not renewed meanwhile: the renewer must not count it lost
+    next_head, let_go = script(redis, FINISH_LUA)(
         keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
               keys.inbox(conversation), keys.processing(conversation),
-              keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation)],
+              keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation),
+              conversation_lease.key if conversation_lease is not None else keys.outbox_lock(conversation)],
         args=[head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at),
-              "1" if head.settles else "", *pace_args, lease.token if lease is not None else ""],
+              "1" if head.settles else "", *pace_args, lease.token if lease is not None else "",
+              conversation_lease.token if conversation_lease is not None else ""],
     )
+    if conversation_lease is not None and not let_go:
+        conversation_lease.granted(True)  # a message waits (or the lease was lost): the drain goes on
+    return next_head or None
 
 
 def _save(redis: Any, reply: dict[str, Any]) -> None:
