@@ -41,9 +41,14 @@ def default_service_url() -> str:
 
 
 def service_root(url: str) -> str:
-    """Scheme and host of `url`: the registry lives at the root whatever path was given."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    """The service's base URL from `url`: itself, or the base of the webhook's URL when given that.
+    A path prefix stays (a proxy serving the service under /prefix serves the registry there too)."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    webhook = "/channels/sms"
+    if path.endswith(webhook):
+        path = path[: -len(webhook)]
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 class RegistryClient:

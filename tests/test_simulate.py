@@ -9,6 +9,7 @@ from flask import Flask
 from werkzeug.exceptions import NotFound
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
+from cli.bots import RegistryClient
 from cli.main import main
 from cli.simulate import SimulateError, replies_to, webhook_url
 from cli.twilio_standin import TwilioStandin
@@ -133,6 +134,16 @@ class TestUrl:
         assert "accepted" in out
         assert 1 == redis.llen(keys.inbox(keys.conversation_id(bot.id, PERSON)))
 
+    @pytest.mark.parametrize("given", ["/prefix", "/prefix/", "/prefix/channels/sms/"])
+    def test_the_registry_behind_a_path_prefix_is_reached_there(
+        self, given: str, app: Flask, bot: Bot, redis: redis_lib.Redis,
+    ) -> None:
+        """The CLI's registry calls keep the base URL's path prefix (and take the webhook's URL too)."""
+        app.wsgi_app = DispatcherMiddleware(NotFound(), {"/prefix": app.wsgi_app})  # type: ignore[method-assign]
+        with serving(app) as url:
+            bots = RegistryClient(url + given, ADMIN_TOKEN).list()
+        assert [bot.id] == [int(entry["id"]) for entry in bots]
+
     def test_a_wrong_url_is_named_as_wrong(
         self, outside: None, live_server: str, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
     ) -> None:
@@ -220,7 +231,6 @@ def test_the_replies_of_a_long_conversation_are_found_on_its_newest_page(bot: Bo
     """The log pages (100 messages at a time): simulate reads the newest page, where its message's replies are."""
     import time
 
-    from cli.bots import RegistryClient
     from shared import db, messagelog
 
     # Given a conversation of 150 exchanges, the last of them just now
