@@ -21,7 +21,8 @@ def add_parser(subparsers: Any) -> None:
     dlq = subparsers.add_parser(
         "dlq", help="list or replay dead-lettered replies",
         description="Replies that failed for good (bad number, retries used up) are kept in the database until "
-                    "replayed; sends that died of an unexpected error are kept 7 days by Dramatiq. "
+                    "replayed; sends that died of an unexpected error, and handoff forwards and resends that "
+                    "never got through, are kept 7 days by Dramatiq. "
                     "Run with the service's environment (DATABASE_URL and REDIS_URL).",
     )
     actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -133,7 +133,8 @@ class TestPausedByTheOperator:
             self, client: FlaskClient, admin_headers: dict[str, str], handed: tuple[Bot, str], redis: redis_lib.Redis,
             engine: FakeEngine, receiver: Receiver, worker: dramatiq.Worker, logs: list[dict[str, object]],
             monkeypatch: pytest.MonkeyPatch) -> None:
-        """Retried like an engine call, then given up: the message is logged, and the next one handled."""
+        """Retried like an engine call, then queued for a background try: the message is logged, and
+        the next one handled."""
         monkeypatch.setattr("worker.engine.BACKOFF_SECONDS", (0.05, 0.05))
         bot, _ = handed
         receiver.status = 503
@@ -143,7 +144,7 @@ class TestPausedByTheOperator:
         wait_until(lambda: [("in", "uno"), ("in", "dos")] == texts_in(logged(client, admin_headers, bot)))
         wait_until(lambda: 6 == len(receiver.received))  # three tries each
         assert [] == engine.calls
-        assert 2 == sum(event["event"] == "handoff_forward.gave_up" for event in logs)
+        assert 2 == sum(event["event"] == "handoff_forward.queued" for event in logs)
 
     def test_pause_and_resume_refuse_bad_input_and_unknown_bots(
             self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot) -> None:
@@ -345,7 +346,8 @@ def test_erasing_a_conversation_ends_its_handoff(client: FlaskClient, admin_head
 
 
 def test_a_handoff_url_inside_the_network_is_never_reached(handed: tuple[Bot, str], receiver: Receiver,
-                                                            logs: list[dict[str, object]]) -> None:
+                                                            logs: list[dict[str, object]],
+                                                            broker: dramatiq.Broker) -> None:
     """A bot's handoff-url is held to the engine's address policy: in production, loopback is refused
     before any connection (and not retried), like a bot's engine-url."""
     from shared.netguard import AddressPolicy
@@ -358,6 +360,69 @@ def test_a_handoff_url_inside_the_network_is_never_reached(handed: tuple[Bot, st
     assert not Forwarder(receiver.url, policy=AddressPolicy()).forward(bot, message, paused)
     assert [] == receiver.received
     assert ["refused_address"] == [event["outcome"] for event in logs if event["event"] == "handoff_forward.called"]
+    # and it is not queued for later: an address that is refused now is refused then
+    assert ["handoff_forward.gave_up"] == [event["event"] for event in logs if event["event"] in (
+        "handoff_forward.queued", "handoff_forward.gave_up")]
+
+
+def test_a_forward_the_handoff_url_did_not_take_is_tried_again_later(
+        handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch,
+        logs: list[dict[str, object]]) -> None:
+    """A handoff-url that is down (503) past the inline retries gets the forward later, from the
+    background, signed with the bot's secret; nothing is lost to a short outage."""
+    from shared.netguard import AddressPolicy
+    from worker import handoff as forwarding
+    from worker.deps import get_settings
+
+    bot, secret = handed
+    monkeypatch.setattr(forwarding, "LATER_FIRST_DELAY_MS", 300)
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, "Ana")
+    message = {"sid": "SM" + "2" * 32, "sender": SENDER, "to": bot.number, "body": "¿hola?", "media": [],
+               "received_at": time.time()}
+    # Given a handoff-url answering 503
+    receiver.status = 503
+    inline = forwarding.Forwarder(receiver.url, policy=AddressPolicy.for_settings(get_settings()),
+                                  backoff=(0.05,)).forward(bot, message, paused)
+    tried = len(receiver.received)
+    # When it is back before the background try
+    receiver.status = 200
+    # Then the forward arrives once more, whole and signed, and is not queued again
+    arrived = receiver.wait_for(tried + 1, timeout=15)
+    assert (False, 2) == (inline, tried)
+    assert ("¿hola?", "Ana") == (verified(secret, arrived[-1])["text"], verified(secret, arrived[-1])["handoff"]["note"])
+    wait_until(lambda: any(event["event"] == "handoff_forward.delivered_later" for event in logs))
+    assert ["handoff_forward.queued"] == [event["event"] for event in logs if event["event"] in (
+        "handoff_forward.queued", "handoff_forward.gave_up")]
+
+
+def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
+        handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker, redis: redis_lib.Redis,
+        broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of background tries, a forward lands in the dead-letter queue, listed with its bot, person
+    and text; `dlq replay` sends it again."""
+    from worker import handoff as forwarding
+    from worker.dlq import list_dead_letters, replay
+
+    bot, secret = handed
+    monkeypatch.setitem(forwarding.forward_later.options, "max_retries", 0)
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+    message = {"sid": "SM" + "3" * 32, "sender": SENDER, "to": bot.number, "body": "¿me oyen?", "media": [],
+               "received_at": time.time()}
+    # Given a handoff-url that stays down through the background try
+    receiver.status = 503
+    forwarding.forward_later.send(bot.id, forwarding.forward_payload(bot, message, paused))
+    wait_until(lambda: bool(list_dead_letters(redis, broker)), timeout=30)
+    [dead] = list_dead_letters(redis, broker)
+    assert (bot.id, SENDER, "¿me oyen?", forwarding.FORWARD_LATER) == (dead["bot_id"], dead["to"], dead["text"],
+                                                                        dead["reason"])
+    # When it is back and the dead letter is replayed
+    receiver.status = 200
+    tried = len(receiver.received)
+    assert [dead["id"]] == replay(redis, broker)
+    # Then the forward arrives, and the dead-letter queue is empty
+    arrived = receiver.wait_for(tried + 1)
+    assert "¿me oyen?" == verified(secret, arrived[-1])["text"]
+    assert [] == list_dead_letters(redis, broker)
 
 
 def test_through_the_web_and_a_worker_process(worker_env: dict[str, str], redis: redis_lib.Redis, engine: FakeEngine,

@@ -5,7 +5,9 @@ A reply Twilio refused for good (or that ran out of retries) is a row of the dat
 error (a bug, an outage) after Dramatiq's retries is in Dramatiq's own dead-letter queue: a sorted
 set `<namespace>:<queue>.XQ` (scored by when it died, in milliseconds) with bodies in
 `<namespace>:<queue>.XQ.msgs` (see dramatiq's brokers/redis/dispatch.lua); its reply is normally
-still on its outbox. Both are listed, oldest first, under the same fields.
+still on its outbox. Both are listed, oldest first, under the same fields. So are the queue's other
+dead messages (a handoff forward that never got through, a resend), under their actor's name;
+replaying one sends it again as it was.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from shared import deadletters, keys, messagelog
 from shared.conversations import new_reply, queue_replies
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.tasks import OUTBOUND_QUEUE, kick_delivery
+from shared.tasks import OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, kick_delivery
 
 log = get_logger(__name__)
 
 DATABASE, DRAMATIQ = "database", "dramatiq"
+# worker.handoff's actor (not imported here: it declares itself on the worker's broker).
+FORWARD_LATER = "forward_handoff"
 
 
 def _engine(engine: Engine | None) -> Engine:
@@ -75,6 +79,8 @@ def _from_dramatiq(redis: Any, broker: Any) -> list[dict[str, Any]]:
 
 def _from_message(redis: Any, message_id: str, died_ms: float, raw: str | bytes) -> dict[str, Any]:
     message = dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+    if message.actor_name != SEND_REPLY:
+        return _from_other(message_id, died_ms, message)
     conversation, reply_id = message.args[0], message.args[1]
     queued_raw = redis.hget(keys.replies(conversation), reply_id)
     reply = json.loads(queued_raw or "{}")
@@ -86,6 +92,23 @@ def _from_message(redis: Any, message_id: str, died_ms: float, raw: str | bytes)
         "error": _last_line(message.options.get("traceback")), "reason": "unexpected",
         "attempts": message.options.get("retries", 0), "failed_at": died_ms / 1000,
         "still_queued": queued_raw is not None, "kept_in": DRAMATIQ,
+    }
+
+
+def _from_other(message_id: str, died_ms: float, message: dramatiq.Message) -> dict[str, Any]:
+    """Another actor's message on the outbound queue (a 30001 resend, a handoff forward tried in
+    the background): listed under its actor's name, replayed by sending it again as it was."""
+    args = list(message.args)
+    bot_id = args[0] if args and isinstance(args[0], int) else None
+    forward = args[1] if message.actor_name == FORWARD_LATER and len(args) > 1 and isinstance(args[1], dict) else {}
+    person = forward.get("person")
+    return {
+        "id": message_id, "reply_id": args[1] if message.actor_name == RESEND_REPLY and len(args) > 1 else None,
+        "conversation": keys.conversation_id(bot_id, person) if bot_id is not None and person else None,
+        "bot_id": bot_id, "to": person, "text": forward.get("text"), "media_url": None, "error_code": None,
+        "http_status": None, "error": _last_line(message.options.get("traceback")), "reason": message.actor_name,
+        "attempts": message.options.get("retries", 0), "failed_at": died_ms / 1000, "still_queued": False,
+        "kept_in": DRAMATIQ,
     }
 
 
@@ -104,6 +127,9 @@ def replay(redis: Any, broker: Any, ids: Iterable[str] | None = None, engine: En
             continue
         if entry["kept_in"] == DATABASE:
             if not _replay_kept(engine, redis, broker, entry):
+                continue
+        elif entry["reason"] in (FORWARD_LATER, RESEND_REPLY):
+            if not _send_again(redis, broker, entry):
                 continue
         else:
             _replay_message(engine, redis, broker, entry)
@@ -140,6 +166,21 @@ def _replay_message(engine: Engine, redis: Any, broker: Any, entry: dict[str, An
     queue, bodies = _xq(broker)
     redis.zrem(queue, entry["id"])
     redis.hdel(bodies, entry["id"])
+
+
+def _send_again(redis: Any, broker: Any, entry: dict[str, Any]) -> bool:
+    """Another actor's dead message, sent again as it was with its retries reset; taken off the
+    dead-letter queue first, so of two replays at once only one sends it."""
+    queue, bodies = _xq(broker)
+    raw = redis.hget(bodies, entry["id"])
+    if raw is None or not redis.zrem(queue, entry["id"]):
+        return False
+    redis.hdel(bodies, entry["id"])
+    dead = dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+    broker.enqueue(dramatiq.Message(queue_name=dead.queue_name, actor_name=dead.actor_name, args=dead.args,
+                                    kwargs=dead.kwargs, options={}))
+    log.info("dlq.sent_again", actor=dead.actor_name, message_id=entry["id"], bot_id=entry["bot_id"])
+    return True
 
 
 def _again(entry: dict[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,11 @@ Each message is POSTed as JSON, signed with an HMAC-SHA256 of the exact body und
 handoff-secret, hex, in `X-Mammut-Signature: sha256=<hex>`. The receiver checks it as the README
 shows. A forward is retried like an engine call (short backoff inside a deadline), reaches only
 addresses a bot's engine may (shared.netguard), follows no redirect and reads at most a few KiB of
-answer. One that still fails is logged and counted: the message stays in the conversation log,
-where the human's tool can read it.
+answer. One that still fails for a reason that may pass (the handoff-url down, timing out, a 5xx)
+is handed to the `forward_handoff` actor, which tries again in the background with backoff from
+30 s to 30 min for about five hours (a Dramatiq message: it survives restarts, and ends in the
+dead-letter queue, `mammut-sms dlq`, if it never succeeds), to the bot's handoff-url and secret
+as they are then. The message is in the conversation log whatever happens.
 """
 
 from __future__ import annotations
@@ -16,18 +19,28 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import dramatiq
+
 from shared.bots import Bot
 from shared.handoff import Handoff
 from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.netguard import AddressPolicy
 from shared.settings import Settings
-from worker.engine import HttpEngine, media_of
+from shared.tasks import OUTBOUND_QUEUE, get_broker
+from worker.deps import get_bots, get_settings
+from worker.engine import EngineError, HttpEngine, media_of
 
 log = get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Mammut-Signature"
 MAX_ANSWER_BYTES = 16 * 1024  # the answer is not read: only whether it was a 2xx
+FORWARD_LATER = "forward_handoff"  # worker.dlq lists and replays its dead messages by this name
+# Background tries of a forward that failed inline: Dramatiq's backoff doubles from 30 s and is
+# capped at 30 min, so 14 tries span about five hours.
+LATER_RETRIES, LATER_MIN_BACKOFF_MS, LATER_MAX_BACKOFF_MS = 14, 30_000, 30 * 60_000
+# The first background try waits this long: the inline tries just spent their deadline failing.
+LATER_FIRST_DELAY_MS = 30_000
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -56,24 +69,79 @@ class Forwarder(HttpEngine):
     METRIC, EVENT = "sms_handoff_forwards", "handoff_forward"
 
     def forward(self, bot: Bot, message: Mapping[str, Any], handoff: Handoff) -> bool:
-        """Whether the handoff-url took the message (a 2xx), within the retries."""
-        data = json.dumps(forward_payload(bot, message, handoff), separators=(",", ":")).encode()
-        headers = {SIGNATURE_HEADER: signature(bot.handoff_secret or "", data)}
-        taken = self._retried(bot, lambda deadline: self._call(data, headers, deadline, _ignored))
-        if taken is None:
+        """Whether the handoff-url took the message (a 2xx) within the retries; if not, and trying
+        again later may help, it is queued for forward_later."""
+        payload = forward_payload(bot, message, handoff)
+        taken, may_pass = self.post(bot, payload)
+        if taken:
+            return True
+        if may_pass:
+            forward_later.send_with_options(args=(bot.id, payload), delay=LATER_FIRST_DELAY_MS)
+            log.warning("handoff_forward.queued", bot_id=bot.id, message_sid=message["sid"])
+            TALLY.incr(self.METRIC, outcome="queued")
+        else:
             log.error("handoff_forward.gave_up", bot_id=bot.id, message_sid=message["sid"])
             TALLY.incr(self.METRIC, outcome="gave_up")
-            return False
-        return True
+        return False
+
+    def post(self, bot: Bot, payload: Mapping[str, Any]) -> tuple[bool, bool]:
+        """POST `payload`, signed with the bot's secret, within the retries: whether it was taken,
+        and if not, whether the last failure may pass (a timeout, a 5xx; not a refused address)."""
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {SIGNATURE_HEADER: signature(bot.handoff_secret or "", data)}
+        failures: list[EngineError] = []
+
+        def attempt(deadline: float) -> bool:
+            try:
+                return self._call(data, headers, deadline, _ignored)
+            except EngineError as error:
+                failures.append(error)
+                raise
+
+        taken = self._retried(bot, attempt) is not None
+        return taken, not taken and bool(failures) and failures[-1].retryable
 
 
 def _ignored(body: bytes) -> bool:
     return True
 
 
+def forwarder(bot: Bot, settings: Settings) -> Forwarder:
+    """The bot's handoff-url as a Forwarder (the bot must have one)."""
+    assert bot.handoff_url
+    return Forwarder(bot.handoff_url, policy=AddressPolicy.for_settings(settings), development=settings.development,
+                     service_url=settings.public_url, max_bytes=MAX_ANSWER_BYTES)
+
+
 def forward(bot: Bot, message: Mapping[str, Any], handoff: Handoff, settings: Settings) -> bool:
-    """Forward `message` to the bot's handoff-url, if it has one; whether it was taken."""
+    """Forward `message` to the bot's handoff-url, if it has one; whether it was taken (now)."""
     if not bot.handoff_url:
         return False
-    return Forwarder(bot.handoff_url, policy=AddressPolicy.for_settings(settings), development=settings.development,
-                     service_url=settings.public_url, max_bytes=MAX_ANSWER_BYTES).forward(bot, message, handoff)
+    return forwarder(bot, settings).forward(bot, message, handoff)
+
+
+class ForwardFailed(dramatiq.Retry):
+    """The handoff-url did not take a forward: Dramatiq tries again after its backoff (an expected
+    outcome, logged as a retry, without a traceback)."""
+
+
+@dramatiq.actor(actor_name=FORWARD_LATER, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
+                max_retries=LATER_RETRIES, min_backoff=LATER_MIN_BACKOFF_MS, max_backoff=LATER_MAX_BACKOFF_MS)
+def forward_later(bot_id: int, payload: dict[str, Any]) -> None:
+    """Try a forward again, to the bot's handoff-url and secret as they are now; dropped when the
+    bot is gone or has no handoff-url any more, or when the failure cannot pass."""
+    bot = get_bots().by_id(bot_id)
+    if bot is None or not bot.handoff_url:
+        log.warning("handoff_forward.dropped", bot_id=bot_id, message_sid=payload.get("message_sid"),
+                    reason="bot deleted" if bot is None else "no handoff-url")
+        return
+    taken, may_pass = forwarder(bot, get_settings()).post(bot, payload)
+    if taken:
+        log.info("handoff_forward.delivered_later", bot_id=bot_id, message_sid=payload.get("message_sid"))
+        return
+    if not may_pass:
+        log.error("handoff_forward.gave_up", bot_id=bot_id, message_sid=payload.get("message_sid"))
+        TALLY.incr(Forwarder.METRIC, outcome="gave_up")
+        return
+    log.warning("handoff_forward.failed_again", bot_id=bot_id, message_sid=payload.get("message_sid"))
+    raise ForwardFailed(f"the handoff-url did not take {payload.get('message_sid')}")
