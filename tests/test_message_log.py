@@ -213,7 +213,7 @@ class TestWrites:
         # Given an engine answering twice, and the send left out
         engine.answer = lambda payload: [{"recipient_id": payload["sender"], "text": t} for t in ("one", "two")]
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
-        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_, **__: None)
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
 
@@ -237,7 +237,7 @@ class TestWrites:
         from worker import conversation as handler
 
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
-        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_, **__: None)
         people = [f"+1555777{n:04d}" for n in range(20)]
         for person in people:
             assert accept_inbound(redis, inbound(engine_bot, "hola", person=person))
@@ -254,7 +254,7 @@ class TestWrites:
         from worker import conversation as handler
 
         monkeypatch.setattr(handler, "deliver_now", lambda *_: None)
-        monkeypatch.setattr(handler, "deliver_taken", lambda *_: None)
+        monkeypatch.setattr(handler, "deliver_taken", lambda *_, **__: None)
         conversation = keys.conversation_id(engine_bot.id, PERSON)
         message = inbound(engine_bot, "hola")
         assert accept_inbound(redis, message)
