@@ -280,8 +280,8 @@ class TestTheEnvironment:
     def test_the_operators_engine_goes_through_the_proxy_unless_no_proxy_exempts_it(
             self, bot: Bot, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
         with serving(answers_json) as proxy, serving(answers_json) as exempt:
-            # Given a proxy in the environment, and an engine host NO_PROXY exempts
-            monkeypatch.setenv("HTTP_PROXY", proxy.url(path=""))
+            # Given a proxy in the environment (with its credentials), and an engine host NO_PROXY exempts
+            monkeypatch.setenv("HTTP_PROXY", proxy.url(path="").replace("http://", "http://corp:pw@"))
             monkeypatch.setenv("NO_PROXY", "localhost")
 
             # When the operator's engine is called by a proxied name and by an exempt one
@@ -291,6 +291,7 @@ class TestTheEnvironment:
         # Then the first went to the proxy (the absolute URL is the proxy's request target), the second straight
         assert [Answer("hola")] == proxied == direct
         assert ["http://engine.invalid:8080/webhook"] == [path for path, _ in proxy.requests]
+        assert "Basic " + base64.b64encode(b"corp:pw").decode() == proxy.requests[0][1]["Proxy-Authorization"]
         assert ["/engine"] == [path for path, _ in exempt.requests]
 
     def test_a_bots_own_engine_never_goes_through_the_operators_proxy(

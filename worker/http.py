@@ -63,7 +63,11 @@ class Origin:
         proxy = None if policy is not None else get_environ_proxies(url).get(parts.scheme)
         self._proxied: urllib3.ProxyManager | None = None
         if proxy:
-            self._proxied = urllib3.ProxyManager(proxy, num_pools=1, maxsize=size, block=True, **tls)
+            # The proxy's own user:password@ goes as Proxy-Authorization, as requests sends it.
+            proxy_auth = _basic_credentials(proxy, netrc=False)
+            self._proxied = urllib3.ProxyManager(proxy, num_pools=1, maxsize=size, block=True,
+                                                 proxy_headers={"Proxy-Authorization": proxy_auth} if proxy_auth else None,
+                                                 **tls)
             pool = self._proxied.connection_from_url(url)
         else:
             pool = connection_from_url(url, maxsize=size, block=True, **tls)
@@ -114,10 +118,13 @@ def origin(url: str, policy: AddressPolicy | None = None) -> Origin:
     return found
 
 
-def _basic_credentials(url: str) -> str | None:
-    """The Authorization header requests would send for `url`: its user:password@, else ~/.netrc's."""
+def _basic_credentials(url: str, netrc: bool = True) -> str | None:
+    """The Basic credentials requests would send for `url`: its user:password@, else ~/.netrc's."""
     parts = urlsplit(url)
-    pair = (unquote(parts.username), unquote(parts.password or "")) if parts.username else get_netrc_auth(url)
+    if parts.username:
+        pair: tuple[str, str] | None = (unquote(parts.username), unquote(parts.password or ""))
+    else:
+        pair = get_netrc_auth(url) if netrc else None
     if not pair:
         return None
     return "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode("ascii")
