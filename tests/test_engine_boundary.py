@@ -314,6 +314,15 @@ class TestTheEnvironment:
 
         assert "Basic " + base64.b64encode(b"rasa:s@cret").decode() == server.requests[0][1]["Authorization"]
 
+    def test_two_engine_urls_on_one_server_each_send_their_own_credentials(
+            self, bot: Bot, redis: redis_lib.Redis) -> None:
+        with serving(answers_json) as server:
+            for user in ("ana", "beto"):
+                HttpEngine(server.url().replace("http://", f"http://{user}:pw@"), backoff=()).answer(bot, inbound(bot))
+
+        assert ["Basic " + base64.b64encode(f"{user}:pw".encode()).decode() for user in ("ana", "beto")] == [
+            headers["Authorization"] for _, headers in server.requests]
+
 
 class TestRedirects:
     """An engine's redirect is an engine error, never followed (it could point inside)."""

@@ -101,14 +101,15 @@ def finished(response: urllib3.BaseHTTPResponse, read_to_the_end: bool) -> None:
     response.release_conn()
 
 
-_origins: dict[tuple[str, str, int | None, AddressPolicy | None], Origin] = {}
+_origins: dict[tuple[str, str, int | None, AddressPolicy | None, str], Origin] = {}
 _origins_lock = threading.Lock()
 
 
 def origin(url: str, policy: AddressPolicy | None = None) -> Origin:
-    """The process's Origin for `url`'s scheme, host and port under `policy`, made on first use."""
+    """The process's Origin for `url`'s scheme, host, port and credentials under `policy`, made on
+    first use."""
     parts = urlsplit(url)
-    key = (parts.scheme, (parts.hostname or "").lower(), parts.port, policy)
+    key = (parts.scheme, (parts.hostname or "").lower(), parts.port, policy, parts.netloc.rpartition("@")[0])
     found = _origins.get(key)
     if found is None:
         with _origins_lock:
