@@ -624,20 +624,25 @@ def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | N
     pace_args = pacing.confirm_args(pace[1], pace[2]) if pace else ["", ""]
     if lease is not None:
         lease.forget()  # released by the script, after the outcome is recorded
-    conversation_lease = head.lets_go if head.lets_go is not None and head.lets_go.held else None
+    ours = head.lets_go is not None and head.lets_go.held and not head.lets_go.lost
+    conversation_lease = head.lets_go if ours else None
     if conversation_lease is not None:
         conversation_lease.forget()  # not renewed meanwhile: the renewer must not count it lost
-    next_head, let_go = script(redis, FINISH_LUA)(
-        keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
-              keys.inbox(conversation), keys.processing(conversation),
-              keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation),
-              conversation_lease.key if conversation_lease is not None else keys.outbox_lock(conversation)],
-        args=[head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at),
-              "1" if head.settles else "", *pace_args, lease.token if lease is not None else "",
-              conversation_lease.token if conversation_lease is not None else ""],
-    )
-    if conversation_lease is not None and not let_go:
-        conversation_lease.granted(True)  # a message waits (or the lease was lost): the drain goes on
+    let_go = 0
+    try:
+        next_head, let_go = script(redis, FINISH_LUA)(
+            keys=[keys.outbox(conversation), keys.replies(conversation), keys.PENDING, keys.LOG_OUTBOX,
+                  keys.inbox(conversation), keys.processing(conversation),
+                  keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation),
+                  conversation_lease.key if conversation_lease is not None else keys.outbox_lock(conversation)],
+            args=[head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at),
+                  "1" if head.settles else "", *pace_args, lease.token if lease is not None else "",
+                  conversation_lease.token if conversation_lease is not None else ""],
+        )
+    finally:
+        if conversation_lease is not None and not let_go:
+            # A message waits (or the step failed): the drain goes on, and lets go as before.
+            conversation_lease.granted(True)
     return next_head or None
 
 
