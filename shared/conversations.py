@@ -88,12 +88,14 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # Deduplicate, record opt-out/opt-in, queue on the conversation, count it and, when the inbox
 # was empty, wake a worker: one step, so a crash can neither lose an acknowledged message, nor
 # let a retry of it be processed twice, nor leave it queued with nobody woken for it.
-# A worker draining a conversation looks at its inbox again after letting go of it, so only a
-# message that finds the inbox empty needs a wake-up: a burst of thirty texts wakes one worker,
-# not thirty that would queue for the same lease.
+# A worker draining a conversation looks at its inbox again as it lets go of it (in the step that
+# lets go, or right after it), so only a message that finds the inbox empty and the conversation
+# nobody's needs a wake-up: a burst of thirty texts wakes one worker, not thirty that would queue
+# for the same lease, and a text landing while its conversation is answered wakes nobody (a worker
+# woken then would find the lease taken and go away). A holder that dies leaves it to the sweeper.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
 #       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them, the
-#       number the person last texted (keys.texted).
+#       number the person last texted (keys.texted), the conversation's lease.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
 #       texted ('': not kept, the bot has one number).
 ACCEPT_LUA = """
@@ -109,7 +111,7 @@ elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
 if ARGV[7] ~= '' then redis.call('SET', KEYS[9], ARGV[7], 'EX', __DEDUPE_TTL__) end
-if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 then
+if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[10]) == 0 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
   local id = cjson.encode(ARGV[6])
   redis.call('HSET', KEYS[8], ARGV[6], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
@@ -146,7 +148,7 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
-              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE, keys.texted(conversation)],
+              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE, keys.texted(conversation), keys.conversation_lock(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
               f"wake-{message['sid']}", message["to"] if remember_texted else ""],

@@ -284,7 +284,7 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
         redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
         twilio: TwilioStandin, monkeypatch: pytest.MonkeyPatch) -> None:
     """The step that finishes a drain's last reply lets the conversation go only if no message
-    waits: one landing while that reply was being sent (its wake-up refused, the lease was held)
+    waits: one landing while that reply was being sent wakes nobody then (the lease is held), and
     is woken for as the drain lets go."""
     from worker import conversation as handler
 
@@ -297,8 +297,10 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
     def receive_then_deliver(*args: Any, **kwargs: Any) -> None:
         # Given "second" lands after "first"'s replies were queued, while its reply is being sent
         accept(redis, engine_bot, "second")
-        redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # refused: the lease is held
+        woken.extend(queued_kicks(redis))  # none: the holder looks again as it lets go
         deliver(*args, **kwargs)
+
+    woken: list[Any] = []
 
     monkeypatch.setattr(handler, "deliver_taken", receive_then_deliver)
     # When the holder drains, answering "first"
@@ -307,9 +309,9 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
     twilio.wait_for(1)
     assert (["first"], ["reply to first"]) == ([call.text for call in engine.calls],
                                                [message.body for message in twilio.messages])
-    assert (1, None, [conversation]) == (redis.llen(keys.inbox(conversation)),
-                                         redis.get(keys.conversation_lock(conversation)),
-                                         [kick.args[0] for kick in queued_kicks(redis)])
+    assert (1, None, [], [conversation]) == (redis.llen(keys.inbox(conversation)),
+                                             redis.get(keys.conversation_lock(conversation)), woken,
+                                             [kick.args[0] for kick in queued_kicks(redis)])
 
 
 def test_a_drain_whose_last_reply_was_sent_has_let_go_and_settled(
