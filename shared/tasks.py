@@ -19,6 +19,7 @@ OUTBOUND_QUEUE = "outbound"
 HANDLE_CONVERSATION = "handle_conversation"
 SEND_REPLY = "send_reply"
 RESEND_REPLY = "resend_reply"
+FORWARD_HANDOFF = "forward_handoff"
 # The Redis key prefix of dramatiq's queues (its default, named so the webhook can enqueue in Lua).
 NAMESPACE = "dramatiq"
 

@@ -19,6 +19,7 @@ from cli.twilio_standin import TwilioStandin
 from shared import handoff, keys
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound
+from shared.tasks import FORWARD_HANDOFF
 from tests.support.fake_engine import FakeEngine
 from tests.support.receiver import Receiver
 from tests.test_crash_recovery import SENDER, bodies_to, engine_bot, send  # noqa: F401 (fixture)
@@ -413,7 +414,7 @@ def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
     forwarding.forward_later.send(bot.id, forwarding.forward_payload(bot, message, paused))
     wait_until(lambda: bool(list_dead_letters(redis, broker)), timeout=30)
     [dead] = list_dead_letters(redis, broker)
-    assert (bot.id, SENDER, "¿me oyen?", forwarding.FORWARD_LATER) == (dead["bot_id"], dead["to"], dead["text"],
+    assert (bot.id, SENDER, "¿me oyen?", FORWARD_HANDOFF) == (dead["bot_id"], dead["to"], dead["text"],
                                                                         dead["reason"])
     # When it is back and the dead letter is replayed
     receiver.status = 200

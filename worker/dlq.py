@@ -23,13 +23,13 @@ from shared import deadletters, keys, messagelog
 from shared.conversations import new_reply, queue_replies
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.tasks import OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, kick_delivery
+from shared.tasks import FORWARD_HANDOFF, OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, kick_delivery
 
 log = get_logger(__name__)
 
 DATABASE, DRAMATIQ = "database", "dramatiq"
-# worker.handoff's actor (not imported here: it declares itself on the worker's broker).
-FORWARD_LATER = "forward_handoff"
+# Why a send_reply message is in Dramatiq's dead-letter queue (other actors' show their own name).
+UNEXPECTED = "unexpected"
 
 
 def _engine(engine: Engine | None) -> Engine:
@@ -89,7 +89,7 @@ def _from_message(redis: Any, message_id: str, died_ms: float, raw: str | bytes)
         "id": message_id, "reply_id": reply_id, "conversation": conversation, "bot_id": bot_id,
         "to": reply.get("to", to), "text": reply.get("text"), "media_url": reply.get("media_url"),
         "error_code": reply.get("error_code"), "http_status": None,
-        "error": _last_line(message.options.get("traceback")), "reason": "unexpected",
+        "error": _last_line(message.options.get("traceback")), "reason": UNEXPECTED,
         "attempts": message.options.get("retries", 0), "failed_at": died_ms / 1000,
         "still_queued": queued_raw is not None, "kept_in": DRAMATIQ,
     }
@@ -100,7 +100,7 @@ def _from_other(message_id: str, died_ms: float, message: dramatiq.Message) -> d
     the background): listed under its actor's name, replayed by sending it again as it was."""
     args = list(message.args)
     bot_id = args[0] if args and isinstance(args[0], int) else None
-    forward = args[1] if message.actor_name == FORWARD_LATER and len(args) > 1 and isinstance(args[1], dict) else {}
+    forward = args[1] if message.actor_name == FORWARD_HANDOFF and len(args) > 1 and isinstance(args[1], dict) else {}
     person = forward.get("person")
     return {
         "id": message_id, "reply_id": args[1] if message.actor_name == RESEND_REPLY and len(args) > 1 else None,
@@ -128,7 +128,7 @@ def replay(redis: Any, broker: Any, ids: Iterable[str] | None = None, engine: En
         if entry["kept_in"] == DATABASE:
             if not _replay_kept(engine, redis, broker, entry):
                 continue
-        elif entry["reason"] in (FORWARD_LATER, RESEND_REPLY):
+        elif entry["kept_in"] == DRAMATIQ and entry["reason"] != UNEXPECTED:
             if not _send_again(redis, broker, entry):
                 continue
         else:

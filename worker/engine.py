@@ -21,7 +21,7 @@ from shared.bots import Bot, shown_url
 from shared.logging import get_logger
 from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
-from worker.http import finished, origin, responding_by
+from worker.http import origin, responding_by
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -142,7 +142,7 @@ class HttpEngine:
         """The engine's answers; after the retries the bot's fallback message, if it has one."""
         data = json.dumps(rasa_payload(bot, message)).encode()
         answers = self._retried(bot, lambda deadline: self._call(data, {}, deadline, self._answers))
-        return self._fallback(bot, message) if answers is None else answers
+        return self._fallback(bot, message) if isinstance(answers, EngineError) else answers
 
     def _answers(self, body: bytes) -> list[Answer]:
         try:
@@ -150,10 +150,12 @@ class HttpEngine:
         except ValueError:
             raise EngineError("invalid", "the answer is not JSON") from None
 
-    def _retried(self, bot: Bot, attempt: Callable[[float], T]) -> T | None:
-        """`attempt(deadline)` until it succeeds, with backoff, within the deadline; None if it never did."""
+    def _retried(self, bot: Bot, attempt: Callable[[float], T]) -> T | EngineError:
+        """`attempt(deadline)` until it succeeds, with backoff, within the deadline; the last error
+        if it never did."""
         deadline = time.monotonic() + self._deadline
-        for number in range(len(self._backoff) + 1):
+        number = 0
+        while True:
             try:
                 return attempt(deadline)
             except EngineError as error:
@@ -161,9 +163,9 @@ class HttpEngine:
                 remaining = deadline - time.monotonic()
                 log.warning(f"{self.EVENT}.failed", bot_id=bot.id, attempt=number + 1, error=str(error))
                 if not error.retryable or number == len(self._backoff) or remaining <= pause + 0.1:
-                    return None
+                    return error
                 time.sleep(pause)
-        return None
+                number += 1
 
     def _call(self, data: bytes, headers: Mapping[str, str], deadline: float, read: Callable[[bytes], T]) -> T:
         """One attempt: POST `data` (JSON) and `read` the answer's body, over by `deadline` however the
@@ -176,15 +178,9 @@ class HttpEngine:
                 raise RefusedAddress(_origin(self.url)[0], "PUBLIC_URL", "the service itself")
             timeout = urllib3.Timeout(connect=min(self._connect_timeout, remaining),
                                       read=min(self._read_timeout, remaining))
-            with responding_by(deadline):
-                response = origin(self.url, self._policy).request(
-                    "POST", self.url, data, {"Content-Type": "application/json", **headers}, timeout, stream=True)
-                read_to_the_end = False
-                try:
-                    body = self._body(response)
-                    read_to_the_end = True
-                finally:
-                    finished(response, read_to_the_end)
+            with responding_by(deadline), origin(self.url, self._policy).streaming(
+                    "POST", self.url, data, {"Content-Type": "application/json", **headers}, timeout) as response:
+                body = self._body(response)
             return read(body)
         except RefusedAddress as refused:
             outcome = "refused_address"

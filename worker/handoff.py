@@ -27,7 +27,7 @@ from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.netguard import AddressPolicy
 from shared.settings import Settings
-from shared.tasks import OUTBOUND_QUEUE, get_broker
+from shared.tasks import FORWARD_HANDOFF, OUTBOUND_QUEUE, get_broker
 from worker.deps import get_bots, get_settings
 from worker.engine import EngineError, HttpEngine, media_of
 
@@ -35,7 +35,6 @@ log = get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Mammut-Signature"
 MAX_ANSWER_BYTES = 16 * 1024  # the answer is not read: only whether it was a 2xx
-FORWARD_LATER = "forward_handoff"  # worker.dlq lists and replays its dead messages by this name
 # Background tries of a forward that failed inline: Dramatiq's backoff doubles from 30 s and is
 # capped at 30 min, so 14 tries span about five hours.
 LATER_RETRIES, LATER_MIN_BACKOFF_MS, LATER_MAX_BACKOFF_MS = 14, 30_000, 30 * 60_000
@@ -89,17 +88,10 @@ class Forwarder(HttpEngine):
         and if not, whether the last failure may pass (a timeout, a 5xx; not a refused address)."""
         data = json.dumps(payload, separators=(",", ":")).encode()
         headers = {SIGNATURE_HEADER: signature(bot.handoff_secret or "", data)}
-        failures: list[EngineError] = []
-
-        def attempt(deadline: float) -> bool:
-            try:
-                return self._call(data, headers, deadline, _ignored)
-            except EngineError as error:
-                failures.append(error)
-                raise
-
-        taken = self._retried(bot, attempt) is not None
-        return taken, not taken and bool(failures) and failures[-1].retryable
+        outcome = self._retried(bot, lambda deadline: self._call(data, headers, deadline, _ignored))
+        if isinstance(outcome, EngineError):
+            return False, outcome.retryable
+        return True, False
 
 
 def _ignored(body: bytes) -> bool:
@@ -125,7 +117,7 @@ class ForwardFailed(dramatiq.Retry):
     outcome, logged as a retry, without a traceback)."""
 
 
-@dramatiq.actor(actor_name=FORWARD_LATER, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
+@dramatiq.actor(actor_name=FORWARD_HANDOFF, queue_name=OUTBOUND_QUEUE, broker=get_broker(),
                 max_retries=LATER_RETRIES, min_backoff=LATER_MIN_BACKOFF_MS, max_backoff=LATER_MAX_BACKOFF_MS)
 def forward_later(bot_id: int, payload: dict[str, Any]) -> None:
     """Try a forward again, to the bot's handoff-url and secret as they are now; dropped when the

@@ -78,9 +78,9 @@ class Origin:
 
     def request(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
                 timeout: urllib3.Timeout, stream: bool = False) -> urllib3.BaseHTTPResponse:
-        """One request, never retried and never redirected (a 3xx is the answer). A streamed
-        response holds its connection until `finished(response, read_to_the_end)`. Raises urllib3's
-        errors: TimeoutError for timeouts, HTTPError for the rest."""
+        """One request, never retried and never redirected (a 3xx is the answer); a streamed response
+        holds its connection (see `streaming`). Raises urllib3's errors: TimeoutError for timeouts,
+        HTTPError for the rest."""
         if self.authorization and "Authorization" not in headers:
             headers = {**headers, "Authorization": self.authorization}
         options: dict[str, Any] = {"body": body, "headers": headers, "retries": False, "redirect": False,
@@ -92,13 +92,20 @@ class Origin:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return self._pool.urlopen(method, target, assert_same_host=False, **options)
 
-
-def finished(response: urllib3.BaseHTTPResponse, read_to_the_end: bool) -> None:
-    """Gives a streamed response's connection back: for the next call if the answer was read to its
-    end, closed otherwise (what is left of it must not be read as the next call's answer)."""
-    if not read_to_the_end:
-        response.close()
-    response.release_conn()
+    @contextmanager
+    def streaming(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                  timeout: urllib3.Timeout) -> Iterator[urllib3.BaseHTTPResponse]:
+        """`request`, its response read inside the block. Its connection goes back to the pool for
+        the next call when the block ends normally (the answer read to its end); when it raises
+        (too large, too slow), it is closed: what is left must not be read as the next answer."""
+        response = self.request(method, url, body, headers, timeout, stream=True)
+        try:
+            yield response
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release_conn()
 
 
 _origins: dict[tuple[str, str, int | None, AddressPolicy | None, str], Origin] = {}
