@@ -165,7 +165,7 @@ def measure(start: Callable[[], list[Any]], port: int, twilio: Any, numbers: lis
         rate = messages / (arrived[messages - 1].received_at - started)
         time.sleep(0.5)  # the last acknowledgements and log records
         after = redis_work(redis)
-        return rate, {name: (after[name] - before[name]) / messages for name in after}
+        return rate, {name: (after[name] - before.get(name, 0)) / messages for name in after}
     finally:
         for process in processes:
             process.stop(30)
@@ -174,11 +174,12 @@ def measure(start: Callable[[], list[Any]], port: int, twilio: Any, numbers: lis
 def redis_work(redis: Any) -> dict[str, float]:
     """Redis's counters so far: commands (scripts' own included), EVAL/EVALSHA calls, CPU ms."""
     stats = redis.info("commandstats")
-    commands = sum(entry["calls"] for name, entry in stats.items() if name not in ("cmdstat_info",))
-    scripts = sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_eval", "cmdstat_evalsha"))
+    counted = {name.removeprefix("cmdstat_"): entry["calls"] for name, entry in stats.items() if name != "cmdstat_info"}
+    scripts = sum(counted.get(name, 0) for name in ("eval", "evalsha"))
     cpu = redis.info("cpu")
-    return {"commands": commands, "scripts": scripts,
-            "cpu_ms": (cpu["used_cpu_sys"] + cpu["used_cpu_user"]) * 1000}
+    return {"commands": sum(counted.values()), "scripts": scripts,
+            "cpu_ms": (cpu["used_cpu_sys"] + cpu["used_cpu_user"]) * 1000,
+            **{"command " + name: calls for name, calls in counted.items()}}
 
 
 def main() -> None:
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1500)
     parser.add_argument("--bots", type=int, default=10)
     parser.add_argument("--senders", type=int, default=200)
+    parser.add_argument("--breakdown", action="store_true", help="also print each Redis command's calls per message")
     args = parser.parse_args()
 
     from cryptography.fernet import Fernet
@@ -248,6 +250,10 @@ def main() -> None:
     for name, cost in (("floor", floor_redis), ("product", product_redis)):
         print(f"redis per message, {name + ':':8} {cost['commands']:5.1f} commands (inside scripts included), "
               f"{cost['scripts']:4.1f} script calls, {cost['cpu_ms']:.3f} ms Redis CPU")
+        if args.breakdown:
+            each = sorted(((calls, name.removeprefix("command ")) for name, calls in cost.items()
+                           if name.startswith("command ") and calls >= 0.05), reverse=True)
+            print("    " + ", ".join(f"{name} {calls:.1f}" for calls, name in each))
 
 
 if __name__ == "__main__":

@@ -103,9 +103,9 @@ def key_bytes(redis: Any) -> Counter[str]:
 
 def settled(redis: Any) -> bool:
     from shared import keys
-    from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, queue_keys
+    from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, waiting_key
 
-    queued = sum(redis.llen(queue_keys(queue)[0]) for queue in (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE))
+    queued = sum(redis.llen(waiting_key(queue)) for queue in (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE))
     return redis.zcard(keys.PENDING) == 0 and queued == 0
 
 

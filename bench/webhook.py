@@ -40,7 +40,7 @@ from shared.bots import BotStore  # noqa: E402
 from bench.database import bench_database_url, empty  # noqa: E402
 from shared.crypto import Vault  # noqa: E402
 from shared.redis import connect  # noqa: E402
-from shared.tasks import CONVERSATIONS_QUEUE, queue_keys  # noqa: E402
+from shared.tasks import CONVERSATIONS_QUEUE, waiting_key  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 BOT_NUMBER = "+15005550006"
@@ -48,7 +48,7 @@ ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 CREDENTIALS_KEY = Fernet.generate_key().decode()
 PATH = "/channels/sms/"
-QUEUE_KEY = queue_keys(CONVERSATIONS_QUEUE)[0]
+QUEUE_KEY = waiting_key(CONVERSATIONS_QUEUE)
 ACCEPTED = metrics.field("sms_inbound", result="accepted")
 WRK_THREADS = 2
 TARGET_RATIO, TARGET_P99_MS = 0.9, 25.0

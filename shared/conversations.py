@@ -15,7 +15,7 @@ from shared import keys, metrics
 from shared.bots import Limits
 from shared.redis import script, with_constants
 from shared.segments import count_segments, split_message
-from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, queue_keys
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
 from shared.optout import LIVE, MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
@@ -94,8 +94,7 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # for the same lease, and a text landing while its conversation is answered wakes nobody (a worker
 # woken then would find the lease taken and go away). A holder that dies leaves it to the sweeper.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
-#       dramatiq's queue (a list of message ids) and its messages (a hash), as dispatch.lua keeps them, the
-#       number the person last texted (keys.texted), the conversation's lease.
+#       the wake-ups (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
 #       texted ('': not kept, the bot has one number).
 ACCEPT_LUA = """
@@ -110,14 +109,12 @@ if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__'
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
-if ARGV[7] ~= '' then redis.call('SET', KEYS[9], ARGV[7], 'EX', __DEDUPE_TTL__) end
-if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[10]) == 0 then
+if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7], 'EX', __DEDUPE_TTL__) end
+if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) == 0 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
-  local id = cjson.encode(ARGV[6])
-  redis.call('HSET', KEYS[8], ARGV[6], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
-    .. cjson.encode(ARGV[2]) .. '],"kwargs":{},"options":{"redis_message_id":' .. id .. '},"message_id":' .. id
+  redis.call('RPUSH', KEYS[7], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
+    .. cjson.encode(ARGV[2]) .. '],"kwargs":{},"options":{},"message_id":' .. cjson.encode(ARGV[6])
     .. ',"message_timestamp":' .. string.format('%d', math.floor(tonumber(ARGV[3]) * 1000)) .. '}')
-  redis.call('RPUSH', KEYS[7], ARGV[6])
 end
 return 1
 """
@@ -127,7 +124,6 @@ ACCEPT_LUA = with_constants(
     LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )
-_WAKE_UP_QUEUE = queue_keys(CONVERSATIONS_QUEUE)
 
 
 def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
@@ -148,7 +144,7 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
-              keys.METRIC_COUNTERS, *_WAKE_UP_QUEUE, keys.texted(conversation), keys.conversation_lock(conversation)],
+              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
               f"wake-{message['sid']}", message["to"] if remember_texted else ""],

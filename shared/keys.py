@@ -78,6 +78,9 @@ def texted(conversation: str) -> str:
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+# The conversations queue: wake-ups (encoded Dramatiq messages) waiting for a worker, oldest first
+# (shared/wakeups.py).
+WAKE_UPS = f"{PREFIX}:wake-ups"
 # Message-log records on their way to the database, oldest first, and the lease of the one worker
 # process that writes them there (worker/logdrain.py); records it could not write are kept aside.
 LOG_OUTBOX = f"{PREFIX}:log:outbox"

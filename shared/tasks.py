@@ -9,10 +9,11 @@ import threading
 
 import dramatiq
 import redis as redis_lib
-from dramatiq.brokers.redis import RedisBroker
 
+from shared import keys
 from shared.redis import blocking_pool
 from shared.settings import get_settings
+from shared.wakeups import HintedBroker
 
 CONVERSATIONS_QUEUE = "conversations"
 OUTBOUND_QUEUE = "outbound"
@@ -28,14 +29,16 @@ NAMESPACE = "dramatiq"
 HEARTBEAT_TIMEOUT_MS = 15_000
 MAINTENANCE_CHANCE = 20_000  # per million broker calls
 
-_broker: RedisBroker | None = None
+_broker: HintedBroker | None = None
 _lock = threading.Lock()
 
 
-def make_broker(redis_url: str) -> RedisBroker:
+def make_broker(redis_url: str) -> HintedBroker:
     # Dramatiq's own client (from url=) has redis-py's default pool, which fails past 100
     # connections; it reads bytes, so it cannot share the app's str client.
-    broker = RedisBroker(
+    # The conversations queue holds wake-ups, kept as the cheap hints they are (shared/wakeups.py).
+    broker = HintedBroker(
+        hinted_queue=CONVERSATIONS_QUEUE, hints_key=keys.WAKE_UPS,
         client=redis_lib.Redis.from_pool(blocking_pool(redis_url)),
         namespace=NAMESPACE,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
@@ -46,7 +49,7 @@ def make_broker(redis_url: str) -> RedisBroker:
     return broker
 
 
-def get_broker() -> RedisBroker:
+def get_broker() -> HintedBroker:
     """The process's broker, made on first use and installed as dramatiq's global broker."""
     global _broker
     with _lock:
@@ -67,12 +70,11 @@ def kick_conversation(conversation: str, broker: dramatiq.Broker | None = None, 
     (broker or get_broker()).enqueue(conversation_kick(conversation), delay=delay_ms)
 
 
-def queue_keys(queue_name: str) -> tuple[str, str]:
-    """A queue as dramatiq's Redis broker keeps it (its dispatch.lua): a list of message ids, and a
-    hash of id -> encoded message. The webhook's accept script enqueues onto these directly, so a
-    message is stored and its worker woken in one Lua step."""
-    name = f"{NAMESPACE}:{queue_name}"
-    return name, f"{name}.msgs"
+def waiting_key(queue_name: str) -> str:
+    """The Redis list of a queue's waiting messages, whose length is the queue's depth: the
+    wake-ups' own list for the conversations queue, else dramatiq's list of message ids (its
+    dispatch.lua; the bodies are in a hash beside it)."""
+    return keys.WAKE_UPS if queue_name == CONVERSATIONS_QUEUE else f"{NAMESPACE}:{queue_name}"
 
 
 def kick_delivery(conversation: str, reply_id: str, delay_ms: int | None = None,

@@ -16,7 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
-from shared import db
+from shared import db, keys
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.metrics import TALLY
@@ -24,7 +24,6 @@ from shared.redis import connect
 from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
 from shared.settings import database_url as normalized_database_url
-from shared.tasks import CONVERSATIONS_QUEUE, queue_keys
 from cli.dev import embedded_redis, in_background
 from cli.twilio_standin import TwilioStandin
 from tests.support.fake_engine import FakeEngine
@@ -45,10 +44,7 @@ def free_port() -> int:
 
 def queued_kicks(redis: redis_lib.Redis) -> list[dramatiq.Message[object]]:
     """The dramatiq messages waiting on the conversations queue, read straight from Redis."""
-    ids_key, messages_key = queue_keys(CONVERSATIONS_QUEUE)
-    ids = redis.lrange(ids_key, 0, -1)
-    bodies = redis.hmget(messages_key, ids) if ids else []
-    return [dramatiq.Message.decode(body.encode()) for body in bodies]
+    return [dramatiq.Message.decode(body.encode()) for body in redis.lrange(keys.WAKE_UPS, 0, -1)]
 
 
 def _reachable(url: str) -> bool:

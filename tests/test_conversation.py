@@ -18,7 +18,7 @@ from shared import keys, messagelog
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound, replies_from
 from shared.db import transaction
-from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE, kick_conversation, queue_keys
+from shared.tasks import OUTBOUND_QUEUE, kick_conversation
 from tests.conftest import queued_kicks
 from tests.support.messagelog import log_written
 from tests.support.fake_engine import FakeEngine
@@ -257,7 +257,7 @@ def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
     monkeypatch.setattr(engine, "answer", lambda payload: [])
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     accept(redis, engine_bot, "first")
-    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # its wake-up is the drain below
+    redis.delete(keys.WAKE_UPS)  # its wake-up is the drain below
     handle = handler.handle_message
     late: list[dict[str, Any]] = []
 
@@ -268,7 +268,7 @@ def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
             late.append(accept(redis, engine_bot, "second"))
             # and its wake-up reaches another worker while the lease is still held
             drain(redis, conversation)
-            redis.delete(*queue_keys(CONVERSATIONS_QUEUE))
+            redis.delete(keys.WAKE_UPS)
         return more
 
     monkeypatch.setattr(handler, "handle_message", handle_then_receive)
@@ -291,7 +291,7 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
     twilio.reset()
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     accept(redis, engine_bot, "first")
-    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # its wake-up is the drain below
+    redis.delete(keys.WAKE_UPS)  # its wake-up is the drain below
     deliver = handler.deliver_taken
 
     def receive_then_deliver(*args: Any, **kwargs: Any) -> None:
@@ -322,7 +322,7 @@ def test_a_drain_whose_last_reply_was_sent_has_let_go_and_settled(
     twilio.reset()
     conversation = keys.conversation_id(engine_bot.id, SENDER)
     accept(redis, engine_bot, "hola")
-    redis.delete(*queue_keys(CONVERSATIONS_QUEUE))
+    redis.delete(keys.WAKE_UPS)
 
     drain(redis, conversation)
 

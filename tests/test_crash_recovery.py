@@ -21,6 +21,7 @@ from cli.twilio_standin import TwilioStandin
 from shared import keys
 from shared.bots import Bot, BotStore
 from shared.conversations import INBOUND, accept_inbound, queue_replies, replies_from
+from shared.tasks import CONVERSATIONS_QUEUE
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_worker
 from worker.locks import Lease
@@ -189,8 +190,11 @@ def stale(redis: redis_lib.Redis, conversation: str) -> None:
 def queued_actor_calls(redis: redis_lib.Redis, queue: str) -> list[tuple[str, list[Any]]]:
     import json
 
-    ids = redis.lrange(f"dramatiq:{queue}", 0, -1)
-    bodies = redis.hmget(f"dramatiq:{queue}.msgs", ids) if ids else []
+    if queue == CONVERSATIONS_QUEUE:  # wake-ups: their bodies, in a list (shared/wakeups.py)
+        bodies = redis.lrange(keys.WAKE_UPS, 0, -1)
+    else:
+        ids = redis.lrange(f"dramatiq:{queue}", 0, -1)
+        bodies = redis.hmget(f"dramatiq:{queue}.msgs", ids) if ids else []
     return [(json.loads(b)["actor_name"], json.loads(b)["args"]) for b in bodies if b]
 
 
@@ -206,7 +210,7 @@ def test_the_sweeper_kicks_a_stalled_conversation_nobody_holds(redis: redis_lib.
     kicked = [sweep(redis, broker=broker), sweep(redis, broker=broker)]
 
     assert [1, 0] == kicked  # the second pass finds it freshly kicked
-    assert [("handle_conversation", [conversation])] == queued_actor_calls(redis, "conversations")
+    assert [("handle_conversation", [conversation])] == queued_actor_calls(redis, CONVERSATIONS_QUEUE)
 
 
 def test_the_sweeper_leaves_a_conversation_whose_worker_is_alive(redis: redis_lib.Redis, broker: dramatiq.Broker,
@@ -223,7 +227,7 @@ def test_the_sweeper_leaves_a_conversation_whose_worker_is_alive(redis: redis_li
         assert 0 == sweep(redis, broker=broker)
     finally:
         lease.release()
-    assert [] == queued_actor_calls(redis, "conversations")
+    assert [] == queued_actor_calls(redis, CONVERSATIONS_QUEUE)
 
 
 def test_the_sweeper_kicks_a_stalled_outbox_at_its_head(redis: redis_lib.Redis, broker: dramatiq.Broker,

@@ -30,7 +30,7 @@ from shared.crypto import Vault
 from shared.optout import is_opted_out
 from shared.redis import connect
 from shared.settings import Settings
-from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, OUTBOUND_QUEUE, queue_keys
+from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, OUTBOUND_QUEUE
 from tests.conftest import (
     ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, BOT_NUMBER, CREDENTIALS_KEY, free_port, queued_kicks,
 )
@@ -95,7 +95,7 @@ class TestAcknowledgement:
         wake_id = f"wake-{params['MessageSid']}"
         assert {
             "queue_name": CONVERSATIONS_QUEUE, "actor_name": HANDLE_CONVERSATION, "args": (CONVERSATION,), "kwargs": {},
-            "options": {"redis_message_id": wake_id}, "message_id": wake_id,
+            "options": {}, "message_id": wake_id,
         } == {name: value for name, value in kick.asdict().items() if name != "message_timestamp"}
         assert abs(kick.message_timestamp / 1000 - time.time()) < 60
 
@@ -152,7 +152,7 @@ class TestDuplicates:
         post_signed(client, params)
         assert [CONVERSATION] == [m.args[0] for m in queued_kicks(redis)]
         redis.lmove(keys.inbox(CONVERSATION), keys.processing(CONVERSATION))
-        redis.delete(*queue_keys(CONVERSATIONS_QUEUE))  # the wake-up, consumed
+        redis.delete(keys.WAKE_UPS)  # the wake-up, consumed
         # When Twilio retries it
         assert 200 == post_signed(client, params).status_code
         # Then the inbox stays empty and no worker is woken
@@ -282,7 +282,7 @@ class TestBadInput:
         params = inbound_params()
         del params[field]
         response = post_signed(client, params)
-        assert (400, 0) == (response.status_code, redis.llen(queue_keys(CONVERSATIONS_QUEUE)[0]))
+        assert (400, 0) == (response.status_code, redis.llen(keys.WAKE_UPS))
 
     def test_unknown_number_is_404_and_logged_masked(self, client: FlaskClient, bot: Bot,
                                                      logs: list[dict[str, Any]]) -> None:

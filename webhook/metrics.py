@@ -18,14 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from shared import keys
 from shared.metrics import RedisCollector
-from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE
+from shared.tasks import CONVERSATIONS_QUEUE, NAMESPACE, OUTBOUND_QUEUE, waiting_key
 from webhook.deps import get_redis, get_settings
 
 bp = Blueprint("metrics", __name__)
 
-# Dramatiq's Redis broker keeps each queue as a list of message ids under its namespace;
-# delayed messages (retries, paced sends) wait in the ".DQ" queue, dead letters in the ".XQ" sorted set.
-_NAMESPACE = "dramatiq"
+# Each queue's waiting messages are a Redis list (shared.tasks.waiting_key); delayed ones (retries,
+# paced sends) wait in dramatiq's ".DQ" queue, dead letters in its ".XQ" sorted set.
 _QUEUES = (CONVERSATIONS_QUEUE, f"{CONVERSATIONS_QUEUE}.DQ", OUTBOUND_QUEUE, f"{OUTBOUND_QUEUE}.DQ")
 _DEAD_LETTER_QUEUES = (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE)
 
@@ -33,14 +32,14 @@ _DEAD_LETTER_QUEUES = (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE)
 def queue_depths(redis: Any) -> dict[str, float]:
     pipe = redis.pipeline(transaction=False)
     for queue in _QUEUES:
-        pipe.llen(f"{_NAMESPACE}:{queue}")
+        pipe.llen(waiting_key(queue))
     return {queue: float(depth) for queue, depth in zip(_QUEUES, pipe.execute())}
 
 
 def dead_letters(redis: Any) -> dict[str, float]:
     pipe = redis.pipeline(transaction=False)
     for queue in _DEAD_LETTER_QUEUES:
-        pipe.zcard(f"{_NAMESPACE}:{queue}.XQ")
+        pipe.zcard(f"{NAMESPACE}:{queue}.XQ")
     return {queue: float(count) for queue, count in zip(_DEAD_LETTER_QUEUES, pipe.execute())}
 
 
