@@ -162,16 +162,17 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 QUEUE_FUNCTION = """
 local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first)
   if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
-  local was_empty = redis.call('LLEN', outbox) == 0
   if done ~= '' then redis.call('LREM', processing, 1, done) end
   if record ~= '' then redis.call('RPUSH', log, record) end
+  if #ARGV < first then return false end
+  local queued = 0
   for i = first, #ARGV - 1, 2 do
     redis.call('HSET', records, ARGV[i], ARGV[i + 1])
-    redis.call('RPUSH', outbox, ARGV[i])
+    queued = redis.call('RPUSH', outbox, ARGV[i])
   end
-  if #ARGV < first then return false end
   redis.call('ZADD', pending, now, conversation)
-  if was_empty then return ARGV[first] end
+  -- The outbox was idle if it holds only what was just queued.
+  if queued == (#ARGV - first + 1) / 2 then return ARGV[first] end
   return false
 end
 """

@@ -16,9 +16,9 @@ import structlog
 from cli.twilio_standin import TwilioStandin
 from shared import keys, messagelog
 from shared.bots import Bot, BotStore
-from shared.conversations import INBOUND, accept_inbound, replies_from
+from shared.conversations import INBOUND, accept_inbound, queue_replies, replies_from
 from shared.db import transaction
-from shared.tasks import OUTBOUND_QUEUE, kick_conversation
+from shared.tasks import OUTBOUND_QUEUE, kick_conversation, kick_delivery
 from tests.conftest import queued_kicks
 from tests.support.messagelog import log_written
 from tests.support.fake_engine import FakeEngine
@@ -330,6 +330,52 @@ def test_a_drain_whose_last_reply_was_sent_has_let_go_and_settled(
     assert (None, None, None, []) == (redis.get(keys.conversation_lock(conversation)),
                                       redis.get(keys.outbox_lock(conversation)),
                                       redis.zscore(keys.PENDING, conversation), queued_kicks(redis))
+
+
+def test_the_last_reply_s_step_leaves_alone_a_conversation_another_worker_took(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
+        twilio: TwilioStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drain whose lease lapsed while its last reply was being sent (a pause) and passed to
+    another worker lets nothing go: the other worker's lease stands."""
+    from worker import outbound
+
+    twilio.reset()
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    accept(redis, engine_bot, "hola")
+    redis.delete(keys.WAKE_UPS)
+    send = outbound.send_sms
+
+    def taken_over_then_send(*args: Any, **kwargs: Any) -> Any:
+        # Given the conversation's lease passes to another worker while the reply goes out
+        redis.set(keys.conversation_lock(conversation), "another worker's token", px=30_000)
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(outbound, "send_sms", taken_over_then_send)
+    # When the drain finishes its reply
+    drain(redis, conversation)
+    # Then the reply went, and the other worker still holds the conversation
+    twilio.wait_for(1)
+    assert "another worker's token" == redis.get(keys.conversation_lock(conversation))
+
+
+def test_a_reply_queued_behind_one_waiting_for_its_slot_waits_behind_it(
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, worker: dramatiq.Worker,
+        twilio: TwilioStandin) -> None:
+    """An outbox holding a reply (scheduled for its pacing slot, nobody sending it right now) is
+    not idle: the answer to a new text is queued after that reply, not sent ahead of it."""
+    conversation = keys.conversation_id(engine_bot.id, SENDER)
+    # Given an outbox whose head waits for its turn
+    [waiting] = replies_from(conversation, SENDER, "waiting for its slot")
+    queue_replies(redis, conversation, [waiting])
+    # When a new text is answered meanwhile
+    accept(redis, engine_bot, "hola")
+    redis.delete(keys.WAKE_UPS)
+    drain(redis, conversation)
+    # Then nothing went ahead of the waiting reply; once it goes, the answer follows it
+    assert [] == [message.body for message in twilio.messages]
+    kick_delivery(conversation, waiting["id"])
+    twilio.wait_for(2)
+    assert ["waiting for its slot", "reply to hola"] == [message.body for message in twilio.messages]
 
 
 def test_a_long_run_hands_over_and_is_kicked_again(redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine,

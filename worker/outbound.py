@@ -593,14 +593,21 @@ if head == ARGV[1] then
   redis.call('RPUSH', KEYS[4], ARGV[4])
   head = first[2]
 end
-if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then redis.call('DEL', KEYS[8]) end
-local idle = nil
-if ARGV[5] ~= '' or ARGV[9] ~= '' then idle = redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 end
-local let_go = 0
-if idle and ARGV[9] ~= '' and redis.call('GET', KEYS[9]) == ARGV[9] then
-  redis.call('DEL', KEYS[9])
-  let_go = 1
+local released, let_go, idle = {}, 0, nil
+if ARGV[9] ~= '' then
+  local held = redis.call('MGET', KEYS[8], KEYS[9])
+  if ARGV[8] ~= '' and held[1] == ARGV[8] then released[1] = KEYS[8] end
+  -- While the conversation is ours its processing list is empty: the step that queued this reply
+  -- finished the message, and only the lease's holder moves another there.
+  if held[2] == ARGV[9] and redis.call('LLEN', KEYS[5]) == 0 then
+    released[#released + 1] = KEYS[9]
+    let_go, idle = 1, true
+  end
+else
+  if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then released[1] = KEYS[8] end
+  if ARGV[5] ~= '' then idle = redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 end
 end
+if #released > 0 then redis.call('DEL', unpack(released)) end
 if head then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 elseif idle and (ARGV[5] ~= '' or let_go == 1) then
