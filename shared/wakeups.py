@@ -76,6 +76,11 @@ class HintedBroker(RedisBroker):
         if moved:
             log.info("wake_up.adopted", count=moved)
 
+    def flush(self, queue_name: str) -> None:
+        super().flush(queue_name)
+        if queue_name == self.hinted_queue:
+            self.client.delete(self.hints_key)
+
     def join(self, queue_name: str, *, interval: int = 100, timeout: int | None = None) -> None:
         """Wait until the queue is empty and this process's workers are done with what they took
         (as Dramatiq's join does; for tests)."""

@@ -129,6 +129,11 @@ class TestTheConsumer:
         push(broker, "1:a", "1:b")
         assert 2.0 == queue_depths(redis)[CONVERSATIONS_QUEUE]
 
+    def test_flushing_the_queue_drops_its_wake_ups(self, broker: dramatiq.Broker, redis: redis_lib.Redis) -> None:
+        push(broker, "1:a")
+        broker.flush(CONVERSATIONS_QUEUE)
+        assert [] == waiting(redis)
+
     def test_join_waits_for_the_wake_ups_a_worker_holds(
             self, broker: dramatiq.Broker, redis: redis_lib.Redis, consumer: HintConsumer) -> None:
         """For tests, as Dramatiq's join: an empty list is not enough while one is being worked on."""
