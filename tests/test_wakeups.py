@@ -27,6 +27,7 @@ from tests.conftest import queued_kicks
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_worker
 from tests.test_crash_recovery import RECOVERY_LIMIT, bodies_to, send
+from tests.test_crash_recovery import engine_bot, workers  # noqa: F401  (fixtures)
 from webhook.metrics import dead_letters, queue_depths
 
 SENDERS = [f"+1555987{n:04d}" for n in range(3)]
@@ -152,8 +153,8 @@ def test_wake_ups_an_earlier_release_queued_are_adopted_and_answered(
     """After an upgrade, a wake-up queued the Dramatiq way (waiting, or taken by a worker now gone)
     still wakes its conversation, as soon as a worker starts."""
     # Given a text whose wake-up an earlier release queued in Dramatiq's list and hash
-    engine_bot = store.update(bot.id, {"engine-url": engine.url})
-    send(redis, engine_bot, "from before the upgrade", sender=SENDERS[0])
+    answering = store.update(bot.id, {"engine-url": engine.url})
+    send(redis, answering, "from before the upgrade", sender=SENDERS[0])
     [kick] = queued_kicks(redis)
     redis.delete(keys.WAKE_UPS)
     name = f"{NAMESPACE}:{CONVERSATIONS_QUEUE}"
@@ -172,32 +173,18 @@ def test_wake_ups_an_earlier_release_queued_are_adopted_and_answered(
         running.stop()
 
 
-@pytest.fixture
-def slow_bot(bot: Bot, store: BotStore, engine: FakeEngine) -> Bot:
-    return store.update(bot.id, {"engine-url": engine.url, "messages-per-second": 50})
-
-
-@pytest.fixture
-def workers(worker_env: dict[str, str], twilio: TwilioStandin) -> Iterator[list[Process]]:
-    twilio.reset()
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop(10)
-
-
 def test_a_stopping_worker_puts_back_the_wake_ups_it_took_and_never_started(
-        redis: redis_lib.Redis, slow_bot: Bot, engine: FakeEngine, twilio: TwilioStandin,
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, twilio: TwilioStandin,
         workers: list[Process], worker_env: dict[str, str]) -> None:
     """SIGTERM to a one-thread worker busy on one conversation, holding the wake-ups of two more:
     it finishes the first, and the other two wait in Redis for the next worker."""
     # Given a worker of one thread (prefetch 2) on a slow engine call, with two more texts waiting
     engine.delay = 2.0
     workers.append(worker := start_worker(worker_env, processes=1, threads=1))
-    send(redis, slow_bot, "first", sender=SENDERS[0])
+    send(redis, engine_bot, "first", sender=SENDERS[0])
     engine.wait_for_calls(1)
     for sender in SENDERS[1:]:
-        send(redis, slow_bot, "waiting", sender=sender)
+        send(redis, engine_bot, "waiting", sender=sender)
     time.sleep(0.5)  # its consumer polls every 0.1 s: it takes one more, all its prefetch allows
     assert 1 == len(queued_kicks(redis))
     # When it is stopped
@@ -206,21 +193,21 @@ def test_a_stopping_worker_puts_back_the_wake_ups_it_took_and_never_started(
     assert 0 == worker.popen.wait(30)
     # Then the first is answered, and both others are woken for again
     assert ["reply to first"] == bodies_to(twilio, SENDERS[0])
-    assert sorted(keys.conversation_id(slow_bot.id, sender) for sender in SENDERS[1:]) == sorted(waiting(redis))
+    assert sorted(keys.conversation_id(engine_bot.id, sender) for sender in SENDERS[1:]) == sorted(waiting(redis))
 
 
 def test_a_worker_killed_holding_wake_ups_loses_no_conversation(
-        redis: redis_lib.Redis, slow_bot: Bot, engine: FakeEngine, twilio: TwilioStandin,
+        redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, twilio: TwilioStandin,
         workers: list[Process], worker_env: dict[str, str]) -> None:
     """SIGKILL takes the wake-ups a worker held in memory with it: the conversations they were for
     are answered all the same, once each (the sweeper wakes them)."""
     # Given a worker of one thread busy on one conversation, holding another's wake-up, a third waiting
     engine.delay = 3.0
     workers.append(start_worker(worker_env, processes=1, threads=1))
-    send(redis, slow_bot, "first", sender=SENDERS[0])
+    send(redis, engine_bot, "first", sender=SENDERS[0])
     engine.wait_for_calls(1)
     for sender in SENDERS[1:]:
-        send(redis, slow_bot, "second", sender=sender)
+        send(redis, engine_bot, "second", sender=sender)
     time.sleep(0.5)
     assert 1 == len(queued_kicks(redis))
     # When it is killed and another takes its place
