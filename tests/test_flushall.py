@@ -87,23 +87,49 @@ def bodies_to(twilio: TwilioStandin, person: str) -> list[str]:
     return [message.body for message in twilio.messages if message.to == person]
 
 
+class RedisServer:
+    """A redis-server process of a test's own, on a free port, keeping nothing on disk."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.client = connect(f"redis://127.0.0.1:{self.port}/0")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self._process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _answers(self.client), timeout=10, what="redis-server to start")
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
 @pytest.fixture
-def private_redis() -> Iterator[redis_lib.Redis]:
-    """A Redis server of this test's own, so FLUSHALL wipes nothing but the service under test's."""
+def redis_server() -> Iterator[RedisServer | None]:
+    """A redis-server of this test's own (None where the binary is missing: fakeredis stands in)."""
     if not shutil.which("redis-server"):
+        yield None
+        return
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis(redis_server: RedisServer | None) -> Iterator[redis_lib.Redis]:
+    """A Redis of this test's own, so FLUSHALL wipes nothing but the service under test's."""
+    if redis_server is None:
         with embedded_redis() as url:
             yield connect(url)
         return
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = connect(f"redis://127.0.0.1:{port}/0")
-        wait_until(lambda: _answers(client), timeout=10, what="redis-server to start")
-        yield client
-    finally:
-        server.terminate()
-        server.wait(10)
+    yield redis_server.client
 
 
 def _answers(client: redis_lib.Redis) -> bool:
@@ -169,3 +195,29 @@ def test_after_flushall_the_service_answers_remembers_opt_outs_and_keeps_every_r
     assert ["in", "out", "in", "out"] == [entry["direction"] for entry in service.log(bot_b, OTHER)]
     dead = service.dead_letters()
     assert [(UNREACHABLE, 21211)] == [(entry["to"], entry["error_code"]) for entry in dead]
+
+
+def test_after_a_redis_restart_the_running_service_answers_again(
+        service: Service, redis_server: RedisServer | None, twilio: TwilioStandin) -> None:
+    """The Redis server goes away mid-load and comes back empty (a restart without persistence, a
+    failover): web and worker reconnect by themselves, with no restart of their own, and answer."""
+    if redis_server is None:
+        pytest.skip("needs a redis-server binary to restart")
+    # Given a service answering a steady stream of texts
+    service.register(BOT_A)
+    people = [f"+1555222{n:04d}" for n in range(20)]
+    assert {200} == {service.text(BOT_A, person, "before") for person in people}
+    wait_until(lambda: all(bodies_to(twilio, person) for person in people), what="the replies before")
+
+    # When the Redis server stops and, a few seconds later, starts again empty on the same port
+    redis_server.stop()
+    time.sleep(3.0)
+    redis_server.start()
+
+    # Then texts are acknowledged again within moments (Twilio retries those refused meanwhile)
+    wait_until(lambda: service.text(BOT_A, TALKER, "after") == 200, timeout=30, what="the webhook back")
+    # and every person who texts is answered, once
+    assert {200} == {service.text(BOT_A, person, "after") for person in people}
+    wait_until(lambda: all(len(bodies_to(twilio, person)) == 2 for person in people), timeout=60,
+               what="the replies after the restart")
+    assert {2} == {len(bodies_to(twilio, person)) for person in people}
