@@ -593,19 +593,19 @@ if head == ARGV[1] then
   redis.call('RPUSH', KEYS[4], ARGV[4])
   head = first[2]
 end
+-- The leases' holders, read at once when both are asked about (they share a hash tag).
+local held = {}
+if ARGV[9] ~= '' then held = redis.call('MGET', KEYS[8], KEYS[9])
+elseif ARGV[8] ~= '' then held[1] = redis.call('GET', KEYS[8]) end
 local released, let_go, idle = {}, 0, nil
-if ARGV[9] ~= '' then
-  local held = redis.call('MGET', KEYS[8], KEYS[9])
-  if ARGV[8] ~= '' and held[1] == ARGV[8] then released[1] = KEYS[8] end
-  -- While the conversation is ours its processing list is empty: the step that queued this reply
-  -- finished the message, and only the lease's holder moves another there.
-  if held[2] == ARGV[9] and redis.call('LLEN', KEYS[5]) == 0 then
-    released[#released + 1] = KEYS[9]
-    let_go, idle = 1, true
-  end
-else
-  if ARGV[8] ~= '' and redis.call('GET', KEYS[8]) == ARGV[8] then released[1] = KEYS[8] end
+if ARGV[8] ~= '' and held[1] == ARGV[8] then released[1] = KEYS[8] end
+if ARGV[9] == '' then
   if ARGV[5] ~= '' then idle = redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[6]) == 0 end
+-- While the conversation is ours its processing list is empty: the step that queued this reply
+-- finished the message, and only the lease's holder moves another there.
+elseif held[2] == ARGV[9] and redis.call('LLEN', KEYS[5]) == 0 then
+  released[#released + 1] = KEYS[9]
+  let_go, idle = 1, true
 end
 if #released > 0 then redis.call('DEL', unpack(released)) end
 if head then
