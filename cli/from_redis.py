@@ -84,6 +84,7 @@ class Copied:
     present: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))
     notes: list[str] = field(default_factory=list)
+    migrated_at: float | None = None  # set when an earlier run had copied it all: this one copied nothing
 
     def add(self, kind: str, copied: int, present: int, skipped: int = 0) -> None:
         self.copied[kind] += copied
@@ -114,12 +115,6 @@ def waiting(redis: Any) -> bool:
     return not redis.exists(MIGRATED_KEY) and bool(redis.exists(BOT_NEXT_ID, BOT_IDS))
 
 
-def migrated_at(redis: Any) -> float | None:
-    """When the old layout's copy completed, if it did."""
-    raw = redis.get(MIGRATED_KEY)
-    return float(json.loads(raw)["at"]) if raw else None
-
-
 def copy_from_redis(settings: Settings) -> Copied:
     """Copy bots, opt-outs, the message log, delivery statuses and dead letters into the database,
     once; raises CopyRefused, having written nothing, when a bot cannot be copied as it stands."""
@@ -129,7 +124,9 @@ def copy_from_redis(settings: Settings) -> Copied:
     vault = Vault(settings.credentials_keys)
     report = Copied()
     try:
-        if redis.exists(MIGRATED_KEY):
+        done = redis.get(MIGRATED_KEY)
+        if done:
+            report.migrated_at = float(json.loads(done)["at"])
             return report
         records = [record for chunk in _records(redis, BOT_KEY + "[0-9]*") for key, record in chunk
                    if key[len(BOT_KEY):].isdigit()]

@@ -73,18 +73,14 @@ def _waiting(settings: Settings) -> bool:
 
 
 def _copy(settings: Settings) -> None:
-    from cli.from_redis import copy_from_redis, migrated_at
+    from cli.from_redis import copy_from_redis
 
-    redis = connect(settings.redis_url)
-    try:
-        done = migrated_at(redis)
-    finally:
-        redis.close()
-    if done is not None:
-        print(f"the earlier release's Redis layout was copied on {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(done))}"
-              ": nothing copied (`mammut-sms migrate --purge-redis` deletes its keys)")
-        return
     copied = copy_from_redis(settings)
+    if copied.migrated_at is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(copied.migrated_at))
+        print(f"the earlier release's Redis layout was copied on {when}: nothing copied "
+              "(`mammut-sms migrate --purge-redis` deletes its keys)")
+        return
     for note in copied.notes:
         print(note)
     print(copied.summary())

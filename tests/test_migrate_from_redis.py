@@ -18,13 +18,15 @@ from sqlalchemy import Engine, Table, select
 
 from cli.from_redis import MIGRATED_KEY
 from cli.main import main
+from cli.twilio_standin import TwilioStandin
 from shared import erasure, keys
 from shared.bots import BotStore
 from shared.crypto import Vault
 from shared.db import make_engine
-from shared.schema import bots, conversations, dead_letters, deliveries, messages, opt_outs
+from shared.schema import bot_numbers, bots, conversations, dead_letters, deliveries, messages, opt_outs
 from shared.settings import get_settings
-from tests.conftest import BOT_ACCOUNT_SID, CREDENTIALS_KEY
+from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE
+from tests.conftest import BOT_ACCOUNT_SID, CREDENTIALS_KEY, free_port
 from tests.test_inbound import inbox
 from tests.test_signature import inbound_params, post_signed
 
@@ -165,6 +167,9 @@ class TestCopy:
         store = BotStore(engine, redis, Vault([CREDENTIALS_KEY]))
         assert [ENGINE_URLS[3], ENGINE_URLS[7]] == [bot.engine_url for bot in store.all()]
         assert store.by_number(SUPPORT) is not None
+        with engine.connect() as connection:  # a new bot cannot take their numbers, even concurrently
+            assert [(SUPPORT, 3), (SALES, 7)] == connection.execute(
+                select(bot_numbers.c.number, bot_numbers.c.bot_id).order_by(bot_numbers.c.number)).all()
 
     def test_opt_outs_are_copied_as_opted_out(self, engine: Engine) -> None:
         """Everyone in a number's opt-out set is opted out of that number, marked as migrated."""
@@ -348,6 +353,11 @@ class TestReleasePhase:
         assert _release(capsys).startswith("database ")
         assert 0 == redis.exists(MIGRATED_KEY)
 
+    def test_a_later_release_phase_says_nothing_of_redis(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Once copied, each deploy's release phase only migrates the schema: the copy is not tried again."""
+        _release(capsys)
+        assert _release(capsys).startswith("database ")
+
     def test_old_dead_letter_ids_are_printed_with_their_new_ones(self, capsys: pytest.CaptureFixture[str]) -> None:
         """The id the old `dlq list` showed is mapped to the one `dlq replay` takes now."""
         assert 0 == main(["migrate"])
@@ -380,9 +390,10 @@ class TestReleasePhase:
         assert all(46 * 3600 < ttl <= 47 * 3600 for ttl in marks), marks
 
     def test_what_the_new_release_deleted_never_comes_back(
-            self, engine: Engine, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+            self, engine: Engine, redis: redis_lib.Redis, client: FlaskClient, twilio: TwilioStandin,
+            worker: dramatiq.Worker, broker: dramatiq.Broker, capsys: pytest.CaptureFixture[str]) -> None:
         """A deleted bot, an erased conversation and a replayed dead letter stay gone through later
-        runs; the replay is queued once and leaves no phantom dead letter behind."""
+        runs; the replay is sent once and leaves no phantom dead letter behind."""
         # Given the upgrade's release phase
         _release(capsys)
         # When the new release deletes bot 7, erases Bea's conversation with bot 3 and replays the dead letter
@@ -390,20 +401,28 @@ class TestReleasePhase:
         erasure.erase(engine, redis, 3, BEA)
         assert 0 == main(["dlq", "replay", "reply2"])
         assert capsys.readouterr().out.startswith("replayed 1: reply2")
+        _sent(twilio, broker)
         # And the copy runs again: the next deploy's release phase, and by hand
         _release(capsys)
         _migrate(capsys)
-        # Then nothing came back
+        # Then nothing came back: bot 7 answers no text, Bea's log and the dead letter stay gone
         assert [3] == [row["id"] for row in _rows(engine, bots)]
+        assert 404 == post_signed(client, inbound_params(From=ANA, To=SALES), token=TOKENS[7]).status_code
         assert [] == [row for row in _rows(engine, messages) if row["person"] == BEA]
         assert [] == _rows(engine, dead_letters)
-        # And nothing is left to send again: one reply queued, no dead letter listed or replayed
-        assert 1 == redis.llen(keys.outbox(f"3:{ANA}"))
+        # And nothing is left to send again: no dead letter is listed, replaying all sends nothing
         assert 0 == main(["dlq", "list", "--json"])
         assert [] == json.loads(capsys.readouterr().out)
         assert 0 == main(["dlq", "replay", "--all"])
         assert "nothing replayed" in capsys.readouterr().out
-        assert 1 == redis.llen(keys.outbox(f"3:{ANA}"))
+        assert ["adiós"] == _sent(twilio, broker)
+
+
+def _sent(twilio: TwilioStandin, broker: dramatiq.Broker) -> list[str]:
+    """The texts Twilio was asked to send to Ana, once the worker has nothing left to do."""
+    for queue in (CONVERSATIONS_QUEUE, OUTBOUND_QUEUE):
+        broker.join(queue, timeout=30_000)
+    return [message.body for message in twilio.messages if message.to == ANA]
 
 
 @pytest.mark.usefixtures("old_layout", "environment")
@@ -418,3 +437,20 @@ def test_purge_deletes_the_old_keys_once_copied(redis: redis_lib.Redis, capsys: 
     assert [] == [key for key in redis.keys("*") if "s3cret" in (redis.get(key) if redis.type(key) == "string" else "")]
     assert [] == redis.keys("sms:bot:*") + redis.keys("sms:optout:*") + redis.keys("sms:seen:SM*")
     assert (1, 1) == (redis.exists(MIGRATED_KEY), redis.exists(keys.seen(BOT_ACCOUNT_SID, "SMin1")))
+
+
+@pytest.mark.parametrize(("environment_name", "status"), [("development", 0), ("production", 1)])
+def test_an_unreachable_redis_stops_the_release_phase_outside_development(
+        monkeypatch: pytest.MonkeyPatch, database: str, capsys: pytest.CaptureFixture[str],
+        environment_name: str, status: int) -> None:
+    """The release phase cannot tell whether old bots wait in a Redis it cannot reach: in production it
+    fails (the new processes would start without them); in development it says so and goes on."""
+    for name, value in {"DATABASE_URL": database, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+                        "MAMMUT_SMS_ENV": environment_name, "CREDENTIALS_KEY": CREDENTIALS_KEY,
+                        "ADMIN_API_TOKEN": "t"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    assert status == main(["migrate"])
+    said = capsys.readouterr()
+    assert "not reachable: no earlier release's data looked for" in said.out if status == 0 else \
+        "mammut-sms migrate: Redis at redis://127.0.0.1" in said.err
