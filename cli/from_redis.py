@@ -1,4 +1,4 @@
-"""`mammut-sms migrate --from-redis`: copy the durable data of releases that kept it in Redis.
+"""`mammut-sms migrate` (the release phase): copy the durable data of releases that kept it in Redis.
 
 Reads the Redis layout of the last such release (its key names are spelled out here: the key module
 no longer has them) and writes each kind in batches of BATCH rows, one short transaction per batch.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import urlsplit
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import dramatiq
 from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tuple_
@@ -261,19 +261,22 @@ def _check(engine: Engine, vault: Vault, records: list[dict[str, Any]]) -> None:
     """Refuse, before anything is written, a token CREDENTIALS_KEY cannot decrypt (every webhook
     would answer 503) and a bot in the database that is another bot under an old bot's id or number
     (a bot created meanwhile: the old bot's log would be attached to it)."""
-    unreadable = [int(record["id"]) for record in records if not _decrypts(vault, record["twilio-auth-token-encrypted"])]
+    unreadable = sorted(int(record["id"]) for record in records
+                        if not _decrypts(vault, record["twilio-auth-token-encrypted"]))
     if unreadable:
         raise CopyRefused(
-            f"CREDENTIALS_KEY cannot decrypt the Twilio auth token of bot(s) {', '.join(map(str, sorted(unreadable)))}: set it "
-            "to the key the earlier release ran with (a new key goes first, the old one after a comma); nothing was "
-            "copied")
+            f"CREDENTIALS_KEY cannot decrypt the Twilio auth token of bot(s) {', '.join(map(str, unreadable))}: set "
+            "it to the key the earlier release ran with (a new key goes first, the old one after a comma); nothing "
+            "was copied")
+    numbers = [record["main-phone-number"] for record in records]
     with engine.connect() as connection:
-        by_id = {row.id: row for row in connection.execute(select(bots.c.id, bots.c.account_sid, bots.c.main_phone_number)
-                                                         .where(bots.c.id.in_([int(r["id"]) for r in records])))}
+        by_id = {row.id: row for row in connection.execute(
+            select(bots.c.id, bots.c.account_sid, bots.c.main_phone_number).where(
+                bots.c.id.in_([int(record["id"]) for record in records])))}
         owners = dict(connection.execute(select(bots.c.main_phone_number, bots.c.id).where(
-            bots.c.main_phone_number.in_([r["main-phone-number"] for r in records]))).all())
+            bots.c.main_phone_number.in_(numbers))).all())
         owners.update(connection.execute(select(bot_numbers.c.number, bot_numbers.c.bot_id).where(
-            bot_numbers.c.number.in_([r["main-phone-number"] for r in records]))).all())
+            bot_numbers.c.number.in_(numbers))).all())
     clashes = []
     for record in records:
         bot_id, number, account = int(record["id"]), record["main-phone-number"], record["twilio-account-sid"]
@@ -481,7 +484,8 @@ def _carry_dedupe_marks(redis: Any, accounts: set[str], report: Copied) -> None:
                 carried += 1
         pipe_set.execute()
     if carried:
-        report.notes.append(f"{carried} Twilio dedupe mark(s) of the earlier release kept for the rest of their 48 hours")
+        report.notes.append(f"{carried} Twilio dedupe mark(s) of the earlier release kept for the rest of their "
+                            "48 hours")
 
 
 def _old_mark(key: str) -> bool:

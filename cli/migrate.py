@@ -1,5 +1,5 @@
-"""`mammut-sms migrate`: bring the database's schema to this release's (Heroku's release phase runs it),
-and copy an earlier release's Redis layout into it, once, before this release's processes start."""
+"""`mammut-sms migrate`: bring the database's schema to this release's (Heroku's release phase runs
+it), and copy an earlier release's Redis layout into it, once, before this release's processes start."""
 
 from __future__ import annotations
 
