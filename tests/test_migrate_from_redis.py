@@ -5,8 +5,12 @@ nothing copied twice and nothing the new release deleted brought back."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -27,6 +31,7 @@ from shared.schema import bot_numbers, bots, conversations, dead_letters, delive
 from shared.settings import get_settings
 from shared.tasks import CONVERSATIONS_QUEUE, OUTBOUND_QUEUE
 from tests.conftest import BOT_ACCOUNT_SID, CREDENTIALS_KEY, free_port
+from tests.support.processes import ROOT, procfile
 from tests.test_inbound import inbox
 from tests.test_signature import inbound_params, post_signed
 
@@ -345,6 +350,18 @@ class TestReleasePhase:
     def test_the_release_phase_copies_an_old_layout_not_yet_copied(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Without --from-redis, the copy runs when the old registry's keys are there."""
         assert FIRST_SUMMARY == _release(capsys)
+
+    def test_numbers_answer_as_soon_as_the_new_processes_start(
+            self, client: FlaskClient, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+        """The Procfile's release line, run as Heroku runs it, leaves every old bot registered: no 404 window."""
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's mammut-sms
+        release = subprocess.run(procfile()["release"], shell=True, capture_output=True, text=True, timeout=120,
+                                 cwd=ROOT, env={**os.environ, "PATH": path})
+        assert 0 == release.returncode, release.stderr
+        assert FIRST_SUMMARY == release.stdout.strip().splitlines()[-1]
+        text = inbound_params(From=CRIS, To=SALES, Body="hola")
+        assert 200 == post_signed(client, text, token=TOKENS[7]).status_code
+        assert ["hola"] == [message["body"] for message in inbox(redis, sender=CRIS, bot_id=7)]
 
     def test_the_release_phase_without_an_old_layout_copies_nothing(
             self, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
