@@ -376,6 +376,19 @@ class TestStatusCallbacks:
         assert bot.id == stored["bot_id"]
         assert stored["queued_at"] <= stored["sent_at"] <= stored["delivered_at"]
 
+    def test_callbacks_for_finished_replies_leave_nothing_in_redis(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
+        """Every send's queued, sent and delivered callbacks come after its reply is finished: once all are
+        delivered and the outbox is empty, no replies hash is left (Redis is never bounded by history)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        for person in (ALICE, BOB):
+            text(client, MAIN, sender=person)
+        for message in calling_back.wait_for(2):
+            wait_until(lambda: delivery(message.sid).get("status") == "delivered", what="delivered")
+        for person in (ALICE, BOB):
+            wait_until(lambda: 0 == redis.llen(keys.outbox(keys.conversation_id(bot.id, person))), what="empty outbox")
+        assert [] == redis.keys(keys.replies(keys.conversation_id(bot.id, "*")))
+
     def test_a_late_opt_out_opts_the_person_out_of_the_whole_service(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
         """21610 in a callback: the person is opted out of the bot's service (Twilio's opt-out covers every
