@@ -28,6 +28,7 @@ from shared.settings import get_settings
 from shared.twilio_errors import BACKOFF, Action
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
 from tests.support.messagelog import log_written
+from tests.test_outbound import send as send_as_engine
 from tests.test_outbound import sql, wait_until
 from tests.test_signature import inbound_params, post_signed
 
@@ -443,6 +444,24 @@ class TestStatusCallbacks:
         assert 2 == len(replies)
         assert (30001, "failed") == (replies[0]["error-code"], replies[0]["status"])
         assert replies[1]["id"] == replies[0]["id"] + "~1"
+
+    def test_a_queue_overflow_called_back_several_times_sends_the_reply_again_once(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
+            worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Twilio may call back 30001 for one message more than once (the same callback retried, or
+        `undelivered` then `failed`): the reply goes again once, not once per callback."""
+        monkeypatch.setitem(BACKOFF, Action.RETRY_SLOWLY, (0.2, 0.4))
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        [reply_id] = send_as_engine(redis, bot, ALICE, "¿sigues ahí?")
+        [sent] = twilio.wait_for(1)
+        log_written(redis, sql())
+        for status in ("undelivered", "undelivered", "failed"):
+            form = {"MessageSid": sent.sid, "MessageStatus": status, "ErrorCode": "30001",
+                    "AccountSid": BOT_ACCOUNT_SID, "From": MAIN, "To": ALICE}
+            assert 200 == post_signed(client, form, path=f"{STATUS_PATH}?reply={reply_id}").status_code
+        twilio.wait_for(2, timeout=15)
+        time.sleep(1.5)  # room for a third, were one coming
+        assert ["¿sigues ahí?", "¿sigues ahí?"] == [message.body for message in sent_to(twilio, ALICE)]
 
     def test_a_queue_overflow_past_the_resends_is_a_dead_letter(
             self, client: FlaskClient, store: BotStore, calling_back: TwilioStandin,
