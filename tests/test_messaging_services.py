@@ -280,6 +280,31 @@ class TestOutbound:
         assert ([POOL_B], [service]) == (pushed_to_alice.form["From"], pushed_to_alice.form["MessagingServiceSid"])
         assert "From" not in pushed_to_bob.form and [service] == pushed_to_bob.form["MessagingServiceSid"]
 
+    @pytest.mark.parametrize("with_service", [False, True])
+    def test_a_push_never_goes_from_a_number_the_bot_gave_away(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, twilio: TwilioStandin,
+            worker: dramatiq.Worker, with_service: bool) -> None:
+        """Alice last texted POOL_B, which then went to another bot: an operator's send to her goes from the
+        main number (or, with a service, lets the service pick), never From POOL_B."""
+        # Given Alice texted POOL_B and was answered from it
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A, POOL_B])
+        extra = {"twilio-messaging-service-sid": service} if with_service else {}
+        bot = make_bot(store, **{"main-phone-number": MAIN, "phone-numbers": [POOL_A, POOL_B], **extra})
+        text(client, POOL_B, sender=ALICE, **({"MessagingServiceSid": service} if with_service else {}))
+        [answer] = twilio.wait_for(1)
+        assert [POOL_B] == answer.form["From"]
+        # When POOL_B is taken from the bot and given to another
+        assert 200 == client.post(f"{USERS}:{bot.id}", headers=admin_headers,
+                                  json={"phone-numbers": [POOL_A]}).status_code
+        assert 200 == client.post(USERS, headers=admin_headers, json=bot_fields(
+            **{"main-phone-number": POOL_B, "twilio-auth-token": "f" * 32})).status_code
+        pushed = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "aviso"})
+        assert 202 == pushed.status_code, pushed.json
+        # Then the push goes from the bot's main number, or through its service with no From
+        [push] = [message for message in twilio.wait_for(2) if message.body == "aviso"]
+        assert (None if with_service else [MAIN]) == push.form.get("From")
+
     def test_an_opt_out_answered_to_a_send_the_service_picks_for_is_kept_under_the_service(
             self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
             twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
