@@ -470,6 +470,25 @@ class TestStatusCallbacks:
         assert (30001, "failed") == (replies[0]["error-code"], replies[0]["status"])
         assert replies[1]["id"] == replies[0]["id"] + "~1"
 
+    def test_a_send_settled_by_its_status_callback_counts_toward_the_daily_budget(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin,
+            monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]) -> None:
+        """max-messages-per-day 1: a first reply whose answer was lost, settled by the callback that named
+        it, is the day's send, so the next reply is held back."""
+        from worker import outbound
+
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        calling_back.accept_then_drop(1)
+        bot = make_bot(store, **{"main-phone-number": MAIN, "max-messages-per-day": 1})
+        send_as_engine(redis, bot, ALICE, "first")
+        calling_back.wait_for(1)
+        wait_until(lambda: any(event["event"] == "outbound.reconciled" for event in logs), what="settled")
+        send_as_engine(redis, bot, BOB, "over the budget")
+        wait_until(lambda: any(event["event"] == "outbound.held_back" for event in logs), what="held back")
+        assert (["callback"], ["first"]) == (
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"],
+            [message.body for message in calling_back.messages])
+
     def test_a_queue_overflow_called_back_several_times_sends_the_reply_again_once(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
             worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch) -> None:
