@@ -72,6 +72,20 @@ def counter(redis: redis_lib.Redis, **labels: object) -> int:
     return int(redis.hget(keys.METRIC_COUNTERS, f"sms_outbound{{{inner}}}") or 0)
 
 
+def lose_the_next_send(monkeypatch: pytest.MonkeyPatch, outbound: ModuleType) -> None:
+    """The worker's next send is lost before it reaches Twilio (no answer, nothing created); later ones go."""
+    real_send = outbound.send_sms
+    calls: list[str] = []
+
+    def lost_on_the_way(*args: object, **kwargs: object) -> object:
+        calls.append("send")
+        if len(calls) == 1:
+            return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
+
+
 class TestRetried:
     """429, 5xx, timeouts and a full sender queue are retried until Twilio accepts, each sent once."""
 
@@ -138,16 +152,7 @@ class TestRetried:
         nothing, the reply is sent again, once."""
         monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
         monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
-        real_send = outbound.send_sms
-        calls: list[str] = []
-
-        def lost_on_the_way(*args: object, **kwargs: object) -> object:
-            calls.append("send")
-            if len(calls) == 1:
-                return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
-            return real_send(*args, **kwargs)
-
-        monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
+        lose_the_next_send(monkeypatch, outbound)
         bot = make_bot(store, "+15550000404", rate=50)
         send(redis, bot, ALICE, "lost")
         twilio.wait_for(1)
@@ -171,16 +176,7 @@ class TestRetried:
         wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
         log_written(redis, sql())
         # When the next "ok" is lost on its way (no answer, nothing created)
-        real_send = outbound.send_sms
-        calls: list[str] = []
-
-        def lost_on_the_way(*args: object, **kwargs: object) -> object:
-            calls.append("send")
-            if len(calls) == 1:
-                return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
-            return real_send(*args, **kwargs)
-
-        monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
+        lose_the_next_send(monkeypatch, outbound)
         [second] = send(redis, bot, ALICE, "ok")
         # Then the list lookup leaves the earlier message to its reply, and this one goes out too
         twilio.wait_for(2)
