@@ -254,6 +254,11 @@ MUTATIONS: list[Mutation] = [
     Mutation("join ignores the wake-ups a worker holds", "shared/wakeups.py",
              "not any(c.in_hand for c in list(self._consumers))", "True",
              ("tests/test_wakeups.py::TestTheConsumer::test_join_waits_for_the_wake_ups_a_worker_holds",)),
+    # Issue 22, promises that leak (opt-outs across registry changes, erasure, NUL, pool loops, ownership, retention)
+    Mutation("opt-outs stay under a bot's old number when it moves onto a service", "shared/bots.py",
+             "                gone = optout.carry_over(connection, before, _opt_out_keys(merged))",
+             "                gone = []",
+             ("tests/test_messaging_services.py::TestOptOutsFollowTheBot",)),
 ]
 
 

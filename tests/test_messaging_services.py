@@ -503,6 +503,48 @@ class TestStatusCallbackRouting:
         assert 400 == response.status_code
 
 
+class TestOptOutsFollowTheBot:
+    """A STOP holds across every change of a bot's numbers or service, in both directions."""
+
+    def test_a_stop_holds_when_the_bot_moves_onto_a_service_and_off_it_again(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
+            twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+        """STOP to the bot's number; then give it a service (the 10DLC step), then take it away: after
+        each change an operator's send is refused with 409, an engine's push is suppressed, not sent,
+        and /conversations says opted-out."""
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A])
+        bot = make_bot(store, **{"main-phone-number": MAIN, "allow-cold-push": True})
+        text(client, MAIN, Body="STOP")
+        wait_until(lambda: _opted_out_in_db(MAIN, ALICE), what="the STOP recorded")
+        for change in ({"twilio-messaging-service-sid": service}, {"twilio-messaging-service-sid": None}):
+            changed = client.post(f"{USERS}:{bot.id}", headers=admin_headers, json=change)
+            assert 200 == changed.status_code, changed.json
+            sent = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "oferta"})
+            assert (409, change) == (sent.status_code, change)
+            pushed = client.post(f"/channels/sms/callback/{bot.id}", headers=admin_headers,
+                                 json={"recipient_id": ALICE, "text": f"push {change}"})
+            assert 202 == pushed.status_code, pushed.json
+            wait_until(lambda: _status_of(redis, bot.id, f"push {change}") == "suppressed", what="the push suppressed")
+            listed = client.get(f"{USERS}:{bot.id}/conversations", headers=admin_headers).json["data"]["conversations"]
+            assert [(ALICE, True)] == [(entry["person"], entry["opted-out"]) for entry in listed]
+        assert [] == sent_to(twilio, ALICE)
+
+
+def _opted_out_in_db(key: str, person: str) -> bool:
+    with sql().connect() as connection:
+        state = optout.read(connection, key, person)
+    return bool(state and state.opted_out)
+
+
+def _status_of(redis: redis_lib.Redis, bot_id: int, text_sent: str) -> str | None:
+    """The logged status of the bot's reply to ALICE with this text (None before it is logged)."""
+    log_written(redis, sql())
+    with sql().connect() as connection:
+        entries = messagelog.read(connection, bot_id, ALICE, limit=messagelog.MAX_LIMIT).items
+    return next((entry["status"] for entry in entries if entry["text"] == text_sent), None)
+
+
 class TestHotPath:
     """Finding a bot by a pool number or by its service costs the webhook no query per message."""
 
