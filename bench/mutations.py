@@ -259,6 +259,19 @@ MUTATIONS: list[Mutation] = [
              "                gone = optout.carry_over(connection, before, _opt_out_keys(merged))",
              "                gone = []",
              ("tests/test_messaging_services.py::TestOptOutsFollowTheBot",)),
+    Mutation("an answer to a message erased meanwhile is queued", "shared/conversations.py",
+             "  if done ~= '' and redis.call('LREM', processing, 1, done) == 0 then return -2 end",
+             "  if done ~= '' then redis.call('LREM', processing, 1, done) end",
+             ("tests/test_erasure.py::test_an_answer_the_engine_gives_after_the_erase_is_neither_sent_nor_logged",)),
+    Mutation("a forward held for later ignores the erase", "worker/handoff.py",
+             "    if _erased_after(bot_id, payload):", "    if False:",
+             ("tests/test_handoff.py::test_erasing_a_conversation_drops_its_forwards_waiting_for_later_and_its_dead_lettered_ones",)),
+    Mutation("erasure leaves dead-lettered forwards", "shared/erasure.py",
+             'OUTBOUND_QUEUE + ".DQ", OUTBOUND_QUEUE + ".XQ"):', 'OUTBOUND_QUEUE + ".DQ"):',
+             ("tests/test_handoff.py::test_erasing_a_conversation_drops_its_forwards_waiting_for_later_and_its_dead_lettered_ones",)),
+    Mutation("erasure leaves the refused log records", "shared/erasure.py",
+             "    _drop_refused_records(redis, conversation)\n", "",
+             ("tests/test_erasure.py::test_the_persons_records_the_database_refused_are_erased_and_others_kept",)),
 ]
 
 

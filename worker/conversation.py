@@ -255,6 +255,9 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
                             log_record=exchange_record(message, replies, message["to"]), texted=message["to"])
     if queued.fenced:  # our lease lapsed (a pause) and another worker took over: it answers
         raise LeaseLost(conversation)
+    if queued.erased:
+        log.info("conversation.erased_meanwhile", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
+        return queued.waiting
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     # The outbox was idle: nobody else will send the first reply. Sending it here, rather than
     # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,

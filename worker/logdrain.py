@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from shared import keys, messagelog
 from shared.db import transaction
-from shared.erasure import erased_since
+from shared.erasure import conversation_of_record, erased_since
 from shared.logging import get_logger
 from shared.redis import script
 from shared.messagelog import Exchange, Outcome
@@ -114,17 +114,11 @@ def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> in
 def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """The records, less exchanges of conversations erased (on request) after their message came:
     written now, they would bring back what was erased. One MGET per batch."""
-    def conversation(record: dict[str, Any]) -> str | None:
-        message = record.get("message") if record.get("kind") == EXCHANGE else None
-        if not isinstance(message, dict) or "bot_id" not in message or "sender" not in message:
-            return None  # not an exchange, or malformed (write sets it aside)
-        return keys.conversation_id(message["bot_id"], message["sender"])
-
-    erased = erased_since(redis, sorted({c for record in records if (c := conversation(record)) is not None}))
+    erased = erased_since(redis, sorted({c for record in records if (c := conversation_of_record(record)) is not None}))
     if not erased:
         return records, raw
     kept = [(record, item) for record, item in zip(records, raw)
-            if (c := conversation(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
+            if (c := conversation_of_record(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
     return [record for record, _ in kept], [item for _, item in kept]
 
 
