@@ -27,6 +27,7 @@ from shared import keys, optout
 from shared.crypto import Vault
 from shared.db import insert, transaction
 from shared.logging import get_logger
+from shared.poolnumbers import pool_number_owner
 from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
@@ -377,11 +378,15 @@ class BotStore:
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
+            if owner is None:  # an unlisted number another bot's service sends from answers for that bot
+                owner = pool_number_owner(self._redis, number)
             if owner not in (None, bot_id):
                 raise NumberTaken(number, owner, field_name)
         service = fields.get(SERVICE_SID)
         if service:
-            owner = connection.execute(select(bots.c.id).where(bots.c.messaging_service_sid == service)).scalar()
+            # SIDs are hex: MG...ABC and MG...abc are one service (and so one bot's).
+            owner = connection.execute(select(bots.c.id).where(
+                func.lower(bots.c.messaging_service_sid) == service.lower())).scalar()
             if owner not in (None, bot_id):
                 raise NumberTaken(service, owner, SERVICE_SID)
 

@@ -26,6 +26,7 @@ from shared.conversations import (
 )
 from shared.logging import get_logger
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker import handoff as forwarding
@@ -211,7 +212,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         return _unanswered(redis, conversation, raw, message, lease, None)
-    if get_bots().is_bot_number(message["sender"]):
+    if get_bots().is_bot_number(message["sender"]) or POOL_NUMBERS.owner(redis, message["sender"]) is not None:
         # Another bot of this service: answering would start a loop that never ends.
         log.warning("conversation.from_bot", bot_id=bot.id, message_sid=message["sid"])
         TALLY.incr("sms_unanswered", reason="from_bot")

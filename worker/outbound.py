@@ -26,6 +26,7 @@ from shared.conversations import (
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import script, with_constants
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, get_broker, kick_delivery
@@ -491,6 +492,8 @@ def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: 
                         pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
     DAILY_SENDS.sent(bot.id)
+    if sender.messaging_service_sid:  # a pool number, maybe unlisted: a bot number for the loop guard
+        POOL_NUMBERS.learn(redis, accepted.from_ or sender.from_, bot.id)
     if reply["received_at"]:
         TALLY.observe("sms_webhook_to_twilio_seconds", now - reply["received_at"])
     # twilio_sid is this reply's own message; in_reply_to is the inbound MessageSid it answers.
