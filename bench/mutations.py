@@ -309,6 +309,12 @@ MUTATIONS: list[Mutation] = [
              '(request.form.get("AccountSid") or "").lower() != bot.account_sid.lower()',
              'request.form.get("AccountSid") != bot.account_sid',
              ("tests/test_messaging_services.py::TestInbound::test_an_account_sid_differing_only_in_case_is_the_bots",)),
+    Mutation("retention keeps ended handoffs", "shared/retention.py",
+             "    (handoffs, handoffs.c.until, (handoffs.c.bot_id, handoffs.c.person)),", "",
+             ("tests/test_retention.py::test_rows_older_than_the_retention_period_are_deleted_and_newer_ones_kept",)),
+    Mutation("retention keeps refused log records", "worker/retention.py",
+             "        refused = forget_refused_before(redis, time.time() - days * DAY_SECONDS)", "        refused = 0",
+             ("tests/test_retention.py::test_records_the_database_refused_are_forgotten_after_the_retention_period",)),
 ]
 
 

@@ -141,6 +141,27 @@ def _write_one_by_one(redis: Any, engine: Engine, raw: list[str], records: list[
     redis.ltrim(keys.LOG_REFUSED, 0, REFUSED_KEPT - 1)
 
 
+def forget_refused_before(redis: Any, cutoff: float) -> int:
+    """Drop the records set aside in keys.LOG_REFUSED that tell of something before `cutoff` (the
+    retention period's start: they hold texts and numbers); returns how many went."""
+    dropped = 0
+    for raw in redis.lrange(keys.LOG_REFUSED, 0, -1):
+        if _record_time(raw) < cutoff:
+            dropped += redis.lrem(keys.LOG_REFUSED, 0, raw)
+    return dropped
+
+
+def _record_time(raw: str) -> float:
+    """When what a record tells of happened (an exchange's message came, an outcome was reached); 0
+    for a record too malformed to say, which no retention period keeps."""
+    try:
+        record = json.loads(raw)
+        at = record["message"]["received_at"] if record.get("kind") == EXCHANGE else record["at"]
+        return float(at)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0.0
+
+
 def drain(redis: Any, engine: Engine, timeout: float = 10.0) -> None:
     """Write everything on the log outbox now (tests, and tools that read the log right after work)."""
     token = uuid.uuid4().hex
