@@ -558,6 +558,17 @@ class TestOptOutsFollowTheBot:
         assert [] == sent_to(twilio, ALICE)
 
 
+    def test_a_stop_not_yet_in_the_database_follows_the_bot_too(
+            self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """A STOP the webhook wrote into the number's Redis copy, which the worker has yet to record: once
+        the bot moves onto a service, the service's copy has it (the database alone would not)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        redis.hset(keys.opted_out(MAIN), ALICE, optout.LIVE)
+        service = service_sid()
+        store.update(bot.id, {"twilio-messaging-service-sid": service})
+        assert optout.is_opted_out(redis, service, ALICE)
+
+
 def _opted_out_in_db(key: str, person: str) -> bool:
     with sql().connect() as connection:
         state = optout.read(connection, key, person)
