@@ -15,7 +15,7 @@ from shared import db, deadletters, keys, messagelog, optout
 from cli.twilio_standin import TwilioStandin
 from shared.bots import Bot
 from shared.conversations import accept_inbound, new_reply, queue_replies
-from shared.schema import conversations, deliveries, messages
+from shared.schema import conversations, deliveries, handoffs, messages
 from tests.support.fake_engine import FakeEngine
 from tests.support.messagelog import log_written
 from tests.test_message_log import OTHER, PERSON, engine_bot, exchange, inbound, sql  # noqa: F401 (fixture)
@@ -102,9 +102,12 @@ def test_an_answer_the_engine_gives_after_the_erase_is_neither_sent_nor_logged(
         engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker, sql: Engine,  # noqa: F811
         logs: list[dict[str, object]]) -> None:
     """A 3 s engine, the conversation erased 1 s into the call: its answer never reaches Twilio, and
-    nothing of the exchange is in the database afterwards."""
+    nothing of the exchange is in the database afterwards, not even the handoff the answer asked for."""
+    def answer(payload: dict[str, object]) -> list[dict[str, object]]:
+        return [{"recipient_id": payload["sender"], "text": "tarde"}, {"custom": {"handoff": True, "note": "nota"}}]
+
     # Given a text the engine is answering slowly
-    engine.delay = 3.0
+    engine.delay, engine.answer = 3.0, answer
     assert 200 == post_signed(client, inbound_params(From=PERSON, Body="borra esto")).status_code
     engine.wait_for_calls(1)
     time.sleep(1.0)
@@ -117,7 +120,8 @@ def test_an_answer_the_engine_gives_after_the_erase_is_neither_sent_nor_logged(
     time.sleep(1.0)
     log_written(redis, sql)
     assert [] == [message.body for message in twilio.messages if message.to == PERSON]
-    assert (0, 0) == (count(sql, messages, person=PERSON), count(sql, conversations, person=PERSON))
+    assert (0, 0, 0) == (count(sql, messages, person=PERSON), count(sql, conversations, person=PERSON),
+                         count(sql, handoffs, person=PERSON))
 
 
 def test_the_persons_records_the_database_refused_are_erased_and_others_kept(

@@ -24,6 +24,7 @@ from shared.bots import Bot, Limits
 from shared.conversations import (
     FENCED, capped, inbound_from, queue_replies, replies_from,
 )
+from shared.erasure import erased_since
 from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.poolnumbers import POOL_NUMBERS
@@ -244,7 +245,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     asked = next((answer for answer in answers if answer.handoff), None)
-    if asked is not None:
+    if asked is not None and not _erased_since_received(redis, conversation, message):
         # Before its replies are queued: a worker that dies in between handles the message again,
         # and the pause names it, so that one message is still answered (see _paused).
         handoff.pause(get_engine(), redis, bot.id, message["sender"], by=handoff.BY_ENGINE,
@@ -270,6 +271,13 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
     return queued.waiting
+
+
+def _erased_since_received(redis: Any, conversation: str, message: dict[str, Any]) -> bool:
+    """Whether the conversation was erased while its message was answered: a handoff (and its note)
+    recorded now would outlive the erase."""
+    erased = erased_since(redis, [conversation]).get(conversation)
+    return erased is not None and erased >= message["received_at"]
 
 
 def _paused(redis: Any, bot: Bot, message: dict[str, Any], turn: Turn) -> handoff.Handoff | None:
