@@ -23,10 +23,11 @@ import redis as redis_lib
 from sqlalchemy import Engine, Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared import keys
+from shared import keys, optout
 from shared.crypto import Vault
 from shared.db import insert, transaction
 from shared.logging import get_logger
+from shared.poolnumbers import pool_number_owner
 from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
@@ -321,9 +322,10 @@ class BotStore:
                 old = connection.execute(select(bots).where(bots.c.id == bot_id).with_for_update()).first()
                 if old is None:
                     raise BotNotFound(bot_id)
-                merged = {**_fields(old), ENGINE_URL: self._engine_url(old.engine_url),
-                          HANDOFF_URL: self._engine_url(old.handoff_url),
-                          PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ()), **changes}
+                stored = {**_fields(old), PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ())}
+                before = _opt_out_keys(stored)
+                merged = {**stored, ENGINE_URL: self._engine_url(old.engine_url),
+                          HANDOFF_URL: self._engine_url(old.handoff_url), **changes}
                 token = changes.get(AUTH_TOKEN)
                 row = self._row(merged, self._vault.encrypt(token) if token else old.auth_token_encrypted)
                 row["handoff_secret_encrypted"] = old.handoff_secret_encrypted if row["handoff_url"] else None
@@ -333,8 +335,13 @@ class BotStore:
                 self._check_owners(connection, merged, bot_id)
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
                 pool = self._save_numbers(connection, bot_id, merged)
+                gone = optout.carry_over(connection, before, _opt_out_keys(merged))
         except IntegrityError:  # only a new number can collide: a concurrent write took it
             raise self._taken(merged, bot_id) from None
+        try:
+            optout.carry_over_copies(self._redis, gone, _opt_out_keys(merged))
+        except redis_lib.RedisError as error:
+            log.warning("bots.opt_out_copy_not_carried_over", bot_id=bot_id, error=str(error))
         self._announce(bot_id)
         return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash,
                           "phone_numbers": pool}), shown_once
@@ -371,11 +378,15 @@ class BotStore:
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
+            if owner is None:  # an unlisted number another bot's service sends from answers for that bot
+                owner = pool_number_owner(self._redis, number)
             if owner not in (None, bot_id):
                 raise NumberTaken(number, owner, field_name)
         service = fields.get(SERVICE_SID)
         if service:
-            owner = connection.execute(select(bots.c.id).where(bots.c.messaging_service_sid == service)).scalar()
+            # SIDs are hex: MG...ABC and MG...abc are one service (and so one bot's).
+            owner = connection.execute(select(bots.c.id).where(
+                func.lower(bots.c.messaging_service_sid) == service.lower())).scalar()
             if owner not in (None, bot_id):
                 raise NumberTaken(service, owner, SERVICE_SID)
 
@@ -477,6 +488,11 @@ def _numbers_of(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
     given += [(PHONE_NUMBERS, number) for number in fields.get(PHONE_NUMBERS) or ()]
     seen: set[str] = set()
     return [(name, number) for name, number in given if not (number in seen or seen.add(number))]
+
+
+def _opt_out_keys(fields: Mapping[str, Any]) -> set[str]:
+    """Every key a bot's opt-outs are kept under (Bot.opt_out_key): its service, else each of its numbers."""
+    return {fields[SERVICE_SID]} if fields.get(SERVICE_SID) else {number for _, number in _numbers_of(fields)}
 
 
 def _owner(connection: Any, number: str) -> int | None:

@@ -154,7 +154,9 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 # Add replies to the outbox in order, optionally finishing the inbound message that produced
 # them; returns the id to kick when the outbox was idle, so exactly one kick starts a chain of
 # sends whoever else is adding or removing replies; FENCED (-1), doing nothing, when the caller's
-# conversation lease is no longer its own. A function, so the worker's step can go on to take
+# conversation lease is no longer its own; ERASED (-2), doing nothing, when the inbound to finish
+# is no longer being processed: its conversation was erased while the engine was asked (nothing
+# of it may be sent or logged after the erase). A function, so the worker's step can go on to take
 # the first reply's turn (worker.conversation).
 # queue(outbox, reply records, processing, pending, log outbox, conversation lease,
 #       the inbound to finish (or ''), conversation, now, log record (or ''), lease token (or ''),
@@ -162,7 +164,7 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 QUEUE_FUNCTION = """
 local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first)
   if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
-  if done ~= '' then redis.call('LREM', processing, 1, done) end
+  if done ~= '' and redis.call('LREM', processing, 1, done) == 0 then return -2 end
   if record ~= '' then redis.call('RPUSH', log, record) end
   if #ARGV < first then return false end
   local queued = 0
@@ -217,8 +219,9 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
     ]
 
 
-# What queue_replies answers when the caller's conversation lease is no longer its own.
-FENCED = -1
+# What queue_replies answers when the caller's conversation lease is no longer its own, and when
+# the message it was to finish was erased meanwhile.
+FENCED, ERASED = -1, -2
 
 # Beside each reply's record in the conversation's replies hash: when a send of it was claimed
 # (its outcome unknown until it is finished), and the MessageSid a status callback named for it.

@@ -86,6 +86,9 @@ WAKE_UPS = f"{PREFIX}:wake-ups"
 LOG_OUTBOX = f"{PREFIX}:log:outbox"
 LOG_DRAIN_LOCK = f"{PREFIX}:log:drain-lock"
 LOG_REFUSED = f"{PREFIX}:log:refused"
+
+# The numbers each bot's Messaging Service has sent from (a hash, number -> bot id; shared/poolnumbers.py).
+POOL_NUMBERS = f"{PREFIX}:pool-numbers"
 # Held by the one worker process purging old log rows (worker/retention.py).
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
 

@@ -17,6 +17,7 @@ from shared.bots import (
 )
 from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
 from shared.phone import InvalidNumber, normalize_e164
+from shared.text import PlainText, plain
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
 # listing, showing and deleting bots, so only short scalars are kept.
@@ -96,7 +97,7 @@ class BotSchema(Schema):
         data_key=USER_TYPE, required=True,
         validate=validate.Equal("machine", error="must be \"machine\": only machine users have an SMS channel"),
     )
-    name = fields.String(data_key=NAME, required=True, validate=validate.Length(min=1, max=200))
+    name = PlainText(data_key=NAME, required=True, validate=validate.Length(min=1, max=200))
     account_sid = fields.String(
         data_key=ACCOUNT_SID, required=True,
         validate=validate.Regexp(r"^AC[0-9a-fA-F]{32}$", error="must be a Twilio account SID: AC followed by 32 hex digits"),
@@ -113,8 +114,8 @@ class BotSchema(Schema):
         data_key=PACE, load_default=None, allow_none=True,
         validate=validate.Range(min=0.01, max=1000, error="must be between 0.01 and 1000 segments per second"),
     )
-    fallback_message = fields.String(data_key=FALLBACK, load_default=None, allow_none=True,
-                                     validate=validate.Length(max=1600))
+    fallback_message = PlainText(data_key=FALLBACK, load_default=None, allow_none=True,
+                                 validate=validate.Length(max=1600))
     # The bot's limits (shared.bots.Limits): null sets one back to its default.
     max_replies = _limit(MAX_REPLIES, 1, 100, "messages one engine answer may send")
     max_segments = _limit(MAX_SEGMENTS, 1, 300, "segments one engine answer may send")
@@ -168,7 +169,9 @@ class BotSchema(Schema):
     @post_load
     def _as_fields(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Back to the API's own spelling, which the store keeps."""
-        spelled = {_DATA_KEYS.get(key, key): value for key, value in data.items()}
+        # Extra user fields are kept as given, but for control characters (a NUL: PostgreSQL refuses it).
+        spelled = {_DATA_KEYS.get(key, key): plain(value) if isinstance(value, str) else value
+                   for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
         return {key: value for key, value in spelled.items() if value is not None or key in _NULLABLE}
 

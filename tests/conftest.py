@@ -20,6 +20,7 @@ from shared import db, keys
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import connect
 from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
@@ -129,6 +130,7 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
 
     TALLY.forget()
     DAILY_SENDS.forget()
+    POOL_NUMBERS.forget()
     yield client
     client.flushdb()
 

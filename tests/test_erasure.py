@@ -15,11 +15,12 @@ from cli.twilio_standin import TwilioStandin
 from shared import db, deadletters, keys, messagelog, optout
 from shared.bots import Bot
 from shared.conversations import accept_inbound, new_reply, queue_replies
-from shared.schema import conversations, deliveries, messages
+from shared.schema import conversations, deliveries, handoffs, messages
 from tests.support.fake_engine import FakeEngine
 from tests.support.messagelog import log_written
-from tests.test_crash_recovery import engine_bot  # noqa: F401 (fixture)
-from tests.test_message_log import OTHER, PERSON, exchange, inbound, sql  # noqa: F401 (fixture)
+from tests.test_message_log import OTHER, PERSON, engine_bot, exchange, inbound, sql  # noqa: F401 (fixture)
+from tests.test_outbound import wait_until
+from tests.test_signature import inbound_params, post_signed
 from worker.logdrain import exchange_record
 
 API = "/app:mammut-1/graph/user"
@@ -114,3 +115,39 @@ def test_a_text_a_dead_worker_left_in_processing_is_not_answered_after_the_erase
     assert (1, ["nuevo"], ["reply to nuevo"]) == (
         erased.get_json()["data"]["erased"]["queued"], [call.text for call in engine.calls],
         [message.body for message in twilio.messages])
+
+
+def test_an_answer_the_engine_gives_after_the_erase_is_neither_sent_nor_logged(
+        client: FlaskClient, admin_headers: dict[str, str], redis: redis_lib.Redis, engine_bot: Bot,  # noqa: F811
+        engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker, sql: Engine,  # noqa: F811
+        logs: list[dict[str, object]]) -> None:
+    """A 3 s engine, the conversation erased 1 s into the call: its answer never reaches Twilio, and
+    nothing of the exchange is in the database afterwards, not even the handoff the answer asked for."""
+    def answer(payload: dict[str, object]) -> list[dict[str, object]]:
+        return [{"recipient_id": payload["sender"], "text": "tarde"}, {"custom": {"handoff": True, "note": "nota"}}]
+
+    # Given a text the engine is answering slowly
+    engine.delay, engine.answer = 3.0, answer
+    assert 200 == post_signed(client, inbound_params(From=PERSON, Body="borra esto")).status_code
+    engine.wait_for_calls(1)
+    time.sleep(1.0)
+    # When the person's conversation is erased meanwhile
+    assert 200 == client.delete(f"{API}:{engine_bot.id}/conversations/{quote(PERSON)}",
+                                headers=admin_headers).status_code
+    # Then, once the engine has answered, nothing is sent and nothing is logged
+    wait_until(lambda: any(event["event"] in ("conversation.erased_meanwhile", "conversation.answered")
+                           for event in logs), timeout=15, what="the engine's answer handled")
+    time.sleep(1.0)
+    log_written(redis, sql)
+    assert [] == [message.body for message in twilio.messages if message.to == PERSON]
+    assert (0, 0, 0) == (count(sql, messages, person=PERSON), count(sql, conversations, person=PERSON),
+                         count(sql, handoffs, person=PERSON))
+
+
+def test_the_persons_records_the_database_refused_are_erased_and_others_kept(
+        client: FlaskClient, admin_headers: dict[str, str], redis: redis_lib.Redis, bot: Bot) -> None:
+    """Records set aside in sms:log:refused hold the person's texts: the erase takes theirs away."""
+    theirs, others = (exchange_record(inbound(bot, "mine", person=person), [], bot.number) for person in (PERSON, OTHER))
+    redis.rpush(keys.LOG_REFUSED, theirs, others)
+    assert 200 == client.delete(f"{API}:{bot.id}/conversations/{quote(PERSON)}", headers=admin_headers).status_code
+    assert [OTHER] == [json.loads(raw)["message"]["sender"] for raw in redis.lrange(keys.LOG_REFUSED, 0, -1)]

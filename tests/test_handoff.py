@@ -444,6 +444,43 @@ def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
     assert [] == list_dead_letters(redis, broker)
 
 
+def test_erasing_a_conversation_drops_its_forwards_waiting_for_later_and_its_dead_lettered_ones(
+        handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker, redis: redis_lib.Redis,
+        broker: dramatiq.Broker, client: FlaskClient, admin_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        logs: list[dict[str, object]]) -> None:
+    """A forward dead-lettered and one a worker holds for a later try, both of the person: after the
+    erase neither is ever POSTed, and `dlq` has nothing left of them to replay."""
+    from worker import handoff as forwarding
+    from worker.dlq import list_dead_letters, replay
+
+    bot, _ = handed
+    monkeypatch.setitem(forwarding.forward_later.options, "max_retries", 0)
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, "private note")
+
+    def payload(text: str) -> dict[str, Any]:
+        message = {"sid": f"SM{time.time_ns():032x}", "sender": SENDER, "to": bot.number, "body": text, "media": [],
+                   "received_at": time.time()}
+        return forwarding.forward_payload(bot, message, paused)
+
+    # Given a forward in the dead letters and one waiting 1.5 s for its next try
+    receiver.status = 503
+    forwarding.forward_later.send(bot.id, payload("dead"))
+    wait_until(lambda: bool(list_dead_letters(redis, broker)), timeout=30)
+    forwarding.forward_later.send_with_options(args=(bot.id, payload("later")), delay=1500)
+    wait_until(lambda: redis.llen("dramatiq:outbound.DQ") == 0, what="the waiting forward in a worker's hands")
+    tried = len(receiver.received)
+    # When the conversation is erased and the handoff-url is back
+    erased = client.delete(f"{USERS}:{bot.id}/conversations/{SENDER}", headers=admin_headers)
+    receiver.status = 200
+    # Then nothing of theirs is left to replay, and the waiting forward is dropped, not POSTed
+    assert 200 == erased.status_code
+    assert ([], []) == (list_dead_letters(redis, broker), replay(redis, broker))
+    wait_until(lambda: any(event["event"] == "handoff_forward.dropped" for event in logs), timeout=15,
+               what="the waiting forward dropped")
+    time.sleep(0.5)
+    assert tried == len(receiver.received)
+
+
 def test_through_the_web_and_a_worker_process(worker_env: dict[str, str], redis: redis_lib.Redis, engine: FakeEngine,
                                               receiver: Receiver, twilio: TwilioStandin) -> None:
     """The whole path as deployed: the registry API and Twilio's signed webhook on the web process,

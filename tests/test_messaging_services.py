@@ -9,6 +9,7 @@ opt-out (21610) arrive as status callbacks rather than as the create's answer.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -137,6 +138,14 @@ class TestRegistry:
         assert (409, ["twilio-messaging-service-sid"]) == (refused.status_code, list(refused.json["errors"]))
         assert f"{service} already belongs to bot 1" == refused.json["message"]
 
+    def test_a_messaging_service_sid_differing_only_in_case_is_the_same_service(
+            self, client: FlaskClient, admin_headers: dict[str, str], database: str) -> None:
+        """A SID's hex has no case: MG + 32 x C and MG + 32 x c name one service, which one bot has."""
+        first = client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": "MG" + "C" * 32}))
+        second = client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": "MG" + "c" * 32}))
+        assert (200, 409, ["twilio-messaging-service-sid"]) == (
+            first.status_code, second.status_code, list(second.json["errors"]))
+
     def test_update_by_the_seeds_quoted_query_string(self, client: FlaskClient, admin_headers: dict[str, str],
                                                     database: str) -> None:
         """phone-numbers comma-separated with raw '+', quoted values, as the seed's update is written."""
@@ -222,6 +231,10 @@ class TestInbound:
         forged = post_signed(client, inbound_params(To=UNLISTED, MessagingServiceSid=service), token="x" * 32)
         other_account = text(client, UNLISTED, MessagingServiceSid=service, AccountSid="AC" + "f" * 32)
         assert (403, 403) == (forged.status_code, other_account.status_code)
+
+    def test_an_account_sid_differing_only_in_case_is_the_bots(self, client: FlaskClient, store: BotStore) -> None:
+        make_bot(store, **{"main-phone-number": MAIN})
+        assert 200 == text(client, MAIN, AccountSid=BOT_ACCOUNT_SID.upper()).status_code
 
     def test_the_log_records_the_number_each_message_came_to(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
@@ -573,10 +586,120 @@ class TestStatusCallbackRouting:
         assert status == delivery(sid)["status"]
         assert hint in str(failed["hint"])
 
+    def test_the_number_a_service_sent_from_is_a_bot_number_and_cannot_be_claimed(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis) -> None:
+        """A callback names the unlisted pool number the service picked: the loop guard knows it as the
+        bot's, and another bot asking for it is refused with 409 naming the bot."""
+        from shared.poolnumbers import POOL_NUMBERS
+
+        service = service_sid()
+        bot = make_bot(store, **{"twilio-messaging-service-sid": service})
+        sid = "SM" + uuid.uuid4().hex
+        post_signed(client, self.callback(sid, "sent", MessagingServiceSid=service, From=UNLISTED), path=STATUS_PATH)
+        claimed = client.post(USERS, headers=admin_headers, json=bot_fields(**{"main-phone-number": UNLISTED}))
+        assert (bot.id, 409) == (POOL_NUMBERS.owner(redis, UNLISTED), claimed.status_code)
+        assert f"{UNLISTED} already belongs to bot {bot.id}" == claimed.json["message"]
+
     def test_a_callback_with_neither_from_nor_service_is_400(self, client: FlaskClient, store: BotStore) -> None:
         make_bot(store, **{"main-phone-number": MAIN})
         response = post_signed(client, self.callback("SM" + uuid.uuid4().hex, "sent"), path=STATUS_PATH)
         assert 400 == response.status_code
+
+
+class TestOptOutsFollowTheBot:
+    """A STOP holds across every change of a bot's numbers or service, in both directions."""
+
+    def test_a_stop_holds_when_the_bot_moves_onto_a_service_and_off_it_again(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
+            twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+        """STOP to the bot's number; then give it a service (the 10DLC step), then take it away: after
+        each change an operator's send is refused with 409, an engine's push is suppressed, not sent,
+        and /conversations says opted-out."""
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A])
+        bot = make_bot(store, **{"main-phone-number": MAIN, "allow-cold-push": True})
+        text(client, MAIN, Body="STOP")
+        wait_until(lambda: _opted_out_in_db(MAIN, ALICE), what="the STOP recorded")
+        for change in ({"twilio-messaging-service-sid": service}, {"twilio-messaging-service-sid": None}):
+            changed = client.post(f"{USERS}:{bot.id}", headers=admin_headers, json=change)
+            assert 200 == changed.status_code, changed.json
+            sent = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "oferta"})
+            assert (409, change) == (sent.status_code, change)
+            pushed = client.post(f"/channels/sms/callback/{bot.id}", headers=admin_headers,
+                                 json={"recipient_id": ALICE, "text": f"push {change}"})
+            assert 202 == pushed.status_code, pushed.json
+            wait_until(lambda: _status_of(redis, bot.id, f"push {change}") == "suppressed", what="the push suppressed")
+            listed = client.get(f"{USERS}:{bot.id}/conversations", headers=admin_headers).json["data"]["conversations"]
+            assert [(ALICE, True)] == [(entry["person"], entry["opted-out"]) for entry in listed]
+        assert [] == sent_to(twilio, ALICE)
+
+
+    def test_a_stop_not_yet_in_the_database_follows_the_bot_too(
+            self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """A STOP the webhook wrote into the number's Redis copy, which the worker has yet to record: once
+        the bot moves onto a service, the service's copy has it (the database alone would not)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        redis.hset(keys.opted_out(MAIN), ALICE, optout.LIVE)
+        service = service_sid()
+        store.update(bot.id, {"twilio-messaging-service-sid": service})
+        assert optout.is_opted_out(redis, service, ALICE)
+
+
+def _opted_out_in_db(key: str, person: str) -> bool:
+    with sql().connect() as connection:
+        state = optout.read(connection, key, person)
+    return bool(state and state.opted_out)
+
+
+def _status_of(redis: redis_lib.Redis, bot_id: int, text_sent: str) -> str | None:
+    """The logged status of the bot's reply to ALICE with this text (None before it is logged)."""
+    log_written(redis, sql())
+    with sql().connect() as connection:
+        entries = messagelog.read(connection, bot_id, ALICE, limit=messagelog.MAX_LIMIT).items
+    return next((entry["status"] for entry in entries if entry["text"] == text_sent), None)
+
+
+class TestLoopsThroughPoolNumbers:
+    """A number a bot's service has sent from is a bot number, listed or not: no bot answers it."""
+
+    @pytest.mark.parametrize("standin", ["calling_back", "twilio"], ids=["with-callbacks", "answers-only"])
+    def test_two_service_bots_texting_each_other_through_unlisted_pool_numbers_stop_at_once(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, request: pytest.FixtureRequest,
+            standin: str) -> None:
+        """Bot A's operator texts bot B's unlisted pool number; Twilio carries each SMS between the two
+        services (relayed here as signed inbounds): the echo bots stop after a reply or two, long
+        before the 20 replies a minute that would stop them otherwise, with status callbacks or
+        only Twilio's answers to tell which numbers the services sent from."""
+        if standin == "twilio":
+            request.getfixturevalue("worker")
+        calling_back: TwilioStandin = request.getfixturevalue(standin)
+        services = {POOL_A: service_sid(), POOL_B: service_sid()}
+        for number, service in services.items():
+            calling_back.set_service(service, [number])
+            make_bot(store, **{"twilio-messaging-service-sid": service})
+        stop = threading.Event()
+
+        def carry() -> None:  # Twilio delivering each SMS to a pool number to its service's webhook
+            carried = 0
+            while not stop.is_set():
+                for message in calling_back.messages[carried:]:
+                    if message.to in services:
+                        text(client, message.to, sender=message.from_ or "", MessagingServiceSid=services[message.to],
+                             Body=message.body)
+                    carried += 1
+                time.sleep(0.05)
+
+        carrier = threading.Thread(target=carry, daemon=True)
+        carrier.start()
+        try:
+            sent = client.post(f"{USERS}:1/messages", headers=admin_headers, json={"to": POOL_B, "text": "hola"})
+            assert 202 == sent.status_code, sent.json
+            time.sleep(6.0)
+        finally:
+            stop.set()
+            carrier.join(5)
+        between_bots = [message.body for message in calling_back.messages if message.to in services]
+        assert 1 <= len(between_bots) <= 3, between_bots
 
 
 class TestHotPath:

@@ -22,6 +22,7 @@ from shared.logging import get_logger
 from shared.netguard import media_refusal
 from shared.schemas import PhoneNumber
 from shared.tasks import kick_delivery
+from shared.text import PlainText
 from webhook import deps
 from webhook.errors import failed, failure
 
@@ -38,7 +39,7 @@ class OperatorMessageSchema(Schema):
         unknown = EXCLUDE
 
     to = PhoneNumber(required=True)
-    text = fields.String(load_default=None, allow_none=True)
+    text = PlainText(load_default=None, allow_none=True)
     media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
 
     @validates_schema

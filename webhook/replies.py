@@ -21,6 +21,7 @@ from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import allowed_media
 from shared.phone import is_e164
+from shared.text import PlainText
 from shared.tasks import kick_delivery
 from webhook import deps
 from webhook.errors import failed
@@ -36,7 +37,7 @@ class CallbackReplySchema(Schema):
         unknown = EXCLUDE
 
     recipient_id = fields.String(required=True)
-    text = fields.String(load_default=None, allow_none=True)
+    text = PlainText(load_default=None, allow_none=True)
     image = fields.String(load_default=None, allow_none=True)
 
     @validates("recipient_id")

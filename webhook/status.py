@@ -21,6 +21,7 @@ from shared.conversations import DEDUPE_TTL, note_callback, resend_attempt
 from shared.tasks import request_resend
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.poolnumbers import POOL_NUMBERS
 from shared.schema import STATUSES
 from shared.twilio_errors import HINTS, STATUS_HINTS, Action, action_for, backoff
 from webhook import deps, twilio_auth
@@ -76,6 +77,8 @@ def _record(form: MultiDict[str, str]) -> Response:
         log.warning("status.rejected", reason=NOT_THIS_BOTS_MESSAGE, message_sid=form["MessageSid"], bot_id=bot.id)
         return acknowledgement()
     metrics.incr(redis, "sms_status_callbacks", status=status)
+    if bot.messaging_service_sid:  # the number its service picked, maybe unlisted: a bot number too
+        POOL_NUMBERS.learn(redis, form.get("From"), bot.id)
     reply_id = request.args.get("reply")
     if reply_id and len(reply_id) <= MAX_REPLY_ID:
         # The worker may not know this send happened (its answer was lost): tell it the MessageSid.

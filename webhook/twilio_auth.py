@@ -78,7 +78,7 @@ def rejection(request: Request, bot: Bot, public_url: str | None) -> str | None:
     if not is_signed(bot.auth_token, url, request.form, signature, request.headers.get(SIGNATURE_SETTINGS_HEADER)):
         return BAD_SIGNATURE
     # Checked after the signature, so an unsigned caller learns nothing about which account a number is on.
-    if request.form.get("AccountSid") != bot.account_sid:
+    if (request.form.get("AccountSid") or "").lower() != bot.account_sid.lower():  # a SID's hex has no case
         return WRONG_ACCOUNT
     return None
 

@@ -21,6 +21,7 @@ from shared.bots import Bot, shown_url
 from shared.logging import get_logger
 from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
+from shared.text import plain
 from worker.http import origin, responding_by
 
 log = get_logger(__name__)
@@ -99,10 +100,11 @@ def parse_answers(payload: Any, *, development: bool = False) -> list[Answer]:
     for item in payload:
         custom = item.get("custom")
         if isinstance(custom, dict) and custom.get("handoff") is True:
-            note = custom.get("note")
-            answers.append(Answer(handoff=True, note=note if isinstance(note, str) and note else None))
+            note = plain(custom["note"]) if isinstance(custom.get("note"), str) else None
+            answers.append(Answer(handoff=True, note=note or None))
         text, image = item.get("text"), item.get("image")
-        if not isinstance(text, str) or not text:
+        text = plain(text) if isinstance(text, str) else None
+        if not text:
             text = None
         image = allowed_media(image if isinstance(image, str) and image else None, development=development)
         if text or image:

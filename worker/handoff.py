@@ -21,14 +21,16 @@ from typing import Any
 
 import dramatiq
 
+from shared import keys
 from shared.bots import Bot
+from shared.erasure import erased_since
 from shared.handoff import Handoff
 from shared.logging import get_logger
 from shared.metrics import TALLY
 from shared.netguard import AddressPolicy
 from shared.settings import Settings
 from shared.tasks import FORWARD_HANDOFF, OUTBOUND_QUEUE, get_broker
-from worker.deps import get_bots, get_settings
+from worker.deps import get_bots, get_redis, get_settings
 from worker.engine import EngineError, HttpEngine, media_of
 
 log = get_logger(__name__)
@@ -122,6 +124,9 @@ class ForwardFailed(dramatiq.Retry):
 def forward_later(bot_id: int, payload: dict[str, Any]) -> None:
     """Try a forward again, to the bot's handoff-url and secret as they are now; dropped when the
     bot is gone or has no handoff-url any more, or when the failure cannot pass."""
+    if _erased_after(bot_id, payload):
+        log.info("handoff_forward.dropped", bot_id=bot_id, message_sid=payload.get("message_sid"), reason="erased")
+        return
     bot = get_bots().by_id(bot_id)
     if bot is None or not bot.handoff_url:
         log.warning("handoff_forward.dropped", bot_id=bot_id, message_sid=payload.get("message_sid"),
@@ -137,3 +142,10 @@ def forward_later(bot_id: int, payload: dict[str, Any]) -> None:
         return
     log.warning("handoff_forward.failed_again", bot_id=bot_id, message_sid=payload.get("message_sid"))
     raise ForwardFailed(f"the handoff-url did not take {payload.get('message_sid')}")
+
+
+def _erased_after(bot_id: int, payload: Mapping[str, Any]) -> bool:
+    """Whether the person's conversation was erased after the forwarded text came (shared.erasure)."""
+    conversation = keys.conversation_id(bot_id, str(payload.get("person")))
+    erased = erased_since(get_redis(), [conversation]).get(conversation)
+    return erased is not None and float(payload.get("time") or 0) <= erased

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -9,8 +10,9 @@ from sqlalchemy import Engine
 
 from shared import keys
 from shared.logging import get_logger
-from shared.retention import purge
+from shared.retention import DAY_SECONDS, purge
 from worker.background import Periodic
+from worker.logdrain import forget_refused_before
 
 log = get_logger(__name__)
 
@@ -31,7 +33,9 @@ def run_once(redis: Any, engine: Engine, days: int, token: str | None = None) ->
         return False
     try:
         purged = purge(engine, days)
-        log.info("retention.purged", days=days, rows=purged.total, batches=purged.batches, **purged.rows)
+        refused = forget_refused_before(redis, time.time() - days * DAY_SECONDS)
+        log.info("retention.purged", days=days, rows=purged.total, batches=purged.batches, refused_records=refused,
+                 **purged.rows)
     finally:
         redis.eval(_RELEASE_LUA, 1, keys.RETENTION_LOCK, token)
     return True
