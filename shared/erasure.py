@@ -62,7 +62,7 @@ def _drop_queued(redis: Any, conversation: str) -> int:
     for key in (keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation)):
         pipe.llen(key)
     pipe.delete(keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation),
-                keys.replies(conversation), keys.texted(conversation))
+                keys.replies(conversation), keys.texted(conversation), keys.wrote(conversation))
     pipe.zrem(keys.PENDING, conversation)
     *lengths, _, _ = pipe.execute()
     return sum(lengths)

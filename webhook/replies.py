@@ -7,17 +7,19 @@ the replies a worker got from the engine directly.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+import redis as redis_lib
+from flask import Blueprint, Response, jsonify, request
+from flask.typing import ResponseReturnValue
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 from sqlalchemy import Connection
 
-from shared import handoff, keys, messagelog
+from shared import handoff, keys, messagelog, metrics
 from shared.bots import Bot
-from shared.conversations import queue_replies, replies_from
-from shared.db import transaction
+from shared.conversations import Pushed, capped, push_replies, replies_from
 from shared.logging import get_logger
 from shared.netguard import allowed_media
 from shared.phone import is_e164
@@ -79,7 +81,7 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         return failed(f"invalid reply: {_describe(error.messages)}", 400, {"replies": error.messages})
     recipients = sorted({answer["recipient_id"] for answer in answers})
     with deps.get_engine().connect() as connection:
-        cold = _outside_push_window(connection, bot, recipients)
+        cold = _outside_push_window(deps.get_redis(), connection, bot, recipients)
         paused = handoff.active_of(connection, bot.id, recipients) if not cold else {}
     if cold:
         log.warning("callback.refused", bot_id=bot_id, reason="outside_push_window", recipients=len(cold))
@@ -91,9 +93,84 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         log.warning("callback.refused", bot_id=bot_id, reason="handed_off", recipients=len(paused))
         return failed(f"{len(paused)} recipient(s) are talking with a human (handoff): the engine may write to them "
                       "again once the conversation is resumed", 409, {"recipient_id": sorted(paused)})
-    queued = _queue(bot_id, bot.number, _without_refused_media(answers, bot_id))
+    grouped, cut = _capped(bot, _without_refused_media(answers, bot_id))
+    try:
+        pushed = push_replies(deps.get_redis(), grouped, {conversation: messagelog.replies_record(replies, bot.number)
+                                                          for conversation, replies in grouped.items()}, bot.limits)
+    except redis_lib.RedisError as error:
+        # Out of memory, a read-only replica, unreachable: nothing was queued, and nothing logged.
+        log.warning("callback.refused", bot_id=bot_id, reason="redis", error=error.__class__.__name__)
+        return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
+    if pushed.refused_for is not None:
+        return _too_many(bot, grouped, pushed)
+    if cut:
+        _count("sms_answers_capped", cut)
+    broker = deps.get_broker()
+    for conversation, reply_id in pushed.kicks.items():
+        kick_delivery(conversation, reply_id, broker=broker)
+    queued = sum(len(replies) for replies in grouped.values())
     log.info("callback.queued", bot_id=bot_id, replies=queued)
     return jsonify({"status": "Success", "data": {"queued": queued}}), 202
+
+
+# A callback refused while Redis cannot take it is worth retrying after this long.
+STORAGE_RETRY_SECONDS = 30
+
+
+def _capped(bot: Bot, answers: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Each recipient's replies, in the order given, cut to the bot's max-replies and max-segments as
+    one direct answer is (a callback can make the bot say no more to a person than one answer can),
+    and how many recipients' were cut."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    cut_for = 0
+    for answer in answers:
+        conversation = keys.conversation_id(bot.id, answer["recipient_id"])
+        replies = grouped.setdefault(conversation, [])
+        if len(replies) <= bot.limits.max_replies:  # enough to know the push is cut: the rest need not be built
+            replies += replies_from(conversation, answer["recipient_id"], answer["text"], answer["image"])
+    for conversation, replies in grouped.items():
+        cut = capped(replies, bot.limits.max_replies, bot.limits.max_segments)
+        if cut.replies_cut or cut.truncated:
+            log.warning("callback.capped", bot_id=bot.id, replies_sent=len(cut.replies), truncated=cut.truncated,
+                        max_replies=bot.limits.max_replies, max_segments=bot.limits.max_segments)
+            cut_for += 1
+        grouped[conversation] = cut.replies
+    return grouped, cut_for
+
+
+def _too_many(bot: Bot, grouped: dict[str, list[dict[str, Any]]], pushed: Pushed) -> ResponseReturnValue:
+    """429 naming the recipient whose outbox is full (max-queued-replies) or who had this minute's
+    replies (max-replies-per-minute), with a Retry-After for when it may pass."""
+    assert pushed.refused_for is not None
+    _, person = keys.split_conversation_id(pushed.refused_for)
+    limits = bot.limits
+    if pushed.reason == "minute":
+        wait = 60 - int(time.time()) % 60
+        message = f"{person} had max-replies-per-minute ({limits.max_replies_per_minute}) replies this minute"
+    else:
+        # The outbox drains at the sender's pace (messages-per-second, in segments: an estimate).
+        excess = pushed.waiting + len(grouped[pushed.refused_for]) - limits.max_queued_replies
+        wait = max(1, math.ceil(excess / bot.messages_per_second))
+        message = (f"{person} has {pushed.waiting} replies waiting; a push may bring it to at most "
+                   f"max-queued-replies ({limits.max_queued_replies})")
+    log.warning("callback.refused", bot_id=bot.id, reason=f"max_{pushed.reason}", retry_after=wait)
+    _count("sms_callbacks_refused", reason=pushed.reason)
+    return _retry_after(failed(f"{message}: nothing was queued; retry after {wait} s", 429,
+                               {"recipient_id": [person]}), wait)
+
+
+def _count(name: str, amount: int = 1, **labels: object) -> None:
+    """A metric, if Redis takes it: a full Redis refuses the count, not the answer."""
+    try:
+        metrics.incr(deps.get_redis(), name, amount, **labels)
+    except redis_lib.RedisError:
+        pass
+
+
+def _retry_after(answer: tuple[Response, int], seconds: int) -> tuple[Response, int]:
+    response, status = answer
+    response.headers["Retry-After"] = str(seconds)
+    return response, status
 
 
 def _authorized(bot: Bot | None) -> bool:
@@ -110,13 +187,19 @@ def _authorized(bot: Bot | None) -> bool:
     return bool(admin) and hmac.compare_digest(token.encode(), admin.encode())
 
 
-def _outside_push_window(connection: Connection, bot: Bot, recipients: list[str]) -> set[str]:
+def _outside_push_window(redis: Any, connection: Connection, bot: Bot, recipients: list[str]) -> set[str]:
     """The recipients who have not written to the bot within its push-window-days (none when the
-    bot allows cold pushes): an engine pushes only into conversations a person started."""
+    bot allows cold pushes): an engine pushes only into conversations a person started. A text
+    counts from the moment the webhook accepted it (its mark in Redis), before the log's writer has
+    put it in the database; the database answers for the rest."""
     if bot.limits.allow_cold_push:
         return set()
     since = time.time() - bot.limits.push_window_days * 86400
-    return set(recipients) - messagelog.people_who_wrote(connection, bot.id, recipients, since)
+    marks = redis.mget([keys.wrote(keys.conversation_id(bot.id, person)) for person in recipients])
+    unmarked = [person for person, mark in zip(recipients, marks) if mark is None or float(mark) < since]
+    if not unmarked:
+        return set()
+    return set(unmarked) - messagelog.people_who_wrote(connection, bot.id, unmarked, since)
 
 
 def _without_refused_media(answers: list[dict[str, Any]], bot_id: int) -> list[dict[str, Any]]:
@@ -129,26 +212,6 @@ def _without_refused_media(answers: list[dict[str, Any]], bot_id: int) -> list[d
         if answer["text"] or image:
             kept.append({**answer, "image": image})
     return kept
-
-
-def _queue(bot_id: int, bot_number: str, answers: list[dict[str, Any]]) -> int:
-    """Log the replies (one transaction), then queue each recipient's in one step, in the order
-    given, and kick their delivery."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for answer in answers:
-        conversation = keys.conversation_id(bot_id, answer["recipient_id"])
-        grouped.setdefault(conversation, []).extend(
-            replies_from(conversation, answer["recipient_id"], answer["text"], answer["image"])
-        )
-    with transaction(deps.get_engine()) as connection:
-        messagelog.record_replies(connection, [reply for replies in grouped.values() for reply in replies],
-                                  bot_number)
-    redis, broker = deps.get_redis(), deps.get_broker()
-    for conversation, replies in grouped.items():
-        reply_id = queue_replies(redis, conversation, replies)
-        if reply_id:
-            kick_delivery(conversation, reply_id, broker=broker)
-    return sum(len(replies) for replies in grouped.values())
 
 
 def _describe(messages: Any) -> str:

@@ -59,7 +59,7 @@ _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call(
 
 
 _MESSAGE_FIELDS = ("sid", "bot_id", "sender", "to", "body", "media", "received_at")
-_REPLY_FIELDS = ("id", "bot_id", "to", "text", "media_url", "in_reply_to", "created_at")
+_REPLY_FIELDS = messagelog.LOGGED_REPLY_FIELDS
 
 
 def exchange_record(message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]], bot_number: str | None) -> str:
@@ -90,6 +90,9 @@ def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
                 for r in records if r["kind"] == OUTCOME]
     with transaction(engine) as connection:
         messagelog.record_exchanges(connection, exchanges)
+        for record in records:
+            if record["kind"] == messagelog.PUSHED:
+                messagelog.record_replies(connection, record["replies"], record["bot_number"], record["origin"])
         messagelog.record_outcomes(connection, outcomes)
 
 
@@ -115,16 +118,24 @@ def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -
     """The records, less exchanges of conversations erased (on request) after their message came:
     written now, they would bring back what was erased. One MGET per batch."""
     def conversation(record: dict[str, Any]) -> str | None:
+        if record.get("kind") == messagelog.PUSHED and record.get("replies"):
+            reply = record["replies"][0]
+            return keys.conversation_id(reply["bot_id"], reply["to"])  # one record per conversation
         message = record.get("message") if record.get("kind") == EXCHANGE else None
         if not isinstance(message, dict) or "bot_id" not in message or "sender" not in message:
             return None  # not an exchange, or malformed (write sets it aside)
         return keys.conversation_id(message["bot_id"], message["sender"])
 
+    def at(record: dict[str, Any]) -> float:
+        if record.get("kind") == messagelog.PUSHED:
+            return float(record["replies"][0].get("created_at") or 0)
+        return float(record["message"].get("received_at", 0))
+
     erased = erased_since(redis, sorted({c for record in records if (c := conversation(record)) is not None}))
     if not erased:
         return records, raw
     kept = [(record, item) for record, item in zip(records, raw)
-            if (c := conversation(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
+            if (c := conversation(record)) not in erased or at(record) > erased[c]]
     return [record for record, _ in kept], [item for _, item in kept]
 
 
