@@ -3,6 +3,7 @@ is bounded as its direct answers are, and a Redis that refuses writes refuses wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -26,7 +27,9 @@ from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_web, start_worker
+from tests.support.receiver import Receiver
 from tests.test_crash_recovery import engine_bot, send  # noqa: F401 (fixture)
+from tests.test_handoff import handed, receiver  # noqa: F401 (fixture)
 
 PERSON, OTHER_PERSON = "+15551230001", "+15551230002"
 USERS = "/app:mammut-1/graph/user"
@@ -256,3 +259,71 @@ def test_max_segments_per_day_bounds_what_a_day_of_long_unicode_answers_costs(
         assert time.monotonic() < deadline, "the second answer was not held back"
         time.sleep(0.1)
     assert 1 == len(twilio.messages)
+
+
+class Dripping:
+    """A handoff-url answering a byte every 0.5 s; counts the forwards that reached it."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, handler: Any) -> None:
+        with self._lock:
+            self.started += 1
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n")
+        for _ in range(60):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            time.sleep(0.5)
+
+
+def test_a_dripping_handoff_url_holds_its_own_bots_slots_not_other_bots_threads(
+        service: Service, engine: FakeEngine, twilio: TwilioStandin) -> None:
+    """12 paused conversations whose handoff-url drips, on a worker of 8 threads: another bot's person is
+    answered while the drips are still going, before the bot's later forwards have even started (they
+    wait for its slots; without them the other bot's text waits for threads behind all twelve)."""
+    from tests.test_engine_boundary import serving
+
+    dripping = Dripping()
+    with serving(dripping) as handoff_url:
+        # Given a bot whose twelve conversations are with a human, behind a dripping handoff-url
+        desk, _ = service.create_bot("+15005550034", **{"handoff-url": handoff_url.url(path="/handoff")})
+        answering, _ = service.create_bot("+15005550035", **{"engine-url": engine.url, "messages-per-second": 50})
+        people = [f"+1555123{n:04d}" for n in range(100, 112)]
+        for person in people:
+            assert 200 == requests.post(f"{service.base}{USERS}:{desk}/conversations/{person}/handoff",
+                                        headers=service.admin, json={"note": "Ana"}, timeout=10).status_code
+        # When each of them texts, and the forwards start dripping
+        for person in people:
+            service.text(person, "+15005550034", "¿hola?")
+        deadline = time.monotonic() + 30
+        while dripping.started < 2:
+            assert time.monotonic() < deadline, "no forward reached the handoff-url"
+            time.sleep(0.05)
+        service.text(OTHER_PERSON, "+15005550035", "¿y yo?")
+
+        # Then the other bot's person is answered while the drips still hold the desk bot's slots
+        twilio.wait_for(1, timeout=60)
+        started = dripping.started
+        assert ["reply to ¿y yo?"] == [m.body for m in twilio.messages if m.to == OTHER_PERSON]
+        assert started < len(people)
+
+
+def test_a_background_forward_waits_for_its_bots_slots_without_spending_a_try(
+        handed: tuple[Bot, str], receiver: Receiver, broker: Any, redis: redis_lib.Redis) -> None:
+    """A forward tried again from the background while the bot's slots are all in use is put back, not sent."""
+    from worker import handoff as forwarding
+    from worker.slots import ENGINE_SLOTS, default_limit
+
+    bot, _ = handed
+    payload = {"bot_id": bot.id, "person": PERSON, "text": "¿hola?", "message_sid": "SM" + "3" * 32}
+    with contextlib.ExitStack() as held:
+        for _ in range(bot.limits.max_concurrent_engine_calls or default_limit()):
+            assert held.enter_context(ENGINE_SLOTS.taken(bot))
+
+        forwarding.forward_later.fn(bot.id, payload)
+
+    assert [] == receiver.received
+    [again] = [json.loads(raw) for raw in redis.hvals("dramatiq:outbound.DQ.msgs")]
+    assert ([bot.id, payload], 0) == (again["args"], again["options"].get("retries", 0))
