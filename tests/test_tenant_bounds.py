@@ -327,3 +327,19 @@ def test_a_background_forward_waits_for_its_bots_slots_without_spending_a_try(
     assert [] == receiver.received
     [again] = [json.loads(raw) for raw in redis.hvals("dramatiq:outbound.DQ.msgs")]
     assert ([bot.id, payload], 0) == (again["args"], again["options"].get("retries", 0))
+
+
+def test_a_push_erased_before_the_log_wrote_it_is_not_brought_back(
+        client: FlaskClient, admin_headers: dict[str, str], pushing: Bot, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """A push's log record waits in Redis; erasing the person first means the log's writer drops it."""
+    from tests.support.messagelog import log_written
+
+    assert 202 == client.post(callback(pushing.id), headers=admin_headers,
+                              json={"recipient_id": PERSON, "text": "recordatorio"}).status_code
+    assert 200 == client.delete(f"{USERS}:{pushing.id}/conversations/{PERSON}", headers=admin_headers).status_code
+
+    log_written(redis, get_engine(settings))
+
+    with get_engine(settings).connect() as connection:
+        assert 0 == connection.execute(select(func.count()).select_from(messages)).scalar()
