@@ -306,6 +306,12 @@ MUTATIONS: list[Mutation] = [
              "        if record.get(\"kind\") == messagelog.PUSHED and record.get(\"replies\"):",
              "        if False:",
              ("tests/test_tenant_bounds.py::test_a_push_erased_before_the_log_wrote_it_is_not_brought_back",)),
+    Mutation("an operator's send commits its log rows before Redis takes them", "webhook/operator.py",
+             "    reply_id = queue_replies(redis, conversation, replies,\n",
+             "    with __import__('shared.db', fromlist=['db']).transaction(deps.get_engine()) as connection:\n"
+             "        messagelog.record_replies(connection, replies, sender, origin=messagelog.OPERATOR)\n"
+             "    reply_id = queue_replies(redis, conversation, replies,\n",
+             ("tests/test_tenant_bounds.py::test_a_redis_that_refuses_writes_refuses_callbacks_and_readiness_and_leaves_no_log_rows",)),
     Mutation("the push window waits for the log's writer", "webhook/replies.py",
              "    unmarked = [person for person, mark in zip(recipients, marks) if mark is None or float(mark) < since]",
              "    unmarked = list(recipients)",

@@ -128,12 +128,15 @@ def full_redis(redis: redis_lib.Redis) -> Iterator[redis_lib.Redis]:
 def test_a_redis_that_refuses_writes_refuses_callbacks_and_readiness_and_leaves_no_log_rows(
         client: FlaskClient, admin_headers: dict[str, str], pushing: Bot, full_redis: redis_lib.Redis,
         settings: Settings) -> None:
-    """Out of memory: the callback is a 503 with Retry-After, /readyz is 503, and no log row waits 'pending' forever."""
+    """Out of memory: an engine's callback and an operator's send are 503s with Retry-After, /readyz is 503,
+    and no log row waits 'pending' forever."""
     pushed = client.post(callback(pushing.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "hola"})
+    sent = client.post(f"{USERS}:{pushing.id}/messages", headers={**admin_headers, "Idempotency-Key": "k1"},
+                       json={"to": PERSON, "text": "hola"})
     ready = client.get("/readyz")
 
-    assert (503, 503) == (pushed.status_code, ready.status_code)
-    assert int(pushed.headers["Retry-After"]) > 0
+    assert (503, 503, 503) == (pushed.status_code, sent.status_code, ready.status_code)
+    assert int(pushed.headers["Retry-After"]) > 0 and int(sent.headers["Retry-After"]) > 0
     with get_engine(settings).connect() as connection:
         assert 0 == connection.execute(select(func.count()).select_from(messages)).scalar()
 
