@@ -15,7 +15,6 @@ import redis as redis_lib
 import requests
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
-from twilio.request_validator import RequestValidator
 
 from cli.twilio_standin import TwilioStandin
 from shared import keys
@@ -24,11 +23,12 @@ from shared.db import get_engine
 from shared.schema import messages
 from shared.segments import count_segments
 from shared.settings import Settings
-from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
+from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_web, start_worker
 from tests.support.receiver import Receiver
 from tests.test_crash_recovery import engine_bot, send  # noqa: F401 (fixture)
+from tests.test_flushall import Service as ProcfileService
 from tests.test_handoff import handed, receiver  # noqa: F401 (fixture)
 
 PERSON, OTHER_PERSON = "+15551230001", "+15551230002"
@@ -131,8 +131,7 @@ def test_a_redis_that_refuses_writes_refuses_callbacks_and_readiness_and_leaves_
     """Out of memory: an engine's callback and an operator's send are 503s with Retry-After, /readyz is 503,
     and no log row waits 'pending' forever."""
     pushed = client.post(callback(pushing.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "hola"})
-    sent = client.post(f"{USERS}:{pushing.id}/messages", headers={**admin_headers, "Idempotency-Key": "k1"},
-                       json={"to": PERSON, "text": "hola"})
+    sent = client.post(f"{USERS}:{pushing.id}/messages", headers=admin_headers, json={"to": PERSON, "text": "hola"})
     ready = client.get("/readyz")
 
     assert (503, 503, 503) == (pushed.status_code, sent.status_code, ready.status_code)
@@ -149,28 +148,15 @@ def test_readiness_holds_while_redis_takes_writes(client: FlaskClient) -> None:
 # --- Through the Procfile's processes -------------------------------------------------------------
 
 
-class Service:
+class Service(ProcfileService):
     """The web and worker processes, with a tenant's-eye view: bots created and texts sent over HTTP."""
-
-    def __init__(self, base: str) -> None:
-        self.base, self.admin = base, {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        self._sent = 0
 
     def create_bot(self, number: str, **fields: Any) -> tuple[int, str]:
         """A bot, and its engine token."""
-        created = requests.post(self.base + USERS, headers=self.admin, timeout=10, json={
+        created = requests.post(self.base + USERS, headers=self.headers, timeout=10, json={
             "user-type": "machine", "name": f"bot {number}", "twilio-account-sid": BOT_ACCOUNT_SID,
             "twilio-auth-token": BOT_AUTH_TOKEN, "main-phone-number": number, **fields}).json()["taskResult"][0]
         return created["affectedElementId"], created["engine-token"]
-
-    def text(self, sender: str, to: str, body: str) -> None:
-        """A person's SMS, as Twilio signs and posts it."""
-        self._sent += 1
-        url = self.base + "/channels/sms/"
-        form = {"MessageSid": f"SM{time.time_ns():024x}{self._sent:08d}", "AccountSid": BOT_ACCOUNT_SID,
-                "From": sender, "To": to, "Body": body, "NumMedia": "0"}
-        signature = RequestValidator(BOT_AUTH_TOKEN).compute_signature(url, form)
-        assert 200 == requests.post(url, data=form, headers={"X-Twilio-Signature": signature}, timeout=30).status_code
 
 
 @pytest.fixture
@@ -181,7 +167,7 @@ def service(worker_env: dict[str, str], redis: redis_lib.Redis, database: str,
     started: list[Process] = [start_web(worker_env, port)]
     try:
         started.append(start_worker(worker_env, processes=1, threads=8))
-        yield Service(f"http://127.0.0.1:{port}")
+        yield Service(port, worker_env)
     finally:
         for process in reversed(started):
             process.stop(10)
@@ -194,7 +180,7 @@ def test_a_flood_of_callbacks_with_one_bots_token_leaves_redis_bounded_and_other
     # Given a flooding bot (default limits) whose person wrote to it, and a second bot with its own engine
     flooder, token = service.create_bot("+15005550031")
     other, _ = service.create_bot("+15005550032", **{"engine-url": engine.url, "messages-per-second": 50})
-    service.text(PERSON, "+15005550031", "hola")
+    assert 200 == service.text("+15005550031", PERSON, "hola")
     before = redis.info("memory")["used_memory"]
     big = [{"recipient_id": PERSON, "text": "x" * 600} for _ in range(100)]
     statuses: list[int] = []
@@ -209,7 +195,7 @@ def test_a_flood_of_callbacks_with_one_bots_token_leaves_redis_bounded_and_other
     floods = [threading.Thread(target=flood) for _ in range(10)]
     for thread in floods:
         thread.start()
-    service.text(OTHER_PERSON, "+15005550032", "¿me oyen?")
+    assert 200 == service.text("+15005550032", OTHER_PERSON, "¿me oyen?")
     for thread in floods:
         thread.join()
 
@@ -237,7 +223,7 @@ def test_an_engine_that_pushes_the_moment_it_is_asked_is_inside_the_push_window(
 
     engine.answer = answer_by_callback
 
-    service.text(PERSON, "+15005550033", "¿qué opinas?")
+    assert 200 == service.text("+15005550033", PERSON, "¿qué opinas?")
 
     engine.wait_for_calls(1, timeout=30)
     twilio.wait_for(1, timeout=60)
@@ -296,15 +282,15 @@ def test_a_dripping_handoff_url_holds_its_own_bots_slots_not_other_bots_threads(
         people = [f"+1555123{n:04d}" for n in range(100, 112)]
         for person in people:
             assert 200 == requests.post(f"{service.base}{USERS}:{desk}/conversations/{person}/handoff",
-                                        headers=service.admin, json={"note": "Ana"}, timeout=10).status_code
+                                        headers=service.headers, json={"note": "Ana"}, timeout=10).status_code
         # When each of them texts, and the forwards start dripping
         for person in people:
-            service.text(person, "+15005550034", "¿hola?")
+            assert 200 == service.text("+15005550034", person, "¿hola?")
         deadline = time.monotonic() + 30
         while dripping.started < 2:
             assert time.monotonic() < deadline, "no forward reached the handoff-url"
             time.sleep(0.05)
-        service.text(OTHER_PERSON, "+15005550035", "¿y yo?")
+        assert 200 == service.text("+15005550035", OTHER_PERSON, "¿y yo?")
 
         # Then the other bot's person is answered while the drips still hold the desk bot's slots
         twilio.wait_for(1, timeout=60)
