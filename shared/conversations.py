@@ -348,19 +348,29 @@ def queue_args(conversation: str, replies: list[dict[str, Any]], done_inbound: s
 
 
 # An engine's push (webhook.replies), for every recipient at once: refused whole, queuing nothing,
-# when a recipient's outbox would hold more than the bot's max-queued-replies or the person had
-# max-replies-per-minute this minute (direct answers count there too); else each recipient's
-# replies join the outbox, count toward the minute, and the log's record joins the log outbox.
-# KEYS: pending, log outbox, then per recipient: outbox, replies hash, replies this minute.
-# ARGV: now, '', max queued, max per minute (0: none), recipients, then per recipient its
-#       conversation and reply count, then per recipient its log record and its (id, reply) pairs.
-# Returns {1, the id to kick or '' per recipient}, or {0, the recipient at fault, 'queued' | 'minute', its outbox length}.
+# when the bot's pushes today would pass its max-messages-per-day (more could not be sent today
+# anyway, and it bounds what one bot's pushes hold in Redis), a recipient's outbox would hold more
+# than the bot's max-queued-replies or the person had max-replies-per-minute this minute (direct
+# answers count there too); else each recipient's replies join the outbox, count toward the
+# minute and the day, and the log's record joins the log outbox.
+# KEYS: pending, log outbox, the day's pushes, then per recipient: outbox, replies hash, replies this minute.
+# ARGV: now, the bot's id, max queued, max per minute (0: none), recipients, then per recipient its
+#       conversation and reply count, then per recipient its log record and its (id, reply) pairs;
+#       the last: max per day (0: none).
+# Returns {1, the id to kick or '' per recipient}, or {0, the recipient at fault (0: all), 'day' |
+# 'queued' | 'minute', its outbox length}.
 PUSH_LUA = """
 local recipients = tonumber(ARGV[5])
+local total = 0
+for i = 1, recipients do total = total + tonumber(ARGV[5 + 2 * i]) end
+local per_day = tonumber(ARGV[#ARGV])
+if per_day > 0 and tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') + total > per_day then
+  return {0, 0, 'day', 0}
+end
 for i = 1, recipients do
-  local n, waiting = tonumber(ARGV[5 + 2 * i]), redis.call('LLEN', KEYS[3 * i])
+  local n, waiting = tonumber(ARGV[5 + 2 * i]), redis.call('LLEN', KEYS[3 * i + 1])
   if waiting + n > tonumber(ARGV[3]) then return {0, i, 'queued', waiting} end
-  if ARGV[4] ~= '0' and tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0') >= tonumber(ARGV[4]) then
+  if ARGV[4] ~= '0' and tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0') >= tonumber(ARGV[4]) then
     return {0, i, 'minute', waiting}
   end
 end
@@ -370,22 +380,24 @@ for i = 1, recipients do
   redis.call('RPUSH', KEYS[2], ARGV[at])
   at = at + 1
   for j = 0, n - 1 do
-    redis.call('HSET', KEYS[3 * i + 1], ARGV[at + 2 * j], ARGV[at + 2 * j + 1])
-    length = redis.call('RPUSH', KEYS[3 * i], ARGV[at + 2 * j])
+    redis.call('HSET', KEYS[3 * i + 2], ARGV[at + 2 * j], ARGV[at + 2 * j + 1])
+    length = redis.call('RPUSH', KEYS[3 * i + 1], ARGV[at + 2 * j])
   end
   heads[i + 1] = length == n and ARGV[at] or ''
   at = at + 2 * n
-  if redis.call('INCRBY', KEYS[3 * i + 2], n) == n then redis.call('EXPIRE', KEYS[3 * i + 2], 120) end
+  if redis.call('INCRBY', KEYS[3 * i + 3], n) == n then redis.call('EXPIRE', KEYS[3 * i + 3], 120) end
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4 + 2 * i])
 end
+if redis.call('HINCRBY', KEYS[3], ARGV[2], total) == total then redis.call('EXPIRE', KEYS[3], 172800) end
 return heads
 """
 
 
 @dataclass(frozen=True)
 class Pushed:
-    """What push_replies did: the reply id to kick per conversation whose outbox was idle, or the
-    recipient that refused the push and why ('queued': max-queued-replies, 'minute': max-replies-per-minute)."""
+    """What push_replies did: the reply id to kick per conversation whose outbox was idle, or why it
+    was refused ('day': max-messages-per-day, 'queued': max-queued-replies, 'minute':
+    max-replies-per-minute) and for which recipient's conversation (None: the day's, for all)."""
 
     kicks: dict[str, str]
     refused_for: str | None = None
@@ -398,8 +410,11 @@ def push_replies(redis: Any, grouped: dict[str, list[dict[str, Any]]], log_recor
     """Queue an engine's pushed replies, grouped by conversation, in one step with each conversation's
     log record, or nothing at all (see PUSH_LUA). The database is written only from the log outbox,
     so work that Redis refuses leaves nothing behind."""
-    conversations_ = list(grouped)
-    keys_ = [keys.PENDING, keys.LOG_OUTBOX]
+    conversations_ = [conversation for conversation, replies in grouped.items() if replies]
+    if not conversations_:
+        return Pushed({})
+    bot_id = keys.split_conversation_id(conversations_[0])[0]
+    keys_ = [keys.PENDING, keys.LOG_OUTBOX, keys.daily_pushes(time.strftime("%Y%m%d", time.gmtime()))]
     counts: list[Any] = []
     pairs: list[Any] = []
     for conversation in conversations_:
@@ -409,11 +424,11 @@ def push_replies(redis: Any, grouped: dict[str, list[dict[str, Any]]], log_recor
         for reply in grouped[conversation]:
             pairs += [reply["id"], stored(reply)]
     done = script(redis, PUSH_LUA)(keys=keys_, args=[
-        repr(time.time()), "", limits.max_queued_replies, limits.max_replies_per_minute,
-        len(conversations_), *counts, *pairs])
+        repr(time.time()), bot_id, limits.max_queued_replies, limits.max_replies_per_minute,
+        len(conversations_), *counts, *pairs, limits.max_messages_per_day])
     if done[0] == 0:
         _, index, reason, waiting = done
-        return Pushed({}, conversations_[int(index) - 1], reason, int(waiting))
+        return Pushed({}, conversations_[int(index) - 1] if int(index) else None, reason, int(waiting))
     return Pushed({conversation: head for conversation, head in zip(conversations_, done[1:]) if head})
 
 

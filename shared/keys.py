@@ -121,6 +121,11 @@ def daily_sends(day: str) -> str:
     return f"{PREFIX}:sent:{day}"
 
 
+def daily_pushes(day: str) -> str:
+    """A hash of bot id -> replies its engine's callback queued on `day` (UTC, YYYYMMDD)."""
+    return f"{PREFIX}:pushed:{day}"
+
+
 def replies_this_minute(conversation: str, at: float | None = None) -> str:
     """A count of the replies queued to the person in the current minute (max-replies-per-minute)."""
     minute = int((time.time() if at is None else at) // 60)

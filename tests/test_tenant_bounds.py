@@ -100,6 +100,21 @@ class TestPushesObeyTheBotsLimits:
         assert (["uno", "dos"], []) == ([r["text"] for r in outbox_of(redis, pushing)],
                                         outbox_of(redis, pushing, OTHER_PERSON))
 
+    def test_a_bots_pushes_stop_for_the_day_at_max_messages_per_day(
+            self, client: FlaskClient, admin_headers: dict[str, str], pushing: Bot, store: BotStore,
+            redis: redis_lib.Redis) -> None:
+        """Whatever the recipients, a bot's callback queues at most max-messages-per-day replies a UTC day: past it, 429."""
+        store.update(pushing.id, {"max-messages-per-day": 3, "max-replies-per-minute": 0})
+        first = [{"recipient_id": PERSON, "text": "uno"}, {"recipient_id": OTHER_PERSON, "text": "dos"}]
+        assert 202 == client.post(callback(pushing.id), headers=admin_headers, json=first).status_code
+
+        refused = client.post(callback(pushing.id), headers=admin_headers, json=[
+            {"recipient_id": "+15551230003", "text": "tres"}, {"recipient_id": "+15551230004", "text": "cuatro"}])
+
+        assert 429 == refused.status_code
+        assert 0 < int(refused.headers["Retry-After"]) <= 86400
+        assert ([], []) == (outbox_of(redis, pushing, "+15551230003"), outbox_of(redis, pushing, "+15551230004"))
+
     def test_the_new_limits_are_validated_and_shown_with_their_defaults(
             self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot) -> None:
         """max-queued-replies and max-segments-per-day are bot fields with defaults; out-of-range values are 400s naming them."""

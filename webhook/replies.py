@@ -101,7 +101,7 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         # Out of memory, a read-only replica, unreachable: nothing was queued, and nothing logged.
         log.warning("callback.refused", bot_id=bot_id, reason="redis", error=error.__class__.__name__)
         return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
-    if pushed.refused_for is not None:
+    if pushed.reason is not None:
         return _too_many(bot, grouped, pushed)
     if cut:
         _count("sms_answers_capped", cut)
@@ -139,11 +139,17 @@ def _capped(bot: Bot, answers: list[dict[str, Any]]) -> tuple[dict[str, list[dic
 
 
 def _too_many(bot: Bot, grouped: dict[str, list[dict[str, Any]]], pushed: Pushed) -> ResponseReturnValue:
-    """429 naming the recipient whose outbox is full (max-queued-replies) or who had this minute's
-    replies (max-replies-per-minute), with a Retry-After for when it may pass."""
-    assert pushed.refused_for is not None
-    _, person = keys.split_conversation_id(pushed.refused_for)
+    """429 for a bot whose pushes today reached max-messages-per-day, or naming the recipient whose
+    outbox is full (max-queued-replies) or who had this minute's replies (max-replies-per-minute),
+    with a Retry-After for when it may pass."""
     limits = bot.limits
+    if pushed.refused_for is None:  # the bot's day
+        wait = 86400 - int(time.time()) % 86400
+        log.warning("callback.refused", bot_id=bot.id, reason="max_day", retry_after=wait)
+        _count("sms_callbacks_refused", reason=pushed.reason)
+        return _retry_after(failed(f"the bot's engine pushed max-messages-per-day ({limits.max_messages_per_day}) "
+                                   f"replies today (UTC): nothing was queued; retry after {wait} s", 429), wait)
+    _, person = keys.split_conversation_id(pushed.refused_for)
     if pushed.reason == "minute":
         wait = 60 - int(time.time()) % 60
         message = f"{person} had max-replies-per-minute ({limits.max_replies_per_minute}) replies this minute"
