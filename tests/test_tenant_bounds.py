@@ -347,3 +347,29 @@ def test_a_push_erased_before_the_log_wrote_it_is_not_brought_back(
 
     with get_engine(settings).connect() as connection:
         assert 0 == connection.execute(select(func.count()).select_from(messages)).scalar()
+
+
+def test_an_engine_answering_someone_who_just_wrote_is_served_while_the_database_is_down(
+        app: Any, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """The push window and the handoff check come from Redis for a person the webhook just accepted."""
+    from sqlalchemy import create_engine
+
+    from shared import handoff
+    from shared.conversations import INBOUND, accept_inbound
+
+    # Given a person whose text the webhook just accepted, and the bot known to the web process
+    assert accept_inbound(redis, INBOUND.load({"sid": "SM" + "4" * 32, "bot_id": bot.id, "sender": PERSON,
+                                               "to": bot.number, "body": "hola", "received_at": time.time()}))
+    handoff.load_copy(get_engine(settings), redis, bot.id)
+    with app.app_context():
+        app.extensions["mammut"].bots.by_id(bot.id)
+    # When the database cannot be reached
+    app.extensions["mammut"].engine = create_engine("sqlite:////nonexistent/directory/mammut.sqlite3")
+
+    pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "pensado"})
+
+    # Then the push is queued all the same; someone the webhook never saw is a 503 to retry, not a 500
+    assert (202, ["pensado"]) == (pushed.status_code, [reply["text"] for reply in outbox_of(redis, bot)])
+    unknown = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": OTHER_PERSON, "text": "?"})
+    assert 503 == unknown.status_code

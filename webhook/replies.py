@@ -16,6 +16,7 @@ from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared import handoff, keys, messagelog, metrics
 from shared.bots import Bot
@@ -80,9 +81,11 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
     except ValidationError as error:
         return failed(f"invalid reply: {_describe(error.messages)}", 400, {"replies": error.messages})
     recipients = sorted({answer["recipient_id"] for answer in answers})
-    with deps.get_engine().connect() as connection:
-        cold = _outside_push_window(deps.get_redis(), connection, bot, recipients)
-        paused = handoff.active_of(connection, bot.id, recipients) if not cold else {}
+    try:
+        cold, paused = _who_may_not_get_it(deps.get_redis(), bot, recipients)
+    except (redis_lib.RedisError, SQLAlchemyError) as error:
+        log.warning("callback.refused", bot_id=bot_id, reason="storage", error=error.__class__.__name__)
+        return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
     if cold:
         log.warning("callback.refused", bot_id=bot_id, reason="outside_push_window", recipients=len(cold))
         return failed(f"{len(cold)} recipient(s) have not written to the bot in the last {bot.limits.push_window_days} "
@@ -193,18 +196,34 @@ def _authorized(bot: Bot | None) -> bool:
     return bool(admin) and hmac.compare_digest(token.encode(), admin.encode())
 
 
-def _outside_push_window(redis: Any, connection: Connection, bot: Bot, recipients: list[str]) -> set[str]:
-    """The recipients who have not written to the bot within its push-window-days (none when the
-    bot allows cold pushes): an engine pushes only into conversations a person started. A text
-    counts from the moment the webhook accepted it (its mark in Redis), before the log's writer has
-    put it in the database; the database answers for the rest."""
-    if bot.limits.allow_cold_push:
-        return set()
+def _who_may_not_get_it(redis: Any, bot: Bot, recipients: list[str]) -> tuple[set[str], dict[str, Any]]:
+    """The recipients outside the push window, and (when there are none) those a human has. Redis
+    answers for people who just wrote and for a bot whose handoffs copy is loaded and names none of
+    them, so an engine answering at once is served even while the database is slow or down."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.mget([keys.wrote(keys.conversation_id(bot.id, person)) for person in recipients])
+    pipe.hmget(keys.handoffs(bot.id), [handoff.LOADED, *recipients])
+    marks, (loaded, *listed) = pipe.execute()
+    unmarked = [] if bot.limits.allow_cold_push else _unmarked(bot, recipients, marks)
+    if not unmarked and loaded and not any(listed):
+        return set(), {}
+    with deps.get_engine().connect() as connection:
+        cold = _outside_push_window(connection, bot, unmarked)
+        return cold, handoff.active_of(connection, bot.id, recipients) if not cold else {}
+
+
+def _unmarked(bot: Bot, recipients: list[str], marks: list[str | None]) -> list[str]:
+    """The recipients the webhook has not seen write within the push window (its mark, kept 48 hours)."""
     since = time.time() - bot.limits.push_window_days * 86400
-    marks = redis.mget([keys.wrote(keys.conversation_id(bot.id, person)) for person in recipients])
-    unmarked = [person for person, mark in zip(recipients, marks) if mark is None or float(mark) < since]
+    return [person for person, mark in zip(recipients, marks) if mark is None or float(mark) < since]
+
+
+def _outside_push_window(connection: Connection, bot: Bot, unmarked: list[str]) -> set[str]:
+    """Of the recipients not seen writing lately, those who have not written to the bot within its
+    push-window-days either, by the log: an engine pushes only into conversations a person started."""
     if not unmarked:
         return set()
+    since = time.time() - bot.limits.push_window_days * 86400
     return set(unmarked) - messagelog.people_who_wrote(connection, bot.id, unmarked, since)
 
 
