@@ -84,8 +84,7 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
     try:
         cold, paused = _who_may_not_get_it(deps.get_redis(), bot, recipients)
     except (redis_lib.RedisError, SQLAlchemyError) as error:
-        log.warning("callback.refused", bot_id=bot_id, reason="storage", error=error.__class__.__name__)
-        return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
+        return _unavailable(bot_id, error)
     if cold:
         log.warning("callback.refused", bot_id=bot_id, reason="outside_push_window", recipients=len(cold))
         return failed(f"{len(cold)} recipient(s) have not written to the bot in the last {bot.limits.push_window_days} "
@@ -100,24 +99,37 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
     try:
         pushed = push_replies(deps.get_redis(), grouped, {conversation: messagelog.replies_record(replies, bot.number)
                                                           for conversation, replies in grouped.items()}, bot.limits)
-    except redis_lib.RedisError as error:
-        # Out of memory, a read-only replica, unreachable: nothing was queued, and nothing logged.
-        log.warning("callback.refused", bot_id=bot_id, reason="redis", error=error.__class__.__name__)
-        return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
+    except redis_lib.RedisError as error:  # out of memory, a read-only replica, unreachable
+        return _unavailable(bot_id, error)
     if pushed.reason is not None:
         return _too_many(bot, grouped, pushed)
     if cut:
         _count("sms_answers_capped", cut)
-    broker = deps.get_broker()
-    for conversation, reply_id in pushed.kicks.items():
-        kick_delivery(conversation, reply_id, broker=broker)
+    _kick(pushed)
     queued = sum(len(replies) for replies in grouped.values())
     log.info("callback.queued", bot_id=bot_id, replies=queued)
     return jsonify({"status": "Success", "data": {"queued": queued}}), 202
 
 
-# A callback refused while Redis cannot take it is worth retrying after this long.
+# A callback refused while Redis or the database cannot take it is worth retrying after this long.
 STORAGE_RETRY_SECONDS = 30
+
+
+def _unavailable(bot_id: int, error: Exception) -> tuple[Response, int]:
+    """503: nothing of the request was queued, nor logged."""
+    log.warning("callback.refused", bot_id=bot_id, reason="storage", error=error.__class__.__name__)
+    return _retry_after(failed("storage unavailable: nothing was queued; try again", 503), STORAGE_RETRY_SECONDS)
+
+
+def _kick(pushed: Pushed) -> None:
+    """Start each idle outbox's sends; one Redis refuses is kicked by the sweeper (the push step
+    put its conversation in the pending set), so the push stays accepted."""
+    broker = deps.get_broker()
+    for conversation, reply_id in pushed.kicks.items():
+        try:
+            kick_delivery(conversation, reply_id, broker=broker)
+        except redis_lib.RedisError as error:
+            log.warning("callback.kick_deferred", error=error.__class__.__name__)
 
 
 def _capped(bot: Bot, answers: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], int]:
