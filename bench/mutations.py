@@ -191,7 +191,7 @@ MUTATIONS: list[Mutation] = [
              "    if bot is not None and bot.accepts_engine_token(token):", '    if token.startswith("mset_"):',
              ("tests/test_engine_callback.py::TestTrust",)),
     Mutation("cold pushes allowed", "webhook/replies.py",
-             "    if bot.limits.allow_cold_push:", "    if True:",
+             "    unmarked = [] if bot.limits.allow_cold_push else", "    unmarked = [] if True else",
              ("tests/test_engine_callback.py::TestTrust",)),
     Mutation("erased records come back", "worker/logdrain.py",
              "    records, raw = _without_erased(redis, [json.loads(item) for item in raw], raw)",
