@@ -41,6 +41,7 @@ MAX_REPLIES, MAX_SEGMENTS, MAX_PER_DAY, MAX_PER_MINUTE, PUSH_WINDOW, COLD_PUSH, 
     "max-replies", "max-segments", "max-messages-per-day", "max-replies-per-minute", "push-window-days",
     "allow-cold-push", "max-concurrent-engine-calls",
 )
+MAX_SEGMENTS_PER_DAY, MAX_QUEUED = "max-segments-per-day", "max-queued-replies"
 # Conversation controls (human handoff, merging a burst of texts): see shared.handoff and worker.conversation.
 HANDOFF_URL, HANDOFF_SECRET, HANDOFF_TIMEOUT, MERGE_WINDOW = (
     "handoff-url", "handoff-secret", "handoff-timeout", "merge-window-ms",
@@ -57,7 +58,8 @@ SERVICE_SID, PHONE_NUMBERS, VALIDITY, SMART_ENCODED, SHORTEN_URLS = (
 LIMIT_ATTRIBUTES = {
     MAX_REPLIES: "max_replies", MAX_SEGMENTS: "max_segments", MAX_PER_DAY: "max_messages_per_day",
     MAX_PER_MINUTE: "max_replies_per_minute", PUSH_WINDOW: "push_window_days", COLD_PUSH: "allow_cold_push",
-    MAX_ENGINE_CALLS: "max_concurrent_engine_calls",
+    MAX_ENGINE_CALLS: "max_concurrent_engine_calls", MAX_SEGMENTS_PER_DAY: "max_segments_per_day",
+    MAX_QUEUED: "max_queued_replies",
 }
 CONTROL_ATTRIBUTES = {HANDOFF_TIMEOUT: "handoff_timeout", MERGE_WINDOW: "merge_window_ms"}
 SENDING_ATTRIBUTES = {VALIDITY: "validity_period", SMART_ENCODED: "smart_encoded", SHORTEN_URLS: "shorten_urls"}
@@ -90,6 +92,8 @@ class Limits(_Settings):
     push_window_days: int = 30  # the engine callback pushes only to people who wrote within this long
     allow_cold_push: bool = False  # ...unless this is set
     max_concurrent_engine_calls: int | None = None  # in one worker process; None: a quarter of its threads
+    max_segments_per_day: int = 30_000  # segments (what Twilio bills) per UTC day; past it, held back; 0: none
+    max_queued_replies: int = 50  # replies waiting in one person's outbox past which a push is refused (429)
 
 
 @dataclass(frozen=True)

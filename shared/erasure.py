@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, select
 
-from shared import handoff, keys
+from shared import handoff, keys, messagelog
 from shared.db import transaction
 from shared.schema import conversations, dead_letters, deliveries, messages
 from shared.tasks import FORWARD_HANDOFF, NAMESPACE, OUTBOUND_QUEUE
@@ -70,7 +70,7 @@ def _drop_queued(redis: Any, conversation: str) -> int:
     for key in (keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation)):
         pipe.llen(key)
     pipe.delete(keys.inbox(conversation), keys.processing(conversation), keys.outbox(conversation),
-                keys.replies(conversation), keys.texted(conversation))
+                keys.replies(conversation), keys.texted(conversation), keys.wrote(conversation))
     pipe.zrem(keys.PENDING, conversation)
     *lengths, _, _ = pipe.execute()
     return sum(lengths)
@@ -112,12 +112,22 @@ def _drop_refused_records(redis: Any, conversation: str) -> None:
 
 
 def conversation_of_record(record: dict[str, Any]) -> str | None:
-    """The conversation a log record (worker.logdrain) tells of: an exchange's; None for an
+    """The conversation a log record (worker.logdrain) tells of: an exchange's or a push's; None for an
     outcome (it holds no text or number) or a malformed record."""
+    if record.get("kind") == messagelog.PUSHED and record.get("replies"):
+        reply = record["replies"][0]  # one record per conversation
+        return keys.conversation_id(reply["bot_id"], reply["to"])
     message = record.get("message") if record.get("kind") == "exchange" else None
     if not isinstance(message, dict) or "bot_id" not in message or "sender" not in message:
         return None
     return keys.conversation_id(message["bot_id"], message["sender"])
+
+
+def recorded_at(record: dict[str, Any]) -> float:
+    """When what a log record tells of happened: the push queued, or the text received."""
+    if record.get("kind") == messagelog.PUSHED:
+        return float(record["replies"][0].get("created_at") or 0)
+    return float(record["message"].get("received_at", 0))
 
 
 def erased_since(redis: Any, conversations_: list[str]) -> dict[str, float]:

@@ -74,6 +74,12 @@ def texted(conversation: str) -> str:
     return _conv(conversation, "texted")
 
 
+def wrote(conversation: str) -> str:
+    """When the person last texted the bot, set as the webhook accepts the text and kept as long as
+    dedupe marks: the push window holds from that moment, before the log's writer records the text."""
+    return _conv(conversation, "wrote")
+
+
 # Conversations with work outstanding, scored by when they should next make progress;
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
@@ -104,14 +110,23 @@ def pace(sender_number: str) -> str:
     return f"{PREFIX}:pace:{sender_number}"
 
 
+# What /readyz writes to learn that Redis takes writes (not only that it answers).
+READY_PROBE = f"{PREFIX}:ready-probe"
+
 # Metrics recorded by every process, rendered by the web process at /metrics.
 METRIC_COUNTERS = f"{PREFIX}:metrics:counters"
 METRIC_HISTOGRAMS = f"{PREFIX}:metrics:histograms"
 
 
 def daily_sends(day: str) -> str:
-    """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day."""
+    """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day, and of
+    `<bot id>:segments` -> their segments, for max-segments-per-day."""
     return f"{PREFIX}:sent:{day}"
+
+
+def daily_pushes(day: str) -> str:
+    """A hash of bot id -> replies its engine's callback queued on `day` (UTC, YYYYMMDD)."""
+    return f"{PREFIX}:pushed:{day}"
 
 
 def replies_this_minute(conversation: str, at: float | None = None) -> str:

@@ -13,7 +13,7 @@ from marshmallow import (INCLUDE, Schema, ValidationError, fields, post_load, pr
 from shared.bots import (
     ACCOUNT_SID, AUTH_TOKEN, COLD_PUSH, ENGINE_URL, FALLBACK, LIMIT_ATTRIBUTES, MAX_ENGINE_CALLS, MAX_PER_DAY, MAX_PER_MINUTE,
     MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE, CONTROL_ATTRIBUTES, HANDOFF_TIMEOUT, HANDOFF_URL,
-    MERGE_WINDOW,
+    MERGE_WINDOW, MAX_QUEUED, MAX_SEGMENTS_PER_DAY,
 )
 from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
 from shared.phone import InvalidNumber, normalize_e164
@@ -126,6 +126,10 @@ class BotSchema(Schema):
                                      truthy={True, "true"}, falsy={False, "false"},
                                      metadata={"description": "the engine may push to people who never wrote"})
     max_concurrent_engine_calls = _limit(MAX_ENGINE_CALLS, 1, 10_000, "engine calls in flight per worker process")
+    max_segments_per_day = _limit(MAX_SEGMENTS_PER_DAY, 0, 100_000_000,
+                                  "segments (what Twilio bills) per UTC day, past which replies wait (0: none)")
+    max_queued_replies = _limit(MAX_QUEUED, 1, 1_000,
+                                "replies waiting to one person past which the engine's callback is refused with 429")
     # Conversation controls (shared.bots.Controls, shared.handoff).
     handoff_url = fields.Url(data_key=HANDOFF_URL, load_default=None, allow_none=True, schemes={"http", "https"},
                              require_tld=False, metadata={

@@ -221,7 +221,13 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     paused = _paused(redis, bot, message, turn)
     if paused is not None:
         # A human has the conversation: the message is logged and goes to their tool, not the engine.
-        forwarded = forwarding.forward(bot, message, paused, get_settings())
+        # The handoff-url is the bot's own endpoint: it holds the bot's engine slots, never other bots' threads.
+        with ENGINE_SLOTS.taken(bot) as taken:
+            if not taken and bot.handoff_url:
+                log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
+                         in_flight=ENGINE_SLOTS.in_flight(bot.id))
+                raise EngineBusy(bot.id)
+            forwarded = forwarding.forward(bot, message, paused, get_settings())
         log.info("conversation.handed_off", bot_id=bot.id, message_sid=message["sid"], forwarded=forwarded)
         TALLY.incr("sms_unanswered", reason="handed_off")
         return _unanswered(redis, conversation, raw, message, lease, message["to"])

@@ -32,6 +32,7 @@ from shared.settings import Settings
 from shared.tasks import FORWARD_HANDOFF, OUTBOUND_QUEUE, get_broker
 from worker.deps import get_bots, get_redis, get_settings
 from worker.engine import EngineError, HttpEngine, media_of
+from worker.slots import ENGINE_SLOTS
 
 log = get_logger(__name__)
 
@@ -42,6 +43,8 @@ MAX_ANSWER_BYTES = 16 * 1024  # the answer is not read: only whether it was a 2x
 LATER_RETRIES, LATER_MIN_BACKOFF_MS, LATER_MAX_BACKOFF_MS = 14, 30_000, 30 * 60_000
 # The first background try waits this long: the inline tries just spent their deadline failing.
 LATER_FIRST_DELAY_MS = 30_000
+# A background try that finds the bot's slots all in use looks again after this long.
+BUSY_RETRY_MS = 1_000
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -132,7 +135,12 @@ def forward_later(bot_id: int, payload: dict[str, Any]) -> None:
         log.warning("handoff_forward.dropped", bot_id=bot_id, message_sid=payload.get("message_sid"),
                     reason="bot deleted" if bot is None else "no handoff-url")
         return
-    taken, may_pass = forwarder(bot, get_settings()).post(bot, payload)
+    with ENGINE_SLOTS.taken(bot) as slot:
+        if not slot:
+            # The bot's slots are all in use (its engine or other forwards): not a try, so no retry is spent.
+            forward_later.send_with_options(args=(bot_id, payload), delay=BUSY_RETRY_MS)
+            return
+        taken, may_pass = forwarder(bot, get_settings()).post(bot, payload)
     if taken:
         log.info("handoff_forward.delivered_later", bot_id=bot_id, message_sid=payload.get("message_sid"))
         return

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from shared import keys, messagelog
 from shared.db import transaction
-from shared.erasure import conversation_of_record, erased_since
+from shared.erasure import conversation_of_record, erased_since, recorded_at
 from shared.logging import get_logger
 from shared.redis import script
 from shared.messagelog import Exchange, Outcome
@@ -59,7 +59,7 @@ _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call(
 
 
 _MESSAGE_FIELDS = ("sid", "bot_id", "sender", "to", "body", "media", "received_at")
-_REPLY_FIELDS = ("id", "bot_id", "to", "text", "media_url", "in_reply_to", "created_at")
+_REPLY_FIELDS = messagelog.LOGGED_REPLY_FIELDS
 
 
 def exchange_record(message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]], bot_number: str | None) -> str:
@@ -90,6 +90,9 @@ def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
                 for r in records if r["kind"] == OUTCOME]
     with transaction(engine) as connection:
         messagelog.record_exchanges(connection, exchanges)
+        for record in records:
+            if record["kind"] == messagelog.PUSHED:
+                messagelog.record_replies(connection, record["replies"], record["bot_number"], record["origin"])
         messagelog.record_outcomes(connection, outcomes)
 
 
@@ -118,7 +121,7 @@ def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -
     if not erased:
         return records, raw
     kept = [(record, item) for record, item in zip(records, raw)
-            if (c := conversation_of_record(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
+            if (c := conversation_of_record(record)) not in erased or recorded_at(record) > erased[c]]
     return [record for record, _ in kept], [item for _, item in kept]
 
 

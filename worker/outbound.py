@@ -382,7 +382,8 @@ def _hold_back(redis: Any, conversation: str, reply: dict[str, Any], bot: Bot) -
     every few minutes, so a raised limit or the next UTC day releases them."""
     wait = min(budget.RECHECK_SECONDS, budget.seconds_to_next_day())
     log.warning("outbound.held_back", bot_id=bot.id, conversation=conversation, reply_id=reply["id"],
-                max_messages_per_day=bot.limits.max_messages_per_day, recheck_in=round(wait))
+                max_messages_per_day=bot.limits.max_messages_per_day,
+                max_segments_per_day=bot.limits.max_segments_per_day, recheck_in=round(wait))
     TALLY.incr("sms_outbound", result="held_back")
     return _schedule(redis, conversation, reply, wait)
 
@@ -445,7 +446,7 @@ def _reconciled(redis: Any, conversation: str, head: Head, lease: Lease, sid: st
     assert reply is not None and bot is not None
     next_head = _finish(redis, conversation, head, "queued", sid=sid, at=time.time(), lease=lease)
     TALLY.incr("sms_outbound", result="sent")
-    DAILY_SENDS.sent(bot.id)
+    DAILY_SENDS.sent(bot.id, count_segments(reply["text"]))
     _log_reconciled(bot.id, conversation, reply["id"], sid, how)
     return Step(kick=next_head)
 
@@ -493,7 +494,7 @@ def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: 
     next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
                         pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
-    DAILY_SENDS.sent(bot.id)
+    DAILY_SENDS.sent(bot.id, count_segments(reply["text"]))
     if sender.messaging_service_sid:  # a pool number, maybe unlisted: a bot number for the loop guard
         POOL_NUMBERS.learn(redis, accepted.from_ or sender.from_, bot.id)
     if reply["received_at"]:
