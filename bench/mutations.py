@@ -254,6 +254,22 @@ MUTATIONS: list[Mutation] = [
     Mutation("join ignores the wake-ups a worker holds", "shared/wakeups.py",
              "not any(c.in_hand for c in list(self._consumers))", "True",
              ("tests/test_wakeups.py::TestTheConsumer::test_join_waits_for_the_wake_ups_a_worker_holds",)),
+    # Issue 22, the API's own contract: path ids bounded, 405 with Allow, unsigned refused first, the spec's constraints.
+    Mutation("a callback's bot id is not bounded", "webhook/replies.py",
+             '<int(min=1, max={MAX_BOT_ID}):bot_id>', '<int:bot_id>',
+             ("tests/test_api_contract.py::test_a_callback_to_an_id_past_a_database_integer_is_404_not_500",)),
+    Mutation("a registry bot id is not bounded", "webhook/registry.py",
+             "not 1 <= int(raw) <= MAX_BOT_ID", "int(raw) < 1",
+             ("tests/test_api_contract.py::test_registry_ids_past_a_database_integer_are_404",)),
+    Mutation("405 without Allow", "webhook/errors.py",
+             "response.headers.extend((name, value) for name, value in error.get_headers() if name != \"Content-Type\")",
+             "pass", ("tests/test_api_contract.py::test_an_undeclared_method_is_405_with_the_allowed_ones",)),
+    Mutation("an unsigned webhook's number is looked up", "webhook/twilio_auth.py",
+             "if not request.headers.get(SIGNATURE_HEADER):", "if False:",
+             ("tests/test_api_contract.py::test_an_unsigned_webhook_is_refused_before_its_number_is_looked_up",)),
+    Mutation("the spec lets Twilio's required fields be empty", "webhook/openapi.py",
+             "_FILLED = validate.Length(min=1)", "_FILLED = validate.Length(min=0)",
+             ("tests/test_api_contract.py::test_schemathesis_finds_no_contradiction_with_every_check_on",)),
 ]
 
 

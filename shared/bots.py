@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -133,6 +134,16 @@ CACHE_TTL_SECONDS = 10.0
 # within this long. Long enough that a flood of webhooks to it costs one query per this.
 NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
+# Bot ids are the database's 4-byte integers: a larger id in a path names no bot, and never reaches a query.
+MAX_BOT_ID = 2**31 - 1
+
+
+SERVICE_SID_PATTERN = r"^MG[0-9a-fA-F]{32}$"
+
+
+def is_service_sid(value: str) -> bool:
+    """The shape of a Messaging Service SID (the registry accepts no other)."""
+    return re.fullmatch(SERVICE_SID_PATTERN, value) is not None
 
 
 def shown_url(url: str | None) -> str | None:

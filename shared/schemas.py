@@ -15,7 +15,7 @@ from shared.bots import (
     MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE, CONTROL_ATTRIBUTES, HANDOFF_TIMEOUT, HANDOFF_URL,
     MERGE_WINDOW,
 )
-from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
+from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SERVICE_SID_PATTERN, SHORTEN_URLS, SMART_ENCODED, VALIDITY
 from shared.phone import InvalidNumber, normalize_e164
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -23,7 +23,7 @@ from shared.phone import InvalidNumber, normalize_e164
 MAX_EXTRA_FIELDS = 50
 MAX_EXTRA_TEXT = 1000
 MAX_EXTRA_INTEGER = 2**63
-_EXTRA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+EXTRA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 _SECRET_NAME = re.compile(r"password|secret|api[-_]?key|[-_]token$", re.IGNORECASE)
 SECRET_FIELD = ("looks like a secret, and user fields are stored and returned in plain text: the Twilio auth "
                 "token goes in twilio-auth-token; an engine's credentials belong in the engine's own configuration")
@@ -70,13 +70,16 @@ def _flag(name: str, description: str) -> fields.Boolean:
 
 class WholeNumber(fields.Integer):
     """A whole number, from JSON or from the seed's query string ("10"): never true/false (which
-    Python reads as 1/0), a fraction, or digits other than ASCII."""
+    Python reads as 1/0), a fraction, or digits other than ASCII. JSON's 10.0 is 10, as JSON Schema
+    (and so the API's description) counts it an integer."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         if isinstance(value, str) and value.isascii() and value.isdigit():
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         raise ValidationError("must be a whole number")
 
 
@@ -103,7 +106,7 @@ class BotSchema(Schema):
     )
     auth_token = fields.String(
         data_key=AUTH_TOKEN, required=True, load_only=True,
-        validate=validate.Regexp(r"^\S{8,128}$", error="must be the account's primary auth token (no spaces)"),
+        validate=validate.Regexp(r"^[!-~]{8,128}$", error="must be the account's primary auth token (no spaces)"),
     )
     number = PhoneNumber(data_key=NUMBER, load_default=None,
                          metadata={"description": "the bot's number, E.164; required unless it has a messaging service"})
@@ -138,7 +141,7 @@ class BotSchema(Schema):
     # Messaging Services and number pools (shared.bots.Sending; README "Sending through a Messaging Service").
     messaging_service_sid = fields.String(
         data_key=SERVICE_SID, load_default=None, allow_none=True,
-        validate=validate.Regexp(r"^MG[0-9a-fA-F]{32}$", error="must be a Messaging Service SID: MG followed by 32 hex digits"),
+        validate=validate.Regexp(SERVICE_SID_PATTERN, error="must be a Messaging Service SID: MG followed by 32 hex digits"),
         metadata={"description": "the Twilio Messaging Service the bot sends through (its pool's numbers reach it too)"})
     phone_numbers = PhoneNumbers(data_key=PHONE_NUMBERS, load_default=None, allow_none=True, metadata={
         "description": "the bot's numbers besides main-phone-number, E.164; each belongs to one bot"})
@@ -175,7 +178,7 @@ class BotSchema(Schema):
 
 def _extra_problem(name: object, value: object) -> str | None:
     """Why an additional user field cannot be stored, or None: only short scalars under plain names."""
-    if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name):
+    if not isinstance(name, str) or not EXTRA_NAME.fullmatch(name):
         return "is not a valid field name"
     if _SECRET_NAME.search(name):
         return SECRET_FIELD

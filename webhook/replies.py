@@ -15,7 +15,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, val
 from sqlalchemy import Connection
 
 from shared import handoff, keys, messagelog
-from shared.bots import Bot
+from shared.bots import MAX_BOT_ID, Bot
 from shared.conversations import queue_replies, replies_from
 from shared.db import transaction
 from shared.logging import get_logger
@@ -57,7 +57,7 @@ REPLIES = CallbackReplySchema(many=True)
 MAX_REPLIES_PER_REQUEST = 100
 
 
-@bp.post("/channels/sms/callback/<int:bot_id>")
+@bp.post(f"/channels/sms/callback/<int(min=1, max={MAX_BOT_ID}):bot_id>")
 def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
     bot = deps.get_bots().by_id(bot_id)
     if not _authorized(bot):
