@@ -270,6 +270,28 @@ MUTATIONS: list[Mutation] = [
     Mutation("the spec lets Twilio's required fields be empty", "webhook/openapi.py",
              "_FILLED = validate.Length(min=1)", "_FILLED = validate.Length(min=0)",
              ("tests/test_api_contract.py::test_schemathesis_finds_no_contradiction_with_every_check_on",)),
+    # Issue 22, secrets: extra fields named like secrets encrypted and never shown, null removes, keys in URL paths.
+    Mutation("secret-named user fields shown", "shared/bots.py",
+             "REDACTED if is_secret_name(name) else value", "value",
+             ("tests/test_input_validation.py::TestExtraFields::test_secret_looking_extra_fields_are_stored_encrypted_and_shown_redacted",)),
+    Mutation("secret-named user fields stored in plain text", "shared/bots.py",
+             "self._sealed(v) if is_secret_name(k) else v", "v",
+             ("tests/test_input_validation.py::TestExtraFields::test_secret_looking_extra_fields_are_stored_encrypted_and_shown_redacted",)),
+    Mutation("a user field set to null is kept", "shared/schemas.py",
+             "or key in _NULLABLE or key not in _DATA_KEYS.values()", "or key in _NULLABLE",
+             ("tests/test_input_validation.py::TestExtraFields::test_a_secret_field_set_to_null_is_removed",)),
+    Mutation("field names judged only by the old pattern", "shared/logging.py",
+             '_SECRET_LETTERS.search(re.sub(r"[^a-z]", "", name.lower())) is not None', "False",
+             ("tests/test_logging.py::test_fields_whose_letters_spell_a_secret_are_redacted",)),
+    Mutation("a key in a URL's path is shown", "shared/bots.py",
+             "redact_path(parts.path)", "parts.path",
+             ("tests/test_input_validation.py::TestExtraFields::test_a_key_in_a_handoff_or_engine_urls_path_is_not_shown",)),
+    Mutation("a key in a URL's path is logged", "shared/logging.py",
+             "            text = redact_path(text)\n", "            pass\n",
+             ("tests/test_logging.py::test_a_key_in_a_url_path_is_redacted_inside_text",)),
+    Mutation("a flag takes 0 as false", "shared/schemas.py",
+             "if isinstance(value, (int, float)) and not isinstance(value, bool):", "if False:",
+             ("tests/test_api_contract.py::test_a_flag_is_a_boolean_not_a_number",)),
 ]
 
 

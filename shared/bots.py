@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import threading
@@ -27,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from shared import keys
 from shared.crypto import Vault
 from shared.db import insert, transaction
-from shared.logging import get_logger
+from shared.logging import REDACTED, get_logger, is_secret_name, redact_path
 from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
@@ -139,6 +140,8 @@ MAX_BOT_ID = 2**31 - 1
 
 
 SERVICE_SID_PATTERN = r"^MG[0-9a-fA-F]{32}$"
+# How a user field named like a secret is stored: this, then its JSON value encrypted with CREDENTIALS_KEY.
+SEALED = "sealed:"
 
 
 def is_service_sid(value: str) -> bool:
@@ -147,8 +150,9 @@ def is_service_sid(value: str) -> bool:
 
 
 def shown_url(url: str | None) -> str | None:
-    """An engine URL as the API shows it: query values and any user:password@ replaced by ***, since
-    an engine's URL may carry a key (`?token=...`); the worker alone reads the URL whole."""
+    """An engine URL as the API (and the log) shows it: query values and any user:password@ replaced by
+    ***, and key-like path segments (Slack's `/services/T.../B.../<key>`) by [redacted], since a URL
+    may carry a key; the worker alone reads the URL whole."""
     if not url:
         return url
     parts = urlsplit(url)
@@ -157,7 +161,7 @@ def shown_url(url: str | None) -> str | None:
         netloc = "***@" + netloc
     query = "&".join(f"{name}=***" if sep else name
                      for name, sep, _ in (pair.partition("=") for pair in parts.query.split("&")) if name)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, redact_path(parts.path), query, ""))
 
 
 def new_engine_token() -> str:
@@ -228,8 +232,9 @@ class Bot:
         return hmac.compare_digest(token_hash(token), self.engine_token_hash)
 
     def public(self) -> dict[str, Any]:
-        """The bot as the API shows it: everything but the auth token; every limit, set or default."""
-        shown: dict[str, Any] = dict(self.extra)
+        """The bot as the API shows it: everything but the auth token; every limit, set or default; a
+        user field named like a secret only as [redacted] (it is stored encrypted)."""
+        shown: dict[str, Any] = {name: REDACTED if is_secret_name(name) else value for name, value in self.extra.items()}
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
             NUMBER: self.number, ENGINE_URL: shown_url(self.engine_url), PACE: self.messages_per_second,
@@ -429,10 +434,18 @@ class BotStore:
             "handoff_url": self._vault.encrypt(fields[HANDOFF_URL]) if fields.get(HANDOFF_URL) else None,
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
-            "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
+            # A user field set to null is removed; one named like a secret is kept encrypted.
+            "extra": {k: self._sealed(v) if is_secret_name(k) else v for k, v in fields.items()
+                      if k not in KNOWN_FIELDS and k not in _INTERNAL and v is not None},
             # None unsets a limit (back to its default).
             "limits": {k: fields[k] for k in SETTING_NAMES if fields.get(k) is not None},
         }
+
+    def _sealed(self, value: Any) -> str:
+        """A secret user field's value encrypted (once: a value read back from the row already is)."""
+        if isinstance(value, str) and value.startswith(SEALED):
+            return value
+        return SEALED + self._vault.encrypt(json.dumps(value))
 
     def _bot(self, row: Mapping[str, Any]) -> Bot:
         return Bot(

@@ -24,9 +24,6 @@ MAX_EXTRA_FIELDS = 50
 MAX_EXTRA_TEXT = 1000
 MAX_EXTRA_INTEGER = 2**63
 EXTRA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
-_SECRET_NAME = re.compile(r"password|secret|api[-_]?key|[-_]token$", re.IGNORECASE)
-SECRET_FIELD = ("looks like a secret, and user fields are stored and returned in plain text: the Twilio auth "
-                "token goes in twilio-auth-token; an engine's credentials belong in the engine's own configuration")
 URL_CREDENTIALS = ("must not carry credentials (user:password@): the URL is stored and returned in plain text, "
                    "and a bot's engine is never sent them; an engine's credentials belong in the engine's own "
                    "configuration")
@@ -63,8 +60,18 @@ class PhoneNumbers(fields.Field):
         return list(dict.fromkeys(numbers))
 
 
+class Flag(fields.Boolean):
+    """true or false (or the seed's "true"/"false"), never 0 or 1: Python's 0 == False would let a
+    number through that the API's description says is not a boolean."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 def _flag(name: str, description: str) -> fields.Boolean:
-    return fields.Boolean(data_key=name, load_default=None, allow_none=True, truthy={True, "true"},
+    return Flag(data_key=name, load_default=None, allow_none=True, truthy={True, "true"},
                           falsy={False, "false"}, metadata={"description": description})
 
 
@@ -124,7 +131,7 @@ class BotSchema(Schema):
     max_messages_per_day = _limit(MAX_PER_DAY, 0, 10_000_000, "sends per UTC day, past which replies wait (0: none)")
     max_replies_per_minute = _limit(MAX_PER_MINUTE, 0, 10_000, "replies per person a minute (0: none)")
     push_window_days = _limit(PUSH_WINDOW, 1, 3650, "days after a person's last text that the engine may push to them")
-    allow_cold_push = fields.Boolean(data_key=COLD_PUSH, load_default=None, allow_none=True,
+    allow_cold_push = Flag(data_key=COLD_PUSH, load_default=None, allow_none=True,
                                      truthy={True, "true"}, falsy={False, "false"},
                                      metadata={"description": "the engine may push to people who never wrote"})
     max_concurrent_engine_calls = _limit(MAX_ENGINE_CALLS, 1, 10_000, "engine calls in flight per worker process")
@@ -173,15 +180,15 @@ class BotSchema(Schema):
         """Back to the API's own spelling, which the store keeps."""
         spelled = {_DATA_KEYS.get(key, key): value for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
-        return {key: value for key, value in spelled.items() if value is not None or key in _NULLABLE}
+        # null keeps a field's default, but removes an extra user field.
+        return {key: value for key, value in spelled.items()
+                if value is not None or key in _NULLABLE or key not in _DATA_KEYS.values()}
 
 
 def _extra_problem(name: object, value: object) -> str | None:
     """Why an additional user field cannot be stored, or None: only short scalars under plain names."""
     if not isinstance(name, str) or not EXTRA_NAME.fullmatch(name):
         return "is not a valid field name"
-    if _SECRET_NAME.search(name):
-        return SECRET_FIELD
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from shared.bots import MAX_BOT_ID
+from shared.bots import MAX_BOT_ID, Bot
 from tests.conftest import ADMIN_TOKEN, free_port
 from tests.support.processes import Process, start_web
 
@@ -47,7 +47,7 @@ def test_schemathesis_finds_no_contradiction_with_every_check_on(web: str, tmp_p
          "-H", f"Authorization: Bearer {ADMIN_TOKEN}", "--max-time", str(MAX_SECONDS),
          "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--workers", "1", "--no-color",
          "--request-timeout", "20", "--suppress-health-check", "too_slow"],
-        capture_output=True, text=True, timeout=MAX_SECONDS * 4,
+        capture_output=True, text=True, timeout=MAX_SECONDS * 4, cwd=tmp_path,  # its cache goes there
     )
     assert 0 == result.returncode, result.stdout[-12000:] + result.stderr[-2000:]
 
@@ -72,6 +72,14 @@ def test_an_undeclared_method_is_405_with_the_allowed_ones(client: FlaskClient, 
     response = client.open(path, method="PATCH")
     assert 405 == response.status_code
     assert "POST" in response.headers["Allow"] or "GET" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("field", ["allow-cold-push", "smart-encoded"])
+def test_a_flag_is_a_boolean_not_a_number(client: FlaskClient, admin_headers: dict[str, str], bot: Bot,
+                                          field: str) -> None:
+    """0 and 1 are refused where the description says boolean (Python would read 0 as False)."""
+    response = client.post(f"/app:mammut-1/graph/user:{bot.id}", json={field: 0}, headers=admin_headers)
+    assert (400, [field]) == (response.status_code, list(response.json["errors"]))
 
 
 def test_an_unsigned_webhook_is_refused_before_its_number_is_looked_up(client: FlaskClient) -> None:
