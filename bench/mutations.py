@@ -292,6 +292,16 @@ MUTATIONS: list[Mutation] = [
     Mutation("a flag takes 0 as false", "shared/schemas.py",
              "if isinstance(value, (int, float)) and not isinstance(value, bool):", "if False:",
              ("tests/test_api_contract.py::test_a_flag_is_a_boolean_not_a_number",)),
+    # Issue 22, handoff signatures: the time signed with the body, both secrets during a rotation, 401/403 mean later.
+    Mutation("a forward's signature leaves out its time", "worker/handoff.py",
+             'signed = f"{now}.".encode() + body', "signed = body",
+             ("tests/test_handoff.py::TestSignatures::test_a_forward_signs_its_time_so_a_captured_one_is_refused_later",)),
+    Mutation("a rotated secret stops signing at once", "shared/bots.py",
+             "if self.handoff_previous_secret and now < self.handoff_previous_until:", "if False:",
+             ("tests/test_handoff.py::TestSignatures::test_after_a_rotation_forwards_carry_both_signatures_for_the_grace_period",)),
+    Mutation("a receiver's 401 drops the forward", "worker/handoff.py",
+             "LATER_STATUSES = frozenset({401, 403, 408, 425, 429})", "LATER_STATUSES = frozenset({429})",
+             ("tests/test_handoff.py::TestSignatures::test_a_receiver_refusing_the_signature_or_asking_for_time_gets_the_forward_later",)),
 ]
 
 

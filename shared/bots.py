@@ -142,6 +142,8 @@ MAX_BOT_ID = 2**31 - 1
 SERVICE_SID_PATTERN = r"^MG[0-9a-fA-F]{32}$"
 # How a user field named like a secret is stored: this, then its JSON value encrypted with CREDENTIALS_KEY.
 SEALED = "sealed:"
+# After a handoff secret is rotated, forwards are signed with the old one too for this long.
+HANDOFF_SECRET_GRACE_SECONDS = 24 * 3600
 
 
 def is_service_sid(value: str) -> bool:
@@ -204,6 +206,9 @@ class Bot:
     # once, when the URL is first set or the secret rotated).
     handoff_url: str | None = None
     handoff_secret: str | None = field(default=None, repr=False)
+    # The secret it replaced, and until when forwards are signed with it too (a rotation's grace period).
+    handoff_previous_secret: str | None = field(default=None, repr=False)
+    handoff_previous_until: float = 0.0
     # Messaging Services and number pools: the bot's service, its numbers besides `number`, send options.
     messaging_service_sid: str | None = None
     phone_numbers: tuple[str, ...] = ()
@@ -219,6 +224,13 @@ class Bot:
         Messaging Service when it has one (Twilio's opt-out covers every sender of a service, and
         any of them may be picked to write to the person), else that number (else the main one)."""
         return self.messaging_service_sid or number or self.number or ""
+
+    def handoff_signing_secrets(self, now: float) -> list[str]:
+        """The secrets a forward is signed with now: the bot's, and the one it replaced during the grace period."""
+        secrets_now = [self.handoff_secret] if self.handoff_secret else []
+        if self.handoff_previous_secret and now < self.handoff_previous_until:
+            secrets_now.append(self.handoff_previous_secret)
+        return secrets_now
 
     @property
     def pooled(self) -> bool:
@@ -288,14 +300,31 @@ class BotStore:
         return engine_token
 
     def rotate_handoff_secret(self, bot_id: int) -> str:
-        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at once."""
+        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at
+        once, and with the one it replaces too for HANDOFF_SECRET_GRACE_SECONDS, so a receiver can
+        switch keys without refusing a forward meanwhile."""
+        secret = "mshs_" + secrets.token_urlsafe(32)
         with transaction(self._engine) as connection:
-            changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
-                handoff_secret_encrypted=(encrypted := self._new_handoff_secret()), updated_at=time.time())).rowcount
-        if not changed:
-            raise BotNotFound(bot_id)
+            old = connection.execute(select(bots.c.handoff_secret_encrypted).where(bots.c.id == bot_id)
+                                     .with_for_update()).first()
+            if old is None:
+                raise BotNotFound(bot_id)
+            previous = self._handoff_secrets(old.handoff_secret_encrypted)[0] if old.handoff_secret_encrypted else None
+            # The column holds the secret alone, or after a rotation the secret with the one it replaced.
+            sealed = json.dumps({"secret": secret, "previous": previous,
+                                 "previous_until": time.time() + HANDOFF_SECRET_GRACE_SECONDS})
+            connection.execute(update(bots).where(bots.c.id == bot_id).values(
+                handoff_secret_encrypted=self._vault.encrypt(sealed), updated_at=time.time()))
         self._announce(bot_id)
-        return self._token(encrypted)
+        return secret
+
+    def _handoff_secrets(self, encrypted: str) -> tuple[str, str | None, float]:
+        """The bot's handoff secret, the one it replaced (or None), and until when that one still signs."""
+        plain = self._token(encrypted)
+        if not plain.startswith("{"):
+            return plain, None, 0.0
+        sealed = json.loads(plain)
+        return sealed["secret"], sealed.get("previous"), float(sealed.get("previous_until") or 0.0)
 
     def _new_handoff_secret(self) -> str:
         return self._vault.encrypt("mshs_" + secrets.token_urlsafe(32))
@@ -345,7 +374,7 @@ class BotStore:
                 row["handoff_secret_encrypted"] = old.handoff_secret_encrypted if row["handoff_url"] else None
                 if row["handoff_url"] and not old.handoff_secret_encrypted:
                     row["handoff_secret_encrypted"] = self._new_handoff_secret()
-                    shown_once[HANDOFF_SECRET] = self._token(row["handoff_secret_encrypted"])
+                    shown_once[HANDOFF_SECRET] = self._handoff_secrets(row["handoff_secret_encrypted"])[0]
                 self._check_owners(connection, merged, bot_id)
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
                 pool = self._save_numbers(connection, bot_id, merged)
@@ -462,11 +491,17 @@ class BotStore:
             engine_token_hash=row.get("engine_token_hash"),
             controls=Controls.from_stored(row.get("limits")),
             handoff_url=self._engine_url(row.get("handoff_url")),
-            handoff_secret=self._token(secret) if (secret := row.get("handoff_secret_encrypted")) else None,
+            **self._handoff_fields(row.get("handoff_secret_encrypted")),
             messaging_service_sid=row.get("messaging_service_sid"),
             phone_numbers=tuple(row.get("phone_numbers") or ()),
             sending=Sending.from_stored(row.get("limits")),
         )
+
+    def _handoff_fields(self, encrypted: str | None) -> dict[str, Any]:
+        if not encrypted:
+            return {}
+        secret, previous, until = self._handoff_secrets(encrypted)
+        return {"handoff_secret": secret, "handoff_previous_secret": previous, "handoff_previous_until": until}
 
     def _engine_url(self, stored: str | None) -> str | None:
         """Engine URLs are stored encrypted like auth tokens (they may carry a key); a row written by
