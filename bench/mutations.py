@@ -302,6 +302,16 @@ MUTATIONS: list[Mutation] = [
     Mutation("a receiver's 401 drops the forward", "worker/handoff.py",
              "LATER_STATUSES = frozenset({401, 403, 408, 425, 429})", "LATER_STATUSES = frozenset({429})",
              ("tests/test_handoff.py::TestSignatures::test_a_receiver_refusing_the_signature_or_asking_for_time_gets_the_forward_later",)),
+    # Issue 22, the CLI: the Twilio token from the environment, a content-derived Idempotency-Key, plain-http warning.
+    Mutation("the CLI ignores $TWILIO_AUTH_TOKEN", "cli/bots.py",
+             "    if os.environ.get(AUTH_TOKEN_VARIABLE):\n", "    if False:\n",
+             ("tests/test_cli.py::TestBots::test_create_reads_the_auth_token_from_the_environment",)),
+    Mutation("send makes a new Idempotency-Key every run", "cli/send.py",
+             'return "cli-" + hashlib.sha256(content).hexdigest()[:40]', 'return "cli-" + __import__("uuid").uuid4().hex',
+             ("tests/test_operator_send.py::test_running_the_same_send_again_texts_once",)),
+    Mutation("no warning for a bearer token over plain http", "cli/bots.py",
+             'if parts.scheme == "http" and not is_loopback(parts.hostname):', "if False:",
+             ("tests/test_cli.py::TestBots::test_a_bearer_token_over_plain_http_to_another_host_is_warned_about",)),
 ]
 
 
