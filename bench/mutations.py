@@ -312,6 +312,14 @@ MUTATIONS: list[Mutation] = [
     Mutation("no warning for a bearer token over plain http", "cli/bots.py",
              'if parts.scheme == "http" and not is_loopback(parts.hostname):', "if False:",
              ("tests/test_cli.py::TestBots::test_a_bearer_token_over_plain_http_to_another_host_is_warned_about",)),
+    # Issue 22, mammut-sms dev: loopback unless --host, and the project's own Procfile.
+    Mutation("dev listens on every interface", "cli/dev.py",
+             'LOOPBACK = "127.0.0.1"', 'LOOPBACK = "::"',
+             ("tests/test_dev.py::test_dev_listens_on_loopback_and_runs_the_projects_procfile_not_the_current_directorys",)),
+    Mutation("dev runs the current directory's Procfile", "cli/dev.py",
+             '    return PROJECT_ROOT / "Procfile"',
+             '    return Path.cwd() / "Procfile" if (Path.cwd() / "Procfile").is_file() else PROJECT_ROOT / "Procfile"',
+             ("tests/test_dev.py::test_dev_listens_on_loopback_and_runs_the_projects_procfile_not_the_current_directorys",)),
 ]
 
 
