@@ -468,6 +468,24 @@ class TestSignatures:
         assert ["handoff_forward.queued"] == [event["event"] for event in logs if event["event"] in (
             "handoff_forward.queued", "handoff_forward.gave_up")]
 
+    def test_a_key_in_the_handoff_urls_path_never_reaches_the_log(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
+            logs: list[dict[str, object]]) -> None:
+        """A Slack-style handoff-url is logged with its ids and without its key, on every forward."""
+        from shared.netguard import AddressPolicy
+        from worker import handoff as forwarding
+        from worker.deps import get_settings
+
+        bot, _ = handed
+        url = receiver.url + "/services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop"
+        paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+        message = {"sid": "SM" + "9" * 32, "sender": SENDER, "to": bot.number, "body": "hola", "media": [],
+                   "received_at": time.time()}
+        assert forwarding.Forwarder(url, policy=AddressPolicy.for_settings(get_settings())).forward(bot, message, paused)
+        [called] = [event for event in logs if event["event"] == "handoff_forward.called"]
+        assert str(called["url"]).endswith("/services/T0123ABCD/B0456EFGH/[redacted]")
+        assert "Zx9Secret" not in json.dumps(logs, default=str)
+
     @pytest.mark.parametrize("status", [400, 404, 410, 422])
     def test_a_receiver_refusing_the_forward_itself_is_not_asked_again(
             self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
