@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import threading
 import time
@@ -26,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from shared import keys, optout
 from shared.crypto import Vault
 from shared.db import insert, transaction
-from shared.logging import get_logger
+from shared.logging import REDACTED, get_logger, is_secret_name, redact_path
 from shared.poolnumbers import pool_number_owner
 from shared.schema import bot_numbers, bots, handoffs
 
@@ -138,11 +140,26 @@ CACHE_TTL_SECONDS = 10.0
 # within this long. Long enough that a flood of webhooks to it costs one query per this.
 NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
+# Bot ids are the database's 4-byte integers: a larger id in a path names no bot, and never reaches a query.
+MAX_BOT_ID = 2**31 - 1
+
+
+SERVICE_SID_PATTERN = r"^MG[0-9a-fA-F]{32}$"
+# How a user field named like a secret is stored: this, then its JSON value encrypted with CREDENTIALS_KEY.
+SEALED = "sealed:"
+# After a handoff secret is rotated, forwards are signed with the old one too for this long.
+HANDOFF_SECRET_GRACE_SECONDS = 24 * 3600
+
+
+def is_service_sid(value: str) -> bool:
+    """The shape of a Messaging Service SID (the registry accepts no other)."""
+    return re.fullmatch(SERVICE_SID_PATTERN, value) is not None
 
 
 def shown_url(url: str | None) -> str | None:
-    """An engine URL as the API shows it: query values and any user:password@ replaced by ***, since
-    an engine's URL may carry a key (`?token=...`); the worker alone reads the URL whole."""
+    """An engine URL as the API (and the log) shows it: query values and any user:password@ replaced by
+    ***, and key-like path segments (Slack's `/services/T.../B.../<key>`) by [redacted], since a URL
+    may carry a key; the worker alone reads the URL whole."""
     if not url:
         return url
     parts = urlsplit(url)
@@ -151,7 +168,7 @@ def shown_url(url: str | None) -> str | None:
         netloc = "***@" + netloc
     query = "&".join(f"{name}=***" if sep else name
                      for name, sep, _ in (pair.partition("=") for pair in parts.query.split("&")) if name)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, redact_path(parts.path), query, ""))
 
 
 def new_engine_token() -> str:
@@ -194,6 +211,9 @@ class Bot:
     # once, when the URL is first set or the secret rotated).
     handoff_url: str | None = None
     handoff_secret: str | None = field(default=None, repr=False)
+    # The secret it replaced, and until when forwards are signed with it too (a rotation's grace period).
+    handoff_previous_secret: str | None = field(default=None, repr=False)
+    handoff_previous_until: float = 0.0
     # Messaging Services and number pools: the bot's service, its numbers besides `number`, send options.
     messaging_service_sid: str | None = None
     phone_numbers: tuple[str, ...] = ()
@@ -210,6 +230,13 @@ class Bot:
         any of them may be picked to write to the person), else that number (else the main one)."""
         return self.messaging_service_sid or number or self.number or ""
 
+    def handoff_signing_secrets(self, now: float) -> list[str]:
+        """The secrets a forward is signed with now: the bot's, and the one it replaced during the grace period."""
+        secrets_now = [self.handoff_secret] if self.handoff_secret else []
+        if self.handoff_previous_secret and now < self.handoff_previous_until:
+            secrets_now.append(self.handoff_previous_secret)
+        return secrets_now
+
     @property
     def pooled(self) -> bool:
         """Whether the number a person texted matters to the reply (the bot has several, or a service)."""
@@ -222,8 +249,9 @@ class Bot:
         return hmac.compare_digest(token_hash(token), self.engine_token_hash)
 
     def public(self) -> dict[str, Any]:
-        """The bot as the API shows it: everything but the auth token; every limit, set or default."""
-        shown: dict[str, Any] = dict(self.extra)
+        """The bot as the API shows it: everything but the auth token; every limit, set or default; a
+        user field named like a secret only as [redacted] (it is stored encrypted)."""
+        shown: dict[str, Any] = {name: REDACTED if is_secret_name(name) else value for name, value in self.extra.items()}
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
             NUMBER: self.number, ENGINE_URL: shown_url(self.engine_url), PACE: self.messages_per_second,
@@ -277,14 +305,31 @@ class BotStore:
         return engine_token
 
     def rotate_handoff_secret(self, bot_id: int) -> str:
-        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at once."""
+        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at
+        once, and with the one it replaces too for HANDOFF_SECRET_GRACE_SECONDS, so a receiver can
+        switch keys without refusing a forward meanwhile."""
+        secret = "mshs_" + secrets.token_urlsafe(32)
         with transaction(self._engine) as connection:
-            changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
-                handoff_secret_encrypted=(encrypted := self._new_handoff_secret()), updated_at=time.time())).rowcount
-        if not changed:
-            raise BotNotFound(bot_id)
+            old = connection.execute(select(bots.c.handoff_secret_encrypted).where(bots.c.id == bot_id)
+                                     .with_for_update()).first()
+            if old is None:
+                raise BotNotFound(bot_id)
+            previous = self._handoff_secrets(old.handoff_secret_encrypted)[0] if old.handoff_secret_encrypted else None
+            # The column holds the secret alone, or after a rotation the secret with the one it replaced.
+            sealed = json.dumps({"secret": secret, "previous": previous,
+                                 "previous_until": time.time() + HANDOFF_SECRET_GRACE_SECONDS})
+            connection.execute(update(bots).where(bots.c.id == bot_id).values(
+                handoff_secret_encrypted=self._vault.encrypt(sealed), updated_at=time.time()))
         self._announce(bot_id)
-        return self._token(encrypted)
+        return secret
+
+    def _handoff_secrets(self, encrypted: str) -> tuple[str, str | None, float]:
+        """The bot's handoff secret, the one it replaced (or None), and until when that one still signs."""
+        plain = self._token(encrypted)
+        if not plain.startswith("{"):
+            return plain, None, 0.0
+        sealed = json.loads(plain)
+        return sealed["secret"], sealed.get("previous"), float(sealed.get("previous_until") or 0.0)
 
     def _new_handoff_secret(self) -> str:
         return self._vault.encrypt("mshs_" + secrets.token_urlsafe(32))
@@ -335,7 +380,7 @@ class BotStore:
                 row["handoff_secret_encrypted"] = old.handoff_secret_encrypted if row["handoff_url"] else None
                 if row["handoff_url"] and not old.handoff_secret_encrypted:
                     row["handoff_secret_encrypted"] = self._new_handoff_secret()
-                    shown_once[HANDOFF_SECRET] = self._token(row["handoff_secret_encrypted"])
+                    shown_once[HANDOFF_SECRET] = self._handoff_secrets(row["handoff_secret_encrypted"])[0]
                 self._check_owners(connection, merged, bot_id)
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
                 pool = self._save_numbers(connection, bot_id, merged)
@@ -433,10 +478,18 @@ class BotStore:
             "handoff_url": self._vault.encrypt(fields[HANDOFF_URL]) if fields.get(HANDOFF_URL) else None,
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
-            "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
+            # A user field set to null is removed; one named like a secret is kept encrypted.
+            "extra": {k: self._sealed(v) if is_secret_name(k) else v for k, v in fields.items()
+                      if k not in KNOWN_FIELDS and k not in _INTERNAL and v is not None},
             # None unsets a limit (back to its default).
             "limits": {k: fields[k] for k in SETTING_NAMES if fields.get(k) is not None},
         }
+
+    def _sealed(self, value: Any) -> str:
+        """A secret user field's value encrypted (once: a value read back from the row already is)."""
+        if isinstance(value, str) and value.startswith(SEALED):
+            return value
+        return SEALED + self._vault.encrypt(json.dumps(value))
 
     def _bot(self, row: Mapping[str, Any]) -> Bot:
         return Bot(
@@ -453,11 +506,17 @@ class BotStore:
             engine_token_hash=row.get("engine_token_hash"),
             controls=Controls.from_stored(row.get("limits")),
             handoff_url=self._engine_url(row.get("handoff_url")),
-            handoff_secret=self._token(secret) if (secret := row.get("handoff_secret_encrypted")) else None,
+            **self._handoff_fields(row.get("handoff_secret_encrypted")),
             messaging_service_sid=row.get("messaging_service_sid"),
             phone_numbers=tuple(row.get("phone_numbers") or ()),
             sending=Sending.from_stored(row.get("limits")),
         )
+
+    def _handoff_fields(self, encrypted: str | None) -> dict[str, Any]:
+        if not encrypted:
+            return {}
+        secret, previous, until = self._handoff_secrets(encrypted)
+        return {"handoff_secret": secret, "handoff_previous_secret": previous, "handoff_previous_until": until}
 
     def _engine_url(self, stored: str | None) -> str | None:
         """Engine URLs are stored encrypted like auth tokens (they may carry a key); a row written by

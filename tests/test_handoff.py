@@ -57,10 +57,19 @@ def texts_in(log: dict[str, Any]) -> list[tuple[str, str]]:
     return [(entry["direction"], entry["text"]) for entry in log["messages"]]
 
 
+def from_mammut(body: bytes, header: str, secret: str, now: float | None = None, tolerance: int = 300) -> bool:
+    """The README's receiver check: a recent t, and a v1 that is the HMAC of "<t>." + body under `secret`."""
+    pairs = [part.split("=", 1) for part in (header or "").split(",") if "=" in part]
+    stamps = [value for name, value in pairs if name == "t"]
+    if len(stamps) != 1 or not stamps[0].isdigit() or abs((now or time.time()) - int(stamps[0])) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, value) for name, value in pairs if name == "v1")
+
+
 def verified(secret: str, received: Any) -> dict[str, Any]:
     """The forward's JSON, once its signature checks out as the README tells a receiver to check it."""
-    expected = "sha256=" + hmac.new(secret.encode(), received.body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(expected, received.headers["X-Mammut-Signature"])
+    assert from_mammut(received.body, received.headers["X-Mammut-Signature"], secret)
     return json.loads(received.body)
 
 
@@ -412,6 +421,99 @@ def test_a_forward_the_handoff_url_did_not_take_is_tried_again_later(
     wait_until(lambda: any(event["event"] == "handoff_forward.delivered_later" for event in logs))
     assert ["handoff_forward.queued"] == [event["event"] for event in logs if event["event"] in (
         "handoff_forward.queued", "handoff_forward.gave_up")]
+
+
+def _forward_now(bot: Bot, receiver: Receiver, sid: str, backoff: tuple[float, ...] = (0.05,)) -> bool:
+    from shared.netguard import AddressPolicy
+    from worker import handoff as forwarding
+    from worker.deps import get_settings
+
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+    message = {"sid": sid, "sender": SENDER, "to": bot.number, "body": "hola", "media": [], "received_at": time.time()}
+    return forwarding.Forwarder(receiver.url, policy=AddressPolicy.for_settings(get_settings()),
+                                backoff=backoff).forward(bot, message, paused)
+
+
+class TestSignatures:
+    def test_a_forward_signs_its_time_so_a_captured_one_is_refused_later(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker) -> None:
+        """The receiver's check passes now, fails for the same request replayed after the 5-minute
+        tolerance, and fails for a t moved forward to look recent."""
+        bot, secret = handed
+        assert _forward_now(bot, receiver, "SM" + "4" * 32)
+        [forward] = receiver.received
+        header = forward.headers["X-Mammut-Signature"]
+        sent = int(header.split(",")[0].removeprefix("t="))
+
+        assert from_mammut(forward.body, header, secret)
+        assert not from_mammut(forward.body, header, secret, now=sent + 301)
+        assert not from_mammut(forward.body, header.replace(f"t={sent}", f"t={sent + 301}"), secret, now=sent + 301)
+
+    def test_after_a_rotation_forwards_carry_both_signatures_for_the_grace_period(
+            self, client: FlaskClient, admin_headers: dict[str, str], handed: tuple[Bot, str], receiver: Receiver,
+            store: BotStore, broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A receiver still on the old secret and one already on the new both accept; once the grace
+        period is over, only the new one does."""
+        import shared.bots
+
+        bot, old = handed
+        new = client.post(f"{USERS}:{bot.id}/handoff-secret", headers=admin_headers).json["taskResult"][0][
+            "handoff-secret"]
+        assert _forward_now(store.get(bot.id), receiver, "SM" + "5" * 32)
+        monkeypatch.setattr(shared.bots, "HANDOFF_SECRET_GRACE_SECONDS", 0)
+        newest = client.post(f"{USERS}:{bot.id}/handoff-secret", headers=admin_headers).json["taskResult"][0][
+            "handoff-secret"]
+        assert _forward_now(store.get(bot.id), receiver, "SM" + "6" * 32)
+
+        during, after = receiver.received
+        signed = [[from_mammut(f.body, f.headers["X-Mammut-Signature"], s) for s in (old, new, newest)]
+                  for f in (during, after)]
+        assert [[True, True, False], [False, False, True]] == signed
+
+    @pytest.mark.parametrize("status", [401, 403, 408, 425, 429])
+    def test_a_receiver_refusing_the_signature_or_asking_for_time_gets_the_forward_later(
+            self, handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker,
+            monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, object]], status: int) -> None:
+        """Not gave_up: queued, and delivered once the receiver takes it (it switched secrets)."""
+        from worker import handoff as forwarding
+
+        bot, secret = handed
+        monkeypatch.setattr(forwarding, "LATER_FIRST_DELAY_MS", 300)
+        receiver.status = status
+        assert not _forward_now(bot, receiver, "SM" + "7" * 32, backoff=())
+        receiver.status = 200
+        verified(secret, receiver.wait_for(2, timeout=15)[-1])
+        assert ["handoff_forward.queued"] == [event["event"] for event in logs if event["event"] in (
+            "handoff_forward.queued", "handoff_forward.gave_up")]
+
+    def test_a_key_in_the_handoff_urls_path_never_reaches_the_log(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
+            logs: list[dict[str, object]]) -> None:
+        """A Slack-style handoff-url is logged with its ids and without its key, on every forward."""
+        from shared.netguard import AddressPolicy
+        from worker import handoff as forwarding
+        from worker.deps import get_settings
+
+        bot, _ = handed
+        url = receiver.url + "/services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop"
+        paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+        message = {"sid": "SM" + "9" * 32, "sender": SENDER, "to": bot.number, "body": "hola", "media": [],
+                   "received_at": time.time()}
+        assert forwarding.Forwarder(url, policy=AddressPolicy.for_settings(get_settings())).forward(bot, message, paused)
+        [called] = [event for event in logs if event["event"] == "handoff_forward.called"]
+        assert str(called["url"]).endswith("/services/T0123ABCD/B0456EFGH/[redacted]")
+        assert "Zx9Secret" not in json.dumps(logs, default=str)
+
+    @pytest.mark.parametrize("status", [400, 404, 410, 422])
+    def test_a_receiver_refusing_the_forward_itself_is_not_asked_again(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
+            logs: list[dict[str, object]], status: int) -> None:
+        """Any other 4xx: gave_up at once (it would be refused again), the text stays in the log."""
+        bot, _ = handed
+        receiver.status = status
+        assert not _forward_now(bot, receiver, "SM" + "8" * 32)
+        assert (1, ["handoff_forward.gave_up"]) == (len(receiver.received), [
+            event["event"] for event in logs if event["event"] in ("handoff_forward.queued", "handoff_forward.gave_up")])
 
 
 def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(

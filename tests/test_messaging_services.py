@@ -173,11 +173,11 @@ class TestRegistry:
 
     def test_a_bot_cannot_be_left_without_a_way_to_send(self, client: FlaskClient, admin_headers: dict[str, str],
                                                        database: str) -> None:
-        """Unsetting the service of a bot that has no number is refused (400), and changes nothing."""
+        """Unsetting the service of a bot that has no number conflicts with its other fields (409), and changes nothing."""
         service = service_sid()
         client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": service}))
         response = client.post(f"{USERS}:1", headers=admin_headers, json={"twilio-messaging-service-sid": None})
-        assert (400, ["main-phone-number"]) == (response.status_code, list(response.json["errors"]))
+        assert (409, ["main-phone-number"]) == (response.status_code, list(response.json["errors"]))
         assert service == shown(client, admin_headers, 1)["twilio-messaging-service-sid"]
 
     def test_the_cli_creates_and_updates_a_pooled_bot(self, live_server: str, capsys: pytest.CaptureFixture[str],

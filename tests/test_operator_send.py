@@ -84,6 +84,20 @@ def test_an_opted_out_person_a_bad_number_or_nothing_to_send_is_refused(
     assert [] == redis.keys(f"*{PERSON}*outbox*")
 
 
+def test_running_the_same_send_again_texts_once(live_server: str, bot: Bot, redis: redis_lib.Redis) -> None:
+    """The key comes from the content: a re-run after a timeout queues nothing new; another key, or
+    another text, does."""
+    from cli.main import main
+    from tests.conftest import ADMIN_TOKEN
+
+    command = ["send", "--url", live_server, "--token", ADMIN_TOKEN, "--bot", str(bot.id), "--to", PERSON]
+    outbox = keys.outbox(keys.conversation_id(bot.id, PERSON))
+    assert 0 == main([*command, "¿llegó?"]) == main([*command, "¿llegó?"])
+    assert 1 == redis.llen(outbox)
+    assert 0 == main([*command, "¿llegó?", "--idempotency-key", "again-1"]) == main([*command, "otra cosa"])
+    assert 3 == redis.llen(outbox)
+
+
 def test_the_cli_sends_as_the_bot(live_server: str, bot: Bot, redis: redis_lib.Redis,
                                   capsys: object) -> None:
     from cli.main import main

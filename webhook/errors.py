@@ -26,7 +26,10 @@ def failed(message: str, status: int, errors: dict[str, object] | None = None): 
 def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):  # type: ignore[no-untyped-def]
-        return failed(error.description or error.name, error.code or 500)
+        response, status = failed(error.description or error.name, error.code or 500)
+        # A 405's Allow header (RFC 9110) and any other header werkzeug set for the error.
+        response.headers.extend((name, value) for name, value in error.get_headers() if name != "Content-Type")
+        return response, status
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):  # type: ignore[no-untyped-def]

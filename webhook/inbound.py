@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
 
-from shared.bots import Bot, BotCache
+from shared.bots import Bot, BotCache, is_service_sid
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
@@ -65,8 +65,11 @@ def _receive(form: MultiDict[str, str]) -> Response:
 def addressee(bots: BotCache, to: str, service_sid: str | None) -> Bot | None:
     """The bot a message is for: the one with the number texted, else the one with its Messaging
     Service (a pool number the registry does not list). From the cache: no query per message."""
+    # A value no bot can have is no bot's, without a lookup (a NUL would not even reach the database).
+    if not is_e164(to):
+        return None
     bot = bots.by_number(to)
-    if bot is None and service_sid and is_e164(to):
+    if bot is None and service_sid and is_service_sid(service_sid):
         bot = bots.by_service(service_sid)
     return bot
 

@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared import handoff, keys, messagelog, metrics
-from shared.bots import Bot
+from shared.bots import MAX_BOT_ID, Bot
 from shared.conversations import Pushed, capped, push_replies, replies_from
 from shared.logging import get_logger
 from shared.netguard import allowed_media
@@ -61,7 +61,7 @@ REPLIES = CallbackReplySchema(many=True)
 MAX_REPLIES_PER_REQUEST = 100
 
 
-@bp.post("/channels/sms/callback/<int:bot_id>")
+@bp.post(f"/channels/sms/callback/<int(min=1, max={MAX_BOT_ID}):bot_id>")
 def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
     bot = deps.get_bots().by_id(bot_id)
     if not _authorized(bot):

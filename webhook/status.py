@@ -16,7 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
 from shared import conversations, keys, messagelog, metrics, optout
-from shared.bots import Bot, BotCache
+from shared.bots import Bot, BotCache, is_service_sid
+from shared.phone import is_e164
 from shared.conversations import DEDUPE_TTL, note_callback, resend_attempt
 from shared.tasks import request_resend
 from shared.db import transaction
@@ -95,8 +96,9 @@ def _record(form: MultiDict[str, str]) -> Response:
 
 def sender_bot(bots: BotCache, sender: str | None, service_sid: str | None) -> Bot | None:
     """The bot that sent a message: the one with its Messaging Service, else with its From number."""
-    bot = bots.by_service(service_sid) if service_sid else None
-    if bot is None and sender:
+    # A value no bot can have is no bot's, without a lookup (a NUL would not even reach the database).
+    bot = bots.by_service(service_sid) if service_sid and is_service_sid(service_sid) else None
+    if bot is None and sender and is_e164(sender):
         bot = bots.by_number(sender)
     return bot
 

@@ -120,6 +120,9 @@ class HttpEngine:
     and reads at most `max_bytes` of answer, and redirects are not followed.
     """
 
+    # The 4xx that mean "later", retried like a 5xx; any other 4xx would be refused again.
+    LATER_STATUSES: frozenset[int] = frozenset({429})
+
     def __init__(self, url: str, *, policy: AddressPolicy | None = None, development: bool = False,
                  deadline: float | None = None, connect_timeout: float | None = None,
                  read_timeout: float | None = None, backoff: tuple[float, ...] | None = None,
@@ -210,7 +213,7 @@ class HttpEngine:
                               "redirects are not followed", retryable=False)
         if status >= 400:
             # A 4xx refuses our request as such (a wrong URL, say): asking again would be refused too.
-            raise EngineError("http_error", f"HTTP {status}", status >= 500 or status == 429)
+            raise EngineError("http_error", f"HTTP {status}", status >= 500 or status in self.LATER_STATUSES)
         if (response.length_remaining or 0) > self._max_bytes:  # its Content-Length
             raise self._too_large()
         body = bytearray()

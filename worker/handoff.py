@@ -1,8 +1,9 @@
 """Forwarding a handed-off conversation's messages to the bot's handoff-url, for a human to see.
 
-Each message is POSTed as JSON, signed with an HMAC-SHA256 of the exact body under the bot's
-handoff-secret, hex, in `X-Mammut-Signature: sha256=<hex>`. The receiver checks it as the README
-shows. A forward is retried like an engine call (short backoff inside a deadline), reaches only
+Each message is POSTed as JSON, signed as Stripe and Slack sign theirs: `X-Mammut-Signature:
+t=<unix time>,v1=<hex HMAC-SHA256 of "<t>." + the exact body under the bot's handoff-secret>`, with
+a second v1 under the previous secret for a day after a rotation. The receiver checks it (and that t
+is recent) as the README shows, so a captured forward cannot be replayed later. A forward is retried like an engine call (short backoff inside a deadline), reaches only
 addresses a bot's engine may (shared.netguard), follows no redirect and reads at most a few KiB of
 answer. One that still fails for a reason that may pass (the handoff-url down, timing out, a 5xx)
 is handed to the `forward_handoff` actor, which tries again in the background with backoff from
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,9 +49,11 @@ LATER_FIRST_DELAY_MS = 30_000
 BUSY_RETRY_MS = 1_000
 
 
-def signature(secret: str, body: bytes) -> str:
-    """The X-Mammut-Signature of `body` under `secret`."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signature(secrets: list[str], body: bytes, now: int) -> str:
+    """The X-Mammut-Signature of `body` sent at `now` (Unix seconds), one v1 per secret."""
+    signed = f"{now}.".encode() + body
+    return ",".join([f"t={now}", *(f"v1={hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()}"
+                                   for secret in secrets)])
 
 
 def forward_payload(bot: Bot, message: Mapping[str, Any], handoff: Handoff) -> dict[str, Any]:
@@ -71,6 +75,10 @@ class Forwarder(HttpEngine):
     """A bot's handoff-url, reached like the bot's own engine."""
 
     METRIC, EVENT = "sms_handoff_forwards", "handoff_forward"
+    # A receiver refusing the signature (401, 403: it has not switched to a rotated secret yet, or its
+    # clock is off) or asking for time (408, 425, 429) may take the forward later: tried again in the
+    # background, never dropped. Any other 4xx is a refusal of the forward itself.
+    LATER_STATUSES = frozenset({401, 403, 408, 425, 429})
 
     def forward(self, bot: Bot, message: Mapping[str, Any], handoff: Handoff) -> bool:
         """Whether the handoff-url took the message (a 2xx) within the retries; if not, and trying
@@ -92,8 +100,14 @@ class Forwarder(HttpEngine):
         """POST `payload`, signed with the bot's secret, within the retries: whether it was taken,
         and if not, whether the last failure may pass (a timeout, a 5xx; not a refused address)."""
         data = json.dumps(payload, separators=(",", ":")).encode()
-        headers = {SIGNATURE_HEADER: signature(bot.handoff_secret or "", data)}
-        outcome = self._retried(bot, lambda deadline: self._call(data, headers, deadline, _ignored))
+
+        def attempt(deadline: float) -> bool:
+            # Signed at each try: its time is when it was sent.
+            now = time.time()
+            headers = {SIGNATURE_HEADER: signature(bot.handoff_signing_secrets(now), data, int(now))}
+            return self._call(data, headers, deadline, _ignored)
+
+        outcome = self._retried(bot, attempt)
         if isinstance(outcome, EngineError):
             return False, outcome.retryable
         return True, False
