@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tuple_
 
+from shared.bots import RegistryCopy
 from shared.db import insert, insert_ignoring_duplicates, make_engine, transaction
 from shared.messagelog import STATUS_RANK
 from shared.redis import connect
@@ -202,6 +203,7 @@ def _copy_bots(redis: Any, engine: Engine, report: Copied) -> dict[int, str]:
         rows = [_bot_row(record) for key, record in chunk if key[len(BOT_KEY):].isdigit()]
         numbers.update((row["id"], row["main_phone_number"]) for row in rows)
         report.add("bots", *_copy_rows(engine, bots, rows))
+    RegistryCopy(redis).forget()  # rebuilt from the database, copied bots included, when next read
     return numbers
 
 

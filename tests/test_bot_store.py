@@ -19,8 +19,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import Engine, event, select
 
-from shared import db
-from shared.bots import BotCache, BotNotFound, BotStore, NumberTaken
+from shared import db, keys
+from shared.bots import BotCache, BotNotFound, BotStore, NumberTaken, id_route, number_route
 from shared.crypto import Vault
 from shared.schema import bots
 from shared.settings import Settings
@@ -57,6 +57,23 @@ def counted_queries(engine: Engine) -> Iterator[list[str]]:
         yield statements
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+@contextmanager
+def counted_loads(store: BotStore) -> Iterator[list[str]]:
+    """The routes the store looks up in the registry's copy inside the block (each a Redis round trip)."""
+    routes: list[str] = []
+    copied = store.copied
+
+    def counting(route: str) -> Any:
+        routes.append(route)
+        return copied(route)
+
+    store.copied = counting  # type: ignore[method-assign]
+    try:
+        yield routes
+    finally:
+        del store.copied
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 5) -> bool:
@@ -211,24 +228,39 @@ class TestCache:
         assert bot.id == cache.by_number("+15550006666").id
 
     def test_bots_are_cached_by_id_for_the_worker(self, store: BotStore, cache: BotCache, sql: Engine) -> None:
-        """by_id queries once, then answers from memory until the bot changes."""
+        """by_id reads the registry's copy once and never the database, then answers from memory until the bot changes."""
         bot = store.create(fields("+15550007000"))
 
-        with counted_queries(sql) as statements:
+        with counted_queries(sql) as statements, counted_loads(store) as loads:
             looked_up = [cache.by_id(bot.id) for _ in range(20)]
         store.update(bot.id, {"messages-per-second": 5})
 
         assert [bot.id] * 20 == [found.id for found in looked_up]
-        assert len(statements) <= FOREIGN_SLACK + 1
+        assert ([], True) == (statements, len(loads) <= FOREIGN_SLACK + 1)
         assert 5.0 == cache.by_id(bot.id).messages_per_second
 
-    def test_unknown_numbers_are_remembered_too(self, cache: BotCache, sql: Engine) -> None:
-        """A flood of lookups of one unregistered number costs one query."""
-        with counted_queries(sql) as statements:
+    def test_unknown_numbers_are_remembered_too(self, store: BotStore, cache: BotCache, sql: Engine) -> None:
+        """A flood of lookups of one unregistered number costs one look at the copy and no query."""
+        with counted_queries(sql) as statements, counted_loads(store) as loads:
             found = [cache.by_number("+15550008000") for _ in range(50)]
 
         assert {None} == set(found)
-        assert len(statements) <= FOREIGN_SLACK + 1
+        assert ([], True) == (statements, len(loads) <= FOREIGN_SLACK + 1)
+
+    def test_unknown_numbers_never_evict_a_bot(self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """Webhooks to thousands of random numbers leave the known bots cached."""
+        bot = store.create(fields("+15550008200"))
+        cache = BotCache(store, redis, ttl=300, negative_ttl=300, limit=10, unknown_limit=10)
+        cache.by_number(bot.number)
+        assert eventually(lambda: cache.listening)
+        cache.by_number(bot.number)
+
+        for n in range(500):
+            assert cache.by_number(f"+1555077{n:04d}") is None
+
+        with counted_loads(store) as loads:
+            assert bot.id == cache.by_number(bot.number).id
+        assert len(loads) <= FOREIGN_SLACK
 
     def test_registering_a_number_ends_its_unknown_entry(self, store: BotStore, cache: BotCache) -> None:
         """A number looked up before it was registered is found right after."""
@@ -241,26 +273,158 @@ class TestCache:
     def test_the_cache_holds_a_bounded_number_of_entries(self, store: BotStore, redis: redis_lib.Redis,
                                                          sql: Engine) -> None:
         """Past its limit the oldest entries go, so unknown numbers cannot grow it without end."""
-        cache = BotCache(store, redis, ttl=300, negative_ttl=300, limit=10)
+        cache = BotCache(store, redis, ttl=300, negative_ttl=300, limit=10, unknown_limit=10)
         cache.by_number("+15550000000")
         assert eventually(lambda: cache.listening)
 
         for n in range(100):
             cache.by_number(f"+1555009{n:04d}")
 
-        with counted_queries(sql) as newest:
+        with counted_loads(store) as newest:
             cache.by_number("+15550090099")
-        with counted_queries(sql) as oldest:
+        with counted_loads(store) as oldest:
             cache.by_number("+15550090000")
         assert 1 == len(oldest)
         assert len(newest) <= FOREIGN_SLACK
 
     def test_nothing_is_kept_until_the_listener_is_subscribed(self, store: BotStore, sql: Engine) -> None:
-        """Without its subscription a cache could miss a change, so it reads the database every time."""
+        """Without its subscription a cache could miss a change, so it reads the registry's copy every time."""
         bot = store.create(fields("+15550009000"))
         deaf = BotCache(store, redis_lib.Redis(port=1, retry=Retry(NoBackoff(), 0)))
 
-        with counted_queries(sql) as statements:
+        with counted_loads(store) as loads:
             found = [deaf.by_number(bot.number) for _ in range(3)]
 
-        assert ([bot.id] * 3, 3, False) == ([b.id for b in found], len(statements), deaf.listening)
+        assert ([bot.id] * 3, 3, False) == ([b.id for b in found], len(loads), deaf.listening)
+
+
+class TestRegistryCopy:
+    """The registry's copy in Redis: every change lands in it, a flushed one is rebuilt, a refused change leaves it be."""
+
+    def test_each_change_is_in_the_copy_and_a_flushed_copy_is_rebuilt_from_the_database(
+            self, store: BotStore, redis: redis_lib.Redis, sql: Engine) -> None:
+        """Numbers moved, bots deleted: the copy routes what the database holds, before and after a flush."""
+        kept = store.create(fields("+15550010001"))
+        gone = store.create(fields("+15550010002"))
+        store.update(kept.id, {"main-phone-number": "+15550010003", "phone-numbers": ["+15550010004"]})
+        store.delete(gone.id)
+
+        def routed() -> list[int | None]:
+            found = [store.copied(number_route(n)) for n in ("+15550010001", "+15550010002", "+15550010003",
+                                                              "+15550010004")]
+            return [bot.id if bot else None for bot in found]
+
+        assert [None, None, kept.id, kept.id] == routed()
+        redis.delete(keys.REGISTRY)
+        with counted_queries(sql) as statements:
+            assert [None, None, kept.id, kept.id] == routed()
+        assert 0 < len(statements)  # the rebuild's, once
+        with counted_queries(sql) as statements:
+            assert (None, kept.id) == (store.copied(number_route("+15550010099")), store.copied(id_route(kept.id)).id)
+        assert [] == statements
+
+    def test_a_change_the_database_cannot_take_leaves_the_copy_as_it_was(
+            self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """An update while the database is unreachable fails whole: the copy still routes the bot as it was."""
+        bot = store.create(fields("+15550010101"))
+        unreachable = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
+        cut_off = BotStore(unreachable, redis, Vault([CREDENTIALS_KEY]))
+
+        with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
+            cut_off.update(bot.id, {"main-phone-number": "+15550010102"})
+        unreachable.dispose()
+
+        assert (bot.id, None) == (store.copied(number_route("+15550010101")).id,
+                                  store.copied(number_route("+15550010102")))
+
+
+class TestSingleFlight:
+    """Hundreds of threads finding a bot's entry expired load it once, and none fails."""
+
+    CALLERS = 300
+
+    @staticmethod
+    def all_at_once(call: Callable[[], Any], callers: int) -> tuple[list[Any], list[BaseException]]:
+        barrier, results, errors = threading.Barrier(callers), [], []
+
+        def one() -> None:
+            barrier.wait()
+            try:
+                results.append(call())
+            except BaseException as error:  # noqa: BLE001 - counted
+                errors.append(error)
+
+        threads = [threading.Thread(target=one) for _ in range(callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return results, errors
+
+    @staticmethod
+    def slowed(store: BotStore, seconds: float) -> None:
+        """Each look at the copy takes this long, so the callers surely meet while one is under way."""
+        copied = store.copied
+
+        def slow(route: str) -> Any:
+            time.sleep(seconds)
+            return copied(route)
+
+        store.copied = slow  # type: ignore[method-assign]
+
+    def test_an_expired_bot_is_loaded_once_for_hundreds_of_callers(self, store: BotStore, redis: redis_lib.Redis,
+                                                                    sql: Engine) -> None:
+        """300 threads ask for a bot whose entry expired: one look at the copy, no query, no error."""
+        bot = store.create(fields("+15550011001"))
+        cache = BotCache(store, redis, ttl=0.2)
+        cache.by_id(bot.id)
+        assert eventually(lambda: cache.listening)
+        cache.by_id(bot.id)
+        time.sleep(0.3)
+        self.slowed(store, 0.2)
+
+        with counted_loads(store) as loads, counted_queries(sql) as statements:
+            results, errors = self.all_at_once(lambda: cache.by_id(bot.id), self.CALLERS)
+
+        assert ([], [bot.id] * self.CALLERS, []) == (errors, [found.id for found in results], statements)
+        assert len(loads) <= 1 + FOREIGN_SLACK
+
+    def test_a_flushed_copy_is_rebuilt_once_for_hundreds_of_callers(self, store: BotStore, redis: redis_lib.Redis,
+                                                                    sql: Engine) -> None:
+        """300 threads ask for a bot nothing holds (the copy flushed): the database is read for one rebuild."""
+        bot = store.create(fields("+15550011101"))
+        redis.delete(keys.REGISTRY)
+        with counted_queries(sql) as one_rebuild:
+            store.copy.rebuild(sql)
+        redis.delete(keys.REGISTRY)
+        cache = BotCache(store, redis)
+        rebuild = store.copy.rebuild
+
+        def slow_rebuild(engine: Engine) -> None:
+            time.sleep(0.2)
+            rebuild(engine)
+
+        store.copy.rebuild = slow_rebuild  # type: ignore[method-assign]
+
+        with counted_queries(sql) as statements:
+            results, errors = self.all_at_once(lambda: cache.by_id(bot.id), self.CALLERS)
+
+        assert ([], [bot.id] * self.CALLERS) == (errors, [found.id for found in results])
+        assert len(one_rebuild) == len(statements)
+
+    def test_a_bot_asked_for_near_its_expiry_is_refreshed_ahead(self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """In the last fifth of its entry's life a lookup loads the bot again, so it never expires under its callers."""
+        bot = store.create(fields("+15550011201"))
+        cache = BotCache(store, redis, ttl=1.0)
+        cache.by_id(bot.id)
+        assert eventually(lambda: cache.listening)
+        cache.by_id(bot.id)
+
+        time.sleep(0.9)
+        with counted_loads(store) as ahead:
+            cache.by_id(bot.id)
+        time.sleep(0.3)  # past the first entry's life
+        with counted_loads(store) as after:
+            cache.by_id(bot.id)
+
+        assert (1, 0) == (len(ahead), len(after))
