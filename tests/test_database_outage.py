@@ -9,18 +9,22 @@ PostgreSQL only: SQLite is a file, there is no network to cut.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis as redis_lib
 import requests
 
+from flask import Flask
+
 from cli.twilio_standin import TwilioStandin
-from shared import db, keys
-from tests.conftest import free_port
+from shared import db, handoff, keys, optout
+from tests.conftest import ADMIN_TOKEN, free_port
 from tests.support.processes import Process, start_web, start_worker
 from tests.support.proxy import CuttableProxy
 from tests.test_flushall import API, Service, bodies_to, wait_until
@@ -31,6 +35,84 @@ NEWCOMER = "+15552229999"  # texts the number added just before the cut, and the
 TEXTS_PER_SECOND = 10
 # The API must answer well before a thread would give up waiting for a pooled connection.
 API_PATIENCE = db.POOL_TIMEOUT_SECONDS / 2
+
+
+class Silent:
+    """A server that takes connections and never says a word, as a partitioned database looks:
+    a client waits out its connect timeout. Counts the connections it was offered."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.offered: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.offered.append(self._listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self.offered:
+            connection.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    server = Silent()
+    yield server
+    server.close()
+
+
+class TestRefusedAtOnce:
+    """While the database is unreachable, what needs it answers 503 at once instead of holding a thread."""
+
+    def test_the_registry_api_answers_503_with_a_reason_and_tries_the_database_once_meanwhile(
+            self, app: Flask, bot: Any, silent: Silent, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Three API calls against a silent database: each a clear 503; only the first waits on a connection."""
+        engine = db.make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{silent.port}/mammut", size=2)
+        monkeypatch.setattr(app.extensions["mammut"].store, "_engine", engine)
+        client, headers = app.test_client(), {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+        answers = [client.get("/app:mammut-1/graph/user", headers=headers) for _ in range(3)]
+        engine.dispose()
+
+        assert [503] * 3 == [answer.status_code for answer in answers]
+        assert "the database is unreachable" in answers[-1].get_json()["message"]
+        assert ("2", 1) == (answers[-1].headers["Retry-After"], len(silent.offered))
+
+    def test_a_process_starts_while_the_database_is_unreachable(self, silent: Silent) -> None:
+        """The schema cannot be checked, so it is not: the process answers texts from Redis's copies."""
+        engine = db.make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{silent.port}/mammut", size=1)
+
+        db.check_schema(engine)
+
+        assert (False, 1) == (db.reachability(engine).up, len(silent.offered))
+        engine.dispose()
+
+
+class TestCopiesStand:
+    """The worker's copies in Redis are trusted as they are when the database cannot confirm them."""
+
+    def test_an_opt_out_taken_from_the_database_still_suppresses_a_send(
+            self, redis: redis_lib.Redis, unreachable: db.Engine) -> None:
+        """A person the copy lists from a rebuild is not texted while the database cannot say they opted back in."""
+        redis.hset(keys.opted_out("+15005550006"), mapping={"+15552220001": optout.FROM_DATABASE, optout.LOADED: "1"})
+
+        assert optout.opted_out_after_look(unreachable, redis, "+15005550006", "+15552220001",
+                                           [optout.FROM_DATABASE, "1"])
+
+    def test_a_handed_off_conversation_stays_with_the_human_until_its_copied_timeout(
+            self, redis: redis_lib.Redis, unreachable: db.Engine) -> None:
+        """The copy's hint (its until, 0 for none) decides while the database cannot confirm the pause."""
+        later, earlier = repr(time.time() + 3600), repr(time.time() - 1)
+
+        paused = [handoff.current(unreachable, redis, 1, "+15552220001", hint) for hint in (later, "0", earlier)]
+
+        assert [True, True, False] == [found is not None for found in paused]
 
 
 @pytest.fixture

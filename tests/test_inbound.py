@@ -349,12 +349,6 @@ class TestRedisDown:
 class TestDatabaseOutage:
     """The webhook needs the database only when the registry's copy in Redis is gone and nothing is cached."""
 
-    @pytest.fixture
-    def unreachable(self) -> Iterator[db.Engine]:
-        engine = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
-        yield engine
-        engine.dispose()
-
     def test_a_bot_already_cached_is_answered_while_the_database_is_down(
             self, settings: Settings, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         """Once a number's bot is cached, its messages are accepted whatever the database does."""
