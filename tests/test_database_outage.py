@@ -225,7 +225,7 @@ def test_texts_are_accepted_and_answered_once_in_order_through_a_database_outage
     assert (0.0, True) == (database_up, backlog > 0)
     # and every webhook was answered 200, replies went out during the cut
     assert [200] * texting.count == texting.statuses
-    assert sum(cut_at < message.received_at < restored_at for message in twilio.messages) > 50
+    assert sum(cut_at < message.received_at < restored_at for message in twilio.messages) > 20
     # and every text is answered once, in order, the one to the number added before the cut too
     wait_until(lambda: texting.answered_in_order(twilio) and bodies_to(twilio, NEWCOMER) == ["echo: to the new number"],
                timeout=120, what="every text answered")
