@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import time
 from urllib.parse import quote
 
+import dramatiq
 import redis as redis_lib
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
+from cli.twilio_standin import TwilioStandin
 from shared import db, deadletters, keys, messagelog, optout
 from shared.bots import Bot
 from shared.conversations import accept_inbound, new_reply, queue_replies
 from shared.schema import conversations, deliveries, messages
+from tests.support.fake_engine import FakeEngine
 from tests.support.messagelog import log_written
+from tests.test_crash_recovery import engine_bot  # noqa: F401 (fixture)
 from tests.test_message_log import OTHER, PERSON, exchange, inbound, sql  # noqa: F401 (fixture)
 from worker.logdrain import exchange_record
 
@@ -88,3 +94,23 @@ def test_a_bad_number_or_bot_or_token_is_refused(client: FlaskClient, admin_head
     assert 400 == client.delete(f"{API}:{bot.id}/conversations/alice", headers=admin_headers).status_code
     assert 404 == client.delete(f"{API}:999/conversations/{quote(PERSON)}", headers=admin_headers).status_code
     assert 401 == client.delete(f"{API}:{bot.id}/conversations/{quote(PERSON)}").status_code
+
+
+def test_a_text_a_dead_worker_left_in_processing_is_not_answered_after_the_erase(
+        client: FlaskClient, admin_headers: dict[str, str], redis: redis_lib.Redis, engine_bot: Bot,  # noqa: F811
+        engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+    """A worker that died mid-message leaves the text in the processing list: the erase empties it, so the
+    person's next text is the only one the engine ever sees."""
+    # Given a text a worker took from the inbox and died on (its lease long gone)
+    conversation = keys.conversation_id(engine_bot.id, PERSON)
+    redis.rpush(keys.processing(conversation), json.dumps(inbound(engine_bot, "left behind")))
+    redis.zadd(keys.PENDING, {conversation: time.time()})
+    # When the conversation is erased and the person then texts again
+    erased = client.delete(f"{API}:{engine_bot.id}/conversations/{quote(PERSON)}", headers=admin_headers)
+    assert accept_inbound(redis, inbound(engine_bot, "nuevo"))
+    # Then only the new text reaches the engine and is answered
+    twilio.wait_for(1, timeout=30)
+    time.sleep(0.5)  # room for a second answer, were one coming
+    assert (1, ["nuevo"], ["reply to nuevo"]) == (
+        erased.get_json()["data"]["erased"]["queued"], [call.text for call in engine.calls],
+        [message.body for message in twilio.messages])

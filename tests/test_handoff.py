@@ -161,6 +161,24 @@ class TestPausedByTheOperator:
         assert (200, False) == (resumed.status_code, resumed.json["data"]["resumed"])
 
 
+    def test_pausing_a_paused_conversation_keeps_its_since_takes_the_note_and_restarts_the_timeout(
+            self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+            settings: object) -> None:
+        """A new note, then an engine-requested handoff, while paused: `since` stays the first pause's."""
+        from shared.db import get_engine
+
+        first = client.post(path(bot), headers=admin_headers, json={"note": "primera"}).json["data"]["handoff"]
+        time.sleep(0.05)
+        again = client.post(path(bot), headers=admin_headers, json={"note": "segunda"}).json["data"]["handoff"]
+        time.sleep(0.05)
+        by_engine = handoff.pause(get_engine(settings), redis, bot.id, SENDER, by=handoff.BY_ENGINE,  # type: ignore[arg-type]
+                                  timeout=86400, note="pidió un humano")
+        shown = logged(client, admin_headers, bot)["handoff"]
+        assert [first["since"]] * 3 == [again["since"], by_engine.since, shown["since"]]
+        assert ("segunda", "pidió un humano", "engine") == (again["note"], shown["note"], shown["by"])
+        assert first["until"] < again["until"] < shown["until"]
+
+
 class TestPausedByTheEngine:
     def test_the_engine_hands_over_after_its_own_replies(
             self, client: FlaskClient, admin_headers: dict[str, str], handed: tuple[Bot, str], redis: redis_lib.Redis,

@@ -28,6 +28,7 @@ from shared.settings import get_settings
 from shared.twilio_errors import BACKOFF, Action
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
 from tests.support.messagelog import log_written
+from tests.test_outbound import send as send_as_engine
 from tests.test_outbound import sql, wait_until
 from tests.test_signature import inbound_params, post_signed
 
@@ -279,6 +280,31 @@ class TestOutbound:
         assert ([POOL_B], [service]) == (pushed_to_alice.form["From"], pushed_to_alice.form["MessagingServiceSid"])
         assert "From" not in pushed_to_bob.form and [service] == pushed_to_bob.form["MessagingServiceSid"]
 
+    @pytest.mark.parametrize("with_service", [False, True])
+    def test_a_push_never_goes_from_a_number_the_bot_gave_away(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, twilio: TwilioStandin,
+            worker: dramatiq.Worker, with_service: bool) -> None:
+        """Alice last texted POOL_B, which then went to another bot: an operator's send to her goes from the
+        main number (or, with a service, lets the service pick), never From POOL_B."""
+        # Given Alice texted POOL_B and was answered from it
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A, POOL_B])
+        extra = {"twilio-messaging-service-sid": service} if with_service else {}
+        bot = make_bot(store, **{"main-phone-number": MAIN, "phone-numbers": [POOL_A, POOL_B], **extra})
+        text(client, POOL_B, sender=ALICE, **({"MessagingServiceSid": service} if with_service else {}))
+        [answer] = twilio.wait_for(1)
+        assert [POOL_B] == answer.form["From"]
+        # When POOL_B is taken from the bot and given to another
+        assert 200 == client.post(f"{USERS}:{bot.id}", headers=admin_headers,
+                                  json={"phone-numbers": [POOL_A]}).status_code
+        assert 200 == client.post(USERS, headers=admin_headers, json=bot_fields(
+            **{"main-phone-number": POOL_B, "twilio-auth-token": "f" * 32})).status_code
+        pushed = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "aviso"})
+        assert 202 == pushed.status_code, pushed.json
+        # Then the push goes from the bot's main number, or through its service with no From
+        [push] = [message for message in twilio.wait_for(2) if message.body == "aviso"]
+        assert (None if with_service else [MAIN]) == push.form.get("From")
+
     def test_an_opt_out_answered_to_a_send_the_service_picks_for_is_kept_under_the_service(
             self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
             twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
@@ -376,6 +402,19 @@ class TestStatusCallbacks:
         assert bot.id == stored["bot_id"]
         assert stored["queued_at"] <= stored["sent_at"] <= stored["delivered_at"]
 
+    def test_callbacks_for_finished_replies_leave_nothing_in_redis(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
+        """Every send's queued, sent and delivered callbacks come after its reply is finished: once all are
+        delivered and the outbox is empty, no replies hash is left (Redis is never bounded by history)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        for person in (ALICE, BOB):
+            text(client, MAIN, sender=person)
+        for message in calling_back.wait_for(2):
+            wait_until(lambda: delivery(message.sid).get("status") == "delivered", what="delivered")
+        for person in (ALICE, BOB):
+            wait_until(lambda: 0 == redis.llen(keys.outbox(keys.conversation_id(bot.id, person))), what="empty outbox")
+        assert [] == redis.keys(keys.replies(keys.conversation_id(bot.id, "*")))
+
     def test_a_late_opt_out_opts_the_person_out_of_the_whole_service(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
         """21610 in a callback: the person is opted out of the bot's service (Twilio's opt-out covers every
@@ -430,6 +469,43 @@ class TestStatusCallbacks:
         assert 2 == len(replies)
         assert (30001, "failed") == (replies[0]["error-code"], replies[0]["status"])
         assert replies[1]["id"] == replies[0]["id"] + "~1"
+
+    def test_a_send_settled_by_its_status_callback_counts_toward_the_daily_budget(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin,
+            monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]) -> None:
+        """max-messages-per-day 1: a first reply whose answer was lost, settled by the callback that named
+        it, is the day's send, so the next reply is held back."""
+        from worker import outbound
+
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        calling_back.accept_then_drop(1)
+        bot = make_bot(store, **{"main-phone-number": MAIN, "max-messages-per-day": 1})
+        send_as_engine(redis, bot, ALICE, "first")
+        calling_back.wait_for(1)
+        wait_until(lambda: any(event["event"] == "outbound.reconciled" for event in logs), what="settled")
+        send_as_engine(redis, bot, BOB, "over the budget")
+        wait_until(lambda: any(event["event"] == "outbound.held_back" for event in logs), what="held back")
+        assert (["callback"], ["first"]) == (
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"],
+            [message.body for message in calling_back.messages])
+
+    def test_a_queue_overflow_called_back_several_times_sends_the_reply_again_once(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
+            worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Twilio may call back 30001 for one message more than once (the same callback retried, or
+        `undelivered` then `failed`): the reply goes again once, not once per callback."""
+        monkeypatch.setitem(BACKOFF, Action.RETRY_SLOWLY, (0.2, 0.4))
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        [reply_id] = send_as_engine(redis, bot, ALICE, "¿sigues ahí?")
+        [sent] = twilio.wait_for(1)
+        log_written(redis, sql())
+        for status in ("undelivered", "undelivered", "failed"):
+            form = {"MessageSid": sent.sid, "MessageStatus": status, "ErrorCode": "30001",
+                    "AccountSid": BOT_ACCOUNT_SID, "From": MAIN, "To": ALICE}
+            assert 200 == post_signed(client, form, path=f"{STATUS_PATH}?reply={reply_id}").status_code
+        twilio.wait_for(2, timeout=15)
+        time.sleep(1.5)  # room for a third, were one coming
+        assert ["¿sigues ahí?", "¿sigues ahí?"] == [message.body for message in sent_to(twilio, ALICE)]
 
     def test_a_queue_overflow_past_the_resends_is_a_dead_letter(
             self, client: FlaskClient, store: BotStore, calling_back: TwilioStandin,

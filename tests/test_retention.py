@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+import dramatiq
+import pytest
 import redis as redis_lib
 from sqlalchemy import event, func, insert, select
 
 from shared import db, keys
 from shared.retention import DAY_SECONDS, purge
 from shared.schema import conversations, dead_letters, deliveries, messages, opt_outs
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
+from worker import retention as worker_retention
 from worker.retention import run_once
 
 NOW = time.time()
@@ -85,3 +88,29 @@ def test_only_one_worker_purges_at_a_time(settings: Settings, redis: redis_lib.R
     redis.delete(keys.RETENTION_LOCK)
     assert run_once(redis, engine, days=90)
     assert not redis.exists(keys.RETENTION_LOCK)
+
+
+def test_a_running_worker_purges_by_log_retention_days(
+        broker: dramatiq.Broker, settings: Settings, redis: redis_lib.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOG_RETENTION_DAYS=10 reaches the worker's own retention job: its first pass deletes the 11-day-old
+    rows and keeps the 9-day-old ones."""
+    # Given rows 11 and 9 days old, and a worker started with LOG_RETENTION_DAYS=10
+    engine = db.get_engine(settings)
+    _seed(engine, 2, NOW - 11 * DAY_SECONDS, "o")
+    _seed(engine, 3, NOW - 9 * DAY_SECONDS, "r")
+    monkeypatch.setattr(worker_retention, "FIRST_PASS_SECONDS", 0.2)
+    monkeypatch.setenv("LOG_RETENTION_DAYS", "10")
+    get_settings.cache_clear()
+    running = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    running.start()
+    try:
+        # When its first pass runs, then only the rows older than 10 days are gone
+        deadline = time.monotonic() + 15
+        while _count(engine, messages) != 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        running.stop()
+        monkeypatch.undo()  # before the settings are read again
+        get_settings.cache_clear()
+    assert [3, 3, 3, 3] == [_count(engine, table) for table in (messages, deliveries, conversations, dead_letters)]

@@ -147,3 +147,32 @@ def test_slow_bodies_neither_starve_webhooks_nor_outlive_the_deadline(web: tuple
         assert_answered_promptly_then_closed(web, slow)
     finally:
         slow.close()
+
+
+def answer_before_close(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sent on `sock` until it closed it (or `timeout` passed)."""
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return received
+
+
+def test_a_request_past_the_deadline_is_told_408_before_it_is_closed(web: tuple[Process, str], bot: Bot) -> None:
+    """A header left unfinished gets `408 Request Timeout` at the deadline, not a bare close."""
+    with socket.create_connection(("127.0.0.1", int(web[1].rsplit(":", 1)[1]))) as sock:
+        sock.sendall(SLOW_HEADER[1])
+        answer = answer_before_close(sock, timeout=REQUEST_DEADLINE + 5)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_a_head_over_64_kib_is_told_431_before_it_is_closed(web: tuple[Process, str], bot: Bot) -> None:
+    """A head that grows past 64 KiB without ending is answered `431` at once, without waiting for the deadline."""
+    opening = b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
+    with socket.create_connection(("127.0.0.1", int(web[1].rsplit(":", 1)[1]))) as sock:
+        sock.sendall(opening + b"a" * (64 * 1024 + 100 - len(opening)))
+        answer = answer_before_close(sock, timeout=REQUEST_DEADLINE / 2)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer

@@ -272,13 +272,15 @@ class Head:
 def sender_for(bot: Bot, reply: dict[str, Any], texted: str | None = None) -> Sender:
     """Who a reply goes from. A bot with a messaging service sends through it, From the number the
     person texted when known (else the service's Sticky Sender picks); a bot without one, from the
-    number texted if it is still the bot's, else its main-phone-number."""
+    number texted if it is still the bot's, else its main-phone-number. A push (`texted`: the number
+    last texted, up to 48 hours ago) never goes From a number the bot no longer lists: it may be
+    another bot's now."""
     sending = bot.sending
     options = {"validity_period": sending.validity_period, "smart_encoded": sending.smart_encoded,
                "shorten_urls": sending.shorten_urls}
     if not bot.pooled:
         return Sender(bot.number, **options)
-    chosen = reply.get("from_number") or texted
+    chosen = reply.get("from_number") or (texted if texted in bot.numbers else None)
     if bot.messaging_service_sid:
         return Sender(chosen, bot.messaging_service_sid, **options)
     return Sender(chosen if chosen in bot.numbers else bot.number, **options)

@@ -15,6 +15,8 @@ from worker.background import Periodic
 log = get_logger(__name__)
 
 INTERVAL_SECONDS = 3600.0
+# A worker's first pass, once it has settled in after its start.
+FIRST_PASS_SECONDS = 60.0
 # Longer than a purge takes; the holder releases it when done, a crashed one lets it lapse.
 LEASE_SECONDS = 1800
 
@@ -43,7 +45,7 @@ class Retention(Periodic):
     def __init__(self, redis: Any, engine: Engine, days: int, interval: float = INTERVAL_SECONDS) -> None:
         super().__init__()
         self._redis, self._engine, self._days, self._interval = redis, engine, days, interval
-        self.first_pause = min(60.0, interval)
+        self.first_pause = min(FIRST_PASS_SECONDS, interval)
         self.pause_after_failure = interval
 
     def turn(self) -> float:
