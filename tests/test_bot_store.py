@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -346,6 +347,51 @@ class TestRegistryCopy:
                                   store.copied(number_route("+15550010102")))
 
 
+# 1,000 greenlets, in a process of their own (gevent's monkey-patching is for the whole process).
+GREENLETS = """
+from gevent import monkey; monkey.patch_all()
+import json, sys
+import gevent
+from sqlalchemy import event
+from shared import keys
+from shared.bots import BotCache, BotStore
+from shared.crypto import Vault
+from shared.db import make_engine
+from shared.redis import connect
+
+database, redis_url, credentials_key, bot_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+engine, redis = make_engine(database), connect(redis_url)
+store = BotStore(engine, redis, Vault([credentials_key]))
+cache = BotCache(store, redis, ttl=0.5)
+cache.by_id(bot_id)
+while not cache.listening:
+    gevent.sleep(0.01)
+cache.by_id(bot_id)
+redis.delete(keys.REGISTRY)
+gevent.sleep(0.6)
+queries, loads, errors = [], [], []
+event.listen(engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
+copied = store.copied
+
+def counted(route):
+    loads.append(route)
+    return copied(route)
+
+store.copied = counted
+
+def ask():
+    try:
+        return cache.by_id(bot_id).id
+    except Exception as error:
+        errors.append(repr(error))
+
+greenlets = [gevent.spawn(ask) for _ in range(1000)]
+gevent.joinall(greenlets, timeout=60)
+print(json.dumps({"found": sorted({g.value for g in greenlets if g.value is not None}), "loads": len(loads),
+                  "queries": sum("FROM bots" in query for query in queries), "errors": errors[:5]}))
+"""
+
+
 class TestSingleFlight:
     """Hundreds of threads finding a bot's entry expired load it once, and none fails."""
 
@@ -385,6 +431,20 @@ class TestSingleFlight:
 
         assert ([], [bot.id] * self.CALLERS, []) == (errors, [found.id for found in results], statements)
         assert len(loads) <= 1 + FOREIGN_SLACK
+
+    def test_a_thousand_greenlets_asking_for_an_expired_bot_cost_one_query_and_no_error(
+            self, store: BotStore, database: str, redis_url: str) -> None:
+        """As under WORKER_POOL=gevent: 1,000 greenlets find a bot's entry expired, its copy flushed
+        with it; one load, one query of the bots table (the copy's rebuild), no error."""
+        bot = store.create(fields("+15550011301"))
+
+        run = subprocess.run([sys.executable, "-c", GREENLETS, database, redis_url, CREDENTIALS_KEY, str(bot.id)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+
+        assert 0 == run.returncode, run.stderr[-3000:]
+        counted = json.loads(run.stdout.strip().splitlines()[-1])
+        assert {"found": [bot.id], "loads": 1, "queries": 1, "errors": []} == counted
 
     def test_a_flushed_copy_is_rebuilt_once_for_hundreds_of_callers(self, store: BotStore, redis: redis_lib.Redis,
                                                                     sql: Engine) -> None:
