@@ -86,6 +86,14 @@ def slowed(call: Callable[..., Any], seconds: float = 0.2) -> Callable[..., Any]
     return slow
 
 
+def holding(cache: BotCache, bot: Bot) -> BotCache:
+    """`cache`, listening and holding `bot` (a cache keeps nothing until its listener is subscribed)."""
+    cache.by_id(bot.id)
+    assert eventually(lambda: cache.listening)
+    cache.by_id(bot.id)
+    return cache
+
+
 def eventually(condition: Callable[[], bool], timeout: float = 5) -> bool:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -419,10 +427,7 @@ class TestSingleFlight:
                                                                     sql: Engine) -> None:
         """300 threads ask for a bot whose entry expired: one look at the copy, no query, no error."""
         bot = store.create(fields("+15550011001"))
-        cache = BotCache(store, redis, ttl=0.2)
-        cache.by_id(bot.id)
-        assert eventually(lambda: cache.listening)
-        cache.by_id(bot.id)
+        cache = holding(BotCache(store, redis, ttl=0.2), bot)
         time.sleep(0.3)
         store.copied = slowed(store.copied)  # type: ignore[method-assign]
 
@@ -475,10 +480,7 @@ class TestSingleFlight:
     def test_a_bot_asked_for_near_its_expiry_is_refreshed_ahead(self, store: BotStore, redis: redis_lib.Redis) -> None:
         """In the last fifth of its entry's life a lookup loads the bot again, so it never expires under its callers."""
         bot = store.create(fields("+15550011201"))
-        cache = BotCache(store, redis, ttl=1.0)
-        cache.by_id(bot.id)
-        assert eventually(lambda: cache.listening)
-        cache.by_id(bot.id)
+        cache = holding(BotCache(store, redis, ttl=1.0), bot)
 
         time.sleep(0.9)
         with counted_loads(store) as ahead:
