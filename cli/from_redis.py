@@ -24,6 +24,7 @@ import dramatiq
 from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tuple_
 
 from shared import keys
+from shared.bots import RegistryCopy
 from shared.crypto import Vault
 from shared.db import insert, insert_ignoring_duplicates, make_engine, transaction
 from shared.messagelog import STATUS_RANK
@@ -132,6 +133,7 @@ def copy_from_redis(settings: Settings) -> Copied:
                    if key[len(BOT_KEY):].isdigit()]
         _check(engine, vault, records)
         numbers = _copy_bots(engine, vault, records, report)
+        RegistryCopy(redis).forget()  # rebuilt from the database, copied bots included, when next read
         stopped = _copy_log(redis, engine, numbers, report)
         _copy_opt_outs(redis, engine, stopped, report)
         _copy_deliveries(redis, engine, report)

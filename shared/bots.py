@@ -1,8 +1,14 @@
 """The bot registry: bots live in the `bots` table; the hot paths read them through a BotCache.
 
-A change commits to the database, then every BotCache drops what it holds: those of this process at
-once, those of other processes when they hear it on Redis (keys.BOTS_CHANGED_CHANNEL). A cache's
-TTL bounds how stale a bot can be if that announcement is lost.
+A change commits to the database, then writes the bot into the registry's copy in Redis
+(RegistryCopy: every bot's row, secrets still encrypted, and which number or Messaging Service
+routes to it), then every BotCache drops what it holds: those of this process at once, those of
+other processes when they hear it on Redis (keys.BOTS_CHANGED_CHANNEL). A cache's TTL bounds how
+stale a bot can be if that announcement is lost.
+
+The hot paths never read the database: a BotCache loads from the copy, and the copy is rebuilt from
+the database only when it is missing (a flush). So while the database is unreachable, texts to
+every registered bot are accepted and answered, by processes started during the outage too.
 """
 
 from __future__ import annotations
@@ -16,20 +22,22 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
-from sqlalchemy import Engine, Row, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Row, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from shared import keys, optout
 from shared.crypto import Vault
 from shared.db import insert, transaction
+from shared.flight import SingleFlight
 from shared.logging import REDACTED, get_logger, is_secret_name, redact_path
 from shared.poolnumbers import pool_number_owner
+from shared.redis import script
 from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
@@ -136,10 +144,14 @@ DEFAULT_MESSAGES_PER_SECOND = 1.0
 # Decrypted tokens kept per store (see BotStore._token); past this many, the memo starts afresh.
 LOADED_LIMIT = 1024
 CACHE_TTL_SECONDS = 10.0
+# A bot asked for in the last part of its entry's life is loaded again by one caller while the
+# others go on with the entry: a busy bot's entry never expires under its callers.
+REFRESH_AHEAD_FRACTION = 0.2
 # An unknown number is remembered for less: if its registration's announcement is lost, it works
-# within this long. Long enough that a flood of webhooks to it costs one query per this.
+# within this long. Unknown numbers are kept apart from bots, so a flood of them never evicts one.
 NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
+UNKNOWN_LIMIT = 4096
 # Bot ids are the database's 4-byte integers: a larger id in a path names no bot, and never reaches a query.
 MAX_BOT_ID = 2**31 - 1
 
@@ -262,6 +274,117 @@ class Bot:
         return shown
 
 
+# The copy's fields: LOADED once it holds every bot; "b:<id>" a bot's row (JSON, secrets encrypted as
+# in the database); "n:<number>" and "s:<service sid>" the id they route to; "r:<id>" the bot's own
+# route fields, so a change can drop the ones it no longer has.
+LOADED = "#loaded"
+_ROW_COLUMNS = tuple(column.name for column in bots.columns if column.name not in ("created_at", "updated_at"))
+
+# KEYS: the copy. ARGV: a bot's id, its row ('' when deleted), then its route fields. Its old routes
+# go first, each only if it still names this bot (another bot may have taken the number since).
+_PUT_LUA = """
+local id = ARGV[1]
+local old = redis.call('HGET', KEYS[1], 'r:' .. id)
+if old then
+  for route in string.gmatch(old, '%S+') do
+    if redis.call('HGET', KEYS[1], route) == id then redis.call('HDEL', KEYS[1], route) end
+  end
+end
+if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], 'b:' .. id, 'r:' .. id) end
+redis.call('HSET', KEYS[1], 'b:' .. id, ARGV[2], 'r:' .. id, table.concat(ARGV, ' ', 3))
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], id) end
+return 1
+"""
+
+# KEYS: the copy. ARGV: a route field ("n:...", "s:...") or a bot's row field ("b:<id>").
+# Returns {the bot's row or false, whether the copy is LOADED}: one round trip either way.
+_LOOKUP_LUA = f"""
+local field = ARGV[1]
+if string.sub(field, 1, 2) ~= 'b:' then
+  local id = redis.call('HGET', KEYS[1], field)
+  if not id then return {{false, redis.call('HEXISTS', KEYS[1], '{LOADED}')}} end
+  field = 'b:' .. id
+end
+return {{redis.call('HGET', KEYS[1], field), redis.call('HEXISTS', KEYS[1], '{LOADED}')}}
+"""
+
+
+def number_route(number: str) -> str:
+    return f"n:{number}"
+
+
+def service_route(service_sid: str) -> str:
+    return f"s:{service_sid}"
+
+
+def id_route(bot_id: int) -> str:
+    return f"b:{bot_id}"
+
+
+class RegistryCopy:
+    """The registry's copy in Redis: what accepting a text and answering it need of every bot.
+
+    Written after each change commits (a change the database refused writes nothing) and rebuilt
+    whole from the database when LOADED is missing. The copy lives as long as Redis keeps it.
+    """
+
+    def __init__(self, redis: redis_lib.Redis) -> None:
+        self._redis = redis
+
+    def put(self, bot_id: int, row: Mapping[str, Any] | None) -> None:
+        """The bot as committed (None: deleted), with its routes."""
+        script(self._redis, _PUT_LUA)(keys=[keys.REGISTRY], args=[bot_id, *self._encoded(row)])
+
+    def forget(self) -> None:
+        """Drop LOADED, so the next lookup rebuilds the copy from the database (its writes may have been lost)."""
+        self._redis.hdel(keys.REGISTRY, LOADED)
+
+    def lookup(self, route: str) -> tuple[dict[str, Any] | None, bool]:
+        """The row `route` leads to, if any, and whether the copy is complete (so None means unknown)."""
+        row, loaded = script(self._redis, _LOOKUP_LUA)(keys=[keys.REGISTRY], args=[route])
+        return (json.loads(row) if row else None), bool(loaded)
+
+    def rebuild(self, engine: Engine) -> None:
+        """Replace the copy with every bot in the database. A change written meanwhile makes the
+        replacement start again (WATCH), so a rebuild never puts back what a change replaced."""
+        for _ in range(5):
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(keys.REGISTRY)
+                    mapping: dict[str, str] = {LOADED: "1"}
+                    for row in _stored_rows(engine):
+                        encoded, *routes = self._encoded(row)
+                        mapping.update({route: str(row["id"]) for route in routes})
+                        mapping.update({id_route(row["id"]): encoded, f"r:{row['id']}": " ".join(routes)})
+                    pipe.multi()
+                    pipe.delete(keys.REGISTRY)
+                    pipe.hset(keys.REGISTRY, mapping=mapping)
+                    pipe.execute()
+                    return
+                except redis_lib.WatchError:
+                    continue
+        raise redis_lib.WatchError("the registry kept changing while its copy was rebuilt")
+
+    @staticmethod
+    def _encoded(row: Mapping[str, Any] | None) -> list[str]:
+        if row is None:
+            return [""]
+        routes = [number_route(number) for number in
+                  dict.fromkeys(([row["main_phone_number"]] if row["main_phone_number"] else [])
+                                + list(row.get("phone_numbers") or ()))]
+        if row.get("messaging_service_sid"):
+            routes.append(service_route(row["messaging_service_sid"]))
+        return [json.dumps({name: row.get(name) for name in (*_ROW_COLUMNS, "phone_numbers")}), *routes]
+
+
+def _stored_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every bot's row with its phone-numbers, as the copy keeps them."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(bots).order_by(bots.c.id)).all()
+        pools = _pools(connection, None)
+    return [{**row._mapping, "phone_numbers": list(pools.get(row.id, ()))} for row in rows]
+
+
 class BotStore:
     """The registry's reads and writes over the `bots` table; `redis` only carries change announcements."""
 
@@ -270,6 +393,8 @@ class BotStore:
         self._redis = redis
         self._vault = vault
         self._tokens: dict[str, str] = {}
+        self.copy = RegistryCopy(redis)
+        self._rebuilds = SingleFlight()
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
         return self.create_with_token(fields)[0]
@@ -288,9 +413,10 @@ class BotStore:
                     insert(connection, bots).values(**row, created_at=now, updated_at=now))
                 bot_id = int(result.inserted_primary_key[0])
                 pool = self._save_numbers(connection, bot_id, fields)
+                stored = _stored_row(connection, bots.c.id == bot_id)
         except IntegrityError:  # a unique number or service: a concurrent create got there first
             raise self._taken(fields, None) from None
-        self._announce(bot_id)
+        self._changed(bot_id, stored)
         return self._bot({**row, "id": bot_id, "phone_numbers": pool}), engine_token
 
     def rotate_engine_token(self, bot_id: int) -> str:
@@ -299,9 +425,10 @@ class BotStore:
         with transaction(self._engine) as connection:
             changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
                 engine_token_hash=token_hash(engine_token), updated_at=time.time())).rowcount
+            stored = _stored_row(connection, bots.c.id == bot_id)
         if not changed:
             raise BotNotFound(bot_id)
-        self._announce(bot_id)
+        self._changed(bot_id, stored)
         return engine_token
 
     def rotate_handoff_secret(self, bot_id: int) -> str:
@@ -320,7 +447,8 @@ class BotStore:
                                  "previous_until": time.time() + HANDOFF_SECRET_GRACE_SECONDS})
             connection.execute(update(bots).where(bots.c.id == bot_id).values(
                 handoff_secret_encrypted=self._vault.encrypt(sealed), updated_at=time.time()))
-        self._announce(bot_id)
+            stored = _stored_row(connection, bots.c.id == bot_id)
+        self._changed(bot_id, stored)
         return secret
 
     def _handoff_secrets(self, encrypted: str) -> tuple[str, str | None, float]:
@@ -385,13 +513,14 @@ class BotStore:
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
                 pool = self._save_numbers(connection, bot_id, merged)
                 gone = optout.carry_over(connection, before, _opt_out_keys(merged))
+                stored = _stored_row(connection, bots.c.id == bot_id)
         except IntegrityError:  # only a new number can collide: a concurrent write took it
             raise self._taken(merged, bot_id) from None
         try:
             optout.carry_over_copies(self._redis, gone, _opt_out_keys(merged))
         except redis_lib.RedisError as error:
             log.warning("bots.opt_out_copy_not_carried_over", bot_id=bot_id, error=str(error))
-        self._announce(bot_id)
+        self._changed(bot_id, stored)
         return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash,
                           "phone_numbers": pool}), shown_once
 
@@ -403,19 +532,22 @@ class BotStore:
         if deleted:
             with contextlib.suppress(redis_lib.RedisError):  # a stale copy of a bot that is gone is never read
                 self._redis.delete(keys.handoffs(bot_id))
-            self._announce(bot_id)
+            self._changed(bot_id, None)
         return deleted
 
+    def copied(self, route: str) -> Bot | None:
+        """The bot `route` leads to, from the registry's copy, not the database. A copy missing
+        (flushed) is rebuilt from the database first, by one caller of this process at a time."""
+        row, loaded = self.copy.lookup(route)
+        if row is None and not loaded:
+            self._rebuilds.run(keys.REGISTRY, lambda: self.copy.rebuild(self._engine))
+            row, _ = self.copy.lookup(route)
+        return None if row is None else self._bot(row)
+
     def _one(self, condition: Any) -> Bot | None:
-        """One bot, with its phone-numbers: one query (a row per number it has)."""
         with self._engine.connect() as connection:
-            rows = connection.execute(select(bots, bot_numbers.c.number.label("pool_number")).outerjoin(
-                bot_numbers, bot_numbers.c.bot_id == bots.c.id).where(condition).order_by(bot_numbers.c.number)).all()
-        if not rows:
-            return None
-        main = rows[0].main_phone_number
-        pool = tuple(row.pool_number for row in rows if row.pool_number and row.pool_number != main)
-        return self._bot({**rows[0]._mapping, "phone_numbers": pool})
+            row = _stored_row(connection, condition)
+        return None if row is None else self._bot(row)
 
     # Ownership of numbers and services across the registry.
 
@@ -457,8 +589,19 @@ class BotStore:
             return taken
         return NumberTaken(fields.get(NUMBER) or fields.get(SERVICE_SID) or "")
 
+    def _changed(self, bot_id: int, stored: Mapping[str, Any] | None) -> None:
+        """After the commit: the registry's copy gets the bot as committed, then every cache hears of it."""
+        try:
+            self.copy.put(bot_id, stored)
+        except redis_lib.RedisError as error:
+            # The change is committed: a copy that missed it is rebuilt from the database when next read.
+            log.error("bots.copy_not_written", bot_id=bot_id, error=str(error))
+            with contextlib.suppress(redis_lib.RedisError):
+                self.copy.forget()
+        self._announce(bot_id)
+
     def _announce(self, bot_id: int) -> None:
-        """After the commit: every cache drops what it holds, this process's at once."""
+        """Every cache drops what it holds, this process's at once."""
         for cache in list(_caches):
             cache.clear()
         try:
@@ -558,6 +701,17 @@ def _opt_out_keys(fields: Mapping[str, Any]) -> set[str]:
     return {fields[SERVICE_SID]} if fields.get(SERVICE_SID) else {number for _, number in _numbers_of(fields)}
 
 
+def _stored_row(connection: Connection, condition: Any) -> dict[str, Any] | None:
+    """One bot's row with its phone-numbers: one query (a row per number it has)."""
+    rows = connection.execute(select(bots, bot_numbers.c.number.label("pool_number")).outerjoin(
+        bot_numbers, bot_numbers.c.bot_id == bots.c.id).where(condition).order_by(bot_numbers.c.number)).all()
+    if not rows:
+        return None
+    main = rows[0].main_phone_number
+    pool = tuple(row.pool_number for row in rows if row.pool_number and row.pool_number != main)
+    return {**rows[0]._mapping, "phone_numbers": pool}
+
+
 def _owner(connection: Any, number: str) -> int | None:
     """The bot that has `number`, as its main-phone-number or one of its phone-numbers."""
     main = connection.execute(select(bots.c.id).where(bots.c.main_phone_number == number)).scalar()
@@ -582,20 +736,29 @@ _caches: weakref.WeakSet[BotCache] = weakref.WeakSet()
 
 
 class BotCache:
-    """Bots by number (the webhook) and by id (the worker): a short-lived in-process cache.
+    """Bots by number (the webhook) and by id (the worker): a short-lived in-process cache over the
+    registry's copy in Redis (BotStore.copied), so neither path reads the database.
 
-    A miss reads the database; unknown numbers and ids are remembered too (for less), so a flood of
-    webhooks to an unregistered number costs no query per request. Any change announcement empties
-    the whole cache. Nothing is kept while the listener is not subscribed: a change could go unheard.
+    One load per key at a time (the others wait for it); a bot asked for near its entry's expiry is
+    loaded again by one caller while the others keep the entry; a load that fails (Redis or, for a
+    flushed copy, the database unreachable) serves the last bot known. Unknown numbers and ids are
+    remembered apart, for less, so a flood of them costs one Redis round trip per number and never
+    evicts a bot. Any change announcement empties the cache. Nothing is kept while the listener is
+    not subscribed: a change could go unheard.
     """
 
     def __init__(self, store: BotStore, redis: redis_lib.Redis, ttl: float = CACHE_TTL_SECONDS,
-                 negative_ttl: float = NEGATIVE_TTL_SECONDS, limit: int = CACHE_LIMIT) -> None:
+                 negative_ttl: float = NEGATIVE_TTL_SECONDS, limit: int = CACHE_LIMIT,
+                 unknown_limit: int = UNKNOWN_LIMIT) -> None:
         self._store = store
         self._redis = redis
-        self._ttl, self._negative_ttl, self._limit = ttl, min(ttl, negative_ttl), limit
-        self._entries: dict[tuple[str, Any], tuple[float, Any]] = {}
-        # Bumped by every clear: a lookup that read the database before a change was announced
+        self._ttl, self._negative_ttl = ttl, min(ttl, negative_ttl)
+        self._limit, self._unknown_limit = limit, unknown_limit
+        # route -> (expires at, bot): bots, and apart from them the routes that lead nowhere.
+        self._entries: dict[str, tuple[float, Bot]] = {}
+        self._unknown: dict[str, float] = {}
+        self._loads = SingleFlight()
+        # Bumped by every clear: a lookup that read the copy before a change was announced
         # must not store what it read after the clear.
         self._generation = 0
         self._subscribed = False
@@ -609,49 +772,70 @@ class BotCache:
         return self._subscribed
 
     def by_number(self, number: str) -> Bot | None:
-        return self._lookup(("number", number), lambda: self._store.by_number(number))
+        return self._lookup(number_route(number))
 
     def by_id(self, bot_id: int) -> Bot | None:
-        return self._lookup(("id", int(bot_id)), lambda: self._store.get(int(bot_id)))
+        return self._lookup(id_route(int(bot_id)))
 
     def by_service(self, service_sid: str) -> Bot | None:
         """The bot with this Messaging Service SID (inbound messages and status callbacks name it)."""
-        return self._lookup(("service", service_sid), lambda: self._store.by_service(service_sid))
+        return self._lookup(service_route(service_sid))
 
     def is_bot_number(self, number: str) -> bool:
         """Whether `number` belongs to a bot of this service (whose texts no bot answers: two bots
-        would answer each other forever). All numbers are read in one query and kept like a bot."""
-        return number in self._lookup(("numbers", None), self._store.numbers)
+        would answer each other forever)."""
+        return self.by_number(number) is not None
 
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
-            self._entries = {}
+            self._entries, self._unknown = {}, {}
 
-    def _lookup(self, key: tuple[str, Any], load: Callable[[], Any]) -> Any:
+    def _lookup(self, route: str) -> Bot | None:
         self._ensure_listener()
         now = time.monotonic()
-        hit = self._entries.get(key)
+        hit = self._entries.get(route)
         if hit is not None and hit[0] > now:
+            if hit[0] - now < self._ttl * REFRESH_AHEAD_FRACTION:
+                self._loads.start(route, lambda: self._load(route))
             return hit[1]
+        if hit is None and self._unknown.get(route, 0.0) > now:
+            return None
+        try:
+            return self._loads.run(route, lambda: self._load(route))
+        except (redis_lib.RedisError, SQLAlchemyError) as error:  # the database: rebuilding a flushed copy
+            return self._stale(route, hit, error)
+
+    def _stale(self, route: str, hit: tuple[float, Bot] | None, error: Exception) -> Bot:
+        """The last bot known for `route` when it cannot be loaded; without one, the error stands."""
+        if hit is None:
+            raise error
+        log.warning("bot_cache.serving_stale", route=route, bot_id=hit[1].id, error=error.__class__.__name__)
+        return hit[1]
+
+    def _load(self, route: str) -> Bot | None:
         generation = self._generation
-        bot = load()
-        self._remember(key, bot, generation, now)
+        bot = self._store.copied(route)
+        self._remember(route, bot, generation)
         return bot
 
-    def _remember(self, key: tuple[str, Any], bot: Any, generation: int, now: float) -> None:
+    def _remember(self, route: str, bot: Bot | None, generation: int) -> None:
+        now = time.monotonic()
         with self._lock:
             if not self._subscribed or generation != self._generation:
                 return
-            if key not in self._entries and len(self._entries) >= self._limit:
-                del self._entries[next(iter(self._entries))]  # the oldest: entries expire in about that order
-            self._entries[key] = (now + (self._ttl if bot is not None else self._negative_ttl), bot)
+            if bot is None:
+                self._entries.pop(route, None)
+                _bounded(self._unknown, route, self._unknown_limit)[route] = now + self._negative_ttl
+            else:
+                self._unknown.pop(route, None)
+                _bounded(self._entries, route, self._limit)[route] = (now + self._ttl, bot)
 
     def _set_subscribed(self, subscribed: bool) -> None:
         with self._lock:
             self._subscribed = subscribed
             self._generation += 1
-            self._entries = {}
+            self._entries, self._unknown = {}, {}
 
     def _ensure_listener(self) -> None:
         if self._listener is not None:
@@ -661,6 +845,13 @@ class BotCache:
                 self._listener = threading.Thread(target=_listen, args=(weakref.ref(self), self._redis),
                                                   name="bot-cache-invalidation", daemon=True)
                 self._listener.start()
+
+
+def _bounded(entries: dict[str, Any], route: str, limit: int) -> dict[str, Any]:
+    """`entries`, with room for `route`: past `limit`, the oldest goes (entries expire in about that order)."""
+    if route not in entries and len(entries) >= limit:
+        del entries[next(iter(entries))]
+    return entries
 
 
 # How often the listener looks up from an idle channel (to stop once its cache is gone).

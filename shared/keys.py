@@ -12,6 +12,9 @@ PREFIX = "sms"
 
 # The bot registry lives in the database; a change is announced here so every process's cache drops it.
 BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
+# The registry's copy (a hash; see shared/bots.py, RegistryCopy): what the webhook and the workers
+# need of every bot, so they accept and answer texts while the database is unreachable.
+REGISTRY = f"{PREFIX}:registry"
 
 
 # Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours. Scoped by account,

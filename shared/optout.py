@@ -27,10 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared import keys
 from shared.db import insert, transaction
+from shared.flight import SingleFlight
+from shared.logging import get_logger
 from shared.schema import opt_outs
+
+log = get_logger(__name__)
 
 OPT_OUT_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
 OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
@@ -202,19 +207,30 @@ def carry_over_copies(redis: Any, gone: Collection[str], after: Collection[str])
     if gone:
         copies = [keys.opted_out(key) for key in (*gone, *sorted(after))]
         redis.eval(CARRY_OVER_LUA, len(copies), *copies, len(gone))
+# A copy missing is rebuilt by one caller of this process at a time; the others wait for that rebuild.
+_LOADS = SingleFlight()
 
 
 def load_copy(engine: Engine, redis: Any, bot_number: str) -> None:
     """Add the database's opt-outs of `bot_number` to its copy and mark it complete, in one step."""
+    _LOADS.run(bot_number, lambda: _load_copy(engine, redis, bot_number))
+
+
+def _load_copy(engine: Engine, redis: Any, bot_number: str) -> None:
     with engine.connect() as connection:
         people = opted_out_people(connection, bot_number)
     redis.eval(LOAD_LUA, 1, keys.opted_out(bot_number), *people)
 
 
 def _confirm(engine: Engine, redis: Any, bot_number: str, person: str) -> bool:
-    """A rebuilt entry still stands unless the database says the person opted back in."""
-    with engine.connect() as connection:
-        state = read(connection, bot_number, person)
+    """A rebuilt entry still stands unless the database says the person opted back in (while the
+    database is unreachable, it stands: the reply waits in the log as suppressed, never sent wrongly)."""
+    try:
+        with engine.connect() as connection:
+            state = read(connection, bot_number, person)
+    except SQLAlchemyError as error:
+        log.warning("optout.unconfirmed", reason="the database is unreachable", error=error.__class__.__name__)
+        return True
     if state is None or state.opted_out:
         return True
     redis.eval(FORGET_LUA, 1, keys.opted_out(bot_number), person)

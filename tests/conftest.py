@@ -171,6 +171,14 @@ def store(settings: Settings, redis: redis_lib.Redis) -> BotStore:
 
 
 @pytest.fixture
+def unreachable() -> Iterator[db.Engine]:
+    """A PostgreSQL engine nobody answers for (the connection is refused), as a database outage looks."""
+    engine = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def bot(store: BotStore) -> Bot:
     """A registered bot with a known number and auth token."""
     return store.create({

@@ -24,7 +24,7 @@ from cli.from_redis import MIGRATED_KEY
 from cli.main import main
 from cli.twilio_standin import TwilioStandin
 from shared import erasure, keys
-from shared.bots import BotStore
+from shared.bots import BotStore, number_route
 from shared.crypto import Vault
 from shared.db import make_engine
 from shared.schema import bot_numbers, bots, conversations, dead_letters, deliveries, messages, opt_outs
@@ -475,3 +475,13 @@ def test_an_unreachable_redis_stops_the_release_phase_outside_development(
     said = capsys.readouterr()
     assert "not reachable: no earlier release's data looked for" in said.out if status == 0 else \
         "mammut-sms migrate: Redis at redis://127.0.0.1" in said.err
+
+
+def test_bots_copied_after_the_registry_copy_was_built_are_routed(
+        old_layout: None, environment: None, store: BotStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """A process that built the registry's copy (in Redis) before the copy ran finds every copied bot after it."""
+    assert store.copied(number_route(SALES)) is None  # the registry's copy, built from a database without bots
+
+    _migrate(capsys)
+
+    assert 7 == store.copied(number_route(SALES)).id
