@@ -31,7 +31,7 @@ import redis as redis_lib
 from sqlalchemy import Connection, Engine, Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from shared import keys, optout
+from shared import keys, optout, poolnumbers
 from shared.crypto import Vault
 from shared.db import insert, transaction
 from shared.flight import SingleFlight
@@ -501,6 +501,7 @@ class BotStore:
                     raise BotNotFound(bot_id)
                 stored = {**_fields(old), PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ())}
                 before = _opt_out_keys(stored)
+                numbers_before = {number for _, number in _numbers_of(stored)}
                 merged = {**stored, ENGINE_URL: self._engine_url(old.engine_url),
                           HANDOFF_URL: self._engine_url(old.handoff_url), **changes}
                 token = changes.get(AUTH_TOKEN)
@@ -520,6 +521,7 @@ class BotStore:
             optout.carry_over_copies(self._redis, gone, _opt_out_keys(merged))
         except redis_lib.RedisError as error:
             log.warning("bots.opt_out_copy_not_carried_over", bot_id=bot_id, error=str(error))
+        self._release_numbers(bot_id, numbers_before - {number for _, number in _numbers_of(merged)})
         self._changed(bot_id, stored)
         return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash,
                           "phone_numbers": pool}), shown_once
@@ -532,6 +534,7 @@ class BotStore:
         if deleted:
             with contextlib.suppress(redis_lib.RedisError):  # a stale copy of a bot that is gone is never read
                 self._redis.delete(keys.handoffs(bot_id))
+            self._release_numbers(bot_id, None)
             self._changed(bot_id, None)
         return deleted
 
@@ -588,6 +591,13 @@ class BotStore:
         except (NumberTaken, InvalidBot) as taken:
             return taken
         return NumberTaken(fields.get(NUMBER) or fields.get(SERVICE_SID) or "")
+
+    def _release_numbers(self, bot_id: int, numbers: set[str] | None) -> None:
+        """Numbers the bot no longer has stop answering for its service (shared.poolnumbers)."""
+        try:
+            poolnumbers.release(self._redis, bot_id, numbers)
+        except redis_lib.RedisError as error:
+            log.warning("bots.pool_numbers_not_released", bot_id=bot_id, error=str(error))
 
     def _changed(self, bot_id: int, stored: Mapping[str, Any] | None) -> None:
         """After the commit: the registry's copy gets the bot as committed, then every cache hears of it."""

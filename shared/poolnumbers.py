@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
 
 import redis as redis_lib
@@ -48,6 +49,27 @@ class PoolNumbers:
 
 
 POOL_NUMBERS = PoolNumbers()
+
+# KEYS[1]: the hash. ARGV[1]: the bot; ARGV[2..]: the numbers it gave up (none: all of its own).
+RELEASE_LUA = """
+local numbers = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do numbers[#numbers + 1] = ARGV[i] end
+else
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do numbers[#numbers + 1] = fields[i] end
+end
+for _, number in ipairs(numbers) do
+  if redis.call('HGET', KEYS[1], number) == ARGV[1] then redis.call('HDEL', KEYS[1], number) end
+end
+"""
+
+
+def release(redis: Any, bot_id: int, numbers: Collection[str] | None = None) -> None:
+    """The operator took these numbers (or, with None, the whole bot) away: its service sending from
+    them no longer makes them its own, so another bot may be given them."""
+    if numbers is None or numbers:
+        redis.eval(RELEASE_LUA, 1, keys.POOL_NUMBERS, bot_id, *sorted(numbers or ()))
 
 
 def pool_number_owner(redis: Any, number: str) -> int | None:

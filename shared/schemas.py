@@ -53,7 +53,8 @@ class PhoneNumbers(fields.Field):
         if len(items) > self.MAX:
             raise ValidationError(f"at most {self.MAX} numbers")
         numbers: list[str] = []
-        for item in filter(None, items):
+        # A query string may hold an empty item ("a,,b", a trailing comma); a JSON list may not.
+        for item in filter(None, items) if isinstance(value, str) else items:
             try:
                 numbers.append(normalize_e164(item))
             except InvalidNumber as error:

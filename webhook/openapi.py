@@ -113,6 +113,8 @@ _TWILIO_REFUSALS = {
 }
 _BEARER = [{"bearerAuth": []}]
 # A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
+# A character neither white space nor a control character (shared.text removes those).
+_VISIBLE = r"[^\s\u0000-\u001f\u007f-\u009f]"
 _URL = r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}(/[!-~]*)?$"
 # An https URL at a named host (media_refusal also refuses literal internal addresses).
 _PUBLIC_HTTPS = r"^https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(/[!-~]*)?$"
@@ -174,8 +176,8 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             "properties": {"to": {"type": "string", "pattern": E164_PATTERN},
                            "text": {"type": ["string", "null"], "maxLength": 16_000},
                            "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS}},
-            # Something to send: a text that is not only spaces, or a media URL.
-            "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": r"\S"}}},
+            # Something to send: a text that is not only spaces and control characters, or a media URL.
+            "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": _VISIBLE}}},
                       {"required": ["media-url"], "properties": {"media-url": {"type": "string"}}}]}}}},
         "responses": {"202": {"description": "queued: the reply ids",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
@@ -347,7 +349,7 @@ def _describe_bot(schema: dict[str, Any]) -> None:
     short scalars under plain names (shared.schemas)."""
     properties = schema["properties"]
     properties[NUMBER]["pattern"] = E164_PATTERN
-    properties[PHONE_NUMBERS].update({"type": "array", "maxItems": PhoneNumbers.MAX,
+    properties[PHONE_NUMBERS].update({"type": ["array", "null"], "maxItems": PhoneNumbers.MAX,
                                       "items": {"type": "string", "pattern": E164_PATTERN}})
     for name in (ENGINE_URL, HANDOFF_URL):
         properties[name]["pattern"] = _URL
