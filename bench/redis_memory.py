@@ -3,8 +3,10 @@
 Starts a Redis server of its own (so `used_memory` is this service's alone), the Procfile's web and
 worker, the Twilio stand-in and the built-in echo engine; registers a bot over the registry API;
 posts signed webhooks from N different people, waits until every reply reached the stand-in and
-every conversation settled, then prints Redis's `used_memory` before and after, the bytes per
-message that remain, and which keys remain (only the 48-hour dedupe marks should).
+every conversation settled and its counters of replies per minute expired (2 minutes), then stops
+them and prints Redis's `used_memory` before and after, the bytes per message that remain, and
+which keys remain (only the 48-hour dedupe marks should); then what the webhook's Lua step costs
+Redis per call, dedupe lookups included.
 
     python bench/redis_memory.py [--messages 10000]
 
@@ -92,13 +94,49 @@ def key_kinds(redis: Any) -> Counter[str]:
 
 
 def key_bytes(redis: Any) -> Counter[str]:
-    """MEMORY USAGE summed by kind of key."""
+    """MEMORY USAGE (every element counted, not a sample) summed by kind of key."""
     sizes: Counter[str] = Counter()
     for key in redis.scan_iter(count=1000):
         parts = key.split(":")
         kind = ":".join(parts[:2]) if parts[0] == "sms" else parts[0] + ":" + parts[1].split(".")[0]
-        sizes[kind] += redis.memory_usage(key) or 0
+        sizes[kind] += redis.memory_usage(key, samples=0) or 0
     return sizes
+
+
+def dedupe_marks(redis: Any) -> int:
+    """The dedupe marks: a key each in the earlier shape, a field of an hourly hash now (keys.seen_hour)."""
+    return sum(redis.hlen(key) if redis.type(key) == "hash" else 1 for key in redis.scan_iter(match="sms:seen:*",
+                                                                                                 count=1000))
+
+
+def used_memory_without_marks(redis: Any) -> int:
+    """used_memory once the dedupe marks are deleted: what they held, exactly, by the difference
+    (MEMORY USAGE leaves out part of a hash's table, and used_memory also holds what no key does)."""
+    for chunk in _chunks(list(redis.scan_iter(match="sms:seen:*", count=1000)), 1000):
+        redis.delete(*chunk)
+    time.sleep(2)
+    return int(redis.info("memory")["used_memory"])
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def accept_cost(redis: Any, messages: int = 2000) -> tuple[float, float]:
+    """Redis's microseconds per call of the webhook's Lua step (dedupe, queue, wake-up), by INFO
+    commandstats: for new messages (every dedupe lookup misses), then for their retries."""
+    from shared.conversations import INBOUND, accept_inbound
+
+    timings = []
+    for retry in (False, True):
+        redis.config_resetstat()
+        for n in range(messages):
+            message = INBOUND.load({"sid": f"SMcost{n:026d}", "bot_id": 999_999, "sender": f"+1666{n:07d}",
+                                    "to": BOT_NUMBER, "body": "cost", "received_at": time.time()})
+            accepted = accept_inbound(redis, message, f"token-{n}", account_sid=ACCOUNT_SID)
+            assert accepted != retry
+        timings.append(float(redis.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+    return timings[0], timings[1]
 
 
 def settled(redis: Any) -> bool:
@@ -135,6 +173,10 @@ def main() -> None:
                    "LOG_LEVEL": "WARNING", "WEB_CONCURRENCY": "2"}
             env.pop("ENGINE_URL", None)
             os.environ.pop("ENGINE_URL", None)  # the built-in echo engine
+            # Measured with only this script connected, before and after: the processes' connections
+            # (tens of kilobytes each, opened as the load needs them) are not the messages' cost.
+            before = redis.info("memory")["used_memory"]
+            kinds_before = key_kinds(redis)
             port = free_port()
             web = start_web(env, port)
             worker = start_worker(env, 2, 40)
@@ -146,8 +188,6 @@ def main() -> None:
                                               "messages-per-second": 1000})
                 created.raise_for_status()
                 time.sleep(2)
-                before = redis.info("memory")["used_memory"]
-                kinds_before = key_kinds(redis)
                 started = time.time()
                 post_all(port, args.messages)
                 twilio.wait_for(args.messages, timeout=1200)
@@ -155,15 +195,25 @@ def main() -> None:
                 while not settled(redis) and time.time() < deadline:
                     time.sleep(0.5)
                 elapsed = time.time() - started
-                # Redis shrinks the hash tables that held the peak's keys in its cron: give it a few passes.
-                time.sleep(10)
-                memory = redis.info("memory")
-                after = memory["used_memory"]
-                kinds_after = key_kinds(redis)
-                by_kind = key_bytes(redis)
+                # What stays 48 hours, not what lasts minutes: the replies-per-minute counters live 2.
+                deadline = time.time() + 150
+                while next(redis.scan_iter(match="sms:conv:*", count=1000), None) and time.time() < deadline:
+                    time.sleep(1)
             finally:
                 worker.stop(30)
                 web.stop(10)
+            # Redis shrinks the hash tables that held the peak's keys in its cron: give it a few passes.
+            time.sleep(10)
+            # Redis 7 keeps a latency histogram per command name once used (about 1 MB here, whatever
+            # the number of messages); dropping them leaves what the messages left.
+            redis.config_resetstat()
+            memory = redis.info("memory")
+            after = memory["used_memory"]
+            kinds_after = key_kinds(redis)
+            by_kind = key_bytes(redis)
+            marks = dedupe_marks(redis)
+            marks_bytes = after - used_memory_without_marks(redis)
+            cost_new, cost_retry = accept_cost(redis)
     finally:
         server.terminate()
         server.wait(10)
@@ -172,10 +222,13 @@ def main() -> None:
           f"all answered in {elapsed:.1f} s")
     print(f"used_memory before: {before:,} B; after: {after:,} B; grew by {after - before:,} B = "
           f"{(after - before) / args.messages:.1f} B per message")
-    marks = kinds_after.get("sms:seen", 0)
-    print(f"dedupe marks (sms:seen, 48 h): {marks:,} keys, {by_kind.get('sms:seen', 0):,} B by MEMORY USAGE "
-          f"({by_kind.get('sms:seen', 0) / max(marks, 1):.0f} B each); every other key: "
-          f"{sum(v for k, v in by_kind.items() if k != 'sms:seen'):,} B")
+    print(f"dedupe marks (sms:seen, 48 h): {marks:,} marks in {kinds_after.get('sms:seen', 0):,} keys, "
+          f"{by_kind.get('sms:seen', 0):,} B by MEMORY USAGE ({by_kind.get('sms:seen', 0) / max(marks, 1):.0f} B each); "
+          f"every other key: {sum(v for k, v in by_kind.items() if k != 'sms:seen'):,} B")
+    print(f"the dedupe marks held {marks_bytes:,} B of used_memory (freed by deleting them) = "
+          f"{marks_bytes / args.messages:.1f} B per message")
+    print(f"the webhook's Lua step (dedupe with a MessageSid and an idempotency token, queue, wake-up), by INFO "
+          f"commandstats: {cost_new:.1f} us of Redis per new message, {cost_retry:.1f} us per retry")
     print(f"Redis's own overhead after: {memory['used_memory_overhead']:,} B (keyspace and expiry tables, clients, "
           f"replication buffers); dataset {memory['used_memory_dataset']:,} B")
     print("keys before: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds_before.items())))

@@ -445,6 +445,9 @@ class TwilioStandin:
         self._assigned: collections.Counter[str] = collections.Counter()  # senders handed out per service
         self._overflowing: set[str] = set()
         self._late_failures: dict[str, int] = {}
+        self._create_seconds = 0.0
+        self._open: collections.Counter[str] = collections.Counter()  # creates being answered, per account
+        self._most_open: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -609,6 +612,21 @@ class TwilioStandin:
         with self._lock:
             self._late_failures[to] = code
 
+    def take_time(self, seconds: float) -> None:
+        """Answer every create `seconds` after it arrives (until reset()), as a busy Twilio would."""
+        with self._lock:
+            self._create_seconds = seconds
+
+    def most_open(self, account_sid: str) -> int:
+        """The most creates of the account the stand-in was answering at once (since reset())."""
+        with self._lock:
+            return self._most_open[account_sid]
+
+    def _opened(self, account_sid: str, change: int) -> None:
+        with self._lock:
+            self._open[account_sid] += change
+            self._most_open[account_sid] = max(self._most_open[account_sid], self._open[account_sid])
+
     def reset(self) -> None:
         """Forget recorded messages, attempts, sticky senders and every injected failure (not the services)."""
         with self._lock:
@@ -664,7 +682,7 @@ class TwilioStandin:
         steps: list[tuple[str, int | None]] = []
         with self._changed:
             now = self._clock()
-            delay = self._delays.popleft() if self._delays else 0.0
+            delay = self._delays.popleft() if self._delays else self._create_seconds
             # Auth first, then injected faults (a 429 comes before Twilio looks at the payload).
             error = self._auth_error(account_sid, credentials) or self._injected_error(fields.to)
             error = error or _validation_error(fields) or self._service_error(fields)
@@ -999,14 +1017,22 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         standin = self.server.standin
-        reply = standin._handle(method, self.path, self.headers.get("Authorization"), body)
-        if reply.delay > 0 and standin._stopped.wait(reply.delay) and reply.lost is not None:
-            reply = replace(reply, lost="drop")  # stop() came first: a lost answer stays lost
-        if reply.lost == "drop":
-            # Hang up without a byte of response: the client sees RemoteDisconnected.
-            self.close_connection = True
-            return
-        self._write(reply)
+        creates = _MESSAGES_PATH.fullmatch(urlsplit(self.path).path) if method == "POST" else None
+        account = creates["account"] if creates else None
+        if account:
+            standin._opened(account, 1)
+        try:
+            reply = standin._handle(method, self.path, self.headers.get("Authorization"), body)
+            if reply.delay > 0 and standin._stopped.wait(reply.delay) and reply.lost is not None:
+                reply = replace(reply, lost="drop")  # stop() came first: a lost answer stays lost
+            if reply.lost == "drop":
+                # Hang up without a byte of response: the client sees RemoteDisconnected.
+                self.close_connection = True
+                return
+            self._write(reply)
+        finally:
+            if account:
+                standin._opened(account, -1)
 
     def _read_body(self) -> bytes | None:
         # The whole body must be consumed even for requests we reject, or the next request on

@@ -93,19 +93,34 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # nobody's needs a wake-up: a burst of thirty texts wakes one worker, not thirty that would queue
 # for the same lease, and a text landing while its conversation is answered wakes nobody (a worker
 # woken then would find the lease taken and go away). A holder that dies leaves it to the sweeper.
-# KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
-#       the wake-ups (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease,
+# Dedupe marks are fields of hashes per 6 hours (keys.seen_hours), each the hour it was made: the
+# hashes looked in are named here from the hour of arrival rather than passed, their names being
+# most of a request otherwise.
+# KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earlier shape, read
+#       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
+#       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease,
 #       when the person last texted (keys.wrote).
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
-#       texted ('': not kept, the bot has one number).
+#       texted ('': not kept, the bot has one number), the marks' fields of the MessageSid and the
+#       idempotency token (the same when there is none), the hour of arrival.
 ACCEPT_LUA = """
--- Marking the token seen even when the MessageSid turns out to be a duplicate changes nothing:
--- a request carrying either again is a duplicate anyway.
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', __DEDUPE_TTL__)
-    or (KEYS[1] ~= KEYS[2] and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', __DEDUPE_TTL__)) then
+local hour = tonumber(ARGV[10])
+local function bucket(h) return h - h % __BUCKET__ end
+local function seen(field)
+  for first = bucket(hour), bucket(hour - __HOURS__), -__BUCKET__ do
+    local made = redis.call('HGET', '__SEEN_HOURS__' .. first, field)
+    if made and hour - tonumber(made) <= __HOURS__ then return true end
+  end
+  return false
+end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8])) then
   redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
   return 0
 end
+-- A request carrying either again is a duplicate. The hash lives until its last hour's marks are 48 hours old.
+local marks = '__SEEN_HOURS__' .. bucket(hour)
+redis.call('HSET', marks, ARGV[8], hour, ARGV[9], hour)
+redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
@@ -123,6 +138,7 @@ return 1
 ACCEPT_LUA = with_constants(
     ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
+    HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS,
     LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )
@@ -130,7 +146,8 @@ ACCEPT_LUA = with_constants(
 
 def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
                    account_sid: str | None = None, remember_texted: bool = False, opt_out_key: str | None = None) -> bool:
-    """Queue an inbound message on its conversation; False if it was seen in the last 48 hours.
+    """Queue an inbound message on its conversation; False if it was seen in the 48 hours before its
+    `received_at` (also the clock the marks are kept by).
 
     One EVALSHA: dedupe, storing and the worker's wake-up are one Lua step and one round trip.
     `message` is INBOUND's shape already (the webhook builds it field by field), so it is stored
@@ -150,7 +167,8 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
               keys.wrote(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
-              f"wake-{message['sid']}", message["to"] if remember_texted else ""],
+              f"wake-{message['sid']}", message["to"] if remember_texted else "", keys.seen_field(account, message["sid"]),
+              keys.seen_field(account, idempotency_token or message["sid"]), int(message["received_at"] // 3600)],
     ))
 
 

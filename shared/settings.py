@@ -52,6 +52,9 @@ class Settings:
     # How long a send whose outcome is unknown waits for Twilio's status callback before the
     # worker asks Twilio's message list (without PUBLIC_URL there are no callbacks: it asks sooner).
     send_reconcile_seconds: int = 60
+    # REST requests one worker process keeps in flight per Twilio account: past it they queue for a
+    # slot (Twilio answers 20429 past its own limit per account, 100 by default, across all processes).
+    twilio_max_concurrent_requests: int = 50
 
     @property
     def development(self) -> bool:
@@ -78,6 +81,8 @@ class Settings:
             log_retention_days=env_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
             engine_allowed_networks=env_networks(env, "ENGINE_ALLOWED_NETWORKS"),
             send_reconcile_seconds=env_int(env, "SEND_RECONCILE_SECONDS", cls.send_reconcile_seconds, 1, 3600),
+            twilio_max_concurrent_requests=env_int(env, "TWILIO_MAX_CONCURRENT_REQUESTS",
+                                                   cls.twilio_max_concurrent_requests, 1, 10_000),
         )
         return settings.checked()
 

@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from cli.twilio_standin import TwilioStandin
 from shared import db, keys, metrics
 from shared.bots import Bot, BotStore
-from shared.conversations import INBOUND
+from shared.conversations import INBOUND, accept_inbound
 from shared.crypto import Vault
 from shared.optout import is_opted_out
 from shared.redis import connect
@@ -159,11 +159,44 @@ class TestDuplicates:
         assert ([], []) == (inbox(redis), queued_kicks(redis))
 
     def test_a_message_is_remembered_for_48_hours(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
-        """The MessageSid and the idempotency token of an accepted message are both kept as seen for 48 hours."""
+        """The MessageSid and the idempotency token of an accepted message are both marked with their hour,
+        in a hash that outlives its last hour by 48 hours."""
         params = inbound_params()
         post_signed(client, params, headers={"I-Twilio-Idempotency-Token": "retry-token-2"})
-        ttls = [redis.ttl(keys.seen(bot.account_sid, name)) for name in (params["MessageSid"], "retry-token-2")]
-        assert [True, True] == [47 * 3600 < ttl <= 48 * 3600 for ttl in ttls]
+        hour = int(time.time() // 3600)
+        marks = keys.seen_hours(hour)
+        fields = [keys.seen_field(bot.account_sid, name) for name in (params["MessageSid"], "retry-token-2")]
+        last_hour = hour - hour % keys.SEEN_BUCKET_HOURS + keys.SEEN_BUCKET_HOURS - 1
+        assert ([str(hour)] * 2, (last_hour + 1 + 48) * 3600) == (redis.hmget(marks, fields), redis.expiretime(marks))
+
+    @pytest.mark.parametrize(("hours_later", "duplicate"), [(0.0, True), (47.0, True), (47.99, True), (49.0, False)])
+    def test_a_retry_is_recognised_within_48_hours_and_not_after_49(
+            self, redis: redis_lib.Redis, bot: Bot, hours_later: float, duplicate: bool) -> None:
+        """A retry of a message accepted `hours_later` before is a duplicate within 48 hours, a new message after 49."""
+        # Given a message accepted now, marked under its MessageSid and its idempotency token
+        now = time.time()
+        first = INBOUND.load({"sid": "SMretry47", "bot_id": bot.id, "sender": SENDER, "to": bot.number, "body": "hola",
+                              "received_at": now})
+        assert accept_inbound(redis, first, "token-47", account_sid=bot.account_sid)
+        # When Twilio retries it that many hours later (by the clock the webhook stamps it with)
+        retry = {**first, "received_at": now + hours_later * 3600}
+        by_sid = accept_inbound(redis, retry, account_sid=bot.account_sid)
+        by_token = accept_inbound(redis, {**retry, "sid": "SMother47"}, "token-47", account_sid=bot.account_sid)
+        # Then it is queued again only once the marks are older than the look
+        assert [not duplicate, not duplicate] == [by_sid, by_token]
+
+    def test_a_mark_of_the_earlier_shape_is_still_a_duplicate(self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """A mark the previous release (or `migrate --from-redis`) wrote as a key of its own still stops a retry."""
+        # Given the marks of a message the previous release accepted, under its MessageSid and its token
+        redis.set(keys.seen(bot.account_sid, "SMbefore28"), "1", ex=3600)
+        redis.set(keys.seen(bot.account_sid, "token-before-28"), "1", ex=3600)
+        message = INBOUND.load({"sid": "SMbefore28", "bot_id": bot.id, "sender": SENDER, "to": bot.number,
+                                "body": "hola", "received_at": time.time()})
+        # When Twilio retries it after the upgrade, by either
+        by_sid = accept_inbound(redis, message, account_sid=bot.account_sid)
+        by_token = accept_inbound(redis, {**message, "sid": "SMafter28"}, "token-before-28", account_sid=bot.account_sid)
+        # Then neither is queued again
+        assert ([False, False], []) == ([by_sid, by_token], inbox(redis))
 
     @pytest.mark.parametrize("same", ["MessageSid", "I-Twilio-Idempotency-Token"])
     def test_a_retried_webhook_is_answered_once(

@@ -3,6 +3,12 @@
 twilio-python builds each request and reads each answer; the HTTP goes through `Transport`, a
 twilio-python HttpClient on the process's connection pool to Twilio (worker.http.Origin), which
 keeps connections alive between sends and is shared by every thread and every account.
+
+Twilio limits the REST requests in flight per account (20429 past it), so a process keeps at most
+TWILIO_MAX_CONCURRENT_REQUESTS of them open per account: a thousand greenlets with a reply each
+queue for a slot instead of swamping the API. A request's timeouts start once it has its slot; one
+that finds no slot in SLOT_WAIT_SECONDS is refused as Twilio would refuse it (20429, "later"),
+never having started, so its outcome is known.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -32,8 +39,11 @@ STATUS_CALLBACK_PATH = "/channels/sms/status"
 # Twilio's date_created has second precision, and our clocks may differ from Twilio's a little.
 CLOCK_MARGIN_SECONDS = 5.0
 LIST_PAGE_SIZE = 50
+# How long a request waits for one of its account's slots: a slot is held at most a connect and a
+# read timeout, so this is more than one full turn of every slot.
+SLOT_WAIT_SECONDS = 30.0
 
-_clients: dict[tuple[str, str, str], Client] = {}
+_clients: dict[tuple[str, str, str, int], Client] = {}
 _clients_lock = threading.Lock()
 
 
@@ -88,13 +98,55 @@ class Refused:
     message: str
 
 
-class Transport(HttpClient):
-    """twilio-python's requests, sent on the process's pooled connections to their origin. Never
-    retried or redirected; a network failure raises an OSError (a TimeoutError for a timeout), as
-    twilio-python's own client lets requests' errors through."""
+class NoSlot(TwilioRestException):
+    """The account's requests in flight were at the process's bound for SLOT_WAIT_SECONDS: this one
+    was never sent. Twilio's own answer past its limit, so it is "later" (shared.twilio_errors)."""
+
+    def __init__(self, method: str, url: str, limit: int) -> None:
+        super().__init__(429, url, f"no slot among the account's {limit} requests in flight to Twilio within "
+                                   f"{SLOT_WAIT_SECONDS:g} s (TWILIO_MAX_CONCURRENT_REQUESTS): not sent",
+                         code=20429, method=method)
+
+
+class AccountSlots:
+    """The REST requests in flight per Twilio account in this process, at most `limit` at once."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[str, tuple[int, threading.BoundedSemaphore]] = {}
+
+    @contextmanager
+    def taken(self, account: str, limit: int, method: str, url: str) -> Iterator[None]:
+        """Hold one of `account`'s slots for the block, waiting up to SLOT_WAIT_SECONDS; NoSlot after."""
+        found = self._slots.get(account)
+        if found is None or found[0] != limit:
+            with self._lock:
+                found = self._slots.get(account)
+                if found is None or found[0] != limit:
+                    found = self._slots[account] = (limit, threading.BoundedSemaphore(limit))
+        slots = found[1]
+        if not slots.acquire(timeout=SLOT_WAIT_SECONDS):
+            raise NoSlot(method, url, limit)
+        try:
+            yield
+        finally:
+            slots.release()
+
+
+# The worker process's slots, shared by every client of an account.
+ACCOUNT_SLOTS = AccountSlots()
+
+
+class Transport(HttpClient):
+    """twilio-python's requests for one account, sent on the process's pooled connections to their
+    origin once the account has a free slot (ACCOUNT_SLOTS). Never retried or redirected; a network
+    failure raises an OSError (a TimeoutError for a timeout), as twilio-python's own client lets
+    requests' errors through."""
+
+    def __init__(self, account_sid: str, max_requests: int) -> None:
         super().__init__(logging.getLogger("twilio.http_client"), is_async=False, timeout=READ_TIMEOUT)
+        self.account_sid = account_sid
+        self.max_requests = max_requests
 
     def request(self, method: str, url: str, params: dict[str, object] | None = None,
                 data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
@@ -112,7 +164,8 @@ class Transport(HttpClient):
         # The module's limits, read on each call, so they can be tuned in one place.
         limits = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=timeout or READ_TIMEOUT)
         try:
-            answer = origin(url).request(method.upper(), url, body, headers, limits)
+            with ACCOUNT_SLOTS.taken(self.account_sid, self.max_requests, method.upper(), url):
+                answer = origin(url).request(method.upper(), url, body, headers, limits)
         except urllib3.exceptions.TimeoutError as error:
             raise TimeoutError(f"Twilio did not answer in time: {error}") from error
         except urllib3.exceptions.HTTPError as error:
@@ -130,18 +183,16 @@ def _form(values: dict[str, object]) -> str:
     return urlencode(pairs)
 
 
-_TRANSPORT = Transport()
-
-
-def get_client(account_sid: str, auth_token: str, base_url: str) -> Client:
-    """The process's client for one Twilio account, made on first use."""
-    key = (account_sid, auth_token, base_url)
+def get_client(account_sid: str, auth_token: str, base_url: str, max_requests: int) -> Client:
+    """The process's client for one Twilio account, made on first use; at most `max_requests` of
+    the account's requests are in flight at once."""
+    key = (account_sid, auth_token, base_url, max_requests)
     client = _clients.get(key)
     if client is None:
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
-                client = Client(account_sid, auth_token, http_client=_TRANSPORT)
+                client = Client(account_sid, auth_token, http_client=Transport(account_sid, max_requests))
                 # Tests and Twilio-compatible providers use another host than api.twilio.com.
                 client.api.base_url = base_url
                 _clients[key] = client
@@ -150,7 +201,8 @@ def get_client(account_sid: str, auth_token: str, base_url: str) -> Client:
 
 def client_for(bot: Bot, settings: Settings) -> Client:
     """The bot's client, made before a send is timed: the first one in a process takes tens of ms."""
-    return get_client(bot.account_sid, bot.auth_token, settings.twilio_api_base_url)
+    return get_client(bot.account_sid, bot.auth_token, settings.twilio_api_base_url,
+                      settings.twilio_max_concurrent_requests)
 
 
 def send_sms(client: Client, sender: Sender | str, to: str, body: str, media_url: str | None,
