@@ -17,6 +17,7 @@ a union: a STOP the accept script has just written is never dropped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +25,10 @@ from sqlalchemy import Connection, Engine, select
 
 from shared import keys
 from shared.db import insert, transaction
+from shared.keywords import HELP, MESSAGE, OPT_IN, OPT_OUT, event_of
 from shared.schema import opt_outs
 
-OPT_OUT_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
-OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
-
-MESSAGE, OPT_OUT, OPT_IN = "message", "opt_out", "opt_in"
+__all__ = ["HELP", "MESSAGE", "OPT_IN", "OPT_OUT"]
 
 # The copy's fields and values (a person is an address Twilio gives, never starting with "#").
 LOADED = "#loaded"
@@ -39,19 +38,16 @@ FROM_DATABASE = "db"
 HOW_21610 = "error 21610"
 
 
-def classify(body: str | None, opt_out_type: str | None = None) -> str:
-    """The engine event an inbound text stands for: Twilio's OptOutType wins, else the whole body."""
+def classify(body: str | None, opt_out_type: str | None = None,
+             meaning: Callable[[str | None], str] = event_of) -> str:
+    """The engine event an inbound text stands for: Twilio's OptOutType wins, else the whole body's
+    `meaning` (the bot's keywords, shared.bots.Keywords.event_of; by default the English ones)."""
     kind = (opt_out_type or "").strip().upper()
     if kind == "STOP":
         return OPT_OUT
     if kind == "START":
         return OPT_IN
-    word = (body or "").strip().upper()
-    if word in OPT_OUT_KEYWORDS:
-        return OPT_OUT
-    if word in OPT_IN_KEYWORDS:
-        return OPT_IN
-    return MESSAGE
+    return meaning(body)
 
 
 # --- The record (the database) ------------------------------------------------------------

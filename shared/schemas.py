@@ -16,6 +16,9 @@ from shared.bots import (
     MERGE_WINDOW,
 )
 from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
+from shared.bots import (HELP_MESSAGE, HELP_WORDS, KEYWORD_ATTRIBUTES, OPT_IN_MESSAGE, OPT_IN_WORDS, OPT_OUT_MESSAGE,
+                         OPT_OUT_WORDS)
+from shared import keywords
 from shared.phone import InvalidNumber, normalize_e164
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -61,6 +64,43 @@ class PhoneNumbers(fields.Field):
             except InvalidNumber as error:
                 raise ValidationError(f"{item[:40]!r}: {error}") from None
         return list(dict.fromkeys(numbers))
+
+
+class KeywordList(fields.Field):
+    """Keywords: a JSON list, or comma-separated (the seed's query string); each a word or short
+    phrase, no two the same once case, accents and surrounding punctuation are set aside."""
+
+    def __init__(self, least: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.least = least
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValidationError("must be a list of keywords (or, in a query string, keywords separated by commas)")
+        words = [item.strip() for item in items if item.strip()]
+        if not self.least <= len(words) <= keywords.MAX_KEYWORDS:
+            raise ValidationError(f"must have {self.least} to {keywords.MAX_KEYWORDS} keywords")
+        seen: set[str] = set()
+        for word in words:
+            compared = keywords.normalized(word)
+            if not compared or len(word) > keywords.MAX_KEYWORD_LENGTH:
+                raise ValidationError(f"{word[:40]!r}: each keyword needs a letter or digit and at most "
+                                      f"{keywords.MAX_KEYWORD_LENGTH} characters")
+            if compared in seen:
+                raise ValidationError(f"{word!r} is listed twice (case, accents and punctuation aside)")
+            seen.add(compared)
+        return words
+
+
+def _keywords(name: str, least: int, description: str) -> KeywordList:
+    return KeywordList(least, data_key=name, load_default=None, allow_none=True, metadata={"description": description})
+
+
+def _answer(name: str, description: str) -> fields.String:
+    return fields.String(data_key=name, load_default=None, allow_none=True,
+                         validate=validate.Length(min=1, max=1600, error="must be 1 to 1600 characters"),
+                         metadata={"description": description})
 
 
 def _flag(name: str, description: str) -> fields.Boolean:
@@ -146,6 +186,18 @@ class BotSchema(Schema):
     smart_encoded = _flag(SMART_ENCODED, "Twilio replaces Unicode look-alikes with GSM-7 characters (SmartEncoded)")
     shorten_urls = _flag(SHORTEN_URLS, "Twilio shortens links (ShortenUrls); needs a messaging service")
 
+    # Keywords and the service's own answers to them (shared.bots.Keywords; README "Keywords").
+    opt_out_keywords = _keywords(OPT_OUT_WORDS, 1, "whole texts that opt a person out (default STOP, STOPALL, ...)")
+    opt_in_keywords = _keywords(OPT_IN_WORDS, 0, "whole texts that opt a person back in (default START, YES, UNSTOP)")
+    help_keywords = _keywords(HELP_WORDS, 0, "whole texts that ask for help (default HELP, INFO)")
+    keyword_set = fields.String(
+        data_key="keyword-set", load_default=None, load_only=True,
+        validate=validate.OneOf(sorted(keywords.KEYWORD_SETS), error="must be one of {choices}"),
+        metadata={"description": "sets the three keyword lists at once to a documented set (es: English and Spanish)"})
+    help_message = _answer(HELP_MESSAGE, "sent, instead of asking the engine, to a help keyword")
+    opt_out_message = _answer(OPT_OUT_MESSAGE, "the one confirmation sent after an opt-out")
+    opt_in_message = _answer(OPT_IN_MESSAGE, "the confirmation sent after an opt-in")
+
     @validates_schema
     def _can_send(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not self.partial and not data.get("number") and not data.get("messaging_service_sid"):
@@ -170,6 +222,11 @@ class BotSchema(Schema):
         """Back to the API's own spelling, which the store keeps."""
         spelled = {_DATA_KEYS.get(key, key): value for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
+        chosen = spelled.pop("keyword-set", None)
+        if chosen is not None:  # lists given in the same call win over the set's
+            for kind, words in keywords.KEYWORD_SETS[chosen].items():
+                if spelled.get(f"{kind}-keywords") is None:
+                    spelled[f"{kind}-keywords"] = list(words)
         return {key: value for key, value in spelled.items() if value is not None or key in _NULLABLE}
 
 
@@ -216,6 +273,6 @@ class FailedSchema(Schema):
 _FIELD_NAMES = {name for name in BotSchema._declared_fields}
 _DATA_KEYS = {name: field.data_key or name for name, field in BotSchema._declared_fields.items()}
 _NULLABLE = {ENGINE_URL, FALLBACK, HANDOFF_URL, *LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, SERVICE_SID, PHONE_NUMBERS,
-             *SENDING_ATTRIBUTES}
+             *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES}
 CREATE = BotSchema()
 UPDATE = BotUpdateSchema(partial=True)

@@ -41,6 +41,9 @@ def test_the_bot_schema_is_generated_from_the_marshmallow_schema(document: dict[
     assert [{"required": ["main-phone-number"]}, {"required": ["twilio-messaging-service-sid"]}] == bot["anyOf"]
     assert bot["properties"]["twilio-messaging-service-sid"]["pattern"] == "^MG[0-9a-fA-F]{32}$"
     assert {"phone-numbers", "validity-period", "smart-encoded", "shorten-urls"} <= set(bot["properties"])
+    assert {"help-message", "opt-out-message", "opt-in-message", "keyword-set"} <= set(bot["properties"])
+    assert ("array", "string") == (bot["properties"]["opt-out-keywords"]["type"],
+                                   bot["properties"]["opt-out-keywords"]["items"]["type"])
 
 
 def test_registry_routes_need_the_bearer_token_and_twilio_routes_a_signature(document: dict[str, Any]) -> None:

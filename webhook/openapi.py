@@ -16,7 +16,9 @@ from marshmallow import Schema, fields
 from werkzeug.routing import Rule
 
 from shared.bots import NUMBER, SERVICE_SID
-from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, TaskResultSchema
+from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS
+from shared.keywords import MAX_KEYWORD_LENGTH
+from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, KeywordList, TaskResultSchema
 
 bp = Blueprint("openapi", __name__)
 
@@ -252,7 +254,8 @@ def _unique(name: str, used: set[str]) -> str:
 
 def build_spec(app: Flask) -> dict[str, Any]:
     """The OpenAPI 3 document of every route `app` serves."""
-    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.0.3", plugins=[MarshmallowPlugin()], info={
+    marshmallow_plugin = MarshmallowPlugin()
+    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.0.3", plugins=[marshmallow_plugin], info={
         "description": "Twilio's webhook receiver and the bot registry API of the SMS channel. "
                        "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`.",
     })
@@ -261,6 +264,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         "type": "apiKey", "in": "header", "name": "X-Twilio-Signature",
         "description": "HMAC-SHA1 of the URL and form with the bot's Twilio auth token",
     })
+    marshmallow_plugin.map_to_openapi_type(KeywordList, "array", None)
     for name, schema in _schemas().items():
         spec.components.schema(name, schema=schema)
     paths: dict[str, dict[str, Any]] = {}
@@ -277,6 +281,10 @@ def build_spec(app: Flask) -> dict[str, Any]:
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
     # A bot sends from its number, through its Messaging Service, or both: one of the two is required.
+    for schema_name in ("Bot", "BotUpdate"):
+        for words in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
+            document["components"]["schemas"][schema_name]["properties"][words]["items"] = {
+                "type": "string", "maxLength": MAX_KEYWORD_LENGTH}
     document["components"]["schemas"]["Bot"]["anyOf"] = [
         {"required": [NUMBER]}, {"required": [SERVICE_SID]},
     ]
