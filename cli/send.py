@@ -22,6 +22,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("text", nargs="?", default=None, help="the message")
     parser.add_argument("--media-url", default=None, help="an https:// image to send with it")
     parser.add_argument("--idempotency-key", default=None, help="default: a new one for this command")
+    parser.add_argument("--at", default=None, metavar="RFC3339",
+                        help="send then, not now: e.g. 2026-12-24T09:00:00-06:00 (at most 30 days ahead); "
+                             "list with the API's GET .../scheduled, cancel with DELETE .../scheduled/ID")
     add_registry_options(parser)
     parser.set_defaults(run=run)
 
@@ -29,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         answer = client_from(args).send(args.bot, args.to, args.text, args.media_url,
-                                        args.idempotency_key or uuid.uuid4().hex)
+                                        args.idempotency_key or uuid.uuid4().hex, send_at=args.at)
     except RegistryError as error:
         print(f"mammut-sms send: {error}", file=sys.stderr)
         return 1

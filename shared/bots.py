@@ -53,6 +53,8 @@ SERVICE_SID, PHONE_NUMBERS, VALIDITY, SMART_ENCODED, SHORTEN_URLS = (
 OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS, HELP_MESSAGE, OPT_OUT_MESSAGE, OPT_IN_MESSAGE = (
     "opt-out-keywords", "opt-in-keywords", "help-keywords", "help-message", "opt-out-message", "opt-in-message",
 )
+# Quiet hours: see shared.schedule.
+QUIET_HOURS, QUIET_ZONE = "quiet-hours", "quiet-hours-time-zone"
 
 
 # --- A bot's settings, kept in its `limits` column: only those an operator set; the rest take the
@@ -65,6 +67,7 @@ LIMIT_ATTRIBUTES = {
 }
 CONTROL_ATTRIBUTES = {HANDOFF_TIMEOUT: "handoff_timeout", MERGE_WINDOW: "merge_window_ms"}
 SENDING_ATTRIBUTES = {VALIDITY: "validity_period", SMART_ENCODED: "smart_encoded", SHORTEN_URLS: "shorten_urls"}
+HOURS_ATTRIBUTES = {QUIET_HOURS: "quiet_hours", QUIET_ZONE: "time_zone"}
 KEYWORD_ATTRIBUTES = {
     OPT_OUT_WORDS: "opt_out", OPT_IN_WORDS: "opt_in", HELP_WORDS: "help", HELP_MESSAGE: "help_message",
     OPT_OUT_MESSAGE: "opt_out_message", OPT_IN_MESSAGE: "opt_in_message",
@@ -151,6 +154,15 @@ class Keywords(_Settings):
         return None
 
 
+@dataclass(frozen=True)
+class Hours(_Settings):
+    """When the bot's people may get messages they did not just ask for (shared.schedule)."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = HOURS_ATTRIBUTES
+    quiet_hours: str | None = None  # "21:00-08:00" in the recipient's time; None: none
+    time_zone: str | None = None  # an IANA zone for every recipient; None: each recipient's own
+
+
 class InvalidBot(ValueError):
     """A bot whose fields, once merged, cannot send: the field at fault and why."""
 
@@ -160,7 +172,8 @@ class InvalidBot(ValueError):
 
 
 # A bot's settings kept in its `limits` column (those an operator set; the rest are defaults).
-SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES})
+SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES,
+                           *HOURS_ATTRIBUTES})
 KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK, HANDOFF_URL,
                           SERVICE_SID, PHONE_NUMBERS,
                           *SETTING_NAMES})
@@ -235,6 +248,7 @@ class Bot:
     phone_numbers: tuple[str, ...] = ()
     sending: Sending = field(default_factory=Sending)
     keywords: Keywords = field(default_factory=Keywords)
+    hours: Hours = field(default_factory=Hours)
 
     @property
     def numbers(self) -> tuple[str, ...]:
@@ -267,7 +281,7 @@ class Bot:
             FALLBACK: self.fallback_message, **self.limits.shown(), **self.controls.shown(),
             HANDOFF_URL: shown_url(self.handoff_url),
             SERVICE_SID: self.messaging_service_sid, PHONE_NUMBERS: list(self.phone_numbers), **self.sending.shown(),
-            **self.keywords.shown(),
+            **self.keywords.shown(), **self.hours.shown(),
         })
         return shown
 
@@ -489,6 +503,7 @@ class BotStore:
             phone_numbers=tuple(row.get("phone_numbers") or ()),
             sending=Sending.from_stored(row.get("limits")),
             keywords=Keywords.from_stored(row.get("limits")),
+            hours=Hours.from_stored(row.get("limits")),
         )
 
     def _engine_url(self, stored: str | None) -> str | None:

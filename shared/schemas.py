@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +21,8 @@ from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_
 from shared.bots import (HELP_MESSAGE, HELP_WORDS, KEYWORD_ATTRIBUTES, OPT_IN_MESSAGE, OPT_IN_WORDS, OPT_OUT_MESSAGE,
                          OPT_OUT_WORDS)
 from shared import keywords
+from shared.bots import HOURS_ATTRIBUTES, QUIET_HOURS, QUIET_ZONE
+from shared.schedule import MAX_AHEAD_SECONDS, quiet_window, zone
 from shared.phone import InvalidNumber, normalize_e164
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -101,6 +105,37 @@ def _answer(name: str, description: str) -> fields.String:
     return fields.String(data_key=name, load_default=None, allow_none=True,
                          validate=validate.Length(min=1, max=1600, error="must be 1 to 1600 characters"),
                          metadata={"description": description})
+
+
+class SendAt(fields.Field):
+    """When to send: RFC 3339 with its offset ("2026-12-24T09:00:00-06:00"), at most 30 days ahead;
+    as Unix seconds. A moment a few minutes past is taken as now (clocks differ); older is a mistake."""
+
+    PAST_TOLERANCE_SECONDS = 300
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        try:
+            moment = datetime.fromisoformat(value) if isinstance(value, str) and "T" in value.upper() else None
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ValidationError("must be an RFC 3339 time with its offset, e.g. 2026-12-24T09:00:00-06:00")
+        at, now = moment.timestamp(), time.time()
+        if at < now - self.PAST_TOLERANCE_SECONDS:
+            raise ValidationError("is in the past")
+        if at > now + MAX_AHEAD_SECONDS:
+            raise ValidationError(f"must be at most {MAX_AHEAD_SECONDS // 86400} days ahead")
+        return at
+
+
+def _quiet_hours(value: str) -> None:
+    if quiet_window(value) is None:
+        raise ValidationError("must be HH:MM-HH:MM on a 24-hour clock, start and end different, e.g. 21:00-08:00")
+
+
+def _time_zone(value: str) -> None:
+    if zone(value) is None:
+        raise ValidationError("must be an IANA time zone, e.g. America/Mexico_City")
 
 
 def _flag(name: str, description: str) -> fields.Boolean:
@@ -198,6 +233,15 @@ class BotSchema(Schema):
     opt_out_message = _answer(OPT_OUT_MESSAGE, "the one confirmation sent after an opt-out")
     opt_in_message = _answer(OPT_IN_MESSAGE, "the confirmation sent after an opt-in")
 
+    # Quiet hours (shared.schedule; README "Quiet hours").
+    quiet_hours = fields.String(data_key=QUIET_HOURS, load_default=None, allow_none=True, validate=_quiet_hours,
+                                metadata={"description": "HH:MM-HH:MM in the recipient's time: only replies to their "
+                                                         "own texts go then, the rest wait for the end"})
+    quiet_hours_time_zone = fields.String(data_key=QUIET_ZONE, load_default=None, allow_none=True,
+                                          validate=_time_zone, metadata={
+                                              "description": "the IANA time zone of quiet-hours; default: each "
+                                                             "recipient's own, from the number"})
+
     @validates_schema
     def _can_send(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not self.partial and not data.get("number") and not data.get("messaging_service_sid"):
@@ -273,6 +317,6 @@ class FailedSchema(Schema):
 _FIELD_NAMES = {name for name in BotSchema._declared_fields}
 _DATA_KEYS = {name: field.data_key or name for name, field in BotSchema._declared_fields.items()}
 _NULLABLE = {ENGINE_URL, FALLBACK, HANDOFF_URL, *LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, SERVICE_SID, PHONE_NUMBERS,
-             *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES}
+             *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES, *HOURS_ATTRIBUTES}
 CREATE = BotSchema()
 UPDATE = BotUpdateSchema(partial=True)

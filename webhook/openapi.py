@@ -18,7 +18,8 @@ from werkzeug.routing import Rule
 from shared.bots import NUMBER, SERVICE_SID
 from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS
 from shared.keywords import MAX_KEYWORD_LENGTH
-from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, KeywordList, TaskResultSchema
+from shared.schedule import STATES
+from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, KeywordList, SendAt, TaskResultSchema
 
 bp = Blueprint("openapi", __name__)
 
@@ -146,11 +147,27 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                    "retry queue nothing new for 24 h.",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["to"],
-            "properties": {"to": {"type": "string"}, "text": {"type": "string"}, "media-url": {"type": "string"}}}}}},
-        "responses": {"202": {"description": "queued: the reply ids",
+            "properties": {"to": {"type": "string"}, "text": {"type": "string"}, "media-url": {"type": "string"},
+                           "send_at": {"type": "string", "format": "date-time",
+                                       "description": "RFC 3339 with offset, at most 30 days ahead: send then"}}}}}},
+        "responses": {"202": {"description": "queued: the reply ids; or scheduled (a send_at, or the person's "
+                                             "quiet hours): [{id, send-at, reason}]",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "409": _json("Failed", "the person opted out, or the same Idempotency-Key is in flight"),
                       **_FAILED}},
+    "registry.scheduled_messages": {
+        "tags": ["registry"], "security": _BEARER,
+        "parameters": [{"in": "query", "name": "state", "schema": {"type": "string", "enum": list(STATES)}},
+                       {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                                   "default": 100}}],
+        "responses": {"200": {"description": "data.scheduled: each with id, to, text, media-url, origin, reason "
+                                             "(send-at or quiet-hours), send-at, state, created-at, done-at",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}, **_FAILED}},
+    "registry.cancel_scheduled": {
+        "tags": ["registry"], "security": _BEARER,
+        "responses": {"200": {"description": "cancelled: data.scheduled as it is now",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "409": _json("Failed", "no longer waiting: already queued, cancelled or dropped"), **_FAILED}},
     "registry.pause_conversation": {
         "tags": ["registry"], "security": _BEARER,
         "summary": "Hand the conversation to a human: the engine is not asked until it is resumed or the bot's "
@@ -265,6 +282,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         "description": "HMAC-SHA1 of the URL and form with the bot's Twilio auth token",
     })
     marshmallow_plugin.map_to_openapi_type(KeywordList, "array", None)
+    marshmallow_plugin.map_to_openapi_type(SendAt, "string", "date-time")
     for name, schema in _schemas().items():
         spec.components.schema(name, schema=schema)
     paths: dict[str, dict[str, Any]] = {}

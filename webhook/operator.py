@@ -15,12 +15,12 @@ from typing import Any
 from flask import Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from shared import keys, messagelog, optout
+from shared import keys, messagelog, optout, schedule
 from shared.conversations import replies_from, queue_replies
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import media_refusal
-from shared.schemas import PhoneNumber
+from shared.schemas import PhoneNumber, SendAt
 from shared.tasks import kick_delivery
 from webhook import deps
 from webhook.errors import failed, failure
@@ -40,6 +40,7 @@ class OperatorMessageSchema(Schema):
     to = PhoneNumber(required=True)
     text = fields.String(load_default=None, allow_none=True)
     media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
+    send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
     @validates_schema
     def _something_to_send(self, data: dict[str, Any], **_: Any) -> None:
@@ -97,6 +98,14 @@ def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
     if optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to):
         return _refusal(f"{to} opted out of {scope} (texted STOP): nothing is sent until they text START",
                         409, {"to": ["opted out"]})
+    waits = schedule.later(bot, to, data["send_at"])
+    if waits is not None:  # a send_at, or the person's quiet hours: kept in the database until then
+        with transaction(deps.get_engine()) as connection:
+            scheduled_id = schedule.add(connection, bot.id, to, data["text"] or "", media_url, messagelog.OPERATOR,
+                                        *waits)
+        log.info("operator.scheduled", bot_id=bot.id, recipient=to, send_at=waits[0], reason=waits[1])
+        return {"status": "Success", "data": {"queued": [], "scheduled": [
+            {"id": scheduled_id, "send-at": waits[0], "reason": waits[1]}]}}, 202
     replies = replies_from(conversation, to, data["text"], media_url)
     with transaction(deps.get_engine()) as connection:
         messagelog.record_replies(connection, replies, sender, origin=messagelog.OPERATOR)

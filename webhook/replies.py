@@ -14,13 +14,14 @@ from flask import Blueprint, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, validates_schema
 from sqlalchemy import Connection
 
-from shared import handoff, keys, messagelog
+from shared import handoff, keys, messagelog, schedule
 from shared.bots import Bot
 from shared.conversations import queue_replies, replies_from
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import allowed_media
 from shared.phone import is_e164
+from shared.schemas import SendAt
 from shared.tasks import kick_delivery
 from webhook import deps
 from webhook.errors import failed
@@ -38,6 +39,7 @@ class CallbackReplySchema(Schema):
     recipient_id = fields.String(required=True)
     text = fields.String(load_default=None, allow_none=True)
     image = fields.String(load_default=None, allow_none=True)
+    send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
     @validates("recipient_id")
     def _e164(self, value: str, **_: Any) -> None:
@@ -91,9 +93,9 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         log.warning("callback.refused", bot_id=bot_id, reason="handed_off", recipients=len(paused))
         return failed(f"{len(paused)} recipient(s) are talking with a human (handoff): the engine may write to them "
                       "again once the conversation is resumed", 409, {"recipient_id": sorted(paused)})
-    queued = _queue(bot_id, bot.number, _without_refused_media(answers, bot_id))
-    log.info("callback.queued", bot_id=bot_id, replies=queued)
-    return jsonify({"status": "Success", "data": {"queued": queued}}), 202
+    queued, later = _queue(bot, _without_refused_media(answers, bot_id))
+    log.info("callback.queued", bot_id=bot_id, replies=queued, scheduled=len(later))
+    return jsonify({"status": "Success", "data": {"queued": queued, "scheduled": later}}), 202
 
 
 def _authorized(bot: Bot | None) -> bool:
@@ -131,24 +133,33 @@ def _without_refused_media(answers: list[dict[str, Any]], bot_id: int) -> list[d
     return kept
 
 
-def _queue(bot_id: int, bot_number: str, answers: list[dict[str, Any]]) -> int:
+def _queue(bot: Bot, answers: list[dict[str, Any]]) -> tuple[int, list[str]]:
     """Log the replies (one transaction), then queue each recipient's in one step, in the order
-    given, and kick their delivery."""
+    given, and kick their delivery; those with a send_at, or for a person in quiet hours, are kept
+    for later instead (shared.schedule). The number queued, and the ids of those kept."""
+    bot_id = bot.id
     grouped: dict[str, list[dict[str, Any]]] = {}
+    waiting: list[tuple[dict[str, Any], tuple[float, str]]] = []
     for answer in answers:
         conversation = keys.conversation_id(bot_id, answer["recipient_id"])
+        waits = schedule.later(bot, answer["recipient_id"], answer["send_at"])
+        if waits is not None:
+            waiting.append((answer, waits))
+            continue
         grouped.setdefault(conversation, []).extend(
             replies_from(conversation, answer["recipient_id"], answer["text"], answer["image"])
         )
     with transaction(deps.get_engine()) as connection:
         messagelog.record_replies(connection, [reply for replies in grouped.values() for reply in replies],
-                                  bot_number)
+                                  bot.number)
+        later = [schedule.add(connection, bot_id, answer["recipient_id"], answer["text"] or "", answer["image"],
+                              messagelog.CALLBACK, *waits) for answer, waits in waiting]
     redis, broker = deps.get_redis(), deps.get_broker()
     for conversation, replies in grouped.items():
         reply_id = queue_replies(redis, conversation, replies)
         if reply_id:
             kick_delivery(conversation, reply_id, broker=broker)
-    return sum(len(replies) for replies in grouped.values())
+    return sum(len(replies) for replies in grouped.values()), later
 
 
 def _describe(messages: Any) -> str:
