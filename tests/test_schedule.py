@@ -21,10 +21,12 @@ from shared import keys, schedule
 from shared.bots import Bot, BotStore, Hours
 from shared.db import get_engine, transaction
 from shared.settings import Settings
+from worker import scheduler
 from worker.scheduler import run_due
 from tests.conftest import free_port
 from tests.support.processes import Process, ROOT, start_web, start_worker
-from tests.test_flushall import API, BOT_A, Service, bodies_to, private_redis, redis_server, wait_until
+from tests.test_flushall import (API, BOT_A, Service, bodies_to, private_redis, redis_server, service_env,
+                                 wait_until)
 
 __all__ = ["private_redis", "redis_server"]  # fixtures this module's tests use
 
@@ -119,6 +121,39 @@ def test_a_scheduled_send_due_inside_quiet_hours_waits_for_their_end(
     assert 0 == redis.zcard(keys.PENDING)
 
 
+def test_a_pass_that_dies_before_its_database_commit_leaves_it_waiting_and_the_next_queues_nothing_twice(
+        settings: Settings, store: BotStore, bot: Bot, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Redis step that queues a due message marks it: a worker that dies before committing
+    leaves it waiting in the database, and the pass that takes it again does not queue it again."""
+    # Given a message due now
+    sql = get_engine(settings)
+    person = "+15551140009"
+    with transaction(sql) as connection:
+        scheduled_id = schedule.add(connection, bot.id, person, "una vez", None, "operator", time.time() - 1,
+                                    schedule.SEND_AT)
+
+    # When a pass queues it and then fails before its commit
+    class DiesAfterQueuing:
+        """The scheduler's log, failing at the line written right after the Redis step, before the commit."""
+
+        def info(self, event: str, **_: Any) -> None:
+            if event == "scheduled.queued":
+                raise RuntimeError("the worker died here")
+
+    monkeypatch.setattr(scheduler, "log", DiesAfterQueuing())
+    with pytest.raises(RuntimeError):
+        run_due(redis, sql, store.get)
+    with sql.connect() as connection:
+        assert "waiting" == getattr(schedule.read(connection, bot.id, scheduled_id), "state", None)
+    monkeypatch.undo()
+    run_due(redis, sql, store.get)
+
+    # Then it is queued once, and recorded as queued
+    assert [f"{scheduled_id}-0"] == redis.lrange(keys.outbox(keys.conversation_id(bot.id, person)), 0, -1)
+    with sql.connect() as connection:
+        assert "queued" == getattr(schedule.read(connection, bot.id, scheduled_id), "state", None)
+
+
 # --- Through the Procfile's web and worker ----------------------------------------------------
 
 class Deployment(Service):
@@ -157,9 +192,7 @@ def deployment(worker_env: dict[str, str], private_redis: redis_lib.Redis, datab
                twilio: TwilioStandin) -> Iterator[Deployment]:
     twilio.reset()
     port = free_port()
-    redis_url = "redis://{host}:{port}/0".format(**private_redis.connection_pool.connection_kwargs)
-    env = {**worker_env, "REDIS_URL": redis_url, "ENGINE_URL": "", "PUBLIC_URL": f"http://127.0.0.1:{port}",
-           "LOG_LEVEL": "INFO"}
+    env = service_env(worker_env, private_redis, port)
     web = start_web(env, port)
     deployed = Deployment(port, env)
     try:

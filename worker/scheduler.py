@@ -55,14 +55,20 @@ def run_due(redis: Any, engine: Engine, bot_of: Any, now: float | None = None) -
     """Queue (or drop, or hold on) every message due by `now`; returns how many were queued. Also
     tells /metrics how many wait."""
     now = time.time() if now is None else now
-    kicks: list[tuple[str, str]] = []
-    with transaction(engine) as connection:
-        for item in schedule.due(connection, now):
-            kick = _dispatch(connection, redis, item, bot_of(item.bot_id), now)
-            if kick is not None:
-                kicks.append(kick)
+    with engine.connect() as connection:
+        items = schedule.due(connection, now)
         counts = schedule.waiting_counts(connection)
     redis.hset(keys.SCHEDULED_WAITING, mapping=counts)
+    if not items:
+        return 0  # no write transaction: on SQLite it would take the database's write lock every second
+    # Read before the transaction: on SQLite a bot cache's miss inside it would wait for its own lock.
+    bots = {bot_id: bot_of(bot_id) for bot_id in {item.bot_id for item in items}}
+    kicks: list[tuple[str, str]] = []
+    with transaction(engine) as connection:
+        for item in items:
+            kick = _dispatch(connection, redis, item, bots[item.bot_id], now)
+            if kick is not None:
+                kicks.append(kick)
     for conversation, reply_id in kicks:  # after the commit: the replies' log rows are there
         if reply_id:
             kick_delivery(conversation, reply_id)
