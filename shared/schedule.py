@@ -28,9 +28,9 @@ from shared.db import insert
 from shared.schema import scheduled
 
 SEND_AT, QUIET = "send-at", "quiet-hours"
-WAITING, QUEUED, CANCELLED, OPTED_OUT, HANDED_OFF, BOT_GONE = (
-    "waiting", "queued", "cancelled", "opted-out", "handed-off", "bot-gone")
-STATES = (WAITING, QUEUED, CANCELLED, OPTED_OUT, HANDED_OFF, BOT_GONE)
+WAITING, QUEUED, CANCELLED, OPTED_OUT, HANDED_OFF, OUTSIDE_PUSH_WINDOW, BOT_GONE = (
+    "waiting", "queued", "cancelled", "opted-out", "handed-off", "outside-window", "bot-gone")
+STATES = (WAITING, QUEUED, CANCELLED, OPTED_OUT, HANDED_OFF, OUTSIDE_PUSH_WINDOW, BOT_GONE)
 MAX_AHEAD_SECONDS = 30 * 86400
 _WINDOW = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
 UTC = ZoneInfo("UTC")

@@ -156,7 +156,7 @@ scheduled = Table(
     Column("origin", String(16), nullable=False),  # operator or callback (messagelog's origins)
     Column("reason", String(16), nullable=False),  # send-at (asked for a time) or quiet-hours (held)
     Column("send_at", Float, nullable=False),  # when it is due (for a held one, when the quiet hours end)
-    Column("state", String(16), nullable=False),  # waiting, queued, cancelled, opted-out, handed-off, bot-gone
+    Column("state", String(16), nullable=False),  # shared.schedule.STATES
     Column("created_at", Float, nullable=False),
     Column("done_at", Float),
     Index(None, "state", "send_at"),

@@ -110,6 +110,7 @@ def test_a_keyword_another_list_has_is_refused_against_the_bots_stored_lists(
 ANA, BEA, CRUZ, DORA = "+15551130001", "+15551130002", "+15551130003", "+15551130004"
 HELP_TEXT = "Bot de ayuda. Escribe BAJA para no recibir mensajes."
 BYE_TEXT = "Listo: no recibirás más mensajes. Escribe ALTA para volver."
+WELCOME_TEXT = "¡Bienvenido de nuevo!"
 
 
 def configure(service: Service, bot_id: int, fields: dict[str, Any]) -> None:
@@ -121,11 +122,11 @@ def test_spanish_keywords_opt_out_confirm_once_and_answer_help_without_the_engin
         service: Service, engine: FakeEngine, twilio: TwilioStandin, private_redis: redis_lib.Redis) -> None:
     """BAJA, " bája. " and Alto opt out with the Spanish set: each person gets the confirmation
     once and nothing after it, the next push to them is not sent and an operator's is refused;
-    AYUDA gets the bot's help message once, and the engine is never asked."""
+    AYUDA gets the bot's help message once, and the engine is never asked; ALTA is confirmed."""
     # Given a bot with the Spanish set, a help message and an opt-out confirmation
     bot_id = service.register(BOT_A)
     configure(service, bot_id, {"engine-url": engine.url, "keyword-set": "es", "help-message": HELP_TEXT,
-                                "opt-out-message": BYE_TEXT})
+                                "opt-out-message": BYE_TEXT, "opt-in-message": WELCOME_TEXT})
     token = requests.post(f"{service.base}{API}:{bot_id}/engine-token", headers=service.headers,
                           timeout=10).json()["taskResult"][0]["engine-token"]
     for person in (ANA, BEA, CRUZ):  # each has talked to the bot, so a push may reach them
@@ -159,3 +160,7 @@ def test_spanish_keywords_opt_out_confirm_once_and_answer_help_without_the_engin
     wait_until(lambda: private_redis.zcard(keys.PENDING) == 0, what="every conversation settled")
     assert {2} == {len(bodies_to(twilio, person)) for person in (ANA, BEA, CRUZ)}
     assert [HELP_TEXT] == bodies_to(twilio, DORA)
+    # until one texts ALTA: the opt-in confirmation comes first, then the engine's answer
+    assert 200 == service.text(BOT_A, ANA, "Alta")
+    wait_until(lambda: len(bodies_to(twilio, ANA)) == 4, what="the opt-in confirmation and answer")
+    assert ["reply to hola", BYE_TEXT, WELCOME_TEXT, "reply to Alta"] == bodies_to(twilio, ANA)

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import dramatiq
 import pytest
 import redis as redis_lib
 import requests
@@ -119,6 +120,21 @@ def test_a_scheduled_send_due_inside_quiet_hours_waits_for_their_end(
     assert (0, "waiting", "quiet-hours", at("2026-12-25T08:00:00-06:00")) == (queued, item.state, item.reason,
                                                                               item.send_at)
     assert 0 == redis.zcard(keys.PENDING)
+
+
+def test_a_scheduled_push_to_a_person_who_went_quiet_meanwhile_is_dropped_at_its_time(
+        settings: Settings, store: BotStore, bot: Bot, redis: redis_lib.Redis, broker: dramatiq.Broker) -> None:
+    """The push window is the bot's as it stands when the push comes due, not when it was scheduled."""
+    sql = get_engine(settings)
+    with transaction(sql) as connection:
+        pushed = schedule.add(connection, bot.id, "+15551140010", "¿sigues ahí?", None, "callback", time.time() - 1,
+                              schedule.SEND_AT)
+        written = schedule.add(connection, bot.id, "+15551140011", "hola", None, "operator", time.time() - 1,
+                               schedule.SEND_AT)
+    assert 1 == run_due(redis, sql, store.get)
+    with sql.connect() as connection:
+        states = [getattr(schedule.read(connection, bot.id, item), "state", None) for item in (pushed, written)]
+    assert ["outside-window", "queued"] == states
 
 
 def test_a_pass_that_dies_before_its_database_commit_leaves_it_waiting_and_the_next_queues_nothing_twice(

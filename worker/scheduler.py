@@ -3,7 +3,8 @@ are due (shared.schedule) and queues each on its conversation, where it goes out
 operator's send: in order, paced, sent once.
 
 At its time a message obeys what stands then: a person who opted out meanwhile gets nothing, an
-engine's push to a conversation a human has taken over is dropped, and one due inside the
+engine's push to a conversation a human has taken over, or to a person who has not written within
+the bot's push-window-days by then, is dropped, and one due inside the
 person's quiet hours waits on until they end. Taking a message from the database and queuing it
 happen in one database transaction; the Redis step that queues it also marks it queued
 (keys.scheduled_queued), so a worker killed before its commit leaves it waiting and the next pass
@@ -92,6 +93,9 @@ def _dispatch(connection: Connection, redis: Any, item: schedule.Scheduled, bot:
         return _settle(connection, item, schedule.OPTED_OUT)
     if item.origin == messagelog.CALLBACK and handoff.active_of(connection, bot.id, [item.person]):
         return _settle(connection, item, schedule.HANDED_OFF)
+    if item.origin == messagelog.CALLBACK and not bot.limits.allow_cold_push and not messagelog.people_who_wrote(
+            connection, bot.id, [item.person], now - bot.limits.push_window_days * 86400):
+        return _settle(connection, item, schedule.OUTSIDE_PUSH_WINDOW)  # the person went quiet meanwhile
     if not schedule.finish(connection, item.id, schedule.QUEUED):
         return None  # cancelled, or taken by another worker, meanwhile
     replies = replies_from(conversation, item.person, item.text or None, item.media_url)
