@@ -1,4 +1,5 @@
-"""Log rows and dead letters older than LOG_RETENTION_DAYS are purged in batches, by one worker at a time."""
+"""Log rows, dead letters and scheduled messages done with, older than LOG_RETENTION_DAYS, are purged in
+batches, by one worker at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from sqlalchemy import event, func, insert, select
 
 from shared import db, keys
 from shared.retention import DAY_SECONDS, purge
-from shared.schema import conversations, dead_letters, deliveries, messages, opt_outs
+from shared.schema import conversations, dead_letters, deliveries, messages, opt_outs, scheduled
 from shared.settings import Settings
 from worker.retention import run_once
 
@@ -32,6 +33,10 @@ def _seed(engine: db.Engine, count: int, at: float, tag: str) -> None:
         connection.execute(insert(dead_letters), [
             {"id": f"{tag}{n}", "bot_id": 1, "person": "+15550001111", "text": "hi", "reason": "permanent",
              "attempts": 1, "failed_at": at} for n in range(count)])
+        connection.execute(insert(scheduled), [
+            {"id": f"{tag}{n}", "bot_id": 1, "person": "+15550001111", "text": "hi", "origin": "operator",
+             "reason": "send-at", "send_at": at, "state": "queued", "created_at": at, "done_at": at}
+            for n in range(count)])
         connection.execute(insert(opt_outs), [
             {"bot_number": "+15005550006", "person": f"+1555{tag}{n:04d}", "opted_out": True, "how": "keyword STOP",
              "at": at} for n in range(count)])
@@ -48,11 +53,16 @@ def test_rows_older_than_the_retention_period_are_deleted_and_newer_ones_kept(se
     _seed(engine, 7, OLD, "o")
     _seed(engine, 3, RECENT, "r")
 
+    with engine.begin() as connection:  # an old scheduled message still waiting is not done with: kept
+        connection.execute(insert(scheduled).values(
+            id="w", bot_id=1, person="+15550001111", text="hi", origin="operator", reason="send-at", send_at=OLD,
+            state="waiting", created_at=OLD, done_at=None))
+
     purged = purge(engine, days=90, now=NOW)
 
-    assert {"messages": 7, "deliveries": 7, "conversations": 7, "dead_letters": 7} == purged.rows
-    assert [3, 3, 3, 3, 10] == [_count(engine, table) for table in
-                                (messages, deliveries, conversations, dead_letters, opt_outs)]
+    assert {"messages": 7, "deliveries": 7, "conversations": 7, "dead_letters": 7, "scheduled": 7} == purged.rows
+    assert [3, 3, 3, 3, 4, 10] == [_count(engine, table) for table in
+                                   (messages, deliveries, conversations, dead_letters, scheduled, opt_outs)]
 
 
 def test_a_purge_works_in_batches_of_short_transactions(settings: Settings) -> None:
@@ -70,8 +80,8 @@ def test_a_purge_works_in_batches_of_short_transactions(settings: Settings) -> N
     finally:
         event.remove(engine, "commit", count_commit)
 
-    assert 40 == purged.total
-    assert 4 * 4 == purged.batches  # 3+3+3+1 rows per table, four tables
+    assert 50 == purged.total
+    assert 5 * 4 == purged.batches  # 3+3+3+1 rows per table, five tables
     assert len(commits) >= purged.batches
 
 
