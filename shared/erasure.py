@@ -2,8 +2,8 @@
 (`DELETE /app:<app>/graph/user:<id>/conversations/<E.164>`).
 
 What goes: every message both ways, their delivery statuses, the conversation's entry, its dead
-letters, a handoff to a human (with its note), and whatever is queued in Redis for the person
-(nothing queued is sent afterwards).
+letters, a handoff to a human (with its note), and whatever is queued in Redis for the person or
+scheduled for them in the database (nothing queued or scheduled is sent afterwards).
 What stays: the opt-out record, if there is one (erasing it would let the bot text someone who
 said STOP), and, until it expires, the 48-hour dedupe mark of each MessageSid (no content).
 A record of the conversation still on its way from Redis to the database is dropped by the log's
@@ -20,7 +20,7 @@ from sqlalchemy import Engine, delete, select
 
 from shared import handoff, keys
 from shared.db import transaction
-from shared.schema import conversations, dead_letters, deliveries, messages
+from shared.schema import conversations, dead_letters, deliveries, messages, scheduled
 
 # How long the mark lasts: far longer than any record waits on its way to the database.
 ERASED_MARK_SECONDS = 86_400
@@ -54,6 +54,8 @@ def erase(engine: Engine, redis: Any, bot_id: int, person: str) -> Erased:
         erased_letters = connection.execute(
             delete(dead_letters).where(dead_letters.c.bot_id == bot_id, dead_letters.c.person == person)).rowcount
         handoff.forget(connection, redis, bot_id, person)
+        queued += connection.execute(
+            delete(scheduled).where(scheduled.c.bot_id == bot_id, scheduled.c.person == person)).rowcount
     return Erased(erased_messages, erased_letters, queued)
 
 
