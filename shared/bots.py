@@ -421,7 +421,8 @@ class BotStore:
     # Ownership of numbers and services across the registry.
 
     def _check_owners(self, connection: Any, fields: Mapping[str, Any], bot_id: int | None) -> None:
-        """Refuse a bot without a way to send, and any number or service SID another bot has."""
+        """Refuse a bot without a way to send, a keyword in two of its lists, and any number or
+        service SID another bot has."""
         if not fields.get(NUMBER) and not fields.get(SERVICE_SID):
             raise InvalidBot(NUMBER, f"a bot needs a {NUMBER} or a {SERVICE_SID}")
         if fields.get(SHORTEN_URLS) and not fields.get(SERVICE_SID):

@@ -18,12 +18,11 @@ from shared.bots import (
     MERGE_WINDOW,
 )
 from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
-from shared.bots import (HELP_MESSAGE, HELP_WORDS, KEYWORD_ATTRIBUTES, OPT_IN_MESSAGE, OPT_IN_WORDS, OPT_OUT_MESSAGE,
-                         OPT_OUT_WORDS)
 from shared import keywords
-from shared.bots import HOURS_ATTRIBUTES, QUIET_HOURS, QUIET_ZONE
-from shared.schedule import MAX_AHEAD_SECONDS, quiet_window, zone
+from shared.bots import (HELP_MESSAGE, HELP_WORDS, HOURS_ATTRIBUTES, KEYWORD_ATTRIBUTES, OPT_IN_MESSAGE, OPT_IN_WORDS,
+                         OPT_OUT_MESSAGE, OPT_OUT_WORDS, QUIET_HOURS, QUIET_ZONE)
 from shared.phone import InvalidNumber, normalize_e164
+from shared.schedule import MAX_AHEAD_SECONDS, quiet_window, zone
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
 # listing, showing and deleting bots, so only short scalars are kept.
