@@ -35,8 +35,12 @@ MAX_KEYWORD_LENGTH = 30
 def normalized(text: str | None) -> str:
     """`text` as keywords are compared: accents folded, upper case, without the whitespace and
     punctuation around it (people type "Stop.", " baja! ", "¡Alto!")."""
-    decomposed = unicodedata.normalize("NFKD", text or "")
-    folded = "".join(char for char in decomposed if not unicodedata.combining(char)).upper()
+    text = text or ""
+    if text.isascii():  # most texts: nothing to fold
+        folded = text.upper()
+    else:
+        decomposed = unicodedata.normalize("NFKD", text)
+        folded = "".join(char for char in decomposed if not unicodedata.combining(char)).upper()
     start, end = 0, len(folded)
     while start < end and _is_edge(folded[start]):
         start += 1
@@ -57,7 +61,13 @@ def events(opt_out: Iterable[str], opt_in: Iterable[str], help_words: Iterable[s
 
 def event_of(body: str | None, meanings: Mapping[str, str] | None = None) -> str:
     """The event a whole text stands for under `meanings` (by default the English keywords)."""
+    if len(body or "") > _LONGEST_KEYWORD_TEXT and len((body or "").strip()) > _LONGEST_KEYWORD_TEXT:
+        return MESSAGE  # most texts: no need to fold a sentence to know it is not one keyword
     return (DEFAULT_EVENTS if meanings is None else meanings).get(normalized(body), MESSAGE)
+
+
+# A keyword with its accents typed as combining marks and some punctuation around it stays within this.
+_LONGEST_KEYWORD_TEXT = 2 * MAX_KEYWORD_LENGTH
 
 
 DEFAULT_EVENTS = events(OPT_OUT_KEYWORDS, OPT_IN_KEYWORDS, HELP_KEYWORDS)
