@@ -131,7 +131,8 @@ def test_spanish_keywords_opt_out_confirm_once_and_answer_help_without_the_engin
                           timeout=10).json()["taskResult"][0]["engine-token"]
     for person in (ANA, BEA, CRUZ):  # each has talked to the bot, so a push may reach them
         assert 200 == service.text(BOT_A, person, "hola")
-    wait_until(lambda: all(bodies_to(twilio, person) for person in (ANA, BEA, CRUZ)), what="the first answers")
+    wait_until(lambda: all(bodies_to(twilio, person) and service.log(bot_id, person) for person in (ANA, BEA, CRUZ)),
+               what="the first answers, logged (the push window reads the log)")
 
     # When they text the opt-out keywords as people type them, and someone else asks for help
     for person, body in ((ANA, "BAJA"), (BEA, " bája. "), (CRUZ, "Alto")):

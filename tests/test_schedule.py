@@ -290,10 +290,12 @@ def test_at_night_pushes_and_operator_sends_wait_in_order_while_replies_go_and_a
     # When the person texts, then the engine pushes and an operator writes
     assert 200 == deployment.text(BOT_A, TALKER, "¿abren mañana?")
     wait_until(lambda: bodies_to(twilio, TALKER), what="the reply to their own text")
+    # (the push window reads the log, which trails the work by a moment)
+    wait_until(lambda: deployment.log(bot_id, TALKER), what="their text in the log")
     pushed = requests.post(f"{deployment.base}/channels/sms/callback/{bot_id}", timeout=10,
                            headers={"Authorization": f"Bearer {token}"},
                            json=[{"recipient_id": TALKER, "text": "oferta 1"}, {"recipient_id": TALKER, "text": "oferta 2"}])
-    assert (202, 0) == (pushed.status_code, pushed.json()["data"]["queued"])
+    assert (202, 0) == (pushed.status_code, pushed.json()["data"]["queued"]), pushed.text
     assert 202 == deployment.send(bot_id, TALKER, "mensaje del equipo").status_code
 
     # Then the reply went at once and the rest wait, visibly
