@@ -128,9 +128,10 @@ class RegistryClient:
         return list(reversed(newest["data"]["messages"]))
 
     def send(self, bot_id: int, to: str, text: str | None, media_url: str | None = None,
-             idempotency_key: str | None = None) -> dict[str, Any]:
-        """Text `to` from the bot's number, without the engine; the answer names the queued reply ids."""
-        body = {"to": to, "text": text, "media-url": media_url}
+             idempotency_key: str | None = None, send_at: str | None = None) -> dict[str, Any]:
+        """Text `to` from the bot's number, without the engine (at `send_at`, RFC 3339, when given);
+        the answer names the queued reply ids, or the scheduled message."""
+        body = {"to": to, "text": text, "media-url": media_url, **({"send_at": send_at} if send_at else {})}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", f"/graph/user:{bot_id}/messages", json=body, headers=headers)
 

@@ -26,13 +26,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--media-url", default=None, help="an https:// image to send with it")
     parser.add_argument("--idempotency-key", default=None,
                         help="default: derived from the bot, the number, the text and the media URL")
+    parser.add_argument("--at", default=None, metavar="RFC3339",
+                        help="send then, not now: e.g. 2026-12-24T09:00:00-06:00 (at most 30 days ahead); "
+                             "list with the API's GET .../scheduled, cancel with DELETE .../scheduled/ID")
     add_registry_options(parser)
     parser.set_defaults(run=run)
 
 
-def content_key(bot_id: int, to: str, text: str | None, media_url: str | None) -> str:
-    """The same message to the same person from the same bot: the same key, whenever it is run."""
-    content = json.dumps([bot_id, to, text, media_url], ensure_ascii=False).encode()
+def content_key(bot_id: int, to: str, text: str | None, media_url: str | None, send_at: str | None = None) -> str:
+    """The same message to the same person from the same bot (for the same time, when scheduled): the
+    same key, whenever it is run."""
+    content = json.dumps([bot_id, to, text, media_url, *([send_at] if send_at else [])], ensure_ascii=False).encode()
     return "cli-" + hashlib.sha256(content).hexdigest()[:40]
 
 
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         answer = client_from(args).send(args.bot, args.to, args.text, args.media_url,
                                         args.idempotency_key or content_key(args.bot, args.to, args.text,
-                                                                            args.media_url))
+                                                                            args.media_url, args.at),
+                                        send_at=args.at)
     except RegistryError as error:
         print(f"mammut-sms send: {error}", file=sys.stderr)
         return 1

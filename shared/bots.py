@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +32,7 @@ import redis as redis_lib
 from sqlalchemy import Connection, Engine, Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from shared import keys, optout, poolnumbers
+from shared import keys, keywords, optout, poolnumbers
 from shared.crypto import Vault
 from shared.db import insert, transaction
 from shared.flight import SingleFlight
@@ -60,6 +61,12 @@ HANDOFF_URL, HANDOFF_SECRET, HANDOFF_TIMEOUT, MERGE_WINDOW = (
 SERVICE_SID, PHONE_NUMBERS, VALIDITY, SMART_ENCODED, SHORTEN_URLS = (
     "twilio-messaging-service-sid", "phone-numbers", "validity-period", "smart-encoded", "shorten-urls",
 )
+# Keywords and their answers: see shared.keywords and worker.conversation.
+OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS, HELP_MESSAGE, OPT_OUT_MESSAGE, OPT_IN_MESSAGE = (
+    "opt-out-keywords", "opt-in-keywords", "help-keywords", "help-message", "opt-out-message", "opt-in-message",
+)
+# Quiet hours: see shared.schedule.
+QUIET_HOURS, QUIET_ZONE = "quiet-hours", "quiet-hours-time-zone"
 
 
 # --- A bot's settings, kept in its `limits` column: only those an operator set; the rest take the
@@ -73,6 +80,11 @@ LIMIT_ATTRIBUTES = {
 }
 CONTROL_ATTRIBUTES = {HANDOFF_TIMEOUT: "handoff_timeout", MERGE_WINDOW: "merge_window_ms"}
 SENDING_ATTRIBUTES = {VALIDITY: "validity_period", SMART_ENCODED: "smart_encoded", SHORTEN_URLS: "shorten_urls"}
+HOURS_ATTRIBUTES = {QUIET_HOURS: "quiet_hours", QUIET_ZONE: "time_zone"}
+KEYWORD_ATTRIBUTES = {
+    OPT_OUT_WORDS: "opt_out", OPT_IN_WORDS: "opt_in", HELP_WORDS: "help", HELP_MESSAGE: "help_message",
+    OPT_OUT_MESSAGE: "opt_out_message", OPT_IN_MESSAGE: "opt_in_message",
+}
 
 
 class _Settings:
@@ -125,6 +137,47 @@ class Sending(_Settings):
     shorten_urls: bool | None = None  # ShortenUrls: only with a Messaging Service
 
 
+@dataclass(frozen=True)
+class Keywords(_Settings):
+    """The whole texts that opt a person out, back in, or ask for help (shared.keywords), and the
+    answers the service itself sends to them (None: none; the engine is told of the event)."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = KEYWORD_ATTRIBUTES
+    opt_out: tuple[str, ...] = keywords.OPT_OUT_KEYWORDS
+    opt_in: tuple[str, ...] = keywords.OPT_IN_KEYWORDS
+    help: tuple[str, ...] = keywords.HELP_KEYWORDS
+    help_message: str | None = None  # answers a help keyword instead of the engine
+    opt_out_message: str | None = None  # the one confirmation after an opt-out
+    opt_in_message: str | None = None  # the confirmation after an opt-in
+
+    @cached_property
+    def _events(self) -> dict[str, str]:
+        return keywords.events(self.opt_out, self.opt_in, self.help)
+
+    def event_of(self, body: str | None) -> str:
+        """What a whole text means: an opt-out, an opt-in, a help request, or a message."""
+        return keywords.event_of(body, self._events)
+
+    def conflict(self) -> tuple[str, str] | None:
+        """A keyword in two of the lists, as (the later list's field, the problem); None when there is none."""
+        seen: dict[str, str] = {}
+        for name in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
+            for word in getattr(self, KEYWORD_ATTRIBUTES[name]):
+                other = seen.setdefault(keywords.normalized(word), name)
+                if other != name:
+                    return name, f"{word!r} is also in {other}: a keyword can mean one thing only"
+        return None
+
+
+@dataclass(frozen=True)
+class Hours(_Settings):
+    """When the bot's people may get messages they did not just ask for (shared.schedule)."""
+
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = HOURS_ATTRIBUTES
+    quiet_hours: str | None = None  # "21:00-08:00" in the recipient's time; None: none
+    time_zone: str | None = None  # an IANA zone for every recipient; None: each recipient's own
+
+
 class InvalidBot(ValueError):
     """A bot whose fields, once merged, cannot send: the field at fault and why."""
 
@@ -134,7 +187,8 @@ class InvalidBot(ValueError):
 
 
 # A bot's settings kept in its `limits` column (those an operator set; the rest are defaults).
-SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES})
+SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES,
+                           *HOURS_ATTRIBUTES})
 KNOWN_FIELDS = frozenset({NAME, USER_TYPE, ACCOUNT_SID, AUTH_TOKEN, NUMBER, ENGINE_URL, PACE, FALLBACK, HANDOFF_URL,
                           SERVICE_SID, PHONE_NUMBERS,
                           *SETTING_NAMES})
@@ -230,6 +284,8 @@ class Bot:
     messaging_service_sid: str | None = None
     phone_numbers: tuple[str, ...] = ()
     sending: Sending = field(default_factory=Sending)
+    keywords: Keywords = field(default_factory=Keywords)
+    hours: Hours = field(default_factory=Hours)
 
     @property
     def numbers(self) -> tuple[str, ...]:
@@ -270,6 +326,7 @@ class Bot:
             FALLBACK: self.fallback_message, **self.limits.shown(), **self.controls.shown(),
             HANDOFF_URL: shown_url(self.handoff_url),
             SERVICE_SID: self.messaging_service_sid, PHONE_NUMBERS: list(self.phone_numbers), **self.sending.shown(),
+            **self.keywords.shown(), **self.hours.shown(),
         })
         return shown
 
@@ -555,11 +612,15 @@ class BotStore:
     # Ownership of numbers and services across the registry.
 
     def _check_owners(self, connection: Any, fields: Mapping[str, Any], bot_id: int | None) -> None:
-        """Refuse a bot without a way to send, and any number or service SID another bot has."""
+        """Refuse a bot without a way to send, a keyword in two of its lists, and any number or
+        service SID another bot has."""
         if not fields.get(NUMBER) and not fields.get(SERVICE_SID):
             raise InvalidBot(NUMBER, f"a bot needs a {NUMBER} or a {SERVICE_SID}")
         if fields.get(SHORTEN_URLS) and not fields.get(SERVICE_SID):
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
+        conflict = Keywords.from_stored({k: v for k, v in fields.items() if v is not None}).conflict()
+        if conflict is not None:
+            raise InvalidBot(*conflict)
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
             if owner is None:  # an unlisted number another bot's service sends from answers for that bot
@@ -663,6 +724,8 @@ class BotStore:
             messaging_service_sid=row.get("messaging_service_sid"),
             phone_numbers=tuple(row.get("phone_numbers") or ()),
             sending=Sending.from_stored(row.get("limits")),
+            keywords=Keywords.from_stored(row.get("limits")),
+            hours=Hours.from_stored(row.get("limits")),
         )
 
     def _handoff_fields(self, encrypted: str | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from shared.bots import Limits
 from shared.redis import script, with_constants
 from shared.segments import count_segments, split_message
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
-from shared.optout import LIVE, MESSAGE, OPT_IN, OPT_OUT
+from shared.optout import HELP, LIVE, MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
 
@@ -41,7 +41,7 @@ class InboundMessageSchema(Schema):
     num_segments = fields.Integer(load_default=1)
     location = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
     opt_out_type = fields.String(load_default=None, allow_none=True)
-    event = fields.String(load_default=MESSAGE, validate=validate.OneOf([MESSAGE, OPT_OUT, OPT_IN]))
+    event = fields.String(load_default=MESSAGE, validate=validate.OneOf([MESSAGE, OPT_OUT, OPT_IN, HELP]))
     received_at = fields.Float(required=True)
 
 
@@ -68,6 +68,8 @@ class ReplySchema(Schema):
     error_code = fields.Integer(load_default=None, allow_none=True)
     # The bot's number it goes from: the one the person texted (None: see worker.outbound.route_of).
     from_number = fields.String(load_default=None, allow_none=True)
+    # The confirmation of the opt-out it follows (the bot's opt-out-message): sent though the person opted out.
+    confirms_opt_out = fields.Boolean(load_default=None, allow_none=True)
 
 
 INBOUND = InboundMessageSchema()

@@ -2,10 +2,10 @@
 (`DELETE /app:<app>/graph/user:<id>/conversations/<E.164>`).
 
 What goes: every message both ways, their delivery statuses, the conversation's entry, its dead
-letters, a handoff to a human (with its note), whatever is queued in Redis for the person
-(nothing queued is sent afterwards), the handoff forwards of their texts waiting in Dramatiq's
-outbound queues (delayed, or dead-lettered for `dlq replay`), and the log's records of them that
-the database refused (keys.LOG_REFUSED).
+letters, a handoff to a human (with its note), whatever is queued in Redis for the person or
+scheduled for them in the database (nothing queued or scheduled is sent afterwards), the handoff
+forwards of their texts waiting in Dramatiq's outbound queues (delayed, or dead-lettered for
+`dlq replay`), and the log's records of them that the database refused (keys.LOG_REFUSED).
 What stays: the opt-out record, if there is one (erasing it would let the bot text someone who
 said STOP), and, until it expires, the 48-hour dedupe mark of each MessageSid (no content).
 The erase leaves a mark for a day, which what is already in a worker's hands checks before it
@@ -26,7 +26,7 @@ from sqlalchemy import Engine, delete, select
 
 from shared import handoff, keys, messagelog
 from shared.db import transaction
-from shared.schema import conversations, dead_letters, deliveries, messages
+from shared.schema import conversations, dead_letters, deliveries, messages, scheduled
 from shared.tasks import FORWARD_HANDOFF, NAMESPACE, OUTBOUND_QUEUE
 
 # How long the mark lasts: far longer than any record waits on its way to the database.
@@ -62,6 +62,8 @@ def erase(engine: Engine, redis: Any, bot_id: int, person: str) -> Erased:
         erased_letters = connection.execute(
             delete(dead_letters).where(dead_letters.c.bot_id == bot_id, dead_letters.c.person == person)).rowcount
         handoff.forget(connection, redis, bot_id, person)
+        queued += connection.execute(
+            delete(scheduled).where(scheduled.c.bot_id == bot_id, scheduled.c.person == person)).rowcount
     return Erased(erased_messages, erased_letters, queued)
 
 

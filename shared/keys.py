@@ -121,6 +121,15 @@ LOG_REFUSED = f"{PREFIX}:log:refused"
 POOL_NUMBERS = f"{PREFIX}:pool-numbers"
 # Held by the one worker process purging old log rows (worker/retention.py).
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
+# How many scheduled or held messages wait, by reason, as the workers last counted them in the
+# database (worker/scheduler.py), for /metrics.
+SCHEDULED_WAITING = f"{PREFIX}:scheduled:waiting"
+
+
+def scheduled_queued(scheduled_id: str) -> str:
+    """Set in the step that queues a scheduled message: a worker that dies before its database
+    commit leaves the message waiting there, and the next pass must not queue it twice."""
+    return f"{PREFIX}:scheduled:queued:{scheduled_id}"
 
 
 # Earlier releases kept a reply that failed for good here for 7 days; the database's dead_letters

@@ -22,7 +22,7 @@ rows under the old key stay: a send that began under the bot as it was still fin
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +32,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import keys
 from shared.db import insert, transaction
 from shared.flight import SingleFlight
+from shared.keywords import HELP, MESSAGE, OPT_IN, OPT_OUT, event_of
 from shared.logging import get_logger
 from shared.schema import opt_outs
 
+__all__ = ["HELP", "MESSAGE", "OPT_IN", "OPT_OUT"]
+
 log = get_logger(__name__)
-
-OPT_OUT_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
-OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
-
-MESSAGE, OPT_OUT, OPT_IN = "message", "opt_out", "opt_in"
 
 # The copy's fields and values (a person is an address Twilio gives, never starting with "#").
 LOADED = "#loaded"
@@ -50,19 +48,16 @@ FROM_DATABASE = "db"
 HOW_21610 = "error 21610"
 
 
-def classify(body: str | None, opt_out_type: str | None = None) -> str:
-    """The engine event an inbound text stands for: Twilio's OptOutType wins, else the whole body."""
+def classify(body: str | None, opt_out_type: str | None = None,
+             meaning: Callable[[str | None], str] = event_of) -> str:
+    """The engine event an inbound text stands for: Twilio's OptOutType wins, else the whole body's
+    `meaning` (the bot's keywords, shared.bots.Keywords.event_of; by default the English ones)."""
     kind = (opt_out_type or "").strip().upper()
     if kind == "STOP":
         return OPT_OUT
     if kind == "START":
         return OPT_IN
-    word = (body or "").strip().upper()
-    if word in OPT_OUT_KEYWORDS:
-        return OPT_OUT
-    if word in OPT_IN_KEYWORDS:
-        return OPT_IN
-    return MESSAGE
+    return meaning(body)
 
 
 # --- The record (the database) ------------------------------------------------------------

@@ -142,3 +142,23 @@ dead_letters = Table(
     Column("failed_at", Float, nullable=False),
     Index(None, "failed_at"),
 )
+
+# Messages to send later (shared.schedule): an operator's or an engine's with a send_at, and those
+# held through the recipient's quiet hours. `seq` orders those due at the same moment as they came.
+scheduled = Table(
+    "scheduled", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("bot_id", Integer, nullable=False),
+    Column("person", String(32), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("media_url", Text),
+    Column("origin", String(16), nullable=False),  # operator or callback (messagelog's origins)
+    Column("reason", String(16), nullable=False),  # send-at (asked for a time) or quiet-hours (held)
+    Column("send_at", Float, nullable=False),  # when it is due (for a held one, when the quiet hours end)
+    Column("state", String(16), nullable=False),  # shared.schedule.STATES
+    Column("created_at", Float, nullable=False),
+    Column("done_at", Float),
+    Index(None, "state", "send_at"),
+    Index(None, "bot_id", "send_at"),
+)

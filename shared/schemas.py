@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,8 +17,12 @@ from shared.bots import (
     MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE, CONTROL_ATTRIBUTES, HANDOFF_TIMEOUT, HANDOFF_URL,
     MERGE_WINDOW, MAX_QUEUED, MAX_SEGMENTS_PER_DAY,
 )
+from shared import keywords
 from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SERVICE_SID_PATTERN, SHORTEN_URLS, SMART_ENCODED, VALIDITY
+from shared.bots import (HELP_MESSAGE, HELP_WORDS, HOURS_ATTRIBUTES, KEYWORD_ATTRIBUTES, OPT_IN_MESSAGE, OPT_IN_WORDS,
+                         OPT_OUT_MESSAGE, OPT_OUT_WORDS, QUIET_HOURS, QUIET_ZONE)
 from shared.phone import InvalidNumber, normalize_e164
+from shared.schedule import MAX_AHEAD_SECONDS, quiet_window, zone
 from shared.text import PlainText, plain
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
@@ -70,6 +76,74 @@ class Flag(fields.Boolean):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             raise self.make_error("invalid")
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+class KeywordList(fields.Field):
+    """Keywords: a JSON list, or comma-separated (the seed's query string); each a word or short
+    phrase, no two the same once case, accents and surrounding punctuation are set aside."""
+
+    def __init__(self, least: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.least = least
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValidationError("must be a list of keywords (or, in a query string, keywords separated by commas)")
+        words = [item.strip() for item in items if item.strip()]
+        if not self.least <= len(words) <= keywords.MAX_KEYWORDS:
+            raise ValidationError(f"must have {self.least} to {keywords.MAX_KEYWORDS} keywords")
+        seen: set[str] = set()
+        for word in words:
+            compared = keywords.normalized(word)
+            if not compared or len(word) > keywords.MAX_KEYWORD_LENGTH:
+                raise ValidationError(f"{word[:40]!r}: each keyword needs a letter or digit and at most "
+                                      f"{keywords.MAX_KEYWORD_LENGTH} characters")
+            if compared in seen:
+                raise ValidationError(f"{word!r} is listed twice (case, accents and punctuation aside)")
+            seen.add(compared)
+        return words
+
+
+def _keywords(name: str, least: int, description: str) -> KeywordList:
+    return KeywordList(least, data_key=name, load_default=None, allow_none=True, metadata={"description": description})
+
+
+def _answer(name: str, description: str) -> fields.String:
+    return PlainText(data_key=name, load_default=None, allow_none=True,
+                         validate=validate.Length(min=1, max=1600, error="must be 1 to 1600 characters"),
+                         metadata={"description": description})
+
+
+class SendAt(fields.Field):
+    """When to send: RFC 3339 with its offset ("2026-12-24T09:00:00-06:00"), at most 30 days ahead;
+    as Unix seconds. A moment a few minutes past is taken as now (clocks differ); older is a mistake."""
+
+    PAST_TOLERANCE_SECONDS = 300
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        try:
+            moment = datetime.fromisoformat(value) if isinstance(value, str) and "T" in value.upper() else None
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ValidationError("must be an RFC 3339 time with its offset, e.g. 2026-12-24T09:00:00-06:00")
+        at, now = moment.timestamp(), time.time()
+        if at < now - self.PAST_TOLERANCE_SECONDS:
+            raise ValidationError("is in the past")
+        if at > now + MAX_AHEAD_SECONDS:
+            raise ValidationError(f"must be at most {MAX_AHEAD_SECONDS // 86400} days ahead")
+        return at
+
+
+def _quiet_hours(value: str) -> None:
+    if quiet_window(value) is None:
+        raise ValidationError("must be HH:MM-HH:MM on a 24-hour clock, start and end different, e.g. 21:00-08:00")
+
+
+def _time_zone(value: str) -> None:
+    if zone(value) is None:
+        raise ValidationError("must be an IANA time zone, e.g. America/Mexico_City")
 
 
 def _flag(name: str, description: str) -> fields.Boolean:
@@ -162,6 +236,27 @@ class BotSchema(Schema):
     smart_encoded = _flag(SMART_ENCODED, "Twilio replaces Unicode look-alikes with GSM-7 characters (SmartEncoded)")
     shorten_urls = _flag(SHORTEN_URLS, "Twilio shortens links (ShortenUrls); needs a messaging service")
 
+    # Keywords and the service's own answers to them (shared.bots.Keywords; README "Keywords").
+    opt_out_keywords = _keywords(OPT_OUT_WORDS, 1, "whole texts that opt a person out (default STOP, STOPALL, ...)")
+    opt_in_keywords = _keywords(OPT_IN_WORDS, 0, "whole texts that opt a person back in (default START, YES, UNSTOP)")
+    help_keywords = _keywords(HELP_WORDS, 0, "whole texts that ask for help (default HELP, INFO)")
+    keyword_set = fields.String(
+        data_key="keyword-set", load_default=None, load_only=True,
+        validate=validate.OneOf(sorted(keywords.KEYWORD_SETS), error="must be one of {choices}"),
+        metadata={"description": "sets the three keyword lists at once to a documented set (es: English and Spanish)"})
+    help_message = _answer(HELP_MESSAGE, "sent, instead of asking the engine, to a help keyword")
+    opt_out_message = _answer(OPT_OUT_MESSAGE, "the one confirmation sent after an opt-out")
+    opt_in_message = _answer(OPT_IN_MESSAGE, "the confirmation sent after an opt-in")
+
+    # Quiet hours (shared.schedule; README "Quiet hours").
+    quiet_hours = fields.String(data_key=QUIET_HOURS, load_default=None, allow_none=True, validate=_quiet_hours,
+                                metadata={"description": "HH:MM-HH:MM in the recipient's time: only replies to their "
+                                                         "own texts go then, the rest wait for the end"})
+    quiet_hours_time_zone = fields.String(data_key=QUIET_ZONE, load_default=None, allow_none=True,
+                                          validate=_time_zone, metadata={
+                                              "description": "the IANA time zone of quiet-hours; default: each "
+                                                             "recipient's own, from the number"})
+
     @validates_schema
     def _can_send(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not self.partial and not data.get("number") and not data.get("messaging_service_sid"):
@@ -188,6 +283,11 @@ class BotSchema(Schema):
         spelled = {_DATA_KEYS.get(key, key): plain(value) if isinstance(value, str) else value
                    for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
+        chosen = spelled.pop("keyword-set", None)
+        if chosen is not None:  # lists given in the same call win over the set's
+            for kind, words in keywords.KEYWORD_SETS[chosen].items():
+                if spelled.get(f"{kind}-keywords") is None:
+                    spelled[f"{kind}-keywords"] = list(words)
         # null keeps a field's default, but removes an extra user field.
         return {key: value for key, value in spelled.items()
                 if value is not None or key in _NULLABLE or key not in _DATA_KEYS.values()}
@@ -234,6 +334,6 @@ class FailedSchema(Schema):
 _FIELD_NAMES = {name for name in BotSchema._declared_fields}
 _DATA_KEYS = {name: field.data_key or name for name, field in BotSchema._declared_fields.items()}
 _NULLABLE = {ENGINE_URL, FALLBACK, HANDOFF_URL, *LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, SERVICE_SID, PHONE_NUMBERS,
-             *SENDING_ATTRIBUTES}
+             *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES, *HOURS_ATTRIBUTES}
 CREATE = BotSchema()
 UPDATE = BotUpdateSchema(partial=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import dramatiq
@@ -88,6 +89,21 @@ def test_nothing_queued_for_the_person_is_answered_after_the_erase(
     assert 200 == client.delete(f"{API}:{bot.id}/conversations/{quote(PERSON)}", headers=admin_headers).status_code
     conversation = keys.conversation_id(bot.id, PERSON)
     assert (0, None) == (redis.llen(keys.inbox(conversation)), redis.zscore(keys.PENDING, conversation))
+
+
+def test_a_message_scheduled_for_the_person_is_erased_and_never_sent(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot) -> None:
+    """A send_at (or a message held through their quiet hours) is the person's data too: it goes with them."""
+    scheduled = client.post(f"{API}:{bot.id}/messages", headers=admin_headers, json={
+        "to": PERSON, "text": "para después", "send_at": _in_an_hour()})
+    assert 202 == scheduled.status_code, scheduled.get_json()
+    erased = client.delete(f"{API}:{bot.id}/conversations/{quote(PERSON)}", headers=admin_headers)
+    assert 1 == erased.get_json()["data"]["erased"]["queued"]
+    assert [] == client.get(f"{API}:{bot.id}/scheduled", headers=admin_headers).get_json()["data"]["scheduled"]
+
+
+def _in_an_hour() -> str:
+    return (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
 
 
 def test_a_bad_number_or_bot_or_token_is_refused(client: FlaskClient, admin_headers: dict[str, str],

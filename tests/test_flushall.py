@@ -139,14 +139,19 @@ def _answers(client: redis_lib.Redis) -> bool:
         return False
 
 
+def service_env(worker_env: dict[str, str], private_redis: redis_lib.Redis, port: int) -> dict[str, str]:
+    """The Procfile processes' environment: the test's own Redis, the echo engine, callbacks to `port`."""
+    redis_url = "redis://{host}:{port}/0".format(**private_redis.connection_pool.connection_kwargs)
+    return {**worker_env, "REDIS_URL": redis_url, "ENGINE_URL": "", "PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "LOG_LEVEL": "INFO"}
+
+
 @pytest.fixture
 def service(worker_env: dict[str, str], private_redis: redis_lib.Redis, database: str,
             twilio: TwilioStandin) -> Iterator[Service]:
     twilio.reset()
     port = free_port()
-    redis_url = "redis://{host}:{port}/0".format(**private_redis.connection_pool.connection_kwargs)
-    env = {**worker_env, "REDIS_URL": redis_url, "ENGINE_URL": "", "PUBLIC_URL": f"http://127.0.0.1:{port}",
-           "LOG_LEVEL": "INFO"}
+    env = service_env(worker_env, private_redis, port)
     processes: list[Process] = []
     try:
         processes.append(start_web(env, port))

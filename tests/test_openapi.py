@@ -43,6 +43,19 @@ def test_the_bot_schema_is_generated_from_the_marshmallow_schema(document: dict[
              "properties": {"twilio-messaging-service-sid": {"type": "string"}}}] == bot["anyOf"]
     assert bot["properties"]["twilio-messaging-service-sid"]["pattern"] == "^MG[0-9a-fA-F]{32}$"
     assert {"phone-numbers", "validity-period", "smart-encoded", "shorten-urls"} <= set(bot["properties"])
+    assert {"help-message", "opt-out-message", "opt-in-message", "keyword-set"} <= set(bot["properties"])
+    assert ("array", "string") == (bot["properties"]["opt-out-keywords"]["type"],
+                                   bot["properties"]["opt-out-keywords"]["items"]["type"])
+    assert {"quiet-hours", "quiet-hours-time-zone"} <= set(bot["properties"])
+
+
+def test_scheduled_sends_are_described(document: dict[str, Any]) -> None:
+    """send_at on both ways of sending, and the scheduled list and its cancel."""
+    scheduled = document["paths"]["/app:{app_id}/graph/user:{bot_id}/scheduled"]
+    assert {"get"} <= set(scheduled)
+    assert {"delete"} <= set(document["paths"]["/app:{app_id}/graph/user:{bot_id}/scheduled/{scheduled_id}"])
+    callback_item = document["components"]["schemas"]["CallbackReply"]["properties"]["send_at"]
+    assert ("string", "date-time") == (callback_item["type"], callback_item["format"])
 
 
 def test_registry_routes_need_the_bearer_token_and_twilio_routes_a_signature(document: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Log rows, dead letters, ended handoffs and refused log records older than LOG_RETENTION_DAYS are
-purged in batches, by one worker at a time."""
+"""Log rows, dead letters, ended handoffs, scheduled messages done with and refused log records older
+than LOG_RETENTION_DAYS are purged in batches, by one worker at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy import event, func, insert, select
 
 from shared import db, keys
 from shared.retention import DAY_SECONDS, purge
-from shared.schema import conversations, dead_letters, deliveries, handoffs, messages, opt_outs
+from shared.schema import conversations, dead_letters, deliveries, handoffs, messages, opt_outs, scheduled
 from shared.settings import Settings, get_settings
 from worker import retention as worker_retention
 from worker.logdrain import exchange_record, outcome_record
@@ -40,6 +40,10 @@ def _seed(engine: db.Engine, count: int, at: float, tag: str) -> None:
         connection.execute(insert(handoffs), [
             {"bot_id": 1, "person": f"+1555{tag}{n:04d}", "since": at - 60, "until": at, "by": "operator",
              "note": "private"} for n in range(count)])
+        connection.execute(insert(scheduled), [
+            {"id": f"{tag}{n}", "bot_id": 1, "person": "+15550001111", "text": "hi", "origin": "operator",
+             "reason": "send-at", "send_at": at, "state": "queued", "created_at": at, "done_at": at}
+            for n in range(count)])
         connection.execute(insert(opt_outs), [
             {"bot_number": "+15005550006", "person": f"+1555{tag}{n:04d}", "opted_out": True, "how": "keyword STOP",
              "at": at} for n in range(count)])
@@ -60,11 +64,17 @@ def test_rows_older_than_the_retention_period_are_deleted_and_newer_ones_kept(se
         connection.execute(insert(handoffs).values(bot_id=2, person="+15559990000", since=OLD, until=None,
                                                    by="operator", note="until resumed"))
 
+    with engine.begin() as connection:  # an old scheduled message still waiting is not done with: kept
+        connection.execute(insert(scheduled).values(
+            id="w", bot_id=1, person="+15550001111", text="hi", origin="operator", reason="send-at", send_at=OLD,
+            state="waiting", created_at=OLD, done_at=None))
+
     purged = purge(engine, days=90, now=NOW)
 
-    assert {"messages": 7, "deliveries": 7, "conversations": 7, "dead_letters": 7, "handoffs": 7} == purged.rows
-    assert [3, 3, 3, 3, 4, 10] == [_count(engine, table) for table in
-                                   (messages, deliveries, conversations, dead_letters, handoffs, opt_outs)]
+    assert {"messages": 7, "deliveries": 7, "conversations": 7, "dead_letters": 7, "handoffs": 7,
+            "scheduled": 7} == purged.rows
+    assert [3, 3, 3, 3, 4, 4, 10] == [_count(engine, table) for table in
+                                      (messages, deliveries, conversations, dead_letters, handoffs, scheduled, opt_outs)]
 
 
 def test_a_purge_works_in_batches_of_short_transactions(settings: Settings) -> None:
@@ -82,8 +92,8 @@ def test_a_purge_works_in_batches_of_short_transactions(settings: Settings) -> N
     finally:
         event.remove(engine, "commit", count_commit)
 
-    assert 50 == purged.total
-    assert 5 * 4 == purged.batches  # 3+3+3+1 rows per table, five tables
+    assert 60 == purged.total
+    assert 6 * 4 == purged.batches  # 3+3+3+1 rows per table, six tables
     assert len(commits) >= purged.batches
 
 

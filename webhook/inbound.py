@@ -92,7 +92,7 @@ def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
         "num_segments": _count(form.get("NumSegments"), default=1),
         "location": {name: form[name] for name in LOCATION_FIELDS if form.get(name)},
         "opt_out_type": opt_out_type,
-        "event": classify(body, opt_out_type),
+        "event": classify(body, opt_out_type, bot.keywords.event_of),
         "received_at": time.time(),  # also its place in the pending set
     }
 

@@ -60,6 +60,10 @@ def log_backlog(redis: Any) -> dict[str, float]:
     return {"waiting": float(waiting), "refused": float(refused)}
 
 
+def scheduled_waiting(redis: Any) -> dict[str, float]:
+    return {reason: float(count) for reason, count in redis.hgetall(keys.SCHEDULED_WAITING).items()}
+
+
 GAUGES = {
     "sms_queue_depth": ("Messages waiting in each Dramatiq queue (.DQ: delayed, e.g. retries).", queue_depths),
     "sms_dead_letters": ("Sends that died of an unexpected error, in each Dramatiq dead-letter queue (kept 7 days; "
@@ -67,6 +71,9 @@ GAUGES = {
     "sms_log_backlog": ("Message-log records waiting in Redis to be written to the database (grows while the "
                         "database is unreachable), and those it refused (set aside, see the worker log).", log_backlog),
     "sms_pending_conversations": ("Conversations with inbound or outbound work outstanding.", pending_conversations),
+    "sms_scheduled_waiting": ("Messages waiting in the database for their time: send-at (scheduled) or quiet-hours "
+                              "(held until the recipient's quiet hours end), as the workers counted them within the "
+                              "last second.", scheduled_waiting),
 }
 
 

@@ -16,9 +16,12 @@ from marshmallow import Schema, fields, validate
 from werkzeug.routing import Rule
 
 from shared.bots import ENGINE_URL, HANDOFF_URL, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, SERVICE_SID, SHORTEN_URLS
+from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS
+from shared.keywords import MAX_KEYWORD_LENGTH
 from shared.phone import E164_PATTERN
+from shared.schedule import STATES
 from shared.schemas import (EXTRA_NAME, MAX_EXTRA_FIELDS, MAX_EXTRA_INTEGER, MAX_EXTRA_TEXT, BotSchema,
-                            BotUpdateSchema, FailedSchema, PhoneNumbers, TaskResultSchema)
+                            BotUpdateSchema, FailedSchema, KeywordList, PhoneNumbers, SendAt, TaskResultSchema)
 from webhook import deps
 
 bp = Blueprint("openapi", __name__)
@@ -175,14 +178,30 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             "type": "object", "required": ["to"],
             "properties": {"to": {"type": "string", "pattern": E164_PATTERN},
                            "text": {"type": ["string", "null"], "maxLength": 16_000},
-                           "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS}},
+                           "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS},
+                           "send_at": {"type": "string", "format": "date-time",
+                                       "description": "RFC 3339 with offset, at most 30 days ahead: send then"}},
             # Something to send: a text that is not only spaces and control characters, or a media URL.
             "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": _VISIBLE}}},
                       {"required": ["media-url"], "properties": {"media-url": {"type": "string"}}}]}}}},
-        "responses": {"202": {"description": "queued: the reply ids",
+        "responses": {"202": {"description": "queued: the reply ids; or scheduled (a send_at, or the person's "
+                                             "quiet hours): [{id, send-at, reason}]",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "409": _json("Failed", "the person opted out, or the same Idempotency-Key is in flight"),
                       **_FAILED}},
+    "registry.scheduled_messages": {
+        "tags": ["registry"], "security": _BEARER,
+        "parameters": [{"in": "query", "name": "state", "schema": {"type": "string", "enum": list(STATES)}},
+                       {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                                   "default": 100}}],
+        "responses": {"200": {"description": "data.scheduled: each with id, to, text, media-url, origin, reason "
+                                             "(send-at or quiet-hours), send-at, state, created-at, done-at",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}, **_FAILED}},
+    "registry.cancel_scheduled": {
+        "tags": ["registry"], "security": _BEARER,
+        "responses": {"200": {"description": "cancelled: data.scheduled as it is now",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "409": _json("Failed", "no longer waiting: already queued, cancelled or dropped"), **_FAILED}},
     "registry.pause_conversation": {
         "tags": ["registry"], "security": _BEARER,
         "summary": "Hand the conversation to a human: the engine is not asked until it is resumed or the bot's "
@@ -300,7 +319,8 @@ def _unique(name: str, used: set[str]) -> str:
 
 def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     """The OpenAPI 3 document of every route `app` serves."""
-    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.1.0", plugins=[MarshmallowPlugin()], info={
+    marshmallow_plugin = MarshmallowPlugin()
+    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.1.0", plugins=[marshmallow_plugin], info={
         "description": "Twilio's webhook receiver and the bot registry API of the SMS channel. "
                        "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`.",
     })
@@ -309,6 +329,8 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
         "type": "apiKey", "in": "header", "name": "X-Twilio-Signature",
         "description": "HMAC-SHA1 of the URL and form with the bot's Twilio auth token",
     })
+    marshmallow_plugin.map_to_openapi_type(KeywordList, "array", None)
+    marshmallow_plugin.map_to_openapi_type(SendAt, "string", "date-time")
     for name, schema in _schemas().items():
         spec.components.schema(name, schema=schema)
     paths: dict[str, dict[str, Any]] = {}
@@ -341,6 +363,9 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     document["components"]["schemas"]["TwilioStatus"]["anyOf"] = [{"required": ["From"]},
                                                                   {"required": ["MessagingServiceSid"]}]
     _describe_callback(document["components"]["schemas"].get("CallbackReply"))
+    for schema_name in ("Bot", "BotUpdate"):
+        for words in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
+            schemas[schema_name]["properties"][words]["items"] = {"type": "string", "maxLength": MAX_KEYWORD_LENGTH}
     return document
 
 

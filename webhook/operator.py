@@ -16,11 +16,12 @@ import redis as redis_lib
 from flask import Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from shared import keys, messagelog, optout
+from shared import keys, messagelog, optout, schedule
 from shared.conversations import replies_from, queue_replies
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import media_refusal
-from shared.schemas import PhoneNumber
+from shared.schemas import PhoneNumber, SendAt
 from shared.tasks import kick_delivery
 from shared.text import PlainText
 from webhook import deps
@@ -41,6 +42,7 @@ class OperatorMessageSchema(Schema):
     to = PhoneNumber(required=True)
     text = PlainText(load_default=None, allow_none=True)
     media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
+    send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
     @validates_schema
     def _something_to_send(self, data: dict[str, Any], **_: Any) -> None:
@@ -107,6 +109,14 @@ def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
     if optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to):
         return _refusal(f"{to} opted out of {scope} (texted STOP): nothing is sent until they text START",
                         409, {"to": ["opted out"]})
+    waits = schedule.later(bot, to, data["send_at"])
+    if waits is not None:  # a send_at, or the person's quiet hours: kept in the database until then
+        with transaction(deps.get_engine()) as connection:
+            scheduled_id = schedule.add(connection, bot.id, to, data["text"] or "", media_url, messagelog.OPERATOR,
+                                        *waits)
+        log.info("operator.scheduled", bot_id=bot.id, recipient=to, send_at=waits[0], reason=waits[1])
+        return {"status": "Success", "data": {"queued": [], "scheduled": [
+            {"id": scheduled_id, "send-at": waits[0], "reason": waits[1]}]}}, 202
     replies = replies_from(conversation, to, data["text"], media_url)
     # The log's record joins the log outbox in the step that queues the replies: Redis refusing
     # that step (full, read-only) leaves no row behind waiting "pending" for a send that never comes.

@@ -17,9 +17,10 @@ from marshmallow import ValidationError
 from sqlalchemy import Connection
 from werkzeug.exceptions import NotFound
 
-from shared import erasure, messagelog
+from shared import erasure, messagelog, schedule
 from shared.bots import (AUTH_TOKEN, HANDOFF_SECRET, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, Bot, BotNotFound, InvalidBot,
                          NumberTaken)
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
@@ -194,6 +195,36 @@ def resume_conversation(app_id: str, bot_id: str, person: str):  # type: ignore[
 def send_as_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     """Text a person from the bot's number, without the engine (webhook.operator)."""
     return operator.send_as_bot(_bot_id(bot_id))
+
+
+@bp.get(ONE_USER + "/scheduled")
+def scheduled_messages(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
+    """The bot's scheduled messages and those held through quiet hours, soonest first, with their state."""
+    bot = _bot(bot_id)
+    query = _query_fields()
+    state = query.get("state") or None
+    if state is not None and state not in schedule.STATES:
+        raise BadRequest(f"state must be one of {', '.join(schedule.STATES)}", {"state": ["unknown state"]})
+    limit, _, _ = _paging({"limit": query.get("limit", str(messagelog.DEFAULT_LIMIT))}, newest_by_default=False)
+    with get_engine().connect() as connection:
+        items = schedule.of_bot(connection, bot.id, state, limit)
+    return jsonify(status="Success", data={"scheduled": [item.public() for item in items]})
+
+
+@bp.delete(ONE_USER + "/scheduled/<scheduled_id>")
+def cancel_scheduled(app_id: str, bot_id: str, scheduled_id: str):  # type: ignore[no-untyped-def]
+    """Cancel a scheduled (or held) message that has not gone yet."""
+    bot = _bot(bot_id)
+    with transaction(get_engine()) as connection:
+        cancelled = schedule.finish(connection, scheduled_id, schedule.CANCELLED, bot_id=bot.id)
+        item = schedule.read(connection, bot.id, scheduled_id)
+    if item is None:
+        return failed(f"no scheduled message {scheduled_id!r} for bot {bot.id}", 404)
+    if not cancelled:
+        return failed(f"the message is {item.state}, no longer waiting: it cannot be cancelled", 409,
+                      {"state": [item.state]})
+    log.info("registry.scheduled_cancelled", bot_id=bot.id, scheduled_id=scheduled_id)
+    return jsonify(status="Success", data={"scheduled": item.public()})
 
 
 @bp.delete(ONE_USER + "/conversations/<person>")

@@ -6,6 +6,7 @@ the replies a worker got from the engine directly.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import time
@@ -18,12 +19,14 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates, val
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared import handoff, keys, messagelog, metrics
+from shared import handoff, keys, messagelog, metrics, schedule
 from shared.bots import MAX_BOT_ID, Bot
 from shared.conversations import Pushed, capped, push_replies, replies_from
+from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import allowed_media
 from shared.phone import is_e164
+from shared.schemas import SendAt
 from shared.text import PlainText
 from shared.tasks import kick_delivery
 from webhook import deps
@@ -42,6 +45,7 @@ class CallbackReplySchema(Schema):
     recipient_id = fields.String(required=True)
     text = PlainText(load_default=None, allow_none=True)
     image = fields.String(load_default=None, allow_none=True)
+    send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
     @validates("recipient_id")
     def _e164(self, value: str, **_: Any) -> None:
@@ -96,20 +100,51 @@ def receive_replies(bot_id: int):  # type: ignore[no-untyped-def]
         log.warning("callback.refused", bot_id=bot_id, reason="handed_off", recipients=len(paused))
         return failed(f"{len(paused)} recipient(s) are talking with a human (handoff): the engine may write to them "
                       "again once the conversation is resumed", 409, {"recipient_id": sorted(paused)})
-    grouped, cut = _capped(bot, _without_refused_media(answers, bot_id))
+    now, waiting = _held(bot, _without_refused_media(answers, bot_id))
+    grouped, cut = _capped(bot, now)
     try:
-        pushed = push_replies(deps.get_redis(), grouped, {conversation: messagelog.replies_record(replies, bot.number)
-                                                          for conversation, replies in grouped.items()}, bot.limits)
-    except redis_lib.RedisError as error:  # out of memory, a read-only replica, unreachable
+        # Those kept for later are written in a transaction that commits only once the rest are queued:
+        # a push Redis refuses schedules nothing either. Without any, the database is not asked at all.
+        with transaction(deps.get_engine()) if waiting else contextlib.nullcontext() as connection:
+            later = [schedule.add(connection, bot_id, answer["recipient_id"], answer["text"] or "", answer["image"],
+                                  messagelog.CALLBACK, *waits) for answer, waits in waiting]
+            pushed = push_replies(deps.get_redis(), grouped, {
+                conversation: messagelog.replies_record(replies, bot.number) for conversation, replies in grouped.items()},
+                bot.limits)
+            if pushed.reason is not None:
+                raise _Refused(pushed)
+    except _Refused as refused:
+        return _too_many(bot, grouped, refused.pushed)
+    except (redis_lib.RedisError, SQLAlchemyError) as error:  # out of memory, a read-only replica, unreachable
         return _unavailable(bot_id, error)
-    if pushed.reason is not None:
-        return _too_many(bot, grouped, pushed)
     if cut:
         _count("sms_answers_capped", cut)
     _kick(pushed)
     queued = sum(len(replies) for replies in grouped.values())
-    log.info("callback.queued", bot_id=bot_id, replies=queued)
-    return jsonify({"status": "Success", "data": {"queued": queued}}), 202
+    log.info("callback.queued", bot_id=bot_id, replies=queued, scheduled=len(later))
+    return jsonify({"status": "Success", "data": {"queued": queued, "scheduled": later}}), 202
+
+
+class _Refused(Exception):
+    """A push the bot's limits refused: what was scheduled with it is rolled back."""
+
+    def __init__(self, pushed: Pushed) -> None:
+        super().__init__(pushed.reason)
+        self.pushed = pushed
+
+
+def _held(bot: Bot, answers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], tuple[float, str]]]]:
+    """The answers to queue now, and those to keep for later with when and why: a send_at, or the
+    person's quiet hours (shared.schedule)."""
+    now: list[dict[str, Any]] = []
+    waiting: list[tuple[dict[str, Any], tuple[float, str]]] = []
+    for answer in answers:
+        waits = schedule.later(bot, answer["recipient_id"], answer["send_at"])
+        if waits is None:
+            now.append(answer)
+        else:
+            waiting.append((answer, waits))
+    return now, waiting
 
 
 # A callback refused while Redis or the database cannot take it is worth retrying after this long.

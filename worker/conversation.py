@@ -240,13 +240,14 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if bot.controls.merge_window_ms and message["event"] == optout.MESSAGE:
         raw, message = _merged(redis, conversation, raw, message, bot.controls.merge_window_ms, lease)
     started = time.monotonic()
-    with ENGINE_SLOTS.taken(bot) as taken:
-        if not taken:
-            log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
-                     in_flight=ENGINE_SLOTS.in_flight(bot.id))
-            raise EngineBusy(bot.id)
-        answers = engine_for(bot, get_settings()).answer(bot, message)
+    if message["event"] == optout.HELP and bot.keywords.help_message:
+        answers = [Answer(text=bot.keywords.help_message)]  # the bot's own answer: the engine is not asked
+    else:
+        answers = _confirmation(bot, message["event"]) + _ask_engine(bot, message)
     replies = _replies(conversation, message, answers, bot.limits)
+    if message["event"] == optout.OPT_OUT and bot.keywords.opt_out_message and replies:
+        # The one message an opted-out person still gets; the engine's answer after it is suppressed.
+        replies[0]["confirms_opt_out"] = True
     # After a long engine call the lease may have lapsed and passed on: then the new holder answers.
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
@@ -284,6 +285,21 @@ def _erased_since_received(redis: Any, conversation: str, message: dict[str, Any
     recorded now would outlive the erase."""
     erased = erased_since(redis, [conversation]).get(conversation)
     return erased is not None and erased >= message["received_at"]
+
+
+def _ask_engine(bot: Bot, message: dict[str, Any]) -> list[Answer]:
+    with ENGINE_SLOTS.taken(bot) as taken:
+        if not taken:
+            log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
+                     in_flight=ENGINE_SLOTS.in_flight(bot.id))
+            raise EngineBusy(bot.id)
+        return engine_for(bot, get_settings()).answer(bot, message)
+
+
+def _confirmation(bot: Bot, event: str) -> list[Answer]:
+    """The bot's confirmation of an opt-out or opt-in, sent before the engine's answer, if it has one."""
+    text = {optout.OPT_OUT: bot.keywords.opt_out_message, optout.OPT_IN: bot.keywords.opt_in_message}.get(event)
+    return [Answer(text=text)] if text else []
 
 
 def _paused(redis: Any, bot: Bot, message: dict[str, Any], turn: Turn) -> handoff.Handoff | None:

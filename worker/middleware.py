@@ -9,10 +9,11 @@ from dramatiq.middleware import Middleware
 from dramatiq.threading import is_gevent_active
 
 from shared.logging import get_logger
-from worker.deps import get_engine, get_redis, get_settings
+from worker.deps import get_bots, get_engine, get_redis, get_settings
 from worker.background import MetricsFlush, flush
 from worker.logdrain import LogDrain
 from worker.retention import Retention
+from worker.scheduler import Scheduler
 from worker.sweeper import Sweeper
 
 log = get_logger(__name__)
@@ -27,12 +28,14 @@ class SweeperMiddleware(Middleware):
         self._log_drain: LogDrain | None = None
         self._retention: Retention | None = None
         self._metrics: MetricsFlush | None = None
+        self._scheduler: Scheduler | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._sweeper = Sweeper(get_redis(), broker).start()
         self._log_drain = LogDrain(get_redis(), get_engine()).start()
         self._retention = Retention(get_redis(), get_engine(), get_settings().log_retention_days).start()
         self._metrics = MetricsFlush(get_redis()).start()
+        self._scheduler = Scheduler(get_redis(), get_engine(), get_bots().by_id).start()
         # The process harness (and an operator reading the logs) waits for this line.
         log.info("worker.ready", pid=os.getpid(), pool="gevent" if is_gevent_active() else "threads",
                  threads=worker.worker_threads)
@@ -44,6 +47,9 @@ class SweeperMiddleware(Middleware):
         if self._retention is not None:
             self._retention.stop()
             self._retention = None
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The log's writer last, once the threads are done: what they finished is written now."""

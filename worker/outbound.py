@@ -332,7 +332,7 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
         _after_look(redis, reply, bot, sender, *looked)
     if not ours:
         return _lease_lost(conversation, reply)
-    if opted_out:
+    if opted_out and not reply.get("confirms_opt_out"):
         return _suppress(redis, conversation, head)
     wait = _wait_for_slot(redis, reply, sender.pace_key, bot.messages_per_second, wait, longest_sleep)
     if wait > 0:
@@ -372,7 +372,7 @@ def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, sender: Sender, loo
     opted_out = optout.opted_out_after_look(get_engine(), redis, sender.opt_out_key, reply["to"], looked)
     reserved = reply["slot_at"] is None
     reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
-    if reserved and wait > 0 and not opted_out:
+    if reserved and wait > 0 and (not opted_out or reply.get("confirms_opt_out")):
         _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
     return True, opted_out, wait
 
