@@ -254,6 +254,26 @@ MUTATIONS: list[Mutation] = [
     Mutation("join ignores the wake-ups a worker holds", "shared/wakeups.py",
              "not any(c.in_hand for c in list(self._consumers))", "True",
              ("tests/test_wakeups.py::TestTheConsumer::test_join_waits_for_the_wake_ups_a_worker_holds",)),
+    # Scoped API keys and the operator console (issue 23).
+    Mutation("an operator key reaches every bot", "shared/access.py",
+             "return self.is_admin or not self.bots or bot_id in self.bots", "return True",
+             ("tests/test_api_keys.py::test_each_role_reaches_only_its_endpoints_and_bots",)),
+    Mutation("an operator key may take an admin's action", "shared/access.py",
+             "        if action not in OPERATOR_ACTIONS:\n            return False\n", "",
+             ("tests/test_api_keys.py::test_each_role_reaches_only_its_endpoints_and_bots",)),
+    Mutation("an operator key reads /metrics", "webhook/metrics.py",
+             "    if not principal.is_admin:", "    if False:",
+             ("tests/test_api_keys.py::test_each_role_reaches_only_its_endpoints_and_bots[read /metrics]",)),
+    Mutation("a revoked key keeps working", "shared/apikeys.py",
+             "    return connection.execute(delete(api_keys).where(api_keys.c.id == key_id)).rowcount == 1",
+             "    return True",
+             ("tests/test_api_keys.py::test_a_revoked_key_is_refused_with_its_next_request",)),
+    Mutation("the bot list shows an operator every bot", "webhook/registry.py",
+             "if principal.reaches(bot.id)]", "]",
+             ("tests/test_api_keys.py::test_an_operator_lists_only_the_bots_it_may_reach",)),
+    Mutation("a bot's dead-letter replay replays another bot's", "webhook/deadletters.py",
+             "            if entry[\"bot_id\"] == bot_id]", "]",
+             ("tests/test_api_keys.py::test_an_operator_lists_and_replays_only_its_bots_dead_letters",)),
 ]
 
 

@@ -17,6 +17,7 @@ from werkzeug.routing import Rule
 
 from shared.bots import NUMBER, SERVICE_SID
 from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, TaskResultSchema
+from webhook.apikeys import ApiKeySchema
 
 bp = Blueprint("openapi", __name__)
 
@@ -190,15 +191,48 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "metrics.metrics": {"tags": ["operations"], "security": _BEARER,
                         "responses": {"200": {"description": "Prometheus text format",
                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                      "401": _text("missing or wrong bearer token")}},
+                                      "401": _text("missing or wrong bearer token"),
+                                      "403": _text("an operator's API key: the counts span every bot")}},
 }
+
+_OK_JSON = {"application/json": {"schema": {"type": "object"}}}
+# Scoped API keys (webhook.apikeys) and a bot's dead letters (webhook.deadletters).
+OPERATIONS.update({
+    "apikeys.create_api_key": {
+        "tags": ["access"], "security": _BEARER,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": "ApiKey"}}},
+        "responses": {"201": {"description": "made: its id and the key, shown this once", "content": _OK_JSON},
+                      **_FAILED}},
+    "apikeys.list_api_keys": {"tags": ["access"], "security": _BEARER,
+                              "responses": {"200": {"description": "every key: id, name, role, bots, created-at "
+                                                                   "(never the key)", "content": _OK_JSON},
+                                            "401": _FAILED["401"]}},
+    "apikeys.revoke_api_key": {"tags": ["access"], "security": _BEARER,
+                               "responses": {"200": {"description": "revoked", "content": _OK_JSON}, **_FAILED}},
+    "deadletters.list_dead_letters": {
+        "tags": ["registry"], "security": _BEARER,
+        "responses": {"200": {"description": "the bot's dead letters, oldest first: id, reply_id, to, text, reason, "
+                                             "error_code, error, attempts, failed_at", "content": _OK_JSON},
+                      **_FAILED}},
+    "deadletters.replay_dead_letters": {
+        "tags": ["registry"], "security": _BEARER,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}},
+                                             "all": {"type": "boolean"}}}}}},
+        "responses": {"200": {"description": "the ids replayed", "content": _OK_JSON}, **_FAILED}},
+})
+# Every call with a bearer credential may meet a key whose role or bots do not allow it.
+for _endpoint, _operation_of in OPERATIONS.items():
+    if _endpoint.partition(".")[0] in ("registry", "apikeys", "deadletters"):
+        _operation_of["responses"].setdefault(
+            "403", _json("Failed", "an API key whose role or bots do not allow this call"))
 
 
 def _schemas() -> dict[str, type[Schema] | Schema]:
     schemas: dict[str, type[Schema] | Schema] = {
         "Bot": BotSchema, "BotUpdate": BotUpdateSchema, "TaskResult": TaskResultSchema, "Failed": FailedSchema,
         "BotList": BotListSchema, "MessageLog": MessageLogSchema, "ConversationList": ConversationListSchema,
-        "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema,
+        "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema, "ApiKey": ApiKeySchema,
     }
     try:  # the engines' callback is another engineer's module; document it when it is there
         from webhook.replies import CallbackReplySchema
@@ -254,7 +288,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
     """The OpenAPI 3 document of every route `app` serves."""
     spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.0.3", plugins=[MarshmallowPlugin()], info={
         "description": "Twilio's webhook receiver and the bot registry API of the SMS channel. "
-                       "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`.",
+                       "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`; "
+                       "an API key (`POST /app:{app_id}/api-keys`) does instead, within its role and bots.",
     })
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("twilioSignature", {

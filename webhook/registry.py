@@ -6,7 +6,6 @@ Mammut's TaskResult shape, which Mammut's own API client parses.
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +21,8 @@ from shared.bots import AUTH_TOKEN, HANDOFF_SECRET, NUMBER, PHONE_NUMBERS, Bot, 
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
-from webhook import handoffs, operator
-from webhook.deps import get_engine, get_redis, get_settings, get_store
+from webhook import access, handoffs, operator
+from webhook.deps import get_engine, get_redis, get_store
 from webhook.errors import failed
 
 log = get_logger(__name__)
@@ -50,17 +49,8 @@ def bad_request(error: BadRequest):  # type: ignore[no-untyped-def]
 
 @bp.before_request
 def authenticate():  # type: ignore[no-untyped-def]
-    """Every registry call needs the admin bearer token; the app name must be this service's."""
-    expected = get_settings().admin_api_token or ""
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        response, status = failed("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)", 401)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response, status
-    if (request.view_args or {}).get("app_id") != get_settings().app_id:
-        return failed(f"unknown application {(request.view_args or {}).get('app_id')!r}", 404)
-    return None
+    """Every registry call needs the admin token or an API key allowed this call (webhook.access)."""
+    return access.authenticate()
 
 
 @bp.post(USER)
@@ -102,7 +92,9 @@ def rotate_handoff_secret(app_id: str, bot_id: str):  # type: ignore[no-untyped-
 
 @bp.get(USER)
 def list_bots(app_id: str):  # type: ignore[no-untyped-def]
-    return jsonify(status="Success", data={"user": [bot.public() for bot in get_store().all()]})
+    principal = access.current()
+    bots = [bot.public() for bot in get_store().all() if principal.reaches(bot.id)]
+    return jsonify(status="Success", data={"user": bots})
 
 
 @bp.post(ONE_USER)
