@@ -150,5 +150,10 @@ def console_sign_in_failures(kind: str, value: str) -> str:
     return f"{PREFIX}:console:sign-in-failures:{kind}:{value}"
 
 
+def console_seen(operator_id: int) -> str:
+    """A hash of conversation -> when the operator last opened it (the inbox marks what changed since)."""
+    return f"{PREFIX}:console:seen:{operator_id}"
+
+
 # Published when a conversation changes (a message logged, a delivery status, a handoff): `bot_id person`.
 CONSOLE_NEWS_CHANNEL = f"{PREFIX}:console:news"

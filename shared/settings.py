@@ -52,6 +52,8 @@ class Settings:
     # How long a send whose outcome is unknown waits for Twilio's status callback before the
     # worker asks Twilio's message list (without PUBLIC_URL there are no callbacks: it asks sooner).
     send_reconcile_seconds: int = 60
+    # Live streams of the console each web process keeps open (each holds one of its WEB_THREADS); past them, pages poll.
+    console_streams: int = 1
 
     @property
     def development(self) -> bool:
@@ -78,6 +80,7 @@ class Settings:
             log_retention_days=env_int(env, "LOG_RETENTION_DAYS", cls.log_retention_days, 1, 36500),
             engine_allowed_networks=env_networks(env, "ENGINE_ALLOWED_NETWORKS"),
             send_reconcile_seconds=env_int(env, "SEND_RECONCILE_SECONDS", cls.send_reconcile_seconds, 1, 3600),
+            console_streams=env_int(env, "CONSOLE_STREAMS", cls.console_streams, 0, 1000),
         )
         return settings.checked()
 

@@ -29,4 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.init_app(app)
     for module in (health, metrics, openapi, inbound, status, replies, registry, apikeys, deadletters):
         app.register_blueprint(module.bp)
+    from webhook import console
+
+    console.init_app(app)
     return app

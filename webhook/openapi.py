@@ -24,6 +24,7 @@ bp = Blueprint("openapi", __name__)
 TITLE = "Mammut SMS channel"
 VERSION = "0.1.0"
 _IGNORED_ENDPOINTS = frozenset({"static", "openapi.document"})
+_PAGES = "console."  # the operator console's HTML pages are not the API
 _ARGUMENT = re.compile(r"<(?:(?P<converter>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 
 
@@ -243,6 +244,11 @@ def _schemas() -> dict[str, type[Schema] | Schema]:
     return schemas
 
 
+def documented(endpoint: str) -> bool:
+    """Whether the endpoint is part of the API this document describes."""
+    return endpoint not in _IGNORED_ENDPOINTS and not endpoint.startswith(_PAGES)
+
+
 def openapi_path(rule: str) -> str:
     """Werkzeug's `/user:<int:bot_id>` as OpenAPI's `/user:{bot_id}`."""
     return _ARGUMENT.sub(lambda match: "{" + match["name"] + "}", rule)
@@ -301,7 +307,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     used_ids: set[str] = set()
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint in _IGNORED_ENDPOINTS:
+        if not documented(rule.endpoint):
             continue
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
         operations = paths.setdefault(openapi_path(rule.rule), {})

@@ -103,17 +103,24 @@ def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     changes = {**_json_body(required=False), **_query_fields()}
     if not changes:
         raise BadRequest("nothing to update: send fields in the query string or a JSON body")
-    fields = _validated(UPDATE, changes)
     try:
-        bot, shown_once = get_store().update_with_secrets(bot_id_number, fields)
+        bot, shown_once = apply_update(bot_id_number, changes)
     except BotNotFound:
         return failed(f"no bot with id {bot_id_number}", 404)
     except NumberTaken as taken:  # the number (or service) and the bot that has it
         return failed(str(taken), 409, {taken.field: [str(taken)]})
     except InvalidBot as invalid:
         return failed(f"invalid user fields: {invalid}", 400, {invalid.field: [invalid.problem]})
-    log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
     return _task_result(bot.id, "updated", shown_once)
+
+
+def apply_update(bot_id: int, changes: dict[str, Any]) -> tuple[Bot, dict[str, str]]:
+    """Validate and store a bot's changed fields (the console's bot settings take this path too);
+    raises BadRequest, BotNotFound, NumberTaken or InvalidBot."""
+    fields = _validated(UPDATE, changes)
+    bot, shown_once = get_store().update_with_secrets(bot_id, fields)
+    log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
+    return bot, shown_once
 
 
 @bp.get(ONE_USER)
