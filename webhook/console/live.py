@@ -25,7 +25,7 @@ from webhook.deps import get_redis, get_settings
 log = get_logger(__name__)
 
 STREAM_SECONDS = 300
-HEARTBEAT_SECONDS = 15
+HEARTBEAT_SECONDS = 10
 POLL_SECONDS = 5  # how often a page without a stream reloads what it shows
 
 
