@@ -115,11 +115,14 @@ class TestSignIn:
 
     def test_failures_from_one_address_across_accounts_are_limited(
             self, client: FlaskClient, settings: Settings, bot: Bot) -> None:
-        """Twenty failures from one address, over many accounts: that address is refused next."""
+        """Twenty failures from one address (as Heroku's router forwards it), over many accounts: that
+        address is refused next, and another address is not."""
         add_operator(settings, "ana@example.com", "operator", [])
         for n in range(20):
-            sign_in(client, f"guess{n}@example.com", "wrong password!")
-        assert 429 == sign_in(client, "ana@example.com").status_code
+            sign_in(client, f"guess{n}@example.com", "wrong password!", **{"X-Forwarded-For": "203.0.113.7"})
+        blocked = sign_in(client, "ana@example.com", **{"X-Forwarded-For": "203.0.113.7"})
+        elsewhere = sign_in(client, "ana@example.com", **{"X-Forwarded-For": "198.51.100.2"})
+        assert (429, 302) == (blocked.status_code, elsewhere.status_code)
 
     def test_signing_out_ends_the_session_on_every_device(
             self, app: Flask, settings: Settings, bot: Bot) -> None:

@@ -75,7 +75,7 @@ def sign_in() -> ResponseReturnValue:
     if not form_token or not hmac.compare_digest(form_token.encode(), request.form.get(CSRF_FIELD, "").encode()):
         return _sign_in_page(_("This form has expired. Please sign in again."), 403)
     email = request.form.get("email", "").strip().lower()[:320]
-    address = request.remote_addr or "unknown"
+    address = _address()
     redis = get_redis()
     if sessions.sign_in_blocked(redis, email, address):
         log.warning("console.sign_in_blocked", operator=email, address=address)
@@ -103,6 +103,13 @@ def sign_out() -> ResponseReturnValue:
     response = redirect(url_for("console.sign_in"))
     response.delete_cookie(COOKIE, path=bp.url_prefix)
     return response
+
+
+def _address() -> str:
+    """The browser's address: the last X-Forwarded-For entry is the one Heroku's router added (the
+    web process only ever sees the router's own address); without one, the peer's."""
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+    return forwarded or request.remote_addr or "unknown"
 
 
 def _sign_in_page(problem: str | None, status: int) -> Response:
