@@ -6,12 +6,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+import time
+import uuid
+
 import pytest
 import redis as redis_lib
 import requests
+from flask.testing import FlaskClient
 
+from shared import keys, news
+from shared.bots import Bot
 from tests.conftest import BOT_NUMBER
 from tests.support.console import Service, running_service
+from tests.test_status_callbacks import RECIPIENT, callback, post_status
 
 STREAMS = 50
 
@@ -56,3 +63,54 @@ def test_fifty_open_console_streams_leave_the_webhook_answering(service: Service
     # Then the webhook answered, one tab streams and the others were sent to polling
     assert 200 == answer.status_code
     assert (1, STREAMS - 1) == (statuses.count(200), statuses.count(503))
+
+
+def announced(pubsub: redis_lib.client.PubSub) -> list[tuple[int | None, str | None]]:
+    """The news published so far (waiting a little for the first)."""
+    found, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is None and found:
+            break
+        if message is not None and message["type"] == "message":
+            found.append(news.read(message["data"]))
+    return found
+
+
+def test_a_status_callback_a_handoff_and_an_operators_send_are_announced_to_open_pages(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+    """Each change a page shows is published on the console's channel with its bot and person."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    user = f"/app:mammut-1/graph/user:{bot.id}"
+
+    post_status(client, callback("SM" + uuid.uuid4().hex, "delivered"))
+    delivered = announced(pubsub)
+    client.post(f"{user}/conversations/{RECIPIENT}/handoff", headers=admin_headers)
+    paused = announced(pubsub)
+    client.delete(f"{user}/conversations/{RECIPIENT}/handoff", headers=admin_headers)
+    resumed = announced(pubsub)
+    client.post(f"{user}/messages", headers=admin_headers, json={"to": RECIPIENT, "text": "hola"})
+    sent = announced(pubsub)
+    pubsub.close()
+
+    assert [[(bot.id, RECIPIENT)]] * 4 == [delivered, paused, resumed, sent]
+
+
+def test_the_log_drain_announces_the_conversations_it_wrote(redis: redis_lib.Redis, settings: object) -> None:
+    """Once the log shows a new message the conversation is announced; an outcome (which names only
+    its reply) is announced as some conversation."""
+    from shared.db import get_engine
+    from tests.test_logdrain import PERSON, exchange
+    from worker.logdrain import drain, outcome_record
+
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    redis.rpush(keys.LOG_OUTBOX, exchange("SM1", "hi"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    written = announced(pubsub)
+    redis.rpush(keys.LOG_OUTBOX, outcome_record("SM1-0", "queued", sid="SMout1"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    settled = announced(pubsub)
+    pubsub.close()
+    assert ([(1, PERSON)], [(None, None)]) == (written, settled)
