@@ -327,6 +327,10 @@ MUTATIONS: list[Mutation] = [
     Mutation("the inbox marks nothing as changed", "webhook/console/pages.py",
              "        item[\"unseen\"] = item[\"last_at\"] > seen.get(", "        item[\"unseen\"] = False and seen.get(",
              ("tests/test_console.py::TestInbox::test_a_conversation_that_changed_since_it_was_opened_stands_out",)),
+    Mutation("the console's bot form stores a masked engine URL", "webhook/console/pages.py",
+             "if (value := request.form.get(name, \"\").strip()) and value != _as_shown(shown.get(name))}",
+             "if (value := request.form.get(name, \"\").strip())}",
+             ("tests/test_console.py::TestPages::test_saving_settings_leaves_a_masked_engine_url_as_stored",)),
 ]
 
 

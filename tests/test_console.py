@@ -359,6 +359,18 @@ class TestPages:
         assert "done=" in saved.location and "un momento" == store.get(bot.id).fallback_message  # type: ignore[union-attr]
         assert token_shown and store.get(bot.id).accepts_engine_token(token_shown.group(1))  # type: ignore[union-attr]
 
+    def test_saving_settings_leaves_a_masked_engine_url_as_stored(
+            self, admin: FlaskClient, bot: Bot, store: BotStore) -> None:
+        """The page shows an engine URL's key as ***; sending the form back unchanged keeps the real key."""
+        store.update(bot.id, {"engine-url": "https://engine.example.com/webhook?token=s3cret"})
+        page = admin.get("/console/bots").get_data(as_text=True)
+        shown = dict(re.findall(r'<input name="([a-z-]+)" value="([^"]*)"', page))
+        admin.post(f"/console/bots/{bot.id}/settings", data={**shown, "csrf": csrf_of_text(page), "name": "renamed"})
+        saved = store.get(bot.id)
+        assert "token=***" in shown["engine-url"]
+        assert saved is not None and ("renamed", "https://engine.example.com/webhook?token=s3cret") == (
+            saved.name, saved.engine_url)
+
     def test_the_overview_counts_the_last_day(self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
         log_exchange(settings, bot, PERSON, "hola", reply="respuesta")
         log_exchange(settings, bot, "+15551230002", "hola")

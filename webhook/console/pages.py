@@ -241,7 +241,15 @@ def bots() -> ResponseReturnValue:
 def bot_settings(bot_id: int) -> ResponseReturnValue:
     """Change a bot's settings through the registry's own validation."""
     require(None)
-    changes = {name: request.form[name] for name in EDITABLE if request.form.get(name, "") != ""}
+    bot = get_store().get(bot_id)
+    if bot is None:
+        abort(404, _("No such bot."))
+    shown = bot.public()
+    # Only what the person changed: a field sent back as shown (an engine URL's key shown as ***) stays as stored.
+    changes = {name: value for name in EDITABLE
+               if (value := request.form.get(name, "").strip()) and value != _as_shown(shown.get(name))}
+    if not changes:
+        return redirect(url_for("console.bots", done=str(bot_id)))
     try:
         registry.apply_update(bot_id, changes)
     except registry.BadRequest as error:
@@ -249,6 +257,11 @@ def bot_settings(bot_id: int) -> ResponseReturnValue:
     except (BotNotFound, NumberTaken, InvalidBot) as error:
         return redirect(url_for("console.bots", problem=str(error) or _("No such bot.")))
     return redirect(url_for("console.bots", done=str(bot_id)))
+
+
+def _as_shown(value: object) -> str:
+    """A setting as the form shows it (templates print None as empty)."""
+    return "" if value is None else str(value)
 
 
 @bp.post("/bots/<int:bot_id>/<any('engine-token', 'handoff-secret'):secret>")
