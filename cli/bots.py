@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import ipaddress
 import json
 import os
 import sys
@@ -29,6 +31,46 @@ _FIELD_FLAGS = {
     "smart_encoded": "smart-encoded",
     "shorten_urls": "shorten-urls",
 }
+
+
+# `--auth-token` given alone: prompt for it (a token on the command line shows in `ps` and shell history).
+PROMPT = "\0prompt"
+AUTH_TOKEN_VARIABLE = "TWILIO_AUTH_TOKEN"
+
+
+def twilio_auth_token(given: str | None, ask: bool) -> str | None:
+    """The Twilio auth token: as given, else from $TWILIO_AUTH_TOKEN, else typed at a prompt (when
+    `ask` or `--auth-token` came alone, and a terminal is there to type it)."""
+    if given and given != PROMPT:
+        return given
+    if os.environ.get(AUTH_TOKEN_VARIABLE):
+        return os.environ[AUTH_TOKEN_VARIABLE]
+    if (ask or given == PROMPT) and sys.stdin.isatty():
+        return getpass.getpass("Twilio auth token (not echoed): ") or None
+    return None
+
+
+def add_auth_token_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--auth-token", nargs="?", const=PROMPT, default=None, metavar="TOKEN",
+                        help=f"{help_text}; better: set ${AUTH_TOKEN_VARIABLE}, or give --auth-token alone to be "
+                             "prompted (a token on the command line shows in ps and shell history)")
+
+
+def is_loopback(host: str | None) -> bool:
+    if host in (None, "", "localhost") or (host or "").endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # type: ignore[arg-type]
+    except ValueError:
+        return False
+
+
+def warn_if_plain_http(url: str, what: str) -> None:
+    """Say so before a bearer token goes over plain http:// to another machine (anyone on the way reads it)."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        print(f"mammut-sms: warning: sending {what} over plain http:// to {parts.hostname}: anyone on the network "
+              "path can read it; use https://", file=sys.stderr)
 
 
 class RegistryError(Exception):
@@ -58,6 +100,7 @@ class RegistryClient:
         self.app_id = app_id
         self._session = requests.Session()
         self._session.trust_env = False  # a local service must not go through the developer's proxy
+        self._warned = False
 
     def list(self) -> list[dict[str, Any]]:
         return self._call("GET", "/graph/user")["data"]["user"]
@@ -100,6 +143,9 @@ class RegistryClient:
         if not self.token:
             raise RegistryError("the registry needs the admin token: pass --token or set ADMIN_API_TOKEN")
         url = f"{self.root}/app:{self.app_id}{path}"
+        if not self._warned:
+            warn_if_plain_http(url, "the admin token")
+            self._warned = True
         try:
             response = self._session.request(method, url, json=json, timeout=TIMEOUT,
                                              headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
@@ -135,7 +181,7 @@ def client_from(args: argparse.Namespace) -> RegistryClient:
 def _field_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="the bot's name")
     parser.add_argument("--account-sid", help="Twilio account SID (AC + 32 hex digits)")
-    parser.add_argument("--auth-token", help="the Twilio account's primary auth token (stored encrypted, never shown)")
+    add_auth_token_option(parser, "the Twilio account's primary auth token (stored encrypted, never shown)")
     parser.add_argument("--number", help="the bot's Twilio number, E.164 (e.g. +15551234567)")
     parser.add_argument("--engine-url", help="the bot's engine (Rasa REST protocol); default: ENGINE_URL or echo")
     parser.add_argument("--messages-per-second", type=float, help="send pace of the bot's number, in segments/s")
@@ -205,6 +251,10 @@ def fields_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     client = client_from(args)
+    if args.action in ("create", "update"):
+        # A create needs it (so it is asked for); an update changes it only when --auth-token is given.
+        args.auth_token = twilio_auth_token(args.auth_token, ask=args.action == "create") if (
+            args.action == "create" or args.auth_token) else None
     try:
         if args.action == "list":
             _print_list(client.list(), as_json=args.json)

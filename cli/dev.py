@@ -43,6 +43,7 @@ DEMO_ACCOUNT_SID = "AC" + "de" * 16
 DEMO_SERVICE_SID = "MG" + "de" * 16
 DEMO_POOL = (DEMO_NUMBER, "+15005551001", "+15005551002")  # --pool: the demo Messaging Service's senders
 READY_TIMEOUT = 60.0
+LOOPBACK = "127.0.0.1"
 POLL = 0.1
 
 
@@ -59,7 +60,11 @@ def add_parser(subparsers: Any) -> None:
                     "(unless ENGINE_URL is set); register a demo bot and print how to text it. Ctrl-C stops it all.",
     )
     parser.add_argument("--port", type=int, default=None, help="the web port (default: $PORT or 5000)")
-    parser.add_argument("--procfile", type=Path, default=None, help="the Procfile to run (default: the project's)")
+    parser.add_argument("--host", default=LOOPBACK,
+                        help=f"the address web listens on (default {LOOPBACK}: only this machine; dev prints the "
+                             "admin token and the demo bot's auth token, so 0.0.0.0 or :: open them to the network)")
+    parser.add_argument("--procfile", type=Path, default=None,
+                        help="the Procfile to run (default: the project's own, never one in the current directory)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds the processes get to stop after SIGTERM before SIGKILL (default 30, as Heroku)")
     parser.add_argument("--pool", action="store_true",
@@ -118,9 +123,17 @@ def ipv6_available() -> bool:
     return True
 
 
-def web_command(command: str, port: int) -> str:
-    # gunicorn's command line overrides its config file: without IPv6, bind IPv4 instead of failing.
-    return command if ipv6_available() else f"{command} --bind 0.0.0.0:{port}"
+def web_command(command: str, port: int, host: str = LOOPBACK) -> str:
+    """The Procfile's web line bound to `host` (gunicorn's command line overrides the config file's
+    `[::]`, which listens on every interface; `::` without IPv6 becomes 0.0.0.0 rather than fail)."""
+    if host == "::" and not ipv6_available():
+        host = "0.0.0.0"
+    address = f"[{host}]" if ":" in host else host
+    return f"{command} --bind {shlex.quote(f'{address}:{port}')}"
+
+
+def listens_beyond_this_machine(host: str) -> bool:
+    return host not in ("localhost", "::1") and not host.startswith("127.")
 
 
 @dataclass
@@ -239,9 +252,10 @@ def child_environment(base: Mapping[str, str], port: int, redis_url: str, twilio
     return env
 
 
-def wait_until_ready(port: int, children: list[Child], timeout: float = READY_TIMEOUT) -> None:
+def wait_until_ready(port: int, children: list[Child], timeout: float = READY_TIMEOUT, host: str = LOOPBACK) -> None:
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{port}/readyz"
+    probe = LOOPBACK if host in ("0.0.0.0", "::") else host
+    url = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}/readyz"
     with requests.Session() as session:
         session.trust_env = False
         while time.monotonic() < deadline:
@@ -362,24 +376,27 @@ def supervise(args: argparse.Namespace, console: Console) -> int:
                 database_url = stack.enter_context(scratch_database())
             env = child_environment(os.environ, port, redis_url, standin.url, database_url)
             return _run_children(commands, env, procfile.parent, args.grace, stop, console, embedded, standin.url,
-                                 args.pool)
+                                 args.pool, args.host)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _run_children(commands: Mapping[str, str], env: dict[str, str], cwd: Path, grace: float, stop: _Stop,
-                  console: Console, embedded: bool, twilio_url: str, pooled: bool = False) -> int:
+                  console: Console, embedded: bool, twilio_url: str, pooled: bool = False, host: str = LOOPBACK) -> int:
     """Start web and worker, show the banner, and stop them (before the embedded services) however this ends."""
     settings = Settings.from_env(env)
     port = int(env["PORT"])
     children: list[Child] = []
     try:
         for name in ("web", "worker"):
-            command = web_command(commands[name], port) if name == "web" else commands[name]
+            command = web_command(commands[name], port, host) if name == "web" else commands[name]
             console.line("dev", f"starting {name}: {command}")
             children.append(start_child(name, command, env, cwd, console))
-        wait_until_ready(port, children)
+        wait_until_ready(port, children, host=host)
+        if listens_beyond_this_machine(host):
+            console.line("dev", f"warning: web listens on {host}, beyond this machine: anyone who can reach it can "
+                                "use the admin token and the demo bot's auth token printed below")
         banner(console, env, demo_bot(settings, pooled), embedded, twilio_url, demo_operator(settings))
         return _watch(children, stop, console)
     finally:
@@ -399,5 +416,5 @@ def _watch(children: list[Child], stop: _Stop, console: Console) -> int:
 
 
 def _default_procfile() -> Path:
-    local = Path.cwd() / "Procfile"
-    return local if local.is_file() else PROJECT_ROOT / "Procfile"
+    # The project's own, not whatever Procfile the current directory holds: dev must not run a stranger's commands.
+    return PROJECT_ROOT / "Procfile"

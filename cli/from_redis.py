@@ -1,9 +1,14 @@
-"""`mammut-sms migrate --from-redis`: copy the durable data of releases that kept it in Redis.
+"""`mammut-sms migrate` (the release phase): copy the durable data of releases that kept it in Redis.
 
 Reads the Redis layout of the last such release (its key names are spelled out here: the key module
-no longer has them), writes each kind in batches of BATCH rows, one short transaction per batch, and
-leaves Redis as it was. A row already in the database is left as it is, so running it again, or
-after the new release has written rows of its own, copies only what is missing.
+no longer has them) and writes each kind in batches of BATCH rows, one short transaction per batch.
+The release phase runs it (`mammut-sms migrate`) while the old layout is there and not yet copied, so
+the new processes start with every bot in place. Before writing anything it checks that every bot's
+token decrypts with CREDENTIALS_KEY and that no bot in the database is another bot under the same
+id or number. A row already in the database is left as it is; once a copy completes, MIGRATED_KEY
+says so and no later run copies anything (what the new release deleted since stays deleted).
+Besides rows, it carries the old release's dedupe marks over to the new keys (Twilio's retries of
+texts it accepted stay duplicates) and takes the dead letters it copied off Dramatiq's queue.
 """
 
 from __future__ import annotations
@@ -13,14 +18,22 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import dramatiq
 from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tuple_
 
+from shared import keys
+from shared.bots import RegistryCopy
+from shared.crypto import Vault
 from shared.db import insert, insert_ignoring_duplicates, make_engine, transaction
 from shared.messagelog import STATUS_RANK
+from shared.netguard import AddressPolicy, RefusedAddress
+from shared.optout import OPT_OUT, classify
 from shared.redis import connect
-from shared.schema import STATUSES, bots, conversations, dead_letters, deliveries, messages, opt_outs
+from shared.schema import STATUSES, bot_numbers, bots, conversations, dead_letters, deliveries, messages, opt_outs
 from shared.settings import Settings
+from shared.tasks import NAMESPACE, OUTBOUND_QUEUE, SEND_REPLY
 
 T = TypeVar("T")
 
@@ -37,6 +50,15 @@ LOG_KEY, LOG_SUFFIX = "sms:conv:{", "}:log"  # + "<bot id>:<person>": entry ids,
 LOG_ENTRIES_SUFFIX = "}:log-entries"  # the entries (JSON) by id
 STATUS_KEY = "sms:status:"  # + MessageSid: hash of status, rank, error-code and at:<status>
 DEAD_REPLY_KEY = "sms:dead-reply:"  # + reply id: the reply (JSON) with why it failed
+BOT_IDS = "sms:bot:ids"  # the set of bot ids: with next-id, written with the old registry's first bot
+SEEN_KEY = "sms:seen:"  # + MessageSid or idempotency token: 48 hours (now scoped by account, keys.seen)
+# The old release dead-lettered a permanent failure here too (its `dlq list` showed this message's id).
+DEAD_QUEUE = f"{NAMESPACE}:{OUTBOUND_QUEUE}.XQ"
+# Every key of the old layout, for --purge-redis (old dedupe marks are told apart by having no account).
+OLD_PATTERNS = ("sms:bot:*", OPT_OUT_KEY + "*", LOG_KEY + "*" + LOG_SUFFIX, LOG_KEY + "*" + LOG_ENTRIES_SUFFIX,
+                STATUS_KEY + "*", DEAD_REPLY_KEY + "*", SEEN_KEY + "*")
+# Set once a copy completed: when, and what it copied. A later run copies nothing.
+MIGRATED_KEY = "sms:migrated-from-redis"
 
 NAMES = {
     "bots": ("bot", "bots"), "opt_outs": ("opt-out", "opt-outs"), "messages": ("message", "messages"),
@@ -45,19 +67,25 @@ NAMES = {
 }
 # Why a row of each kind may be neither copied nor already there.
 SKIPPED_BECAUSE = {
-    "bots": "whose number another bot in the database has",
     "messages": "whose Twilio sid another message in the database has",
     "deliveries": "of messages no longer in any conversation's log",
 }
 
 
+class CopyRefused(Exception):
+    """The old layout cannot be copied as it stands; nothing was written."""
+
+
 @dataclass
 class Copied:
-    """What a copy did, per kind (the table's name): rows written, rows already there, rows left out."""
+    """What a copy did, per kind (the table's name): rows written, rows already there, rows left out;
+    and what the operator should know besides (`notes`, one line each)."""
 
     copied: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))
     present: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))
+    notes: list[str] = field(default_factory=list)
+    migrated_at: float | None = None  # set when an earlier run had copied it all: this one copied nothing
 
     def add(self, kind: str, copied: int, present: int, skipped: int = 0) -> None:
         self.copied[kind] += copied
@@ -82,23 +110,59 @@ def _phrase(counts: dict[str, int]) -> str:
             f"({_count('deliveries', counts['deliveries'])}), {_count('dead_letters', counts['dead_letters'])}")
 
 
+def waiting(redis: Any) -> bool:
+    """Whether an earlier release's Redis layout is there and not copied yet (the old registry wrote
+    its id counter with its first bot; two EXISTS, so the release phase checks this on every deploy)."""
+    return not redis.exists(MIGRATED_KEY) and bool(redis.exists(BOT_NEXT_ID, BOT_IDS))
+
+
 def copy_from_redis(settings: Settings) -> Copied:
-    """Copy bots, opt-outs, the message log, delivery statuses and dead letters into the database."""
+    """Copy bots, opt-outs, the message log, delivery statuses and dead letters into the database,
+    once; raises CopyRefused, having written nothing, when a bot cannot be copied as it stands."""
     assert settings.database_url is not None
     redis = connect(settings.redis_url)
     engine = make_engine(settings.database_url, size=1)
+    vault = Vault(settings.credentials_keys)
     report = Copied()
     try:
-        numbers = _copy_bots(redis, engine, report)
-        _copy_opt_outs(redis, engine, report)
-        _copy_log(redis, engine, numbers, report)
+        done = redis.get(MIGRATED_KEY)
+        if done:
+            report.migrated_at = float(json.loads(done)["at"])
+            return report
+        records = [record for chunk in _records(redis, BOT_KEY + "[0-9]*") for key, record in chunk
+                   if key[len(BOT_KEY):].isdigit()]
+        _check(engine, vault, records)
+        numbers = _copy_bots(engine, vault, records, report)
+        RegistryCopy(redis).forget()  # rebuilt from the database, copied bots included, when next read
+        stopped = _copy_log(redis, engine, numbers, report)
+        _copy_opt_outs(redis, engine, stopped, report)
         _copy_deliveries(redis, engine, report)
         _copy_dead_letters(redis, engine, report)
         _move_bot_ids_past(engine, int(redis.get(BOT_NEXT_ID) or 0))
+        _carry_dedupe_marks(redis, {record["twilio-account-sid"] for record in records}, report)
+        report.notes += _private_engines(records, AddressPolicy.for_settings(settings))
+        redis.set(MIGRATED_KEY, json.dumps({"at": time.time(), "summary": report.summary()}))
     finally:
         engine.dispose()
         redis.close()
     return report
+
+
+def purge(settings: Settings) -> int:
+    """Delete the old layout's keys (its bot records hold engine URLs in plain text) once it was
+    copied; returns how many. Raises CopyRefused while it was not."""
+    redis = connect(settings.redis_url)
+    try:
+        if not redis.exists(MIGRATED_KEY):
+            raise CopyRefused("the earlier release's Redis layout was not copied yet: run `mammut-sms migrate` first")
+        deleted = 0
+        for pattern in OLD_PATTERNS:
+            for chunk in _scan(redis, pattern):
+                old = [key for key in chunk if not key.startswith(SEEN_KEY) or _old_mark(key)]
+                deleted += redis.unlink(*old) if old else 0
+        return deleted
+    finally:
+        redis.close()
 
 
 # --- reading Redis -----------------------------------------------------------------------------
@@ -195,25 +259,72 @@ def _raise_sqlite_sequence(connection: Connection, floor: int) -> None:
 # --- each kind ---------------------------------------------------------------------------------
 
 
-def _copy_bots(redis: Any, engine: Engine, report: Copied) -> dict[int, str]:
-    """Copy every bot with its id; returns their numbers by id."""
-    numbers: dict[int, str] = {}
-    for chunk in _records(redis, BOT_KEY + "[0-9]*"):
-        rows = [_bot_row(record) for key, record in chunk if key[len(BOT_KEY):].isdigit()]
-        numbers.update((row["id"], row["main_phone_number"]) for row in rows)
-        report.add("bots", *_copy_rows(engine, bots, rows))
-    return numbers
+def _check(engine: Engine, vault: Vault, records: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a token CREDENTIALS_KEY cannot decrypt (every webhook
+    would answer 503) and a bot in the database that is another bot under an old bot's id or number
+    (a bot created meanwhile: the old bot's log would be attached to it)."""
+    unreadable = sorted(int(record["id"]) for record in records
+                        if not _decrypts(vault, record["twilio-auth-token-encrypted"]))
+    if unreadable:
+        raise CopyRefused(
+            f"CREDENTIALS_KEY cannot decrypt the Twilio auth token of bot(s) {', '.join(map(str, unreadable))}: set "
+            "it to the key the earlier release ran with (a new key goes first, the old one after a comma); nothing "
+            "was copied")
+    numbers = [record["main-phone-number"] for record in records]
+    with engine.connect() as connection:
+        by_id = {row.id: row for row in connection.execute(
+            select(bots.c.id, bots.c.account_sid, bots.c.main_phone_number).where(
+                bots.c.id.in_([int(record["id"]) for record in records])))}
+        owners = dict(connection.execute(select(bots.c.main_phone_number, bots.c.id).where(
+            bots.c.main_phone_number.in_(numbers))).all())
+        owners.update(connection.execute(select(bot_numbers.c.number, bot_numbers.c.bot_id).where(
+            bot_numbers.c.number.in_(numbers))).all())
+    clashes = []
+    for record in records:
+        bot_id, number, account = int(record["id"]), record["main-phone-number"], record["twilio-account-sid"]
+        there = by_id.get(bot_id)
+        if there is not None and (there.main_phone_number, there.account_sid) != (number, account):
+            clashes.append(f"bot {bot_id} ({number}, account {account}) is another bot in the database "
+                           f"({there.main_phone_number}, account {there.account_sid})")
+        elif owners.get(number, bot_id) != bot_id:
+            clashes.append(f"bot {bot_id}'s number {number} belongs to bot {owners[number]} in the database")
+    if clashes:
+        raise CopyRefused("; ".join(clashes) + ": delete or renumber the database's bot, then run "
+                          "`mammut-sms migrate` again; nothing was copied")
 
 
-def _bot_row(record: dict[str, Any]) -> dict[str, Any]:
+def _decrypts(vault: Vault, token: str) -> bool:
+    try:
+        vault.decrypt(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _copy_bots(engine: Engine, vault: Vault, records: list[dict[str, Any]], report: Copied) -> dict[int, str]:
+    """Copy every bot with its id (and its number into bot_numbers); returns their numbers by id."""
+    for chunk in _batches(records):
+        rows = [_bot_row(record, vault) for record in chunk]
+        with transaction(engine) as connection:
+            present = {key for key, in _existing(connection, [bots.c.id], [(row["id"],) for row in rows])}
+            fresh = [row for row in rows if row["id"] not in present]
+            insert_ignoring_duplicates(connection, bots, fresh)
+            insert_ignoring_duplicates(connection, bot_numbers,
+                                       [{"number": row["main_phone_number"], "bot_id": row["id"]} for row in fresh])
+        report.add("bots", len(fresh), len(present))
+    return {int(record["id"]): record["main-phone-number"] for record in records}
+
+
+def _bot_row(record: dict[str, Any], vault: Vault) -> dict[str, Any]:
     now = time.time()
+    engine_url = record.get("engine-url")
     return {
         "id": int(record["id"]),
         "name": record.get("name") or "",
         "account_sid": record["twilio-account-sid"],
         "auth_token_encrypted": record["twilio-auth-token-encrypted"],  # Fernet: copied as it is
         "main_phone_number": record["main-phone-number"],
-        "engine_url": record.get("engine-url"),
+        "engine_url": vault.encrypt(engine_url) if engine_url else None,  # it may carry a key, as the registry's
         "messages_per_second": float(record.get("messages-per-second") or 1.0),
         "fallback_message": record.get("fallback-message"),
         "extra": record.get("extra") or {},
@@ -222,17 +333,21 @@ def _bot_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _copy_opt_outs(redis: Any, engine: Engine, report: Copied) -> None:
+def _copy_opt_outs(redis: Any, engine: Engine, stopped: dict[tuple[str, str], float], report: Copied) -> None:
+    """Everyone in a number's set is opted out, since their STOP in the log if it still holds it."""
     now = time.time()
     for chunk in _scan(redis, OPT_OUT_KEY + "*"):
-        rows = ({"bot_number": key[len(OPT_OUT_KEY):], "person": person, "opted_out": True, "how": OPT_OUT_HOW,
-                 "at": now} for key in chunk for person in redis.sscan_iter(key, count=SCAN_COUNT))
+        rows = ({"bot_number": (number := key[len(OPT_OUT_KEY):]), "person": person, "opted_out": True,
+                 "how": OPT_OUT_HOW, "at": stopped.get((number, person), now)}
+                for key in chunk for person in redis.sscan_iter(key, count=SCAN_COUNT))
         for batch in _batches(rows):
             report.add("opt_outs", *_copy_rows(engine, opt_outs, batch))
 
 
-def _copy_log(redis: Any, engine: Engine, numbers: dict[int, str], report: Copied) -> None:
-    """Copy each conversation's log into `messages`, and its last entry into `conversations`."""
+def _copy_log(redis: Any, engine: Engine, numbers: dict[int, str], report: Copied) -> dict[tuple[str, str], float]:
+    """Copy each conversation's log into `messages`, and its last entry into `conversations`; returns
+    when each person last texted a bot number an opt-out keyword, as far as the log tells."""
+    stopped: dict[tuple[str, str], float] = {}
     for chunk in _scan(redis, LOG_KEY + "*" + LOG_SUFFIX):
         pipe = redis.pipeline(transaction=False)
         for key in chunk:
@@ -249,10 +364,13 @@ def _copy_log(redis: Any, engine: Engine, numbers: dict[int, str], report: Copie
                       for raw in raw_entries if raw]
             rows += logged
             last += [_conversation_row(logged[-1])] if logged else []
+            stopped.update(((row["bot_number"], person), row["at"]) for row in logged  # oldest first: the last wins
+                           if row["direction"] == "in" and classify(row["text"]) == OPT_OUT)
         for batch in _batches(rows):
             report.add("messages", *_copy_rows(engine, messages, batch))
         for batch in _batches(last):
             report.add("conversations", *_copy_conversations(engine, batch))
+    return stopped
 
 
 def _message_row(bot_id: int, person: str, bot_number: str | None, entry: dict[str, Any]) -> dict[str, Any]:
@@ -325,9 +443,74 @@ def _delivery_row(sid: str, bot_id: int, fields: dict[str, str]) -> dict[str, An
 
 
 def _copy_dead_letters(redis: Any, engine: Engine, report: Copied) -> None:
+    """Copy each dead reply; then take its message off Dramatiq's dead-letter queue, where the old
+    release also put it (left there, it would show as a second, empty dead letter once the row is
+    replayed), and say which id `dlq replay` now takes for the one the old `dlq list` showed."""
+    copied: set[str] = set()
     for chunk in _records(redis, DEAD_REPLY_KEY + "*"):
         rows = [_dead_letter_row(key[len(DEAD_REPLY_KEY):], reply) for key, reply in chunk]
         report.add("dead_letters", *_copy_rows(engine, dead_letters, rows))
+        copied.update(row["id"] for row in rows)
+    for message_id, reply_id in _dead_messages(redis):
+        if reply_id in copied:
+            redis.zrem(DEAD_QUEUE, message_id)
+            redis.hdel(DEAD_QUEUE + ".msgs", message_id)
+            report.notes.append(f"dead letter {message_id} is now {reply_id} (`mammut-sms dlq replay {reply_id}`)")
+
+
+def _dead_messages(redis: Any) -> Iterator[tuple[str, str]]:
+    """(message id, reply id) of each send_reply message in Dramatiq's dead-letter queue."""
+    ids = redis.zrange(DEAD_QUEUE, 0, -1)
+    for message_id, raw in zip(ids, redis.hmget(DEAD_QUEUE + ".msgs", ids) if ids else []):
+        if raw is None:
+            continue
+        message = dramatiq.Message.decode(raw.encode("utf-8"))
+        if message.actor_name == SEND_REPLY and len(message.args) > 1:
+            yield message_id, message.args[1]
+
+
+def _carry_dedupe_marks(redis: Any, accounts: set[str], report: Copied) -> None:
+    """Write each old dedupe mark again under every old bot's account, for the rest of its life: a
+    Twilio retry of a text the old release accepted stays a duplicate, at no cost to the webhook."""
+    carried = 0
+    for chunk in _scan(redis, SEEN_KEY + "*"):
+        old = [key for key in chunk if _old_mark(key)]
+        pipe = redis.pipeline(transaction=False)
+        for key in old:
+            pipe.pttl(key)
+        pipe_set = redis.pipeline(transaction=False)
+        for key, ttl in zip(old, pipe.execute()):
+            if ttl > 0 and accounts:
+                for account in accounts:
+                    pipe_set.set(keys.seen(account, key[len(SEEN_KEY):]), "1", nx=True, px=ttl)
+                carried += 1
+        pipe_set.execute()
+    if carried:
+        report.notes.append(f"{carried} Twilio dedupe mark(s) of the earlier release kept for the rest of their "
+                            "48 hours")
+
+
+def _old_mark(key: str) -> bool:
+    """An old release's dedupe mark names no account (keys.seen's have one before the token)."""
+    return ":" not in key[len(SEEN_KEY):]
+
+
+def _private_engines(records: list[dict[str, Any]], policy: AddressPolicy) -> list[str]:
+    """A line per bot whose engine the worker will not call (a loopback or private address): it
+    answers with its fallback until ENGINE_ALLOWED_NETWORKS allows that network."""
+    refused = []
+    for record in records:
+        url = urlsplit(record.get("engine-url") or "")
+        if not url.hostname:
+            continue
+        try:
+            policy.resolve(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        except RefusedAddress as error:
+            refused.append(f"bot {record['id']}: its engine {error.host} is {error.address} ({error.reason}); it "
+                           "answers with its fallback until ENGINE_ALLOWED_NETWORKS includes that network")
+        except OSError:
+            continue  # not resolvable from here: the worker logs it when it calls
+    return refused
 
 
 def _dead_letter_row(reply_id: str, reply: dict[str, Any]) -> dict[str, Any]:

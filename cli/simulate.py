@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from twilio.request_validator import RequestValidator
 
-from cli.bots import DEFAULT_APP, RegistryClient, RegistryError
+from cli.bots import (AUTH_TOKEN_VARIABLE, DEFAULT_APP, RegistryClient, RegistryError, add_auth_token_option,
+                      twilio_auth_token)
 from shared.phone import InvalidNumber, normalize_e164
 
 WEBHOOK_PATH = "/channels/sms/"
@@ -62,8 +63,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--url", default=None,
                         help=f"the service's base URL, such as {DEFAULT_URL} or https://host/prefix, or its webhook "
                              f"URL (the base + {WEBHOOK_PATH}) (default: $PUBLIC_URL, else {DEFAULT_URL})")
-    parser.add_argument("--auth-token", default=None,
-                        help="the bot's Twilio auth token, when the store is not reachable from here")
+    add_auth_token_option(parser, "the bot's Twilio auth token, when the store is not reachable from here")
     parser.add_argument("--account-sid", default=None, help="the bot's Twilio account SID (default: from the registry)")
     parser.add_argument("--bot-id", type=int, default=None, help="the bot's id (default: found by --to)")
     parser.add_argument("--admin-token", default=None,
@@ -131,9 +131,11 @@ def find_target(args: argparse.Namespace, to: str, registry: RegistryClient) -> 
     from_store = _from_store(to)
     if from_store is not None:
         return from_store
-    if not args.auth_token:
+    auth_token = twilio_auth_token(args.auth_token, ask=True)
+    if not auth_token:
         raise SimulateError(
-            "the bot's Twilio auth token is needed to sign the webhook: pass --auth-token, or run with the "
+            f"the bot's Twilio auth token is needed to sign the webhook: set ${AUTH_TOKEN_VARIABLE} or pass "
+            "--auth-token (alone, to be prompted), or run with the "
             "service's environment (DATABASE_URL, REDIS_URL and CREDENTIALS_KEY) so it is read from the store"
         )
     bot_id, account_sid = args.bot_id, args.account_sid
@@ -142,7 +144,7 @@ def find_target(args: argparse.Namespace, to: str, registry: RegistryClient) -> 
         bot_id, account_sid = bot["id"], account_sid or bot["twilio-account-sid"]
     if account_sid is None:
         raise SimulateError("the bot's account SID is needed: pass --account-sid, or --admin-token to look it up")
-    return Target(bot_id, account_sid, args.auth_token)
+    return Target(bot_id, account_sid, auth_token)
 
 
 def _show(registry: RegistryClient, bot_id: int) -> dict[str, Any]:

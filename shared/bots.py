@@ -1,8 +1,14 @@
 """The bot registry: bots live in the `bots` table; the hot paths read them through a BotCache.
 
-A change commits to the database, then every BotCache drops what it holds: those of this process at
-once, those of other processes when they hear it on Redis (keys.BOTS_CHANGED_CHANNEL). A cache's
-TTL bounds how stale a bot can be if that announcement is lost.
+A change commits to the database, then writes the bot into the registry's copy in Redis
+(RegistryCopy: every bot's row, secrets still encrypted, and which number or Messaging Service
+routes to it), then every BotCache drops what it holds: those of this process at once, those of
+other processes when they hear it on Redis (keys.BOTS_CHANGED_CHANNEL). A cache's TTL bounds how
+stale a bot can be if that announcement is lost.
+
+The hot paths never read the database: a BotCache loads from the copy, and the copy is rebuilt from
+the database only when it is missing (a flush). So while the database is unreachable, texts to
+every registered bot are accepted and answered, by processes started during the outage too.
 """
 
 from __future__ import annotations
@@ -10,23 +16,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
-from sqlalchemy import Engine, Row, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Row, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from shared import keys
+from shared import keys, optout
 from shared.crypto import Vault
 from shared.db import insert, transaction
-from shared.logging import get_logger
+from shared.flight import SingleFlight
+from shared.logging import REDACTED, get_logger, is_secret_name, redact_path
+from shared.poolnumbers import pool_number_owner
+from shared.redis import script
 from shared.schema import bot_numbers, bots, handoffs
 
 log = get_logger(__name__)
@@ -40,6 +51,7 @@ MAX_REPLIES, MAX_SEGMENTS, MAX_PER_DAY, MAX_PER_MINUTE, PUSH_WINDOW, COLD_PUSH, 
     "max-replies", "max-segments", "max-messages-per-day", "max-replies-per-minute", "push-window-days",
     "allow-cold-push", "max-concurrent-engine-calls",
 )
+MAX_SEGMENTS_PER_DAY, MAX_QUEUED = "max-segments-per-day", "max-queued-replies"
 # Conversation controls (human handoff, merging a burst of texts): see shared.handoff and worker.conversation.
 HANDOFF_URL, HANDOFF_SECRET, HANDOFF_TIMEOUT, MERGE_WINDOW = (
     "handoff-url", "handoff-secret", "handoff-timeout", "merge-window-ms",
@@ -56,7 +68,8 @@ SERVICE_SID, PHONE_NUMBERS, VALIDITY, SMART_ENCODED, SHORTEN_URLS = (
 LIMIT_ATTRIBUTES = {
     MAX_REPLIES: "max_replies", MAX_SEGMENTS: "max_segments", MAX_PER_DAY: "max_messages_per_day",
     MAX_PER_MINUTE: "max_replies_per_minute", PUSH_WINDOW: "push_window_days", COLD_PUSH: "allow_cold_push",
-    MAX_ENGINE_CALLS: "max_concurrent_engine_calls",
+    MAX_ENGINE_CALLS: "max_concurrent_engine_calls", MAX_SEGMENTS_PER_DAY: "max_segments_per_day",
+    MAX_QUEUED: "max_queued_replies",
 }
 CONTROL_ATTRIBUTES = {HANDOFF_TIMEOUT: "handoff_timeout", MERGE_WINDOW: "merge_window_ms"}
 SENDING_ATTRIBUTES = {VALIDITY: "validity_period", SMART_ENCODED: "smart_encoded", SHORTEN_URLS: "shorten_urls"}
@@ -89,6 +102,8 @@ class Limits(_Settings):
     push_window_days: int = 30  # the engine callback pushes only to people who wrote within this long
     allow_cold_push: bool = False  # ...unless this is set
     max_concurrent_engine_calls: int | None = None  # in one worker process; None: a quarter of its threads
+    max_segments_per_day: int = 30_000  # segments (what Twilio bills) per UTC day; past it, held back; 0: none
+    max_queued_replies: int = 50  # replies waiting in one person's outbox past which a push is refused (429)
 
 
 @dataclass(frozen=True)
@@ -129,15 +144,34 @@ DEFAULT_MESSAGES_PER_SECOND = 1.0
 # Decrypted tokens kept per store (see BotStore._token); past this many, the memo starts afresh.
 LOADED_LIMIT = 1024
 CACHE_TTL_SECONDS = 10.0
+# A bot asked for in the last part of its entry's life is loaded again by one caller while the
+# others go on with the entry: a busy bot's entry never expires under its callers.
+REFRESH_AHEAD_FRACTION = 0.2
 # An unknown number is remembered for less: if its registration's announcement is lost, it works
-# within this long. Long enough that a flood of webhooks to it costs one query per this.
+# within this long. Unknown numbers are kept apart from bots, so a flood of them never evicts one.
 NEGATIVE_TTL_SECONDS = 5.0
 CACHE_LIMIT = 4096
+UNKNOWN_LIMIT = 4096
+# Bot ids are the database's 4-byte integers: a larger id in a path names no bot, and never reaches a query.
+MAX_BOT_ID = 2**31 - 1
+
+
+SERVICE_SID_PATTERN = r"^MG[0-9a-fA-F]{32}$"
+# How a user field named like a secret is stored: this, then its JSON value encrypted with CREDENTIALS_KEY.
+SEALED = "sealed:"
+# After a handoff secret is rotated, forwards are signed with the old one too for this long.
+HANDOFF_SECRET_GRACE_SECONDS = 24 * 3600
+
+
+def is_service_sid(value: str) -> bool:
+    """The shape of a Messaging Service SID (the registry accepts no other)."""
+    return re.fullmatch(SERVICE_SID_PATTERN, value) is not None
 
 
 def shown_url(url: str | None) -> str | None:
-    """An engine URL as the API shows it: query values and any user:password@ replaced by ***, since
-    an engine's URL may carry a key (`?token=...`); the worker alone reads the URL whole."""
+    """An engine URL as the API (and the log) shows it: query values and any user:password@ replaced by
+    ***, and key-like path segments (Slack's `/services/T.../B.../<key>`) by [redacted], since a URL
+    may carry a key; the worker alone reads the URL whole."""
     if not url:
         return url
     parts = urlsplit(url)
@@ -146,7 +180,7 @@ def shown_url(url: str | None) -> str | None:
         netloc = "***@" + netloc
     query = "&".join(f"{name}=***" if sep else name
                      for name, sep, _ in (pair.partition("=") for pair in parts.query.split("&")) if name)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, redact_path(parts.path), query, ""))
 
 
 def new_engine_token() -> str:
@@ -189,6 +223,9 @@ class Bot:
     # once, when the URL is first set or the secret rotated).
     handoff_url: str | None = None
     handoff_secret: str | None = field(default=None, repr=False)
+    # The secret it replaced, and until when forwards are signed with it too (a rotation's grace period).
+    handoff_previous_secret: str | None = field(default=None, repr=False)
+    handoff_previous_until: float = 0.0
     # Messaging Services and number pools: the bot's service, its numbers besides `number`, send options.
     messaging_service_sid: str | None = None
     phone_numbers: tuple[str, ...] = ()
@@ -205,6 +242,13 @@ class Bot:
         any of them may be picked to write to the person), else that number (else the main one)."""
         return self.messaging_service_sid or number or self.number or ""
 
+    def handoff_signing_secrets(self, now: float) -> list[str]:
+        """The secrets a forward is signed with now: the bot's, and the one it replaced during the grace period."""
+        secrets_now = [self.handoff_secret] if self.handoff_secret else []
+        if self.handoff_previous_secret and now < self.handoff_previous_until:
+            secrets_now.append(self.handoff_previous_secret)
+        return secrets_now
+
     @property
     def pooled(self) -> bool:
         """Whether the number a person texted matters to the reply (the bot has several, or a service)."""
@@ -217,8 +261,9 @@ class Bot:
         return hmac.compare_digest(token_hash(token), self.engine_token_hash)
 
     def public(self) -> dict[str, Any]:
-        """The bot as the API shows it: everything but the auth token; every limit, set or default."""
-        shown: dict[str, Any] = dict(self.extra)
+        """The bot as the API shows it: everything but the auth token; every limit, set or default; a
+        user field named like a secret only as [redacted] (it is stored encrypted)."""
+        shown: dict[str, Any] = {name: REDACTED if is_secret_name(name) else value for name, value in self.extra.items()}
         shown.update({
             "id": self.id, NAME: self.name, USER_TYPE: "machine", ACCOUNT_SID: self.account_sid,
             NUMBER: self.number, ENGINE_URL: shown_url(self.engine_url), PACE: self.messages_per_second,
@@ -229,6 +274,117 @@ class Bot:
         return shown
 
 
+# The copy's fields: LOADED once it holds every bot; "b:<id>" a bot's row (JSON, secrets encrypted as
+# in the database); "n:<number>" and "s:<service sid>" the id they route to; "r:<id>" the bot's own
+# route fields, so a change can drop the ones it no longer has.
+LOADED = "#loaded"
+_ROW_COLUMNS = tuple(column.name for column in bots.columns if column.name not in ("created_at", "updated_at"))
+
+# KEYS: the copy. ARGV: a bot's id, its row ('' when deleted), then its route fields. Its old routes
+# go first, each only if it still names this bot (another bot may have taken the number since).
+_PUT_LUA = """
+local id = ARGV[1]
+local old = redis.call('HGET', KEYS[1], 'r:' .. id)
+if old then
+  for route in string.gmatch(old, '%S+') do
+    if redis.call('HGET', KEYS[1], route) == id then redis.call('HDEL', KEYS[1], route) end
+  end
+end
+if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], 'b:' .. id, 'r:' .. id) end
+redis.call('HSET', KEYS[1], 'b:' .. id, ARGV[2], 'r:' .. id, table.concat(ARGV, ' ', 3))
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], id) end
+return 1
+"""
+
+# KEYS: the copy. ARGV: a route field ("n:...", "s:...") or a bot's row field ("b:<id>").
+# Returns {the bot's row or false, whether the copy is LOADED}: one round trip either way.
+_LOOKUP_LUA = f"""
+local field = ARGV[1]
+if string.sub(field, 1, 2) ~= 'b:' then
+  local id = redis.call('HGET', KEYS[1], field)
+  if not id then return {{false, redis.call('HEXISTS', KEYS[1], '{LOADED}')}} end
+  field = 'b:' .. id
+end
+return {{redis.call('HGET', KEYS[1], field), redis.call('HEXISTS', KEYS[1], '{LOADED}')}}
+"""
+
+
+def number_route(number: str) -> str:
+    return f"n:{number}"
+
+
+def service_route(service_sid: str) -> str:
+    return f"s:{service_sid}"
+
+
+def id_route(bot_id: int) -> str:
+    return f"b:{bot_id}"
+
+
+class RegistryCopy:
+    """The registry's copy in Redis: what accepting a text and answering it need of every bot.
+
+    Written after each change commits (a change the database refused writes nothing) and rebuilt
+    whole from the database when LOADED is missing. The copy lives as long as Redis keeps it.
+    """
+
+    def __init__(self, redis: redis_lib.Redis) -> None:
+        self._redis = redis
+
+    def put(self, bot_id: int, row: Mapping[str, Any] | None) -> None:
+        """The bot as committed (None: deleted), with its routes."""
+        script(self._redis, _PUT_LUA)(keys=[keys.REGISTRY], args=[bot_id, *self._encoded(row)])
+
+    def forget(self) -> None:
+        """Drop LOADED, so the next lookup rebuilds the copy from the database (its writes may have been lost)."""
+        self._redis.hdel(keys.REGISTRY, LOADED)
+
+    def lookup(self, route: str) -> tuple[dict[str, Any] | None, bool]:
+        """The row `route` leads to, if any, and whether the copy is complete (so None means unknown)."""
+        row, loaded = script(self._redis, _LOOKUP_LUA)(keys=[keys.REGISTRY], args=[route])
+        return (json.loads(row) if row else None), bool(loaded)
+
+    def rebuild(self, engine: Engine) -> None:
+        """Replace the copy with every bot in the database. A change written meanwhile makes the
+        replacement start again (WATCH), so a rebuild never puts back what a change replaced."""
+        for _ in range(5):
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(keys.REGISTRY)
+                    mapping: dict[str, str] = {LOADED: "1"}
+                    for row in _stored_rows(engine):
+                        encoded, *routes = self._encoded(row)
+                        mapping.update({route: str(row["id"]) for route in routes})
+                        mapping.update({id_route(row["id"]): encoded, f"r:{row['id']}": " ".join(routes)})
+                    pipe.multi()
+                    pipe.delete(keys.REGISTRY)
+                    pipe.hset(keys.REGISTRY, mapping=mapping)
+                    pipe.execute()
+                    return
+                except redis_lib.WatchError:
+                    continue
+        raise redis_lib.WatchError("the registry kept changing while its copy was rebuilt")
+
+    @staticmethod
+    def _encoded(row: Mapping[str, Any] | None) -> list[str]:
+        if row is None:
+            return [""]
+        routes = [number_route(number) for number in
+                  dict.fromkeys(([row["main_phone_number"]] if row["main_phone_number"] else [])
+                                + list(row.get("phone_numbers") or ()))]
+        if row.get("messaging_service_sid"):
+            routes.append(service_route(row["messaging_service_sid"]))
+        return [json.dumps({name: row.get(name) for name in (*_ROW_COLUMNS, "phone_numbers")}), *routes]
+
+
+def _stored_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every bot's row with its phone-numbers, as the copy keeps them."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(bots).order_by(bots.c.id)).all()
+        pools = _pools(connection, None)
+    return [{**row._mapping, "phone_numbers": list(pools.get(row.id, ()))} for row in rows]
+
+
 class BotStore:
     """The registry's reads and writes over the `bots` table; `redis` only carries change announcements."""
 
@@ -237,6 +393,8 @@ class BotStore:
         self._redis = redis
         self._vault = vault
         self._tokens: dict[str, str] = {}
+        self.copy = RegistryCopy(redis)
+        self._rebuilds = SingleFlight()
 
     def create(self, fields: Mapping[str, Any]) -> Bot:
         return self.create_with_token(fields)[0]
@@ -255,9 +413,10 @@ class BotStore:
                     insert(connection, bots).values(**row, created_at=now, updated_at=now))
                 bot_id = int(result.inserted_primary_key[0])
                 pool = self._save_numbers(connection, bot_id, fields)
+                stored = _stored_row(connection, bots.c.id == bot_id)
         except IntegrityError:  # a unique number or service: a concurrent create got there first
             raise self._taken(fields, None) from None
-        self._announce(bot_id)
+        self._changed(bot_id, stored)
         return self._bot({**row, "id": bot_id, "phone_numbers": pool}), engine_token
 
     def rotate_engine_token(self, bot_id: int) -> str:
@@ -266,20 +425,39 @@ class BotStore:
         with transaction(self._engine) as connection:
             changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
                 engine_token_hash=token_hash(engine_token), updated_at=time.time())).rowcount
+            stored = _stored_row(connection, bots.c.id == bot_id)
         if not changed:
             raise BotNotFound(bot_id)
-        self._announce(bot_id)
+        self._changed(bot_id, stored)
         return engine_token
 
     def rotate_handoff_secret(self, bot_id: int) -> str:
-        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at once."""
+        """A new key for the bot's handoff forwards (shown this once); forwards are signed with it at
+        once, and with the one it replaces too for HANDOFF_SECRET_GRACE_SECONDS, so a receiver can
+        switch keys without refusing a forward meanwhile."""
+        secret = "mshs_" + secrets.token_urlsafe(32)
         with transaction(self._engine) as connection:
-            changed = connection.execute(update(bots).where(bots.c.id == bot_id).values(
-                handoff_secret_encrypted=(encrypted := self._new_handoff_secret()), updated_at=time.time())).rowcount
-        if not changed:
-            raise BotNotFound(bot_id)
-        self._announce(bot_id)
-        return self._token(encrypted)
+            old = connection.execute(select(bots.c.handoff_secret_encrypted).where(bots.c.id == bot_id)
+                                     .with_for_update()).first()
+            if old is None:
+                raise BotNotFound(bot_id)
+            previous = self._handoff_secrets(old.handoff_secret_encrypted)[0] if old.handoff_secret_encrypted else None
+            # The column holds the secret alone, or after a rotation the secret with the one it replaced.
+            sealed = json.dumps({"secret": secret, "previous": previous,
+                                 "previous_until": time.time() + HANDOFF_SECRET_GRACE_SECONDS})
+            connection.execute(update(bots).where(bots.c.id == bot_id).values(
+                handoff_secret_encrypted=self._vault.encrypt(sealed), updated_at=time.time()))
+            stored = _stored_row(connection, bots.c.id == bot_id)
+        self._changed(bot_id, stored)
+        return secret
+
+    def _handoff_secrets(self, encrypted: str) -> tuple[str, str | None, float]:
+        """The bot's handoff secret, the one it replaced (or None), and until when that one still signs."""
+        plain = self._token(encrypted)
+        if not plain.startswith("{"):
+            return plain, None, 0.0
+        sealed = json.loads(plain)
+        return sealed["secret"], sealed.get("previous"), float(sealed.get("previous_until") or 0.0)
 
     def _new_handoff_secret(self) -> str:
         return self._vault.encrypt("mshs_" + secrets.token_urlsafe(32))
@@ -321,21 +499,28 @@ class BotStore:
                 old = connection.execute(select(bots).where(bots.c.id == bot_id).with_for_update()).first()
                 if old is None:
                     raise BotNotFound(bot_id)
-                merged = {**_fields(old), ENGINE_URL: self._engine_url(old.engine_url),
-                          HANDOFF_URL: self._engine_url(old.handoff_url),
-                          PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ()), **changes}
+                stored = {**_fields(old), PHONE_NUMBERS: _pools(connection, bot_id).get(bot_id, ())}
+                before = _opt_out_keys(stored)
+                merged = {**stored, ENGINE_URL: self._engine_url(old.engine_url),
+                          HANDOFF_URL: self._engine_url(old.handoff_url), **changes}
                 token = changes.get(AUTH_TOKEN)
                 row = self._row(merged, self._vault.encrypt(token) if token else old.auth_token_encrypted)
                 row["handoff_secret_encrypted"] = old.handoff_secret_encrypted if row["handoff_url"] else None
                 if row["handoff_url"] and not old.handoff_secret_encrypted:
                     row["handoff_secret_encrypted"] = self._new_handoff_secret()
-                    shown_once[HANDOFF_SECRET] = self._token(row["handoff_secret_encrypted"])
+                    shown_once[HANDOFF_SECRET] = self._handoff_secrets(row["handoff_secret_encrypted"])[0]
                 self._check_owners(connection, merged, bot_id)
                 connection.execute(update(bots).where(bots.c.id == bot_id).values(**row, updated_at=time.time()))
                 pool = self._save_numbers(connection, bot_id, merged)
+                gone = optout.carry_over(connection, before, _opt_out_keys(merged))
+                stored = _stored_row(connection, bots.c.id == bot_id)
         except IntegrityError:  # only a new number can collide: a concurrent write took it
             raise self._taken(merged, bot_id) from None
-        self._announce(bot_id)
+        try:
+            optout.carry_over_copies(self._redis, gone, _opt_out_keys(merged))
+        except redis_lib.RedisError as error:
+            log.warning("bots.opt_out_copy_not_carried_over", bot_id=bot_id, error=str(error))
+        self._changed(bot_id, stored)
         return self._bot({**row, "id": bot_id, "engine_token_hash": old.engine_token_hash,
                           "phone_numbers": pool}), shown_once
 
@@ -347,19 +532,22 @@ class BotStore:
         if deleted:
             with contextlib.suppress(redis_lib.RedisError):  # a stale copy of a bot that is gone is never read
                 self._redis.delete(keys.handoffs(bot_id))
-            self._announce(bot_id)
+            self._changed(bot_id, None)
         return deleted
 
+    def copied(self, route: str) -> Bot | None:
+        """The bot `route` leads to, from the registry's copy, not the database. A copy missing
+        (flushed) is rebuilt from the database first, by one caller of this process at a time."""
+        row, loaded = self.copy.lookup(route)
+        if row is None and not loaded:
+            self._rebuilds.run(keys.REGISTRY, lambda: self.copy.rebuild(self._engine))
+            row, _ = self.copy.lookup(route)
+        return None if row is None else self._bot(row)
+
     def _one(self, condition: Any) -> Bot | None:
-        """One bot, with its phone-numbers: one query (a row per number it has)."""
         with self._engine.connect() as connection:
-            rows = connection.execute(select(bots, bot_numbers.c.number.label("pool_number")).outerjoin(
-                bot_numbers, bot_numbers.c.bot_id == bots.c.id).where(condition).order_by(bot_numbers.c.number)).all()
-        if not rows:
-            return None
-        main = rows[0].main_phone_number
-        pool = tuple(row.pool_number for row in rows if row.pool_number and row.pool_number != main)
-        return self._bot({**rows[0]._mapping, "phone_numbers": pool})
+            row = _stored_row(connection, condition)
+        return None if row is None else self._bot(row)
 
     # Ownership of numbers and services across the registry.
 
@@ -371,11 +559,15 @@ class BotStore:
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
+            if owner is None:  # an unlisted number another bot's service sends from answers for that bot
+                owner = pool_number_owner(self._redis, number)
             if owner not in (None, bot_id):
                 raise NumberTaken(number, owner, field_name)
         service = fields.get(SERVICE_SID)
         if service:
-            owner = connection.execute(select(bots.c.id).where(bots.c.messaging_service_sid == service)).scalar()
+            # SIDs are hex: MG...ABC and MG...abc are one service (and so one bot's).
+            owner = connection.execute(select(bots.c.id).where(
+                func.lower(bots.c.messaging_service_sid) == service.lower())).scalar()
             if owner not in (None, bot_id):
                 raise NumberTaken(service, owner, SERVICE_SID)
 
@@ -397,8 +589,19 @@ class BotStore:
             return taken
         return NumberTaken(fields.get(NUMBER) or fields.get(SERVICE_SID) or "")
 
+    def _changed(self, bot_id: int, stored: Mapping[str, Any] | None) -> None:
+        """After the commit: the registry's copy gets the bot as committed, then every cache hears of it."""
+        try:
+            self.copy.put(bot_id, stored)
+        except redis_lib.RedisError as error:
+            # The change is committed: a copy that missed it is rebuilt from the database when next read.
+            log.error("bots.copy_not_written", bot_id=bot_id, error=str(error))
+            with contextlib.suppress(redis_lib.RedisError):
+                self.copy.forget()
+        self._announce(bot_id)
+
     def _announce(self, bot_id: int) -> None:
-        """After the commit: every cache drops what it holds, this process's at once."""
+        """Every cache drops what it holds, this process's at once."""
         for cache in list(_caches):
             cache.clear()
         try:
@@ -418,10 +621,18 @@ class BotStore:
             "handoff_url": self._vault.encrypt(fields[HANDOFF_URL]) if fields.get(HANDOFF_URL) else None,
             "messages_per_second": float(fields.get(PACE) or DEFAULT_MESSAGES_PER_SECOND),
             "fallback_message": fields.get(FALLBACK),
-            "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS and k not in _INTERNAL},
+            # A user field set to null is removed; one named like a secret is kept encrypted.
+            "extra": {k: self._sealed(v) if is_secret_name(k) else v for k, v in fields.items()
+                      if k not in KNOWN_FIELDS and k not in _INTERNAL and v is not None},
             # None unsets a limit (back to its default).
             "limits": {k: fields[k] for k in SETTING_NAMES if fields.get(k) is not None},
         }
+
+    def _sealed(self, value: Any) -> str:
+        """A secret user field's value encrypted (once: a value read back from the row already is)."""
+        if isinstance(value, str) and value.startswith(SEALED):
+            return value
+        return SEALED + self._vault.encrypt(json.dumps(value))
 
     def _bot(self, row: Mapping[str, Any]) -> Bot:
         return Bot(
@@ -438,11 +649,17 @@ class BotStore:
             engine_token_hash=row.get("engine_token_hash"),
             controls=Controls.from_stored(row.get("limits")),
             handoff_url=self._engine_url(row.get("handoff_url")),
-            handoff_secret=self._token(secret) if (secret := row.get("handoff_secret_encrypted")) else None,
+            **self._handoff_fields(row.get("handoff_secret_encrypted")),
             messaging_service_sid=row.get("messaging_service_sid"),
             phone_numbers=tuple(row.get("phone_numbers") or ()),
             sending=Sending.from_stored(row.get("limits")),
         )
+
+    def _handoff_fields(self, encrypted: str | None) -> dict[str, Any]:
+        if not encrypted:
+            return {}
+        secret, previous, until = self._handoff_secrets(encrypted)
+        return {"handoff_secret": secret, "handoff_previous_secret": previous, "handoff_previous_until": until}
 
     def _engine_url(self, stored: str | None) -> str | None:
         """Engine URLs are stored encrypted like auth tokens (they may carry a key); a row written by
@@ -479,6 +696,22 @@ def _numbers_of(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(name, number) for name, number in given if not (number in seen or seen.add(number))]
 
 
+def _opt_out_keys(fields: Mapping[str, Any]) -> set[str]:
+    """Every key a bot's opt-outs are kept under (Bot.opt_out_key): its service, else each of its numbers."""
+    return {fields[SERVICE_SID]} if fields.get(SERVICE_SID) else {number for _, number in _numbers_of(fields)}
+
+
+def _stored_row(connection: Connection, condition: Any) -> dict[str, Any] | None:
+    """One bot's row with its phone-numbers: one query (a row per number it has)."""
+    rows = connection.execute(select(bots, bot_numbers.c.number.label("pool_number")).outerjoin(
+        bot_numbers, bot_numbers.c.bot_id == bots.c.id).where(condition).order_by(bot_numbers.c.number)).all()
+    if not rows:
+        return None
+    main = rows[0].main_phone_number
+    pool = tuple(row.pool_number for row in rows if row.pool_number and row.pool_number != main)
+    return {**rows[0]._mapping, "phone_numbers": pool}
+
+
 def _owner(connection: Any, number: str) -> int | None:
     """The bot that has `number`, as its main-phone-number or one of its phone-numbers."""
     main = connection.execute(select(bots.c.id).where(bots.c.main_phone_number == number)).scalar()
@@ -503,20 +736,29 @@ _caches: weakref.WeakSet[BotCache] = weakref.WeakSet()
 
 
 class BotCache:
-    """Bots by number (the webhook) and by id (the worker): a short-lived in-process cache.
+    """Bots by number (the webhook) and by id (the worker): a short-lived in-process cache over the
+    registry's copy in Redis (BotStore.copied), so neither path reads the database.
 
-    A miss reads the database; unknown numbers and ids are remembered too (for less), so a flood of
-    webhooks to an unregistered number costs no query per request. Any change announcement empties
-    the whole cache. Nothing is kept while the listener is not subscribed: a change could go unheard.
+    One load per key at a time (the others wait for it); a bot asked for near its entry's expiry is
+    loaded again by one caller while the others keep the entry; a load that fails (Redis or, for a
+    flushed copy, the database unreachable) serves the last bot known. Unknown numbers and ids are
+    remembered apart, for less, so a flood of them costs one Redis round trip per number and never
+    evicts a bot. Any change announcement empties the cache. Nothing is kept while the listener is
+    not subscribed: a change could go unheard.
     """
 
     def __init__(self, store: BotStore, redis: redis_lib.Redis, ttl: float = CACHE_TTL_SECONDS,
-                 negative_ttl: float = NEGATIVE_TTL_SECONDS, limit: int = CACHE_LIMIT) -> None:
+                 negative_ttl: float = NEGATIVE_TTL_SECONDS, limit: int = CACHE_LIMIT,
+                 unknown_limit: int = UNKNOWN_LIMIT) -> None:
         self._store = store
         self._redis = redis
-        self._ttl, self._negative_ttl, self._limit = ttl, min(ttl, negative_ttl), limit
-        self._entries: dict[tuple[str, Any], tuple[float, Any]] = {}
-        # Bumped by every clear: a lookup that read the database before a change was announced
+        self._ttl, self._negative_ttl = ttl, min(ttl, negative_ttl)
+        self._limit, self._unknown_limit = limit, unknown_limit
+        # route -> (expires at, bot): bots, and apart from them the routes that lead nowhere.
+        self._entries: dict[str, tuple[float, Bot]] = {}
+        self._unknown: dict[str, float] = {}
+        self._loads = SingleFlight()
+        # Bumped by every clear: a lookup that read the copy before a change was announced
         # must not store what it read after the clear.
         self._generation = 0
         self._subscribed = False
@@ -530,49 +772,70 @@ class BotCache:
         return self._subscribed
 
     def by_number(self, number: str) -> Bot | None:
-        return self._lookup(("number", number), lambda: self._store.by_number(number))
+        return self._lookup(number_route(number))
 
     def by_id(self, bot_id: int) -> Bot | None:
-        return self._lookup(("id", int(bot_id)), lambda: self._store.get(int(bot_id)))
+        return self._lookup(id_route(int(bot_id)))
 
     def by_service(self, service_sid: str) -> Bot | None:
         """The bot with this Messaging Service SID (inbound messages and status callbacks name it)."""
-        return self._lookup(("service", service_sid), lambda: self._store.by_service(service_sid))
+        return self._lookup(service_route(service_sid))
 
     def is_bot_number(self, number: str) -> bool:
         """Whether `number` belongs to a bot of this service (whose texts no bot answers: two bots
-        would answer each other forever). All numbers are read in one query and kept like a bot."""
-        return number in self._lookup(("numbers", None), self._store.numbers)
+        would answer each other forever)."""
+        return self.by_number(number) is not None
 
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
-            self._entries = {}
+            self._entries, self._unknown = {}, {}
 
-    def _lookup(self, key: tuple[str, Any], load: Callable[[], Any]) -> Any:
+    def _lookup(self, route: str) -> Bot | None:
         self._ensure_listener()
         now = time.monotonic()
-        hit = self._entries.get(key)
+        hit = self._entries.get(route)
         if hit is not None and hit[0] > now:
+            if hit[0] - now < self._ttl * REFRESH_AHEAD_FRACTION:
+                self._loads.start(route, lambda: self._load(route))
             return hit[1]
+        if hit is None and self._unknown.get(route, 0.0) > now:
+            return None
+        try:
+            return self._loads.run(route, lambda: self._load(route))
+        except (redis_lib.RedisError, SQLAlchemyError) as error:  # the database: rebuilding a flushed copy
+            return self._stale(route, hit, error)
+
+    def _stale(self, route: str, hit: tuple[float, Bot] | None, error: Exception) -> Bot:
+        """The last bot known for `route` when it cannot be loaded; without one, the error stands."""
+        if hit is None:
+            raise error
+        log.warning("bot_cache.serving_stale", route=route, bot_id=hit[1].id, error=error.__class__.__name__)
+        return hit[1]
+
+    def _load(self, route: str) -> Bot | None:
         generation = self._generation
-        bot = load()
-        self._remember(key, bot, generation, now)
+        bot = self._store.copied(route)
+        self._remember(route, bot, generation)
         return bot
 
-    def _remember(self, key: tuple[str, Any], bot: Any, generation: int, now: float) -> None:
+    def _remember(self, route: str, bot: Bot | None, generation: int) -> None:
+        now = time.monotonic()
         with self._lock:
             if not self._subscribed or generation != self._generation:
                 return
-            if key not in self._entries and len(self._entries) >= self._limit:
-                del self._entries[next(iter(self._entries))]  # the oldest: entries expire in about that order
-            self._entries[key] = (now + (self._ttl if bot is not None else self._negative_ttl), bot)
+            if bot is None:
+                self._entries.pop(route, None)
+                _bounded(self._unknown, route, self._unknown_limit)[route] = now + self._negative_ttl
+            else:
+                self._unknown.pop(route, None)
+                _bounded(self._entries, route, self._limit)[route] = (now + self._ttl, bot)
 
     def _set_subscribed(self, subscribed: bool) -> None:
         with self._lock:
             self._subscribed = subscribed
             self._generation += 1
-            self._entries = {}
+            self._entries, self._unknown = {}, {}
 
     def _ensure_listener(self) -> None:
         if self._listener is not None:
@@ -582,6 +845,13 @@ class BotCache:
                 self._listener = threading.Thread(target=_listen, args=(weakref.ref(self), self._redis),
                                                   name="bot-cache-invalidation", daemon=True)
                 self._listener.start()
+
+
+def _bounded(entries: dict[str, Any], route: str, limit: int) -> dict[str, Any]:
+    """`entries`, with room for `route`: past `limit`, the oldest goes (entries expire in about that order)."""
+    if route not in entries and len(entries) >= limit:
+        del entries[next(iter(entries))]
+    return entries
 
 
 # How often the listener looks up from an idle channel (to stop once its cache is gone).

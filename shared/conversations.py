@@ -94,7 +94,8 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # for the same lease, and a text landing while its conversation is answered wakes nobody (a worker
 # woken then would find the lease taken and go away). A holder that dies leaves it to the sweeper.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token), inbox, pending, opt-out copy, metric counters,
-#       the wake-ups (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
+#       the wake-ups (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease,
+#       when the person last texted (keys.wrote).
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
 #       texted ('': not kept, the bot has one number).
 ACCEPT_LUA = """
@@ -109,6 +110,7 @@ if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__'
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
+redis.call('SET', KEYS[10], ARGV[3], 'EX', __DEDUPE_TTL__)
 if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7], 'EX', __DEDUPE_TTL__) end
 if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) == 0 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
@@ -144,7 +146,8 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
-              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)],
+              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation),
+              keys.wrote(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
               f"wake-{message['sid']}", message["to"] if remember_texted else ""],
@@ -154,7 +157,9 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 # Add replies to the outbox in order, optionally finishing the inbound message that produced
 # them; returns the id to kick when the outbox was idle, so exactly one kick starts a chain of
 # sends whoever else is adding or removing replies; FENCED (-1), doing nothing, when the caller's
-# conversation lease is no longer its own. A function, so the worker's step can go on to take
+# conversation lease is no longer its own; ERASED (-2), doing nothing, when the inbound to finish
+# is no longer being processed: its conversation was erased while the engine was asked (nothing
+# of it may be sent or logged after the erase). A function, so the worker's step can go on to take
 # the first reply's turn (worker.conversation).
 # queue(outbox, reply records, processing, pending, log outbox, conversation lease,
 #       the inbound to finish (or ''), conversation, now, log record (or ''), lease token (or ''),
@@ -162,7 +167,7 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
 QUEUE_FUNCTION = """
 local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first)
   if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
-  if done ~= '' then redis.call('LREM', processing, 1, done) end
+  if done ~= '' and redis.call('LREM', processing, 1, done) == 0 then return -2 end
   if record ~= '' then redis.call('RPUSH', log, record) end
   if #ARGV < first then return false end
   local queued = 0
@@ -217,8 +222,9 @@ def replies_from(conversation: str, to: str, text: str | None, media_url: str | 
     ]
 
 
-# What queue_replies answers when the caller's conversation lease is no longer its own.
-FENCED = -1
+# What queue_replies answers when the caller's conversation lease is no longer its own, and when
+# the message it was to finish was erased meanwhile.
+FENCED, ERASED = -1, -2
 
 # Beside each reply's record in the conversation's replies hash: when a send of it was claimed
 # (its outcome unknown until it is finished), and the MessageSid a status callback named for it.
@@ -320,8 +326,8 @@ def queue_replies(redis: Any, conversation: str, replies: list[dict[str, Any]], 
                   log_record: str | None = None, lease_token: str | None = None) -> str | int | None:
     """Queue replies in order; returns the reply id a worker must be kicked for, if any. The
     message log's record of this step (`log_record`, see worker.logdrain) joins the log outbox in
-    the same step, so the log can neither miss nor repeat it; callers without one (an engine's
-    callback, a replay) write their rows to the database first.
+    the same step, so the log can neither miss nor repeat it; callers without one (a replay, an
+    operator's send) write their rows to the database first; an engine's callback uses push_replies.
 
     With `lease_token`, the step happens only while the conversation's lease still holds that
     token (fencing): a worker that lost its lease (a long pause) queues nothing, and gets FENCED."""
@@ -342,6 +348,91 @@ def queue_args(conversation: str, replies: list[dict[str, Any]], done_inbound: s
     for reply in replies:
         pairs += [reply["id"], stored(reply)]
     return [done_inbound or "", conversation, repr(time.time()), log_record or "", lease_token or ""], pairs
+
+
+# An engine's push (webhook.replies), for every recipient at once: refused whole, queuing nothing,
+# when the bot's pushes today would pass its max-messages-per-day (more could not be sent today
+# anyway, and it bounds what one bot's pushes hold in Redis), a recipient's outbox would hold more
+# than the bot's max-queued-replies or the person had max-replies-per-minute this minute (direct
+# answers count there too); else each recipient's replies join the outbox, count toward the
+# minute and the day, and the log's record joins the log outbox.
+# KEYS: pending, log outbox, the day's pushes, then per recipient: outbox, replies hash, replies this minute.
+# ARGV: now, the bot's id, max queued, max per minute (0: none), recipients, then per recipient its
+#       conversation and reply count, then per recipient its log record and its (id, reply) pairs;
+#       the last: max per day (0: none).
+# Returns {1, the id to kick or '' per recipient}, or {0, the recipient at fault (0: all), 'day' |
+# 'queued' | 'minute', its outbox length}.
+PUSH_LUA = """
+local recipients = tonumber(ARGV[5])
+local total = 0
+for i = 1, recipients do total = total + tonumber(ARGV[5 + 2 * i]) end
+local per_day = tonumber(ARGV[#ARGV])
+if per_day > 0 and tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') + total > per_day then
+  return {0, 0, 'day', 0}
+end
+for i = 1, recipients do
+  local n, waiting = tonumber(ARGV[5 + 2 * i]), redis.call('LLEN', KEYS[3 * i + 1])
+  if waiting + n > tonumber(ARGV[3]) then return {0, i, 'queued', waiting} end
+  if ARGV[4] ~= '0' and tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0') >= tonumber(ARGV[4]) then
+    return {0, i, 'minute', waiting}
+  end
+end
+local heads, at = {1}, 6 + 2 * recipients
+for i = 1, recipients do
+  local n, length = tonumber(ARGV[5 + 2 * i]), 0
+  redis.call('RPUSH', KEYS[2], ARGV[at])
+  at = at + 1
+  for j = 0, n - 1 do
+    redis.call('HSET', KEYS[3 * i + 2], ARGV[at + 2 * j], ARGV[at + 2 * j + 1])
+    length = redis.call('RPUSH', KEYS[3 * i + 1], ARGV[at + 2 * j])
+  end
+  heads[i + 1] = length == n and ARGV[at] or ''
+  at = at + 2 * n
+  if redis.call('INCRBY', KEYS[3 * i + 3], n) == n then redis.call('EXPIRE', KEYS[3 * i + 3], 120) end
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4 + 2 * i])
+end
+if redis.call('HINCRBY', KEYS[3], ARGV[2], total) == total then redis.call('EXPIRE', KEYS[3], 172800) end
+return heads
+"""
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What push_replies did: the reply id to kick per conversation whose outbox was idle, or why it
+    was refused ('day': max-messages-per-day, 'queued': max-queued-replies, 'minute':
+    max-replies-per-minute) and for which recipient's conversation (None: the day's, for all)."""
+
+    kicks: dict[str, str]
+    refused_for: str | None = None
+    reason: str | None = None
+    waiting: int = 0
+
+
+def push_replies(redis: Any, grouped: dict[str, list[dict[str, Any]]], log_records: dict[str, str],
+                 limits: Limits) -> Pushed:
+    """Queue an engine's pushed replies, grouped by conversation, in one step with each conversation's
+    log record, or nothing at all (see PUSH_LUA). The database is written only from the log outbox,
+    so work that Redis refuses leaves nothing behind."""
+    conversations_ = [conversation for conversation, replies in grouped.items() if replies]
+    if not conversations_:
+        return Pushed({})
+    bot_id = keys.split_conversation_id(conversations_[0])[0]
+    keys_ = [keys.PENDING, keys.LOG_OUTBOX, keys.daily_pushes(time.strftime("%Y%m%d", time.gmtime()))]
+    counts: list[Any] = []
+    pairs: list[Any] = []
+    for conversation in conversations_:
+        keys_ += [keys.outbox(conversation), keys.replies(conversation), keys.replies_this_minute(conversation)]
+        counts += [conversation, len(grouped[conversation])]
+        pairs.append(log_records[conversation])
+        for reply in grouped[conversation]:
+            pairs += [reply["id"], stored(reply)]
+    done = script(redis, PUSH_LUA)(keys=keys_, args=[
+        repr(time.time()), bot_id, limits.max_queued_replies, limits.max_replies_per_minute,
+        len(conversations_), *counts, *pairs, limits.max_messages_per_day])
+    if done[0] == 0:
+        _, index, reason, waiting = done
+        return Pushed({}, conversations_[int(index) - 1] if int(index) else None, reason, int(waiting))
+    return Pushed({conversation: head for conversation, head in zip(conversations_, done[1:]) if head})
 
 
 # Forget a conversation in the pending set once it has nothing left to do.

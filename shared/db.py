@@ -8,6 +8,8 @@ webhook's inbound hot path queries the database.
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,15 +17,23 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Executable, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.sql.dml import Insert
 
+from shared.logging import get_logger
 from shared.redis import process_threads
 from shared.settings import Settings
+
+log = get_logger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # A thread waits this long for a free connection before its work fails (and is retried).
 POOL_TIMEOUT_SECONDS = 10
-CONNECT_TIMEOUT_SECONDS = 5
+CONNECT_TIMEOUT_SECONDS = 3
+# Once the database could not be reached, a new connection is tried once per this long; every
+# other caller is refused at once (DatabaseUnavailable) rather than waiting out a timeout.
+PROBE_SECONDS = 2.0
 STATEMENT_TIMEOUT_MS = 15_000
 # Connections a process keeps without DATABASE_POOL_SIZE: its threads, up to this many (a busy
 # thread holds one for milliseconds; Heroku's smaller Postgres plans allow 20-120 in all).
@@ -43,15 +53,94 @@ def pool_size(settings: Settings) -> int:
     return max(2, min(process_threads(), DEFAULT_POOL_CAP))
 
 
+class DatabaseUnavailable(SQLAlchemyError):
+    """The database could not be reached a moment ago: refused at once, without trying again."""
+
+
+class Reachability:
+    """Whether this process reached its database last time it tried, and when it may try again."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def failed(self) -> None:
+        with self._lock:
+            if self.down_since is None:
+                self.down_since = time.time()
+                log.error("database.unreachable")
+            self._next_try = time.monotonic() + PROBE_SECONDS
+
+    def reached(self) -> None:
+        if self.down_since is not None:
+            log.info("database.reachable_again", down_for=round(time.time() - self.down_since, 1))
+            self.down_since = None
+
+    def may_try(self) -> bool:
+        """While down, one caller per PROBE_SECONDS may try to connect (and so find it back)."""
+        if self.down_since is None:
+            return True
+        with self._lock:
+            if time.monotonic() < self._next_try:
+                return False
+            self._next_try = time.monotonic() + PROBE_SECONDS
+            return True
+
+
+_reachability: weakref.WeakKeyDictionary[Engine, Reachability] = weakref.WeakKeyDictionary()
+
+
+def reachability(engine: Engine) -> Reachability:
+    """The engine's reachability (SQLite's, in a file, is always up)."""
+    return _reachability.setdefault(engine, Reachability())
+
+
 def make_engine(url: str, size: int = 5) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    return create_engine(
+    engine = create_engine(
         url, pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT_SECONDS, pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS,
                       "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
     )
+    _watch_reachability(engine, reachability(engine))
+    return engine
+
+
+def _watch_reachability(engine: Engine, state: Reachability) -> None:
+    """Refuse new connections at once while the database is down (but for a probe now and then), so
+    an API request answers 503 at once and no thread holds a connection slot for the timeout."""
+
+    @event.listens_for(engine, "do_connect")
+    def _gate(*_: Any) -> None:
+        if not state.may_try():
+            raise DatabaseUnavailable("the database was unreachable a moment ago; not trying again yet")
+
+    @event.listens_for(engine, "handle_error")
+    def _failed(context: ExceptionContext) -> None:
+        # A dropped connection, or none made: not a statement's own error (a constraint, a timeout).
+        if context.is_disconnect or context.connection is None:
+            state.failed()
+
+    @event.listens_for(engine, "engine_connect")
+    def _reached(_connection: Connection) -> None:
+        state.reached()
+
+
+def database_up(engine: Engine) -> bool:
+    """Whether the database answers now (at once False while this process finds it down)."""
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+        return True
+    except SQLAlchemyError:
+        return False
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -164,8 +253,13 @@ def migrate(url: str) -> tuple[str | None, str]:
 
 
 def check_schema(engine: Engine) -> None:
-    """Stop a process whose database is not at this release's schema, saying what to run."""
-    current, head = current_revision(engine), head_revision()
+    """Stop a process whose database is not at this release's schema, saying what to run. A process
+    started while the database is unreachable starts anyway: it answers texts from Redis's copies."""
+    try:
+        current, head = current_revision(engine), head_revision()
+    except (OperationalError, DatabaseUnavailable) as error:
+        log.warning("database.schema_unchecked", reason="the database is unreachable", error=error.__class__.__name__)
+        return
     if current != head:
         where = "empty" if current is None else f"at revision {current}"
         raise SchemaBehind(

@@ -21,11 +21,16 @@ from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared import keys
 from shared.db import insert, transaction
+from shared.flight import SingleFlight
+from shared.logging import get_logger
 from shared.redis import script
 from shared.schema import handoffs
+
+log = get_logger(__name__)
 
 LOADED = "#loaded"
 BY_OPERATOR, BY_ENGINE = "operator", "engine"
@@ -99,8 +104,14 @@ def current(engine: Engine, redis: Any, bot_id: int, person: str, hint: str) -> 
     """The conversation's handoff if it is paused now, from the database; `hint` is what the copy
     said. A stale hint (a resume the copy missed, a timeout) is dropped from the copy unless a new
     pause has replaced it meanwhile; a pause whose time is up is ended in the record too."""
-    with engine.connect() as connection:
-        found = _row(connection, bot_id, person)
+    try:
+        with engine.connect() as connection:
+            found = _row(connection, bot_id, person)
+    except SQLAlchemyError as error:
+        # The database is unreachable: the copy's word stands, with the timeout it holds.
+        log.warning("handoff.unconfirmed", bot_id=bot_id, error=error.__class__.__name__)
+        hinted = Handoff(bot_id, person, since=0.0, until=float(hint) or None, by="unknown", note=None)
+        return hinted if hinted.active() else None
     if found is not None and found.active():
         return found
     if found is not None:
@@ -124,8 +135,16 @@ def active_of(connection: Connection, bot_id: int, people: list[str]) -> dict[st
     return {row.person: handoff for row in rows if (handoff := _handoff(row)).active(now)}
 
 
+# A copy missing is rebuilt by one caller of this process at a time; the others wait for that rebuild.
+_LOADS = SingleFlight()
+
+
 def load_copy(engine: Engine, redis: Any, bot_id: int) -> None:
     """Rebuild the bot's copy from the database (after a flush): adds every active pause, then LOADED."""
+    _LOADS.run(bot_id, lambda: _load_copy(engine, redis, bot_id))
+
+
+def _load_copy(engine: Engine, redis: Any, bot_id: int) -> None:
     now = time.time()
     with engine.connect() as connection:
         rows = [_handoff(row) for row in connection.execute(select(handoffs).where(handoffs.c.bot_id == bot_id))]

@@ -12,6 +12,9 @@ PREFIX = "sms"
 
 # The bot registry lives in the database; a change is announced here so every process's cache drops it.
 BOTS_CHANGED_CHANNEL = f"{PREFIX}:bot:changed"
+# The registry's copy (a hash; see shared/bots.py, RegistryCopy): what the webhook and the workers
+# need of every bot, so they accept and answer texts while the database is unreachable.
+REGISTRY = f"{PREFIX}:registry"
 
 
 # Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours. Scoped by account,
@@ -74,6 +77,12 @@ def texted(conversation: str) -> str:
     return _conv(conversation, "texted")
 
 
+def wrote(conversation: str) -> str:
+    """When the person last texted the bot, set as the webhook accepts the text and kept as long as
+    dedupe marks: the push window holds from that moment, before the log's writer records the text."""
+    return _conv(conversation, "wrote")
+
+
 # Conversations with work outstanding, scored by when they should next make progress;
 # the worker's sweeper kicks any that fall behind (e.g. after a worker was killed).
 PENDING = f"{PREFIX}:pending"
@@ -86,6 +95,9 @@ WAKE_UPS = f"{PREFIX}:wake-ups"
 LOG_OUTBOX = f"{PREFIX}:log:outbox"
 LOG_DRAIN_LOCK = f"{PREFIX}:log:drain-lock"
 LOG_REFUSED = f"{PREFIX}:log:refused"
+
+# The numbers each bot's Messaging Service has sent from (a hash, number -> bot id; shared/poolnumbers.py).
+POOL_NUMBERS = f"{PREFIX}:pool-numbers"
 # Held by the one worker process purging old log rows (worker/retention.py).
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
 
@@ -101,14 +113,23 @@ def pace(sender_number: str) -> str:
     return f"{PREFIX}:pace:{sender_number}"
 
 
+# What /readyz writes to learn that Redis takes writes (not only that it answers).
+READY_PROBE = f"{PREFIX}:ready-probe"
+
 # Metrics recorded by every process, rendered by the web process at /metrics.
 METRIC_COUNTERS = f"{PREFIX}:metrics:counters"
 METRIC_HISTOGRAMS = f"{PREFIX}:metrics:histograms"
 
 
 def daily_sends(day: str) -> str:
-    """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day."""
+    """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day, and of
+    `<bot id>:segments` -> their segments, for max-segments-per-day."""
     return f"{PREFIX}:sent:{day}"
+
+
+def daily_pushes(day: str) -> str:
+    """A hash of bot id -> replies its engine's callback queued on `day` (UTC, YYYYMMDD)."""
+    return f"{PREFIX}:pushed:{day}"
 
 
 def replies_this_minute(conversation: str, at: float | None = None) -> str:

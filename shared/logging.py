@@ -36,8 +36,29 @@ MAX_TRACEBACK_CHARS = 10_000
 _CHATTY_LIBRARIES = ("twilio", "urllib3")
 
 
-def _is_secret(key: str) -> bool:
-    return key in SECRET_FIELDS or (key not in _NOT_SECRET and _SECRET_NAME.search(key) is not None)
+# The same, judged on the name's letters alone: accessToken, private_key, TOKEN1, pwd, bearer, auth.
+_SECRET_LETTERS = re.compile(r"token|secret|passw|passwd|pwd|credential|bearer|apikey|privatekey|authorization|auth$")
+# A URL path segment that looks like a key (Slack's /services/T0123/B0456/<24 characters>): 16 or more
+# characters mixing letters and digits. Ids as short as Twilio's or Slack's T.../B... stay readable.
+_SECRET_SEGMENT = re.compile(
+    r"(?<=/)(?=[A-Za-z0-9_\-]*?[0-9])(?=[A-Za-z0-9_\-]*?[A-Za-z])[A-Za-z0-9_\-]{16,}(?![A-Za-z0-9_\-])")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a field's name says it holds a secret (log fields, a bot's extra user fields)."""
+    if name in SECRET_FIELDS:
+        return True
+    if name in _NOT_SECRET:
+        return False
+    return _SECRET_NAME.search(name) is not None or _SECRET_LETTERS.search(re.sub(r"[^a-z]", "", name.lower())) is not None
+
+
+def redact_path(text: str) -> str:
+    """`text` with every key-like URL path segment replaced by [redacted]."""
+    return _SECRET_SEGMENT.sub(REDACTED, text) if "/" in text else text
+
+
+_is_secret = is_secret_name
 
 
 def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types.Processor:
@@ -59,6 +80,8 @@ def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types
         if "://" in text:
             text = _URL_CREDENTIALS.sub(lambda m: m[1] + REDACTED + "@", text)
             text = _URL_QUERY_VALUE.sub(lambda m: m[1] + REDACTED, text)
+        if "/" in text:  # a URL, or an HTTP library's error quoting only its path ("with url: /services/...")
+            text = redact_path(text)
         for secret in secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)

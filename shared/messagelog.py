@@ -35,6 +35,10 @@ assert set(STATUSES) <= STATUS_RANK.keys()
 
 RECEIVED, PENDING, SUPPRESSED, FAILED = "received", "pending", "suppressed", "failed"
 PERSON, ENGINE, CALLBACK, REPLAY, OPERATOR = "person", "engine", "callback", "replay", "operator"
+# The log outbox's record of replies that answer no inbound (worker.logdrain writes it).
+PUSHED = "replies"
+# What the log keeps of a reply on its way through the log outbox.
+LOGGED_REPLY_FIELDS = ("id", "bot_id", "to", "text", "media_url", "in_reply_to", "created_at")
 
 _DELIVERY = [deliveries.c.status.label("delivery_status"), deliveries.c.error_code.label("delivery_error_code"),
              *(deliveries.c[f"{status}_at"].label(f"delivery_{status}_at") for status in STATUSES)]
@@ -111,6 +115,14 @@ def record_replies(connection: Connection, replies: Sequence[Mapping[str, Any]],
     rows = _reply_rows(replies, bot_number, origin)
     _upsert_replies(connection, rows)
     _touch_conversations(connection, {(row["bot_id"], row["person"]): (row["at"], row["id"]) for row in rows})
+
+
+def replies_record(replies: Sequence[Mapping[str, Any]], bot_number: str | None, origin: str = CALLBACK) -> str:
+    """Replies that answer no inbound (record_replies' input), as a record for the log outbox
+    (worker.logdrain), so they reach the database only once Redis has queued them."""
+    return json.dumps({"kind": PUSHED, "replies": [{name: reply.get(name) for name in LOGGED_REPLY_FIELDS}
+                                                   for reply in replies],
+                       "bot_number": bot_number, "origin": origin}, separators=(",", ":"))
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 
-_SEPARATORS = re.compile(r"[\s\-().]")
+# ASCII spaces only: Python's \s and a JSON Schema pattern's \s differ beyond them.
+_SEPARATOR = r"[ \t\n\r\f\v\-().]"
+_SEPARATORS = re.compile(_SEPARATOR)
 # [0-9], not \d: in Python \d also matches fullwidth and Arabic-Indic digits, which no carrier routes
 # and which would let one number be registered twice under two spellings.
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+# What normalize_e164 accepts, as one regular expression (the API's description states it).
+E164_PATTERN = rf"^{_SEPARATOR}*\+{_SEPARATOR}*[1-9](?:{_SEPARATOR}*[0-9]){{6,14}}{_SEPARATOR}*$"
 # What Twilio puts in an inbound From besides E.164: a short code, or an alphanumeric sender id.
 _SHORT_CODE = re.compile(r"[0-9]{3,8}")
 _ALPHANUMERIC_ID = re.compile(r"(?=[0-9 ]*[A-Za-z])[A-Za-z0-9 ]{1,11}")

@@ -1,4 +1,6 @@
-"""Retention: log rows and dead letters older than LOG_RETENTION_DAYS are deleted, a batch at a time.
+"""Retention: log rows, dead letters and ended handoffs older than LOG_RETENTION_DAYS are deleted,
+a batch at a time. A handoff still in force (`until` in the future, or none: until resumed) is
+the conversation's present state, and is kept.
 
 Each batch is its own short transaction, so a large purge never holds locks on the tables for long
 and the workers' writes go on between batches. Opt-outs are never purged: they are the law's.
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Column, Engine, Table, delete, select, tuple_
 
-from shared.schema import conversations, dead_letters, deliveries, messages
+from shared.schema import conversations, dead_letters, deliveries, handoffs, messages
 
 BATCH = 2_000
 DAY_SECONDS = 86_400.0
@@ -22,6 +24,7 @@ PURGED: tuple[tuple[Table, Column[float], tuple[Column[object], ...]], ...] = (
     (deliveries, deliveries.c.updated_at, (deliveries.c.sid,)),
     (conversations, conversations.c.last_at, (conversations.c.bot_id, conversations.c.person)),
     (dead_letters, dead_letters.c.failed_at, (dead_letters.c.id,)),
+    (handoffs, handoffs.c.until, (handoffs.c.bot_id, handoffs.c.person)),  # a null `until` is never older
 )
 
 

@@ -13,20 +13,18 @@ from marshmallow import (INCLUDE, Schema, ValidationError, fields, post_load, pr
 from shared.bots import (
     ACCOUNT_SID, AUTH_TOKEN, COLD_PUSH, ENGINE_URL, FALLBACK, LIMIT_ATTRIBUTES, MAX_ENGINE_CALLS, MAX_PER_DAY, MAX_PER_MINUTE,
     MAX_REPLIES, MAX_SEGMENTS, NAME, NUMBER, PACE, PUSH_WINDOW, USER_TYPE, CONTROL_ATTRIBUTES, HANDOFF_TIMEOUT, HANDOFF_URL,
-    MERGE_WINDOW,
+    MERGE_WINDOW, MAX_QUEUED, MAX_SEGMENTS_PER_DAY,
 )
-from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SHORTEN_URLS, SMART_ENCODED, VALIDITY
+from shared.bots import PHONE_NUMBERS, SENDING_ATTRIBUTES, SERVICE_SID, SERVICE_SID_PATTERN, SHORTEN_URLS, SMART_ENCODED, VALIDITY
 from shared.phone import InvalidNumber, normalize_e164
+from shared.text import PlainText, plain
 
 # Extra user fields are stored as given and returned by every GET: nested JSON once stored broke
 # listing, showing and deleting bots, so only short scalars are kept.
 MAX_EXTRA_FIELDS = 50
 MAX_EXTRA_TEXT = 1000
 MAX_EXTRA_INTEGER = 2**63
-_EXTRA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
-_SECRET_NAME = re.compile(r"password|secret|api[-_]?key|[-_]token$", re.IGNORECASE)
-SECRET_FIELD = ("looks like a secret, and user fields are stored and returned in plain text: the Twilio auth "
-                "token goes in twilio-auth-token; an engine's credentials belong in the engine's own configuration")
+EXTRA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 URL_CREDENTIALS = ("must not carry credentials (user:password@): the URL is stored and returned in plain text, "
                    "and a bot's engine is never sent them; an engine's credentials belong in the engine's own "
                    "configuration")
@@ -63,20 +61,33 @@ class PhoneNumbers(fields.Field):
         return list(dict.fromkeys(numbers))
 
 
+class Flag(fields.Boolean):
+    """true or false (or the seed's "true"/"false"), never 0 or 1: Python's 0 == False would let a
+    number through that the API's description says is not a boolean."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 def _flag(name: str, description: str) -> fields.Boolean:
-    return fields.Boolean(data_key=name, load_default=None, allow_none=True, truthy={True, "true"},
+    return Flag(data_key=name, load_default=None, allow_none=True, truthy={True, "true"},
                           falsy={False, "false"}, metadata={"description": description})
 
 
 class WholeNumber(fields.Integer):
     """A whole number, from JSON or from the seed's query string ("10"): never true/false (which
-    Python reads as 1/0), a fraction, or digits other than ASCII."""
+    Python reads as 1/0), a fraction, or digits other than ASCII. JSON's 10.0 is 10, as JSON Schema
+    (and so the API's description) counts it an integer."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         if isinstance(value, str) and value.isascii() and value.isdigit():
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         raise ValidationError("must be a whole number")
 
 
@@ -96,14 +107,14 @@ class BotSchema(Schema):
         data_key=USER_TYPE, required=True,
         validate=validate.Equal("machine", error="must be \"machine\": only machine users have an SMS channel"),
     )
-    name = fields.String(data_key=NAME, required=True, validate=validate.Length(min=1, max=200))
+    name = PlainText(data_key=NAME, required=True, validate=validate.Length(min=1, max=200))
     account_sid = fields.String(
         data_key=ACCOUNT_SID, required=True,
         validate=validate.Regexp(r"^AC[0-9a-fA-F]{32}$", error="must be a Twilio account SID: AC followed by 32 hex digits"),
     )
     auth_token = fields.String(
         data_key=AUTH_TOKEN, required=True, load_only=True,
-        validate=validate.Regexp(r"^\S{8,128}$", error="must be the account's primary auth token (no spaces)"),
+        validate=validate.Regexp(r"^[!-~]{8,128}$", error="must be the account's primary auth token (no spaces)"),
     )
     number = PhoneNumber(data_key=NUMBER, load_default=None,
                          metadata={"description": "the bot's number, E.164; required unless it has a messaging service"})
@@ -113,18 +124,22 @@ class BotSchema(Schema):
         data_key=PACE, load_default=None, allow_none=True,
         validate=validate.Range(min=0.01, max=1000, error="must be between 0.01 and 1000 segments per second"),
     )
-    fallback_message = fields.String(data_key=FALLBACK, load_default=None, allow_none=True,
-                                     validate=validate.Length(max=1600))
+    fallback_message = PlainText(data_key=FALLBACK, load_default=None, allow_none=True,
+                                 validate=validate.Length(max=1600))
     # The bot's limits (shared.bots.Limits): null sets one back to its default.
     max_replies = _limit(MAX_REPLIES, 1, 100, "messages one engine answer may send")
     max_segments = _limit(MAX_SEGMENTS, 1, 300, "segments one engine answer may send")
     max_messages_per_day = _limit(MAX_PER_DAY, 0, 10_000_000, "sends per UTC day, past which replies wait (0: none)")
     max_replies_per_minute = _limit(MAX_PER_MINUTE, 0, 10_000, "replies per person a minute (0: none)")
     push_window_days = _limit(PUSH_WINDOW, 1, 3650, "days after a person's last text that the engine may push to them")
-    allow_cold_push = fields.Boolean(data_key=COLD_PUSH, load_default=None, allow_none=True,
+    allow_cold_push = Flag(data_key=COLD_PUSH, load_default=None, allow_none=True,
                                      truthy={True, "true"}, falsy={False, "false"},
                                      metadata={"description": "the engine may push to people who never wrote"})
     max_concurrent_engine_calls = _limit(MAX_ENGINE_CALLS, 1, 10_000, "engine calls in flight per worker process")
+    max_segments_per_day = _limit(MAX_SEGMENTS_PER_DAY, 0, 100_000_000,
+                                  "segments (what Twilio bills) per UTC day, past which replies wait (0: none)")
+    max_queued_replies = _limit(MAX_QUEUED, 1, 1_000,
+                                "replies waiting to one person past which the engine's callback is refused with 429")
     # Conversation controls (shared.bots.Controls, shared.handoff).
     handoff_url = fields.Url(data_key=HANDOFF_URL, load_default=None, allow_none=True, schemes={"http", "https"},
                              require_tld=False, metadata={
@@ -138,7 +153,7 @@ class BotSchema(Schema):
     # Messaging Services and number pools (shared.bots.Sending; README "Sending through a Messaging Service").
     messaging_service_sid = fields.String(
         data_key=SERVICE_SID, load_default=None, allow_none=True,
-        validate=validate.Regexp(r"^MG[0-9a-fA-F]{32}$", error="must be a Messaging Service SID: MG followed by 32 hex digits"),
+        validate=validate.Regexp(SERVICE_SID_PATTERN, error="must be a Messaging Service SID: MG followed by 32 hex digits"),
         metadata={"description": "the Twilio Messaging Service the bot sends through (its pool's numbers reach it too)"})
     phone_numbers = PhoneNumbers(data_key=PHONE_NUMBERS, load_default=None, allow_none=True, metadata={
         "description": "the bot's numbers besides main-phone-number, E.164; each belongs to one bot"})
@@ -168,17 +183,19 @@ class BotSchema(Schema):
     @post_load
     def _as_fields(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Back to the API's own spelling, which the store keeps."""
-        spelled = {_DATA_KEYS.get(key, key): value for key, value in data.items()}
+        # Extra user fields are kept as given, but for control characters (a NUL: PostgreSQL refuses it).
+        spelled = {_DATA_KEYS.get(key, key): plain(value) if isinstance(value, str) else value
+                   for key, value in data.items()}
         spelled.pop(USER_TYPE, None)
-        return {key: value for key, value in spelled.items() if value is not None or key in _NULLABLE}
+        # null keeps a field's default, but removes an extra user field.
+        return {key: value for key, value in spelled.items()
+                if value is not None or key in _NULLABLE or key not in _DATA_KEYS.values()}
 
 
 def _extra_problem(name: object, value: object) -> str | None:
     """Why an additional user field cannot be stored, or None: only short scalars under plain names."""
-    if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name):
+    if not isinstance(name, str) or not EXTRA_NAME.fullmatch(name):
         return "is not a valid field name"
-    if _SECRET_NAME.search(name):
-        return SECRET_FIELD
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):

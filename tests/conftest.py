@@ -20,6 +20,7 @@ from shared import db, keys
 from shared.bots import Bot, BotStore
 from shared.crypto import Vault
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import connect
 from shared.schema import metadata
 from shared.settings import DEVELOPMENT, Settings, get_settings
@@ -129,6 +130,7 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
 
     TALLY.forget()
     DAILY_SENDS.forget()
+    POOL_NUMBERS.forget()
     yield client
     client.flushdb()
 
@@ -166,6 +168,14 @@ def admin_headers() -> dict[str, str]:
 def store(settings: Settings, redis: redis_lib.Redis) -> BotStore:
     """The bot registry over the test database (the engine the app and the in-process worker share)."""
     return BotStore(db.get_engine(settings), redis, Vault([CREDENTIALS_KEY]))
+
+
+@pytest.fixture
+def unreachable() -> Iterator[db.Engine]:
+    """A PostgreSQL engine nobody answers for (the connection is refused), as a database outage looks."""
+    engine = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

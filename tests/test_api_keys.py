@@ -163,17 +163,26 @@ def test_a_revoked_key_is_refused_with_its_next_request(
 
 @pytest.mark.parametrize("body, field", [
     ({"name": "x", "role": "root", "bots": []}, "role"),
-    ({"name": "x", "role": "operator", "bots": [999]}, "bots"),
+    ({"name": "x\u0000", "role": "operator", "bots": []}, "name"),
     ({"name": "x", "role": "operator", "bots": ["1"]}, "bots"),
+    ({"name": "x", "role": "operator", "bots": [1.5]}, "bots"),
     ({"role": "operator"}, "name"),
     ({"name": "x", "role": "admin", "key": "mine"}, "key"),
 ])
 def test_an_invalid_key_request_is_refused_naming_the_field(
         body: dict[str, Any], field: str, client: FlaskClient, admin_headers: dict[str, str], bot: Bot) -> None:
-    """A role that is not admin or operator, an unknown bot, a missing name or an unknown field: 400."""
+    """A role that is not admin or operator, a name with control characters, a missing name or an unknown field: 400."""
     response = client.post(f"{APP}/api-keys", headers=admin_headers, json=body)
     assert 400 == response.status_code
     assert field in response.get_json()["errors"]
+
+
+def test_a_key_for_a_bot_that_does_not_exist_is_refused(client: FlaskClient, admin_headers: dict[str, str],
+                                                          bot: Bot) -> None:
+    """409: the request is well formed, the bot is not there."""
+    response = client.post(f"{APP}/api-keys", headers=admin_headers, json={"name": "x", "role": "operator",
+                                                                           "bots": [999]})
+    assert (409, ["unknown bot ids"]) == (response.status_code, response.get_json()["errors"]["bots"])
 
 
 def _dead_letter(bot_id: int, reply_id: str) -> dict[str, Any]:

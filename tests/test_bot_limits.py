@@ -4,6 +4,7 @@ drops them), and no bot answering another bot of this service."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import dramatiq
@@ -17,6 +18,7 @@ from tests.support.fake_engine import FakeEngine
 from tests.test_crash_recovery import SENDER, bodies_to, engine_bot, send  # noqa: F401 (fixture)
 from worker import budget
 from worker.background import flush
+from worker.slots import EngineSlots
 
 __all__ = ["engine_bot"]
 
@@ -149,6 +151,22 @@ class TestEngineSlots:
         assert [1] * 6 == [engine.most_in_flight(person) for person in people]
         assert 1 == max(call_overlap(engine))
 
+
+    def test_a_bot_that_never_set_the_limit_holds_a_quarter_of_the_workers_threads(
+            self, bot: Bot, store: BotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        """WORKER_THREADS=8 and no max-concurrent-engine-calls: two of the bot's calls at once, not a third,
+        while another bot still gets its own two."""
+        monkeypatch.setenv("WORKER_THREADS", "8")
+        monkeypatch.setenv("WEB_THREADS", "1")
+        other = store.create({"name": "other", "twilio-account-sid": bot.account_sid,
+                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
+                              "main-phone-number": "+15005550078"})
+        assert None is bot.limits.max_concurrent_engine_calls
+        slots = EngineSlots()
+        with ExitStack() as held:
+            taken = [held.enter_context(slots.taken(bot)) for _ in range(3)]
+            others = [held.enter_context(slots.taken(other)) for _ in range(2)]
+        assert ([True, True, False], [True, True]) == (taken, others)
 
 def call_overlap(engine: FakeEngine) -> list[int]:
     """How many calls were in flight at each call's start (each lasts engine.delay)."""

@@ -120,6 +120,36 @@ class TestBots:
         assert 1 == code
         assert "missing --account-sid, --auth-token, --number" in err
 
+    def test_create_reads_the_auth_token_from_the_environment(self, live_server: str, store: object,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """$TWILIO_AUTH_TOKEN instead of --auth-token: the token never appears on the command line."""
+        monkeypatch.setenv("TWILIO_AUTH_TOKEN", BOT_AUTH_TOKEN)
+        code, out, err = _run(capsys, "bots", "create", "--url", live_server, "--token", ADMIN_TOKEN, "--name", "x",
+                              "--account-sid", BOT_ACCOUNT_SID, "--number", "+15550102001")
+        assert 0 == code, err
+        bot_id = json.loads(out)["taskResult"][0]["affectedElementId"]
+        assert BOT_AUTH_TOKEN == store.get(bot_id).auth_token  # type: ignore[attr-defined]
+
+    def test_an_update_changes_the_auth_token_only_when_asked(self, live_server: str, bot: object, store: object,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """$TWILIO_AUTH_TOKEN is not sent with every update: only with --auth-token given alone."""
+        monkeypatch.setenv("TWILIO_AUTH_TOKEN", "n" * 32)
+        auth = ("--url", live_server, "--token", ADMIN_TOKEN)
+        assert 0 == _run(capsys, "bots", "update", "1", *auth, "--messages-per-second", "2")[0]
+        assert BOT_AUTH_TOKEN == store.get(1).auth_token  # type: ignore[attr-defined]
+        assert 0 == _run(capsys, "bots", "update", "1", *auth, "--auth-token")[0]
+        assert "n" * 32 == store.get(1).auth_token  # type: ignore[attr-defined]
+
+    def test_a_bearer_token_over_plain_http_to_another_host_is_warned_about(
+            self, live_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """http:// to a host that is not loopback warns before the request; loopback does not."""
+        _, _, err = _run(capsys, "bots", "list", "--url", f"http://0.0.0.0:{free_port()}", "--token", "t")
+        assert "warning: sending the admin token over plain http:// to 0.0.0.0" in err
+        _, _, err = _run(capsys, "bots", "list", "--url", live_server, "--token", ADMIN_TOKEN)
+        assert "warning" not in err
+
     def test_an_unreachable_service_is_reported_plainly(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A connection refused becomes one line, not a traceback."""
         code, _, err = _run(capsys, "bots", "list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "t")

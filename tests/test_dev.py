@@ -195,6 +195,40 @@ def test_dev_pool_demo_answers_through_the_messaging_service_from_the_number_tex
     assert "twilio" in line and f"SMS +15005551001 -> +15551230000 via MG{'de' * 16}" in line
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port`, read from /proc/net/tcp and tcp6 (hex)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_dev_listens_on_loopback_and_runs_the_projects_procfile_not_the_current_directorys(tmp_path: Path) -> None:
+    """From a directory holding a stranger's Procfile, dev runs the project's web and worker, and web
+    listens on 127.0.0.1 only (it prints the admin token): nothing on 0.0.0.0 or [::]."""
+    # Given a directory whose Procfile would leave a mark if run
+    marker = tmp_path / "ran-the-strangers-procfile"
+    (tmp_path / "Procfile").write_text(f"web: touch {marker}; sleep 600\nworker: touch {marker}; sleep 600\n")
+    port = free_port()
+    # When dev starts there
+    process = subprocess.Popen([SCRIPT, "dev", "--grace", "20"], env=_environment(port), text=True, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    output = Output(process)
+    try:
+        output.wait_for("Press Ctrl-C to stop.", START_TIMEOUT)
+        # Then the project's web answers, on loopback alone, and the stranger's commands never ran
+        assert {"0100007F"} == _listening_addresses(port)
+        assert not marker.exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=STOP_TIMEOUT)
+        output.close()
+
+
 def test_dev_exits_with_an_error_and_leaves_nothing_running_when_the_port_is_taken() -> None:
     """If the web process cannot start (its port is taken), dev says so, stops the rest and exits 1."""
     # Given something already listens on the port

@@ -242,6 +242,31 @@ class TestAddresses:
         assert f"rebind.test:{checked.port}" == checked.requests[0][1]["Host"]
         assert [] == inside.requests
 
+    def test_a_name_with_one_refused_address_among_its_answers_is_refused(
+            self, unlucky: Bot, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch,
+            logs: list[dict[str, Any]]) -> None:
+        """Every address DNS gives is checked, not only the first: a name resolving to an allowed address
+        that refuses connections and then to an inside one is refused, though the HTTP layer would fall
+        back to the second."""
+        with serving(answers_json, "127.0.0.2") as inside:
+            # Given a name resolving to 127.0.0.1 (allowed, nothing listening) and 127.0.0.2 (inside, listening)
+            resolve = socket.getaddrinfo
+
+            def split(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+                if host != "split.test":
+                    return resolve(host, port, *args, **kwargs)
+                return [*resolve("127.0.0.1", port, *args, **kwargs), *resolve("127.0.0.2", port, *args, **kwargs)]
+
+            monkeypatch.setattr(socket, "getaddrinfo", split)
+            # When the bot's engine is called by that name
+            answers = guarded(inside.url("split.test"), AddressPolicy((ip_network("127.0.0.1/32"),))).answer(
+                unlucky, inbound(unlucky))
+
+        # Then nothing reached the inside address: the fallback goes, once
+        assert ([Answer(FALLBACK)], []) == (answers, inside.requests)
+        [refused] = [entry for entry in logs if entry["event"] == "engine.refused_address"]
+        assert "127.0.0.2" == refused["address"]
+
     @pytest.mark.parametrize("name, answered", [("engine.test", True), ("impostor.test", False)])
     def test_tls_is_checked_against_the_name_while_connecting_to_the_checked_address(
             self, name: str, answered: bool, bot: Bot, redis: redis_lib.Redis, tmp_path: Path,

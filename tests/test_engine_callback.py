@@ -14,6 +14,7 @@ from shared import keys, messagelog
 from shared.db import get_engine, transaction
 from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from tests.support.messagelog import log_written
 from shared.bots import Bot, BotStore
 
 RECIPIENT, OTHER = "+15551230001", "+15551230002"
@@ -43,7 +44,7 @@ def delivery_kicks(redis: redis_lib.Redis) -> list[list[Any]]:
 
 
 def test_one_reply_object_is_queued_logged_and_kicked(client: FlaskClient, admin_headers: dict[str, str], bot: Bot,
-                                                      redis: redis_lib.Redis) -> None:
+                                                      redis: redis_lib.Redis, settings: Settings) -> None:
     """The object Rasa's callback channel posts becomes one queued reply, in the log, with a send kicked."""
     response = client.post(url(bot.id), headers=admin_headers,
                            json={"recipient_id": RECIPIENT, "text": "más tarde", "image": "https://img.example/a.png"})
@@ -52,6 +53,7 @@ def test_one_reply_object_is_queued_logged_and_kicked(client: FlaskClient, admin
     [reply] = queued(redis, bot, RECIPIENT)
     assert (RECIPIENT, "más tarde", "https://img.example/a.png") == (reply["to"], reply["text"], reply["media_url"])
     conversation = keys.conversation_id(bot.id, RECIPIENT)
+    log_written(redis, get_engine(settings))  # the log's record went with the replies, through Redis
     log = client.get(f"/app:mammut-1/graph/user:{bot.id}/messages", query_string={"with": RECIPIENT},
                      headers=admin_headers).json["data"]["messages"]
     assert [("out", "más tarde", "callback")] == [(e["direction"], e["text"], e["origin"]) for e in log]

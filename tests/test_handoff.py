@@ -57,10 +57,19 @@ def texts_in(log: dict[str, Any]) -> list[tuple[str, str]]:
     return [(entry["direction"], entry["text"]) for entry in log["messages"]]
 
 
+def from_mammut(body: bytes, header: str, secret: str, now: float | None = None, tolerance: int = 300) -> bool:
+    """The README's receiver check: a recent t, and a v1 that is the HMAC of "<t>." + body under `secret`."""
+    pairs = [part.split("=", 1) for part in (header or "").split(",") if "=" in part]
+    stamps = [value for name, value in pairs if name == "t"]
+    if len(stamps) != 1 or not stamps[0].isdigit() or abs((now or time.time()) - int(stamps[0])) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, value) for name, value in pairs if name == "v1")
+
+
 def verified(secret: str, received: Any) -> dict[str, Any]:
     """The forward's JSON, once its signature checks out as the README tells a receiver to check it."""
-    expected = "sha256=" + hmac.new(secret.encode(), received.body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(expected, received.headers["X-Mammut-Signature"])
+    assert from_mammut(received.body, received.headers["X-Mammut-Signature"], secret)
     return json.loads(received.body)
 
 
@@ -159,6 +168,24 @@ class TestPausedByTheOperator:
         # Resuming a conversation that is not paused is harmless, and says so
         resumed = client.delete(path(bot), headers=admin_headers)
         assert (200, False) == (resumed.status_code, resumed.json["data"]["resumed"])
+
+
+    def test_pausing_a_paused_conversation_keeps_its_since_takes_the_note_and_restarts_the_timeout(
+            self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+            settings: object) -> None:
+        """A new note, then an engine-requested handoff, while paused: `since` stays the first pause's."""
+        from shared.db import get_engine
+
+        first = client.post(path(bot), headers=admin_headers, json={"note": "primera"}).json["data"]["handoff"]
+        time.sleep(0.05)
+        again = client.post(path(bot), headers=admin_headers, json={"note": "segunda"}).json["data"]["handoff"]
+        time.sleep(0.05)
+        by_engine = handoff.pause(get_engine(settings), redis, bot.id, SENDER, by=handoff.BY_ENGINE,  # type: ignore[arg-type]
+                                  timeout=86400, note="pidió un humano")
+        shown = logged(client, admin_headers, bot)["handoff"]
+        assert [first["since"]] * 3 == [again["since"], by_engine.since, shown["since"]]
+        assert ("segunda", "pidió un humano", "engine") == (again["note"], shown["note"], shown["by"])
+        assert first["until"] < again["until"] < shown["until"]
 
 
 class TestPausedByTheEngine:
@@ -396,6 +423,99 @@ def test_a_forward_the_handoff_url_did_not_take_is_tried_again_later(
         "handoff_forward.queued", "handoff_forward.gave_up")]
 
 
+def _forward_now(bot: Bot, receiver: Receiver, sid: str, backoff: tuple[float, ...] = (0.05,)) -> bool:
+    from shared.netguard import AddressPolicy
+    from worker import handoff as forwarding
+    from worker.deps import get_settings
+
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+    message = {"sid": sid, "sender": SENDER, "to": bot.number, "body": "hola", "media": [], "received_at": time.time()}
+    return forwarding.Forwarder(receiver.url, policy=AddressPolicy.for_settings(get_settings()),
+                                backoff=backoff).forward(bot, message, paused)
+
+
+class TestSignatures:
+    def test_a_forward_signs_its_time_so_a_captured_one_is_refused_later(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker) -> None:
+        """The receiver's check passes now, fails for the same request replayed after the 5-minute
+        tolerance, and fails for a t moved forward to look recent."""
+        bot, secret = handed
+        assert _forward_now(bot, receiver, "SM" + "4" * 32)
+        [forward] = receiver.received
+        header = forward.headers["X-Mammut-Signature"]
+        sent = int(header.split(",")[0].removeprefix("t="))
+
+        assert from_mammut(forward.body, header, secret)
+        assert not from_mammut(forward.body, header, secret, now=sent + 301)
+        assert not from_mammut(forward.body, header.replace(f"t={sent}", f"t={sent + 301}"), secret, now=sent + 301)
+
+    def test_after_a_rotation_forwards_carry_both_signatures_for_the_grace_period(
+            self, client: FlaskClient, admin_headers: dict[str, str], handed: tuple[Bot, str], receiver: Receiver,
+            store: BotStore, broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A receiver still on the old secret and one already on the new both accept; once the grace
+        period is over, only the new one does."""
+        import shared.bots
+
+        bot, old = handed
+        new = client.post(f"{USERS}:{bot.id}/handoff-secret", headers=admin_headers).json["taskResult"][0][
+            "handoff-secret"]
+        assert _forward_now(store.get(bot.id), receiver, "SM" + "5" * 32)
+        monkeypatch.setattr(shared.bots, "HANDOFF_SECRET_GRACE_SECONDS", 0)
+        newest = client.post(f"{USERS}:{bot.id}/handoff-secret", headers=admin_headers).json["taskResult"][0][
+            "handoff-secret"]
+        assert _forward_now(store.get(bot.id), receiver, "SM" + "6" * 32)
+
+        during, after = receiver.received
+        signed = [[from_mammut(f.body, f.headers["X-Mammut-Signature"], s) for s in (old, new, newest)]
+                  for f in (during, after)]
+        assert [[True, True, False], [False, False, True]] == signed
+
+    @pytest.mark.parametrize("status", [401, 403, 408, 425, 429])
+    def test_a_receiver_refusing_the_signature_or_asking_for_time_gets_the_forward_later(
+            self, handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker,
+            monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, object]], status: int) -> None:
+        """Not gave_up: queued, and delivered once the receiver takes it (it switched secrets)."""
+        from worker import handoff as forwarding
+
+        bot, secret = handed
+        monkeypatch.setattr(forwarding, "LATER_FIRST_DELAY_MS", 300)
+        receiver.status = status
+        assert not _forward_now(bot, receiver, "SM" + "7" * 32, backoff=())
+        receiver.status = 200
+        verified(secret, receiver.wait_for(2, timeout=15)[-1])
+        assert ["handoff_forward.queued"] == [event["event"] for event in logs if event["event"] in (
+            "handoff_forward.queued", "handoff_forward.gave_up")]
+
+    def test_a_key_in_the_handoff_urls_path_never_reaches_the_log(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
+            logs: list[dict[str, object]]) -> None:
+        """A Slack-style handoff-url is logged with its ids and without its key, on every forward."""
+        from shared.netguard import AddressPolicy
+        from worker import handoff as forwarding
+        from worker.deps import get_settings
+
+        bot, _ = handed
+        url = receiver.url + "/services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop"
+        paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, None)
+        message = {"sid": "SM" + "9" * 32, "sender": SENDER, "to": bot.number, "body": "hola", "media": [],
+                   "received_at": time.time()}
+        assert forwarding.Forwarder(url, policy=AddressPolicy.for_settings(get_settings())).forward(bot, message, paused)
+        [called] = [event for event in logs if event["event"] == "handoff_forward.called"]
+        assert str(called["url"]).endswith("/services/T0123ABCD/B0456EFGH/[redacted]")
+        assert "Zx9Secret" not in json.dumps(logs, default=str)
+
+    @pytest.mark.parametrize("status", [400, 404, 410, 422])
+    def test_a_receiver_refusing_the_forward_itself_is_not_asked_again(
+            self, handed: tuple[Bot, str], receiver: Receiver, broker: dramatiq.Broker,
+            logs: list[dict[str, object]], status: int) -> None:
+        """Any other 4xx: gave_up at once (it would be refused again), the text stays in the log."""
+        bot, _ = handed
+        receiver.status = status
+        assert not _forward_now(bot, receiver, "SM" + "8" * 32)
+        assert (1, ["handoff_forward.gave_up"]) == (len(receiver.received), [
+            event["event"] for event in logs if event["event"] in ("handoff_forward.queued", "handoff_forward.gave_up")])
+
+
 def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
         handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker, redis: redis_lib.Redis,
         broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -424,6 +544,43 @@ def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
     arrived = receiver.wait_for(tried + 1)
     assert "¿me oyen?" == verified(secret, arrived[-1])["text"]
     assert [] == list_dead_letters(redis, broker)
+
+
+def test_erasing_a_conversation_drops_its_forwards_waiting_for_later_and_its_dead_lettered_ones(
+        handed: tuple[Bot, str], receiver: Receiver, worker: dramatiq.Worker, redis: redis_lib.Redis,
+        broker: dramatiq.Broker, client: FlaskClient, admin_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        logs: list[dict[str, object]]) -> None:
+    """A forward dead-lettered and one a worker holds for a later try, both of the person: after the
+    erase neither is ever POSTed, and `dlq` has nothing left of them to replay."""
+    from worker import handoff as forwarding
+    from worker.dlq import list_dead_letters, replay
+
+    bot, _ = handed
+    monkeypatch.setitem(forwarding.forward_later.options, "max_retries", 0)
+    paused = handoff.Handoff(bot.id, SENDER, time.time(), None, handoff.BY_OPERATOR, "private note")
+
+    def payload(text: str) -> dict[str, Any]:
+        message = {"sid": f"SM{time.time_ns():032x}", "sender": SENDER, "to": bot.number, "body": text, "media": [],
+                   "received_at": time.time()}
+        return forwarding.forward_payload(bot, message, paused)
+
+    # Given a forward in the dead letters and one waiting 1.5 s for its next try
+    receiver.status = 503
+    forwarding.forward_later.send(bot.id, payload("dead"))
+    wait_until(lambda: bool(list_dead_letters(redis, broker)), timeout=30)
+    forwarding.forward_later.send_with_options(args=(bot.id, payload("later")), delay=1500)
+    wait_until(lambda: redis.llen("dramatiq:outbound.DQ") == 0, what="the waiting forward in a worker's hands")
+    tried = len(receiver.received)
+    # When the conversation is erased and the handoff-url is back
+    erased = client.delete(f"{USERS}:{bot.id}/conversations/{SENDER}", headers=admin_headers)
+    receiver.status = 200
+    # Then nothing of theirs is left to replay, and the waiting forward is dropped, not POSTed
+    assert 200 == erased.status_code
+    assert ([], []) == (list_dead_letters(redis, broker), replay(redis, broker))
+    wait_until(lambda: any(event["event"] == "handoff_forward.dropped" for event in logs), timeout=15,
+               what="the waiting forward dropped")
+    time.sleep(0.5)
+    assert tried == len(receiver.received)
 
 
 def test_through_the_web_and_a_worker_process(worker_env: dict[str, str], redis: redis_lib.Redis, engine: FakeEngine,

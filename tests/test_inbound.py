@@ -347,13 +347,7 @@ class TestRedisDown:
 
 
 class TestDatabaseOutage:
-    """The webhook needs the database only for a number its cache does not know yet."""
-
-    @pytest.fixture
-    def unreachable(self) -> Iterator[db.Engine]:
-        engine = db.make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", size=1)
-        yield engine
-        engine.dispose()
+    """The webhook needs the database only when the registry's copy in Redis is gone and nothing is cached."""
 
     def test_a_bot_already_cached_is_answered_while_the_database_is_down(
             self, settings: Settings, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,11 +361,35 @@ class TestDatabaseOutage:
 
         assert 200 == post_signed(client, inbound_params()).status_code
 
-    def test_a_number_not_cached_is_503_while_the_database_is_down(
-            self, app: Any, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch,
-            logs: list[dict[str, object]]) -> None:
-        """Whose number it is cannot be known: 503 (Twilio retries), logged as unavailable, not as a crash."""
+    def test_a_number_this_process_never_looked_up_is_answered_from_the_registry_copy(
+            self, app: Any, bot: Bot, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A process that has never seen the bot (started during the outage) accepts its texts: the copy in Redis routes them."""
         monkeypatch.setattr(app.extensions["mammut"].store, "_engine", unreachable)
+
+        assert 200 == post_signed(app.test_client(), inbound_params()).status_code
+
+    def test_an_expired_entry_is_served_when_it_cannot_be_loaded_again(
+            self, settings: Settings, bot: Bot, redis: Any, unreachable: db.Engine,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Stale if error: with the copy flushed and the database down, the last bot known still answers."""
+        app = create_app(settings)
+        app.extensions["mammut"].bots._ttl = 0.0  # every lookup past its entry's life
+        client = app.test_client()
+        wait_for_cache_listener(app)
+        assert 200 == post_signed(client, inbound_params()).status_code
+
+        monkeypatch.setattr(app.extensions["mammut"].store, "_engine", unreachable)
+        redis.delete(keys.REGISTRY)
+
+        assert 200 == post_signed(client, inbound_params()).status_code
+
+    def test_a_number_known_nowhere_is_503_while_the_database_is_down(
+            self, app: Any, bot: Bot, redis: Any, unreachable: db.Engine, monkeypatch: pytest.MonkeyPatch,
+            logs: list[dict[str, object]]) -> None:
+        """Copy flushed, nothing cached, database down: whose number it is cannot be known, so 503
+        (logged as unavailable, not as a crash)."""
+        monkeypatch.setattr(app.extensions["mammut"].store, "_engine", unreachable)
+        redis.delete(keys.REGISTRY)
 
         response = post_signed(app.test_client(), inbound_params())
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
 from shared import db, keys
 from shared.bots import Bot, BotStore
 from shared.logging import MAX_FIELD_CHARS, configure_logging
-from shared.schema import deliveries, messages
+from shared.schema import bots, deliveries, messages
 from shared.schemas import MAX_EXTRA_FIELDS
 from shared.settings import DEVELOPMENT, Settings
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_NUMBER, CREDENTIALS_KEY
@@ -192,24 +193,51 @@ class TestExtraFields:
 
         assert 400 == client.post(USERS, json=seed_body(**extras), headers=admin_headers).status_code
 
-    @pytest.mark.parametrize("name", ["password", "engine_token", "slack-bot-token", "client_secret", "SecretSauce",
-                                      "api_key", "api-key"])
-    def test_secret_looking_extra_fields_are_refused_saying_where_secrets_go(
-            self, client: FlaskClient, admin_headers: dict[str, str], name: str) -> None:
-        """A field named like a secret is a 400 pointing at twilio-auth-token and the engine's configuration."""
-        response = client.post(USERS, json=seed_body(**{name: "s3cr3t-value"}), headers=admin_headers)
+    @pytest.mark.parametrize("name", ["password", "engine_token", "client_secret", "api_key", "token", "accessToken",
+                                      "apiToken", "authToken", "private_key", "privateKey", "passwd", "pwd",
+                                      "credentials", "bearer", "auth", "TOKEN1"])
+    def test_secret_looking_extra_fields_are_stored_encrypted_and_shown_redacted(
+            self, client: FlaskClient, admin_headers: dict[str, str], app: Flask, name: str) -> None:
+        """A field named like a secret is kept, but neither the database row nor any answer holds its value."""
+        created = client.post(USERS, json=seed_body(**{name: "s3cr3t-value", "team": "sales"}), headers=admin_headers)
+        bot_id = created.json["taskResult"][0]["affectedElementId"]
+        shown = client.get(f"{USERS}:{bot_id}", headers=admin_headers)
+        listed = client.get(USERS, headers=admin_headers)
 
-        assert 400 == response.status_code
-        [problem] = response.json["errors"][name]
-        assert "twilio-auth-token" in problem and "engine's own configuration" in problem
-        assert "s3cr3t-value" not in response.get_data(as_text=True)
+        assert 200 == created.status_code
+        [user] = shown.json["data"]["user"]
+        assert ("[redacted]", "sales") == (user[name], user["team"])
+        for answer in (created, shown, listed):
+            assert "s3cr3t-value" not in answer.get_data(as_text=True)
+        assert "s3cr3t-value" not in json.dumps(_stored_extra(app.extensions["mammut"].engine, bot_id))
 
-    def test_an_update_with_a_secret_looking_field_is_refused(self, client: FlaskClient,
-                                                              admin_headers: dict[str, str], bot: Bot) -> None:
-        """Updates are held to the same rule as registrations."""
-        response = client.post(f"{USERS}:{bot.id}", json={"api_key": "k"}, headers=admin_headers)
+    def test_a_secret_field_set_to_null_is_removed(self, client: FlaskClient, admin_headers: dict[str, str],
+                                                   app: Flask) -> None:
+        """`{"token": null}` removes the field and its encrypted value; other fields stay."""
+        created = client.post(USERS, json=seed_body(token="s3cr3t-value", team="sales"), headers=admin_headers)
+        bot_id = created.json["taskResult"][0]["affectedElementId"]
 
-        assert (400, ["api_key"]) == (response.status_code, list(response.json["errors"]))
+        assert 200 == client.post(f"{USERS}:{bot_id}", json={"token": None}, headers=admin_headers).status_code
+        [user] = client.get(f"{USERS}:{bot_id}", headers=admin_headers).json["data"]["user"]
+        assert ("token" not in user, "sales") == (True, user["team"])
+        assert ["team"] == list(_stored_extra(app.extensions["mammut"].engine, bot_id))
+
+    def test_a_key_in_a_handoff_or_engine_urls_path_is_not_shown(self, client: FlaskClient,
+                                                                  admin_headers: dict[str, str]) -> None:
+        """A Slack-style URL keeps its ids in GET's answer, never its key."""
+        url = "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop"
+        created = client.post(USERS, json=seed_body(**{"handoff-url": url, "engine-url": url}), headers=admin_headers)
+        bot_id = created.json["taskResult"][0]["affectedElementId"]
+        [user] = client.get(f"{USERS}:{bot_id}", headers=admin_headers).json["data"]["user"]
+
+        shown = "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/[redacted]"
+        assert (shown, shown) == (user["handoff-url"], user["engine-url"])
+
+
+def _stored_extra(engine: Engine, bot_id: int) -> dict[str, Any]:
+    """The bot's extra user fields as the database row holds them."""
+    with engine.connect() as connection:
+        return dict(connection.execute(select(bots.c.extra).where(bots.c.id == bot_id)).scalar_one())
 
 
 def status_callback(sid: str, status: str, account_sid: str, number: str) -> dict[str, str]:

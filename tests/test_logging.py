@@ -79,6 +79,21 @@ def test_secret_fields_are_redacted_whatever_their_name(capsys: pytest.CaptureFi
     assert "SM123" == event["message_sid"]
 
 
+@pytest.mark.parametrize("name", ["token", "accessToken", "apiToken", "authToken", "private_key", "privateKey",
+                                  "passwd", "pwd", "credentials", "bearer", "auth", "TOKEN1"])
+def test_fields_whose_letters_spell_a_secret_are_redacted(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """Judged on the name's letters, whatever its case, separators or digits."""
+    assert "[redacted]" == _events(capsys, **{name: "s3cr3t-value"})[name]
+
+
+def test_a_key_in_a_url_path_is_redacted_inside_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Slack-style webhook URL, or an HTTP error quoting only its path, keeps its ids but not its key."""
+    event = _events(capsys, url="https://hooks.slack.com/services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop",
+                    error="Max retries exceeded with url: /services/T0123ABCD/B0456EFGH/Zx9SecretAbcdefGhijklMnop (x)")
+    assert "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/[redacted]" == event["url"]
+    assert "Zx9Secret" not in event["error"] and "/services/T0123ABCD/B0456EFGH/[redacted] (x)" in event["error"]
+
+
 def test_known_secrets_and_url_passwords_are_redacted_inside_text(capsys: pytest.CaptureFixture[str]) -> None:
     """The process's admin token and credentials key, and a Redis URL's password, are cut out of any text."""
     event = _events(capsys, error=f"refused 'Bearer {ADMIN}'", detail=f"key {CREDENTIALS_KEY} rejected",

@@ -110,6 +110,19 @@ def test_a_stop_ends_the_burst(engine_bot: Bot, store: BotStore, redis: redis_li
         (call.text, call.payload["metadata"]["event"]) for call in engine.calls]
 
 
+def test_a_start_at_the_head_of_a_burst_is_its_own_turn(
+        engine_bot: Bot, store: BotStore, redis: redis_lib.Redis,  # noqa: F811
+        engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+    """START then "hola" within the window: the engine gets an opt-in turn, then a message turn."""
+    bot = merging(store, engine_bot, 500)
+    text(redis, bot, "START")
+    text(redis, bot, "hola")
+    engine.wait_for_calls(2, timeout=30)
+    time.sleep(0.5)  # room for a third call, were the turns split otherwise
+    assert [("START", "opt_in"), ("hola", "message")] == [
+        (call.text, call.payload["metadata"]["event"]) for call in engine.calls]
+
+
 def test_a_merge_window_holds_no_worker_thread(
         engine_bot: Bot, store: BotStore, redis: redis_lib.Redis, engine: FakeEngine,  # noqa: F811
         twilio: TwilioStandin, workers: list[Process], worker_env: dict[str, str]) -> None:

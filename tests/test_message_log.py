@@ -192,14 +192,15 @@ class TestDeliveries:
 class TestWrites:
     """The worker writes an inbound and its replies in one transaction, once, whatever happens."""
 
-    def test_an_engines_callback_replies_are_logged_in_the_request(self, client: FlaskClient,
-                                                                   admin_headers: dict[str, str], bot: Bot,
-                                                                   store: BotStore) -> None:
-        """Replies posted to the callback route are in the log before any worker sends them, as 'callback'."""
+    def test_an_engines_callback_replies_reach_the_log_with_their_queuing_step(
+            self, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, store: BotStore,
+            redis: redis_lib.Redis, sql: Engine) -> None:
+        """Replies posted to the callback route join the log outbox in the step that queues them, as 'callback'."""
         bot = store.update(bot.id, {"allow-cold-push": True})  # a first message: not what this is about
         response = client.post(f"/channels/sms/callback/{bot.id}", headers=admin_headers,
                                json=[{"recipient_id": PERSON, "text": "uno"}, {"recipient_id": PERSON, "text": "dos"}])
         assert 202 == response.status_code
+        log_written(redis, sql)
         log = get_log(client, admin_headers, bot).get_json()["data"]["messages"]
         assert [("uno", "callback", "pending"), ("dos", "callback", "pending")] == [
             (e["text"], e["origin"], e["status"]) for e in log]

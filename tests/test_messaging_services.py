@@ -9,6 +9,7 @@ opt-out (21610) arrive as status callbacks rather than as the create's answer.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from shared.settings import get_settings
 from shared.twilio_errors import BACKOFF, Action
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
 from tests.support.messagelog import log_written
+from tests.test_outbound import send as send_as_engine
 from tests.test_outbound import sql, wait_until
 from tests.test_signature import inbound_params, post_signed
 
@@ -136,6 +138,14 @@ class TestRegistry:
         assert (409, ["twilio-messaging-service-sid"]) == (refused.status_code, list(refused.json["errors"]))
         assert f"{service} already belongs to bot 1" == refused.json["message"]
 
+    def test_a_messaging_service_sid_differing_only_in_case_is_the_same_service(
+            self, client: FlaskClient, admin_headers: dict[str, str], database: str) -> None:
+        """A SID's hex has no case: MG + 32 x C and MG + 32 x c name one service, which one bot has."""
+        first = client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": "MG" + "C" * 32}))
+        second = client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": "MG" + "c" * 32}))
+        assert (200, 409, ["twilio-messaging-service-sid"]) == (
+            first.status_code, second.status_code, list(second.json["errors"]))
+
     def test_update_by_the_seeds_quoted_query_string(self, client: FlaskClient, admin_headers: dict[str, str],
                                                     database: str) -> None:
         """phone-numbers comma-separated with raw '+', quoted values, as the seed's update is written."""
@@ -163,11 +173,11 @@ class TestRegistry:
 
     def test_a_bot_cannot_be_left_without_a_way_to_send(self, client: FlaskClient, admin_headers: dict[str, str],
                                                        database: str) -> None:
-        """Unsetting the service of a bot that has no number is refused (400), and changes nothing."""
+        """Unsetting the service of a bot that has no number conflicts with its other fields (409), and changes nothing."""
         service = service_sid()
         client.post(USERS, headers=admin_headers, json=bot_fields(**{"twilio-messaging-service-sid": service}))
         response = client.post(f"{USERS}:1", headers=admin_headers, json={"twilio-messaging-service-sid": None})
-        assert (400, ["main-phone-number"]) == (response.status_code, list(response.json["errors"]))
+        assert (409, ["main-phone-number"]) == (response.status_code, list(response.json["errors"]))
         assert service == shown(client, admin_headers, 1)["twilio-messaging-service-sid"]
 
     def test_the_cli_creates_and_updates_a_pooled_bot(self, live_server: str, capsys: pytest.CaptureFixture[str],
@@ -221,6 +231,10 @@ class TestInbound:
         forged = post_signed(client, inbound_params(To=UNLISTED, MessagingServiceSid=service), token="x" * 32)
         other_account = text(client, UNLISTED, MessagingServiceSid=service, AccountSid="AC" + "f" * 32)
         assert (403, 403) == (forged.status_code, other_account.status_code)
+
+    def test_an_account_sid_differing_only_in_case_is_the_bots(self, client: FlaskClient, store: BotStore) -> None:
+        make_bot(store, **{"main-phone-number": MAIN})
+        assert 200 == text(client, MAIN, AccountSid=BOT_ACCOUNT_SID.upper()).status_code
 
     def test_the_log_records_the_number_each_message_came_to(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
@@ -278,6 +292,31 @@ class TestOutbound:
         [pushed_to_bob] = sent_to(twilio, BOB)
         assert ([POOL_B], [service]) == (pushed_to_alice.form["From"], pushed_to_alice.form["MessagingServiceSid"])
         assert "From" not in pushed_to_bob.form and [service] == pushed_to_bob.form["MessagingServiceSid"]
+
+    @pytest.mark.parametrize("with_service", [False, True])
+    def test_a_push_never_goes_from_a_number_the_bot_gave_away(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, twilio: TwilioStandin,
+            worker: dramatiq.Worker, with_service: bool) -> None:
+        """Alice last texted POOL_B, which then went to another bot: an operator's send to her goes from the
+        main number (or, with a service, lets the service pick), never From POOL_B."""
+        # Given Alice texted POOL_B and was answered from it
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A, POOL_B])
+        extra = {"twilio-messaging-service-sid": service} if with_service else {}
+        bot = make_bot(store, **{"main-phone-number": MAIN, "phone-numbers": [POOL_A, POOL_B], **extra})
+        text(client, POOL_B, sender=ALICE, **({"MessagingServiceSid": service} if with_service else {}))
+        [answer] = twilio.wait_for(1)
+        assert [POOL_B] == answer.form["From"]
+        # When POOL_B is taken from the bot and given to another
+        assert 200 == client.post(f"{USERS}:{bot.id}", headers=admin_headers,
+                                  json={"phone-numbers": [POOL_A]}).status_code
+        assert 200 == client.post(USERS, headers=admin_headers, json=bot_fields(
+            **{"main-phone-number": POOL_B, "twilio-auth-token": "f" * 32})).status_code
+        pushed = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "aviso"})
+        assert 202 == pushed.status_code, pushed.json
+        # Then the push goes from the bot's main number, or through its service with no From
+        [push] = [message for message in twilio.wait_for(2) if message.body == "aviso"]
+        assert (None if with_service else [MAIN]) == push.form.get("From")
 
     def test_an_opt_out_answered_to_a_send_the_service_picks_for_is_kept_under_the_service(
             self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
@@ -376,6 +415,19 @@ class TestStatusCallbacks:
         assert bot.id == stored["bot_id"]
         assert stored["queued_at"] <= stored["sent_at"] <= stored["delivered_at"]
 
+    def test_callbacks_for_finished_replies_leave_nothing_in_redis(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
+        """Every send's queued, sent and delivered callbacks come after its reply is finished: once all are
+        delivered and the outbox is empty, no replies hash is left (Redis is never bounded by history)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        for person in (ALICE, BOB):
+            text(client, MAIN, sender=person)
+        for message in calling_back.wait_for(2):
+            wait_until(lambda: delivery(message.sid).get("status") == "delivered", what="delivered")
+        for person in (ALICE, BOB):
+            wait_until(lambda: 0 == redis.llen(keys.outbox(keys.conversation_id(bot.id, person))), what="empty outbox")
+        assert [] == redis.keys(keys.replies(keys.conversation_id(bot.id, "*")))
+
     def test_a_late_opt_out_opts_the_person_out_of_the_whole_service(
             self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin) -> None:
         """21610 in a callback: the person is opted out of the bot's service (Twilio's opt-out covers every
@@ -430,6 +482,43 @@ class TestStatusCallbacks:
         assert 2 == len(replies)
         assert (30001, "failed") == (replies[0]["error-code"], replies[0]["status"])
         assert replies[1]["id"] == replies[0]["id"] + "~1"
+
+    def test_a_send_settled_by_its_status_callback_counts_toward_the_daily_budget(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, calling_back: TwilioStandin,
+            monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]) -> None:
+        """max-messages-per-day 1: a first reply whose answer was lost, settled by the callback that named
+        it, is the day's send, so the next reply is held back."""
+        from worker import outbound
+
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        calling_back.accept_then_drop(1)
+        bot = make_bot(store, **{"main-phone-number": MAIN, "max-messages-per-day": 1})
+        send_as_engine(redis, bot, ALICE, "first")
+        calling_back.wait_for(1)
+        wait_until(lambda: any(event["event"] == "outbound.reconciled" for event in logs), what="settled")
+        send_as_engine(redis, bot, BOB, "over the budget")
+        wait_until(lambda: any(event["event"] == "outbound.held_back" for event in logs), what="held back")
+        assert (["callback"], ["first"]) == (
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"],
+            [message.body for message in calling_back.messages])
+
+    def test_a_queue_overflow_called_back_several_times_sends_the_reply_again_once(
+            self, client: FlaskClient, store: BotStore, redis: redis_lib.Redis, twilio: TwilioStandin,
+            worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Twilio may call back 30001 for one message more than once (the same callback retried, or
+        `undelivered` then `failed`): the reply goes again once, not once per callback."""
+        monkeypatch.setitem(BACKOFF, Action.RETRY_SLOWLY, (0.2, 0.4))
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        [reply_id] = send_as_engine(redis, bot, ALICE, "¿sigues ahí?")
+        [sent] = twilio.wait_for(1)
+        log_written(redis, sql())
+        for status in ("undelivered", "undelivered", "failed"):
+            form = {"MessageSid": sent.sid, "MessageStatus": status, "ErrorCode": "30001",
+                    "AccountSid": BOT_ACCOUNT_SID, "From": MAIN, "To": ALICE}
+            assert 200 == post_signed(client, form, path=f"{STATUS_PATH}?reply={reply_id}").status_code
+        twilio.wait_for(2, timeout=15)
+        time.sleep(1.5)  # room for a third, were one coming
+        assert ["¿sigues ahí?", "¿sigues ahí?"] == [message.body for message in sent_to(twilio, ALICE)]
 
     def test_a_queue_overflow_past_the_resends_is_a_dead_letter(
             self, client: FlaskClient, store: BotStore, calling_back: TwilioStandin,
@@ -497,10 +586,120 @@ class TestStatusCallbackRouting:
         assert status == delivery(sid)["status"]
         assert hint in str(failed["hint"])
 
+    def test_the_number_a_service_sent_from_is_a_bot_number_and_cannot_be_claimed(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis) -> None:
+        """A callback names the unlisted pool number the service picked: the loop guard knows it as the
+        bot's, and another bot asking for it is refused with 409 naming the bot."""
+        from shared.poolnumbers import POOL_NUMBERS
+
+        service = service_sid()
+        bot = make_bot(store, **{"twilio-messaging-service-sid": service})
+        sid = "SM" + uuid.uuid4().hex
+        post_signed(client, self.callback(sid, "sent", MessagingServiceSid=service, From=UNLISTED), path=STATUS_PATH)
+        claimed = client.post(USERS, headers=admin_headers, json=bot_fields(**{"main-phone-number": UNLISTED}))
+        assert (bot.id, 409) == (POOL_NUMBERS.owner(redis, UNLISTED), claimed.status_code)
+        assert f"{UNLISTED} already belongs to bot {bot.id}" == claimed.json["message"]
+
     def test_a_callback_with_neither_from_nor_service_is_400(self, client: FlaskClient, store: BotStore) -> None:
         make_bot(store, **{"main-phone-number": MAIN})
         response = post_signed(client, self.callback("SM" + uuid.uuid4().hex, "sent"), path=STATUS_PATH)
         assert 400 == response.status_code
+
+
+class TestOptOutsFollowTheBot:
+    """A STOP holds across every change of a bot's numbers or service, in both directions."""
+
+    def test_a_stop_holds_when_the_bot_moves_onto_a_service_and_off_it_again(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, redis: redis_lib.Redis,
+            twilio: TwilioStandin, worker: dramatiq.Worker) -> None:
+        """STOP to the bot's number; then give it a service (the 10DLC step), then take it away: after
+        each change an operator's send is refused with 409, an engine's push is suppressed, not sent,
+        and /conversations says opted-out."""
+        service = service_sid()
+        twilio.set_service(service, [MAIN, POOL_A])
+        bot = make_bot(store, **{"main-phone-number": MAIN, "allow-cold-push": True})
+        text(client, MAIN, Body="STOP")
+        wait_until(lambda: _opted_out_in_db(MAIN, ALICE), what="the STOP recorded")
+        for change in ({"twilio-messaging-service-sid": service}, {"twilio-messaging-service-sid": None}):
+            changed = client.post(f"{USERS}:{bot.id}", headers=admin_headers, json=change)
+            assert 200 == changed.status_code, changed.json
+            sent = client.post(f"{USERS}:{bot.id}/messages", headers=admin_headers, json={"to": ALICE, "text": "oferta"})
+            assert (409, change) == (sent.status_code, change)
+            pushed = client.post(f"/channels/sms/callback/{bot.id}", headers=admin_headers,
+                                 json={"recipient_id": ALICE, "text": f"push {change}"})
+            assert 202 == pushed.status_code, pushed.json
+            wait_until(lambda: _status_of(redis, bot.id, f"push {change}") == "suppressed", what="the push suppressed")
+            listed = client.get(f"{USERS}:{bot.id}/conversations", headers=admin_headers).json["data"]["conversations"]
+            assert [(ALICE, True)] == [(entry["person"], entry["opted-out"]) for entry in listed]
+        assert [] == sent_to(twilio, ALICE)
+
+
+    def test_a_stop_not_yet_in_the_database_follows_the_bot_too(
+            self, store: BotStore, redis: redis_lib.Redis) -> None:
+        """A STOP the webhook wrote into the number's Redis copy, which the worker has yet to record: once
+        the bot moves onto a service, the service's copy has it (the database alone would not)."""
+        bot = make_bot(store, **{"main-phone-number": MAIN})
+        redis.hset(keys.opted_out(MAIN), ALICE, optout.LIVE)
+        service = service_sid()
+        store.update(bot.id, {"twilio-messaging-service-sid": service})
+        assert optout.is_opted_out(redis, service, ALICE)
+
+
+def _opted_out_in_db(key: str, person: str) -> bool:
+    with sql().connect() as connection:
+        state = optout.read(connection, key, person)
+    return bool(state and state.opted_out)
+
+
+def _status_of(redis: redis_lib.Redis, bot_id: int, text_sent: str) -> str | None:
+    """The logged status of the bot's reply to ALICE with this text (None before it is logged)."""
+    log_written(redis, sql())
+    with sql().connect() as connection:
+        entries = messagelog.read(connection, bot_id, ALICE, limit=messagelog.MAX_LIMIT).items
+    return next((entry["status"] for entry in entries if entry["text"] == text_sent), None)
+
+
+class TestLoopsThroughPoolNumbers:
+    """A number a bot's service has sent from is a bot number, listed or not: no bot answers it."""
+
+    @pytest.mark.parametrize("standin", ["calling_back", "twilio"], ids=["with-callbacks", "answers-only"])
+    def test_two_service_bots_texting_each_other_through_unlisted_pool_numbers_stop_at_once(
+            self, client: FlaskClient, admin_headers: dict[str, str], store: BotStore, request: pytest.FixtureRequest,
+            standin: str) -> None:
+        """Bot A's operator texts bot B's unlisted pool number; Twilio carries each SMS between the two
+        services (relayed here as signed inbounds): the echo bots stop after a reply or two, long
+        before the 20 replies a minute that would stop them otherwise, with status callbacks or
+        only Twilio's answers to tell which numbers the services sent from."""
+        if standin == "twilio":
+            request.getfixturevalue("worker")
+        calling_back: TwilioStandin = request.getfixturevalue(standin)
+        services = {POOL_A: service_sid(), POOL_B: service_sid()}
+        for number, service in services.items():
+            calling_back.set_service(service, [number])
+            make_bot(store, **{"twilio-messaging-service-sid": service})
+        stop = threading.Event()
+
+        def carry() -> None:  # Twilio delivering each SMS to a pool number to its service's webhook
+            carried = 0
+            while not stop.is_set():
+                for message in calling_back.messages[carried:]:
+                    if message.to in services:
+                        text(client, message.to, sender=message.from_ or "", MessagingServiceSid=services[message.to],
+                             Body=message.body)
+                    carried += 1
+                time.sleep(0.05)
+
+        carrier = threading.Thread(target=carry, daemon=True)
+        carrier.start()
+        try:
+            sent = client.post(f"{USERS}:1/messages", headers=admin_headers, json={"to": POOL_B, "text": "hola"})
+            assert 202 == sent.status_code, sent.json
+            time.sleep(6.0)
+        finally:
+            stop.set()
+            carrier.join(5)
+        between_bots = [message.body for message in calling_back.messages if message.to in services]
+        assert 1 <= len(between_bots) <= 3, between_bots
 
 
 class TestHotPath:

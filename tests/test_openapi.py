@@ -38,7 +38,9 @@ def test_the_bot_schema_is_generated_from_the_marshmallow_schema(document: dict[
     assert bot["properties"]["twilio-auth-token"]["writeOnly"] is True
     assert {"name", "user-type", "twilio-account-sid", "twilio-auth-token"} == set(bot["required"])
     # A bot needs a number or a messaging service (or both).
-    assert [{"required": ["main-phone-number"]}, {"required": ["twilio-messaging-service-sid"]}] == bot["anyOf"]
+    assert [{"required": ["main-phone-number"], "properties": {"main-phone-number": {"type": "string"}}},
+            {"required": ["twilio-messaging-service-sid"],
+             "properties": {"twilio-messaging-service-sid": {"type": "string"}}}] == bot["anyOf"]
     assert bot["properties"]["twilio-messaging-service-sid"]["pattern"] == "^MG[0-9a-fA-F]{32}$"
     assert {"phone-numbers", "validity-period", "smart-encoded", "shorten-urls"} <= set(bot["properties"])
 
@@ -63,4 +65,4 @@ def test_path_parameters_and_operation_ids_are_well_formed(document: dict[str, A
             declared = {p["name"] for p in operation["parameters"] if p["in"] == "path"}
             assert {part[1:-1] for part in path.replace(":", "/").split("/") if part.startswith("{")} == declared
     assert len(ids) == len(set(ids))
-    assert "3.0.3" == document["openapi"]
+    assert "3.1.0" == document["openapi"]

@@ -54,6 +54,16 @@ def test_a_retried_request_with_the_same_idempotency_key_queues_nothing_new(
     assert 2 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))
 
 
+def test_a_refused_request_frees_its_idempotency_key_for_the_corrected_retry(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+    """A request refused for a bad number queued nothing: its corrected retry with the same key is queued."""
+    headers = {**admin_headers, "Idempotency-Key": "reminder-44"}
+    refused = client.post(url(bot), headers=headers, json={"to": "alice", "text": "tu cita es mañana"})
+    corrected = client.post(url(bot), headers=headers, json={"to": PERSON, "text": "tu cita es mañana"})
+    assert (400, 202) == (refused.status_code, corrected.status_code)
+    assert 1 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))
+
+
 def test_an_opted_out_person_a_bad_number_or_nothing_to_send_is_refused(
         client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
         settings: object) -> None:
@@ -72,6 +82,20 @@ def test_an_opted_out_person_a_bad_number_or_nothing_to_send_is_refused(
         name: response.status_code for name, response in refused.items()}
     assert "opted out" in refused["opted out"].get_json()["message"]
     assert [] == redis.keys(f"*{PERSON}*outbox*")
+
+
+def test_running_the_same_send_again_texts_once(live_server: str, bot: Bot, redis: redis_lib.Redis) -> None:
+    """The key comes from the content: a re-run after a timeout queues nothing new; another key, or
+    another text, does."""
+    from cli.main import main
+    from tests.conftest import ADMIN_TOKEN
+
+    command = ["send", "--url", live_server, "--token", ADMIN_TOKEN, "--bot", str(bot.id), "--to", PERSON]
+    outbox = keys.outbox(keys.conversation_id(bot.id, PERSON))
+    assert 0 == main([*command, "¿llegó?"]) == main([*command, "¿llegó?"])
+    assert 1 == redis.llen(outbox)
+    assert 0 == main([*command, "¿llegó?", "--idempotency-key", "again-1"]) == main([*command, "otra cosa"])
+    assert 3 == redis.llen(outbox)
 
 
 def test_the_cli_sends_as_the_bot(live_server: str, bot: Bot, redis: redis_lib.Redis,

@@ -26,7 +26,7 @@ PERSON = "+15551230000"
 @pytest.fixture
 def outside(monkeypatch: pytest.MonkeyPatch) -> None:
     """An operator's laptop: none of the service's environment."""
-    for name in ("REDIS_URL", "PUBLIC_URL", "CREDENTIALS_KEY", "ADMIN_API_TOKEN", "MAMMUT_SMS_ENV"):
+    for name in ("REDIS_URL", "PUBLIC_URL", "CREDENTIALS_KEY", "ADMIN_API_TOKEN", "MAMMUT_SMS_ENV", "TWILIO_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -68,6 +68,16 @@ class TestReplies:
         assert 0 == code, err
         assert out.splitlines()[-1].startswith("< ") and out.splitlines()[-1].endswith(": echo: hola")
 
+    def test_the_auth_token_can_come_from_the_environment(
+        self, outside: None, live_server: str, bot: Bot, worker: dramatiq.Worker, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """$TWILIO_AUTH_TOKEN signs as --auth-token would, without the token on the command line."""
+        monkeypatch.setenv("TWILIO_AUTH_TOKEN", BOT_AUTH_TOKEN)
+        code, out, err = _simulate(capsys, live_server, "--admin-token", ADMIN_TOKEN)
+        assert 0 == code, err
+        assert out.splitlines()[-1].endswith(": echo: hola")
+
     def test_without_the_admin_token_it_sends_and_says_how_to_see_replies(
         self, outside: None, live_server: str, bot: Bot, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str],
     ) -> None:
@@ -97,7 +107,7 @@ class TestRefusals:
         """Neither the store nor --auth-token: a one-line error naming both."""
         code, _, err = _simulate(capsys, live_server, "--admin-token", ADMIN_TOKEN)
         assert 1 == code
-        assert "pass --auth-token, or run with the service's environment" in err
+        assert "set $TWILIO_AUTH_TOKEN or pass --auth-token" in err and "or run with the service's environment" in err
 
     def test_an_unknown_number_is_named(self, outside: None, live_server: str, bot: Bot,
                                         capsys: pytest.CaptureFixture[str]) -> None:

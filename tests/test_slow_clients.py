@@ -147,3 +147,105 @@ def test_slow_bodies_neither_starve_webhooks_nor_outlive_the_deadline(web: tuple
         assert_answered_promptly_then_closed(web, slow)
     finally:
         slow.close()
+
+
+def answer_before_close(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sent on `sock` until it closed it (or `timeout` passed)."""
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return received
+
+
+def test_a_request_past_the_deadline_is_told_408_before_it_is_closed(web: tuple[Process, str], bot: Bot) -> None:
+    """A header left unfinished gets `408 Request Timeout` at the deadline, not a bare close."""
+    with socket.create_connection(("127.0.0.1", int(web[1].rsplit(":", 1)[1]))) as sock:
+        sock.sendall(SLOW_HEADER[1])
+        answer = answer_before_close(sock, timeout=REQUEST_DEADLINE + 5)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_a_head_over_64_kib_is_told_431_before_it_is_closed(web: tuple[Process, str], bot: Bot) -> None:
+    """A head that grows past 64 KiB without ending is answered `431` at once, without waiting for the deadline."""
+    opening = b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
+    with socket.create_connection(("127.0.0.1", int(web[1].rsplit(":", 1)[1]))) as sock:
+        sock.sendall(opening + b"a" * (64 * 1024 + 100 - len(opening)))
+        answer = answer_before_close(sock, timeout=REQUEST_DEADLINE / 2)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+
+
+# A web process with small bounds, so a test reaches them with a few dozen connections.
+SMALL_BUFFER_BYTES, SMALL_CONNECTIONS = 512 * 1024, 40
+UNFINISHED_HEAD = b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 60_000
+
+
+@pytest.fixture
+def small_web(worker_env: dict[str, str]) -> Iterator[tuple[Process, str]]:
+    """One web process of 4 threads, 40 connections (so 20 unfinished requests) and 512 KiB for them."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**worker_env, "WEB_CONCURRENCY": "1", "WEB_THREADS": str(WEB_THREADS), "PUBLIC_URL": base,
+           "LOG_LEVEL": "INFO", "WEB_MAX_BUFFERED_BYTES": str(SMALL_BUFFER_BYTES),
+           "GUNICORN_CMD_ARGS": f"--worker-connections {SMALL_CONNECTIONS}"}
+    with start_web(env, port) as process:
+        yield process, base
+
+
+def open_one_by_one(port: int, opening: bytes, count: int) -> list[socket.socket]:
+    """Connections sending `opening` and nothing more, each after the last was taken in (oldest first)."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(opening)
+        sockets.append(sock)
+        time.sleep(0.02)
+    return sockets
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    readable, _, _ = select.select([sock], [], [], timeout)
+    if not readable:
+        return False
+    try:
+        return sock.recv(4096) is not None  # an answer (503) or EOF: the server is done with it
+    except OSError:
+        return True
+
+
+def test_unfinished_requests_past_the_processs_byte_bound_are_shed_oldest_first(
+        small_web: tuple[Process, str], bot: Bot) -> None:
+    """15 unfinished 60 KB heads (fewer than the 20 unfinished requests allowed) against a 512 KiB bound:
+    the oldest are closed, the newest kept, a webhook answered."""
+    _, base = small_web
+    sockets = open_one_by_one(int(base.rsplit(":", 1)[1]), UNFINISHED_HEAD, 15)
+    try:
+        time.sleep(1.0)
+        answered, _, _ = select.select(sockets, [], [], 0.5)  # well before the 10 s deadline closes the rest
+        shed = [sock in answered for sock in sockets]
+        # The process holds no more than its bound of them: the first ones went, the last stayed
+        kept = shed.count(False)
+        assert 0 < kept and kept * len(UNFINISHED_HEAD) <= SMALL_BUFFER_BYTES
+        assert shed == sorted(shed, reverse=True)  # all the shed ones came before all the kept ones
+        assert 200 == signed_text(base, 1).status_code
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_flood_of_request_lines_never_stops_the_process_accepting_webhooks(
+        small_web: tuple[Process, str], bot: Bot) -> None:
+    """More request-line-only connections than gunicorn's worker_connections: a signed webhook is still answered."""
+    _, base = small_web
+    sockets = open_one_by_one(int(base.rsplit(":", 1)[1]), b"POST /channels/sms/ HTTP/1.1\r\n",
+                              SMALL_CONNECTIONS + 10)
+    try:
+        time.sleep(0.5)
+        assert 200 == signed_text(base, 2).status_code
+        assert closed_by_server(sockets[0])  # the oldest made room
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -13,7 +13,8 @@ from cli.twilio_standin import TwilioStandin
 from shared import keys, metrics, optout
 from shared.bots import BotStore
 from shared.twilio_errors import HINTS, Action, action_for
-from tests.test_outbound import ALICE, BOB, bodies_to, log_entry, make_bot, outbox_empty, send, wait_until
+from tests.support.messagelog import log_written
+from tests.test_outbound import ALICE, BOB, bodies_to, log_entry, make_bot, outbox_empty, send, sql, wait_until
 from worker import twilio_client
 from worker.dlq import list_dead_letters
 
@@ -69,6 +70,20 @@ def counter(redis: redis_lib.Redis, **labels: object) -> int:
     metrics.TALLY.flush(redis)  # what the worker's flusher writes every second
     inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
     return int(redis.hget(keys.METRIC_COUNTERS, f"sms_outbound{{{inner}}}") or 0)
+
+
+def lose_the_next_send(monkeypatch: pytest.MonkeyPatch, outbound: ModuleType) -> None:
+    """The worker's next send is lost before it reaches Twilio (no answer, nothing created); later ones go."""
+    real_send = outbound.send_sms
+    calls: list[str] = []
+
+    def lost_on_the_way(*args: object, **kwargs: object) -> object:
+        calls.append("send")
+        if len(calls) == 1:
+            return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
 
 
 class TestRetried:
@@ -137,16 +152,7 @@ class TestRetried:
         nothing, the reply is sent again, once."""
         monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
         monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
-        real_send = outbound.send_sms
-        calls: list[str] = []
-
-        def lost_on_the_way(*args: object, **kwargs: object) -> object:
-            calls.append("send")
-            if len(calls) == 1:
-                return twilio_client.Refused(None, None, "ConnectionError: connection reset before the request was sent")
-            return real_send(*args, **kwargs)
-
-        monkeypatch.setattr(outbound, "send_sms", lost_on_the_way)
+        lose_the_next_send(monkeypatch, outbound)
         bot = make_bot(store, "+15550000404", rate=50)
         send(redis, bot, ALICE, "lost")
         twilio.wait_for(1)
@@ -154,6 +160,51 @@ class TestRetried:
         assert (["lost"], ["lookup-absent-resent"]) == (
             bodies_to(twilio.messages, ALICE),
             [event["how"] for event in logs if event["event"] == "outbound.reconciled"])
+
+    def test_an_unknown_send_is_not_settled_by_another_reply_of_the_log_with_the_same_text(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        monkeypatch: pytest.MonkeyPatch, outbound: ModuleType, logs: list[dict[str, object]],
+    ) -> None:
+        """The person already got "ok" from an earlier reply the log owns; a second "ok" lost before it reached
+        Twilio finds only that earlier message in the list, so it is sent again, not taken as sent."""
+        # Given an earlier reply "ok", sent and in the log
+        monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        bot = make_bot(store, "+15550000405", rate=50)
+        send(redis, bot, ALICE, "ok")
+        twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        log_written(redis, sql())
+        # When the next "ok" is lost on its way (no answer, nothing created)
+        lose_the_next_send(monkeypatch, outbound)
+        [second] = send(redis, bot, ALICE, "ok")
+        # Then the list lookup leaves the earlier message to its reply, and this one goes out too
+        twilio.wait_for(2)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert (["ok", "ok"], ["lookup-absent-resent"]) == (
+            bodies_to(twilio.messages, ALICE),
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"])
+        assert twilio.messages[1].sid == log_entry(redis, bot, ALICE, second)["sid"]
+
+    def test_a_send_settled_by_the_list_lookup_counts_toward_the_daily_budget(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        monkeypatch: pytest.MonkeyPatch, outbound: ModuleType, logs: list[dict[str, object]],
+    ) -> None:
+        """max-messages-per-day 1: a first reply whose answer was lost and then found at Twilio is the day's
+        send, so the next reply is held back."""
+        monkeypatch.setattr(twilio_client, "READ_TIMEOUT", 0.5)
+        monkeypatch.setattr(outbound, "NO_CALLBACK_GRACE_SECONDS", 0.5)
+        monkeypatch.setattr(outbound, "RECONCILE_RECHECK_SECONDS", 0.5)
+        twilio.fail_with_delay(3.0)
+        bot = make_bot(store, "+15550000406", rate=50, **{"max-messages-per-day": 1})
+        send(redis, bot, ALICE, "slow")
+        twilio.wait_for(1)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        send(redis, bot, BOB, "over the budget")
+        wait_until(lambda: any(event["event"] == "outbound.held_back" for event in logs), what="held back")
+        assert (["lookup-found"], ["slow"]) == (
+            [event["how"] for event in logs if event["event"] == "outbound.reconciled"],
+            [message.body for message in twilio.messages])
 
     def test_retries_stop_after_the_budget_and_the_reply_is_dead_lettered(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,

@@ -12,8 +12,10 @@ from flask.typing import ResponseReturnValue
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from shared import access as roles, apikeys
+from shared.bots import MAX_BOT_ID
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.schemas import WholeNumber
 from webhook import access
 from webhook.deps import get_engine, get_store
 from webhook.errors import failed
@@ -24,15 +26,26 @@ bp.before_request(access.authenticate)
 
 KEYS = "/app:<app_id>/api-keys"
 MAX_BOTS = 1000
+MAX_KEY_ID = MAX_BOT_ID  # a database integer
+
+
+class BotId(WholeNumber):
+    """A bot id in JSON: a whole number (10.0 is 10, as JSON Schema counts it), never a string."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str):
+            raise ValidationError("must be a whole number")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class ApiKeySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    name = fields.String(required=True, validate=validate.Length(1, 200))
+    name = fields.String(required=True, validate=[validate.Length(1, 200), validate.Regexp(
+        r"^[^\x00-\x1f\x7f]*$", error="must be printable: no control characters")])
     role = fields.String(required=True, validate=validate.OneOf(roles.ROLES))
-    bots = fields.List(fields.Integer(strict=True, validate=validate.Range(min=1)), load_default=list,
+    bots = fields.List(BotId(validate=validate.Range(min=1, max=MAX_BOT_ID)), load_default=list,
                        validate=validate.Length(max=MAX_BOTS),
                        metadata={"description": "the bot ids it may reach; none: every bot of the app"})
 
@@ -58,7 +71,7 @@ def create_api_key(app_id: str) -> ResponseReturnValue:
         messages = error.normalized_messages()
         return failed("invalid API key: " + "; ".join(f"{k}: {v}" for k, v in messages.items()), 400, messages)
     if missing := unknown_bots(data["bots"]):
-        return failed(f"no bot with id {', '.join(map(str, missing))}", 400, {"bots": ["unknown bot ids"]})
+        return failed(f"no bot with id {', '.join(map(str, missing))}", 409, {"bots": ["unknown bot ids"]})
     with transaction(get_engine()) as connection:
         key_id, key = apikeys.create(connection, data["name"], data["role"], data["bots"])
     log.info("apikeys.created", key_id=key_id, role=data["role"], bots=data["bots"], by=access.current().name)
@@ -73,7 +86,7 @@ def list_api_keys(app_id: str) -> ResponseReturnValue:
         return jsonify(status="Success", data={"api-keys": apikeys.list_all(connection)})
 
 
-@bp.delete(KEYS + "/<int:key_id>")
+@bp.delete(KEYS + f"/<int(min=1, max={MAX_KEY_ID}):key_id>")
 def revoke_api_key(app_id: str, key_id: int) -> ResponseReturnValue:
     """Revoke a key: the next request with it answers 401."""
     with transaction(get_engine()) as connection:

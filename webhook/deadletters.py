@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from shared.bots import Bot
+from shared.bots import MAX_BOT_ID, Bot
 from webhook import access
 from webhook.deps import get_broker, get_engine, get_redis, get_store
 from webhook.errors import failed
@@ -18,7 +18,7 @@ from webhook.errors import failed
 bp = Blueprint("deadletters", __name__)
 bp.before_request(access.authenticate)
 
-DEAD_LETTERS = "/app:<app_id>/graph/user:<int:bot_id>/dead-letters"
+DEAD_LETTERS = f"/app:<app_id>/graph/user:<int(min=1, max={MAX_BOT_ID}):bot_id>/dead-letters"
 
 
 def of_bot(bot_id: int) -> list[dict[str, Any]]:
@@ -52,10 +52,10 @@ def replay_dead_letters(app_id: str, bot_id: int) -> ResponseReturnValue:
     if _bot(bot_id) is None:
         return failed(f"no bot with id {bot_id}", 404)
     body = request.get_json(silent=True)
-    ids = body.get("ids") if isinstance(body, dict) else None
-    everything = isinstance(body, dict) and body.get("all") is True
-    if everything == (ids is not None) or not (everything or _strings(ids)):
+    everything = body == {"all": True}
+    if not everything and not (isinstance(body, dict) and set(body) == {"ids"} and _strings(body["ids"])):
         return failed('expected {"ids": ["...", ...]} or {"all": true}', 400)
+    ids = None if everything else body["ids"]
     return jsonify(status="Success", data={"replayed": replay(bot_id, None if everything else ids)})
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flask import Flask, jsonify, request
+from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from shared.db import PROBE_SECONDS, DatabaseUnavailable
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -26,7 +28,21 @@ def failed(message: str, status: int, errors: dict[str, object] | None = None): 
 def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):  # type: ignore[no-untyped-def]
-        return failed(error.description or error.name, error.code or 500)
+        response, status = failed(error.description or error.name, error.code or 500)
+        # A 405's Allow header (RFC 9110) and any other header werkzeug set for the error.
+        response.headers.extend((name, value) for name, value in error.get_headers() if name != "Content-Type")
+        return response, status
+
+    # The registry, the log and the console need the database; Twilio's webhook does not.
+    @app.errorhandler(DatabaseUnavailable)
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def database_unreachable(error: Exception):  # type: ignore[no-untyped-def]
+        log.warning("request.database_unreachable", path=request.path, error=error.__class__.__name__)
+        response, status = failed("the database is unreachable: registry changes, the message log and the console "
+                                  "are unavailable until it returns (texts are still accepted and answered)", 503)
+        response.headers["Retry-After"] = str(int(PROBE_SECONDS))
+        return response, status
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import handoff, metrics, news
 from shared.bots import Bot
 from shared.logging import get_logger
+from shared.text import plain
 from webhook import deps
 from webhook.errors import failed
 
@@ -63,6 +64,7 @@ def _note(body: dict[str, Any]) -> tuple[str | None, str | None]:
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         return None, "must be a string"
+    note = plain(note) if note else None
     if note and len(note) > handoff.MAX_NOTE:
         return None, f"must be at most {handoff.MAX_NOTE} characters"
     return note or None, None

@@ -5,7 +5,6 @@ All bot work happens in the workers, so a slow bot can never make Twilio time ou
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,11 +12,12 @@ from typing import Any
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
 
-from shared.bots import Bot, BotCache
+from shared.bots import Bot, BotCache, is_service_sid
 from shared.conversations import accept_inbound
 from shared.logging import get_logger
 from shared.optout import classify
 from shared.phone import is_e164, is_sender
+from shared.text import plain
 from webhook import deps, twilio_auth
 from webhook.twilio_auth import acknowledgement
 
@@ -29,8 +29,6 @@ route = twilio_auth.TwilioRoute("inbound", required=("From", "To", "MessageSid")
 # Twilio attaches at most 10 media to one message; NumMedia is the caller's word, so it is capped.
 MAX_MEDIA = 10
 LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
-# C0 and C1 controls but \t and \n: a NUL or an escape sequence in a body would reach an engine and a terminal.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 BAD_SENDER = "bad_sender"
 
 
@@ -67,8 +65,11 @@ def _receive(form: MultiDict[str, str]) -> Response:
 def addressee(bots: BotCache, to: str, service_sid: str | None) -> Bot | None:
     """The bot a message is for: the one with the number texted, else the one with its Messaging
     Service (a pool number the registry does not list). From the cache: no query per message."""
+    # A value no bot can have is no bot's, without a lookup (a NUL would not even reach the database).
+    if not is_e164(to):
+        return None
     bot = bots.by_number(to)
-    if bot is None and service_sid and is_e164(to):
+    if bot is None and service_sid and is_service_sid(service_sid):
         bot = bots.by_service(service_sid)
     return bot
 
@@ -79,7 +80,7 @@ def inbound_message(form: Mapping[str, str], bot: Bot) -> dict[str, Any]:
     `form` is a plain dict of the form's first values (every Twilio field has one): a MultiDict
     raises and catches an HTTPException inside get() for each absent field, and most are absent.
     """
-    body = _CONTROL.sub("", form.get("Body", ""))
+    body = plain(form.get("Body", ""))
     opt_out_type = form.get("OptOutType") or None
     return {
         "sid": form["MessageSid"],

@@ -9,17 +9,22 @@ token (Prometheus: `authorization: {credentials: ...}`), since the counts reveal
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import redis as redis_lib
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
 
 from shared import keys
+from shared.db import database_up
 from shared.metrics import RedisCollector
 from shared.tasks import CONVERSATIONS_QUEUE, NAMESPACE, OUTBOUND_QUEUE, waiting_key
 from webhook import access
-from webhook.deps import get_redis, get_settings
+from webhook.deps import get_engine, get_redis, get_settings
 
 bp = Blueprint("metrics", __name__)
 
@@ -65,6 +70,19 @@ GAUGES = {
 }
 
 
+class DatabaseCollector(Collector):
+    """Whether the database answers, asked at scrape time (at once 0 while this process finds it down)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "sms_database_up", "1 while the database answers; 0 while it is unreachable (texts are still accepted "
+            "and answered from Redis's copies, and the log waits in sms_log_backlog).",
+            value=float(database_up(self._engine)))
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     """The service's counters, latency histograms, queue depths and dead-letter count."""
@@ -74,6 +92,7 @@ def metrics() -> Response:
     # A registry per scrape: collecting reads Redis anyway, and nothing lingers between scrapes.
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(get_redis(), gauges=GAUGES))
+    registry.register(DatabaseCollector(get_engine()))
     try:
         body = generate_latest(registry)
     except redis_lib.RedisError as error:

@@ -12,11 +12,14 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, jsonify
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
 from werkzeug.routing import Rule
 
-from shared.bots import NUMBER, SERVICE_SID
-from shared.schemas import BotSchema, BotUpdateSchema, FailedSchema, TaskResultSchema
+from shared.bots import ENGINE_URL, HANDOFF_URL, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, SERVICE_SID, SHORTEN_URLS
+from shared.phone import E164_PATTERN
+from shared.schemas import (EXTRA_NAME, MAX_EXTRA_FIELDS, MAX_EXTRA_INTEGER, MAX_EXTRA_TEXT, BotSchema,
+                            BotUpdateSchema, FailedSchema, PhoneNumbers, TaskResultSchema)
+from webhook import deps
 from webhook.apikeys import ApiKeySchema
 
 bp = Blueprint("openapi", __name__)
@@ -28,14 +31,19 @@ _PAGES = "console."  # the operator console's HTML pages are not the API
 _ARGUMENT = re.compile(r"<(?:(?P<converter>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 
 
+# A field the route refuses when empty (400 missing_fields), as when absent.
+_FILLED = validate.Length(min=1)
+
+
 class TwilioInboundSchema(Schema):
     """The form Twilio posts for an inbound SMS (Twilio adds fields without notice; all are signed)."""
 
-    MessageSid = fields.String(required=True, metadata={"example": "SM" + "0" * 32})
+    MessageSid = fields.String(required=True, validate=_FILLED, metadata={"example": "SM" + "0" * 32})
     AccountSid = fields.String(required=True, metadata={"example": "AC" + "0" * 32})
-    From = fields.String(required=True, metadata={"example": "+15551234567"})
-    To = fields.String(required=True, metadata={"description": "the number texted: one of the bot's, or of its "
-                                                               "messaging service's pool", "example": "+15005550006"})
+    From = fields.String(required=True, validate=_FILLED, metadata={"example": "+15551234567"})
+    To = fields.String(required=True, validate=_FILLED, metadata={
+        "description": "the number texted: one of the bot's, or of its messaging service's pool",
+        "example": "+15005550006"})
     MessagingServiceSid = fields.String(metadata={"description": "the Messaging Service of the number texted, if any: "
                                                                  "the bot with that twilio-messaging-service-sid gets it"})
     Body = fields.String(metadata={"example": "hola"})
@@ -49,13 +57,20 @@ class TwilioInboundSchema(Schema):
 class TwilioStatusSchema(Schema):
     """The form Twilio posts to a message's StatusCallback."""
 
-    MessageSid = fields.String(required=True)
-    MessageStatus = fields.String(required=True, metadata={"example": "delivered"})
+    MessageSid = fields.String(required=True, validate=_FILLED)
+    MessageStatus = fields.String(required=True, validate=_FILLED, metadata={"example": "delivered"})
     AccountSid = fields.String(required=True)
-    From = fields.String(metadata={"description": "the number the message was sent from; needed without MessagingServiceSid"})
-    To = fields.String(required=True)
-    MessagingServiceSid = fields.String(metadata={"description": "for a message sent through a Messaging Service"})
+    From = fields.String(validate=_FILLED, metadata={
+        "description": "the number the message was sent from; needed without MessagingServiceSid"})
+    To = fields.String(required=True, validate=_FILLED)
+    MessagingServiceSid = fields.String(validate=_FILLED, metadata={
+        "description": "for a message sent through a Messaging Service"})
     ErrorCode = fields.String()
+
+
+class HealthSchema(Schema):
+    status = fields.String(metadata={"example": "ok"})
+    reason = fields.String()
 
 
 class BotListSchema(Schema):
@@ -99,6 +114,10 @@ _TWILIO_REFUSALS = {
     "503": _text("Redis unavailable: Twilio retries"),
 }
 _BEARER = [{"bearerAuth": []}]
+# A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
+_URL = r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}(/[!-~]*)?$"
+# An https URL at a named host (media_refusal also refuses literal internal addresses).
+_PUBLIC_HTTPS = r"^https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(/[!-~]*)?$"
 
 
 def _paging(default_order: str) -> list[dict[str, Any]]:
@@ -120,11 +139,17 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                             "responses": {"200": _json("TaskResult", "created"), **_FAILED,
                                           "409": _json("Failed", "the number belongs to another bot")}},
     "registry.list_bots": {"tags": ["registry"], "security": _BEARER,
-                           "responses": {"200": _json("BotList", "every bot"), "401": _FAILED["401"]}},
+                           "responses": {"200": _json("BotList", "every bot"), "401": _FAILED["401"],
+                                         "404": _json("Failed", "no such application")}},
+    "registry.rotate_engine_token": {"tags": ["registry"], "security": _BEARER,
+                                     "summary": "A new engine token for the bot (shown this once); the old one "
+                                                "stops working.",
+                                     "responses": {"200": _json("TaskResult", "the new token in engine-token"),
+                                                   "401": _FAILED["401"], "404": _FAILED["404"]}},
     "registry.update_bot": {"tags": ["registry"], "security": _BEARER,
                             "description": "Fields in a JSON body, or in the query string as the seed does "
                                            "(`?main-phone-number=+1...&twilio-auth-token=...`).",
-                            "requestBody": {"required": False, "content": {"application/json": {"schema": "BotUpdate"}}},
+                            "requestBody": {"required": True, "content": {"application/json": {"schema": "BotUpdate"}}},
                             "responses": {"200": _json("TaskResult", "updated"), **_FAILED,
                                           "409": _json("Failed", "the number belongs to another bot")}},
     "registry.show_bot": {"tags": ["registry"], "security": _BEARER,
@@ -134,7 +159,9 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "registry.conversation_log": {"tags": ["registry"], "security": _BEARER,
                                   "parameters": [{"in": "query", "name": "with", "required": True,
                                                   "description": "the person's number (E.164)",
-                                                  "schema": {"type": "string"}}, *_paging("oldest")],
+                                                  # '+' is read as itself here, so no spaces (form encoding's '+')
+                                                  "schema": {"type": "string", "pattern": E164_PATTERN.replace(" ", "")}},
+                                                 *_paging("oldest")],
                                   "responses": {"200": _json("MessageLog", "a page of the conversation's log"),
                                                 **_FAILED}},
     "registry.conversation_list": {"tags": ["registry"], "security": _BEARER, "parameters": _paging("newest"),
@@ -146,7 +173,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                    "retry queue nothing new for 24 h.",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["to"],
-            "properties": {"to": {"type": "string"}, "text": {"type": "string"}, "media-url": {"type": "string"}}}}}},
+            "properties": {"to": {"type": "string", "pattern": E164_PATTERN},
+                           "text": {"type": ["string", "null"], "maxLength": 16_000},
+                           "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS}},
+            # Something to send: a text that is not only spaces, or a media URL.
+            "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": r"\S"}}},
+                      {"required": ["media-url"], "properties": {"media-url": {"type": "string"}}}]}}}},
         "responses": {"202": {"description": "queued: the reply ids",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "409": _json("Failed", "the person opted out, or the same Idempotency-Key is in flight"),
@@ -156,7 +188,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         "summary": "Hand the conversation to a human: the engine is not asked until it is resumed or the bot's "
                    "handoff-timeout passes; the person's messages go, signed, to the bot's handoff-url.",
         "requestBody": {"required": False, "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"note": {"type": "string", "maxLength": 1000}}}}}},
+            "type": "object", "properties": {"note": {"type": ["string", "null"], "maxLength": 1000}}}}}},
         "responses": {"200": {"description": "paused: since, until (null: until resumed), by, note",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "503": _json("Failed", "storage unavailable: try again"), **_FAILED}},
@@ -188,7 +220,13 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "replies.receive_replies": {"tags": ["engines"], "security": _BEARER,
                                 "requestBody": {"required": True,
                                                 "content": {"application/json": {"schema": "CallbackReply"}}},
-                                "responses": {"202": {"description": "queued"}, **_FAILED}},
+                                "responses": {"202": {"description": "queued"}, **_FAILED,
+                                              "403": _json("Failed", "a recipient outside the bot's push window"),
+                                              "409": _json("Failed", "a recipient is talking with a human (handoff)"),
+                                              "413": _json("Failed", "more than 100 replies")}},
+    "health.healthz": {"tags": ["operations"], "responses": {"200": _json("Health", "the process is up")}},
+    "health.readyz": {"tags": ["operations"], "responses": {"200": _json("Health", "Redis answers"),
+                                                            "503": _json("Health", "Redis does not answer")}},
     "metrics.metrics": {"tags": ["operations"], "security": _BEARER,
                         "responses": {"200": {"description": "Prometheus text format",
                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -203,11 +241,11 @@ OPERATIONS.update({
         "tags": ["access"], "security": _BEARER,
         "requestBody": {"required": True, "content": {"application/json": {"schema": "ApiKey"}}},
         "responses": {"201": {"description": "made: its id and the key, shown this once", "content": _OK_JSON},
-                      **_FAILED}},
+                      **_FAILED, "409": _json("Failed", "a bot named in `bots` does not exist")}},
     "apikeys.list_api_keys": {"tags": ["access"], "security": _BEARER,
                               "responses": {"200": {"description": "every key: id, name, role, bots, created-at "
                                                                    "(never the key)", "content": _OK_JSON},
-                                            "401": _FAILED["401"]}},
+                                            "401": _FAILED["401"], "404": _FAILED["404"]}},
     "apikeys.revoke_api_key": {"tags": ["access"], "security": _BEARER,
                                "responses": {"200": {"description": "revoked", "content": _OK_JSON}, **_FAILED}},
     "deadletters.list_dead_letters": {
@@ -217,9 +255,12 @@ OPERATIONS.update({
                       **_FAILED}},
     "deadletters.replay_dead_letters": {
         "tags": ["registry"], "security": _BEARER,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}},
-                                             "all": {"type": "boolean"}}}}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["ids"], "additionalProperties": False,
+             "properties": {"ids": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
+            {"type": "object", "required": ["all"], "additionalProperties": False,
+             "properties": {"all": {"type": "boolean", "enum": [True]}}},
+        ]}}}},
         "responses": {"200": {"description": "the ids replayed", "content": _OK_JSON}, **_FAILED}},
 })
 # Every call with a bearer credential may meet a key whose role or bots do not allow it.
@@ -233,7 +274,8 @@ def _schemas() -> dict[str, type[Schema] | Schema]:
     schemas: dict[str, type[Schema] | Schema] = {
         "Bot": BotSchema, "BotUpdate": BotUpdateSchema, "TaskResult": TaskResultSchema, "Failed": FailedSchema,
         "BotList": BotListSchema, "MessageLog": MessageLogSchema, "ConversationList": ConversationListSchema,
-        "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema, "ApiKey": ApiKeySchema,
+        "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema, "Health": HealthSchema,
+        "ApiKey": ApiKeySchema,
     }
     try:  # the engines' callback is another engineer's module; document it when it is there
         from webhook.replies import CallbackReplySchema
@@ -254,22 +296,31 @@ def openapi_path(rule: str) -> str:
     return _ARGUMENT.sub(lambda match: "{" + match["name"] + "}", rule)
 
 
-def _path_parameters(rule: str) -> list[dict[str, Any]]:
+def _path_parameters(rule: str, app_id: str) -> list[dict[str, Any]]:
+    """Each path argument with what the routes accept of it: the ids a database integer holds,
+    this service's own application name, a person's number."""
+    known: dict[str, dict[str, Any]] = {
+        "bot_id": {"type": "integer", "minimum": 1, "maximum": MAX_BOT_ID},
+        "key_id": {"type": "integer", "minimum": 1, "maximum": MAX_BOT_ID},
+        "app_id": {"type": "string", "enum": [app_id]},
+        "person": {"type": "string", "pattern": E164_PATTERN},
+        "depth": {"type": "integer", "minimum": 0},
+    }
     return [
         {"in": "path", "name": match["name"], "required": True,
-         "schema": {"type": "integer" if match["converter"] == "int" else "string"}}
+         "schema": known.get(match["name"], {"type": "integer" if match["converter"] == "int" else "string"})}
         for match in _ARGUMENT.finditer(rule)
     ]
 
 
-def _operation(app: Flask, rule: Rule) -> dict[str, Any]:
+def _operation(app: Flask, rule: Rule, app_id: str) -> dict[str, Any]:
     view = app.view_functions[rule.endpoint]
     summary = ((view.__doc__ or "").strip().splitlines() or [rule.endpoint])[0]
     operation: dict[str, Any] = {"summary": summary, "operationId": rule.endpoint,
                                  "responses": {"200": {"description": "OK"}}}
     known = OPERATIONS.get(rule.endpoint, {})
     operation.update({key: value for key, value in known.items() if key != "parameters"})
-    operation["parameters"] = _path_parameters(rule.rule) + known.get("parameters", [])
+    operation["parameters"] = _path_parameters(rule.rule, app_id) + known.get("parameters", [])
     if "requestBody" in operation and not _has_schema(operation["requestBody"]):
         del operation["requestBody"]
     return operation
@@ -290,9 +341,9 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-def build_spec(app: Flask) -> dict[str, Any]:
+def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     """The OpenAPI 3 document of every route `app` serves."""
-    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.0.3", plugins=[MarshmallowPlugin()], info={
+    spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.1.0", plugins=[MarshmallowPlugin()], info={
         "description": "Twilio's webhook receiver and the bot registry API of the SMS channel. "
                        "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`; "
                        "an API key (`POST /app:{app_id}/api-keys`) does instead, within its role and bots.",
@@ -312,16 +363,54 @@ def build_spec(app: Flask) -> dict[str, Any]:
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
         operations = paths.setdefault(openapi_path(rule.rule), {})
         for method in methods:
-            operation = operations[method.lower()] = _operation(app, rule)
+            operation = operations[method.lower()] = _operation(app, rule, app_id)
             operation["operationId"] = _unique(operation["operationId"], used_ids)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
-    # A bot sends from its number, through its Messaging Service, or both: one of the two is required.
-    document["components"]["schemas"]["Bot"]["anyOf"] = [
-        {"required": [NUMBER]}, {"required": [SERVICE_SID]},
-    ]
+    schemas = document["components"]["schemas"]
+    for name in ("Bot", "BotUpdate"):
+        _describe_bot(schemas[name])
+    # A bot sends from its number, through its Messaging Service, or both: one of the two is required
+    # (and Twilio shortens links only for a service's messages).
+    schemas["Bot"]["anyOf"] = [{"required": [name], "properties": {name: {"type": "string"}}}
+                               for name in (NUMBER, SERVICE_SID)]
+    schemas["BotUpdate"]["minProperties"] = 1
+    schemas["Bot"]["properties"][NUMBER]["type"] = "string"
+    del schemas["BotUpdate"]["required"]
+    schemas["Bot"]["allOf"] = [{"anyOf": [{"properties": {SHORTEN_URLS: {"enum": [False]}}},
+                                          {"required": [SERVICE_SID], "properties": {SERVICE_SID: {"type": "string"}}}]}]
+    schemas["BotUpdate"]["properties"]["id"] = {"not": {}, "description": "a bot's id cannot be changed"}
+    # A status callback names its sender by number or by service.
+    document["components"]["schemas"]["TwilioStatus"]["anyOf"] = [{"required": ["From"]},
+                                                                  {"required": ["MessagingServiceSid"]}]
+    _describe_callback(document["components"]["schemas"].get("CallbackReply"))
     return document
+
+
+def _describe_bot(schema: dict[str, Any]) -> None:
+    """What the registry checks by hand: numbers and URLs it can read, and extra user fields that are
+    short scalars under plain names (shared.schemas)."""
+    properties = schema["properties"]
+    properties[NUMBER]["pattern"] = E164_PATTERN
+    properties[PHONE_NUMBERS].update({"type": "array", "maxItems": PhoneNumbers.MAX,
+                                      "items": {"type": "string", "pattern": E164_PATTERN}})
+    for name in (ENGINE_URL, HANDOFF_URL):
+        properties[name]["pattern"] = _URL
+    schema["additionalProperties"] = {"anyOf": [
+        {"type": "string", "maxLength": MAX_EXTRA_TEXT}, {"type": "boolean"}, {"type": "null"},
+        {"type": "number", "minimum": -MAX_EXTRA_INTEGER + 1, "maximum": MAX_EXTRA_INTEGER - 1}]}
+    schema["propertyNames"] = {"pattern": EXTRA_NAME.pattern}
+    schema["maxProperties"] = len(properties) + MAX_EXTRA_FIELDS
+
+
+def _describe_callback(schema: dict[str, Any] | None) -> None:
+    """What the callback checks by hand: an E.164 recipient, and a text or an image to send."""
+    if schema is None:
+        return
+    schema["properties"]["recipient_id"]["pattern"] = r"^\+[1-9][0-9]{6,14}$"
+    schema["anyOf"] = [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+                       {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}}]
 
 
 @bp.get("/openapi.json")
@@ -330,5 +419,5 @@ def document():  # type: ignore[no-untyped-def]
     # Built on first request, once the app has every route; routes do not change afterwards.
     spec = current_app.extensions.get("openapi")
     if spec is None:
-        spec = current_app.extensions["openapi"] = build_spec(current_app)
+        spec = current_app.extensions["openapi"] = build_spec(current_app, deps.get_settings().app_id)
     return jsonify(spec)

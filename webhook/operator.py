@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import redis as redis_lib
 from flask import Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
 from shared import keys, messagelog, news, optout
 from shared.conversations import replies_from, queue_replies
-from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import media_refusal
 from shared.schemas import PhoneNumber
 from shared.tasks import kick_delivery
+from shared.text import PlainText
 from webhook import deps
 from webhook.errors import failed, failure
 
@@ -38,7 +39,7 @@ class OperatorMessageSchema(Schema):
         unknown = EXCLUDE
 
     to = PhoneNumber(required=True)
-    text = fields.String(load_default=None, allow_none=True)
+    text = PlainText(load_default=None, allow_none=True)
     media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
 
     @validates_schema
@@ -55,6 +56,16 @@ OPERATOR_MESSAGE = OperatorMessageSchema()
 def send_as_bot(bot_id: int, body: object = None, idempotency_key: str | None = None) -> tuple[Response, int] | Response:
     """`body` and `idempotency_key` default to the request's JSON and Idempotency-Key header (the
     console passes its form's instead, so both take this one path)."""
+    try:
+        return _send_once(bot_id, body, idempotency_key)
+    except redis_lib.RedisError:
+        # Full under maxmemory, a read-only replica, down: nothing was queued, and nothing logged.
+        response, status = failed("storage unavailable: nothing was queued; try again", 503)
+        response.headers["Retry-After"] = "30"
+        return response, status
+
+
+def _send_once(bot_id: int, body: object, idempotency_key: str | None) -> tuple[Response, int] | Response:
     bot = deps.get_store().get(bot_id)
     if bot is None:
         return failed(f"no bot with id {bot_id}", 404)
@@ -68,8 +79,7 @@ def send_as_bot(bot_id: int, body: object = None, idempotency_key: str | None = 
     try:
         answer, status = _send(bot, redis, request.get_json(silent=True) if body is None else body)
     except BaseException:
-        if remembered_key is not None:
-            redis.delete(remembered_key)  # nothing was queued: a retry may try again
+        _forget(redis, remembered_key)
         raise
     if remembered_key is not None:
         if status == 202:
@@ -97,9 +107,10 @@ def _send(bot: Any, redis: Any, body: object) -> tuple[dict[str, Any], int]:
         return _refusal(f"{to} opted out of {scope} (texted STOP): nothing is sent until they text START",
                         409, {"to": ["opted out"]})
     replies = replies_from(conversation, to, data["text"], media_url)
-    with transaction(deps.get_engine()) as connection:
-        messagelog.record_replies(connection, replies, sender, origin=messagelog.OPERATOR)
-    reply_id = queue_replies(redis, conversation, replies)
+    # The log's record joins the log outbox in the step that queues the replies: Redis refusing
+    # that step (full, read-only) leaves no row behind waiting "pending" for a send that never comes.
+    reply_id = queue_replies(redis, conversation, replies,
+                             log_record=messagelog.replies_record(replies, sender, messagelog.OPERATOR))
     if reply_id:
         kick_delivery(conversation, reply_id, broker=deps.get_broker())
     ids = [reply["id"] for reply in replies]
@@ -114,6 +125,15 @@ def sending_from(bot: Any, redis: Any, to: str) -> tuple[str, str, bool]:
     sender = (redis.get(keys.texted(keys.conversation_id(bot.id, to))) if bot.pooled else None) or bot.number
     scope = bot.opt_out_key(sender)
     return sender, scope, optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to)
+
+
+def _forget(redis: Any, remembered_key: str | None) -> None:
+    """Nothing was queued: a retry with the same Idempotency-Key may try again (if Redis lets us say so)."""
+    if remembered_key is not None:
+        try:
+            redis.delete(remembered_key)
+        except redis_lib.RedisError:
+            pass
 
 
 def _opted_out_in_database(bot_number: str, person: str) -> bool:

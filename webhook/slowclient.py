@@ -6,11 +6,16 @@ as long as it likes (issue 14). Here the worker's main loop, which already polls
 connection, reads the request into memory as it arrives: a thread gets it whole and never waits on
 the client. A request not complete `REQUEST_DEADLINE` seconds after its first byte (or its accept)
 is answered 408 and closed; one larger than the app accepts goes on at once, to be refused there.
-TLS and HTTP/2 (neither used behind Heroku's router) keep gthread's own handling.
+What the process holds of unfinished requests is bounded too, in bytes (`WEB_MAX_BUFFERED_BYTES`)
+and in number (half of gunicorn's worker_connections, so a flood of them never stops the process
+accepting): past either, the oldest unfinished requests are answered 503 and closed first, as the
+likeliest to be slow on purpose. TLS and HTTP/2 (neither used behind Heroku's router) keep
+gthread's own handling.
 """
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import time
@@ -31,6 +36,10 @@ REQUEST_DEADLINE = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 HEAD_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+SHED = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+# Bytes of unfinished requests one web process holds at most: a webhook is a few KiB, while one
+# connection may hold 64 KiB of head and twice MAX_BODY_BYTES of chunked body.
+DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -76,6 +85,9 @@ class BufferingThreadWorker(ThreadWorker):
         self.arrivals: dict[TConn, Arrival] = {}
         self.deadlines: deque[tuple[float, TConn]] = deque()  # in deadline order: all are now + the same
         self.cut_short: set[TConn] = set()  # sent on before all of it arrived: not drained, not reused
+        self.buffered = 0  # bytes held in self.arrivals
+        self.max_buffered = int(os.environ.get("WEB_MAX_BUFFERED_BYTES") or DEFAULT_MAX_BUFFERED_BYTES)
+        self.max_unfinished = max(1, self.cfg.worker_connections // 2)
 
     def enqueue_req(self, conn: TConn) -> None:
         if conn.parser is None:
@@ -89,8 +101,10 @@ class BufferingThreadWorker(ThreadWorker):
             return self._dispatch(conn, arrival)
         conn.sock.setblocking(False)
         self.arrivals[conn] = arrival
+        self.buffered += len(arrival.data)
         self.deadlines.append((arrival.deadline, conn))
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_arrival, conn))
+        self._shed_oldest()
 
     def on_arrival(self, conn: TConn, _sock: socket.socket) -> None:
         arrival = self.arrivals[conn]
@@ -103,12 +117,26 @@ class BufferingThreadWorker(ThreadWorker):
         if not data:
             return self._drop(conn, b"")
         arrival.data += data
+        self.buffered += len(data)
         if self._complete(conn, arrival):
             self.poller.unregister(conn.sock)
             del self.arrivals[conn]
+            self.buffered -= len(arrival.data)
             self._dispatch(conn, arrival)
         elif arrival.body_start < 0 and len(arrival.data) > MAX_HEAD_BYTES:
             self._drop(conn, HEAD_TOO_LARGE)
+        else:
+            self._shed_oldest()
+
+    def _shed_oldest(self) -> None:
+        """Past the process's bounds on unfinished requests, answer the oldest 503 and close them."""
+        while self.deadlines and (self.buffered > self.max_buffered or len(self.arrivals) > self.max_unfinished):
+            deadline, conn = self.deadlines.popleft()
+            arrival = self.arrivals.get(conn)
+            if arrival is not None and arrival.deadline == deadline:
+                self.log.warning("Shedding an unfinished request of %d bytes: %d bytes in %d unfinished requests",
+                                 len(arrival.data), self.buffered, len(self.arrivals))
+                self._drop(conn, SHED)
 
     def _complete(self, conn: TConn, arrival: Arrival) -> bool:
         """Whether a thread may have the request: all of it is here, or waiting for more is pointless."""
@@ -181,7 +209,9 @@ class BufferingThreadWorker(ThreadWorker):
                 self._drop(conn, REQUEST_TIMEOUT if arrival.data else b"")
 
     def _drop(self, conn: TConn, answer: bytes) -> None:
-        self.arrivals.pop(conn, None)
+        arrival = self.arrivals.pop(conn, None)
+        if arrival is not None:
+            self.buffered -= len(arrival.data)
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):

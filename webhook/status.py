@@ -16,11 +16,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
 from shared import conversations, keys, messagelog, metrics, news, optout
-from shared.bots import Bot, BotCache
+from shared.bots import Bot, BotCache, is_service_sid
+from shared.phone import is_e164
 from shared.conversations import DEDUPE_TTL, note_callback, resend_attempt
 from shared.tasks import request_resend
 from shared.db import transaction
 from shared.logging import get_logger
+from shared.poolnumbers import POOL_NUMBERS
 from shared.schema import STATUSES
 from shared.twilio_errors import HINTS, STATUS_HINTS, Action, action_for, backoff
 from webhook import deps, twilio_auth
@@ -76,6 +78,8 @@ def _record(form: MultiDict[str, str]) -> Response:
         log.warning("status.rejected", reason=NOT_THIS_BOTS_MESSAGE, message_sid=form["MessageSid"], bot_id=bot.id)
         return acknowledgement()
     metrics.incr(redis, "sms_status_callbacks", status=status)
+    if bot.messaging_service_sid:  # the number its service picked, maybe unlisted: a bot number too
+        POOL_NUMBERS.learn(redis, form.get("From"), bot.id)
     reply_id = request.args.get("reply")
     if reply_id and len(reply_id) <= MAX_REPLY_ID:
         # The worker may not know this send happened (its answer was lost): tell it the MessageSid.
@@ -92,8 +96,9 @@ def _record(form: MultiDict[str, str]) -> Response:
 
 def sender_bot(bots: BotCache, sender: str | None, service_sid: str | None) -> Bot | None:
     """The bot that sent a message: the one with its Messaging Service, else with its From number."""
-    bot = bots.by_service(service_sid) if service_sid else None
-    if bot is None and sender:
+    # A value no bot can have is no bot's, without a lookup (a NUL would not even reach the database).
+    bot = bots.by_service(service_sid) if service_sid and is_service_sid(service_sid) else None
+    if bot is None and sender and is_e164(sender):
         bot = bots.by_number(sender)
     return bot
 

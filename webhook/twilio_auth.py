@@ -78,7 +78,7 @@ def rejection(request: Request, bot: Bot, public_url: str | None) -> str | None:
     if not is_signed(bot.auth_token, url, request.form, signature, request.headers.get(SIGNATURE_SETTINGS_HEADER)):
         return BAD_SIGNATURE
     # Checked after the signature, so an unsigned caller learns nothing about which account a number is on.
-    if request.form.get("AccountSid") != bot.account_sid:
+    if (request.form.get("AccountSid") or "").lower() != bot.account_sid.lower():  # a SID's hex has no case
         return WRONG_ACCOUNT
     return None
 
@@ -112,6 +112,9 @@ class TwilioRoute:
         missing = [name for name in self.required if not form.get(name)]
         if missing:
             return self.reject(400, "missing_fields", message_sid=form.get("MessageSid"), missing=missing)
+        # Unsigned is refused before any lookup: it costs nothing, and says nothing about which numbers exist.
+        if not request.headers.get(SIGNATURE_HEADER):
+            return self.reject(403, MISSING_SIGNATURE, message_sid=form["MessageSid"])
         try:
             return work(form)
         except (redis_lib.RedisError, SQLAlchemyError) as error:
@@ -134,7 +137,9 @@ def guard(blueprint: Blueprint) -> None:
 
     @blueprint.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        return refusal(error.code or 400, error.name)
+        response = refusal(error.code or 400, error.name)
+        response.headers.extend((name, value) for name, value in error.get_headers() if name != "Content-Type")
+        return response
 
     @blueprint.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:

@@ -1,4 +1,6 @@
-"""Each bot's daily budget of sends (its max-messages-per-day), shared by every worker process.
+"""Each bot's daily budget of sends (its max-messages-per-day) and of segments (its
+max-segments-per-day: what Twilio bills, so a day's cost is bounded whatever the length of each
+text), shared by every worker process.
 
 Each process counts its own sends in memory and, once a second (with the metrics, worker.background),
 adds them to one Redis hash per UTC day and reads every bot's total back, in one round trip. A
@@ -39,23 +41,24 @@ class DailySends:
 
     def forget(self) -> None:
         """Start afresh, as a new process does (the tests' service is new for every test)."""
-        self._unflushed: Counter[int] = Counter()
-        self._totals: dict[int, int] = {}
+        # Keyed by the daily hash's field: the bot id for messages, `<id>:segments` for segments.
+        self._unflushed: Counter[str] = Counter()
+        self._totals: dict[str, int] = {}
         self._day = utc_day()
 
-    def sent(self, bot_id: int) -> None:
+    def sent(self, bot_id: int, segments: int = 1) -> None:
         with self._lock:
-            self._unflushed[bot_id] += 1
+            self._unflushed[str(bot_id)] += 1
+            self._unflushed[_segments_field(bot_id)] += segments
 
     def exhausted(self, bot: Bot) -> bool:
-        """Whether `bot` has used up today's budget (never, with max-messages-per-day 0)."""
-        limit = bot.limits.max_messages_per_day
-        if not limit:
-            return False
+        """Whether `bot` has used up today's messages or today's segments (a limit of 0: none)."""
+        limits = ((str(bot.id), bot.limits.max_messages_per_day),
+                  (_segments_field(bot.id), bot.limits.max_segments_per_day))
         with self._lock:
-            if self._day != utc_day():
-                return self._unflushed[bot.id] >= limit  # a new day: yesterday's totals no longer count
-            return self._totals.get(bot.id, 0) + self._unflushed[bot.id] >= limit
+            new_day = self._day != utc_day()  # a new day: yesterday's totals no longer count
+            return any(limit and (0 if new_day else self._totals.get(field, 0)) + self._unflushed[field] >= limit
+                       for field, limit in limits)
 
     def flush(self, redis: Any) -> None:
         """Add this process's sends to today's totals and read every bot's back; what Redis
@@ -65,8 +68,8 @@ class DailySends:
         day = utc_day()
         key = keys.daily_sends(day)
         pipe = redis.pipeline(transaction=False)
-        for bot_id, count in unflushed.items():
-            pipe.hincrby(key, str(bot_id), count)
+        for field, count in unflushed.items():
+            pipe.hincrby(key, field, count)
         if unflushed:
             pipe.expire(key, DAY_TTL_SECONDS)
         pipe.hgetall(key)
@@ -78,7 +81,11 @@ class DailySends:
             raise
         with self._lock:
             self._day = day
-            self._totals = {int(bot_id): int(count) for bot_id, count in totals.items()}
+            self._totals = {field: int(count) for field, count in totals.items()}
+
+
+def _segments_field(bot_id: int) -> str:
+    return f"{bot_id}:segments"
 
 
 # The worker process's count.

@@ -24,8 +24,10 @@ from shared.bots import Bot, Limits
 from shared.conversations import (
     FENCED, capped, inbound_from, queue_replies, replies_from,
 )
+from shared.erasure import erased_since
 from shared.logging import get_logger
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import script
 from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION, kick_conversation
 from worker import handoff as forwarding
@@ -211,7 +213,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         return _unanswered(redis, conversation, raw, message, lease, None)
-    if get_bots().is_bot_number(message["sender"]):
+    if get_bots().is_bot_number(message["sender"]) or POOL_NUMBERS.owner(redis, message["sender"]) is not None:
         # Another bot of this service: answering would start a loop that never ends.
         log.warning("conversation.from_bot", bot_id=bot.id, message_sid=message["sid"])
         TALLY.incr("sms_unanswered", reason="from_bot")
@@ -219,7 +221,13 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     paused = _paused(redis, bot, message, turn)
     if paused is not None:
         # A human has the conversation: the message is logged and goes to their tool, not the engine.
-        forwarded = forwarding.forward(bot, message, paused, get_settings())
+        # The handoff-url is the bot's own endpoint: it holds the bot's engine slots, never other bots' threads.
+        with ENGINE_SLOTS.taken(bot) as taken:
+            if not taken and bot.handoff_url:
+                log.info("conversation.engine_busy", bot_id=bot.id, message_sid=message["sid"],
+                         in_flight=ENGINE_SLOTS.in_flight(bot.id))
+                raise EngineBusy(bot.id)
+            forwarded = forwarding.forward(bot, message, paused, get_settings())
         log.info("conversation.handed_off", bot_id=bot.id, message_sid=message["sid"], forwarded=forwarded)
         TALLY.incr("sms_unanswered", reason="handed_off")
         return _unanswered(redis, conversation, raw, message, lease, message["to"])
@@ -243,7 +251,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if time.monotonic() - started > RENEW_EVERY and not lease.renew():
         raise LeaseLost(conversation)
     asked = next((answer for answer in answers if answer.handoff), None)
-    if asked is not None:
+    if asked is not None and not _erased_since_received(redis, conversation, message):
         # Before its replies are queued: a worker that dies in between handles the message again,
         # and the pause names it, so that one message is still answered (see _paused).
         handoff.pause(get_engine(), redis, bot.id, message["sender"], by=handoff.BY_ENGINE,
@@ -255,6 +263,9 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
                             log_record=exchange_record(message, replies, message["to"]), texted=message["to"])
     if queued.fenced:  # our lease lapsed (a pause) and another worker took over: it answers
         raise LeaseLost(conversation)
+    if queued.erased:
+        log.info("conversation.erased_meanwhile", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
+        return queued.waiting
     log.info("conversation.answered", bot_id=bot.id, message_sid=message["sid"], replies=len(replies))
     # The outbox was idle: nobody else will send the first reply. Sending it here, rather than
     # through a send_reply message, spares a Dramatiq message per reply; the outbox lease,
@@ -266,6 +277,13 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
     return queued.waiting
+
+
+def _erased_since_received(redis: Any, conversation: str, message: dict[str, Any]) -> bool:
+    """Whether the conversation was erased while its message was answered: a handoff (and its note)
+    recorded now would outlive the erase."""
+    erased = erased_since(redis, [conversation]).get(conversation)
+    return erased is not None and erased >= message["received_at"]
 
 
 def _paused(redis: Any, bot: Bot, message: dict[str, Any], turn: Turn) -> handoff.Handoff | None:

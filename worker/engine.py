@@ -21,6 +21,7 @@ from shared.bots import Bot, shown_url
 from shared.logging import get_logger
 from shared.netguard import AddressPolicy, RefusedAddress, allowed_media, without_credentials
 from shared.settings import Settings
+from shared.text import plain
 from worker.http import origin, responding_by
 
 log = get_logger(__name__)
@@ -99,10 +100,11 @@ def parse_answers(payload: Any, *, development: bool = False) -> list[Answer]:
     for item in payload:
         custom = item.get("custom")
         if isinstance(custom, dict) and custom.get("handoff") is True:
-            note = custom.get("note")
-            answers.append(Answer(handoff=True, note=note if isinstance(note, str) and note else None))
+            note = plain(custom["note"]) if isinstance(custom.get("note"), str) else None
+            answers.append(Answer(handoff=True, note=note or None))
         text, image = item.get("text"), item.get("image")
-        if not isinstance(text, str) or not text:
+        text = plain(text) if isinstance(text, str) else None
+        if not text:
             text = None
         image = allowed_media(image if isinstance(image, str) and image else None, development=development)
         if text or image:
@@ -117,6 +119,9 @@ class HttpEngine:
     without one (the operator's ENGINE_URL) it is trusted. Either way a call ends by the deadline
     and reads at most `max_bytes` of answer, and redirects are not followed.
     """
+
+    # The 4xx that mean "later", retried like a 5xx; any other 4xx would be refused again.
+    LATER_STATUSES: frozenset[int] = frozenset({429})
 
     def __init__(self, url: str, *, policy: AddressPolicy | None = None, development: bool = False,
                  deadline: float | None = None, connect_timeout: float | None = None,
@@ -208,7 +213,7 @@ class HttpEngine:
                               "redirects are not followed", retryable=False)
         if status >= 400:
             # A 4xx refuses our request as such (a wrong URL, say): asking again would be refused too.
-            raise EngineError("http_error", f"HTTP {status}", status >= 500 or status == 429)
+            raise EngineError("http_error", f"HTTP {status}", status >= 500 or status in self.LATER_STATUSES)
         if (response.length_remaining or 0) > self._max_bytes:  # its Content-Length
             raise self._too_large()
         body = bytearray()

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from shared import keys, messagelog, news
 from shared.db import transaction
-from shared.erasure import erased_since
+from shared.erasure import conversation_of_record, erased_since, recorded_at
 from shared.logging import get_logger
 from shared.redis import script
 from shared.messagelog import Exchange, Outcome
@@ -59,7 +59,7 @@ _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call(
 
 
 _MESSAGE_FIELDS = ("sid", "bot_id", "sender", "to", "body", "media", "received_at")
-_REPLY_FIELDS = ("id", "bot_id", "to", "text", "media_url", "in_reply_to", "created_at")
+_REPLY_FIELDS = messagelog.LOGGED_REPLY_FIELDS
 
 
 def exchange_record(message: Mapping[str, Any], replies: Sequence[Mapping[str, Any]], bot_number: str | None) -> str:
@@ -90,6 +90,9 @@ def write(engine: Engine, records: Sequence[Mapping[str, Any]]) -> None:
                 for r in records if r["kind"] == OUTCOME]
     with transaction(engine) as connection:
         messagelog.record_exchanges(connection, exchanges)
+        for record in records:
+            if record["kind"] == messagelog.PUSHED:
+                messagelog.record_replies(connection, record["replies"], record["bot_number"], record["origin"])
         messagelog.record_outcomes(connection, outcomes)
 
 
@@ -125,17 +128,11 @@ def _announce(redis: Any, records: Sequence[Mapping[str, Any]]) -> None:
 def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """The records, less exchanges of conversations erased (on request) after their message came:
     written now, they would bring back what was erased. One MGET per batch."""
-    def conversation(record: dict[str, Any]) -> str | None:
-        message = record.get("message") if record.get("kind") == EXCHANGE else None
-        if not isinstance(message, dict) or "bot_id" not in message or "sender" not in message:
-            return None  # not an exchange, or malformed (write sets it aside)
-        return keys.conversation_id(message["bot_id"], message["sender"])
-
-    erased = erased_since(redis, sorted({c for record in records if (c := conversation(record)) is not None}))
+    erased = erased_since(redis, sorted({c for record in records if (c := conversation_of_record(record)) is not None}))
     if not erased:
         return records, raw
     kept = [(record, item) for record, item in zip(records, raw)
-            if (c := conversation(record)) not in erased or record["message"].get("received_at", 0) > erased[c]]
+            if (c := conversation_of_record(record)) not in erased or recorded_at(record) > erased[c]]
     return [record for record, _ in kept], [item for _, item in kept]
 
 
@@ -156,6 +153,27 @@ def _write_one_by_one(redis: Any, engine: Engine, raw: list[str], records: list[
         log.error("log_drain.record_refused", error=str(error)[:300], record=item[:300])
         redis.lpush(keys.LOG_REFUSED, item)
     redis.ltrim(keys.LOG_REFUSED, 0, REFUSED_KEPT - 1)
+
+
+def forget_refused_before(redis: Any, cutoff: float) -> int:
+    """Drop the records set aside in keys.LOG_REFUSED that tell of something before `cutoff` (the
+    retention period's start: they hold texts and numbers); returns how many went."""
+    dropped = 0
+    for raw in redis.lrange(keys.LOG_REFUSED, 0, -1):
+        if _record_time(raw) < cutoff:
+            dropped += redis.lrem(keys.LOG_REFUSED, 0, raw)
+    return dropped
+
+
+def _record_time(raw: str) -> float:
+    """When what a record tells of happened (an exchange's message came, an outcome was reached); 0
+    for a record too malformed to say, which no retention period keeps."""
+    try:
+        record = json.loads(raw)
+        at = record["message"]["received_at"] if record.get("kind") == EXCHANGE else record["at"]
+        return float(at)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0.0
 
 
 def drain(redis: Any, engine: Engine, timeout: float = 10.0) -> None:

@@ -20,12 +20,13 @@ from twilio.base.exceptions import TwilioRestException
 from shared import conversations, deadletters, keys, messagelog, optout
 from shared.bots import Bot
 from shared.conversations import (
-    CALLBACK_SUFFIX, FENCED, QUEUE_FUNCTION, REPLY, RESEND_MARK, SENDING_SUFFIX, callback_field,
+    CALLBACK_SUFFIX, ERASED, FENCED, QUEUE_FUNCTION, REPLY, RESEND_MARK, SENDING_SUFFIX, callback_field,
     new_reply, queue_args, queue_keys_of, queue_replies, resend_attempt, reschedule, sending_field, stored,
 )
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.metrics import TALLY
+from shared.poolnumbers import POOL_NUMBERS
 from shared.redis import script, with_constants
 from shared.segments import count_segments
 from shared.tasks import OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, get_broker, kick_delivery
@@ -183,14 +184,15 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 # KEYS: QUEUE_FUNCTION's six, then inbox, outbox lease, opt-out copy, pace hash, replies this minute.
 # ARGV: QUEUE_FUNCTION's five, then the outbox lease's token and ms, the recipient, the opt-out
 #       copy's loaded marker, the pace's interval and ttl, then the (id, reply) pairs.
-# Returns {head or FENCED or false, messages waiting, and when the lease was taken: 1, the
+# Returns {head or FENCED or ERASED or false, messages waiting, and when the lease was taken: 1, the
 # opt-out copy's two values, the pace's turn}.
 QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + with_constants("""
 local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12)
 local waiting = redis.call('LLEN', KEYS[7])
 local n = (#ARGV - 11) / 2
-if head ~= -1 and n > 0 and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
-if not head or head == -1 or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
+local refused = head == -1 or head == -2
+if not refused and n > 0 and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
+if not head or refused or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
   return {head, waiting}
 end
 local looked = redis.call('HMGET', KEYS[9], ARGV[8], ARGV[9])
@@ -202,13 +204,15 @@ return {head, waiting, 1, looked[1] or false, looked[2] or false,
 @dataclass(frozen=True)
 class Queued:
     """What queue_and_take did: the head to send (None: the outbox was busy, or nothing was
-    queued), whether the step was fenced, whether more messages wait, and the taken turn."""
+    queued), whether the step was fenced, whether more messages wait, the taken turn, and whether
+    the conversation was erased while its message was answered (nothing was queued or logged)."""
 
     head: str | None
     fenced: bool
     waiting: bool
     lease: Lease | None
     looked: tuple[list[str | None], str] | None
+    erased: bool = False
 
 
 def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]], bot: Bot, done_inbound: str,
@@ -231,6 +235,8 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     head, waiting, *taken = result
     if head == FENCED:
         return Queued(None, True, bool(waiting), None, None)
+    if head == ERASED:
+        return Queued(None, False, bool(waiting), None, None, erased=True)
     if not taken:
         return Queued(head or None, False, bool(waiting), None, None)
     lease.granted(taken[0])
@@ -272,13 +278,15 @@ class Head:
 def sender_for(bot: Bot, reply: dict[str, Any], texted: str | None = None) -> Sender:
     """Who a reply goes from. A bot with a messaging service sends through it, From the number the
     person texted when known (else the service's Sticky Sender picks); a bot without one, from the
-    number texted if it is still the bot's, else its main-phone-number."""
+    number texted if it is still the bot's, else its main-phone-number. A push (`texted`: the number
+    last texted, up to 48 hours ago) never goes From a number the bot no longer lists: it may be
+    another bot's now."""
     sending = bot.sending
     options = {"validity_period": sending.validity_period, "smart_encoded": sending.smart_encoded,
                "shorten_urls": sending.shorten_urls}
     if not bot.pooled:
         return Sender(bot.number, **options)
-    chosen = reply.get("from_number") or texted
+    chosen = reply.get("from_number") or (texted if texted in bot.numbers else None)
     if bot.messaging_service_sid:
         return Sender(chosen, bot.messaging_service_sid, **options)
     return Sender(chosen if chosen in bot.numbers else bot.number, **options)
@@ -374,7 +382,8 @@ def _hold_back(redis: Any, conversation: str, reply: dict[str, Any], bot: Bot) -
     every few minutes, so a raised limit or the next UTC day releases them."""
     wait = min(budget.RECHECK_SECONDS, budget.seconds_to_next_day())
     log.warning("outbound.held_back", bot_id=bot.id, conversation=conversation, reply_id=reply["id"],
-                max_messages_per_day=bot.limits.max_messages_per_day, recheck_in=round(wait))
+                max_messages_per_day=bot.limits.max_messages_per_day,
+                max_segments_per_day=bot.limits.max_segments_per_day, recheck_in=round(wait))
     TALLY.incr("sms_outbound", result="held_back")
     return _schedule(redis, conversation, reply, wait)
 
@@ -437,7 +446,7 @@ def _reconciled(redis: Any, conversation: str, head: Head, lease: Lease, sid: st
     assert reply is not None and bot is not None
     next_head = _finish(redis, conversation, head, "queued", sid=sid, at=time.time(), lease=lease)
     TALLY.incr("sms_outbound", result="sent")
-    DAILY_SENDS.sent(bot.id)
+    DAILY_SENDS.sent(bot.id, count_segments(reply["text"]))
     _log_reconciled(bot.id, conversation, reply["id"], sid, how)
     return Step(kick=next_head)
 
@@ -485,7 +494,9 @@ def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: 
     next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
                         pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
-    DAILY_SENDS.sent(bot.id)
+    DAILY_SENDS.sent(bot.id, count_segments(reply["text"]))
+    if sender.messaging_service_sid:  # a pool number, maybe unlisted: a bot number for the loop guard
+        POOL_NUMBERS.learn(redis, accepted.from_ or sender.from_, bot.id)
     if reply["received_at"]:
         TALLY.observe("sms_webhook_to_twilio_seconds", now - reply["received_at"])
     # twilio_sid is this reply's own message; in_reply_to is the inbound MessageSid it answers.

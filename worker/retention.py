@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -9,12 +10,15 @@ from sqlalchemy import Engine
 
 from shared import keys
 from shared.logging import get_logger
-from shared.retention import purge
+from shared.retention import DAY_SECONDS, purge
 from worker.background import Periodic
+from worker.logdrain import forget_refused_before
 
 log = get_logger(__name__)
 
 INTERVAL_SECONDS = 3600.0
+# A worker's first pass, once it has settled in after its start.
+FIRST_PASS_SECONDS = 60.0
 # Longer than a purge takes; the holder releases it when done, a crashed one lets it lapse.
 LEASE_SECONDS = 1800
 
@@ -29,7 +33,9 @@ def run_once(redis: Any, engine: Engine, days: int, token: str | None = None) ->
         return False
     try:
         purged = purge(engine, days)
-        log.info("retention.purged", days=days, rows=purged.total, batches=purged.batches, **purged.rows)
+        refused = forget_refused_before(redis, time.time() - days * DAY_SECONDS)
+        log.info("retention.purged", days=days, rows=purged.total, batches=purged.batches, refused_records=refused,
+                 **purged.rows)
     finally:
         redis.eval(_RELEASE_LUA, 1, keys.RETENTION_LOCK, token)
     return True
@@ -43,7 +49,7 @@ class Retention(Periodic):
     def __init__(self, redis: Any, engine: Engine, days: int, interval: float = INTERVAL_SECONDS) -> None:
         super().__init__()
         self._redis, self._engine, self._days, self._interval = redis, engine, days, interval
-        self.first_pause = min(60.0, interval)
+        self.first_pause = min(FIRST_PASS_SECONDS, interval)
         self.pause_after_failure = interval
 
     def turn(self) -> float:

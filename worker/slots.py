@@ -1,6 +1,7 @@
-"""How many engine calls each bot may have in flight in one worker process (its
-max-concurrent-engine-calls; by default a quarter of the process's threads), so a slow or hostile
-engine holds only its own bot's share of the threads and other bots' conversations keep moving.
+"""How many engine calls and handoff forwards each bot may have in flight in one worker process
+(its max-concurrent-engine-calls; by default a quarter of the process's threads), so a slow or
+hostile engine or handoff-url holds only its own bot's share of the threads and other bots'
+conversations keep moving.
 
 A conversation that finds its bot's slots all taken does not wait for one: it lets its thread go
 and comes back shortly (worker.conversation), its message first in line.

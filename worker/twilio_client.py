@@ -43,6 +43,7 @@ class Accepted:
 
     sid: str
     status: str
+    from_: str | None = None  # the number it goes from; None while a Messaging Service has yet to pick one
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def send_sms(client: Client, sender: Sender | str, to: str, body: str, media_url
     except OSError as error:
         # requests' ConnectionError and Timeout are OSErrors: the message may or may not exist.
         return Refused(None, None, f"{error.__class__.__name__}: {error}")
-    return Accepted(sid=str(message.sid), status=str(message.status or "queued"))
+    return Accepted(sid=str(message.sid), status=str(message.status or "queued"),
+                    from_=str(message.from_) if message.from_ else None)
 
 
 def outcome_unknown(refused: Refused) -> bool:
