@@ -29,8 +29,10 @@ import requests
 
 from cli.twilio_standin import TwilioStandin
 from shared.bots import PHONE_NUMBERS, SERVICE_SID, Bot, BotStore
+from shared import operators
 from shared.crypto import Vault
-from shared.db import get_engine, migrate
+from shared.access import ADMIN
+from shared.db import get_engine, migrate, transaction
 from shared.redis import connect
 from shared.settings import DEVELOPMENT, Settings, SettingsError
 
@@ -285,7 +287,20 @@ def demo_bot(settings: Settings, pooled: bool = False) -> Bot:
     })
 
 
-def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, twilio_url: str) -> None:
+DEMO_OPERATOR = "admin@dev.localhost"
+
+
+def demo_operator(settings: Settings) -> tuple[str, str]:
+    """An admin account of the console with a new password for this run: (email, password)."""
+    password = secrets.token_urlsafe(12)
+    with transaction(get_engine(settings)) as connection:
+        if operators.set_password(connection, DEMO_OPERATOR, password) is None:
+            operators.add(connection, DEMO_OPERATOR, ADMIN, [], password)
+    return DEMO_OPERATOR, password
+
+
+def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, twilio_url: str,
+           console_login: tuple[str, str] | None = None) -> None:
     port = env["PORT"]
     local = f"http://localhost:{port}"
     command = shlex.join([
@@ -303,6 +318,8 @@ def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, t
     console.say(f"  twilio:      stand-in at {twilio_url}: every outbound SMS is printed as 'twilio | SMS ...'")
     console.say(f"  engine:      {engine}")
     console.say(f"  admin token: {env['ADMIN_API_TOKEN']}   (ADMIN_API_TOKEN, for the registry API and /metrics)")
+    if console_login:
+        console.say(f"  console:     {local}/console/   (sign in as {console_login[0]}, password {console_login[1]})")
     console.say(f"Demo bot {bot.id} ({bot.name}) answers on {bot.number}. Text it:")
     console.say(f"  {command}")
     if bot.messaging_service_sid and bot.phone_numbers:
@@ -380,7 +397,7 @@ def _run_children(commands: Mapping[str, str], env: dict[str, str], cwd: Path, g
         if listens_beyond_this_machine(host):
             console.line("dev", f"warning: web listens on {host}, beyond this machine: anyone who can reach it can "
                                 "use the admin token and the demo bot's auth token printed below")
-        banner(console, env, demo_bot(settings, pooled), embedded, twilio_url)
+        banner(console, env, demo_bot(settings, pooled), embedded, twilio_url, demo_operator(settings))
         return _watch(children, stop, console)
     finally:
         console.line("dev", "stopping")

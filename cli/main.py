@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import bots, dev, dlq, handoff, migrate, send, simulate, worker
+from cli import bots, dev, dlq, handoff, migrate, operators, send, simulate, worker
 from shared.settings import SettingsError
 
 DESCRIPTION = """\
@@ -21,6 +21,8 @@ The SMS channel for Mammut chatbots.
   mammut-sms handoff pause --bot 1 --with +15551230001
                                  hand a conversation to a human (`handoff resume` gives it back)
   mammut-sms dlq list            replies that failed for good; `dlq replay` sends them again
+  mammut-sms operators add EMAIL --role operator --bots 1
+                                 an account for the console (/console/); list, remove, reset-password
   mammut-sms migrate             create or upgrade the database's tables (Heroku: the release phase)
   mammut-sms worker              run the Dramatiq worker (WORKER_POOL=threads|gevent; the Procfile's worker)
 """
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammut-sms", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dev, simulate, bots, send, handoff, dlq, migrate, worker):
+    for module in (dev, simulate, bots, send, handoff, dlq, operators, migrate, worker):
         module.add_parser(commands)
     return parser
 

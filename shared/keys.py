@@ -183,3 +183,28 @@ def handoffs(bot_id: int) -> str:
     """The Redis copy of which of a bot's conversations a human has taken over (shared.handoff): a
     hash of person -> until (Unix seconds; 0: until resumed), with LOADED once it holds the database's."""
     return f"{PREFIX}:handoffs:{bot_id}"
+
+
+# The operator console (webhook/console): sessions, sign-in attempts, and news for open pages.
+def console_session(token_hash: str) -> str:
+    """A signed-in browser's session (a hash: operator, csrf), under the SHA-256 of its cookie."""
+    return f"{PREFIX}:console:session:{token_hash}"
+
+
+def console_sessions_of(operator_id: int) -> str:
+    """The set of an operator's sessions, so signing out (or a new password) ends them everywhere."""
+    return f"{PREFIX}:console:sessions:{operator_id}"
+
+
+def console_sign_in_failures(kind: str, value: str) -> str:
+    """Failed sign-ins in the current window per account (`kind` "account") or per address ("address")."""
+    return f"{PREFIX}:console:sign-in-failures:{kind}:{value}"
+
+
+def console_seen(operator_id: int) -> str:
+    """A hash of conversation -> when the operator last opened it (the inbox marks what changed since)."""
+    return f"{PREFIX}:console:seen:{operator_id}"
+
+
+# Published when a conversation changes (a message logged, a delivery status, a handoff): `bot_id person`.
+CONSOLE_NEWS_CHANNEL = f"{PREFIX}:console:news"

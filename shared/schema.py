@@ -162,3 +162,27 @@ scheduled = Table(
     Index(None, "state", "send_at"),
     Index(None, "bot_id", "send_at"),
 )
+
+# Keys for the REST API scoped to a role and some bots (shared.access); the key itself is shown once
+# and kept only as its SHA-256. Deleting the row revokes the key.
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False),
+    Column("role", String(16), nullable=False),  # "admin" or "operator"
+    Column("bots", JSON, nullable=False),  # bot ids; empty: every bot of the app
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+# People who sign in to the console (/console/), with the same roles and scopes as the API keys.
+operators = Table(
+    "operators", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("email", String(320), nullable=False, unique=True),  # stored lower-cased
+    Column("role", String(16), nullable=False),
+    Column("bots", JSON, nullable=False),
+    Column("password_hash", Text, nullable=False),  # argon2id, with its own salt and parameters
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

@@ -55,6 +55,8 @@ class Settings:
     # REST requests one worker process keeps in flight per Twilio account: past it they queue for a
     # slot (Twilio answers 20429 past its own limit per account, 100 by default, across all processes).
     twilio_max_concurrent_requests: int = 50
+    # Live streams of the console each web process keeps open (each holds one of its WEB_THREADS); past them, pages poll.
+    console_streams: int = 1
 
     @property
     def development(self) -> bool:
@@ -83,6 +85,7 @@ class Settings:
             send_reconcile_seconds=env_int(env, "SEND_RECONCILE_SECONDS", cls.send_reconcile_seconds, 1, 3600),
             twilio_max_concurrent_requests=env_int(env, "TWILIO_MAX_CONCURRENT_REQUESTS",
                                                    cls.twilio_max_concurrent_requests, 1, 10_000),
+            console_streams=env_int(env, "CONSOLE_STREAMS", cls.console_streams, 0, 1000),
         )
         return settings.checked()
 

@@ -19,7 +19,8 @@ from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, free_po
 HELP_COMMANDS = [
     [], ["dev"], ["simulate"], ["bots"], ["bots", "list"], ["bots", "show"], ["bots", "create"], ["bots", "update"],
     ["bots", "delete"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["worker"], ["send"], ["handoff"],
-    ["handoff", "pause"], ["handoff", "resume"],
+    ["handoff", "pause"], ["handoff", "resume"], ["operators"], ["operators", "add"], ["operators", "list"],
+    ["operators", "remove"], ["operators", "reset-password"],
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shlex
 import signal
 import socket
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import free_port
 
@@ -151,6 +153,16 @@ def test_dev_runs_the_service_that_simulate_texts_and_stops_cleanly_on_ctrl_c(
     assert "echo: Hello from the test" in simulated.stdout
     line = output.wait_for("echo: Hello from the test", 15)
     assert "twilio" in line and "SMS +15005550006 -> +15551230000" in line
+
+    # And the console account it printed signs in
+    login = re.search(r"console: +(\S+) +\(sign in as (\S+), password (\S+)\)", output.text())
+    assert login, "dev should print a console account"
+    browser = requests.Session()
+    form = browser.get(login[1] + "sign-in", timeout=30).text
+    token = re.search(r'name="csrf" value="([^"]+)"', form)[1]  # type: ignore[index]
+    signed = browser.post(login[1] + "sign-in", data={"email": login[2], "password": login[3], "csrf": token},
+                          timeout=30, allow_redirects=False)
+    assert 302 == signed.status_code and 200 == browser.get(login[1], timeout=30).status_code
 
     # When Ctrl-C is pressed
     process.send_signal(signal.SIGINT)

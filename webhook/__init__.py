@@ -24,9 +24,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     # TLS ends at Heroku's router: trust its X-Forwarded-Proto/Host so request.url is the URL Twilio signed.
     app.wsgi_app = ProxyFix(ChunkedBodyLimit(app.wsgi_app, MAX_BODY_BYTES), x_proto=1, x_host=1)  # type: ignore[method-assign]
 
-    from webhook import errors, health, inbound, metrics, openapi, registry, replies, status
+    from webhook import apikeys, deadletters, errors, health, inbound, metrics, openapi, registry, replies, status
 
     errors.init_app(app)
-    for module in (health, metrics, openapi, inbound, status, replies, registry):
+    for module in (health, metrics, openapi, inbound, status, replies, registry, apikeys, deadletters):
         app.register_blueprint(module.bp)
+    from webhook import console
+
+    console.init_app(app)
     return app

@@ -13,7 +13,7 @@ from flask import Response, jsonify
 from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared import handoff, metrics
+from shared import handoff, metrics, news
 from shared.bots import Bot
 from shared.logging import get_logger
 from shared.text import plain
@@ -35,6 +35,7 @@ def pause(bot: Bot, person: str, body: dict[str, Any]) -> tuple[Response, int] |
         return _unavailable("pause", bot, error)
     log.info("handoff.paused", bot_id=bot.id, person=person, by=handoff.BY_OPERATOR, until=paused.until)
     metrics.incr(deps.get_redis(), "sms_handoffs", event="paused", by=handoff.BY_OPERATOR)
+    news.publish(deps.get_redis(), bot.id, person)
     return jsonify(status="Success", data={"person": person, "handoff": paused.public()})
 
 
@@ -46,6 +47,7 @@ def resume(bot: Bot, person: str) -> tuple[Response, int] | Response:
     log.info("handoff.resumed", bot_id=bot.id, person=person, was_paused=ended is not None)
     if ended is not None:
         metrics.incr(deps.get_redis(), "sms_handoffs", event="resumed", by=handoff.BY_OPERATOR)
+    news.publish(deps.get_redis(), bot.id, person)
     return jsonify(status="Success", data={"person": person, "handoff": handoff.NOT_PAUSED,
                                            "resumed": ended is not None})
 

@@ -9,12 +9,11 @@ token (Prometheus: `authorization: {credentials: ...}`), since the counts reveal
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Any
 
 import redis as redis_lib
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -24,6 +23,7 @@ from shared import keys
 from shared.db import database_up
 from shared.metrics import RedisCollector
 from shared.tasks import CONVERSATIONS_QUEUE, NAMESPACE, OUTBOUND_QUEUE, waiting_key
+from webhook import access
 from webhook.deps import get_engine, get_redis, get_settings
 
 bp = Blueprint("metrics", __name__)
@@ -93,9 +93,9 @@ class DatabaseCollector(Collector):
 @bp.get("/metrics")
 def metrics() -> Response:
     """The service's counters, latency histograms, queue depths and dead-letter count."""
-    if not _authorized():
-        return Response("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)\n", status=401,
-                        content_type="text/plain; charset=utf-8", headers={"WWW-Authenticate": "Bearer"})
+    refusal = _refusal()
+    if refusal is not None:
+        return refusal
     # A registry per scrape: collecting reads Redis anyway, and nothing lingers between scrapes.
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(get_redis(), gauges=GAUGES))
@@ -108,9 +108,15 @@ def metrics() -> Response:
     return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
 
-def _authorized() -> bool:
-    expected = get_settings().admin_api_token
-    if not expected:
-        return True  # only possible in development: production refuses to start without the token
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+def _refusal() -> Response | None:
+    """401 without the admin token or an admin's API key, 403 for an operator's key (the counts span every bot)."""
+    if not get_settings().admin_api_token:
+        return None  # only possible in development: production refuses to start without the token
+    principal = access.identify(access.bearer())
+    if principal is None:
+        return Response("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)\n", status=401,
+                        content_type="text/plain; charset=utf-8", headers={"WWW-Authenticate": "Bearer"})
+    if not principal.is_admin:
+        return Response(f"{principal.name} is an operator's: /metrics needs an admin\n", status=403,
+                        content_type="text/plain; charset=utf-8")
+    return None

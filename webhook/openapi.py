@@ -23,12 +23,14 @@ from shared.schedule import STATES
 from shared.schemas import (EXTRA_NAME, MAX_EXTRA_FIELDS, MAX_EXTRA_INTEGER, MAX_EXTRA_TEXT, BotSchema,
                             BotUpdateSchema, FailedSchema, KeywordList, PhoneNumbers, SendAt, TaskResultSchema)
 from webhook import deps
+from webhook.apikeys import ApiKeySchema
 
 bp = Blueprint("openapi", __name__)
 
 TITLE = "Mammut SMS channel"
 VERSION = "0.1.0"
 _IGNORED_ENDPOINTS = frozenset({"static", "openapi.document"})
+_PAGES = "console."  # the operator console's HTML pages are not the API
 _ARGUMENT = re.compile(r"<(?:(?P<converter>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 
 
@@ -249,8 +251,44 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "metrics.metrics": {"tags": ["operations"], "security": _BEARER,
                         "responses": {"200": {"description": "Prometheus text format",
                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                      "401": _text("missing or wrong bearer token")}},
+                                      "401": _text("missing or wrong bearer token"),
+                                      "403": _text("an operator's API key: the counts span every bot")}},
 }
+
+_OK_JSON = {"application/json": {"schema": {"type": "object"}}}
+# Scoped API keys (webhook.apikeys) and a bot's dead letters (webhook.deadletters).
+OPERATIONS.update({
+    "apikeys.create_api_key": {
+        "tags": ["access"], "security": _BEARER,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": "ApiKey"}}},
+        "responses": {"201": {"description": "made: its id and the key, shown this once", "content": _OK_JSON},
+                      **_FAILED, "409": _json("Failed", "a bot named in `bots` does not exist")}},
+    "apikeys.list_api_keys": {"tags": ["access"], "security": _BEARER,
+                              "responses": {"200": {"description": "every key: id, name, role, bots, created-at "
+                                                                   "(never the key)", "content": _OK_JSON},
+                                            "401": _FAILED["401"], "404": _FAILED["404"]}},
+    "apikeys.revoke_api_key": {"tags": ["access"], "security": _BEARER,
+                               "responses": {"200": {"description": "revoked", "content": _OK_JSON}, **_FAILED}},
+    "deadletters.list_dead_letters": {
+        "tags": ["registry"], "security": _BEARER,
+        "responses": {"200": {"description": "the bot's dead letters, oldest first: id, reply_id, to, text, reason, "
+                                             "error_code, error, attempts, failed_at", "content": _OK_JSON},
+                      **_FAILED}},
+    "deadletters.replay_dead_letters": {
+        "tags": ["registry"], "security": _BEARER,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["ids"], "additionalProperties": False,
+             "properties": {"ids": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
+            {"type": "object", "required": ["all"], "additionalProperties": False,
+             "properties": {"all": {"type": "boolean", "enum": [True]}}},
+        ]}}}},
+        "responses": {"200": {"description": "the ids replayed", "content": _OK_JSON}, **_FAILED}},
+})
+# Every call with a bearer credential may meet a key whose role or bots do not allow it.
+for _endpoint, _operation_of in OPERATIONS.items():
+    if _endpoint.partition(".")[0] in ("registry", "apikeys", "deadletters"):
+        _operation_of["responses"].setdefault(
+            "403", _json("Failed", "an API key whose role or bots do not allow this call"))
 
 
 def _schemas() -> dict[str, type[Schema] | Schema]:
@@ -258,6 +296,7 @@ def _schemas() -> dict[str, type[Schema] | Schema]:
         "Bot": BotSchema, "BotUpdate": BotUpdateSchema, "TaskResult": TaskResultSchema, "Failed": FailedSchema,
         "BotList": BotListSchema, "MessageLog": MessageLogSchema, "ConversationList": ConversationListSchema,
         "TwilioInbound": TwilioInboundSchema, "TwilioStatus": TwilioStatusSchema, "Health": HealthSchema,
+        "ApiKey": ApiKeySchema,
     }
     try:  # the engines' callback is another engineer's module; document it when it is there
         from webhook.replies import CallbackReplySchema
@@ -266,6 +305,11 @@ def _schemas() -> dict[str, type[Schema] | Schema]:
     except ImportError:
         pass
     return schemas
+
+
+def documented(endpoint: str) -> bool:
+    """Whether the endpoint is part of the API this document describes."""
+    return endpoint not in _IGNORED_ENDPOINTS and not endpoint.startswith(_PAGES)
 
 
 def openapi_path(rule: str) -> str:
@@ -278,6 +322,7 @@ def _path_parameters(rule: str, app_id: str) -> list[dict[str, Any]]:
     this service's own application name, a person's number."""
     known: dict[str, dict[str, Any]] = {
         "bot_id": {"type": "integer", "minimum": 1, "maximum": MAX_BOT_ID},
+        "key_id": {"type": "integer", "minimum": 1, "maximum": MAX_BOT_ID},
         "app_id": {"type": "string", "enum": [app_id]},
         "person": {"type": "string", "pattern": E164_PATTERN},
         "depth": {"type": "integer", "minimum": 0},
@@ -322,7 +367,8 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     marshmallow_plugin = MarshmallowPlugin()
     spec = APISpec(title=TITLE, version=VERSION, openapi_version="3.1.0", plugins=[marshmallow_plugin], info={
         "description": "Twilio's webhook receiver and the bot registry API of the SMS channel. "
-                       "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`.",
+                       "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`; "
+                       "an API key (`POST /app:{app_id}/api-keys`) does instead, within its role and bots.",
     })
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("twilioSignature", {
@@ -336,7 +382,7 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     used_ids: set[str] = set()
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint in _IGNORED_ENDPOINTS:
+        if not documented(rule.endpoint):
             continue
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
         operations = paths.setdefault(openapi_path(rule.rule), {})

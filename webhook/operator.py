@@ -16,7 +16,7 @@ import redis as redis_lib
 from flask import Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from shared import keys, messagelog, optout, schedule
+from shared import keys, messagelog, news, optout, schedule
 from shared.conversations import replies_from, queue_replies
 from shared.db import transaction
 from shared.logging import get_logger
@@ -55,9 +55,11 @@ class OperatorMessageSchema(Schema):
 OPERATOR_MESSAGE = OperatorMessageSchema()
 
 
-def send_as_bot(bot_id: int) -> tuple[Response, int] | Response:
+def send_as_bot(bot_id: int, body: object = None, idempotency_key: str | None = None) -> tuple[Response, int] | Response:
+    """`body` and `idempotency_key` default to the request's JSON and Idempotency-Key header (the
+    console passes its form's instead, so both take this one path)."""
     try:
-        return _send_once(bot_id)
+        return _send_once(bot_id, body, idempotency_key)
     except redis_lib.RedisError:
         # Full under maxmemory, a read-only replica, down: nothing was queued, and nothing logged.
         response, status = failed("storage unavailable: nothing was queued; try again", 503)
@@ -65,19 +67,19 @@ def send_as_bot(bot_id: int) -> tuple[Response, int] | Response:
         return response, status
 
 
-def _send_once(bot_id: int) -> tuple[Response, int] | Response:
+def _send_once(bot_id: int, body: object, idempotency_key: str | None) -> tuple[Response, int] | Response:
     bot = deps.get_store().get(bot_id)
     if bot is None:
         return failed(f"no bot with id {bot_id}", 404)
     redis = deps.get_redis()
-    key = request.headers.get("Idempotency-Key", "").strip()
+    key = (request.headers.get("Idempotency-Key", "") if idempotency_key is None else idempotency_key).strip()
     if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
         return failed(f"Idempotency-Key must be printable, at most {MAX_IDEMPOTENCY_KEY} characters", 400)
     remembered_key = keys.operator_send(bot.id, key) if key else None
     if remembered_key is not None and not redis.set(remembered_key, IN_PROGRESS, nx=True, ex=IDEMPOTENCY_SECONDS):
         return _remembered(redis.get(remembered_key))
     try:
-        answer, status = _send(bot, redis)
+        answer, status = _send(bot, redis, request.get_json(silent=True) if body is None else body)
     except BaseException:
         _forget(redis, remembered_key)
         raise
@@ -89,8 +91,7 @@ def _send_once(bot_id: int) -> tuple[Response, int] | Response:
     return Response(json.dumps(answer), status=status, content_type="application/json")
 
 
-def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
-    body = request.get_json(silent=True)
+def _send(bot: Any, redis: Any, body: object) -> tuple[dict[str, Any], int]:
     if not isinstance(body, dict):
         return _refusal("expected a JSON object {to, text, media-url}", 400)
     try:
@@ -103,10 +104,8 @@ def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
         return _refusal(f"media-url {problem}", 400, {"media-url": [problem]})
     to = data["to"]
     conversation = keys.conversation_id(bot.id, to)
-    # It goes from the number the person last texted (a bot with several numbers or a service), else the main one.
-    sender = (redis.get(keys.texted(conversation)) if bot.pooled else None) or bot.number
-    scope = bot.opt_out_key(sender)
-    if optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to):
+    sender, scope, opted_out = sending_from(bot, redis, to)
+    if opted_out:
         return _refusal(f"{to} opted out of {scope} (texted STOP): nothing is sent until they text START",
                         409, {"to": ["opted out"]})
     waits = schedule.later(bot, to, data["send_at"])
@@ -126,7 +125,16 @@ def _send(bot: Any, redis: Any) -> tuple[dict[str, Any], int]:
         kick_delivery(conversation, reply_id, broker=deps.get_broker())
     ids = [reply["id"] for reply in replies]
     log.info("operator.queued", bot_id=bot.id, recipient=to, replies=len(ids))
+    news.publish(redis, bot.id, to)
     return {"status": "Success", "data": {"queued": ids}}, 202
+
+
+def sending_from(bot: Any, redis: Any, to: str) -> tuple[str, str, bool]:
+    """The number a send to `to` goes from, the opt-out scope it is under, and whether `to` opted out of it."""
+    # It goes from the number the person last texted (a bot with several numbers or a service), else the main one.
+    sender = (redis.get(keys.texted(keys.conversation_id(bot.id, to))) if bot.pooled else None) or bot.number
+    scope = bot.opt_out_key(sender)
+    return sender, scope, optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to)
 
 
 def _forget(redis: Any, remembered_key: str | None) -> None:

@@ -6,7 +6,6 @@ Mammut's TaskResult shape, which Mammut's own API client parses.
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +23,8 @@ from shared.db import transaction
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
 from shared.schemas import CREATE, UPDATE
-from webhook import handoffs, operator
-from webhook.deps import get_engine, get_redis, get_settings, get_store
+from webhook import access, handoffs, operator
+from webhook.deps import get_engine, get_redis, get_store
 from webhook.errors import failed
 
 log = get_logger(__name__)
@@ -52,17 +51,8 @@ def bad_request(error: BadRequest):  # type: ignore[no-untyped-def]
 
 @bp.before_request
 def authenticate():  # type: ignore[no-untyped-def]
-    """Every registry call needs the admin bearer token; the app name must be this service's."""
-    expected = get_settings().admin_api_token or ""
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        response, status = failed("missing or wrong bearer token (Authorization: Bearer $ADMIN_API_TOKEN)", 401)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response, status
-    if (request.view_args or {}).get("app_id") != get_settings().app_id:
-        return failed(f"unknown application {(request.view_args or {}).get('app_id')!r}", 404)
-    return None
+    """Every registry call needs the admin token or an API key allowed this call (webhook.access)."""
+    return access.authenticate()
 
 
 @bp.post(USER)
@@ -104,7 +94,9 @@ def rotate_handoff_secret(app_id: str, bot_id: str):  # type: ignore[no-untyped-
 
 @bp.get(USER)
 def list_bots(app_id: str):  # type: ignore[no-untyped-def]
-    return jsonify(status="Success", data={"user": [bot.public() for bot in get_store().all()]})
+    principal = access.current()
+    bots = [bot.public() for bot in get_store().all() if principal.reaches(bot.id)]
+    return jsonify(status="Success", data={"user": bots})
 
 
 @bp.post(ONE_USER)
@@ -113,17 +105,24 @@ def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     changes = {**_json_body(required=False), **_query_fields()}
     if not changes:
         raise BadRequest("nothing to update: send fields in the query string or a JSON body")
-    fields = _validated(UPDATE, changes)
     try:
-        bot, shown_once = get_store().update_with_secrets(bot_id_number, fields)
+        bot, shown_once = apply_update(bot_id_number, changes)
     except BotNotFound:
         return failed(f"no bot with id {bot_id_number}", 404)
     except NumberTaken as taken:  # the number (or service) and the bot that has it
         return failed(str(taken), 409, {taken.field: [str(taken)]})
     except InvalidBot as invalid:  # valid alone, not with the bot's other fields (shorten-urls without a service)
         return failed(f"conflicts with the bot's other fields: {invalid}", 409, {invalid.field: [invalid.problem]})
-    log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
     return _task_result(bot.id, "updated", shown_once)
+
+
+def apply_update(bot_id: int, changes: dict[str, Any]) -> tuple[Bot, dict[str, str]]:
+    """Validate and store a bot's changed fields (the console's bot settings take this path too);
+    raises BadRequest, BotNotFound, NumberTaken or InvalidBot."""
+    fields = _validated(UPDATE, changes)
+    bot, shown_once = get_store().update_with_secrets(bot_id, fields)
+    log.info("registry.updated", bot_id=bot.id, number=bot.number, fields=sorted(k for k in fields if k != AUTH_TOKEN))
+    return bot, shown_once
 
 
 @bp.get(ONE_USER)

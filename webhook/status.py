@@ -15,7 +15,7 @@ from flask import Blueprint, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
-from shared import conversations, keys, messagelog, metrics, optout
+from shared import conversations, keys, messagelog, metrics, news, optout
 from shared.bots import Bot, BotCache, is_service_sid
 from shared.phone import is_e164
 from shared.conversations import DEDUPE_TTL, note_callback, resend_attempt
@@ -114,6 +114,7 @@ def _store(bot: Bot, message_sid: str, status: str, code: int | None, recipient:
         if owner is not None and owner != bot.id:
             return None
         current = messagelog.record_delivery(connection, message_sid, bot.id, status, code)
+    news.publish(deps.get_redis(), bot.id, recipient)
     if code is not None and action_for(None, code) is Action.OPTED_OUT and (sender or bot.messaging_service_sid):
         optout.opt_out(engine, deps.get_redis(), bot.opt_out_key(sender), recipient)
     return current

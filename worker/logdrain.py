@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from shared import keys, messagelog
+from shared import keys, messagelog, news
 from shared.db import transaction
 from shared.erasure import conversation_of_record, erased_since, recorded_at
 from shared.logging import get_logger
@@ -111,7 +111,18 @@ def drain_once(redis: Any, engine: Engine, token: str, batch: int = BATCH) -> in
         _write_one_by_one(redis, engine, raw, records)
     if not redis.eval(_TRIM_LUA, 2, keys.LOG_OUTBOX, keys.LOG_DRAIN_LOCK, token, taken, LEASE_MS):
         return FENCED
+    _announce(redis, records)
     return taken
+
+
+def _announce(redis: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    """Tell the console's open pages which conversations the log now shows more of."""
+    changed = {(r["message"].get("bot_id"), r["message"].get("sender")) for r in records
+               if r.get("kind") == EXCHANGE and isinstance(r.get("message"), dict)}
+    if any(r.get("kind") == OUTCOME for r in records):
+        changed.add((None, None))  # an outcome names its reply only
+    for bot_id, person in changed:
+        news.publish(redis, bot_id, person)
 
 
 def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -> tuple[list[dict[str, Any]], list[str]]:

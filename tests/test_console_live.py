@@ -1,0 +1,116 @@
+"""Live console streams are bounded per web process, so open console tabs never take the threads
+Twilio's webhook needs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+import requests
+from flask.testing import FlaskClient
+
+from shared import keys, news
+from shared.bots import Bot
+from tests.conftest import BOT_NUMBER
+from tests.support.console import Service, running_service
+from tests.test_status_callbacks import RECIPIENT, callback, post_status
+
+STREAMS = 50
+
+
+@pytest.fixture
+def service(worker_env: dict[str, str], redis: redis_lib.Redis, database: str) -> Iterator[Service]:
+    """The web process as deployed (WEB_THREADS 4), with one live stream allowed."""
+    with running_service(worker_env, database, worker=False, WEB_THREADS="4", CONSOLE_STREAMS="1",
+                         WEB_CONCURRENCY="1") as running:
+        yield running
+
+
+def test_fifty_open_console_streams_leave_the_webhook_answering(service: Service) -> None:
+    """With 50 tabs holding /console/live open, a signed webhook is still answered, and the tabs past
+    the bound are told to poll (503) instead of holding a thread."""
+    bot_id = service.register(BOT_NUMBER, "bot")
+    service.add_operator("ana@example.com", "operator", [bot_id])
+    session = service.signed_in("ana@example.com")
+    cookies = session.cookies.get_dict()
+    statuses: list[int] = []
+    opened = threading.Barrier(STREAMS + 1, timeout=120)
+    held: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def tab() -> None:
+        response = requests.get(service.base + "/console/live", cookies=cookies, stream=True, timeout=120)
+        with lock:
+            statuses.append(response.status_code)
+            held.append(response)
+        opened.wait()
+
+    tabs = [threading.Thread(target=tab, daemon=True) for _ in range(STREAMS)]
+    for thread in tabs:
+        thread.start()
+    opened.wait()
+    try:
+        # When Twilio posts while every tab is open
+        answer = service.text(BOT_NUMBER, "+15551230001", "hola")
+    finally:
+        for response in held:
+            response.close()
+    # Then the webhook answered, one tab streams and the others were sent to polling
+    assert 200 == answer.status_code
+    assert (1, STREAMS - 1) == (statuses.count(200), statuses.count(503))
+
+
+def announced(pubsub: redis_lib.client.PubSub) -> list[tuple[int | None, str | None]]:
+    """The news published so far (waiting a little for the first)."""
+    found, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is None and found:
+            break
+        if message is not None and message["type"] == "message":
+            found.append(news.read(message["data"]))
+    return found
+
+
+def test_a_status_callback_a_handoff_and_an_operators_send_are_announced_to_open_pages(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+    """Each change a page shows is published on the console's channel with its bot and person."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    user = f"/app:mammut-1/graph/user:{bot.id}"
+
+    post_status(client, callback("SM" + uuid.uuid4().hex, "delivered"))
+    delivered = announced(pubsub)
+    client.post(f"{user}/conversations/{RECIPIENT}/handoff", headers=admin_headers)
+    paused = announced(pubsub)
+    client.delete(f"{user}/conversations/{RECIPIENT}/handoff", headers=admin_headers)
+    resumed = announced(pubsub)
+    client.post(f"{user}/messages", headers=admin_headers, json={"to": RECIPIENT, "text": "hola"})
+    sent = announced(pubsub)
+    pubsub.close()
+
+    assert [[(bot.id, RECIPIENT)]] * 4 == [delivered, paused, resumed, sent]
+
+
+def test_the_log_drain_announces_the_conversations_it_wrote(redis: redis_lib.Redis, settings: object) -> None:
+    """Once the log shows a new message the conversation is announced; an outcome (which names only
+    its reply) is announced as some conversation."""
+    from shared.db import get_engine
+    from tests.test_logdrain import PERSON, exchange
+    from worker.logdrain import drain, outcome_record
+
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    redis.rpush(keys.LOG_OUTBOX, exchange("SM1", "hi"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    written = announced(pubsub)
+    redis.rpush(keys.LOG_OUTBOX, outcome_record("SM1-0", "queued", sid="SMout1"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    settled = announced(pubsub)
+    pubsub.close()
+    assert ([(1, PERSON)], [(None, None)]) == (written, settled)
