@@ -87,16 +87,17 @@ class KeywordList(fields.Field):
         self.least = least
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
-        items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+        # A query string may hold an empty item ("BAJA, ALTO,"); a JSON list's items are taken as given.
+        items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ValidationError("must be a list of keywords (or, in a query string, keywords separated by commas)")
-        words = [item.strip() for item in items if item.strip()]
+        words = [item.strip() for item in items]
         if not self.least <= len(words) <= keywords.MAX_KEYWORDS:
             raise ValidationError(f"must have {self.least} to {keywords.MAX_KEYWORDS} keywords")
         seen: set[str] = set()
-        for word in words:
+        for given, word in zip(items, words):
             compared = keywords.normalized(word)
-            if not compared or len(word) > keywords.MAX_KEYWORD_LENGTH:
+            if not any(char.isalnum() for char in compared) or len(given) > keywords.MAX_KEYWORD_LENGTH:
                 raise ValidationError(f"{word[:40]!r}: each keyword needs a letter or digit and at most "
                                       f"{keywords.MAX_KEYWORD_LENGTH} characters")
             if compared in seen:

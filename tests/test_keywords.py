@@ -80,6 +80,16 @@ def test_keywords_are_set_from_the_seeds_query_string(client: FlaskClient, admin
 @pytest.mark.parametrize(("change", "field"), [
     ({"help-keywords": ["STOP"]}, "help-keywords"),  # also a default opt-out keyword
     ({"opt-out-keywords": ["BAJA"], "opt-in-keywords": ["baja!"]}, "opt-in-keywords"),
+])
+def test_a_keyword_in_two_lists_is_a_409_naming_the_field(client: FlaskClient, admin_headers: dict[str, str],
+                                                          bot: Bot, change: dict[str, Any], field: str) -> None:
+    """Each list valid alone, the two together not: 409, as for any field that conflicts with the bot's
+    others (the API's contract: a request its schema allows is refused only for the resource's state)."""
+    response = update(client, admin_headers, bot, **change)
+    assert (409, [field]) == (response.status_code, list(response.get_json()["errors"]))
+
+
+@pytest.mark.parametrize(("change", "field"), [
     ({"opt-out-keywords": ["BAJA", "bája"]}, "opt-out-keywords"),
     ({"opt-out-keywords": []}, "opt-out-keywords"),
     ({"help-keywords": [f"W{n}" for n in range(21)]}, "help-keywords"),
@@ -92,7 +102,7 @@ def test_keywords_are_set_from_the_seeds_query_string(client: FlaskClient, admin
 ])
 def test_bad_keywords_and_messages_are_a_400_naming_the_field(client: FlaskClient, admin_headers: dict[str, str],
                                                                bot: Bot, change: dict[str, Any], field: str) -> None:
-    """Bounded counts and lengths, no repeats, no keyword in two lists: else 400 with the field at fault."""
+    """Bounded counts and lengths, no repeats: else 400 with the field at fault."""
     response = update(client, admin_headers, bot, **change)
     assert (400, [field]) == (response.status_code, list(response.get_json()["errors"]))
 
@@ -102,7 +112,7 @@ def test_a_keyword_another_list_has_is_refused_against_the_bots_stored_lists(
     """A later update is checked against what the bot already has, not only against itself."""
     assert 200 == update(client, admin_headers, bot, **{"keyword-set": "es"}).status_code
     response = update(client, admin_headers, bot, **{"help-keywords": ["Alto"]})
-    assert (400, ["help-keywords"]) == (response.status_code, list(response.get_json()["errors"]))
+    assert (409, ["help-keywords"]) == (response.status_code, list(response.get_json()["errors"]))
 
 
 # --- Through the Procfile's web and worker ----------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta, timezone
+
 from typing import Any
 
 import pytest
@@ -44,7 +47,7 @@ def test_the_bot_schema_is_generated_from_the_marshmallow_schema(document: dict[
     assert bot["properties"]["twilio-messaging-service-sid"]["pattern"] == "^MG[0-9a-fA-F]{32}$"
     assert {"phone-numbers", "validity-period", "smart-encoded", "shorten-urls"} <= set(bot["properties"])
     assert {"help-message", "opt-out-message", "opt-in-message", "keyword-set"} <= set(bot["properties"])
-    assert ("array", "string") == (bot["properties"]["opt-out-keywords"]["type"],
+    assert (["array", "null"], "string") == (bot["properties"]["opt-out-keywords"]["type"],  # null: the default
                                    bot["properties"]["opt-out-keywords"]["items"]["type"])
     assert {"quiet-hours", "quiet-hours-time-zone"} <= set(bot["properties"])
 
@@ -55,7 +58,14 @@ def test_scheduled_sends_are_described(document: dict[str, Any]) -> None:
     assert {"get"} <= set(scheduled)
     assert {"delete"} <= set(document["paths"]["/app:{app_id}/graph/user:{bot_id}/scheduled/{scheduled_id}"])
     callback_item = document["components"]["schemas"]["CallbackReply"]["properties"]["send_at"]
-    assert ("string", "date-time") == (callback_item["type"], callback_item["format"])
+    assert {"$ref": "#/components/schemas/SendAt"} in callback_item["anyOf"]
+    # The days it names are inside the window the service takes (5 minutes ago to 30 days ahead).
+    pattern = re.compile(document["components"]["schemas"]["SendAt"]["pattern"])
+    now = datetime.now(timezone.utc)
+    assert pattern.search((now + timedelta(days=10)).isoformat(timespec="seconds"))
+    assert pattern.search((now + timedelta(days=10)).strftime("%Y-%m-%dT09:00:00-06:00"))
+    assert not pattern.search((now - timedelta(days=1)).isoformat(timespec="seconds"))
+    assert not pattern.search((now + timedelta(days=31)).isoformat(timespec="seconds"))
 
 
 def test_registry_routes_need_the_bearer_token_and_twilio_routes_a_signature(document: dict[str, Any]) -> None:

@@ -7,7 +7,9 @@ each known endpoint adds its request and response schemas from the table below.
 from __future__ import annotations
 
 import re
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import available_timezones
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -16,8 +18,8 @@ from marshmallow import Schema, fields, validate
 from werkzeug.routing import Rule
 
 from shared.bots import ENGINE_URL, HANDOFF_URL, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, SERVICE_SID, SHORTEN_URLS
-from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS
-from shared.keywords import MAX_KEYWORD_LENGTH
+from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS, QUIET_HOURS, QUIET_ZONE
+from shared.keywords import MAX_KEYWORD_LENGTH, MAX_KEYWORDS
 from shared.phone import E164_PATTERN
 from shared.schedule import STATES
 from shared.schemas import (EXTRA_NAME, MAX_EXTRA_FIELDS, MAX_EXTRA_INTEGER, MAX_EXTRA_TEXT, BotSchema,
@@ -119,6 +121,7 @@ _TWILIO_REFUSALS = {
 _BEARER = [{"bearerAuth": []}]
 # A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
 # A character neither white space nor a control character (shared.text removes those).
+_CLOCK = "([01][0-9]|2[0-3]):[0-5][0-9]"
 _VISIBLE = r"[^\s\u0000-\u001f\u007f-\u009f]"
 _URL = r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}(/[!-~]*)?$"
 # An https URL at a named host (media_refusal also refuses literal internal addresses).
@@ -181,8 +184,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             "properties": {"to": {"type": "string", "pattern": E164_PATTERN},
                            "text": {"type": ["string", "null"], "maxLength": 16_000},
                            "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS},
-                           "send_at": {"type": "string", "format": "date-time",
-                                       "description": "RFC 3339 with offset, at most 30 days ahead: send then"}},
+                           "send_at": {"$ref": "#/components/schemas/SendAt"}},
             # Something to send: a text that is not only spaces and control characters, or a media URL.
             "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": _VISIBLE}}},
                       {"required": ["media-url"], "properties": {"media-url": {"type": "string"}}}]}}}},
@@ -393,6 +395,10 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
     schemas = document["components"]["schemas"]
+    schemas["SendAt"] = _send_at(datetime.now(timezone.utc).date())
+    if "CallbackReply" in schemas:
+        schemas["CallbackReply"]["properties"]["send_at"] = {"anyOf": [{"$ref": "#/components/schemas/SendAt"},
+                                                                       {"type": "null"}]}
     for name in ("Bot", "BotUpdate"):
         _describe_bot(schemas[name])
     # A bot sends from its number, through its Messaging Service, or both: one of the two is required
@@ -411,7 +417,9 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     _describe_callback(document["components"]["schemas"].get("CallbackReply"))
     for schema_name in ("Bot", "BotUpdate"):
         for words in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
-            schemas[schema_name]["properties"][words]["items"] = {"type": "string", "maxLength": MAX_KEYWORD_LENGTH}
+            # A letter or digit in each (Python's \w less the underscore: what str.isalnum() takes).
+            schemas[schema_name]["properties"][words].update({"maxItems": MAX_KEYWORDS, "items": {
+                "type": "string", "maxLength": MAX_KEYWORD_LENGTH, "pattern": r"[^\W_]"}})
     return document
 
 
@@ -424,6 +432,10 @@ def _describe_bot(schema: dict[str, Any]) -> None:
                                       "items": {"type": "string", "pattern": E164_PATTERN}})
     for name in (ENGINE_URL, HANDOFF_URL):
         properties[name]["pattern"] = _URL
+    # HH:MM-HH:MM on a 24-hour clock, its start and end different (shared.schedule.quiet_window).
+    properties[QUIET_HOURS].update({"type": ["string", "null"], "pattern": f"^{_CLOCK}-{_CLOCK}$",
+                                    "not": {"type": "string", "pattern": r"^(\d\d:\d\d)-\1$"}})
+    properties[QUIET_ZONE].update({"type": ["string", "null"], "enum": [*sorted(available_timezones()), None]})
     schema["additionalProperties"] = {"anyOf": [
         {"type": "string", "maxLength": MAX_EXTRA_TEXT}, {"type": "boolean"}, {"type": "null"},
         {"type": "number", "minimum": -MAX_EXTRA_INTEGER + 1, "maximum": MAX_EXTRA_INTEGER - 1}]}
@@ -443,8 +455,22 @@ def _describe_callback(schema: dict[str, Any] | None) -> None:
 @bp.get("/openapi.json")
 def document():  # type: ignore[no-untyped-def]
     """This document."""
-    # Built on first request, once the app has every route; routes do not change afterwards.
-    spec = current_app.extensions.get("openapi")
-    if spec is None:
-        spec = current_app.extensions["openapi"] = build_spec(current_app, deps.get_settings().app_id)
-    return jsonify(spec)
+    # Built on first request, once the app has every route; routes do not change afterwards, but
+    # the days a send_at may name do (_send_at), so it is built again each UTC day.
+    today = datetime.now(timezone.utc).date()
+    built = current_app.extensions.get("openapi")
+    if built is None or built[0] != today:
+        built = current_app.extensions["openapi"] = (today, build_spec(current_app, deps.get_settings().app_id))
+    return jsonify(built[1])
+
+
+def _send_at(today: date) -> dict[str, Any]:
+    """send_at as JSON Schema can say it: the service takes RFC 3339 times from 5 minutes ago to 30
+    days ahead (shared.schemas.SendAt), a window no schema keyword can state, so the pattern names
+    the days safely inside it whatever the offset (today + 2 to today + 28, UTC)."""
+    days = "|".join((today + timedelta(days=n)).isoformat() for n in range(2, 29))
+    return {"type": "string", "pattern": rf"^({days})T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{{1,6}})?"
+                                         rf"(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]|[+-]14:00)$",
+            "description": "RFC 3339 with its offset, e.g. 2026-12-24T09:00:00-06:00: send then. The service "
+                           "takes any time from 5 minutes ago to 30 days ahead; the pattern lists the days "
+                           "certainly inside that window, as of the day this document was built."}
