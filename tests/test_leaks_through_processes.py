@@ -8,7 +8,6 @@ uses bots, numbers and people of its own, so what one leaves behind cannot answe
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,11 +20,12 @@ import requests
 from sqlalchemy import Engine
 from twilio.request_validator import RequestValidator
 
-from cli.twilio_standin import TwilioStandin
+from cli.twilio_standin import SentMessage, TwilioStandin
 from shared import db, keys, optout
 from shared.redis import connect
 from shared.schema import conversations, deliveries, handoffs, messages
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN, _empty, free_port
+from tests.support.carrier import carrying
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Process, start_web, start_worker
 from tests.support.receiver import Receiver
@@ -244,29 +244,16 @@ def test_two_service_bots_texting_each_other_through_unlisted_pool_numbers_stop_
         twilio_now.set_service(sid, [pool])
         bots.append(service.create_bot(pool, **{"main-phone-number": None, "twilio-messaging-service-sid": sid,
                                                "messages-per-second": 50})[0])
-    stop = threading.Event()
-
-    def carry() -> None:  # Twilio delivering each SMS to a pool number to its service's webhook
-        carried = 0
-        while not stop.is_set():
-            for message in twilio_now.messages[carried:]:
-                if message.to in services:
-                    service.inbound({"From": message.from_ or "", "To": message.to, "Body": message.body,
-                                     "MessagingServiceSid": services[message.to]})
-                carried += 1
-            time.sleep(0.05)
+    def deliver(message: SentMessage, sid: str) -> None:
+        service.inbound({"From": message.from_ or "", "To": message.to, "Body": message.body,
+                         "MessagingServiceSid": sid})
 
     # When bot A's operator texts bot B's pool number, and Twilio carries every SMS between them
-    carrier = threading.Thread(target=carry, daemon=True)
-    carrier.start()
-    try:
+    with carrying(twilio_now, services, deliver):
         sent = service.api("POST", f":{bots[0]}/messages", json={"to": pool_b, "text": "hola"})
         assert 202 == sent.status_code, sent.text
         wait_until(lambda: twilio_now.messages, what="the first text sent")
         time.sleep(8.0)  # unchecked, the bots would go on replying all this while
-    finally:
-        stop.set()
-        carrier.join(5)
     # Then they stopped at once
     between_bots = [message.body for message in twilio_now.messages if message.to in services]
     assert 1 <= len(between_bots) <= 3, between_bots
