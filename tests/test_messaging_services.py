@@ -9,7 +9,6 @@ opt-out (21610) arrive as status callbacks rather than as the create's answer.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from shared.schema import deliveries, messages
 from shared.settings import get_settings
 from shared.twilio_errors import BACKOFF, Action
 from tests.conftest import ADMIN_TOKEN, BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from tests.support.carrier import carrying
 from tests.support.messagelog import log_written
 from tests.test_outbound import send as send_as_engine
 from tests.test_outbound import sql, wait_until
@@ -677,27 +677,14 @@ class TestLoopsThroughPoolNumbers:
         for number, service in services.items():
             calling_back.set_service(service, [number])
             make_bot(store, **{"twilio-messaging-service-sid": service})
-        stop = threading.Event()
 
-        def carry() -> None:  # Twilio delivering each SMS to a pool number to its service's webhook
-            carried = 0
-            while not stop.is_set():
-                for message in calling_back.messages[carried:]:
-                    if message.to in services:
-                        text(client, message.to, sender=message.from_ or "", MessagingServiceSid=services[message.to],
-                             Body=message.body)
-                    carried += 1
-                time.sleep(0.05)
+        def deliver(message: SentMessage, service: str) -> None:
+            text(client, message.to, sender=message.from_ or "", MessagingServiceSid=service, Body=message.body)
 
-        carrier = threading.Thread(target=carry, daemon=True)
-        carrier.start()
-        try:
+        with carrying(calling_back, services, deliver):
             sent = client.post(f"{USERS}:1/messages", headers=admin_headers, json={"to": POOL_B, "text": "hola"})
             assert 202 == sent.status_code, sent.json
             time.sleep(6.0)
-        finally:
-            stop.set()
-            carrier.join(5)
         between_bots = [message.body for message in calling_back.messages if message.to in services]
         assert 1 <= len(between_bots) <= 3, between_bots
 
