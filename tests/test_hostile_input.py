@@ -50,14 +50,20 @@ near_bots = st.dictionaries(st.one_of(bot_fields, text), json_values, max_size=8
 
 
 def _state(redis: redis_lib.Redis) -> dict[str, Any]:
-    """Every key but the counters, with its value."""
+    """Every key but the counters, with its value, as bytes (a dedupe mark's field is a binary digest)."""
+    pool = redis_lib.ConnectionPool(**{**redis.connection_pool.connection_kwargs, "decode_responses": False})
+    raw = redis_lib.Redis(connection_pool=pool)
     state: dict[str, Any] = {}
-    for key in redis.keys("*"):
-        if key in _COUNTERS:
-            continue
-        kind = redis.type(key)
-        state[key] = {"string": redis.get, "hash": redis.hgetall, "set": redis.smembers, "zset": lambda k: redis.zrange(k, 0, -1),
-                      "list": lambda k: redis.lrange(k, 0, -1)}.get(kind, lambda k: kind)(key)
+    try:
+        for key in raw.keys("*"):
+            if key.decode() in _COUNTERS:
+                continue
+            kind = raw.type(key).decode()
+            state[key] = {"string": raw.get, "hash": raw.hgetall, "set": raw.smembers,
+                          "zset": lambda k: raw.zrange(k, 0, -1),
+                          "list": lambda k: raw.lrange(k, 0, -1)}.get(kind, lambda k: kind)(key)
+    finally:
+        pool.disconnect()
     return state
 
 
