@@ -800,6 +800,10 @@ MUTATIONS: list[Mutation] = [
              "if (value := request.form.get(name, \"\").strip()) and value != _as_shown(shown.get(name))}",
              "if (value := request.form.get(name, \"\").strip())}",
              ("tests/test_console.py::TestPages::test_saving_settings_leaves_a_masked_engine_url_as_stored",)),
+    # issue 23's gaps closed (h23fix): Spanish error words, per-bot latency, emptied settings, paging
+    Mutation("a Twilio error's explanation stays English on Spanish pages", "webhook/console/pages.py",
+             "return _(HINTS[code]) if code in HINTS", "return HINTS[code] if code in HINTS",
+             ("tests/test_console.py::TestTwilioErrorsInSpanish",)),
 ]
 
 

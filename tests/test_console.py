@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from flask import Flask
+from flask_babel import gettext as _
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -19,6 +20,7 @@ from shared.conversations import new_reply
 from shared.db import get_engine, transaction
 from shared.segments import count_segments, split_message
 from shared.settings import Settings
+from shared.twilio_errors import HINTS, STATUS_HINTS
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
 
 PASSWORD = "a long enough password"
@@ -332,6 +334,39 @@ class TestDeadLetters:
         assert "not a valid phone number" in page and "tu cita" in page
         assert "replayed=1" in replayed.location
         assert 1 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))
+
+
+class TestTwilioErrorsInSpanish:
+    """What a Twilio error means is read in the browser's language."""
+
+    def test_a_failed_replys_error_reads_in_spanish_on_the_conversation_and_dead_letter_pages(
+            self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
+        """A Spanish browser reads error 21211 in Spanish on both pages; an English one in English."""
+        log_exchange(settings, bot, PERSON, "hola", reply="respuesta")
+        with get_engine(settings).connect() as connection:
+            [reply] = [e for e in messagelog.read(connection, bot.id, PERSON).items if e["direction"] == "out"]
+        with transaction(get_engine(settings)) as connection:
+            messagelog.record_outcome(connection, reply["id"], messagelog.FAILED, error_code=21211)
+            deadletters.record(connection, {
+                "id": reply["id"], "bot_id": bot.id, "person": PERSON, "text": "respuesta", "media_url": None,
+                "error_code": 21211, "http_status": 400, "error": "invalid To", "reason": "permanent",
+                "attempts": 1, "failed_at": time.time()})
+        spanish = {"Accept-Language": "es-CO,es;q=0.9"}
+        pages = [admin.get(path, headers=spanish).get_data(as_text=True)
+                 for path in (conversation_path(bot), "/console/dead-letters")]
+        english = admin.get(conversation_path(bot), headers={"Accept-Language": "en"}).get_data(as_text=True)
+        assert all("no es un número de teléfono válido" in page for page in pages)
+        assert not any("not a valid phone number" in page for page in pages)
+        assert "not a valid phone number" in english
+
+    def test_every_explained_code_and_status_has_a_spanish_translation(self, app: Flask) -> None:
+        """The catalog translates every explanation of the error table, so none falls back to English."""
+        untranslated = []
+        with app.test_request_context("/console/", headers={"Accept-Language": "es"}):
+            for text in [*HINTS.values(), *STATUS_HINTS.values()]:
+                if _(text) == text:
+                    untranslated.append(text)
+        assert [] == untranslated
 
 
 class TestPages:

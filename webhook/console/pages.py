@@ -133,9 +133,10 @@ def conversation(bot_id: int, person: str) -> ResponseReturnValue:
 
 
 def _why(code: int | None, status: str) -> str | None:
+    """What a failure means, in the reader's language (the table's words are in the console's catalogs)."""
     if code:
-        return HINTS.get(code) or _("Twilio error %(code)s", code=code)
-    return STATUS_HINTS.get(status)
+        return _(HINTS[code]) if code in HINTS else _("Twilio error %(code)s", code=code)
+    return _(STATUS_HINTS[status]) if status in STATUS_HINTS else None
 
 
 def _back(bot: Bot, number: str, **notice: str) -> ResponseReturnValue:
