@@ -804,6 +804,15 @@ MUTATIONS: list[Mutation] = [
     Mutation("a Twilio error's explanation stays English on Spanish pages", "webhook/console/pages.py",
              "return _(HINTS[code]) if code in HINTS", "return HINTS[code] if code in HINTS",
              ("tests/test_console.py::TestTwilioErrorsInSpanish",)),
+    Mutation("an engine's answer time is not recorded per bot", "worker/engine.py",
+             "        TALLY.engine_answered(bot.id, time.monotonic() - started)\n", "",
+             ("tests/test_console.py::TestPages::test_the_overview_shows_each_bots_engine_latency_over_the_last_day",)),
+    Mutation("the overview's engine latency counts answers older than a day", "shared/metrics.py",
+             "for sample in raw) if float(at) >= since)", "for sample in raw))",
+             ("tests/test_console.py::TestPages::test_the_overview_shows_each_bots_engine_latency_over_the_last_day",)),
+    Mutation("a bot's engine answer times grow without bound", "shared/metrics.py",
+             "            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)\n", "",
+             ("tests/test_metrics.py::TestTally::test_a_bots_engine_answer_times_are_kept_to_the_latest_thousand",)),
 ]
 
 

@@ -14,7 +14,7 @@ from flask_babel import gettext as _
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from shared import deadletters, handoff, keys, messagelog, operators, optout
+from shared import deadletters, handoff, keys, messagelog, metrics, operators, optout
 from shared.bots import Bot, BotStore
 from shared.conversations import new_reply
 from shared.db import get_engine, transaction
@@ -22,6 +22,8 @@ from shared.segments import count_segments, split_message
 from shared.settings import Settings
 from shared.twilio_errors import HINTS, STATUS_HINTS
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from tests.support.fake_engine import FakeEngine
+from worker.engine import HttpEngine
 
 PASSWORD = "a long enough password"
 PERSON = "+15551230001"
@@ -408,6 +410,26 @@ class TestPages:
         assert "token=***" in shown["engine-url"]
         assert saved is not None and ("renamed", "https://engine.example.com/webhook?token=s3cret") == (
             saved.name, saved.engine_url)
+
+    def test_the_overview_shows_each_bots_engine_latency_over_the_last_day(
+            self, admin: FlaskClient, redis: redis_lib.Redis, bot: Bot, other_bot: Bot) -> None:
+        """A bot whose engine takes 0.6 s to answer shows a median and p95 of at least that; a bot whose
+        engine was not asked shows none, and an answer older than 24 hours no longer counts."""
+        metrics.TALLY.forget()
+        metrics.TALLY.engine_answered(other_bot.id, 99.0, at=time.time() - metrics.DAY - 60)
+        with FakeEngine(delay=0.6) as slow:
+            for text in ("hola", "¿hay citas?", "gracias"):
+                HttpEngine(slow.url).answer(bot, {"sid": f"SM{time.time_ns()}", "bot_id": bot.id, "sender": PERSON,
+                                                  "to": bot.number, "body": text, "media": [],
+                                                  "received_at": time.time()})
+        metrics.TALLY.flush(redis)  # what the worker's flusher writes every second
+        page = admin.get("/console/overview").get_data(as_text=True)
+        shown = re.findall(r'<dd class="latency">([^<]*)', page)
+        [median, p95] = [float(n) for n in re.findall(r"([\d.]+) s", shown[0])]
+        assert 2 == len(shown) and median >= 0.6 and p95 >= median
+        spanish = admin.get("/console/overview", headers={"Accept-Language": "es"}).get_data(as_text=True)
+        assert "3 answers" in page and "—" == shown[1]
+        assert "3 respuestas" in spanish and "mediana" in spanish
 
     def test_the_overview_counts_the_last_day(self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
         log_exchange(settings, bot, PERSON, "hola", reply="respuesta")

@@ -287,34 +287,13 @@ def rotate(bot_id: int, secret: str) -> ResponseReturnValue:
 
 @bp.get("/overview")
 def overview() -> ResponseReturnValue:
-    """The last 24 hours per bot, and the engine's latency as the service recorded it."""
+    """The last 24 hours per bot, with its engine's answer times as the workers recorded them."""
     bots = visible_bots()
     with get_engine().connect() as connection:
         figures = reading.last_day(connection, [bot.id for bot in bots])
     most = max([1, *(max(f["in"], f["out"]) for f in figures.values())])
-    return render_template("overview.html", bots=bots, figures=figures, most=most, latency=_engine_latency())
-
-
-def _engine_latency() -> dict[str, str] | None:
-    """Median and p95 of the engine's calls, read from the latency histogram /metrics serves (its bucket bounds)."""
-    raw = get_redis().hgetall(keys.METRIC_HISTOGRAMS)
-    name = "sms_engine_latency_seconds"
-    counts = {bound: int(raw.get(metrics.field(name, le=bound), 0))
-              for bound in [*map(str, metrics.LATENCY_BUCKETS), "+Inf"]}
-    total = sum(counts.values())
-    if not total:
-        return None
-    return {"median": _quantile(counts, total, 0.5), "p95": _quantile(counts, total, 0.95), "calls": str(total)}
-
-
-def _quantile(counts: dict[str, int], total: int, q: float) -> str:
-    seen = 0
-    for bound, count in counts.items():
-        seen += count
-        if seen >= q * total:
-            return bound
-    return "+Inf"
-
+    latency = metrics.engine_latency(get_redis(), [bot.id for bot in bots])
+    return render_template("overview.html", bots=bots, figures=figures, most=most, latency=latency)
 
 
 @bp.app_template_filter("when")
