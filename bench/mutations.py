@@ -797,8 +797,8 @@ MUTATIONS: list[Mutation] = [
              "        item[\"unseen\"] = item[\"last_at\"] > seen.get(", "        item[\"unseen\"] = False and seen.get(",
              ("tests/test_console.py::TestInbox::test_a_conversation_that_changed_since_it_was_opened_stands_out",)),
     Mutation("the console's bot form stores a masked engine URL", "webhook/console/pages.py",
-             "if (value := request.form.get(name, \"\").strip()) and value != _as_shown(shown.get(name))}",
-             "if (value := request.form.get(name, \"\").strip())}",
+             "and (value := request.form[name].strip()) != _as_shown(shown.get(name))}",
+             "and (value := request.form[name].strip()) is not None}",
              ("tests/test_console.py::TestPages::test_saving_settings_leaves_a_masked_engine_url_as_stored",)),
     # issue 23's gaps closed (h23fix): Spanish error words, per-bot latency, emptied settings, paging
     Mutation("a Twilio error's explanation stays English on Spanish pages", "webhook/console/pages.py",
@@ -813,6 +813,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("a bot's engine answer times grow without bound", "shared/metrics.py",
              "            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)\n", "",
              ("tests/test_metrics.py::TestTally::test_a_bots_engine_answer_times_are_kept_to_the_latest_thousand",)),
+    Mutation("an emptied console setting is not unset", "webhook/console/pages.py",
+             "changes = {name: value or None for name in EDITABLE", "changes = {name: value for name in EDITABLE",
+             ("tests/test_console.py::TestPages::test_an_emptied_setting_is_unset_as_the_apis_null",)),
 ]
 
 

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from shared import deadletters, handoff, keys, messagelog, metrics, operators, optout
-from shared.bots import Bot, BotStore
+from shared.bots import Bot, BotStore, Limits
 from shared.conversations import new_reply
 from shared.db import get_engine, transaction
 from shared.segments import count_segments, split_message
@@ -410,6 +410,21 @@ class TestPages:
         assert "token=***" in shown["engine-url"]
         assert saved is not None and ("renamed", "https://engine.example.com/webhook?token=s3cret") == (
             saved.name, saved.engine_url)
+
+    def test_an_emptied_setting_is_unset_as_the_apis_null(self, admin: FlaskClient, bot: Bot, store: BotStore) -> None:
+        """Clearing the fallback message, the handoff URL and a limit on the Bots page unsets them (the
+        limit back to its default) as the API's null does; an emptied name is refused as the API refuses it."""
+        store.update(bot.id, {"fallback-message": "un momento", "handoff-url": "https://help.example.com/in",
+                              "max-segments": 5})
+        page = admin.get("/console/bots").get_data(as_text=True)
+        shown = dict(re.findall(r'<input name="([a-z-]+)" value="([^"]*)"', page))
+        emptied = {**shown, "csrf": csrf_of_text(page), "fallback-message": "", "handoff-url": "", "max-segments": " "}
+        saved = admin.post(f"/console/bots/{bot.id}/settings", data=emptied)
+        nameless = admin.post(f"/console/bots/{bot.id}/settings", data={**emptied, "name": ""})
+        after = store.get(bot.id)
+        assert "done=" in saved.location and "problem=" in nameless.location and "name" in nameless.location
+        assert after is not None and (None, None, Limits().max_segments, bot.name) == (
+            after.fallback_message, after.handoff_url, after.limits.max_segments, after.name)
 
     def test_the_overview_shows_each_bots_engine_latency_over_the_last_day(
             self, admin: FlaskClient, redis: redis_lib.Redis, bot: Bot, other_bot: Bot) -> None:

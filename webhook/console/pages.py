@@ -246,9 +246,10 @@ def bot_settings(bot_id: int) -> ResponseReturnValue:
     if bot is None:
         abort(404, _("No such bot."))
     shown = bot.public()
-    # Only what the person changed: a field sent back as shown (an engine URL's key shown as ***) stays as stored.
-    changes = {name: value for name in EDITABLE
-               if (value := request.form.get(name, "").strip()) and value != _as_shown(shown.get(name))}
+    # Only what the person changed: a field sent back as shown (an engine URL's key shown as ***) stays as
+    # stored, and one emptied is unset, as the API's null (a limit back to its default).
+    changes = {name: value or None for name in EDITABLE if name in request.form
+               and (value := request.form[name].strip()) != _as_shown(shown.get(name))}
     if not changes:
         return redirect(url_for("console.bots", done=str(bot_id)))
     try:
