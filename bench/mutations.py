@@ -816,6 +816,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("an emptied console setting is not unset", "webhook/console/pages.py",
              "changes = {name: value or None for name in EDITABLE", "changes = {name: value for name in EDITABLE",
              ("tests/test_console.py::TestPages::test_an_emptied_setting_is_unset_as_the_apis_null",)),
+    Mutation("the conversation page cannot show older messages", "webhook/console/pages.py",
+             "older=page.next, before=before,", "older=None, before=before,",
+             ("tests/test_console.py::TestConversation::test_older_messages_are_paged_with_the_logs_cursor",)),
 ]
 
 

@@ -258,6 +258,23 @@ class TestConversation:
         assert "UCS-2" == admin.post("/console/segments", json={"text": "😀"},
                                      headers={"X-CSRF-Token": token}).get_json()["encoding"]
 
+    def test_older_messages_are_paged_with_the_logs_cursor(
+            self, admin: FlaskClient, settings: Settings, bot: Bot, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With 3 messages a page, 7 messages read as three pages, newest first, each in order, through
+        "Older messages" links; the last page has none, and a forged cursor is not a page."""
+        monkeypatch.setattr("webhook.console.pages.MESSAGES_SHOWN", 3)
+        for n in range(1, 8):
+            log_exchange(settings, bot, PERSON, f"mensaje {n}")
+        pages, path = [], conversation_path(bot)
+        while path:
+            html = admin.get(path).get_data(as_text=True)
+            pages.append(re.findall(r'<p class="text">mensaje (\d)</p>', html))
+            older = re.search(r'<a id="older" href="([^"]+)"', html)
+            path = older.group(1).replace("&amp;", "&") if older else ""
+        assert [["5", "6", "7"], ["2", "3", "4"], ["1"]] == pages
+        assert 'id="newest"' in html and "data-refresh" not in html  # an older page stays put
+        assert 404 == admin.get(conversation_path(bot) + "?before=not-a-cursor").status_code
+
     def test_an_admin_erases_a_conversation_only_after_typing_the_number(
             self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
         log_exchange(settings, bot, PERSON, "hola")

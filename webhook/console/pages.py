@@ -116,8 +116,8 @@ def _seen_key() -> str:
 def conversation(bot_id: int, person: str) -> ResponseReturnValue:
     """The whole exchange with delivery states, who holds it, and the composer."""
     bot, number = reachable_bot(bot_id), person_of(person)
-    with get_engine().connect() as connection:
-        page = messagelog.read(connection, bot.id, number, MESSAGES_SHOWN, newest_first=True)
+    before = request.args.get("before") or None
+    page = _messages_before(bot, number, before)
     shown = list(reversed(page.items))
     for entry in shown:
         entry["problem"] = _why(entry.get("error-code"), entry["status"])
@@ -127,9 +127,18 @@ def conversation(bot_id: int, person: str) -> ResponseReturnValue:
     _, _, opted_out = operator.sending_from(bot, get_redis(), number)
     held = handoffs.shown(bot.id, [number])[number]
     return render_template("conversation.html", bot=bot, person=number, messages=shown, held=held,
-                           opted_out=opted_out, idempotency=secrets.token_urlsafe(16),
+                           older=page.next, before=before, opted_out=opted_out, idempotency=secrets.token_urlsafe(16),
                            done=request.args.get("done"), problem=request.args.get("problem"),
                            may_erase=auth.principal().may(None, bot.id))
+
+
+def _messages_before(bot: Bot, number: str, before: str | None) -> messagelog.Page:
+    """The newest MESSAGES_SHOWN messages, or those older than `before` (the log's cursor, the REST log's `next`)."""
+    try:
+        with get_engine().connect() as connection:
+            return messagelog.read(connection, bot.id, number, MESSAGES_SHOWN, newest_first=True, after=before)
+    except messagelog.BadCursor:
+        abort(404, _("No such conversation."))
 
 
 def _why(code: int | None, status: str) -> str | None:
