@@ -228,7 +228,7 @@ MUTATIONS: list[Mutation] = [
              "            return False, outcome.retryable",
              "            return False, True",
              ("tests/test_handoff.py::test_a_handoff_url_inside_the_network_is_never_reached",)),
-    Mutation("dlq reads every dead message as a reply", "worker/dlq.py",
+    Mutation("dlq reads every dead message as a reply", "shared/dlq.py",
              "    if message.actor_name != SEND_REPLY:", "    if False:",
              ("tests/test_handoff.py::test_a_forward_that_never_got_through_is_a_dead_letter_that_replays",)),
     Mutation("a bot's engine goes through the operator's proxy", "worker/http.py",
@@ -819,6 +819,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("the conversation page cannot show older messages", "webhook/console/pages.py",
              "older=page.next, before=before,", "older=None, before=before,",
              ("tests/test_console.py::TestConversation::test_older_messages_are_paged_with_the_logs_cursor",)),
+    Mutation("the web process reads dead letters through the worker package", "webhook/deadletters.py",
+             "from shared import dlq\n", "from worker import dlq\n",
+             ("tests/test_architecture.py",)),
 ]
 
 
