@@ -822,6 +822,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("the web process reads dead letters through the worker package", "webhook/deadletters.py",
              "from shared import dlq\n", "from worker import dlq\n",
              ("tests/test_architecture.py",)),
+    Mutation("browser test runs rewrite the tracked screenshots", "tests/test_console_browser.py",
+             "return DOCS if env.get(\"UPDATE_SCREENSHOTS\") == \"1\" else tmp_path", "return DOCS",
+             ("tests/test_console_browser.py::test_screenshots_go_to_docs_only_when_asked",)),
 ]
 
 
