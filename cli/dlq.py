@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from shared.db import get_engine
+from shared import dlq as dead_letters
 from shared.phone import mask
 from shared.redis import connect
 from shared.settings import Settings
@@ -39,16 +40,15 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    from worker import dlq  # the worker's own module: the CLI may import every package
 
     engine = get_engine(settings)  # Settings.from_env refused to go on without DATABASE_URL (bar development)
     redis = connect(settings.redis_url)
     broker = make_broker(settings.redis_url)
     try:
         if args.action == "list":
-            _print(dlq.list_dead_letters(redis, broker, engine), as_json=args.json)
+            _print(dead_letters.list_dead_letters(redis, broker, engine), as_json=args.json)
             return 0
-        replayed = dlq.replay(redis, broker, ids=None if args.all else args.ids, engine=engine)
+        replayed = dead_letters.replay(redis, broker, ids=None if args.all else args.ids, engine=engine)
     finally:
         broker.close()
     print(f"replayed {len(replayed)}: {' '.join(replayed)}" if replayed else "nothing replayed (see: mammut-sms dlq list)")

@@ -1,5 +1,5 @@
 """Dead letters: replies that failed for good (refused for good, or out of retries), kept in the
-database until an operator replays them (`mammut-sms dlq`)."""
+database until an operator replays them (shared.dlq lists and replays them)."""
 
 from __future__ import annotations
 

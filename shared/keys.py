@@ -151,6 +151,11 @@ METRIC_COUNTERS = f"{PREFIX}:metrics:counters"
 METRIC_HISTOGRAMS = f"{PREFIX}:metrics:histograms"
 
 
+def engine_latency(bot_id: int) -> str:
+    """A list of the bot's latest engine answer times ("<unix time> <seconds>", newest first), capped."""
+    return f"{PREFIX}:metrics:engine-latency:{bot_id}"
+
+
 def daily_sends(day: str) -> str:
     """A hash of bot id -> replies sent on `day` (UTC, YYYYMMDD), for max-messages-per-day, and of
     `<bot id>:segments` -> their segments, for max-segments-per-day."""

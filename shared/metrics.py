@@ -3,8 +3,10 @@ records them and the web process serves them at /metrics."""
 
 from __future__ import annotations
 
+import math
 import re
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,9 @@ from prometheus_client.registry import Collector
 from shared import keys
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Each bot's latest engine answer times kept for the console's overview (a capped Redis list).
+LATENCY_SAMPLES = 1000
+DAY = 24 * 3600
 
 COUNTERS = {
     "sms_inbound": "Inbound webhook requests, by result and reason.",
@@ -70,6 +75,7 @@ class Tally:
         """Start afresh, as a new process does (the tests' service is new for every test)."""
         self._counts: Counter[tuple[str, str]] = Counter()
         self._sums: defaultdict[str, float] = defaultdict(float)
+        self._samples: defaultdict[str, list[str]] = defaultdict(list)
 
     def incr(self, name: str, amount: int = 1, **labels: object) -> None:
         with self._lock:
@@ -80,18 +86,26 @@ class Tally:
             self._counts[(keys.METRIC_HISTOGRAMS, field(name, le=bucket_of(value)))] += 1
             self._sums[field(name + "_sum")] += value
 
+    def engine_answered(self, bot_id: int, seconds: float, at: float | None = None) -> None:
+        """One answer of the bot's engine took `seconds` (kept per bot for the console's overview)."""
+        with self._lock:
+            self._samples[keys.engine_latency(bot_id)].append(f"{time.time() if at is None else at:.3f} {seconds:.4f}")
+
     def flush(self, redis: Any) -> None:
         """Write what was added since the last flush; if Redis refuses, keep it for the next one."""
         with self._lock:
-            counts, sums = self._counts, self._sums
-            self._counts, self._sums = Counter(), defaultdict(float)
-        if not counts and not sums:
+            counts, sums, samples = self._counts, self._sums, self._samples
+            self._counts, self._sums, self._samples = Counter(), defaultdict(float), defaultdict(list)
+        if not counts and not sums and not samples:
             return
         pipe = redis.pipeline(transaction=False)
         for (key, series), amount in counts.items():
             pipe.hincrby(key, series, amount)
         for series, total in sums.items():
             pipe.hincrbyfloat(keys.METRIC_HISTOGRAMS, series, total)
+        for key, values in samples.items():
+            pipe.lpush(key, *values)
+            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
         try:
             pipe.execute()
         except Exception:
@@ -99,11 +113,32 @@ class Tally:
                 self._counts.update(counts)
                 for series, total in sums.items():
                     self._sums[series] += total
+                for key, values in samples.items():
+                    self._samples[key][:0] = values
             raise
 
 
 # The worker process's tally (the web process writes its few counts directly).
 TALLY = Tally()
+
+
+def engine_latency(redis: Any, bot_ids: list[int], now: float | None = None) -> dict[int, dict[str, float] | None]:
+    """Per bot, the median and 95th percentile (nearest rank) of its engine's answer times over the
+    last 24 hours, among its latest LATENCY_SAMPLES answers; None for a bot with none."""
+    since = (time.time() if now is None else now) - DAY
+    pipe = redis.pipeline(transaction=False)
+    for bot_id in bot_ids:
+        pipe.lrange(keys.engine_latency(bot_id), 0, -1)
+    figures: dict[int, dict[str, float] | None] = {}
+    for bot_id, raw in zip(bot_ids, pipe.execute()):
+        seconds = sorted(float(took) for at, took in (sample.split() for sample in raw) if float(at) >= since)
+        figures[bot_id] = {"median": _rank(seconds, 0.5), "p95": _rank(seconds, 0.95),
+                           "answers": len(seconds)} if seconds else None
+    return figures
+
+
+def _rank(ordered: list[float], q: float) -> float:
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
 
 _SERIES = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>.*)\})?$')

@@ -6,6 +6,11 @@ import enum
 import random
 
 
+def N_(text: str) -> str:
+    """Marks an explanation for the console's message catalogs; the console translates it where it shows it."""
+    return text
+
+
 class Action(enum.Enum):
     RETRY = "retry"  # not processed, or unknown: send again after a backoff
     RETRY_SLOWLY = "retry-slowly"  # the sender's queue at Twilio is full: back off harder
@@ -31,23 +36,24 @@ BY_CODE: dict[int, Action] = {
 
 # Friendly explanations for the operator, where Twilio's message alone is not enough.
 HINTS: dict[int, str] = {
-    20003: "the bot's Twilio account SID or auth token is wrong: update the bot",
-    21608: "a Twilio trial account can only text verified numbers: verify the recipient or upgrade",
-    21610: "the recipient replied STOP; they must text START before the bot can reach them",
-    21211: "the recipient's number is not a valid phone number",
-    21408: "the bot's Twilio account may not text this country: enable it in Messaging Geographic Permissions",
-    21611: "the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second",
-    21612: "Twilio cannot route messages between the bot's number and this recipient",
-    21614: "the recipient's number is not a mobile number",
-    30001: "the bot's sender (number or messaging service) has over 10 hours of messages queued at Twilio: "
-           "lower its messages-per-second to what its number or A2P 10DLC campaign may send",
-    30036: "the message waited in Twilio's queue longer than the bot's validity-period and was not sent: "
-           "raise validity-period, or lower messages-per-second",
+    20003: N_("the bot's Twilio account SID or auth token is wrong: update the bot"),
+    21608: N_("a Twilio trial account can only text verified numbers: verify the recipient or upgrade"),
+    21610: N_("the recipient replied STOP; they must text START before the bot can reach them"),
+    21211: N_("the recipient's number is not a valid phone number"),
+    21408: N_("the bot's Twilio account may not text this country: enable it in Messaging Geographic Permissions"),
+    21611: N_("the bot's number has over 10 hours of messages queued at Twilio: lower its messages-per-second"),
+    21612: N_("Twilio cannot route messages between the bot's number and this recipient"),
+    21614: N_("the recipient's number is not a mobile number"),
+    30001: N_("the bot's sender (number or messaging service) has over 10 hours of messages queued at Twilio: "
+              "lower its messages-per-second to what its number or A2P 10DLC campaign may send"),
+    30036: N_("the message waited in Twilio's queue longer than the bot's validity-period and was not sent: "
+              "raise validity-period, or lower messages-per-second"),
 }
 
 # Final statuses a status callback can bring without an error code that explains them.
 STATUS_HINTS: dict[str, str] = {
-    "canceled": "the message was canceled before Twilio sent it (a scheduled message canceled in the console or API)",
+    "canceled": N_("the message was canceled before Twilio sent it "
+                   "(a scheduled message canceled in the console or API)"),
 }
 
 # (first delay, longest delay) in seconds; each retry doubles, times a random 1-2 (jitter).

@@ -173,7 +173,7 @@ def _dead_letter(database: str, conversation: str, text: str) -> str:
 
 
 class TestDeadLetters:
-    """`mammut-sms dlq` shows and replays what worker.dlq keeps, with the service's environment."""
+    """`mammut-sms dlq` shows and replays what shared.dlq keeps, with the service's environment."""
 
     @pytest.fixture(autouse=True)
     def service_environment(self, redis_url: str, database: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,16 +10,20 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from flask import Flask
+from flask_babel import gettext as _
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from shared import deadletters, handoff, keys, messagelog, operators, optout
-from shared.bots import Bot, BotStore
+from shared import deadletters, handoff, keys, messagelog, metrics, operators, optout
+from shared.bots import Bot, BotStore, Limits
 from shared.conversations import new_reply
 from shared.db import get_engine, transaction
 from shared.segments import count_segments, split_message
 from shared.settings import Settings
+from shared.twilio_errors import HINTS, STATUS_HINTS
 from tests.conftest import BOT_ACCOUNT_SID, BOT_AUTH_TOKEN
+from tests.support.fake_engine import FakeEngine
+from worker.engine import HttpEngine
 
 PASSWORD = "a long enough password"
 PERSON = "+15551230001"
@@ -254,6 +258,23 @@ class TestConversation:
         assert "UCS-2" == admin.post("/console/segments", json={"text": "😀"},
                                      headers={"X-CSRF-Token": token}).get_json()["encoding"]
 
+    def test_older_messages_are_paged_with_the_logs_cursor(
+            self, admin: FlaskClient, settings: Settings, bot: Bot, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With 3 messages a page, 7 messages read as three pages, newest first, each in order, through
+        "Older messages" links; the last page has none, and a forged cursor is not a page."""
+        monkeypatch.setattr("webhook.console.pages.MESSAGES_SHOWN", 3)
+        for n in range(1, 8):
+            log_exchange(settings, bot, PERSON, f"mensaje {n}")
+        pages, path = [], conversation_path(bot)
+        while path:
+            html = admin.get(path).get_data(as_text=True)
+            pages.append(re.findall(r'<p class="text">mensaje (\d)</p>', html))
+            older = re.search(r'<a id="older" href="([^"]+)"', html)
+            path = older.group(1).replace("&amp;", "&") if older else ""
+        assert [["5", "6", "7"], ["2", "3", "4"], ["1"]] == pages
+        assert 'id="newest"' in html and "data-refresh" not in html  # an older page stays put
+        assert 404 == admin.get(conversation_path(bot) + "?before=not-a-cursor").status_code
+
     def test_an_admin_erases_a_conversation_only_after_typing_the_number(
             self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
         log_exchange(settings, bot, PERSON, "hola")
@@ -334,6 +355,39 @@ class TestDeadLetters:
         assert 1 == redis.llen(keys.outbox(keys.conversation_id(bot.id, PERSON)))
 
 
+class TestTwilioErrorsInSpanish:
+    """What a Twilio error means is read in the browser's language."""
+
+    def test_a_failed_replys_error_reads_in_spanish_on_the_conversation_and_dead_letter_pages(
+            self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
+        """A Spanish browser reads error 21211 in Spanish on both pages; an English one in English."""
+        log_exchange(settings, bot, PERSON, "hola", reply="respuesta")
+        with get_engine(settings).connect() as connection:
+            [reply] = [e for e in messagelog.read(connection, bot.id, PERSON).items if e["direction"] == "out"]
+        with transaction(get_engine(settings)) as connection:
+            messagelog.record_outcome(connection, reply["id"], messagelog.FAILED, error_code=21211)
+            deadletters.record(connection, {
+                "id": reply["id"], "bot_id": bot.id, "person": PERSON, "text": "respuesta", "media_url": None,
+                "error_code": 21211, "http_status": 400, "error": "invalid To", "reason": "permanent",
+                "attempts": 1, "failed_at": time.time()})
+        spanish = {"Accept-Language": "es-CO,es;q=0.9"}
+        pages = [admin.get(path, headers=spanish).get_data(as_text=True)
+                 for path in (conversation_path(bot), "/console/dead-letters")]
+        english = admin.get(conversation_path(bot), headers={"Accept-Language": "en"}).get_data(as_text=True)
+        assert all("no es un número de teléfono válido" in page for page in pages)
+        assert not any("not a valid phone number" in page for page in pages)
+        assert "not a valid phone number" in english
+
+    def test_every_explained_code_and_status_has_a_spanish_translation(self, app: Flask) -> None:
+        """The catalog translates every explanation of the error table, so none falls back to English."""
+        untranslated = []
+        with app.test_request_context("/console/", headers={"Accept-Language": "es"}):
+            for text in [*HINTS.values(), *STATUS_HINTS.values()]:
+                if _(text) == text:
+                    untranslated.append(text)
+        assert [] == untranslated
+
+
 class TestPages:
     """Language, security headers, the admin's bot page and the overview."""
 
@@ -373,6 +427,41 @@ class TestPages:
         assert "token=***" in shown["engine-url"]
         assert saved is not None and ("renamed", "https://engine.example.com/webhook?token=s3cret") == (
             saved.name, saved.engine_url)
+
+    def test_an_emptied_setting_is_unset_as_the_apis_null(self, admin: FlaskClient, bot: Bot, store: BotStore) -> None:
+        """Clearing the fallback message, the handoff URL and a limit on the Bots page unsets them (the
+        limit back to its default) as the API's null does; an emptied name is refused as the API refuses it."""
+        store.update(bot.id, {"fallback-message": "un momento", "handoff-url": "https://help.example.com/in",
+                              "max-segments": 5})
+        page = admin.get("/console/bots").get_data(as_text=True)
+        shown = dict(re.findall(r'<input name="([a-z-]+)" value="([^"]*)"', page))
+        emptied = {**shown, "csrf": csrf_of_text(page), "fallback-message": "", "handoff-url": "", "max-segments": " "}
+        saved = admin.post(f"/console/bots/{bot.id}/settings", data=emptied)
+        nameless = admin.post(f"/console/bots/{bot.id}/settings", data={**emptied, "name": ""})
+        after = store.get(bot.id)
+        assert "done=" in saved.location and "problem=" in nameless.location and "name" in nameless.location
+        assert after is not None and (None, None, Limits().max_segments, bot.name) == (
+            after.fallback_message, after.handoff_url, after.limits.max_segments, after.name)
+
+    def test_the_overview_shows_each_bots_engine_latency_over_the_last_day(
+            self, admin: FlaskClient, redis: redis_lib.Redis, bot: Bot, other_bot: Bot) -> None:
+        """A bot whose engine takes 0.6 s to answer shows a median and p95 of at least that; a bot whose
+        engine was not asked shows none, and an answer older than 24 hours no longer counts."""
+        metrics.TALLY.forget()
+        metrics.TALLY.engine_answered(other_bot.id, 99.0, at=time.time() - metrics.DAY - 60)
+        with FakeEngine(delay=0.6) as slow:
+            for text in ("hola", "¿hay citas?", "gracias"):
+                HttpEngine(slow.url).answer(bot, {"sid": f"SM{time.time_ns()}", "bot_id": bot.id, "sender": PERSON,
+                                                  "to": bot.number, "body": text, "media": [],
+                                                  "received_at": time.time()})
+        metrics.TALLY.flush(redis)  # what the worker's flusher writes every second
+        page = admin.get("/console/overview").get_data(as_text=True)
+        shown = re.findall(r'<dd class="latency">([^<]*)', page)
+        [median, p95] = [float(n) for n in re.findall(r"([\d.]+) s", shown[0])]
+        assert 2 == len(shown) and median >= 0.6 and p95 >= median
+        spanish = admin.get("/console/overview", headers={"Accept-Language": "es"}).get_data(as_text=True)
+        assert "3 answers" in page and "—" == shown[1]
+        assert "3 respuestas" in spanish and "mediana" in spanish
 
     def test_the_overview_counts_the_last_day(self, admin: FlaskClient, settings: Settings, bot: Bot) -> None:
         log_exchange(settings, bot, PERSON, "hola", reply="respuesta")

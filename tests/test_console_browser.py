@@ -2,12 +2,14 @@
 processes: a text arrives and shows up live, a human takes over, answers and sees it delivered,
 hands back; opt-outs, dead letters, scopes, CSRF and sessions; the same in Spanish.
 
-The screenshots in docs/ (shown in the README) are taken here.
+The screenshots in docs/ (shown in the README) are taken here: into pytest's tmp_path, so a run
+leaves the tree clean, and into docs/ when UPDATE_SCREENSHOTS=1 asks for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,17 @@ def service(worker_env: dict[str, str], redis: redis_lib.Redis, database: str) -
         yield running
 
 
+def screenshot_dir(tmp_path: Path, env: Mapping[str, str] = os.environ) -> Path:
+    """Where a run writes its screenshots: docs/ only when UPDATE_SCREENSHOTS=1, else the test's own tmp_path."""
+    return DOCS if env.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+
+
+def test_screenshots_go_to_docs_only_when_asked(tmp_path: Path) -> None:
+    """A plain run writes its screenshots to tmp_path; UPDATE_SCREENSHOTS=1 writes the tracked ones in docs/."""
+    chosen = [screenshot_dir(tmp_path, env) for env in ({}, {"UPDATE_SCREENSHOTS": "1"}, {"UPDATE_SCREENSHOTS": "0"})]
+    assert [tmp_path, DOCS, tmp_path] == chosen
+
+
 def context(browser: Browser, locale: str = "en-US") -> BrowserContext:
     made = browser.new_context(locale=locale, viewport=PHONE, extra_http_headers={"Accept-Language": locale})
     made.set_default_timeout(WAIT_MS)
@@ -60,8 +73,9 @@ def conversation_url(service: Service, bot_id: int, person: str = PERSON) -> str
 
 
 def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
-        browser: Browser, service: Service) -> None:
+        browser: Browser, service: Service, tmp_path: Path) -> None:
     """The whole flow of a human answering one person, with the engine silent while they hold it."""
+    shots = screenshot_dir(tmp_path)
     bot_id = service.register(BOT_NUMBER, "Citas")
     service.add_operator("ana@example.com", "admin", [])
     page = context(browser).new_page()
@@ -73,7 +87,7 @@ def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
     expect(page.locator(f'[data-person="{PERSON}"]')).to_be_visible()
     assert page.evaluate("window.notReloaded === true")
     service.twilio.wait_for(1, timeout=60)  # the bot's own answer
-    page.screenshot(path=str(DOCS / "console-inbox.png"), full_page=True)
+    page.screenshot(path=str(shots / "console-inbox.png"), full_page=True)
 
     # Take over: the engine is not asked about what the person says next
     page.click(f'[data-person="{PERSON}"]')
@@ -97,7 +111,7 @@ def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
     expect(sent).to_contain_text("soy Ana")
     expect(sent).to_have_attribute("data-status", "delivered")
     assert [reply.strip()] == [m.body.strip() for m in service.twilio.messages[1:]]
-    page.screenshot(path=str(DOCS / "console-conversation.png"), full_page=True)
+    page.screenshot(path=str(shots / "console-conversation.png"), full_page=True)
 
     # Hand back: the bot answers the next text again
     page.click("#hand-back")
@@ -107,7 +121,8 @@ def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
 
     page.goto(service.base + "/console/overview")
     expect(page.locator("svg.bars").first).to_be_visible()
-    page.screenshot(path=str(DOCS / "console-overview.png"), full_page=True)
+    page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
+    assert all((shots / f"console-{name}.png").stat().st_size for name in ("inbox", "conversation", "overview"))
     assert bot_id == 1
 
 

@@ -16,7 +16,7 @@ from shared import keys
 from shared.bots import BotStore
 from shared.tasks import OUTBOUND_QUEUE
 from tests.test_outbound import ALICE, BOB, bodies_to, make_bot, outbox_empty, send, wait_until
-from worker.dlq import list_dead_letters, replay
+from shared.dlq import list_dead_letters, replay
 
 
 def dead_letters(redis: redis_lib.Redis, broker: dramatiq.Broker, count: int) -> list[dict[str, object]]:

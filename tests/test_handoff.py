@@ -522,7 +522,7 @@ def test_a_forward_that_never_got_through_is_a_dead_letter_that_replays(
     """Out of background tries, a forward lands in the dead-letter queue, listed with its bot, person
     and text; `dlq replay` sends it again."""
     from worker import handoff as forwarding
-    from worker.dlq import list_dead_letters, replay
+    from shared.dlq import list_dead_letters, replay
 
     bot, secret = handed
     monkeypatch.setitem(forwarding.forward_later.options, "max_retries", 0)
@@ -553,7 +553,7 @@ def test_erasing_a_conversation_drops_its_forwards_waiting_for_later_and_its_dea
     """A forward dead-lettered and one a worker holds for a later try, both of the person: after the
     erase neither is ever POSTed, and `dlq` has nothing left of them to replay."""
     from worker import handoff as forwarding
-    from worker.dlq import list_dead_letters, replay
+    from shared.dlq import list_dead_letters, replay
 
     bot, _ = handed
     monkeypatch.setitem(forwarding.forward_later.options, "max_retries", 0)

@@ -105,6 +105,17 @@ class TestTally:
             float(redis.hget(keys.METRIC_HISTOGRAMS, "sms_engine_latency_seconds_sum")),
         )
 
+    def test_a_bots_engine_answer_times_are_kept_to_the_latest_thousand(self, redis: redis_lib.Redis) -> None:
+        """However many answers a bot's engine gave, Redis keeps its latest LATENCY_SAMPLES, newest first."""
+        tally = metrics.Tally()
+        for n in range(metrics.LATENCY_SAMPLES + 5):
+            tally.engine_answered(7, n / 1000)
+        tally.flush(redis)
+
+        kept = redis.lrange(keys.engine_latency(7), 0, -1)
+        assert metrics.LATENCY_SAMPLES == len(kept)
+        assert (metrics.LATENCY_SAMPLES + 4) / 1000 == float(kept[0].split()[1])
+
     def test_counts_a_flush_could_not_write_are_kept_for_the_next(self, redis: redis_lib.Redis) -> None:
         # Given a tally whose first flush meets a Redis that does not answer
         tally = metrics.Tally()

@@ -306,7 +306,7 @@ class TestDeliverNow:
         broker: dramatiq.Broker, deliver_now: Callable[[str, str], None],
     ) -> None:
         """A 429 is sent later by the worker; a 21211 is dead-lettered once, with no second attempt."""
-        from worker.dlq import list_dead_letters
+        from shared.dlq import list_dead_letters
 
         bot = make_bot(store, "+15550000802")
         twilio.fail_next(1, status=429, code=20429, to=ALICE)

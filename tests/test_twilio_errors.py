@@ -16,7 +16,7 @@ from shared.twilio_errors import HINTS, Action, action_for
 from tests.support.messagelog import log_written
 from tests.test_outbound import ALICE, BOB, bodies_to, log_entry, make_bot, outbox_empty, send, sql, wait_until
 from worker import twilio_client
-from worker.dlq import list_dead_letters
+from shared.dlq import list_dead_letters
 
 
 @pytest.fixture

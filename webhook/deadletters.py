@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from shared import dlq
 from shared.bots import MAX_BOT_ID, Bot
 from webhook import access
 from webhook.deps import get_broker, get_engine, get_redis, get_store
@@ -23,16 +24,12 @@ DEAD_LETTERS = f"/app:<app_id>/graph/user:<int(min=1, max={MAX_BOT_ID}):bot_id>/
 
 def of_bot(bot_id: int) -> list[dict[str, Any]]:
     """The bot's dead letters, oldest first (the database's and Dramatiq's, as `mammut-sms dlq list`)."""
-    from worker import dlq  # the one reader and replayer of dead letters, shared with the CLI
-
     return [entry for entry in dlq.list_dead_letters(get_redis(), get_broker(), get_engine())
             if entry["bot_id"] == bot_id]
 
 
 def replay(bot_id: int, ids: list[str] | None) -> list[str]:
     """Send the bot's dead letters again (`ids` None: all of them); returns the ids replayed."""
-    from worker import dlq
-
     chosen = [entry["id"] for entry in of_bot(bot_id)
               if ids is None or {entry["id"], entry["reply_id"]} & set(ids)]
     return dlq.replay(get_redis(), get_broker(), ids=chosen, engine=get_engine()) if chosen else []

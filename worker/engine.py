@@ -146,7 +146,10 @@ class HttpEngine:
     def answer(self, bot: Bot, message: Mapping[str, Any]) -> list[Answer]:
         """The engine's answers; after the retries the bot's fallback message, if it has one."""
         data = json.dumps(rasa_payload(bot, message)).encode()
+        started = time.monotonic()
         answers = self._retried(bot, lambda deadline: self._call(data, {}, deadline, self._answers))
+        # What the person waited for, retries included: the console's per-bot engine latency.
+        TALLY.engine_answered(bot.id, time.monotonic() - started)
         return self._fallback(bot, message) if isinstance(answers, EngineError) else answers
 
     def _answers(self, body: bytes) -> list[Answer]:

@@ -116,8 +116,8 @@ def _seen_key() -> str:
 def conversation(bot_id: int, person: str) -> ResponseReturnValue:
     """The whole exchange with delivery states, who holds it, and the composer."""
     bot, number = reachable_bot(bot_id), person_of(person)
-    with get_engine().connect() as connection:
-        page = messagelog.read(connection, bot.id, number, MESSAGES_SHOWN, newest_first=True)
+    before = request.args.get("before") or None
+    page = _messages_before(bot, number, before)
     shown = list(reversed(page.items))
     for entry in shown:
         entry["problem"] = _why(entry.get("error-code"), entry["status"])
@@ -127,15 +127,25 @@ def conversation(bot_id: int, person: str) -> ResponseReturnValue:
     _, _, opted_out = operator.sending_from(bot, get_redis(), number)
     held = handoffs.shown(bot.id, [number])[number]
     return render_template("conversation.html", bot=bot, person=number, messages=shown, held=held,
-                           opted_out=opted_out, idempotency=secrets.token_urlsafe(16),
+                           older=page.next, before=before, opted_out=opted_out, idempotency=secrets.token_urlsafe(16),
                            done=request.args.get("done"), problem=request.args.get("problem"),
                            may_erase=auth.principal().may(None, bot.id))
 
 
+def _messages_before(bot: Bot, number: str, before: str | None) -> messagelog.Page:
+    """The newest MESSAGES_SHOWN messages, or those older than `before` (the log's cursor, the REST log's `next`)."""
+    try:
+        with get_engine().connect() as connection:
+            return messagelog.read(connection, bot.id, number, MESSAGES_SHOWN, newest_first=True, after=before)
+    except messagelog.BadCursor:
+        abort(404, _("No such conversation."))
+
+
 def _why(code: int | None, status: str) -> str | None:
+    """What a failure means, in the reader's language (the table's words are in the console's catalogs)."""
     if code:
-        return HINTS.get(code) or _("Twilio error %(code)s", code=code)
-    return STATUS_HINTS.get(status)
+        return _(HINTS[code]) if code in HINTS else _("Twilio error %(code)s", code=code)
+    return _(STATUS_HINTS[status]) if status in STATUS_HINTS else None
 
 
 def _back(bot: Bot, number: str, **notice: str) -> ResponseReturnValue:
@@ -245,9 +255,10 @@ def bot_settings(bot_id: int) -> ResponseReturnValue:
     if bot is None:
         abort(404, _("No such bot."))
     shown = bot.public()
-    # Only what the person changed: a field sent back as shown (an engine URL's key shown as ***) stays as stored.
-    changes = {name: value for name in EDITABLE
-               if (value := request.form.get(name, "").strip()) and value != _as_shown(shown.get(name))}
+    # Only what the person changed: a field sent back as shown (an engine URL's key shown as ***) stays as
+    # stored, and one emptied is unset, as the API's null (a limit back to its default).
+    changes = {name: value or None for name in EDITABLE if name in request.form
+               and (value := request.form[name].strip()) != _as_shown(shown.get(name))}
     if not changes:
         return redirect(url_for("console.bots", done=str(bot_id)))
     try:
@@ -286,34 +297,13 @@ def rotate(bot_id: int, secret: str) -> ResponseReturnValue:
 
 @bp.get("/overview")
 def overview() -> ResponseReturnValue:
-    """The last 24 hours per bot, and the engine's latency as the service recorded it."""
+    """The last 24 hours per bot, with its engine's answer times as the workers recorded them."""
     bots = visible_bots()
     with get_engine().connect() as connection:
         figures = reading.last_day(connection, [bot.id for bot in bots])
     most = max([1, *(max(f["in"], f["out"]) for f in figures.values())])
-    return render_template("overview.html", bots=bots, figures=figures, most=most, latency=_engine_latency())
-
-
-def _engine_latency() -> dict[str, str] | None:
-    """Median and p95 of the engine's calls, read from the latency histogram /metrics serves (its bucket bounds)."""
-    raw = get_redis().hgetall(keys.METRIC_HISTOGRAMS)
-    name = "sms_engine_latency_seconds"
-    counts = {bound: int(raw.get(metrics.field(name, le=bound), 0))
-              for bound in [*map(str, metrics.LATENCY_BUCKETS), "+Inf"]}
-    total = sum(counts.values())
-    if not total:
-        return None
-    return {"median": _quantile(counts, total, 0.5), "p95": _quantile(counts, total, 0.95), "calls": str(total)}
-
-
-def _quantile(counts: dict[str, int], total: int, q: float) -> str:
-    seen = 0
-    for bound, count in counts.items():
-        seen += count
-        if seen >= q * total:
-            return bound
-    return "+Inf"
-
+    latency = metrics.engine_latency(get_redis(), [bot.id for bot in bots])
+    return render_template("overview.html", bots=bots, figures=figures, most=most, latency=latency)
 
 
 @bp.app_template_filter("when")

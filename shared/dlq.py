@@ -1,4 +1,5 @@
-"""The outbound dead letters: replies that failed for good, shown and resent on request.
+"""The outbound dead letters: replies that failed for good, listed and resent on request (by the
+console and REST API in the web process, and by `mammut-sms dlq`).
 
 A reply Twilio refused for good (or that ran out of retries) is a row of the database's
 `dead_letters` (shared.deadletters), listed under its reply id. A send that died of an unexpected
@@ -21,8 +22,9 @@ from sqlalchemy import Engine
 
 from shared import deadletters, keys, messagelog
 from shared.conversations import new_reply, queue_replies
-from shared.db import transaction
+from shared.db import get_engine, transaction
 from shared.logging import get_logger
+from shared.settings import get_settings
 from shared.tasks import FORWARD_HANDOFF, OUTBOUND_QUEUE, RESEND_REPLY, SEND_REPLY, kick_delivery
 
 log = get_logger(__name__)
@@ -33,11 +35,7 @@ UNEXPECTED = "unexpected"
 
 
 def _engine(engine: Engine | None) -> Engine:
-    if engine is not None:
-        return engine
-    from worker.deps import get_engine
-
-    return get_engine()
+    return engine if engine is not None else get_engine(get_settings().checked())
 
 
 def _xq(broker: Any) -> tuple[str, str]:
