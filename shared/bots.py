@@ -186,6 +186,11 @@ class InvalidBot(ValueError):
         self.field, self.problem = field_name, problem
 
 
+class KeywordInTwoLists(InvalidBot):
+    """A keyword in two of a bot's lists: a bad value (400, as the README's Keywords say), not a
+    conflict with the bot's other settings (409), though it is checked against the lists as stored."""
+
+
 # A bot's settings kept in its `limits` column (those an operator set; the rest are defaults).
 SETTING_NAMES = frozenset({*LIMIT_ATTRIBUTES, *CONTROL_ATTRIBUTES, *SENDING_ATTRIBUTES, *KEYWORD_ATTRIBUTES,
                            *HOURS_ATTRIBUTES})
@@ -620,7 +625,7 @@ class BotStore:
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
         conflict = Keywords.from_stored({k: v for k, v in fields.items() if v is not None}).conflict()
         if conflict is not None:
-            raise InvalidBot(*conflict)
+            raise KeywordInTwoLists(*conflict)
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
             if owner is None:  # an unlisted number another bot's service sends from answers for that bot

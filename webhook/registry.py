@@ -18,7 +18,7 @@ from werkzeug.exceptions import NotFound
 
 from shared import erasure, messagelog, schedule
 from shared.bots import (AUTH_TOKEN, HANDOFF_SECRET, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, Bot, BotNotFound, InvalidBot,
-                         NumberTaken)
+                         KeywordInTwoLists, NumberTaken)
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
@@ -111,6 +111,8 @@ def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
         return failed(f"no bot with id {bot_id_number}", 404)
     except NumberTaken as taken:  # the number (or service) and the bot that has it
         return failed(str(taken), 409, {taken.field: [str(taken)]})
+    except KeywordInTwoLists as invalid:
+        return failed(f"invalid user fields: {invalid}", 400, {invalid.field: [invalid.problem]})
     except InvalidBot as invalid:  # valid alone, not with the bot's other fields (shorten-urls without a service)
         return failed(f"conflicts with the bot's other fields: {invalid}", 409, {invalid.field: [invalid.problem]})
     return _task_result(bot.id, "updated", shown_once)
