@@ -868,6 +868,15 @@ MUTATIONS: list[Mutation] = [
     Mutation("audit: WEB_MAX_BUFFERED_BYTES defaults to 160 MiB", "webhook/slowclient.py",
              "DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024\n", "DEFAULT_MAX_BUFFERED_BYTES = 160 * 1024 * 1024\n",
              ("tests/test_settings.py::test_the_web_process_holds_16_mib_of_unfinished_requests_by_default",)),
+    Mutation("audit: a console session lives a month", "shared/sessions.py",
+             "SESSION_SECONDS = 12 * 3600  # a working day", "SESSION_SECONDS = 30 * 86400  # a working day",
+             ("tests/test_console.py::TestSignIn::test_a_session_ends_after_12_hours_and_a_lock_after_15_minutes",)),
+    Mutation("audit: a locked sign-in is free again after 15 seconds", "shared/sessions.py",
+             "SIGN_IN_WINDOW_SECONDS = 15 * 60\n", "SIGN_IN_WINDOW_SECONDS = 15\n",
+             ("tests/test_console.py::TestSignIn::test_a_session_ends_after_12_hours_and_a_lock_after_15_minutes",)),
+    Mutation("audit: a keyword with a zero-width character around it is an ordinary message", "shared/keywords.py",
+             'unicodedata.category(char)[0] in "PZC"', 'unicodedata.category(char)[0] in "PZ"',
+             ("tests/test_keywords.py::test_invisible_format_characters_around_a_keyword_do_not_hide_it",)),
 ]
 
 
