@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from shared import deadletters, handoff, keys, messagelog, metrics, operators, optout
-from shared.bots import Bot, BotStore, Limits
+from shared.bots import Bot, BotStore, Limits, token_hash
 from shared.conversations import new_reply
 from shared.db import get_engine, transaction
 from shared.segments import count_segments, split_message
@@ -116,6 +116,26 @@ class TestSignIn:
         locked = sign_in(client, "ana@example.com")
         assert [401] * 5 == failures
         assert 429 == locked.status_code
+
+    def test_a_session_ends_after_12_hours_and_a_lock_after_15_minutes(
+            self, client: FlaskClient, settings: Settings, bot: Bot, redis: redis_lib.Redis) -> None:
+        """The session lives 12 hours (the cookie's Max-Age and Redis's record alike), and an account
+        locked by failed sign-ins stays locked about 15 minutes, not less."""
+        # Given one operator signed in, and another locked out by five failures
+        add_operator(settings, "ana@example.com", "operator", [])
+        add_operator(settings, "eva@example.com", "operator", [])
+        signed = sign_in(client, "ana@example.com")
+        for _ in range(5):
+            sign_in(client, "eva@example.com", "wrong password!")
+
+        # Then the session's cookie and record last 12 hours
+        cookie = signed.headers.getlist("Set-Cookie")[0]
+        token = cookie.split(";")[0].split("=", 1)[1]
+        assert "Max-Age=43200" in cookie
+        assert 11 * 3600 < redis.ttl(keys.console_session(token_hash(token))) <= 12 * 3600
+        # and the lock about 15 minutes
+        assert 14 * 60 < redis.ttl(keys.console_sign_in_failures("account", "eva@example.com")) <= 15 * 60
+        assert 429 == sign_in(client, "eva@example.com").status_code
 
     def test_failures_from_one_address_across_accounts_are_limited(
             self, client: FlaskClient, settings: Settings, bot: Bot) -> None:

@@ -35,6 +35,14 @@ def test_the_spanish_set_matches_whole_texts_whatever_their_case_accents_and_pun
     assert expected == classify(body, None, SPANISH.event_of)
 
 
+
+@pytest.mark.parametrize("body", ["STOP\u200b", "\ufeffbaja", "\u200e¡Alto!\u200f"])
+def test_invisible_format_characters_around_a_keyword_do_not_hide_it(body: str) -> None:
+    """A zero-width space, a byte-order mark or a direction mark a keyboard or a paste left around "BAJA"
+    leaves it an opt-out: the person cannot see them, and would be texted after saying stop."""
+    assert OPT_OUT == classify(body, None, SPANISH.event_of)
+
+
 @pytest.mark.parametrize(("body", "expected"), [("BAJA", MESSAGE), ("AYUDA", MESSAGE), ("help", HELP),
                                                 ("Stop.", OPT_OUT), ("yes", OPT_IN)])
 def test_by_default_the_keywords_are_the_english_ones_plus_help(body: str, expected: str) -> None:

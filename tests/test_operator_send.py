@@ -8,7 +8,9 @@ from flask.testing import FlaskClient
 
 from cli.twilio_standin import TwilioStandin
 from shared import keys, optout
-from shared.bots import Bot
+from shared.bots import Bot, BotStore
+from shared.db import get_engine
+from shared.settings import Settings
 from shared.conversations import new_reply, queue_replies
 
 PERSON = "+15551230001"
@@ -82,6 +84,25 @@ def test_an_opted_out_person_a_bad_number_or_nothing_to_send_is_refused(
         name: response.status_code for name, response in refused.items()}
     assert "opted out" in refused["opted out"].get_json()["message"]
     assert [] == redis.keys(f"*{PERSON}*outbox*")
+
+
+
+def test_a_person_who_opted_out_of_the_pool_number_they_texted_is_refused(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, store: BotStore, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """A bot with several numbers sends from the one the person texted: their STOP to it refuses the send (409)."""
+    # Given a person who texted the bot's second number, then STOP to it
+    pool_number = "+15550012078"
+    pooled = store.update(bot.id, {"phone-numbers": [pool_number]})
+    redis.set(keys.texted(keys.conversation_id(pooled.id, PERSON)), pool_number)
+    optout.opt_out(get_engine(settings), redis, pool_number, PERSON, how="keyword STOP")
+
+    # When an operator writes to them
+    sent = client.post(url(pooled), headers=admin_headers, json={"to": PERSON, "text": "hola"})
+
+    # Then nothing is queued
+    assert (409, ["opted out"]) == (sent.status_code, sent.get_json()["errors"]["to"])
+    assert 0 == redis.llen(keys.outbox(keys.conversation_id(pooled.id, PERSON)))
 
 
 def test_running_the_same_send_again_texts_once(live_server: str, bot: Bot, redis: redis_lib.Redis) -> None:

@@ -18,7 +18,7 @@ import requests
 from flask.testing import FlaskClient
 
 from cli.twilio_standin import TwilioStandin
-from shared import keys, schedule
+from shared import handoff, keys, optout, schedule
 from shared.bots import Bot, BotStore, Hours
 from shared.db import get_engine, transaction
 from shared.settings import Settings
@@ -168,6 +168,67 @@ def test_a_pass_that_dies_before_its_database_commit_leaves_it_waiting_and_the_n
     assert [f"{scheduled_id}-0"] == redis.lrange(keys.outbox(keys.conversation_id(bot.id, person)), 0, -1)
     with sql.connect() as connection:
         assert "queued" == getattr(schedule.read(connection, bot.id, scheduled_id), "state", None)
+
+
+
+def test_at_its_time_an_engines_push_to_a_handed_off_person_is_dropped_and_an_operators_send_goes(
+        settings: Settings, store: BotStore, bot: Bot, redis: redis_lib.Redis, broker: dramatiq.Broker) -> None:
+    """A human took the conversation over after the push was scheduled: the engine's push is dropped
+    (handed-off) when it comes due, while the operator's own send still goes."""
+    # Given a push and an operator's send, both due now, to a person a human has since taken over
+    sql = get_engine(settings)
+    person = "+15551140012"
+    with transaction(sql) as connection:
+        pushed = schedule.add(connection, bot.id, person, "oferta", None, "callback", time.time() - 1, schedule.SEND_AT)
+        written = schedule.add(connection, bot.id, person, "te atiende Ana", None, "operator", time.time() - 1,
+                               schedule.SEND_AT)
+    handoff.pause(sql, redis, bot.id, person, by="operator", timeout=0)
+
+    # When the scheduler looks at what is due
+    queued = run_due(redis, sql, store.get)
+
+    # Then only the operator's send is queued
+    with sql.connect() as connection:
+        states = [getattr(schedule.read(connection, bot.id, item), "state", None) for item in (pushed, written)]
+    assert (1, ["handed-off", "queued"]) == (queued, states)
+    assert [f"{written}-0"] == redis.lrange(keys.outbox(keys.conversation_id(bot.id, person)), 0, -1)
+
+
+def test_a_scheduled_send_obeys_an_opt_out_of_the_pool_number_the_person_texted(
+        settings: Settings, store: BotStore, bot: Bot, redis: redis_lib.Redis, broker: dramatiq.Broker) -> None:
+    """A bot with several numbers answers from the one the person texted: their STOP to that number
+    (not the bot's main one) keeps a scheduled send from them."""
+    # Given a person who texted the bot's second number and then opted out of it
+    sql = get_engine(settings)
+    pool_number, person = "+15550012077", "+15551140013"
+    pooled = store.update(bot.id, {"phone-numbers": [pool_number]})
+    redis.set(keys.texted(keys.conversation_id(pooled.id, person)), pool_number)
+    optout.opt_out(sql, redis, pool_number, person)
+    with transaction(sql) as connection:
+        scheduled_id = schedule.add(connection, pooled.id, person, "recordatorio", None, "operator", time.time() - 1,
+                                    schedule.SEND_AT)
+
+    # When it comes due
+    queued = run_due(redis, sql, store.get)
+
+    # Then nothing is queued for them
+    with sql.connect() as connection:
+        state = getattr(schedule.read(connection, pooled.id, scheduled_id), "state", None)
+    assert (0, "opted-out") == (queued, state)
+    assert 0 == redis.llen(keys.outbox(keys.conversation_id(pooled.id, person)))
+
+
+@pytest.mark.parametrize(("minutes_ago", "status"), [(2, 202), (60, 400)])
+def test_a_send_at_a_few_minutes_past_is_now_and_an_hour_past_is_a_400(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, minutes_ago: int, status: int) -> None:
+    """Clocks differ, so a send_at up to 5 minutes past is taken as now; one an hour past is a mistake."""
+    send_at = (datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)).isoformat()
+    response = client.post(f"{API}:{bot.id}/messages", headers=admin_headers,
+                           json={"to": "+15551230001", "text": "hola", "send_at": send_at})
+    assert status == response.status_code, response.get_data(as_text=True)
+    if status == 202:
+        data = response.get_json()["data"]
+        assert (1, []) == (len(data["queued"]), data.get("scheduled", []))
 
 
 # --- Through the Procfile's web and worker ----------------------------------------------------

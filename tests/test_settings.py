@@ -9,6 +9,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from shared.settings import DEV_CREDENTIALS_KEY, Settings, SettingsError
+from webhook.slowclient import DEFAULT_MAX_BUFFERED_BYTES
 
 KEY = Fernet.generate_key().decode()
 PG = "postgres://u:secret@db.example.com:5432/d"
@@ -20,6 +21,12 @@ def test_defaults_match_the_documentation() -> None:
 
     assert ("redis://localhost:6379/0", "https://api.twilio.com", "mammut-1", None, None) == (
         settings.redis_url, settings.twilio_api_base_url, settings.app_id, settings.engine_url, settings.public_url)
+    assert (50, 1) == (settings.twilio_max_concurrent_requests, settings.console_streams)
+
+
+def test_the_web_process_holds_16_mib_of_unfinished_requests_by_default() -> None:
+    """WEB_MAX_BUFFERED_BYTES is documented as 16 MiB when unset."""
+    assert 16 * 1024 * 1024 == DEFAULT_MAX_BUFFERED_BYTES
 
 
 @pytest.mark.parametrize("missing", ["ADMIN_API_TOKEN", "CREDENTIALS_KEY", "DATABASE_URL"])
@@ -53,6 +60,10 @@ def test_development_runs_without_secrets() -> None:
     ("DATABASE_URL", "db.example.com"),
     ("LOG_RETENTION_DAYS", "0"),
     ("DATABASE_POOL_SIZE", "many"),
+    ("TWILIO_MAX_CONCURRENT_REQUESTS", "0"),  # no send would ever get a slot
+    ("TWILIO_MAX_CONCURRENT_REQUESTS", "10001"),
+    ("CONSOLE_STREAMS", "-1"),
+    ("CONSOLE_STREAMS", "1001"),
 ])
 def test_a_malformed_variable_is_named(name: str, value: str) -> None:
     """Each malformed variable produces an error message that starts with its name."""

@@ -17,8 +17,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from cli.twilio_standin import TwilioStandin
-from shared import keys
+from shared import handoff, keys
 from shared.bots import Bot, BotStore
+from shared.conversations import INBOUND, accept_inbound
 from shared.db import get_engine
 from shared.schema import messages
 from shared.segments import count_segments
@@ -373,3 +374,45 @@ def test_an_engine_answering_someone_who_just_wrote_is_served_while_the_database
     assert (202, ["pensado"]) == (pushed.status_code, [reply["text"] for reply in outbox_of(redis, bot)])
     unknown = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": OTHER_PERSON, "text": "?"})
     assert 503 == unknown.status_code
+
+
+def wrote(redis: redis_lib.Redis, bot: Bot, person: str, hours_ago: float, sid: str) -> None:
+    """The webhook accepting a text of `person`'s, `hours_ago`."""
+    assert accept_inbound(redis, INBOUND.load({"sid": sid, "bot_id": bot.id, "sender": person, "to": bot.number,
+                                               "body": "hola", "received_at": time.time() - hours_ago * 3600}))
+
+
+def test_a_push_window_of_one_day_refuses_a_person_whose_last_text_is_30_hours_old(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, store: BotStore, redis: redis_lib.Redis) -> None:
+    """The webhook's mark of a text lives 48 hours, but a bot's push-window-days of 1 still ends after a day."""
+    # Given a bot pushing within a day, a person who wrote 30 hours ago and another an hour ago
+    short = store.update(bot.id, {"push-window-days": 1})
+    wrote(redis, short, PERSON, 30, "SM" + "5" * 32)
+    wrote(redis, short, OTHER_PERSON, 1, "SM" + "6" * 32)
+
+    # When its engine pushes to each
+    late = client.post(callback(short.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "oferta"})
+    recent = client.post(callback(short.id), headers=admin_headers, json={"recipient_id": OTHER_PERSON, "text": "oferta"})
+
+    # Then only the one inside the day gets it
+    assert (403, [PERSON]) == (late.status_code, late.json["errors"]["recipient_id"])
+    assert 202 == recent.status_code
+    assert ([], ["oferta"]) == ([r["text"] for r in outbox_of(redis, short)],
+                                [r["text"] for r in outbox_of(redis, short, OTHER_PERSON)])
+
+
+def test_a_push_to_a_person_a_human_has_is_refused_though_redis_lost_the_handoff_copy(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """A handoff copy that is gone (a flush) says nothing: the push asks the database and is refused with 409."""
+    # Given a person who just wrote and whom a human has taken over, and the handoffs' copy lost
+    wrote(redis, bot, PERSON, 0, "SM" + "7" * 32)
+    handoff.pause(get_engine(settings), redis, bot.id, PERSON, by="operator", timeout=0)
+    redis.delete(keys.handoffs(bot.id))
+
+    # When the engine pushes to them
+    pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "oferta"})
+
+    # Then nothing is queued
+    assert (409, [PERSON]) == (pushed.status_code, pushed.json["errors"]["recipient_id"])
+    assert [] == outbox_of(redis, bot)
