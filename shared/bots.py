@@ -946,11 +946,12 @@ def _listen(cache_ref: weakref.ref[BotCache], redis: redis_lib.Redis) -> None:
                     cache.clear()
                 del cache
         except Exception:  # noqa: BLE001 - the cache must outlive Redis restarts
-            log.warning("bot_cache.listener_reconnecting")
             cache = cache_ref()
-            if cache is not None:
-                cache._set_subscribed(False)
+            if cache is None:
+                return  # the cache is gone: nothing to keep fresh, and nobody to tell
+            cache._set_subscribed(False)
             del cache
+            log.warning("bot_cache.listener_reconnecting")
             time.sleep(1)
         finally:
             pubsub.close()
