@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from shared.segments import count_segments
 from tests.conftest import BOT_NUMBER
@@ -124,6 +124,64 @@ def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
     page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
     assert all((shots / f"console-{name}.png").stat().st_size for name in ("inbox", "conversation", "overview"))
     assert bot_id == 1
+
+
+# Counts, in the page, the live stream's change events and the refreshes they start and finish.
+COUNTING = """
+(function () {
+  window.changes = 0; window.refreshed = 0;
+  var Source = window.EventSource;
+  window.EventSource = function (url) {
+    var stream = new Source(url);
+    stream.addEventListener("change", function () { window.changes += 1; });
+    return stream;
+  };
+  window.EventSource.CLOSED = Source.CLOSED;
+  var fetching = window.fetch;
+  window.fetch = function (url, options) {
+    return fetching(url, options).then(function (answer) {
+      if (String(url).indexOf("partial=1") >= 0) { answer.clone().text().then(function () { window.refreshed += 1; }); }
+      return answer;
+    });
+  };
+}());
+"""
+
+
+def test_a_change_while_the_page_is_refreshing_is_not_lost(browser: Browser, service: Service) -> None:
+    """A change announced while a refresh is under way (its answer read before the change) is shown by
+    one more refresh: never a page that shows "queued" for a message delivered long ago."""
+    bot_id = service.register(BOT_NUMBER, "Citas")
+    service.add_operator("ana@example.com", "admin", [])
+    service.text(BOT_NUMBER, PERSON, "uno")
+    service.twilio.wait_for(1, timeout=60)
+    page = context(browser).new_page()
+    page.add_init_script(COUNTING)
+    sign_in(page, service, "ana@example.com")
+    page.goto(conversation_url(service, bot_id))
+    page.click("#take-over")  # from here each text is one change: logged, not answered
+    expect(page.locator("#hand-back")).to_be_visible()
+    expect(page.locator("#messages .message.out").last).to_have_attribute("data-status", "delivered")
+    wait_until(lambda: page.evaluate("window.refreshed") >= 1, what="the stream open, and its refresh done")
+
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    def refreshing(url: str) -> bool:
+        return "partial=1" in url
+
+    page.route(refreshing, hold)
+    service.text(BOT_NUMBER, PERSON, "dos")
+    wait_until(lambda: held or page.wait_for_timeout(100), what="the refresh the change to 'dos' starts")
+    stale = held[0].fetch()  # the refresh reads the page now, with "dos" and without "tres"
+    seen = page.evaluate("window.changes")
+    service.text(BOT_NUMBER, PERSON, "tres")
+    wait_until(lambda: page.evaluate("window.changes") > seen, what="'tres' announced while 'dos' is refreshing")
+    held[0].fulfill(response=stale)
+    page.unroute(refreshing)
+    expect(page.locator("#messages .message.in").last).to_contain_text("tres")
 
 
 def test_an_opted_out_persons_composer_is_disabled(browser: Browser, service: Service) -> None:

@@ -12,14 +12,19 @@
     var url = new URL(body.dataset.refresh, window.location.href);
     url.searchParams.set("partial", "1");
     var busy = false;
+    var again = false;  // a change came while a fetch was under way: it may have read the page before it
     return function refresh() {
-      if (busy) { return; }
+      if (busy) { again = true; return; }
       busy = true;
+      again = false;
       fetch(url.toString(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (response) { return response.ok ? response.text() : null; })
         .then(function (html) { if (html !== null && html !== target.innerHTML) { target.innerHTML = html; } })
         .catch(function () {})
-        .then(function () { busy = false; });
+        .then(function () {
+          busy = false;
+          if (again) { refresh(); }
+        });
     };
   }
 
