@@ -159,11 +159,17 @@ class Keywords(_Settings):
         return keywords.event_of(body, self._events)
 
     def conflict(self) -> tuple[str, str] | None:
-        """A keyword in two of the lists, as (the later list's field, the problem); None when there is none."""
+        """A keyword listed twice, in one list or in two ("BAJA" and "bája" are one keyword), as (the
+        later list's field, the problem); None when there is none."""
         seen: dict[str, str] = {}
         for name in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
+            listed: set[str] = set()
             for word in getattr(self, KEYWORD_ATTRIBUTES[name]):
-                other = seen.setdefault(keywords.normalized(word), name)
+                compared = keywords.normalized(word)
+                if compared in listed:
+                    return name, f"{word!r} is listed twice (case, accents and punctuation aside)"
+                listed.add(compared)
+                other = seen.setdefault(compared, name)
                 if other != name:
                     return name, f"{word!r} is also in {other}: a keyword can mean one thing only"
         return None
@@ -184,6 +190,10 @@ class InvalidBot(ValueError):
     def __init__(self, field_name: str, problem: str) -> None:
         super().__init__(f"{field_name}: {problem}")
         self.field, self.problem = field_name, problem
+
+
+class KeywordConflict(InvalidBot):
+    """A keyword listed twice, in one list or two: each list valid alone, the whole not (a 409)."""
 
 
 # A bot's settings kept in its `limits` column (those an operator set; the rest are defaults).
@@ -620,7 +630,7 @@ class BotStore:
             raise InvalidBot(SHORTEN_URLS, f"Twilio shortens links only for messages sent with a {SERVICE_SID}")
         conflict = Keywords.from_stored({k: v for k, v in fields.items() if v is not None}).conflict()
         if conflict is not None:
-            raise InvalidBot(*conflict)
+            raise KeywordConflict(*conflict)
         for field_name, number in _numbers_of(fields):
             owner = _owner(connection, number)
             if owner is None:  # an unlisted number another bot's service sends from answers for that bot

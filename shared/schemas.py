@@ -53,14 +53,12 @@ class PhoneNumbers(fields.Field):
     MAX = 400  # a Messaging Service's default pool limit (Twilio error 21714)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
-        items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ValidationError("must be a list of E.164 numbers (or, in a query string, numbers separated by commas)")
-        if len(items) > self.MAX:
+        if len(value) > self.MAX:
             raise ValidationError(f"at most {self.MAX} numbers")
         numbers: list[str] = []
-        # A query string may hold an empty item ("a,,b", a trailing comma); a JSON list may not.
-        for item in filter(None, items) if isinstance(value, str) else items:
+        for item in value:
             try:
                 numbers.append(normalize_e164(item))
             except InvalidNumber as error:
@@ -80,29 +78,26 @@ class Flag(fields.Boolean):
 
 class KeywordList(fields.Field):
     """Keywords: a JSON list, or comma-separated (the seed's query string); each a word or short
-    phrase, no two the same once case, accents and surrounding punctuation are set aside."""
+    phrase with a letter or digit."""
 
     def __init__(self, least: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.least = least
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
-        # A query string may hold an empty item ("BAJA, ALTO,"); a JSON list's items are taken as given.
-        items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+        items = value
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ValidationError("must be a list of keywords (or, in a query string, keywords separated by commas)")
         words = [item.strip() for item in items]
         if not self.least <= len(words) <= keywords.MAX_KEYWORDS:
             raise ValidationError(f"must have {self.least} to {keywords.MAX_KEYWORDS} keywords")
-        seen: set[str] = set()
         for given, word in zip(items, words):
-            compared = keywords.normalized(word)
-            if not any(char.isalnum() for char in compared) or len(given) > keywords.MAX_KEYWORD_LENGTH:
+            if not any(char.isalnum() for char in keywords.normalized(word)) \
+                    or len(given) > keywords.MAX_KEYWORD_LENGTH:
                 raise ValidationError(f"{word[:40]!r}: each keyword needs a letter or digit and at most "
                                       f"{keywords.MAX_KEYWORD_LENGTH} characters")
-            if compared in seen:
-                raise ValidationError(f"{word!r} is listed twice (case, accents and punctuation aside)")
-            seen.add(compared)
+        # A keyword listed twice, here or in another list, is a conflict the registry answers (409):
+        # no schema can say that "BAJA" and "bája" are one keyword.
         return words
 
 

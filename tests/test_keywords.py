@@ -88,6 +88,8 @@ def test_keywords_are_set_from_the_seeds_query_string(client: FlaskClient, admin
 @pytest.mark.parametrize(("change", "field"), [
     ({"help-keywords": ["STOP"]}, "help-keywords"),  # also a default opt-out keyword
     ({"opt-out-keywords": ["BAJA"], "opt-in-keywords": ["baja!"]}, "opt-in-keywords"),
+    ({"opt-out-keywords": ["BAJA", "bája"]}, "opt-out-keywords"),  # one keyword, twice in a list
+    ({"help-keywords": ["0", " 0"]}, "help-keywords"),  # what a fuzzer makes of the schema's uniqueItems
 ])
 def test_a_keyword_in_two_lists_is_a_409_naming_the_field(client: FlaskClient, admin_headers: dict[str, str],
                                                           bot: Bot, change: dict[str, Any], field: str) -> None:
@@ -97,8 +99,17 @@ def test_a_keyword_in_two_lists_is_a_409_naming_the_field(client: FlaskClient, a
     assert (409, [field]) == (response.status_code, list(response.get_json()["errors"]))
 
 
+def test_a_new_bot_whose_keyword_is_in_two_lists_is_a_409_too(client: FlaskClient,
+                                                                admin_headers: dict[str, str]) -> None:
+    """Creating a bot is held to the same contract as updating one: valid by the schema, refused as a conflict."""
+    response = client.post(API, headers=admin_headers, json={
+        "user-type": "machine", "name": "Citas", "twilio-account-sid": "AC" + "1" * 32, "twilio-auth-token": "t" * 32,
+        "main-phone-number": "+15551139999", "opt-out-keywords": ["BAJA"], "help-keywords": ["Baja"]})
+    assert (409, ["help-keywords"]) == (response.status_code, list(response.get_json()["errors"]))
+    assert [] == client.get(API, headers=admin_headers).get_json()["data"]["user"]
+
+
 @pytest.mark.parametrize(("change", "field"), [
-    ({"opt-out-keywords": ["BAJA", "bája"]}, "opt-out-keywords"),
     ({"opt-out-keywords": []}, "opt-out-keywords"),
     ({"help-keywords": [f"W{n}" for n in range(21)]}, "help-keywords"),
     ({"help-keywords": ["x" * 31]}, "help-keywords"),

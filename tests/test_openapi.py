@@ -89,3 +89,74 @@ def test_path_parameters_and_operation_ids_are_well_formed(document: dict[str, A
             assert {part[1:-1] for part in path.replace(":", "/").split("/") if part.startswith("{")} == declared
     assert len(ids) == len(set(ids))
     assert "3.1.0" == document["openapi"]
+
+
+# Where the schema and the server could disagree: each case a fuzzer found, checked both ways.
+
+def _update(client: FlaskClient, headers: dict[str, str], bot_id: int, body: dict[str, Any]) -> int:
+    return client.post(f"/app:mammut-1/graph/user:{bot_id}", headers=headers, json=body).status_code
+
+
+@pytest.mark.parametrize(("field", "refused", "taken"), [
+    ("name", "\u0005", "\u0005Citas"),  # control characters are removed: nothing may be left
+    ("help-message", "\u0007\u001b", "\tAyuda"),  # a tab is kept
+])
+def test_a_text_of_only_control_characters_is_refused_by_the_schema_and_the_server(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Any, document: dict[str, Any],
+        field: str, refused: str, taken: str) -> None:
+    """A 400 for what the schema refuses, a 200 for what it allows (schemathesis: schema-valid data refused)."""
+    pattern = re.compile(document["components"]["schemas"]["BotUpdate"]["properties"][field]["pattern"])
+    assert (None, True) == (pattern.search(refused), bool(pattern.search(taken)))
+    assert (400, 200) == (_update(client, admin_headers, bot.id, {field: refused}),
+                          _update(client, admin_headers, bot.id, {field: taken}))
+
+
+@pytest.mark.parametrize("field", ["help-keywords", "opt-out-keywords", "phone-numbers"])
+def test_a_list_field_given_a_string_in_json_is_refused(client: FlaskClient, admin_headers: dict[str, str],
+                                                        bot: Any, document: dict[str, Any], field: str) -> None:
+    """In a JSON body a list is a list: "AYUDA,SOCORRO" is for the seed's query string only."""
+    assert "string" not in document["components"]["schemas"]["BotUpdate"]["properties"][field]["type"]
+    assert 400 == _update(client, admin_headers, bot.id, {field: "AYUDA,SOCORRO"})
+    query = client.post(f'/app:mammut-1/graph/user:{bot.id}?help-keywords="AYUDA, SOCORRO,"', headers=admin_headers)
+    assert (200, ["AYUDA", "SOCORRO"]) == (query.status_code, client.get(
+        f"/app:mammut-1/graph/user:{bot.id}", headers=admin_headers).get_json()["data"]["user"][0]["help-keywords"])
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/conversations/+15551230001/handoff", {"note": "\u0007" + "n" * 1000}),
+    ("/messages", {"to": "+15551230001", "text": "\u0007" + "t" * 16_000}),
+])
+def test_a_length_bound_holds_for_the_text_as_sent(client: FlaskClient, admin_headers: dict[str, str], bot: Any,
+                                                   document: dict[str, Any], path: str, body: dict[str, Any]) -> None:
+    """A text one character over its bound is refused even when that character is one the service removes:
+    the schema's maxLength counts what was sent (schemathesis: schema-violating request accepted)."""
+    response = client.post(f"/app:mammut-1/graph/user:{bot.id}{path}", headers=admin_headers, json=body)
+    assert 400 == response.status_code, response.get_data(as_text=True)
+
+
+def test_a_callback_text_of_only_control_characters_is_nothing_to_send_by_the_schema_too(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Any, document: dict[str, Any]) -> None:
+    """"\\u0097" is no text once cleaned: the server refuses it, and so does the schema's pattern."""
+    [with_text, _] = document["components"]["schemas"]["CallbackReply"]["anyOf"]
+    pattern = re.compile(with_text["properties"]["text"]["pattern"])
+    assert (None, True) == (pattern.search("\u0097"), bool(pattern.search("\u0097\t")))
+    refused = client.post(f"/channels/sms/callback/{bot.id}", headers=admin_headers,
+                          json={"recipient_id": "+15551230001", "text": "\u0097"})
+    assert 400 == refused.status_code
+
+
+def test_send_at_null_is_now_in_the_schema_as_on_the_server(client: FlaskClient, admin_headers: dict[str, str],
+                                                            bot: Any, document: dict[str, Any]) -> None:
+    """An operator's message with "send_at": null goes now; the schema says null is allowed."""
+    body = document["paths"]["/app:{app_id}/graph/user:{bot_id}/messages"]["post"]["requestBody"]
+    send_at = body["content"]["application/json"]["schema"]["properties"]["send_at"]
+    assert {"type": "null"} in send_at["anyOf"]
+    response = client.post(f"/app:mammut-1/graph/user:{bot.id}/messages", headers=admin_headers,
+                           json={"to": "+15551230001", "text": "hola", "send_at": None})
+    assert 202 == response.status_code, response.get_data(as_text=True)
+
+
+def test_every_operation_documents_gunicorns_414(document: dict[str, Any]) -> None:
+    """A path and query past gunicorn's request line are answered 414 before the app sees them."""
+    assert all("414" in operation["responses"] for operations in document["paths"].values()
+               for operation in operations.values())

@@ -64,10 +64,9 @@ def _note(body: dict[str, Any]) -> tuple[str | None, str | None]:
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         return None, "must be a string"
-    note = plain(note) if note else None
-    if note and len(note) > handoff.MAX_NOTE:
+    if note and len(note) > handoff.MAX_NOTE:  # as sent: control characters do not buy room
         return None, f"must be at most {handoff.MAX_NOTE} characters"
-    return note or None, None
+    return (plain(note) or None) if note else None, None
 
 
 def _unavailable(action: str, bot: Bot, error: Exception) -> tuple[Response, int]:

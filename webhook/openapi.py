@@ -22,6 +22,7 @@ from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS, QUIET_HOURS, QU
 from shared.keywords import MAX_KEYWORD_LENGTH, MAX_KEYWORDS
 from shared.phone import E164_PATTERN
 from shared.schedule import STATES
+from shared.text import PlainText
 from shared.schemas import (EXTRA_NAME, MAX_EXTRA_FIELDS, MAX_EXTRA_INTEGER, MAX_EXTRA_TEXT, BotSchema,
                             BotUpdateSchema, FailedSchema, KeywordList, PhoneNumbers, SendAt, TaskResultSchema)
 from webhook import deps
@@ -119,10 +120,12 @@ _TWILIO_REFUSALS = {
     "503": _text("Redis unavailable: Twilio retries"),
 }
 _BEARER = [{"bearerAuth": []}]
-# A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
-# A character neither white space nor a control character (shared.text removes those).
 _CLOCK = "([01][0-9]|2[0-3]):[0-5][0-9]"
+# A character neither white space nor a control character (shared.text removes those).
 _VISIBLE = r"[^\s\u0000-\u001f\u007f-\u009f]"
+# A character shared.text keeps (tab and newline too): a text of 1 or more characters must hold one.
+_KEPT = r"[^\u0000-\u0008\u000b-\u001f\u007f-\u009f]"
+# A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
 _URL = r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}(/[!-~]*)?$"
 # An https URL at a named host (media_refusal also refuses literal internal addresses).
 _PUBLIC_HTTPS = r"^https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(/[!-~]*)?$"
@@ -184,7 +187,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             "properties": {"to": {"type": "string", "pattern": E164_PATTERN},
                            "text": {"type": ["string", "null"], "maxLength": 16_000},
                            "media-url": {"type": ["string", "null"], "pattern": _PUBLIC_HTTPS},
-                           "send_at": {"$ref": "#/components/schemas/SendAt"}},
+                           "send_at": {"anyOf": [{"$ref": "#/components/schemas/SendAt"}, {"type": "null"}]}},
             # Something to send: a text that is not only spaces and control characters, or a media URL.
             "anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": _VISIBLE}}},
                       {"required": ["media-url"], "properties": {"media-url": {"type": "string"}}}]}}}},
@@ -346,6 +349,8 @@ def _operation(app: Flask, rule: Rule, app_id: str) -> dict[str, Any]:
     operation["parameters"] = _path_parameters(rule.rule, app_id) + known.get("parameters", [])
     if "requestBody" in operation and not _has_schema(operation["requestBody"]):
         del operation["requestBody"]
+    # Gunicorn's own answer to a path and query longer than its request line (4,094 bytes).
+    operation["responses"].setdefault("414", {"description": "the path and query string are too long"})
     return operation
 
 
@@ -372,6 +377,7 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
                        "Registry, callback and metrics calls need `Authorization: Bearer $ADMIN_API_TOKEN`; "
                        "an API key (`POST /app:{app_id}/api-keys`) does instead, within its role and bots.",
     })
+    marshmallow_plugin.converter.add_attribute_function(_kept_text)
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("twilioSignature", {
         "type": "apiKey", "in": "header", "name": "X-Twilio-Signature",
@@ -418,9 +424,18 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     for schema_name in ("Bot", "BotUpdate"):
         for words in (OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS):
             # A letter or digit in each (Python's \w less the underscore: what str.isalnum() takes).
-            schemas[schema_name]["properties"][words].update({"maxItems": MAX_KEYWORDS, "items": {
-                "type": "string", "maxLength": MAX_KEYWORD_LENGTH, "pattern": r"[^\W_]"}})
+            schemas[schema_name]["properties"][words].update({
+                "minItems": 1 if words == OPT_OUT_WORDS else 0, "maxItems": MAX_KEYWORDS, "uniqueItems": True,
+                "items": {"type": "string", "maxLength": MAX_KEYWORD_LENGTH, "pattern": r"[^\W_]"}})
     return document
+
+
+def _kept_text(converter: Any, field: fields.Field, **_: Any) -> dict[str, Any]:
+    """A text that must not be empty once its control characters are removed: one kept character in it."""
+    if isinstance(field, PlainText) and any(isinstance(rule, validate.Length) and (rule.min or 0) >= 1
+                                            for rule in field.validators):
+        return {"pattern": _KEPT}
+    return {}
 
 
 def _describe_bot(schema: dict[str, Any]) -> None:
@@ -448,7 +463,8 @@ def _describe_callback(schema: dict[str, Any] | None) -> None:
     if schema is None:
         return
     schema["properties"]["recipient_id"]["pattern"] = r"^\+[1-9][0-9]{6,14}$"
-    schema["anyOf"] = [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+    # A text is something to send when a character is left once control characters are removed.
+    schema["anyOf"] = [{"required": ["text"], "properties": {"text": {"type": "string", "pattern": _KEPT}}},
                        {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}}]
 
 

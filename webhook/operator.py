@@ -14,7 +14,7 @@ from typing import Any
 
 import redis as redis_lib
 from flask import Response, request
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from shared import keys, messagelog, news, optout, schedule
 from shared.conversations import replies_from, queue_replies
@@ -40,7 +40,8 @@ class OperatorMessageSchema(Schema):
         unknown = EXCLUDE
 
     to = PhoneNumber(required=True)
-    text = PlainText(load_default=None, allow_none=True)
+    text = PlainText(load_default=None, allow_none=True,
+                     validate=validate.Length(max=MAX_TEXT, error=f"at most {MAX_TEXT} characters"))
     media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
     send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
@@ -48,8 +49,6 @@ class OperatorMessageSchema(Schema):
     def _something_to_send(self, data: dict[str, Any], **_: Any) -> None:
         if not (data.get("text") or "").strip() and not data.get("media_url"):
             raise ValidationError("a message needs a text or a media-url", "text")
-        if data.get("text") and len(data["text"]) > MAX_TEXT:
-            raise ValidationError(f"at most {MAX_TEXT} characters", "text")
 
 
 OPERATOR_MESSAGE = OperatorMessageSchema()

@@ -17,8 +17,8 @@ from sqlalchemy import Connection
 from werkzeug.exceptions import NotFound
 
 from shared import erasure, messagelog, schedule
-from shared.bots import (AUTH_TOKEN, HANDOFF_SECRET, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, Bot, BotNotFound, InvalidBot,
-                         NumberTaken)
+from shared.bots import (AUTH_TOKEN, HANDOFF_SECRET, HELP_WORDS, MAX_BOT_ID, NUMBER, OPT_IN_WORDS, OPT_OUT_WORDS,
+                         PHONE_NUMBERS, Bot, BotNotFound, InvalidBot, KeywordConflict, NumberTaken)
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.phone import InvalidNumber, normalize_e164
@@ -62,6 +62,8 @@ def create_bot(app_id: str):  # type: ignore[no-untyped-def]
         bot, engine_token = get_store().create_with_token(fields)
     except NumberTaken as taken:  # the number (or service) and the bot that has it
         return failed(str(taken), 409, {taken.field: [str(taken)]})
+    except KeywordConflict as conflict:  # a schema cannot say "BAJA" and "bája" are one keyword
+        return failed(f"conflicting user fields: {conflict}", 409, {conflict.field: [conflict.problem]})
     except InvalidBot as invalid:
         return failed(f"invalid user fields: {invalid}", 400, {invalid.field: [invalid.problem]})
     log.info("registry.created", bot_id=bot.id, number=bot.number)
@@ -102,7 +104,7 @@ def list_bots(app_id: str):  # type: ignore[no-untyped-def]
 @bp.post(ONE_USER)
 def update_bot(app_id: str, bot_id: str):  # type: ignore[no-untyped-def]
     bot_id_number = _bot_id(bot_id)
-    changes = {**_json_body(required=False), **_query_fields()}
+    changes = {**_json_body(required=False), **_query_lists(_query_fields())}
     if not changes:
         raise BadRequest("nothing to update: send fields in the query string or a JSON body")
     try:
@@ -323,6 +325,16 @@ def _query_fields() -> dict[str, str]:
         value = unquote(value) if name in _LITERAL_PLUS else unquote_plus(value)
         fields[name] = _unquoted(value.strip())
     return fields
+
+
+LIST_FIELDS = frozenset({PHONE_NUMBERS, OPT_OUT_WORDS, OPT_IN_WORDS, HELP_WORDS})
+
+
+def _query_lists(fields: dict[str, Any]) -> dict[str, Any]:
+    """The query string's lists, comma-separated ("BAJA, ALTO,") as the lists a JSON body gives: an
+    empty item (a trailing comma) is no item, and an empty value is an empty list."""
+    return {name: [item.strip() for item in value.split(",") if item.strip()] if name in LIST_FIELDS else value
+            for name, value in fields.items()}
 
 
 def _unquoted(value: str) -> str:
