@@ -967,6 +967,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("contract: a name of control characters is schema-valid", "webhook/openapi.py",
              "        return {\"pattern\": _KEPT}\n", "        return {}\n",
              ("tests/test_openapi.py::test_a_text_of_only_control_characters_is_refused_by_the_schema_and_the_server",)),
+    Mutation("contract: an operator's media-url is not held to the schema's pattern", "webhook/operator.py",
+             "allow_none=True, validate=validate.Regexp(\n        PUBLIC_HTTPS_URL,",
+             "allow_none=True, validate=lambda _: True or validate.Regexp(\n        PUBLIC_HTTPS_URL,",
+             ("tests/test_openapi.py::test_an_operators_media_url_is_held_to_the_schemas_pattern",)),
+    Mutation("contract: shorten-urls null is schema-invalid without a service", "webhook/openapi.py",
+             '{SHORTEN_URLS: {"enum": [False, None]}}', '{SHORTEN_URLS: {"enum": [False]}}',
+             ("tests/test_openapi.py::test_shorten_urls_null_without_a_service_is_valid_by_the_schema_as_on_the_server",)),
 ]
 
 

@@ -9,6 +9,7 @@ loopback) allows it. The operator's own ENGINE_URL is trusted and never checked 
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +133,11 @@ def without_credentials(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+# An image URL an operator may send: https at a named host (a letter TLD), no port or credentials.
+# The API's schema states it (webhook.openapi), and the server holds it before media_refusal.
+PUBLIC_HTTPS_URL = re.compile(r"^https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(/[!-~]*)?$")
 
 
 def media_refusal(url: str, *, development: bool) -> str | None:

@@ -160,3 +160,28 @@ def test_every_operation_documents_gunicorns_414(document: dict[str, Any]) -> No
     """A path and query past gunicorn's request line are answered 414 before the app sees them."""
     assert all("414" in operation["responses"] for operations in document["paths"].values()
                for operation in operations.values())
+
+
+@pytest.mark.parametrize(("media", "status"), [("https://nI0.4590.hc*", 400), ("https://img.example/a.png?w=2", 202),
+                                               ("https://img.example:8443/a.png", 400)])
+def test_an_operators_media_url_is_held_to_the_schemas_pattern(client: FlaskClient, admin_headers: dict[str, str],
+                                                               bot: Any, document: dict[str, Any], media: str,
+                                                               status: int) -> None:
+    """What the schema's pattern refuses (a host with "*", a port), the server refuses; what it allows is queued."""
+    body = document["paths"]["/app:{app_id}/graph/user:{bot_id}/messages"]["post"]["requestBody"]
+    pattern = body["content"]["application/json"]["schema"]["properties"]["media-url"]["pattern"]
+    assert (status == 202) == bool(re.search(pattern, media))
+    response = client.post(f"/app:mammut-1/graph/user:{bot.id}/messages", headers=admin_headers,
+                           json={"to": "+15551230001", "media-url": media})
+    assert status == response.status_code, response.get_data(as_text=True)
+
+
+def test_shorten_urls_null_without_a_service_is_valid_by_the_schema_as_on_the_server(
+        client: FlaskClient, admin_headers: dict[str, str], document: dict[str, Any]) -> None:
+    """null is the default (no shortening): the rule "shorten-urls needs a service" allows it."""
+    [rule] = document["components"]["schemas"]["Bot"]["allOf"]
+    assert None in rule["anyOf"][0]["properties"]["shorten-urls"]["enum"]
+    response = client.post("/app:mammut-1/graph/user", headers=admin_headers, json={
+        "user-type": "machine", "name": "Citas", "twilio-account-sid": "AC" + "1" * 32, "twilio-auth-token": "t" * 32,
+        "main-phone-number": "+15551139998", "shorten-urls": None, "twilio-messaging-service-sid": None})
+    assert 200 == response.status_code, response.get_data(as_text=True)

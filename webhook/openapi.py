@@ -20,6 +20,7 @@ from werkzeug.routing import Rule
 from shared.bots import ENGINE_URL, HANDOFF_URL, MAX_BOT_ID, NUMBER, PHONE_NUMBERS, SERVICE_SID, SHORTEN_URLS
 from shared.bots import HELP_WORDS, OPT_IN_WORDS, OPT_OUT_WORDS, QUIET_HOURS, QUIET_ZONE
 from shared.keywords import MAX_KEYWORD_LENGTH, MAX_KEYWORDS
+from shared.netguard import PUBLIC_HTTPS_URL
 from shared.phone import E164_PATTERN
 from shared.schedule import STATES
 from shared.text import PlainText
@@ -128,7 +129,7 @@ _KEPT = r"[^\u0000-\u0008\u000b-\u001f\u007f-\u009f]"
 # A URL marshmallow's Url field reads (it reads more: IP addresses, ports, localhost).
 _URL = r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}(/[!-~]*)?$"
 # An https URL at a named host (media_refusal also refuses literal internal addresses).
-_PUBLIC_HTTPS = r"^https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(/[!-~]*)?$"
+_PUBLIC_HTTPS = PUBLIC_HTTPS_URL.pattern
 
 
 def _paging(default_order: str) -> list[dict[str, Any]]:
@@ -414,7 +415,7 @@ def build_spec(app: Flask, app_id: str) -> dict[str, Any]:
     schemas["BotUpdate"]["minProperties"] = 1
     schemas["Bot"]["properties"][NUMBER]["type"] = "string"
     del schemas["BotUpdate"]["required"]
-    schemas["Bot"]["allOf"] = [{"anyOf": [{"properties": {SHORTEN_URLS: {"enum": [False]}}},
+    schemas["Bot"]["allOf"] = [{"anyOf": [{"properties": {SHORTEN_URLS: {"enum": [False, None]}}},
                                           {"required": [SERVICE_SID], "properties": {SERVICE_SID: {"type": "string"}}}]}]
     schemas["BotUpdate"]["properties"]["id"] = {"not": {}, "description": "a bot's id cannot be changed"}
     # A status callback names its sender by number or by service.

@@ -20,7 +20,7 @@ from shared import keys, messagelog, news, optout, schedule
 from shared.conversations import replies_from, queue_replies
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.netguard import media_refusal
+from shared.netguard import PUBLIC_HTTPS_URL, media_refusal
 from shared.schemas import PhoneNumber, SendAt
 from shared.tasks import kick_delivery
 from shared.text import PlainText
@@ -42,7 +42,8 @@ class OperatorMessageSchema(Schema):
     to = PhoneNumber(required=True)
     text = PlainText(load_default=None, allow_none=True,
                      validate=validate.Length(max=MAX_TEXT, error=f"at most {MAX_TEXT} characters"))
-    media_url = fields.String(data_key="media-url", load_default=None, allow_none=True)
+    media_url = fields.String(data_key="media-url", load_default=None, allow_none=True, validate=validate.Regexp(
+        PUBLIC_HTTPS_URL, error="must be an https URL at a named host, e.g. https://example.com/image.jpg"))
     send_at = SendAt(load_default=None, allow_none=True)  # later, not now (shared.schedule)
 
     @validates_schema
