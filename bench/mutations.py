@@ -974,6 +974,14 @@ MUTATIONS: list[Mutation] = [
     Mutation("contract: shorten-urls null is schema-invalid without a service", "webhook/openapi.py",
              '{SHORTEN_URLS: {"enum": [False, None]}}', '{SHORTEN_URLS: {"enum": [False]}}',
              ("tests/test_openapi.py::test_shorten_urls_null_without_a_service_is_valid_by_the_schema_as_on_the_server",)),
+    Mutation("slow clients: a second Content-Length is trusted", "webhook/slowclient.py",
+             "            if length is not None or not value.isdigit():\n",
+             "            if not value.isdigit():\n",
+             ("tests/test_slow_clients.py::test_the_main_loop_reads_where_a_body_ends_from_three_headers",)),
+    Mutation("slow clients: 100-continue is never sent", "webhook/slowclient.py",
+             "            continue_expected = value.lower() == b\"100-continue\"\n",
+             "            continue_expected = False\n",
+             ("tests/test_slow_clients.py::test_a_client_that_expects_100_continue_is_told_to_go_on_then_answered",)),
 ]
 
 

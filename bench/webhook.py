@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,13 +161,13 @@ def gunicorn_command(app_spec: str, port: int, extra: list[str]) -> list[str]:
 
 
 @contextmanager
-def serving(name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[None]:
-    """Run one gunicorn (that we started, and stop by its pid) until /healthz answers."""
+def serving(name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[int]:
+    """Run one gunicorn (that we started, and stop by its pid) until /healthz answers; yields its pid."""
     with log.open("ab") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}/healthz", process, timeout=30)
-        yield
+        yield process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -214,20 +215,68 @@ def queued(name: str, redis_url: str) -> tuple[int, int]:
 
 
 def measure(name: str, command: list[str], env: dict[str, str], args: argparse.Namespace,
-            scripts: tuple[Path, Path], workdir: Path) -> Result:
+            scripts: tuple[Path, Path], workdir: Path, profile: Path | None = None) -> Result:
     warm, load = scripts
     url = f"http://127.0.0.1:{args.port}{PATH}"
     reset_redis(env["REDIS_URL"], env["DATABASE_URL"])
-    with serving(name, command, env, args.port, workdir / f"{name}.log"):
+    with serving(name, command, env, args.port, workdir / f"{name}.log") as pid:
         run_wrk(url, warm, 2, args.connections)
         time.sleep(0.5)  # let the warm-up's last in-flight requests land before counting
         before = queued(name, env["REDIS_URL"])
-        stats = run_wrk(url, load, args.duration, args.connections)
+        with sampling(pid, args.duration, profile):
+            stats = run_wrk(url, load, args.duration, args.connections)
         time.sleep(0.5)  # requests wrk sent but did not wait for when its clock stopped
         after = queued(name, env["REDIS_URL"])
     _check(name, stats, before, after, args)
     return Result(name, stats["requests"], stats["duration_us"] / 1e6, stats["p50_us"] / 1000,
                   stats["p99_us"] / 1000, after[0] - before[0])
+
+
+@contextmanager
+def sampling(pid: int, seconds: int, collapsed: Path | None) -> Iterator[None]:
+    """py-spy sampling gunicorn's workers (`pid`'s children) for `seconds`, into `collapsed`
+    (folded stacks: one line per stack, its sample count last); nothing when `collapsed` is None."""
+    if collapsed is None:
+        yield
+        return
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    process = subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--duration", str(seconds),
+                                "--rate", "200", "--format", "raw", "--output", str(collapsed), "--gil"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.wait(timeout=seconds + 60)
+
+
+def print_profile(collapsed: Path, top: int = 25) -> None:
+    """Where the web workers' time went: the functions most often on the stack (inclusive) and at
+    its top (self), as shares of the samples of threads that were doing something."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  for frame in stack.split(";") if " (" in frame and not frame.startswith(("process ", "thread "))]
+        if not frames or _idle(frames[-1]):
+            continue
+        samples = int(count)
+        total += samples
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            inclusive[frame] += samples
+    print(f"\nprofile of the web workers under load: {total} busy samples (py-spy, 200 Hz, samples holding the GIL)")
+    for title, counter in (("inclusive", inclusive), ("self", own)):
+        print(f"\n{title:>9}  function (file)")
+        for frame, samples in counter.most_common(top):
+            print(f"{100 * samples / total:8.1f}%  {frame}")
+
+
+def _idle(frame: str) -> bool:
+    """A thread waiting for work or for a socket, not using the CPU."""
+    return any(word in frame for word in ("wait (threading.py)", "select (selectors.py)", "poll (selectors.py)",
+                                          "_worker (thread.py)", "accept (socket.py)", "sleep"))
 
 
 def measure_no_work(command: list[str], env: dict[str, str], args: argparse.Namespace, workdir: Path) -> Result:
@@ -303,6 +352,9 @@ def main() -> None:
     parser.add_argument("--database-url", default=None,
                         help="default: BENCH_DATABASE_URL, else the local PostgreSQL's mammut_sms_bench, else SQLite")
     parser.add_argument("--port", type=int, default=0, help="0: pick a free one")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the webhook's workers with py-spy in round 1 and print where the time went "
+                             "(pip install py-spy)")
     parser.add_argument("--no-work", action="store_true",
                         help="also measure GET /healthz once, for the latency this machine adds by itself")
     args = parser.parse_args()
@@ -319,7 +371,7 @@ def main() -> None:
     env.pop("PUBLIC_URL", None)
     receivers = {
         "webhook": gunicorn_command("webhook:create_app()", args.port, []),
-        "floor": gunicorn_command("webhook_floor:create_app()", args.port, ["--pythonpath", str(REPO / "bench")]),
+        "floor": gunicorn_command("bench.webhook_floor:create_app()", args.port, ["--pythonpath", str(REPO)]),
     }
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp:
         workdir = Path(tmp)
@@ -331,7 +383,10 @@ def main() -> None:
             pair = []
             for name, command in receivers.items():
                 print(f"round {number}: {name}: {shlex.join(command)}", flush=True)
-                pair.append(measure(name, command, env, args, scripts, workdir))
+                profile = workdir / "webhook.folded" if args.profile and name == "webhook" and number == 1 else None
+                pair.append(measure(name, command, env, args, scripts, workdir, profile))
+                if profile is not None and profile.exists():
+                    print_profile(profile)
             rounds.append((pair[0], pair[1]))
         no_work = measure_no_work(receivers["webhook"], env, args, workdir) if args.no_work else None
         command = f"{sys.executable} bench/webhook.py " + shlex.join(sys.argv[1:])

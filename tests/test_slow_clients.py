@@ -249,3 +249,51 @@ def test_a_flood_of_request_lines_never_stops_the_process_accepting_webhooks(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_client_that_expects_100_continue_is_told_to_go_on_then_answered(web: tuple[Process, str], bot: Bot) -> None:
+    """A client holding its body until the server says 100 Continue (curl does for large bodies) is told
+    so by the main loop, then sends it and gets its answer: it never waits out the deadline."""
+    _, base = web
+    port = int(base.rsplit(":", 1)[1])
+    body = b"MessageSid=SM1&From=%2B15551230000&To=%2B15005550006&Body=hola"
+    with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_DEADLINE / 2) as client:
+        client.sendall(b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                       b"Content-Type: application/x-www-form-urlencoded\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        client.sendall(body)
+        answer = b""
+        while b"HTTP/1.1 403 " not in answer and (more := client.recv(4096)):
+            answer += more
+    # Any number of interim 100s may come first (RFC 9110 15.2): gunicorn's own parser sends one too.
+    final = answer.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+    assert final.startswith(b"HTTP/1.1 403 "), answer[:200]  # unsigned: refused, at once
+
+
+# --- How the worker's main loop reads a head's framing (webhook.slowclient._framing) ---------
+
+HEAD = b"POST /channels/sms/ HTTP/1.1\r\nHost: 127.0.0.1"
+
+
+@pytest.mark.parametrize(("headers", "framing"), [
+    (b"", (0, False)),  # no body
+    (b"\r\nContent-Length: 412", (412, False)),
+    (b"\r\ncontent-length:  7 \r\nEXPECT: 100-Continue", (7, True)),
+    (b"\r\nTransfer-Encoding: chunked", (None, False)),
+    (b"\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue", (None, True)),
+    # Not plain: the thread's parser judges these at once, as gunicorn always has.
+    (b"\r\nContent-Length: 4\r\nContent-Length: 5", None),
+    (b"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked", None),
+    (b"\r\nTransfer-Encoding: gzip, chunked", None),
+    (b"\r\nContent-Length: -1", None),
+    (b"\r\nContent-Length: 0x10", None),
+    (b"\r\nContent-Length : 4", None),
+    (b"\r\nno colon here", None),
+])
+def test_the_main_loop_reads_where_a_body_ends_from_three_headers(headers: bytes,
+                                                                  framing: tuple[int | None, bool] | None) -> None:
+    """Content-Length, chunked, 100-continue; any other framing is left to gunicorn's parser."""
+    from webhook.slowclient import _framing
+
+    assert framing == _framing(HEAD + headers)
