@@ -982,6 +982,10 @@ MUTATIONS: list[Mutation] = [
              "            continue_expected = value.lower() == b\"100-continue\"\n",
              "            continue_expected = False\n",
              ("tests/test_slow_clients.py::test_a_client_that_expects_100_continue_is_told_to_go_on_then_answered",)),
+    Mutation("operator: a send is checked against a number the bot no longer has", "webhook/operator.py",
+             "    sender = texted if texted and (texted in bot.numbers or bot.messaging_service_sid) else bot.number",
+             "    sender = texted or bot.number",
+             ("tests/test_operator_send.py::test_a_number_the_bot_no_longer_has_is_not_what_the_send_is_checked_against",)),
 ]
 
 

@@ -105,6 +105,22 @@ def test_a_person_who_opted_out_of_the_pool_number_they_texted_is_refused(
     assert 0 == redis.llen(keys.outbox(keys.conversation_id(pooled.id, PERSON)))
 
 
+def test_a_number_the_bot_no_longer_has_is_not_what_the_send_is_checked_against(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, store: BotStore, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """The person last texted a number since taken off the bot: the send goes from the main number (as
+    the worker sends it), so a STOP to the main number refuses it, whatever the old number's scope says."""
+    old_number = "+15550012079"
+    pooled = store.update(bot.id, {"phone-numbers": [old_number, "+15550012080"]})
+    redis.set(keys.texted(keys.conversation_id(pooled.id, PERSON)), old_number)
+    pooled = store.update(bot.id, {"phone-numbers": ["+15550012080"]})  # the old number is gone
+    optout.opt_out(get_engine(settings), redis, pooled.number, PERSON, how="keyword STOP")
+
+    sent = client.post(url(pooled), headers=admin_headers, json={"to": PERSON, "text": "hola"})
+
+    assert (409, ["opted out"]) == (sent.status_code, sent.get_json()["errors"]["to"])
+
+
 def test_running_the_same_send_again_texts_once(live_server: str, bot: Bot, redis: redis_lib.Redis) -> None:
     """The key comes from the content: a re-run after a timeout queues nothing new; another key, or
     another text, does."""

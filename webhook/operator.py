@@ -131,8 +131,10 @@ def _send(bot: Any, redis: Any, body: object) -> tuple[dict[str, Any], int]:
 
 def sending_from(bot: Any, redis: Any, to: str) -> tuple[str, str, bool]:
     """The number a send to `to` goes from, the opt-out scope it is under, and whether `to` opted out of it."""
-    # It goes from the number the person last texted (a bot with several numbers or a service), else the main one.
-    sender = (redis.get(keys.texted(keys.conversation_id(bot.id, to))) if bot.pooled else None) or bot.number
+    # It goes from the number the person last texted (a bot with several numbers or a service), else the
+    # main one; a bot without a service never sends from a number it no longer lists (worker.outbound.sender_for).
+    texted = redis.get(keys.texted(keys.conversation_id(bot.id, to))) if bot.pooled else None
+    sender = texted if texted and (texted in bot.numbers or bot.messaging_service_sid) else bot.number
     scope = bot.opt_out_key(sender)
     return sender, scope, optout.is_opted_out(redis, scope, to) or _opted_out_in_database(scope, to)
 
