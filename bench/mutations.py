@@ -986,6 +986,9 @@ MUTATIONS: list[Mutation] = [
              "    sender = texted if texted and (texted in bot.numbers or bot.messaging_service_sid) else bot.number",
              "    sender = texted or bot.number",
              ("tests/test_operator_send.py::test_a_number_the_bot_no_longer_has_is_not_what_the_send_is_checked_against",)),
+    Mutation("pool numbers: a late callback gives a removed number back", "shared/poolnumbers.py",
+             "if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end\n", "",
+             ("tests/test_messaging_services.py::TestRegistry::test_a_late_status_callback_does_not_give_a_removed_number_back",)),
 ]
 
 

@@ -119,6 +119,9 @@ LOG_REFUSED = f"{PREFIX}:log:refused"
 
 # The numbers each bot's Messaging Service has sent from (a hash, number -> bot id; shared/poolnumbers.py).
 POOL_NUMBERS = f"{PREFIX}:pool-numbers"
+# Pool numbers an operator took from a bot lately (number -> bot id): a status callback of an earlier
+# send from one must not make it the bot's again (shared.poolnumbers).
+POOL_NUMBERS_RELEASED = f"{PREFIX}:pool-numbers:released"
 # Held by the one worker process purging old log rows (worker/retention.py).
 RETENTION_LOCK = f"{PREFIX}:retention-lock"
 # How many scheduled or held messages wait, by reason, as the workers last counted them in the

@@ -29,9 +29,10 @@ class PoolNumbers:
         self._lock = threading.Lock()
 
     def learn(self, redis: Any, number: str | None, bot_id: int) -> None:
-        """`number` sent a message of `bot_id`'s service; written only when this process did not know it."""
+        """`number` sent a message of `bot_id`'s service; written only when this process did not know
+        it, and never when the operator took it from that bot lately (the word is an earlier send's)."""
         if number and self._owners.get(number) != bot_id:
-            redis.hset(keys.POOL_NUMBERS, number, bot_id)
+            redis.eval(LEARN_LUA, 2, keys.POOL_NUMBERS, keys.POOL_NUMBERS_RELEASED, number, bot_id)
             self._owners[number] = bot_id
 
     def owner(self, redis: Any, number: str) -> int | None:
@@ -50,7 +51,20 @@ class PoolNumbers:
 
 POOL_NUMBERS = PoolNumbers()
 
-# KEYS[1]: the hash. ARGV[1]: the bot; ARGV[2..]: the numbers it gave up (none: all of its own).
+# How long a number taken from a bot stays out of its reach: Twilio reports a message's status for
+# up to three days after the send (a late "delivered", say).
+RELEASED_SECONDS = 7 * 86400
+
+# KEYS: the pool numbers, those released. ARGV: the number, the bot its service sent it from.
+LEARN_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: the pool numbers, those released. ARGV[1]: the bot; ARGV[2..]: the numbers it gave up (none:
+# all of its own). Each listed number is remembered as released from the bot, learnt or not: a
+# listed number too may have sent a message whose callback is still to come.
 RELEASE_LUA = """
 local numbers = {}
 if #ARGV > 1 then
@@ -61,15 +75,17 @@ else
 end
 for _, number in ipairs(numbers) do
   if redis.call('HGET', KEYS[1], number) == ARGV[1] then redis.call('HDEL', KEYS[1], number) end
+  redis.call('HSET', KEYS[2], number, ARGV[1])
 end
-"""
+if #numbers > 0 then redis.call('EXPIRE', KEYS[2], __RELEASED_SECONDS__) end
+""".replace("__RELEASED_SECONDS__", str(RELEASED_SECONDS))
 
 
 def release(redis: Any, bot_id: int, numbers: Collection[str] | None = None) -> None:
     """The operator took these numbers (or, with None, the whole bot) away: its service sending from
     them no longer makes them its own, so another bot may be given them."""
     if numbers is None or numbers:
-        redis.eval(RELEASE_LUA, 1, keys.POOL_NUMBERS, bot_id, *sorted(numbers or ()))
+        redis.eval(RELEASE_LUA, 2, keys.POOL_NUMBERS, keys.POOL_NUMBERS_RELEASED, bot_id, *sorted(numbers or ()))
 
 
 def pool_number_owner(redis: Any, number: str) -> int | None:

@@ -171,6 +171,29 @@ class TestRegistry:
         client.post(f"{USERS}:1", headers=admin_headers, json={"phone-numbers": None})
         assert [] == shown(client, admin_headers, 1)["phone-numbers"]
 
+    def test_a_late_status_callback_does_not_give_a_removed_number_back(
+            self, client: FlaskClient, admin_headers: dict[str, str], database: str) -> None:
+        """The service sent from POOL_B; the operator takes POOL_B off the bot; a callback about that earlier
+        send ("delivered", up to days later, to any web process) must not make POOL_B the bot's again,
+        or no other bot could ever be given it."""
+        from shared.poolnumbers import POOL_NUMBERS
+
+        service = service_sid()
+        assert 200 == client.post(USERS, headers=admin_headers, json=bot_fields(**{
+            "twilio-messaging-service-sid": service, "phone-numbers": [POOL_A, POOL_B]})).status_code
+        sid = "SM" + uuid.uuid4().hex
+        status = {"MessageSid": sid, "AccountSid": BOT_ACCOUNT_SID, "From": POOL_B, "To": ALICE,
+                  "MessagingServiceSid": service, "ApiVersion": "2010-04-01"}
+        assert 200 == post_signed(client, {**status, "MessageStatus": "sent"}, path="/channels/sms/status").status_code
+        assert 200 == client.post(f"{USERS}:1", headers=admin_headers, json={"phone-numbers": [POOL_A]}).status_code
+
+        POOL_NUMBERS.forget()  # the late callback reaches a process that never learnt POOL_B
+        assert 200 == post_signed(client, {**status, "MessageStatus": "delivered"},
+                                  path="/channels/sms/status").status_code
+
+        other = client.post(USERS, headers=admin_headers, json=bot_fields(**{"main-phone-number": POOL_B}))
+        assert 200 == other.status_code, other.json
+
     def test_a_bot_cannot_be_left_without_a_way_to_send(self, client: FlaskClient, admin_headers: dict[str, str],
                                                        database: str) -> None:
         """Unsetting the service of a bot that has no number conflicts with its other fields (409), and changes nothing."""
