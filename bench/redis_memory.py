@@ -5,7 +5,8 @@ worker, the Twilio stand-in and the built-in echo engine; registers a bot over t
 posts signed webhooks from N different people, waits until every reply reached the stand-in and
 every conversation settled and its counters of replies per minute expired (2 minutes), then stops
 them and prints Redis's `used_memory` before and after, the bytes per message that remain, and
-which keys remain (only the 48-hour dedupe marks should); then what the webhook's Lua step costs
+which keys remain (only the 48-hour marks should: the conversations' hashes per 6 hours, which
+hold the dedupe marks and when each person last texted); then what the webhook's Lua step costs
 Redis per call, dedupe lookups included.
 
     python bench/redis_memory.py [--messages 10000]
@@ -103,16 +104,24 @@ def key_bytes(redis: Any) -> Counter[str]:
     return sizes
 
 
+# The 48-hour marks: the conversations' (keys.MARKS) and the earlier releases' dedupe marks (sms:seen:*).
+MARK_KINDS = ("sms:marks", "sms:seen")
+
+
+def mark_keys(redis: Any) -> list[str]:
+    return [key for kind in MARK_KINDS for key in redis.scan_iter(match=kind + ":*", count=1000)]
+
+
 def dedupe_marks(redis: Any) -> int:
-    """The dedupe marks: a key each in the earlier shape, a field of an hourly hash now (keys.seen_hour)."""
-    return sum(redis.hlen(key) if redis.type(key) == "hash" else 1 for key in redis.scan_iter(match="sms:seen:*",
-                                                                                                 count=1000))
+    """The marks: a key each in the earliest shape, else a field of a hash per 6 hours (per message in
+    the previous release's keys.seen_hours, per conversation in keys.marks)."""
+    return sum(redis.hlen(key) if redis.type(key) == "hash" else 1 for key in mark_keys(redis))
 
 
 def used_memory_without_marks(redis: Any) -> int:
     """used_memory once the dedupe marks are deleted: what they held, exactly, by the difference
     (MEMORY USAGE leaves out part of a hash's table, and used_memory also holds what no key does)."""
-    for chunk in _chunks(list(redis.scan_iter(match="sms:seen:*", count=1000)), 1000):
+    for chunk in _chunks(mark_keys(redis), 1000):
         redis.delete(*chunk)
     time.sleep(2)
     return int(redis.info("memory")["used_memory"])
@@ -222,10 +231,12 @@ def main() -> None:
           f"all answered in {elapsed:.1f} s")
     print(f"used_memory before: {before:,} B; after: {after:,} B; grew by {after - before:,} B = "
           f"{(after - before) / args.messages:.1f} B per message")
-    print(f"dedupe marks (sms:seen, 48 h): {marks:,} marks in {kinds_after.get('sms:seen', 0):,} keys, "
-          f"{by_kind.get('sms:seen', 0):,} B by MEMORY USAGE ({by_kind.get('sms:seen', 0) / max(marks, 1):.0f} B each); "
-          f"every other key: {sum(v for k, v in by_kind.items() if k != 'sms:seen'):,} B")
-    print(f"the dedupe marks held {marks_bytes:,} B of used_memory (freed by deleting them) = "
+    marked = sum(by_kind.get(kind, 0) for kind in MARK_KINDS)
+    print(f"marks ({', '.join(MARK_KINDS)}, 48 h): {marks:,} fields or keys in "
+          f"{sum(kinds_after.get(kind, 0) for kind in MARK_KINDS):,} keys, {marked:,} B by MEMORY USAGE "
+          f"({marked / max(marks, 1):.0f} B each); every other key: "
+          f"{sum(v for k, v in by_kind.items() if k not in MARK_KINDS):,} B")
+    print(f"the marks held {marks_bytes:,} B of used_memory (freed by deleting them) = "
           f"{marks_bytes / args.messages:.1f} B per message")
     print(f"the webhook's Lua step (dedupe with a MessageSid and an idempotency token, queue, wake-up), by INFO "
           f"commandstats: {cost_new:.1f} us of Redis per new message, {cost_retry:.1f} us per retry")
@@ -233,8 +244,8 @@ def main() -> None:
           f"replication buffers); dataset {memory['used_memory_dataset']:,} B")
     print("keys before: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds_before.items())))
     print("keys after:  " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds_after.items())))
-    others = {kind: count for kind, count in kinds_after.items() if kind != "sms:seen"}
-    print(f"keys other than the dedupe marks: {sum(others.values())} in all, one or two of each kind whatever the "
+    others = {kind: count for kind, count in kinds_after.items() if kind not in MARK_KINDS}
+    print(f"keys other than the marks: {sum(others.values())} in all, one or two of each kind whatever the "
           f"number of messages: {others}")
 
 

@@ -95,39 +95,91 @@ def inbound_from(raw: str) -> dict[str, Any]:
 # nobody's needs a wake-up: a burst of thirty texts wakes one worker, not thirty that would queue
 # for the same lease, and a text landing while its conversation is answered wakes nobody (a worker
 # woken then would find the lease taken and go away). A holder that dies leaves it to the sweeper.
-# Dedupe marks are fields of hashes per 6 hours (keys.seen_hours), each the hour it was made: the
-# hashes looked in are named here from the hour of arrival rather than passed, their names being
-# most of a request otherwise.
-# KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earlier shape, read
+# A mark's time: 4 bytes, big-endian Unix seconds, read and written byte by byte (fakeredis, which
+# `mammut-sms dev` runs on, has no struct library).
+MARK_TIME_LUA = """
+local function time_of(value)
+  local a, b, c, d = string.byte(value, 1, 4)
+  return ((a * 256 + b) * 256 + c) * 256 + d
+end
+local function packed(t)
+  return string.char(math.floor(t / 16777216) % 256, math.floor(t / 65536) % 256, math.floor(t / 256) % 256, t % 256)
+end
+"""
+# Marks are a field per conversation in hashes per 6 hours (keys.MARKS): the time the person last
+# texted (the push window's, webhook.replies) and the digests of the MessageSids and idempotency
+# tokens their texts carried. A retry is found in its conversation's field of the 9 hashes that can
+# hold the last 48 hours, unless the field's time says its last text is older than that (so a mark
+# is recognised at least 48 hours, and at most the 6 more its bucket may hold it). The previous
+# releases' marks (keys.seen, keys.SEEN_HOURS) are read until they expire. The hashes looked in are
+# named here from the hour of arrival rather than passed, their names being most of a request otherwise.
+# KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earliest shape, read
 #       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
-#       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease,
-#       when the person last texted (keys.wrote).
+#       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
-#       texted ('': not kept, the bot has one number), the marks' fields of the MessageSid and the
-#       idempotency token (the same when there is none), the hour of arrival.
-ACCEPT_LUA = """
+#       texted ('': not kept, the bot has one number), the previous release's fields (keys.seen_field)
+#       of the MessageSid and the idempotency token (the same when there is none), the hour of
+#       arrival, the conversation's field (keys.mark_field), the digests (keys.mark_digest) of the
+#       MessageSid and the idempotency token (the same when there is none).
+ACCEPT_LUA = MARK_TIME_LUA + """
 local hour = tonumber(ARGV[10])
 local function bucket(h) return h - h % __BUCKET__ end
+local firsts = {}  -- the first hours of the buckets that can hold the last 48 hours, newest first
+for first = bucket(hour), bucket(hour - __HOURS__), -__BUCKET__ do firsts[#firsts + 1] = first end
+-- The previous release's marks: a field per MessageSid or token in SEEN_HOURS, its value the hour.
 local function seen(field)
-  for first = bucket(hour), bucket(hour - __HOURS__), -__BUCKET__ do
+  for _, first in ipairs(firsts) do
     local made = redis.call('HGET', '__SEEN_HOURS__' .. first, field)
     if made and hour - tonumber(made) <= __HOURS__ then return true end
   end
   return false
 end
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8])) then
+local function seen_before()
+  local hashes = {}
+  for i, first in ipairs(firsts) do hashes[i] = '__SEEN_HOURS__' .. first end
+  if redis.call('EXISTS', unpack(hashes)) == 0 then return false end  -- all gone: 54 hours after the upgrade
+  return seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8]))
+end
+-- Whether `digest` is one of the value's: found at a digest's place (after the time, __DIGEST__ bytes apart).
+local function holds(value, digest)
+  local at = string.find(value, digest, 5, true)
+  while at and (at - 5) % __DIGEST__ ~= 0 do at = string.find(value, digest, at + 1, true) end
+  return at ~= nil
+end
+local current = false  -- the conversation's field in this hour's hash
+local function marked()
+  for _, first in ipairs(firsts) do
+    local value = redis.call('HGET', '__MARKS__' .. first, ARGV[11])
+    if first == bucket(hour) then current = value end
+    if value then
+      -- 0: erased (shared.erasure), the digests kept: they are as old as their bucket says.
+      local wrote = time_of(value)
+      if (wrote == 0 or hour - math.floor(wrote / 3600) <= __HOURS__)
+          and (holds(value, ARGV[12]) or (ARGV[13] ~= ARGV[12] and holds(value, ARGV[13]))) then
+        return true
+      end
+    end
+  end
+  return false
+end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or marked() or seen_before() then
   redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
   return 0
 end
--- A request carrying either again is a duplicate. The hash lives until its last hour's marks are 48 hours old.
-local marks = '__SEEN_HOURS__' .. bucket(hour)
-redis.call('HSET', marks, ARGV[8], hour, ARGV[9], hour)
+-- A request carrying either again is a duplicate; the time is the latest text's (clocks may differ
+-- by a little between webhooks). The hash lives until its last hour's marks are 48 hours old.
+local marks, now = '__MARKS__' .. bucket(hour), math.floor(tonumber(ARGV[3]))
+local digests = ARGV[12] .. (ARGV[13] ~= ARGV[12] and ARGV[13] or '')
+if current then
+  now = math.max(now, time_of(current))
+  digests = string.sub(current, 5) .. digests
+end
+redis.call('HSET', marks, ARGV[11], packed(now) .. digests)
 redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
-redis.call('SET', KEYS[10], ARGV[3], 'EX', __DEDUPE_TTL__)
 if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7], 'EX', __DEDUPE_TTL__) end
 if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) == 0 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
@@ -140,7 +192,8 @@ return 1
 ACCEPT_LUA = with_constants(
     ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
-    HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS,
+    HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS, MARKS=keys.MARKS,
+    DIGEST=keys.MARK_DIGEST_BYTES,
     LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )
@@ -149,7 +202,9 @@ ACCEPT_LUA = with_constants(
 def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
                    account_sid: str | None = None, remember_texted: bool = False, opt_out_key: str | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the 48 hours before its
-    `received_at` (also the clock the marks are kept by).
+    `received_at` (also the clock the marks are kept by; a mark may be recognised up to 6 hours
+    longer, see ACCEPT_LUA). Its conversation's mark also says when the person last texted
+    (last_wrote).
 
     One EVALSHA: dedupe, storing and the worker's wake-up are one Lua step and one round trip.
     `message` is INBOUND's shape already (the webhook builds it field by field), so it is stored
@@ -165,13 +220,60 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
     return bool(script(redis, ACCEPT_LUA)(
         keys=[seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
-              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation),
-              keys.wrote(conversation)],
+              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)],
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=[json.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
               f"wake-{message['sid']}", message["to"] if remember_texted else "", keys.seen_field(account, message["sid"]),
-              keys.seen_field(account, idempotency_token or message["sid"]), int(message["received_at"] // 3600)],
+              keys.seen_field(account, idempotency_token or message["sid"]), int(message["received_at"] // 3600),
+              keys.mark_field(conversation), keys.mark_digest(account, message["sid"]),
+              keys.mark_digest(account, idempotency_token or message["sid"])],
     ))
+
+
+# When each person last texted, by the marks (ACCEPT_LUA) of the 48 hours looked in and the
+# previous release's keys.wrote (read until it expires); 0 when neither knows (or it was erased).
+# KEYS: the mark hashes looked in, then each person's keys.wrote. ARGV: each person's keys.mark_field.
+LAST_WROTE_LUA = MARK_TIME_LUA + """
+if #ARGV == 0 then return {} end
+local hashes = #KEYS - #ARGV
+local before, latest = {}, {}
+for i = 1, #ARGV do before[i] = KEYS[hashes + i] end
+for i, wrote in ipairs(redis.call('MGET', unpack(before))) do latest[i] = math.floor(tonumber(wrote) or 0) end
+for h = 1, hashes do
+  for i, value in ipairs(redis.call('HMGET', KEYS[h], unpack(ARGV))) do
+    if value then latest[i] = math.max(latest[i], time_of(value)) end
+  end
+end
+return latest
+"""
+
+
+def last_wrote(redis: Any, bot_id: int, people: list[str], now: float | None = None) -> Any:
+    """When each of `people` last texted the bot (Unix seconds, 0: not within the marks' 48 hours),
+    as the webhook marked it the moment it accepted the text. `redis` may be a pipeline (the engine
+    callback's reader batches this with the handoffs' copy), hence EVAL, as settle's."""
+    conversations_ = [keys.conversation_id(bot_id, person) for person in people]
+    hashes = keys.marks_looked_in(int((time.time() if now is None else now) // 3600), DEDUPE_TTL // 3600)
+    return redis.eval(LAST_WROTE_LUA, len(hashes) + len(people), *hashes,
+                      *[keys.wrote(conversation) for conversation in conversations_],
+                      *[keys.mark_field(conversation) for conversation in conversations_])
+
+
+# An erase (shared.erasure): the conversation's marks no longer say when the person texted (their time
+# becomes 0); the digests stay, so a retry of a text from before is still a duplicate.
+# KEYS: the mark hashes looked in. ARGV: the conversation's keys.mark_field.
+FORGET_WROTE_LUA = MARK_TIME_LUA + """
+for _, hash in ipairs(KEYS) do
+  local value = redis.call('HGET', hash, ARGV[1])
+  if value then redis.call('HSET', hash, ARGV[1], packed(0) .. string.sub(value, 5)) end
+end
+"""
+
+
+def forget_wrote(redis: Any, conversation: str) -> None:
+    """Make the marks of the conversation forget when the person texted (see FORGET_WROTE_LUA)."""
+    hashes = keys.marks_looked_in(int(time.time() // 3600), DEDUPE_TTL // 3600)
+    script(redis, FORGET_WROTE_LUA)(keys=hashes, args=[keys.mark_field(conversation)])
 
 
 # Add replies to the outbox in order, optionally finishing the inbound message that produced

@@ -7,7 +7,8 @@ scheduled for them in the database (nothing queued or scheduled is sent afterwar
 forwards of their texts waiting in Dramatiq's outbound queues (delayed, or dead-lettered for
 `dlq replay`), and the log's records of them that the database refused (keys.LOG_REFUSED).
 What stays: the opt-out record, if there is one (erasing it would let the bot text someone who
-said STOP), and, until it expires, the 48-hour dedupe mark of each MessageSid (no content).
+said STOP), and, until it expires, the 48-hour dedupe mark of each MessageSid (no content; the
+conversation's marks forget when the person texted, so the push window no longer counts them).
 The erase leaves a mark for a day, which what is already in a worker's hands checks before it
 acts: a record on its way from Redis to the database is dropped by the log's writer
 (worker.logdrain); an engine's answer to a message the erase took away is neither queued nor
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 
 from shared import handoff, keys, messagelog
+from shared.conversations import forget_wrote
 from shared.db import transaction
 from shared.schema import conversations, dead_letters, deliveries, messages, scheduled
 from shared.tasks import FORWARD_HANDOFF, NAMESPACE, OUTBOUND_QUEUE
@@ -75,6 +77,7 @@ def _drop_queued(redis: Any, conversation: str) -> int:
                 keys.replies(conversation), keys.texted(conversation), keys.wrote(conversation))
     pipe.zrem(keys.PENDING, conversation)
     *lengths, _, _ = pipe.execute()
+    forget_wrote(redis, conversation)  # the push window's mark; keys.wrote above is the previous release's
     return sum(lengths)
 
 

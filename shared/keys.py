@@ -20,7 +20,8 @@ REGISTRY = f"{PREFIX}:registry"
 
 # Inbound deduplication (MessageSid / I-Twilio-Idempotency-Token), kept 48 hours. Scoped by account,
 # so a SID that one tenant's signed requests name cannot mark another tenant's message a duplicate.
-# A mark is a field of a hash per 6 hours (about 65 bytes, where a key of its own took about 200),
+# How the previous release kept a mark, read until its hashes expire (this release writes MARKS,
+# below): a field of a hash per 6 hours (about 65 bytes, where a key of its own took about 200),
 # its value the hour it was made: the webhook looks in the 9 hashes that can hold the last 48 hours
 # (49 hourly ones cost Redis three times the webhook's whole step), and each hash expires 48 hours
 # after its last hour ends.
@@ -36,6 +37,44 @@ def seen_hours(hour: int) -> str:
 
 def seen_field(account: str, token: str) -> bytes:
     return hashlib.blake2b(f"{account}:{token}".encode(), digest_size=SEEN_FIELD_BYTES).digest()
+
+
+# Marks, kept 48 hours, of who texted the bot and when, and of what they texted: a field per
+# conversation in a hash per 6 hours (the dedupe marks of every message, and the push window's "when
+# the person last wrote", which were a field per message plus a key per person, cost about 180
+# bytes per message; this, about 77 for a person's first text of a bucket, 93 with an idempotency
+# token, and 8 or 16 more, give or take the allocator's size classes, for each further one). The field is a digest of the conversation (MARK_FIELD_BYTES, as SEEN_FIELD_BYTES);
+# its value the last text's time of arrival (4 bytes, big-endian Unix seconds; 0 once erased, see
+# shared/erasure.py) followed by the digests (MARK_DIGEST_BYTES each) of the MessageSids and
+# idempotency tokens the conversation's texts of that bucket carried. A retry must name the same
+# conversation (bot and From) to be found: Twilio's retries repeat the request. Each hash expires 48
+# hours after its last hour ends, as SEEN_HOURS's.
+MARKS = f"{PREFIX}:marks:"  # + the first of its hours (Unix time // 3600)
+MARK_FIELD_BYTES = SEEN_FIELD_BYTES
+# 64 bits: a text is taken for a duplicate only if its digest equals one of its OWN conversation's
+# marks of the last 54 hours, not any of all traffic: a person's thousandth text there, 1 in 10^16;
+# 10^8 texts in 48 hours, a hundred per person, one false duplicate in some 4 x 10^9 such spans. Ample.
+MARK_DIGEST_BYTES = 8
+
+
+def marks(hour: int) -> str:
+    """The hash of the conversations' marks made in `hour` (and the other hours of its bucket)."""
+    return f"{MARKS}{hour - hour % SEEN_BUCKET_HOURS}"
+
+
+def marks_looked_in(hour: int, hours: int = 48) -> list[str]:
+    """The hashes that can hold the marks of the `hours` before `hour`, newest first."""
+    oldest = hour - hours
+    return [marks(first) for first in range(hour - hour % SEEN_BUCKET_HOURS, oldest - oldest % SEEN_BUCKET_HOURS - 1,
+                                            -SEEN_BUCKET_HOURS)]
+
+
+def mark_field(conversation: str) -> bytes:
+    return hashlib.blake2b(conversation.encode(), digest_size=MARK_FIELD_BYTES).digest()
+
+
+def mark_digest(account: str, token: str) -> bytes:
+    return hashlib.blake2b(f"{account}:{token}".encode(), digest_size=MARK_DIGEST_BYTES).digest()
 
 
 # A mark as a key of its own: how releases before issue 28 wrote them (and `migrate --from-redis`
@@ -99,8 +138,8 @@ def texted(conversation: str) -> str:
 
 
 def wrote(conversation: str) -> str:
-    """When the person last texted the bot, set as the webhook accepts the text and kept as long as
-    dedupe marks: the push window holds from that moment, before the log's writer records the text."""
+    """When the person last texted the bot, as the previous release kept it (48 hours): read by the
+    push window until it expires; the time is in the conversation's MARKS field now."""
     return _conv(conversation, "wrote")
 
 

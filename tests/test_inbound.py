@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from cli.twilio_standin import TwilioStandin
 from shared import db, keys, metrics
 from shared.bots import Bot, BotStore
-from shared.conversations import INBOUND, accept_inbound
+from shared.conversations import INBOUND, accept_inbound, last_wrote
 from shared.crypto import Vault
 from shared.optout import is_opted_out
 from shared.redis import connect
@@ -44,6 +44,11 @@ CONVERSATION = f"1:{SENDER}"  # the test bot is the registry's first bot
 
 def inbox(redis: redis_lib.Redis, sender: str = SENDER, bot_id: int = 1) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in redis.lrange(keys.inbox(keys.conversation_id(bot_id, sender)), 0, -1)]
+
+
+def raw_client(redis_url: str) -> redis_lib.Redis:
+    """A client of the tests' Redis answering bytes: the marks' values are binary."""
+    return redis_lib.Redis.from_url(redis_url)
 
 
 def counter(redis: redis_lib.Redis, name: str, **labels: object) -> int:
@@ -158,16 +163,21 @@ class TestDuplicates:
         # Then the inbox stays empty and no worker is woken
         assert ([], []) == (inbox(redis), queued_kicks(redis))
 
-    def test_a_message_is_remembered_for_48_hours(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis) -> None:
-        """The MessageSid and the idempotency token of an accepted message are both marked with their hour,
-        in a hash that outlives its last hour by 48 hours."""
+    def test_a_message_is_remembered_for_48_hours(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis, redis_url: str) -> None:
+        """The conversation's mark holds the time of the text and the digests of its MessageSid and its
+        idempotency token, in a hash that outlives its last hour by 48 hours."""
         params = inbound_params()
+        before = int(time.time())
         post_signed(client, params, headers={"I-Twilio-Idempotency-Token": "retry-token-2"})
         hour = int(time.time() // 3600)
-        marks = keys.seen_hours(hour)
-        fields = [keys.seen_field(bot.account_sid, name) for name in (params["MessageSid"], "retry-token-2")]
+        marks = keys.marks(hour)
+        value = raw_client(redis_url).hget(marks, keys.mark_field(CONVERSATION))
+        assert value is not None
+        digests = [keys.mark_digest(bot.account_sid, name) for name in (params["MessageSid"], "retry-token-2")]
         last_hour = hour - hour % keys.SEEN_BUCKET_HOURS + keys.SEEN_BUCKET_HOURS - 1
-        assert ([str(hour)] * 2, (last_hour + 1 + 48) * 3600) == (redis.hmget(marks, fields), redis.expiretime(marks))
+        assert (b"".join(digests), (last_hour + 1 + 48) * 3600) == (value[4:], redis.expiretime(marks))
+        assert before <= int.from_bytes(value[:4], "big") <= time.time()
 
     @pytest.mark.parametrize(("hours_later", "duplicate"), [(0.0, True), (47.0, True), (47.99, True), (49.0, False)])
     def test_a_retry_is_recognised_within_48_hours_and_not_after_49(
@@ -197,6 +207,83 @@ class TestDuplicates:
         by_token = accept_inbound(redis, {**message, "sid": "SMafter28"}, "token-before-28", account_sid=bot.account_sid)
         # Then neither is queued again
         assert ([False, False], []) == ([by_sid, by_token], inbox(redis))
+
+    def test_a_retry_47_hours_later_is_found_in_the_conversations_mark(self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """Issue 28's layout alone (no mark of an earlier shape written) still knows a retry 47 hours on."""
+        # Given a message accepted now, whose only marks are its conversation's field of a hash per 6 hours
+        now = time.time()
+        first = INBOUND.load({"sid": "SMlayout47", "bot_id": bot.id, "sender": SENDER, "to": bot.number,
+                              "body": "hola", "received_at": now})
+        assert accept_inbound(redis, first, "token-layout-47", account_sid=bot.account_sid)
+        assert ([], [keys.marks(int(now // 3600))]) == (redis.keys("sms:seen:*"), redis.keys("sms:marks:*"))
+        # When Twilio retries it 47 hours later, by MessageSid or by idempotency token
+        retry = {**first, "received_at": now + 47 * 3600}
+        by_sid = accept_inbound(redis, retry, account_sid=bot.account_sid)
+        by_token = accept_inbound(redis, {**retry, "sid": "SMother-layout"}, "token-layout-47", account_sid=bot.account_sid)
+        # Then neither is queued again
+        assert ([False, False], 1) == ([by_sid, by_token], len(inbox(redis)))
+
+    def test_a_mark_of_the_previous_releases_6_hour_hashes_is_still_a_duplicate(
+            self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """A mark the previous release made as a field of its 6-hour hashes (keys.seen_hours) stops a retry."""
+        # Given the marks of a message the previous release accepted 40 hours ago, under its MessageSid and token
+        now = time.time()
+        made = int(now // 3600) - 40
+        for name in ("SMin6hours", "token-in-6-hours"):
+            redis.hset(keys.seen_hours(made), keys.seen_field(bot.account_sid, name), str(made))
+        redis.expire(keys.seen_hours(made), 3600)
+        message = INBOUND.load({"sid": "SMin6hours", "bot_id": bot.id, "sender": SENDER, "to": bot.number,
+                                "body": "hola", "received_at": now})
+        # When Twilio retries it after the upgrade, by either
+        by_sid = accept_inbound(redis, message, account_sid=bot.account_sid)
+        by_token = accept_inbound(redis, {**message, "sid": "SMafter-6h"}, "token-in-6-hours", account_sid=bot.account_sid)
+        # Then neither is queued again
+        assert ([False, False], []) == ([by_sid, by_token], inbox(redis))
+
+    def test_a_second_text_in_the_same_bucket_is_not_a_duplicate_of_the_first(
+            self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """The conversation's mark gains the second text's digests and keeps the first's: both are
+        queued once, and a retry of either is a duplicate."""
+        now = time.time()
+        texts = [INBOUND.load({"sid": f"SMsame-bucket-{n}", "bot_id": bot.id, "sender": SENDER, "to": bot.number,
+                               "body": f"n{n}", "received_at": now + n}) for n in (1, 2)]
+        accepted = [accept_inbound(redis, text, f"token-same-bucket-{n}", account_sid=bot.account_sid)
+                    for n, text in zip((1, 2), texts)]
+        retried = [accept_inbound(redis, text, account_sid=bot.account_sid) for text in texts]
+        by_token = [accept_inbound(redis, {**text, "sid": f"SMretry-{n}"}, f"token-same-bucket-{n}",
+                                   account_sid=bot.account_sid) for n, text in zip((1, 2), texts)]
+        assert ([True, True], [False, False], [False, False], ["n1", "n2"]) == (
+            accepted, retried, by_token, [m["body"] for m in inbox(redis)])
+
+    def test_two_peoples_marks_in_one_bucket_are_never_taken_for_each_other(
+            self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """Each conversation's field holds its own time and digests: one person's retry is found, the other's
+        new text with an unrelated SID is not, and each is known to have written when they did."""
+        other = "+15551230002"
+        now = time.time()
+        mine = INBOUND.load({"sid": "SMmine", "bot_id": bot.id, "sender": SENDER, "to": bot.number, "body": "a",
+                             "received_at": now - 120})
+        theirs = INBOUND.load({"sid": "SMtheirs", "bot_id": bot.id, "sender": other, "to": bot.number, "body": "b",
+                               "received_at": now - 60})
+        assert accept_inbound(redis, mine, account_sid=bot.account_sid)
+        assert accept_inbound(redis, theirs, account_sid=bot.account_sid)
+        assert not accept_inbound(redis, theirs, account_sid=bot.account_sid)
+        assert accept_inbound(redis, {**mine, "sid": "SMmine-2", "received_at": now - 90}, account_sid=bot.account_sid)
+        assert [int(now - 90), int(now - 60), 0] == last_wrote(redis, bot.id, [SENDER, other, "+15551230003"], now)
+
+    def test_accepted_texts_leave_only_the_bucket_hashes_behind(self, redis: redis_lib.Redis, bot: Bot) -> None:
+        """Once the worker took the texts, what stays of 20 people's texts is one hash of marks: no key per person."""
+        now = time.time()
+        for n in range(20):
+            assert accept_inbound(redis, INBOUND.load({
+                "sid": f"SMmemory{n}", "bot_id": bot.id, "sender": f"+1555999{n:04d}", "to": bot.number,
+                "body": "hola", "received_at": now}), account_sid=bot.account_sid)
+        for n in range(20):  # what a worker does with them
+            redis.delete(keys.inbox(keys.conversation_id(bot.id, f"+1555999{n:04d}")))
+        redis.delete(keys.PENDING, keys.WAKE_UPS, keys.METRIC_COUNTERS)
+        left = [key for key in redis.keys("sms:*") if key != keys.REGISTRY and not key.startswith("sms:opted-out:")
+                and not key.startswith("sms:handoffs:")]
+        assert ([keys.marks(int(now // 3600))], 20) == (left, redis.hlen(keys.marks(int(now // 3600))))
 
     @pytest.mark.parametrize("same", ["MessageSid", "I-Twilio-Idempotency-Token"])
     def test_a_retried_webhook_is_answered_once(

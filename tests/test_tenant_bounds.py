@@ -376,6 +376,43 @@ def test_an_engine_answering_someone_who_just_wrote_is_served_while_the_database
     assert 503 == unknown.status_code
 
 
+def test_a_wrote_mark_of_the_previous_release_still_opens_the_push_window_while_the_database_is_down(
+        app: Any, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
+        settings: Settings) -> None:
+    """A person's keys.wrote, as the release before issue 28 set it, counts until it expires."""
+    from sqlalchemy import create_engine
+
+    # Given a person the previous release saw write an hour ago (its key, no mark of this release's)
+    redis.set(keys.wrote(keys.conversation_id(bot.id, PERSON)), repr(time.time() - 3600), ex=47 * 3600)
+    handoff.load_copy(get_engine(settings), redis, bot.id)
+    with app.app_context():
+        app.extensions["mammut"].bots.by_id(bot.id)
+    # When the engine pushes to them while the database cannot be reached
+    app.extensions["mammut"].engine = create_engine("sqlite:////nonexistent/directory/mammut.sqlite3")
+    pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "pensado"})
+
+    # Then Redis alone lets it through
+    assert (202, ["pensado"]) == (pushed.status_code, [reply["text"] for reply in outbox_of(redis, bot)])
+
+
+def test_an_erased_person_is_no_longer_known_to_have_written(
+        client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+    """An erase makes the conversation's marks forget when the person texted: the push window is shut,
+    and a retry of the text they sent before is still a duplicate."""
+    # Given a person who just wrote, then asked to be erased
+    message = INBOUND.load({"sid": "SM" + "8" * 32, "bot_id": bot.id, "sender": PERSON, "to": bot.number,
+                            "body": "hola", "received_at": time.time()})
+    assert accept_inbound(redis, message)
+    assert 200 == client.delete(f"{USERS}:{bot.id}/conversations/{PERSON}", headers=admin_headers).status_code
+
+    # When the engine pushes to them, and Twilio retries their text
+    pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "oferta"})
+    retried = accept_inbound(redis, message)
+
+    # Then the push is refused and the retry is not queued
+    assert (403, [], False) == (pushed.status_code, outbox_of(redis, bot), retried)
+
+
 def wrote(redis: redis_lib.Redis, bot: Bot, person: str, hours_ago: float, sid: str) -> None:
     """The webhook accepting a text of `person`'s, `hours_ago`."""
     assert accept_inbound(redis, INBOUND.load({"sid": sid, "bot_id": bot.id, "sender": person, "to": bot.number,

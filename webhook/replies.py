@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared import handoff, keys, messagelog, metrics, schedule
 from shared.bots import MAX_BOT_ID, Bot
-from shared.conversations import Pushed, capped, push_replies, replies_from
+from shared.conversations import Pushed, capped, last_wrote, push_replies, replies_from
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import allowed_media
@@ -249,7 +249,7 @@ def _who_may_not_get_it(redis: Any, bot: Bot, recipients: list[str]) -> tuple[se
     answers for people who just wrote and for a bot whose handoffs copy is loaded and names none of
     them, so an engine answering at once is served even while the database is slow or down."""
     pipe = redis.pipeline(transaction=False)
-    pipe.mget([keys.wrote(keys.conversation_id(bot.id, person)) for person in recipients])
+    last_wrote(pipe, bot.id, recipients)
     pipe.hmget(keys.handoffs(bot.id), [handoff.LOADED, *recipients])
     marks, (loaded, *listed) = pipe.execute()
     unmarked = [] if bot.limits.allow_cold_push else _unmarked(bot, recipients, marks)
@@ -260,8 +260,9 @@ def _who_may_not_get_it(redis: Any, bot: Bot, recipients: list[str]) -> tuple[se
         return cold, handoff.active_of(connection, bot.id, recipients) if not cold else {}
 
 
-def _unmarked(bot: Bot, recipients: list[str], marks: list[str | None]) -> list[str]:
-    """The recipients the webhook has not seen write within the push window (its mark, kept 48 hours)."""
+def _unmarked(bot: Bot, recipients: list[str], marks: list[int | None]) -> list[str]:
+    """The recipients the webhook has not seen write within the push window (its mark, kept 48
+    hours: shared.conversations.last_wrote, 0 when it has none)."""
     since = time.time() - bot.limits.push_window_days * 86400
     return [person for person, mark in zip(recipients, marks) if mark is None or float(mark) < since]
 
