@@ -354,19 +354,13 @@ def test_an_engine_answering_someone_who_just_wrote_is_served_while_the_database
         app: Any, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
         settings: Settings) -> None:
     """The push window and the handoff check come from Redis for a person the webhook just accepted."""
-    from sqlalchemy import create_engine
-
-    from shared import handoff
     from shared.conversations import INBOUND, accept_inbound
 
     # Given a person whose text the webhook just accepted, and the bot known to the web process
     assert accept_inbound(redis, INBOUND.load({"sid": "SM" + "4" * 32, "bot_id": bot.id, "sender": PERSON,
                                                "to": bot.number, "body": "hola", "received_at": time.time()}))
-    handoff.load_copy(get_engine(settings), redis, bot.id)
-    with app.app_context():
-        app.extensions["mammut"].bots.by_id(bot.id)
     # When the database cannot be reached
-    app.extensions["mammut"].engine = create_engine("sqlite:////nonexistent/directory/mammut.sqlite3")
+    _cut_the_database(app, redis, bot, settings)
 
     pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "pensado"})
 
@@ -376,19 +370,24 @@ def test_an_engine_answering_someone_who_just_wrote_is_served_while_the_database
     assert 503 == unknown.status_code
 
 
+def _cut_the_database(app: Any, redis: redis_lib.Redis, bot: Bot, settings: Settings) -> None:
+    """The web process with its copies loaded (the handoffs', the bot in its cache), then no database."""
+    from sqlalchemy import create_engine
+
+    handoff.load_copy(get_engine(settings), redis, bot.id)
+    with app.app_context():
+        app.extensions["mammut"].bots.by_id(bot.id)
+    app.extensions["mammut"].engine = create_engine("sqlite:////nonexistent/directory/mammut.sqlite3")
+
+
 def test_a_wrote_mark_of_the_previous_release_still_opens_the_push_window_while_the_database_is_down(
         app: Any, client: FlaskClient, admin_headers: dict[str, str], bot: Bot, redis: redis_lib.Redis,
         settings: Settings) -> None:
     """A person's keys.wrote, as the release before issue 28 set it, counts until it expires."""
-    from sqlalchemy import create_engine
-
     # Given a person the previous release saw write an hour ago (its key, no mark of this release's)
     redis.set(keys.wrote(keys.conversation_id(bot.id, PERSON)), repr(time.time() - 3600), ex=47 * 3600)
-    handoff.load_copy(get_engine(settings), redis, bot.id)
-    with app.app_context():
-        app.extensions["mammut"].bots.by_id(bot.id)
     # When the engine pushes to them while the database cannot be reached
-    app.extensions["mammut"].engine = create_engine("sqlite:////nonexistent/directory/mammut.sqlite3")
+    _cut_the_database(app, redis, bot, settings)
     pushed = client.post(callback(bot.id), headers=admin_headers, json={"recipient_id": PERSON, "text": "pensado"})
 
     # Then Redis alone lets it through
