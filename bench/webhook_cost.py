@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.database import bench_database_url  # noqa: E402
+from shared.redis import connect  # noqa: E402
 from bench.webhook import AUTH_TOKEN, CREDENTIALS_KEY, PATH, reset_redis, signed_requests  # noqa: E402
 
 URL = f"http://127.0.0.1:8000{PATH}"
@@ -85,9 +86,17 @@ def run_one(name: str, redis_url: str, requests: int, total: int) -> None:
     app = receiver(name, redis_url, database_url)
     call_all(app, environs(WARM_UP, "warm"))
     batch = environs(total, "")[:requests]
+    redis = connect(redis_url)
+    redis_before = redis_microseconds(redis)
     started = time.process_time()
     call_all(app, batch)
     print(f"CPU_US {(time.process_time() - started) / requests * 1e6:.1f}")
+    print(f"REDIS_US {(redis_microseconds(redis) - redis_before) / requests:.1f}")
+
+
+def redis_microseconds(redis: Any) -> int:
+    """Redis's own CPU time in commands so far (INFO commandstats), this process's and any other's."""
+    return sum(stats["usec"] for stats in redis.info("commandstats").values())
 
 
 def child(name: str, redis_url: str, requests: int, total: int, under: list[str] | None = None) -> str:
@@ -99,9 +108,11 @@ def child(name: str, redis_url: str, requests: int, total: int, under: list[str]
     return done.stdout + done.stderr
 
 
-def cpu_microseconds(name: str, redis_url: str, requests: int) -> float:
+def cpu_microseconds(name: str, redis_url: str, requests: int) -> tuple[float, float]:
+    """The receiver's CPU time per request, and Redis's."""
     output = child(name, redis_url, requests, requests)
-    return float(re.search(r"CPU_US ([\d.]+)", output)[1])  # type: ignore[index]
+    return tuple(float(re.search(rf"{figure} ([\d.]+)", output)[1])  # type: ignore[index,return-value]
+                 for figure in ("CPU_US", "REDIS_US"))
 
 
 def instructions(name: str, redis_url: str) -> float:
@@ -132,14 +143,16 @@ def main() -> None:
         figures = {name: instructions(name, args.redis_url) for name in names}
         unit, detail = "instructions/request", f"under callgrind, ({CALLGRIND_LARGE} - {CALLGRIND_SMALL}) requests"
     else:
-        samples: dict[str, list[float]] = {name: [] for name in names}
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:
                 samples[name].append(cpu_microseconds(name, args.redis_url, args.requests))
-        figures = {name: statistics.median(values) for name, values in samples.items()}
+        figures = {name: statistics.median(value[0] for value in values) for name, values in samples.items()}
+        in_redis = {name: statistics.median(value[1] for value in values) for name, values in samples.items()}
         unit, detail = "CPU us/request", f"median of {args.rounds} rounds of {args.requests} requests"
     for name in names:
-        print(f"{name:<8} {figures[name]:12,.0f} {unit}")
+        extra = f"   + {in_redis[name]:.0f} us in Redis" if not args.callgrind else ""
+        print(f"{name:<8} {figures[name]:12,.0f} {unit}{extra}")
     print(f"ratio webhook/floor cost: {figures['webhook'] / figures['floor']:.2f} ({detail})")
     print(f"command: {sys.executable} bench/webhook_cost.py " + " ".join(sys.argv[1:]))
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from shared import jsonio
 from shared.phone import mask
 from shared.settings import Settings
 
@@ -120,7 +121,8 @@ def _truncate(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, An
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level)
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=False) if settings.development else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=False) if settings.development
+        else structlog.processors.JSONRenderer(serializer=jsonio.log_line)
     )
     structlog.configure(
         processors=[

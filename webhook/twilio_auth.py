@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import redis as redis_lib
@@ -60,6 +60,8 @@ def is_signed(auth_token: str, url: str, params: Mapping[str, str], signature: s
     """
     algorithm = get_signature_algorithm(signature_settings)
     validator = RequestValidator(auth_token)
+    if isinstance(params, MultiDict):
+        params = _AllValues(params)
     try:
         expected = validator.compute_signature(url, params, algorithm)
     except ValueError:  # an algorithm this twilio release does not know: validate() logs and refuses it
@@ -69,16 +71,44 @@ def is_signed(auth_token: str, url: str, params: Mapping[str, str], signature: s
     return validator.validate(url, params, signature, algorithm=algorithm)
 
 
+class _AllValues(Mapping[str, str]):
+    """A werkzeug form as twilio's RequestValidator reads every value of a field fastest: it asks
+    for getall() first, and a MultiDict, which has getlist() instead, costs it an AttributeError
+    raised and caught per field (a third of the signature check)."""
+
+    __slots__ = ("form",)
+
+    def __init__(self, form: MultiDict[str, str]) -> None:
+        self.form = form
+
+    def __getitem__(self, name: str) -> str:
+        return self.form[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.form)
+
+    def __len__(self) -> int:
+        return len(self.form)
+
+    def getall(self, name: str) -> list[str]:
+        return self.form.getlist(name)
+
+
 def rejection(request: Request, bot: Bot, public_url: str | None) -> str | None:
     """None when `request` is signed with the bot's auth token and names its account; else the reason."""
-    signature = request.headers.get(SIGNATURE_HEADER)
+    return rejection_of(bot, signed_url(request, public_url), request.form, request.headers.get(SIGNATURE_HEADER),
+                        request.headers.get(SIGNATURE_SETTINGS_HEADER))
+
+
+def rejection_of(bot: Bot, url: str, form: Mapping[str, str], signature: str | None,
+                 signature_settings: str | None = None) -> str | None:
+    """rejection(), given what it reads of the request: the URL Twilio signed, the form and the two headers."""
     if not signature:
         return MISSING_SIGNATURE
-    url = signed_url(request, public_url)
-    if not is_signed(bot.auth_token, url, request.form, signature, request.headers.get(SIGNATURE_SETTINGS_HEADER)):
+    if not is_signed(bot.auth_token, url, form, signature, signature_settings):
         return BAD_SIGNATURE
     # Checked after the signature, so an unsigned caller learns nothing about which account a number is on.
-    if (request.form.get("AccountSid") or "").lower() != bot.account_sid.lower():  # a SID's hex has no case
+    if (form.get("AccountSid") or "").lower() != bot.account_sid.lower():  # a SID's hex has no case
         return WRONG_ACCOUNT
     return None
 
