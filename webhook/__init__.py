@@ -9,6 +9,7 @@ from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 from webhook import deps
 from webhook.chunked import ChunkedBodyLimit
+from webhook.fastinbound import FastInbound
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -22,7 +23,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     deps.init_app(app, settings)
     # TLS ends at Heroku's router: trust its X-Forwarded-Proto/Host so request.url is the URL Twilio signed.
-    app.wsgi_app = ProxyFix(ChunkedBodyLimit(app.wsgi_app, MAX_BODY_BYTES), x_proto=1, x_host=1)  # type: ignore[method-assign]
+    # Texts, nearly all the traffic, are answered without Flask's machinery (webhook/fastinbound.py).
+    app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+        ChunkedBodyLimit(FastInbound(app.wsgi_app, app, MAX_BODY_BYTES), MAX_BODY_BYTES), x_proto=1, x_host=1)
 
     from webhook import apikeys, deadletters, errors, health, inbound, metrics, openapi, registry, replies, status
 

@@ -30,6 +30,7 @@ route = twilio_auth.TwilioRoute("inbound", required=("From", "To", "MessageSid")
 MAX_MEDIA = 10
 LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
 BAD_SENDER = "bad_sender"
+IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
 
 
 # Both spellings are served: a redirect from one to the other would break Twilio's signature.
@@ -50,16 +51,21 @@ def _receive(form: MultiDict[str, str]) -> Response:
     # Signed is not enough: the answer would go back to From through the Twilio API, billed to the bot.
     if not is_sender(form["From"]):
         return route.reject(400, BAD_SENDER, message_sid=form["MessageSid"], bot_id=bot.id, from_=form["From"])
-    message = inbound_message(form.to_dict(), bot)
+    take(resources.redis, bot, form.to_dict(), request.headers.get(IDEMPOTENCY_HEADER))
+    return acknowledgement()
+
+
+def take(redis: Any, bot: Bot, fields: Mapping[str, str], idempotency_token: str | None) -> None:
+    """Store a verified text (the first value of each field) for its bot's workers, or recognise it
+    as a retry, and log which."""
+    message = inbound_message(fields, bot)
     # One round trip: dedupe, record opt-out, queue on the conversation and wake a worker (one Lua step).
-    is_new = accept_inbound(resources.redis, message,
-                            idempotency_token=request.headers.get("I-Twilio-Idempotency-Token"),
+    is_new = accept_inbound(redis, message, idempotency_token=idempotency_token,
                             account_sid=bot.account_sid, remember_texted=bot.pooled,
                             opt_out_key=bot.opt_out_key(message["to"]))
     # The conversation id embeds the sender's number; the log processor masks it like from_.
     log.info("inbound.received" if is_new else "inbound.duplicate", message_sid=message["sid"], bot_id=bot.id,
              conversation=f"{bot.id}:{message['sender']}", from_=message["sender"], kind=message["event"])
-    return acknowledgement()
 
 
 def addressee(bots: BotCache, to: str, service_sid: str | None) -> Bot | None:
