@@ -59,9 +59,9 @@ def test_every_client_waits_in_a_pool_sized_to_the_threads_and_keeps_rediss(monk
     pools = [connect(url).connection_pool, make_broker(url).client.connection_pool]
 
     # Then each waits up to the timeout for one of 200 + margin SSL connections
-    expected = (redis_lib.BlockingConnectionPool, 200 + POOL_MARGIN, POOL_TIMEOUT_SECONDS, redis_lib.SSLConnection, None)
+    expected = (True, 200 + POOL_MARGIN, POOL_TIMEOUT_SECONDS, redis_lib.SSLConnection, None)
     for pool in pools:
-        assert expected == (type(pool), pool.max_connections, pool.timeout, pool.connection_class,
+        assert expected == (isinstance(pool, redis_lib.BlockingConnectionPool), pool.max_connections, pool.timeout, pool.connection_class,
                             pool.connection_kwargs["ssl_cert_reqs"])
 
 
@@ -143,3 +143,28 @@ def test_a_worker_of_hundreds_of_threads_or_greenlets_answers_300_people_once_ea
     assert {"Too many connections": 0, "lease_lost": 0, "lease.lost": 0, "Traceback": 0} == {
         text: log.count(text) for text in ("Too many connections", "lease_lost", "lease.lost", "Traceback")
     }
+
+
+def test_a_forked_child_uses_connections_of_its_own(redis_url: str) -> None:
+    """gunicorn and dramatiq fork their workers: a pool used before the fork hands the child new
+    connections (its own CLIENT ID), never the parent's socket, and the parent's still works."""
+    import os
+
+    client = connect(redis_url)
+    parent_id = client.client_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its connection's id, or the error
+        try:
+            answer = str(client.client_id()).encode()
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            answer = repr(error).encode()
+        os.write(write, answer)
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        child_answer = pipe.read().decode()
+    assert 0 == status
+    assert child_answer.isdigit() and int(child_answer) != parent_id, child_answer
+    assert parent_id == client.client_id()
