@@ -97,7 +97,22 @@ class BufferingThreadWorker(ThreadWorker):
         arrival = Arrival(time.monotonic() + REQUEST_DEADLINE, bytearray(conn.parser.unreader.take_buffered()))
         if self._complete(conn, arrival):
             return self._dispatch(conn, arrival)
-        conn.sock.setblocking(False)
+        if conn.sock.getblocking():  # a new connection; one back from keep-alive is non-blocking already
+            conn.sock.setblocking(False)
+        # The poller found the socket readable (or it was just accepted): what has arrived is read now,
+        # usually the whole request, rather than after another turn of the loop.
+        try:
+            data = conn.sock.recv(64 * 1024)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":
+            return self._drop(conn, b"")
+        if data:
+            arrival.data += data
+            if self._complete(conn, arrival):
+                return self._dispatch(conn, arrival)
         self.arrivals[conn] = arrival
         self.buffered += len(arrival.data)
         self.deadlines.append((arrival.deadline, conn))
@@ -182,7 +197,7 @@ class BufferingThreadWorker(ThreadWorker):
             arrival.chunk = line_end + 2 + size + 2
 
     def _dispatch(self, conn: TConn, arrival: Arrival) -> None:
-        conn.sock.setblocking(True)
+        # The socket goes back to blocking in the thread (ThreadWorker.handle), before anything reads it.
         conn.parser.unreader.unread(bytes(arrival.data))
         conn.parser.unreader.sock.deadline = arrival.deadline
         if arrival.close_after:
