@@ -1064,6 +1064,20 @@ MUTATIONS: list[Mutation] = [
              "            return _refuse(start_response, \"503 SERVICE UNAVAILABLE\", twilio_auth.UNAVAILABLE)",
              "            return self.app(environ, start_response)",
              ("tests/test_fast_inbound.py::TestFailures", "tests/test_inbound.py::TestRedisDown")),
+    Mutation("redis scripts: a connection failing as a script is sent fails the call", "shared/redis.py",
+             "                return self._run(connection, keys, args)\n        finally:",
+             "                raise\n        finally:",
+             ("tests/test_redis_scripts.py",)),
+    Mutation("redis scripts: a timeout is retried", "shared/redis.py",
+             "            except redis_lib.ConnectionError:\n                # The connection",
+             "            except (redis_lib.ConnectionError, redis_lib.TimeoutError):\n                # The connection",
+             ("tests/test_redis_scripts.py",)),
+    Mutation("redis scripts: a script Redis lost is not sent again", "shared/redis.py",
+             "        except redis_lib.exceptions.NoScriptError:", "        except ZeroDivisionError:",
+             ("tests/test_redis_scripts.py", "tests/test_inbound.py::test_a_message_is_still_accepted_after_redis_lost_its_scripts")),
+    Mutation("redis pools: a forked child keeps the parent's connections", "shared/redis.py",
+             "        if self._forks_seen != _forks:", "        if False:",
+             ("tests/test_pools.py::test_a_forked_child_uses_connections_of_its_own",)),
 ]
 
 

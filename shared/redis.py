@@ -6,8 +6,10 @@ raises "Too many connections" past 100 instead of waiting for a connection to co
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import redis as redis_lib
@@ -100,16 +102,56 @@ def get_redis(url: str | None = None) -> redis_lib.Redis:
         return client
 
 
-_scripts: dict[tuple[int, str], object] = {}
+_scripts: dict[tuple[int, str], "Script"] = {}
 
 
-def script(client: redis_lib.Redis, source: str):  # type: ignore[no-untyped-def]
-    """A registered Lua script for `client`: sent once, then called by its SHA (EVALSHA)."""
+def script(client: redis_lib.Redis, source: str) -> "Script":
+    """A Lua script for `client`, called by its SHA (EVALSHA), sent whole the first time Redis lacks it."""
     cache_key = (id(client), source)
     registered = _scripts.get(cache_key)
     if registered is None:
-        registered = _scripts[cache_key] = client.register_script(source)
+        registered = _scripts[cache_key] = Script(client, source)
     return registered
+
+
+class Script:
+    """A Lua script run over one of the client's pooled connections, without redis-py's per-command
+    layers (its retry wrapper, response callbacks and operation metrics): a third of the client's
+    CPU for each text the webhook stores (`python bench/webhook_cost.py`), and most of what this
+    service sends Redis is scripts.
+
+    What those layers did that matters is kept: a connection that failed mid-command is closed (by
+    the connection itself), never reused half-read; a script Redis has lost (a restart, SCRIPT
+    FLUSH) is sent whole with EVAL, which also caches it again; and a connection that fails as the
+    script is sent (Redis restarting) is replaced once, as redis-py's retry did, before the error
+    reaches the caller. A timeout is not retried: the script may have run.
+    """
+
+    def __init__(self, client: redis_lib.Redis, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        pool = self.client.connection_pool
+        # The pool hands out a connection only after checking that Redis has not closed it.
+        connection = pool.get_connection()
+        try:
+            try:
+                return self._run(connection, keys, args)
+            except redis_lib.ConnectionError:
+                # The connection closed itself on the error; sending again opens a new one.
+                return self._run(connection, keys, args)
+        finally:
+            pool.release(connection)
+
+    def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return connection.read_response()
+        except redis_lib.exceptions.NoScriptError:
+            connection.send_command("EVAL", self.source, len(keys), *keys, *args)
+            return connection.read_response()
 
 
 def with_constants(source: str, **constants: object) -> str:

@@ -16,17 +16,28 @@ HELD = 1_000
 
 
 def counted(client: redis_lib.Redis) -> list[str]:
-    """The commands `client` sends from this thread from now on (the renewer's own thread is not counted)."""
+    """The commands `client`'s connections send from this thread from now on (the renewer's own
+    thread is not counted), whichever way they are sent: redis-py's commands and shared.redis's
+    scripts both go through Connection.send_command."""
     sent: list[str] = []
-    original: Callable[..., Any] = client.execute_command
     caller = threading.current_thread()
+    pool = client.connection_pool
+    hand_out: Callable[..., Any] = pool.get_connection
 
-    def execute_command(*args: Any, **options: Any) -> Any:
-        if threading.current_thread() is caller:
-            sent.append(str(args[0]))
-        return original(*args, **options)
+    def get_connection(*args: Any, **options: Any) -> Any:
+        connection = hand_out(*args, **options)
+        if not hasattr(connection, "counted_send"):
+            connection.counted_send = connection.send_command
 
-    client.execute_command = execute_command  # type: ignore[method-assign]
+            def send_command(*command: Any, **command_options: Any) -> Any:
+                if threading.current_thread() is caller:
+                    sent.append(str(command[0]))
+                return connection.counted_send(*command, **command_options)
+
+            connection.send_command = send_command
+        return connection
+
+    pool.get_connection = get_connection  # type: ignore[method-assign]
     return sent
 
 
