@@ -52,7 +52,8 @@ PATH = "/channels/sms/"
 QUEUE_KEY = waiting_key(CONVERSATIONS_QUEUE)
 ACCEPTED = metrics.field("sms_inbound", result="accepted")
 WRK_THREADS = 2
-TARGET_RATIO, TARGET_P99_MS = 0.9, 25.0
+# Issue 28: at least 1.2x the floor's throughput, with a p99 no worse than the floor's.
+TARGET_RATIO = 1.2
 
 # Every wrk run ends by printing one JSON line the bench reads.
 WRK_DONE = r"""
@@ -334,9 +335,10 @@ def report(rounds: list[tuple[Result, Result]], command: str, no_work: Result | 
     if no_work is not None:
         print(f"{'no work':<9} {no_work.rps:8.0f} {no_work.p50_ms:7.2f} {no_work.p99_ms:7.2f}  "
               "(GET /healthz, same server and connections: the machine's own latency floor)")
-    ok = ratio >= TARGET_RATIO and p99_w < TARGET_P99_MS
+    ok = ratio >= TARGET_RATIO and p99_w <= p99_f
     print(f"ratio webhook/floor throughput: {ratio:.2f} (target >= {TARGET_RATIO}); "
-          f"webhook p99 {p99_w:.1f} ms (target < {TARGET_P99_MS:.0f} ms): {'met' if ok else 'NOT met'}")
+          f"webhook p99 {p99_w:.1f} ms against the floor's {p99_f:.1f} ms (target: no worse): "
+          f"{'met' if ok else 'NOT met'}")
     print(f"command: {command}")
     return ok
 
