@@ -4,10 +4,15 @@ processes), answering many people at once through an engine that takes seconds p
     python bench/capacity.py                                   # both scenarios of the README
     python bench/capacity.py --pool threads --threads 200 --engine-seconds 1 --messages 3000
     python bench/capacity.py --pool gevent --threads 1000 --engine-seconds 5 --messages 6000
+    python bench/capacity.py --ingest                          # issue 28's way: through the webhook
 
-The messages are stored as the webhook stores them (one per person, so each conversation waits on
-its own engine call) before the worker starts; the figure is the replies that reached the Twilio
-stand-in per second, from the first to the last. Also printed: the worker's peak memory (RSS of
+The messages come one per person, so each conversation waits on its own engine call. By default
+they are stored as the webhook stores them before the worker starts, and the figure is the replies
+that reached the Twilio stand-in per second, from the first to the last. With --ingest the
+Procfile's web process (2 gunicorn workers) receives them as Twilio would send them, signed, from
+16 client threads, while the worker answers: then the figure is the messages per second from the
+first POST to the 99th percentile reply (issue 28's measure; the first-to-last rate is printed
+too), and the web's log is searched for errors as well. Also printed: the worker's peak memory (RSS of
 the whole process group), and the counts that must be zero: errors and tracebacks in the worker's
 log, "Too many connections", leases lost, replies sent twice, people left unanswered.
 
@@ -18,6 +23,7 @@ and the Twilio stand-in run in this process, on real local ports.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -44,6 +50,8 @@ def main() -> None:
     parser.add_argument("--engine-seconds", type=float)
     parser.add_argument("--messages", type=int)
     parser.add_argument("--bots", type=int, default=10)
+    parser.add_argument("--ingest", action="store_true",
+                        help="send the messages through the webhook while the worker runs (issue 28's figures)")
     args = parser.parse_args()
     scenarios = SCENARIOS
     if args.pool:
@@ -52,45 +60,60 @@ def main() -> None:
                       target)]
     print(f"command: {sys.executable} bench/capacity.py {' '.join(sys.argv[1:])}".rstrip())
     for scenario in scenarios:
-        run(*scenario, bots=args.bots)
+        run(*scenario, bots=args.bots, ingest=args.ingest)
 
 
-def run(pool: str, threads: int, engine_seconds: float, messages: int, target: float, bots: int) -> None:
+def run(pool: str, threads: int, engine_seconds: float, messages: int, target: float, bots: int,
+        ingest: bool = False) -> None:
     from cryptography.fernet import Fernet
 
     from bench.database import bench_database_url, describe, service_env
-    from bench.e2e import create_bots
+    from bench.e2e import create_bots, post_all
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
+    from tests.conftest import free_port
     from tests.support.fake_engine import FakeEngine
-    from tests.support.processes import procfile, start_worker
+    from tests.support.processes import Process, procfile, start_web, start_worker
 
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
     redis = connect(REDIS_URL)
     redis.flushdb()
     database_url = bench_database_url()
+    web: Process | None = None
     with TwilioStandin() as twilio, FakeEngine(delay=engine_seconds) as engine:
-        env = service_env(REDIS_URL, database_url, twilio.url, WORKER_POOL=pool)
-        store_messages(redis, create_bots(redis, database_url, bots, engine.url), messages)
+        env = service_env(REDIS_URL, database_url, twilio.url, WORKER_POOL=pool, WEB_CONCURRENCY="2")
+        numbers = create_bots(redis, database_url, bots, engine.url)
+        if ingest:
+            port = free_port()
+            web = start_web(env, port)
+        else:
+            store_messages(redis, numbers, messages)
         memory = PeakMemory()
         worker = start_worker(env, processes=PROCESSES, threads=threads, timeout=60)
         try:
             memory.watch(worker.popen.pid)  # type: ignore[union-attr]
+            started = time.time()
+            if web is not None:  # one person per message, as stored above
+                post_all(port, list(numbers), messages, messages, "C")
             arrived = twilio.wait_for(messages, timeout=max(120.0, messages / 20))
             time.sleep(2.0)  # room for a repeated send to arrive, were one coming
             sent = twilio.messages
         finally:
             memory.stop()
             worker.stop(30)
-        log = worker.log
+            if web is not None:
+                web.stop(30)
+        log = worker.log + (web.log if web is not None else "")
     redis.flushdb()
 
     times = sorted(message.received_at for message in arrived)
     rate = (len(times) - 1) / (times[-1] - times[0])
+    p99 = math.ceil(0.99 * messages)
+    rate_p99 = p99 / (times[p99 - 1] - started)
     repeated = sum(count - 1 for count in Counter((m.to, m.body) for m in sent).values() if count > 1)
     unanswered = messages - len({m.to for m in sent})
     counts = {
-        "errors": len(re.findall(r'"level": "(?:error|critical)"|\[(?:error|critical)\s*\]|\[ERROR\]|\[CRITICAL\]', log)),
+        "errors": len(re.findall(r'"level": ?"(?:error|critical)"|\[(?:error|critical)\s*\]|\[ERROR\]|\[CRITICAL\]', log)),
         "tracebacks": log.count("Traceback"),
         "too_many_connections": log.count("Too many connections"),
         "leases_lost": len(re.findall(r"lease[._]lost", log)),
@@ -102,7 +125,12 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     print(f"  worker:     {procfile()['worker']}  (WORKER_POOL={pool} WORKER_PROCESSES={PROCESSES} "
           f"WORKER_THREADS={threads})")
     print(f"  database:   {describe(database_url)}")
-    print(f"  throughput: {rate:.1f} messages/s (first to last reply; target >= {target})")
+    if ingest:
+        print(f"  web:        {procfile()['web']}  (WEB_CONCURRENCY=2), {messages} signed POSTs from 16 threads")
+        print(f"  throughput: {rate_p99:.1f} messages/s from the first POST to the 99th percentile reply "
+              f"(target >= {target}); {rate:.1f} first to last reply")
+    else:
+        print(f"  throughput: {rate:.1f} messages/s (first to last reply; target >= {target})")
     print(f"  memory:     {memory.peak_mb:.0f} MB peak RSS for the dyno's worker processes "
           f"({memory.peak_mb / PROCESSES:.0f} MB per process)")
     print("  must be 0:  " + ", ".join(f"{name} {value}" for name, value in counts.items()))
