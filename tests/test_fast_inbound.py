@@ -238,3 +238,13 @@ class TestForm:
         line = jsonio.log_line({"event": "x", "value": value}, default=repr)
         assert "x" == json.loads(line)["event"]
         assert json.loads(jsonio.dumps({"value": value if not isinstance(value, bytes) else "b"}))
+
+
+def test_no_hook_of_the_app_or_the_route_is_skipped(app: Flask) -> None:
+    """The fast path runs none of Flask's request hooks: were one added for the whole app or for the
+    inbound route, texts answered without Flask would skip it. Add it to FastInbound too, then here."""
+    scopes = (None, "inbound")
+    hooks = [app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs,
+             app.url_value_preprocessors]
+    found = {scope: [hook.get(scope) for hook in hooks if hook.get(scope)] for scope in scopes}
+    assert ({None: [], "inbound": []}, []) == (found, app.teardown_appcontext_funcs)
