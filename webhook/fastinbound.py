@@ -29,12 +29,17 @@ from webhook import inbound, twilio_auth
 
 log = get_logger("webhook.inbound")
 
-PATHS = frozenset({"/channels/sms/", "/channels/sms"})
+PATHS = frozenset(inbound.PATHS)
 # Twilio's spelling and the one common variant; any other Content-Type is werkzeug's to interpret.
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=utf-8"})
-ACKNOWLEDGEMENT = twilio_auth.EMPTY_TWIML.encode()
-# What Flask's Response(EMPTY_TWIML, content_type="text/xml") sends.
-ACKNOWLEDGEMENT_HEADERS = (("Content-Type", "text/xml"), ("Content-Length", str(len(ACKNOWLEDGEMENT))))
+# The route's acknowledgement, taken apart once: every text answered here gets its bytes.
+_ACKNOWLEDGEMENT = twilio_auth.acknowledgement()
+ACKNOWLEDGEMENT = _ACKNOWLEDGEMENT.get_data()
+ACKNOWLEDGEMENT_HEADERS = tuple(_ACKNOWLEDGEMENT.headers.items())
+# The request headers the route reads, as WSGI names them.
+SIGNATURE = "HTTP_" + twilio_auth.SIGNATURE_HEADER.upper().replace("-", "_")
+SIGNATURE_SETTINGS = "HTTP_" + twilio_auth.SIGNATURE_SETTINGS_HEADER.upper().replace("-", "_")
+IDEMPOTENCY_TOKEN = "HTTP_" + inbound.IDEMPOTENCY_HEADER.upper().replace("-", "_")
 # The URLs Twilio signed, by the parts of the request they are built from: one or two in practice
 # (a Host per deployment); a caller inventing Host headers only makes it start over.
 URLS_KEPT = 64
@@ -63,11 +68,11 @@ class FastInbound:
             # As TwilioRoute.handle: Twilio retries a 5xx (or calls the fallback URL), so nothing is lost.
             log.error("inbound.unavailable", message_sid=form.get("MessageSid") if form else None,
                       error=error.__class__.__name__)
-            return _refuse(start_response, "503 SERVICE UNAVAILABLE", twilio_auth.UNAVAILABLE)
+            return twilio_auth.refusal(503, twilio_auth.UNAVAILABLE)(environ, start_response)
         except Exception:
             # As twilio_auth.guard: our fault, not the caller's, and never a traceback in the answer.
             log.exception("twilio_route.crashed", path=environ.get("PATH_INFO"))
-            return _refuse(start_response, "503 SERVICE UNAVAILABLE", twilio_auth.INTERNAL_ERROR)
+            return twilio_auth.refusal(503, twilio_auth.INTERNAL_ERROR)(environ, start_response)
         if not taken:
             environ["wsgi.input"] = io.BytesIO(body)  # the route reads it again, and answers
             return self.app(environ, start_response)
@@ -87,7 +92,7 @@ class FastInbound:
         """inbound._receive's steps; False, with nothing stored, where the route would refuse."""
         if not all(form.get(name) for name in inbound.route.required):
             return False
-        signature = environ.get("HTTP_X_TWILIO_SIGNATURE")
+        signature = environ.get(SIGNATURE)
         if not signature:
             return False
         resources = self.flask_app.extensions["mammut"]
@@ -96,11 +101,11 @@ class FastInbound:
             return False
         url = self._signed_url(environ, resources.settings.public_url)
         if twilio_auth.rejection_of(bot, url, form, signature,
-                                    environ.get("HTTP_X_TWILIO_WEBHOOKS_SIGNATURE_SETTINGS")) is not None:
+                                    environ.get(SIGNATURE_SETTINGS)) is not None:
             return False
         if not is_sender(form["From"]):
             return False
-        inbound.take(resources.redis, bot, form, environ.get("HTTP_I_TWILIO_IDEMPOTENCY_TOKEN"))
+        inbound.take(resources.redis, bot, form, environ.get(IDEMPOTENCY_TOKEN))
         return True
 
     def _signed_url(self, environ: dict[str, Any], public_url: str | None) -> str:
@@ -163,9 +168,3 @@ def pairs(query: str) -> list[tuple[str, str]]:
             value = unquote(value, errors="werkzeug.url_quote")
         found.append((name, value))
     return found
-
-
-def _refuse(start_response: Callable[..., Any], status: str, reason: str) -> list[bytes]:
-    body = reason.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
-    return [body]

@@ -31,13 +31,16 @@ MAX_MEDIA = 10
 LOCATION_FIELDS = tuple(f"{side}{part}" for side in ("From", "To") for part in ("City", "State", "Zip", "Country"))
 BAD_SENDER = "bad_sender"
 IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
-
-
 # Both spellings are served: a redirect from one to the other would break Twilio's signature.
-@bp.post("/channels/sms/")
-@bp.post("/channels/sms")
+PATHS = ("/channels/sms/", "/channels/sms")
+
+
 def receive() -> Response:
     return route.handle(_receive)
+
+
+for _path in PATHS:
+    bp.add_url_rule(_path, view_func=receive, methods=["POST"])
 
 
 def _receive(form: MultiDict[str, str]) -> Response:
