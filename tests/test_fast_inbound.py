@@ -4,9 +4,11 @@ Flask, exactly as the route would answer it, and everything else still reaches t
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 import redis as redis_lib
 import werkzeug.urls  # noqa: F401 - registers the error handler werkzeug reads forms with
@@ -22,7 +24,8 @@ from shared.settings import Settings
 from tests.test_inbound import counter, inbox
 from tests.test_signature import INBOUND_PATH, LOCAL, inbound_params, post_signed, sign
 from webhook import create_app, inbound
-from webhook.fastinbound import pairs
+from webhook import MAX_BODY_BYTES
+from webhook.fastinbound import URLS_KEPT, FastInbound, pairs
 from webhook.twilio_auth import EMPTY_TWIML
 
 # What the fast path leaves to werkzeug: the same form, spelled so that only Flask reads it.
@@ -119,6 +122,38 @@ class TestSameAnswer:
         assert response.status_code in (400, 403) and ["route"] == route_calls
 
 
+class TestLeftToTheRoute:
+    """What werkzeug judges (content types, sizes, framing) is still werkzeug's."""
+
+    def test_a_plain_text_body_is_the_routes_to_refuse(self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis,
+                                                       route_calls: list[str]) -> None:
+        params = inbound_params()
+        response = post_form(client, params, content_type="text/plain")
+        assert (400, ["route"], []) == (response.status_code, route_calls, inbox(redis))
+
+    def test_one_byte_past_the_limit_is_413_and_at_the_limit_is_answered(
+            self, client: FlaskClient, bot: Bot, redis: redis_lib.Redis, route_calls: list[str]) -> None:
+        def sized(total: int) -> dict[str, str]:
+            params = inbound_params(Body="")
+            params["Body"] = "x" * (total - len(urlencode(params)))
+            assert total == len(urlencode(params))
+            return params
+
+        assert 200 == post_form(client, sized(MAX_BODY_BYTES)).status_code
+        assert [] == route_calls
+        assert 413 == post_form(client, sized(MAX_BODY_BYTES + 1)).status_code
+        assert 1 == len(inbox(redis))
+
+    def test_a_content_length_of_other_digits_is_the_routes(self, client: FlaskClient, bot: Bot,
+                                                           route_calls: list[str]) -> None:
+        """"²" is a digit to str.isdigit, not to HTTP: never a crash in front of Flask."""
+        params = inbound_params()
+        response = client.post(INBOUND_PATH, data=urlencode(params), content_type="application/x-www-form-urlencoded",
+                               environ_overrides={"CONTENT_LENGTH": "\u00b2"},
+                               headers={"X-Twilio-Signature": sign(LOCAL + INBOUND_PATH, params)})
+        assert response.status_code < 500 and ["route"] == route_calls
+
+
 class TestSignedUrl:
     """The URL checked is the one Twilio called, however many hosts the process has seen."""
 
@@ -151,6 +186,12 @@ class TestSignedUrl:
         assert 403 == post_form(client, inbound_params(), signed_as="https://api.mammut.io/channels/sms/?bot=1",
                                 **forwarded).status_code
 
+    def test_made_up_hosts_never_grow_the_urls_kept(self, app: Flask, client: FlaskClient, bot: Bot) -> None:
+        for number in range(2 * URLS_KEPT):
+            post_form(client, inbound_params(), Host=f"h{number}.example")
+        fast = app.wsgi_app.app.app  # ProxyFix -> ChunkedBodyLimit -> FastInbound
+        assert isinstance(fast, FastInbound) and 0 < len(fast._urls) <= URLS_KEPT
+
     def test_public_url_wins_over_the_host(self, settings: Settings, bot: Bot) -> None:
         """With PUBLIC_URL, the URL is PUBLIC_URL + path + query whatever Host says."""
         app = create_app(settings.with_overrides(public_url="https://sms.example.com"))
@@ -181,6 +222,20 @@ class TestFailures:
             response.status_code, response.get_data(as_text=True), response.headers["Content-Type"])
         assert [(params["MessageSid"], "ConnectionError")] == [
             (event["message_sid"], event["error"]) for event in logs if event["event"] == "inbound.unavailable"]
+
+    @pytest.mark.parametrize("error", [redis_lib.TimeoutError("Timeout reading from socket"),
+                                       redis_lib.ResponseError("OOM command not allowed when used memory > 'maxmemory'"),
+                                       redis_lib.ReadOnlyError("You can't write against a read only replica.")])
+    def test_any_redis_error_is_503_unavailable(self, client: FlaskClient, bot: Bot, monkeypatch: pytest.MonkeyPatch,
+                                                logs: list[dict[str, Any]], error: Exception) -> None:
+        def failing(*_args: Any, **_kwargs: Any) -> None:
+            raise error
+
+        monkeypatch.setattr(inbound, "take", failing)
+        response = post_signed(client, inbound_params())
+        assert (503, "Service Unavailable") == (response.status_code, response.get_data(as_text=True))
+        assert ["inbound.unavailable"] == [event["event"] for event in logs
+                                           if event["event"] in ("inbound.unavailable", "twilio_route.crashed")]
 
     def test_a_bug_is_503_without_a_traceback(self, client: FlaskClient, bot: Bot, monkeypatch: pytest.MonkeyPatch,
                                               logs: list[dict[str, Any]]) -> None:
@@ -232,6 +287,12 @@ class TestForm:
         response = post_signed(client, inbound_params(NumSegments="9" * 30, Body="%ED%A0%80"))
         assert 200 == response.status_code
         assert [(10 ** 30 - 1, "%ED%A0%80")] == [(message["num_segments"], message["body"]) for message in inbox(redis)]
+
+    def test_what_json_writes_instead_is_as_compact_as_orjsons(self) -> None:
+        assert b'{"n":1180591620717411303424,"a":[1,2]}' == jsonio.dumps({"n": 2 ** 70, "a": [1, 2]})
+        assert orjson.dumps({"x": "1"}).decode() == jsonio.log_line({"x": Decimal("1")}, default=str)
+        line = jsonio.log_line({"n": 2 ** 70, "o": Decimal("2")}, default=str)
+        assert {"n": 2 ** 70, "o": "2"} == json.loads(line)
 
     @pytest.mark.parametrize("value", [10 ** 30, "lone \ud800 surrogate", {1: "a key that is no string"}, b"bytes"])
     def test_a_log_line_orjson_refuses_is_still_written(self, value: object) -> None:

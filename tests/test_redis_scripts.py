@@ -100,3 +100,12 @@ def test_a_timeout_is_not_retried_and_its_late_answer_never_read(redis_url: str,
     time.sleep(0.6)  # Redis finishes the script and writes its answer
     assert "fresh" == Script(impatient, "return 'fresh'")()
     assert 1 == runs(redis)
+
+
+def test_a_script_that_fails_is_run_once(client: redis_lib.Redis, redis: redis_lib.Redis) -> None:
+    """Only a missing script is sent again: one that ran and failed must not repeat its writes."""
+    failing = Script(client, "redis.call('INCR', KEYS[1]) return redis.error_reply('boom')")
+    redis.script_load(failing.source)  # cached: the call is one EVALSHA, and its error is the script's own
+    with pytest.raises(redis_lib.ResponseError, match="boom"):
+        failing(keys=[KEY])
+    assert 1 == runs(redis)

@@ -297,3 +297,23 @@ def test_the_main_loop_reads_where_a_body_ends_from_three_headers(headers: bytes
     from webhook.slowclient import _framing
 
     assert framing == _framing(HEAD + headers)
+
+
+def test_connections_that_send_nothing_never_hold_up_the_main_loop(web: tuple[Process, str], bot: Bot) -> None:
+    """Clients that connect and stay silent: the main loop reads only what has arrived, never waits
+    on them, so a webhook on another connection is answered at once; and one that connects and
+    closes at once leaves nothing behind."""
+    _, base = web
+    port = int(base.rsplit(":", 1)[1])
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2 * WEB_CONCURRENCY)]
+    for _ in range(2 * WEB_CONCURRENCY):
+        socket.create_connection(("127.0.0.1", port)).close()
+    try:
+        time.sleep(0.3)
+        for number in range(4):
+            started = time.monotonic()
+            assert 200 == signed_text(base, 100 + number).status_code
+            assert time.monotonic() - started < PROMPT
+    finally:
+        for sock in silent:
+            sock.close()

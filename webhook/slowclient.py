@@ -97,10 +97,9 @@ class BufferingThreadWorker(ThreadWorker):
         arrival = Arrival(time.monotonic() + REQUEST_DEADLINE, bytearray(conn.parser.unreader.take_buffered()))
         if self._complete(conn, arrival):
             return self._dispatch(conn, arrival)
-        if conn.sock.getblocking():  # a new connection; one back from keep-alive is non-blocking already
-            conn.sock.setblocking(False)
         # The poller found the socket readable (or it was just accepted): what has arrived is read now,
-        # usually the whole request, rather than after another turn of the loop.
+        # usually the whole request, rather than after another turn of the loop. The read never waits:
+        # gthread's TConn makes every client socket non-blocking, and keep-alive leaves it so.
         try:
             data = conn.sock.recv(64 * 1024)
         except BlockingIOError:
