@@ -1105,6 +1105,9 @@ MUTATIONS: list[Mutation] = [
              "        # gthread's TConn makes every client socket non-blocking, and keep-alive leaves it so.\n",
              "        conn.sock.setblocking(True)\n",
              ("tests/test_slow_clients.py::test_connections_that_send_nothing_never_hold_up_the_main_loop",)),
+    Mutation("dev banner: a token that begins with a dash is read as an option", "cli/dev.py",
+             'f"--admin-token={admin_token}"', '"--admin-token", admin_token',
+             ("tests/test_dev.py::test_the_printed_simulate_command_parses_whatever_the_tokens_begin_with",)),
 ]
 
 

@@ -299,14 +299,21 @@ def demo_operator(settings: Settings) -> tuple[str, str]:
     return DEMO_OPERATOR, password
 
 
+def simulate_command(local: str, to: str, auth_token: str, admin_token: str, bot_id: int | None = None) -> str:
+    """The `mammut-sms simulate` line the banner prints, for a shell. Options are written --name=value: a
+    token may begin with "-" (token_urlsafe's alphabet has it), which argparse would take for an option."""
+    words = ["mammut-sms", "simulate", f"--url={local}/channels/sms/", f"--to={to}", f"--from={DEMO_SENDER}"]
+    if bot_id is not None:
+        words.append(f"--bot-id={bot_id}")
+    words += [f"--auth-token={auth_token}", f"--admin-token={admin_token}", "Hola"]
+    return shlex.join(words)
+
+
 def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, twilio_url: str,
            console_login: tuple[str, str] | None = None) -> None:
     port = env["PORT"]
     local = f"http://localhost:{port}"
-    command = shlex.join([
-        "mammut-sms", "simulate", "--url", f"{local}/channels/sms/", "--to", bot.number, "--from", DEMO_SENDER,
-        "--auth-token", bot.auth_token, "--admin-token", env["ADMIN_API_TOKEN"], "Hola",
-    ])
+    command = simulate_command(local, bot.number, bot.auth_token, env["ADMIN_API_TOKEN"])
     redis = f"embedded, in memory ({env['REDIS_URL']})" if embedded else "REDIS_URL"
     database = "DATABASE_URL" if os.environ.get("DATABASE_URL") else f"SQLite, for this run only ({env['DATABASE_URL']})"
     engine = env.get("ENGINE_URL") or "built-in echo (set ENGINE_URL for your own)"
@@ -323,7 +330,7 @@ def banner(console: Console, env: Mapping[str, str], bot: Bot, embedded: bool, t
     console.say(f"Demo bot {bot.id} ({bot.name}) answers on {bot.number}. Text it:")
     console.say(f"  {command}")
     if bot.messaging_service_sid and bot.phone_numbers:
-        pooled = command.replace(f"--to {bot.number}", f"--to {bot.phone_numbers[0]} --bot-id {bot.id}")
+        pooled = simulate_command(local, bot.phone_numbers[0], bot.auth_token, env["ADMIN_API_TOKEN"], bot.id)
         console.say(f"It sends through Messaging Service {bot.messaging_service_sid} (pool: {bot.number}, "
                     f"{', '.join(bot.phone_numbers)}); a reply comes from the number texted:")
         console.say(f"  {pooled}")

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from cli.dev import simulate_command
+from cli.main import build_parser
 from tests.conftest import free_port
 
 SCRIPT = str(Path(sys.executable).parent / "mammut-sms")
@@ -140,7 +142,7 @@ def test_dev_runs_the_service_that_simulate_texts_and_stops_cleanly_on_ctrl_c(
     output.wait_for("Press Ctrl-C to stop.", START_TIMEOUT)
     assert "embedded, in memory" in output.text()
     command = shlex.split(output.wait_for("mammut-sms simulate ", 1).strip())
-    assert f"http://localhost:{port}/channels/sms/" in command
+    assert f"--url=http://localhost:{port}/channels/sms/" in command
     started = _descendants(process.pid)
     assert started, "dev should have started the web and worker processes"
 
@@ -182,7 +184,7 @@ def test_dev_pool_demo_answers_through_the_messaging_service_from_the_number_tex
     output.wait_for("Press Ctrl-C to stop.", START_TIMEOUT)
     assert "Messaging Service MG" + "de" * 16 in output.text()
     command = shlex.split(output.wait_for("--bot-id", 1).strip())
-    assert "+15005551001" in command
+    assert "--to=+15005551001" in command
 
     # When the operator runs it
     command[0], command[-1] = SCRIPT, "Hello pool"
@@ -193,6 +195,19 @@ def test_dev_pool_demo_answers_through_the_messaging_service_from_the_number_tex
     assert "echo: Hello pool" in simulated.stdout
     line = output.wait_for("echo: Hello pool", 15)
     assert "twilio" in line and f"SMS +15005551001 -> +15551230000 via MG{'de' * 16}" in line
+
+
+@pytest.mark.parametrize("admin_token", ["-starts-with-a-dash", "--looks-like-an-option", "plain"])
+def test_the_printed_simulate_command_parses_whatever_the_tokens_begin_with(admin_token: str) -> None:
+    """token_urlsafe may begin a token with "-" (one time in 64): the banner's command must still give it to
+    --admin-token instead of argparse refusing it as an option, for both the main number and the pool's."""
+    parser = build_parser()
+    for bot_id in (None, 7):
+        printed = simulate_command("http://localhost:5000", "+15005550006", "-auth", admin_token, bot_id)
+        args = parser.parse_args(shlex.split(printed)[1:])
+        assert (args.admin_token, args.auth_token, args.to, args.bot_id, args.text) == (
+            admin_token, "-auth", "+15005550006", bot_id, "Hola")
+        assert "http://localhost:5000/channels/sms/" == args.url
 
 
 def _listening_addresses(port: int) -> set[str]:
