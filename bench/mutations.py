@@ -993,13 +993,13 @@ MUTATIONS: list[Mutation] = [
     # Issue 28, Redis memory: a field per conversation per 6 hours holds when the person last wrote and
     # the digests of their texts' MessageSids and tokens; the previous releases' marks still count.
     Mutation("conversation marks: a second text replaces the first's digests", "shared/conversations.py",
-             "  digests = string.sub(current, 5) .. digests\n", "",
+             "  digests = string.sub(current, digests_at(current)) .. digests\n", "",
              ("tests/test_inbound.py::TestDuplicates::test_a_second_text_in_the_same_bucket_is_not_a_duplicate_of_the_first",)),
     Mutation("conversation marks: any mark of the conversation is taken for the text's", "shared/conversations.py",
              "  return at ~= nil\n", "  return true\n",
              ("tests/test_inbound.py::TestDuplicates::test_a_second_text_in_the_same_bucket_is_not_a_duplicate_of_the_first",)),
     Mutation("conversation marks: a digest found astride two others counts", "shared/conversations.py",
-             "while at and (at - 5) % __DIGEST__ ~= 0 do", "while false do",
+             "while at and (at - start) % __DIGEST__ ~= 0 do", "while false do",
              ("tests/test_conversation_marks.py::test_a_digest_is_found_only_at_a_digests_place",)),
     Mutation("conversation marks: one field for every conversation", "shared/conversations.py",
              "              keys.mark_field(conversation), keys.mark_digest(account, message[\"sid\"]),",
@@ -1108,6 +1108,21 @@ MUTATIONS: list[Mutation] = [
     Mutation("dev banner: a token that begins with a dash is read as an option", "cli/dev.py",
              'f"--admin-token={admin_token}"', '"--admin-token", admin_token',
              ("tests/test_dev.py::test_the_printed_simulate_command_parses_whatever_the_tokens_begin_with",)),
+    Mutation("marks: the previous bucket is read only when the current field names it", "shared/conversations.py",
+             "if not known or i == 2 or math.floor", "if not known or math.floor",
+             ("tests/test_conversation_marks.py",)),
+    Mutation("marks: the older buckets found are not noted in the current field", "shared/conversations.py",
+             "        if math.floor(older / bit) % 2 == 0 then older = older + bit end\n", "",
+             ("tests/test_conversation_marks.py",)),
+    Mutation("marks: a field of the previous layout is read as naming its older buckets", "shared/conversations.py",
+             "known = 0, current and digests_at(current) == 6", "known = 0, current",
+             ("tests/test_conversation_marks.py",)),
+    Mutation("marks: every text looks in all nine buckets", "shared/conversations.py",
+             "if not known or i == 2 or math.floor", "if true or i == 2 or math.floor",
+             ("tests/test_conversation_marks.py",)),
+    Mutation("marks: digests read from after the time in the new layout too", "shared/conversations.py",
+             "  return 6\nend", "  return 5\nend",
+             ("tests/test_conversation_marks.py", "tests/test_inbound.py")),
 ]
 
 

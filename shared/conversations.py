@@ -110,9 +110,13 @@ end
 # texted (the push window's, webhook.replies) and the digests of the MessageSids and idempotency
 # tokens their texts carried. A retry is found in its conversation's field of the 9 hashes that can
 # hold the last 48 hours, unless the field's time says its last text is older than that (so a mark
-# is recognised at least 48 hours, and at most the 6 more its bucket may hold it). The previous
-# releases' marks (keys.seen, keys.SEEN_HOURS) are read until they expire. The hashes looked in are
-# named here from the hour of arrival rather than passed, their names being most of a request otherwise.
+# is recognised at least 48 hours, and at most the 6 more its bucket may hold it). The field of the
+# current bucket also says in which of the 8 older buckets the conversation had a field when it was
+# written (keys.MARK_OLDER_BYTES): a text after the first of its bucket looks in those and the
+# previous bucket only (where a webhook whose clock lags may still be writing), not in all nine. The
+# previous releases' marks (keys.seen, keys.SEEN_HOURS, and fields without the older buckets' byte)
+# are read until they expire. The hashes looked in are named here from the hour of arrival rather
+# than passed, their names being most of a request otherwise.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earliest shape, read
 #       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
 #       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
@@ -140,23 +144,39 @@ local function seen_before()
   if redis.call('EXISTS', unpack(hashes)) == 0 then return false end  -- all gone: 54 hours after the upgrade
   return seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8]))
 end
--- Whether `digest` is one of the value's: found at a digest's place (after the time, __DIGEST__ bytes apart).
+-- Where a value's digests start: after the time, and the older buckets' byte when it has one (the
+-- previous release's values have none: their length is the time's plus whole digests).
+local function digests_at(value)
+  if #value % __DIGEST__ == 4 % __DIGEST__ then return 5 end
+  return 6
+end
+-- Whether `digest` is one of the value's: found at a digest's place (__DIGEST__ bytes apart).
 local function holds(value, digest)
-  local at = string.find(value, digest, 5, true)
-  while at and (at - 5) % __DIGEST__ ~= 0 do at = string.find(value, digest, at + 1, true) end
+  local start = digests_at(value)
+  local at = string.find(value, digest, start, true)
+  while at and (at - start) % __DIGEST__ ~= 0 do at = string.find(value, digest, at + 1, true) end
   return at ~= nil
 end
-local current = false  -- the conversation's field in this hour's hash
+local function is_retry(value)
+  -- 0: erased (shared.erasure), the digests kept: they are as old as their bucket says.
+  local wrote = time_of(value)
+  return (wrote == 0 or hour - math.floor(wrote / 3600) <= __HOURS__)
+      and (holds(value, ARGV[12]) or (ARGV[13] ~= ARGV[12] and holds(value, ARGV[13])))
+end
+local current = redis.call('HGET', '__MARKS__' .. firsts[1], ARGV[11])  -- the field in this hour's hash
+-- The older buckets with a field of the conversation: bit i-2 for firsts[i]. Those the current field
+-- names, when it names them; then each found now.
+local older, known = 0, current and digests_at(current) == 6
+if known then older = string.byte(current, 5) end
 local function marked()
-  for _, first in ipairs(firsts) do
-    local value = redis.call('HGET', '__MARKS__' .. first, ARGV[11])
-    if first == bucket(hour) then current = value end
-    if value then
-      -- 0: erased (shared.erasure), the digests kept: they are as old as their bucket says.
-      local wrote = time_of(value)
-      if (wrote == 0 or hour - math.floor(wrote / 3600) <= __HOURS__)
-          and (holds(value, ARGV[12]) or (ARGV[13] ~= ARGV[12] and holds(value, ARGV[13]))) then
-        return true
+  if current and is_retry(current) then return true end
+  for i = 2, #firsts do
+    local bit = 2 ^ (i - 2)
+    if not known or i == 2 or math.floor(older / bit) % 2 == 1 then
+      local value = redis.call('HGET', '__MARKS__' .. firsts[i], ARGV[11])
+      if value then
+        if is_retry(value) then return true end
+        if math.floor(older / bit) % 2 == 0 then older = older + bit end
       end
     end
   end
@@ -172,9 +192,9 @@ local marks, now = '__MARKS__' .. bucket(hour), math.floor(tonumber(ARGV[3]))
 local digests = ARGV[12] .. (ARGV[13] ~= ARGV[12] and ARGV[13] or '')
 if current then
   now = math.max(now, time_of(current))
-  digests = string.sub(current, 5) .. digests
+  digests = string.sub(current, digests_at(current)) .. digests
 end
-redis.call('HSET', marks, ARGV[11], packed(now) .. digests)
+redis.call('HSET', marks, ARGV[11], packed(now) .. string.char(older) .. digests)
 redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
@@ -189,6 +209,9 @@ if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) 
 end
 return 1
 """
+# One byte names the older buckets: there must be no more than 8.
+assert DEDUPE_TTL // 3600 // keys.SEEN_BUCKET_HOURS <= 8 * keys.MARK_OLDER_BYTES
+assert (4 + keys.MARK_OLDER_BYTES) % keys.MARK_DIGEST_BYTES != 4 % keys.MARK_DIGEST_BYTES
 ACCEPT_LUA = with_constants(
     ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,

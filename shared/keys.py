@@ -45,8 +45,10 @@ def seen_field(account: str, token: str) -> bytes:
 # bytes per message; this, about 77 for a person's first text of a bucket, 93 with an idempotency
 # token, and 8 or 16 more, give or take the allocator's size classes, for each further one). The field is a digest of the conversation (MARK_FIELD_BYTES, as SEEN_FIELD_BYTES);
 # its value the last text's time of arrival (4 bytes, big-endian Unix seconds; 0 once erased, see
-# shared/erasure.py) followed by the digests (MARK_DIGEST_BYTES each) of the MessageSids and
-# idempotency tokens the conversation's texts of that bucket carried. A retry must name the same
+# shared/erasure.py), a byte naming the older buckets of the 48 hours in which the conversation had
+# a field when this one was written (MARK_OLDER_BYTES; bit 0 the bucket before; values the previous
+# release wrote have none, which their length tells), then the digests (MARK_DIGEST_BYTES each) of
+# the MessageSids and idempotency tokens the conversation's texts of that bucket carried. A retry must name the same
 # conversation (bot and From) to be found: Twilio's retries repeat the request. Each hash expires 48
 # hours after its last hour ends, as SEEN_HOURS's.
 MARKS = f"{PREFIX}:marks:"  # + the first of its hours (Unix time // 3600)
@@ -55,6 +57,9 @@ MARK_FIELD_BYTES = SEEN_FIELD_BYTES
 # marks of the last 54 hours, not any of all traffic: a person's thousandth text there, 1 in 10^16;
 # 10^8 texts in 48 hours, a hundred per person, one false duplicate in some 4 x 10^9 such spans. Ample.
 MARK_DIGEST_BYTES = 8
+# Fits Redis's 16-byte allocation of a first text's value (1 byte of header, 4 + 1 + 8, a NUL) as
+# the 12 bytes without it did, so a person's first text costs no more memory.
+MARK_OLDER_BYTES = 1
 
 
 def marks(hour: int) -> str:

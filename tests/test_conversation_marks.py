@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis as redis_lib
 
 from shared import keys
@@ -59,3 +60,66 @@ def test_a_wrote_key_of_the_previous_release_and_a_mark_give_the_later_time(redi
     redis.set(keys.wrote(keys.conversation_id(bot.id, other)), repr(now - 7200), ex=3600)
     assert accept_inbound(redis, {**text(bot, "SMother", now - 60), "sender": other}, account_sid=bot.account_sid)
     assert [int(now - 600), int(now - 60)] == last_wrote(redis, bot.id, [SENDER, other], now)
+
+
+# The byte of older buckets (keys.MARK_OLDER_BYTES): a later text of a bucket looks only where the
+# conversation has marks. `hour` is the first of a bucket, so the arithmetic below stays in buckets.
+def _bucket_start(now: float) -> float:
+    hour = int(now // 3600)
+    return (hour - hour % keys.SEEN_BUCKET_HOURS) * 3600 + 60
+
+
+def test_a_retry_from_an_older_bucket_is_found_after_the_person_texted_again(redis: redis_lib.Redis, bot: Bot) -> None:
+    """The first text of a bucket notes the older buckets holding the conversation's marks; later texts
+    of the bucket still find a retry of a text 40 hours old, by MessageSid and by idempotency token."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SM40ago", now - 40 * 3600), "token-40ago", account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMnow-1", now), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMnow-2", now + 1), account_sid=bot.account_sid)
+    by_sid = accept_inbound(redis, text(bot, "SM40ago", now + 2), account_sid=bot.account_sid)
+    by_token = accept_inbound(redis, text(bot, "SMother", now + 3), "token-40ago", account_sid=bot.account_sid)
+    assert ([False, False], ["SM40ago", "SMnow-1", "SMnow-2"]) == ([by_sid, by_token], [m["sid"] for m in inbox(redis)])
+
+
+def test_a_later_text_of_a_bucket_looks_only_where_the_conversation_has_marks(
+        redis: redis_lib.Redis, redis_url: str, bot: Bot) -> None:
+    """A hash two buckets back that the conversation had no field in when its bucket's first text came is
+    not read again: a key there that cannot be read as a hash does not trouble a second text, and does a
+    first text's (which looks in all nine)."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SMfirst", now), account_sid=bot.account_sid)
+    trap = keys.marks(int(now // 3600) - 2 * keys.SEEN_BUCKET_HOURS)
+    redis.set(trap, "not a hash")
+    assert accept_inbound(redis, text(bot, "SMsecond", now + 1), account_sid=bot.account_sid)
+    with pytest.raises(redis_lib.ResponseError, match="WRONGTYPE"):
+        accept_inbound(redis, {**text(bot, "SMstranger", now + 2), "sender": "+15551239999"}, account_sid=bot.account_sid)
+
+
+def test_a_text_a_lagging_clock_marks_in_the_previous_bucket_is_still_found(redis: redis_lib.Redis, bot: Bot) -> None:
+    """A webhook whose clock is behind may mark the previous bucket after this bucket's first text noted
+    it empty: the previous bucket is always looked in."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SMahead", now), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMbehind", now - 120), account_sid=bot.account_sid)  # the bucket before
+    assert not accept_inbound(redis, text(bot, "SMbehind", now + 1), account_sid=bot.account_sid)
+
+
+def test_a_field_the_previous_release_wrote_makes_the_next_text_look_everywhere(
+        redis: redis_lib.Redis, redis_url: str, bot: Bot) -> None:
+    """A current field without the byte of older buckets (issue 28's first layout) says nothing of them:
+    the next text looks in all nine, finds a retry 30 hours old, and writes the byte it learnt."""
+    now = _bucket_start(time.time())
+    raw = raw_client(redis_url)
+    field = keys.mark_field(keys.conversation_id(bot.id, SENDER))
+    hour = int(now // 3600)
+    old = int(now - 30 * 3600)
+    raw.hset(keys.marks(hour - 30), field, old.to_bytes(4, "big") + keys.mark_digest(bot.account_sid, "SM30ago"))
+    raw.hset(keys.marks(hour), field, int(now).to_bytes(4, "big") + keys.mark_digest(bot.account_sid, "SMearlier"))
+    assert not accept_inbound(redis, text(bot, "SM30ago", now + 1), account_sid=bot.account_sid)
+    assert not accept_inbound(redis, text(bot, "SMearlier", now + 1), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMnew", now + 2), account_sid=bot.account_sid)
+    value = raw.hget(keys.marks(hour), field)
+    # bit 4: the bucket five back (30 hours before the first hour of this one)
+    assert (bytes([1 << 4]), [keys.mark_digest(bot.account_sid, sid) for sid in ("SMearlier", "SMnew")]) == (
+        value[4:5], [value[5:13], value[13:21]])
+    assert not accept_inbound(redis, text(bot, "SM30ago", now + 3), account_sid=bot.account_sid)
