@@ -194,8 +194,10 @@ if current then
   now = math.max(now, time_of(current))
   digests = string.sub(current, digests_at(current)) .. digests
 end
-redis.call('HSET', marks, ARGV[11], packed(now) .. string.char(older) .. digests)
-redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
+-- A field already there was written by this step, which set the hash's expiry then.
+if redis.call('HSET', marks, ARGV[11], packed(now) .. string.char(older) .. digests) == 1 then
+  redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
+end
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
