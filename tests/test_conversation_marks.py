@@ -95,6 +95,18 @@ def test_a_later_text_of_a_bucket_looks_only_where_the_conversation_has_marks(
         accept_inbound(redis, {**text(bot, "SMstranger", now + 2), "sender": "+15551239999"}, account_sid=bot.account_sid)
 
 
+def test_only_the_older_buckets_the_byte_names_are_looked_in(redis: redis_lib.Redis, bot: Bot) -> None:
+    """With a mark 30 hours back (five buckets), a later text of the bucket looks there and in the
+    previous bucket, not in the buckets between: a key two buckets back that cannot be read as a hash
+    does not trouble it, and a retry of the text 30 hours old is still found."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SM30back", now - 30 * 3600), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMbucket-first", now), account_sid=bot.account_sid)
+    redis.set(keys.marks(int(now // 3600) - 2 * keys.SEEN_BUCKET_HOURS), "not a hash")
+    assert accept_inbound(redis, text(bot, "SMbucket-second", now + 1), account_sid=bot.account_sid)
+    assert not accept_inbound(redis, text(bot, "SM30back", now + 2), account_sid=bot.account_sid)
+
+
 def test_a_text_a_lagging_clock_marks_in_the_previous_bucket_is_still_found(redis: redis_lib.Redis, bot: Bot) -> None:
     """A webhook whose clock is behind may mark the previous bucket after this bucket's first text noted
     it empty: the previous bucket is always looked in."""

@@ -197,7 +197,8 @@ def test_dev_pool_demo_answers_through_the_messaging_service_from_the_number_tex
     assert "twilio" in line and f"SMS +15005551001 -> +15551230000 via MG{'de' * 16}" in line
 
 
-@pytest.mark.parametrize("admin_token", ["-starts-with-a-dash", "--looks-like-an-option", "plain"])
+# ADMIN_API_TOKEN may be the operator's own: the printed line must survive a shell too.
+@pytest.mark.parametrize("admin_token", ["-starts-with-a-dash", "--looks-like-an-option", "plain", "a b$HOME'\"x"])
 def test_the_printed_simulate_command_parses_whatever_the_tokens_begin_with(admin_token: str) -> None:
     """token_urlsafe may begin a token with "-" (one time in 64): the banner's command must still give it to
     --admin-token instead of argparse refusing it as an option, for both the main number and the pool's."""
