@@ -112,11 +112,12 @@ end
 # hold the last 48 hours, unless the field's time says its last text is older than that (so a mark
 # is recognised at least 48 hours, and at most the 6 more its bucket may hold it). The field of the
 # current bucket also says in which of the 8 older buckets the conversation had a field when it was
-# written (keys.MARK_OLDER_BYTES): a text after the first of its bucket looks in those and the
-# previous bucket only (where a webhook whose clock lags may still be writing), not in all nine. The
-# previous releases' marks (keys.seen, keys.SEEN_HOURS, and fields without the older buckets' byte)
-# are read until they expire. The hashes looked in are named here from the hour of arrival rather
-# than passed, their names being most of a request otherwise.
+# written (keys.MARK_SLOT): a text after the first of its bucket looks in those and the previous
+# bucket only (where a webhook whose clock lags may still be writing), not in all nine. The previous
+# releases' marks (keys.seen, keys.SEEN_HOURS, and fields without the slot) are read until they
+# expire; and the previous release, during a rolling deploy, reads this one's fields rightly. The
+# hashes looked in are named here from the hour of arrival rather than passed, their names being
+# most of a request otherwise.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earliest shape, read
 #       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
 #       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
@@ -144,11 +145,13 @@ local function seen_before()
   if redis.call('EXISTS', unpack(hashes)) == 0 then return false end  -- all gone: 54 hours after the upgrade
   return seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8]))
 end
--- Where a value's digests start: after the time, and the older buckets' byte when it has one (the
--- previous release's values have none: their length is the time's plus whole digests).
+-- Where a value's digests start: after the time, and after the slot of the older buckets' byte
+-- when it has one (the previous release's values have none; to that release, the slot reads as
+-- one more digest, which no text's equals).
+local function has_slot(value) return string.sub(value, 5, __SLOT_END__) == '__SLOT__' end
 local function digests_at(value)
-  if #value % __DIGEST__ == 4 % __DIGEST__ then return 5 end
-  return 6
+  if has_slot(value) then return __DIGESTS_AT__ end
+  return 5
 end
 -- Whether `digest` is one of the value's: found at a digest's place (__DIGEST__ bytes apart).
 local function holds(value, digest)
@@ -166,8 +169,8 @@ end
 local current = redis.call('HGET', '__MARKS__' .. firsts[1], ARGV[11])  -- the field in this hour's hash
 -- The older buckets with a field of the conversation: bit i-2 for firsts[i]. Those the current field
 -- names, when it names them; then each found now.
-local older, known = 0, current and digests_at(current) == 6
-if known then older = string.byte(current, 5) end
+local older, known = 0, current and has_slot(current)
+if known then older = string.byte(current, __DIGESTS_AT__ - 1) end
 local function marked()
   if current and is_retry(current) then return true end
   for i = 2, #firsts do
@@ -195,7 +198,7 @@ if current then
   digests = string.sub(current, digests_at(current)) .. digests
 end
 -- A field already there was written by this step, which set the hash's expiry then.
-if redis.call('HSET', marks, ARGV[11], packed(now) .. string.char(older) .. digests) == 1 then
+if redis.call('HSET', marks, ARGV[11], packed(now) .. '__SLOT__' .. string.char(older) .. digests) == 1 then
   redis.call('EXPIREAT', marks, (bucket(hour) + __BUCKET__ + __HOURS__) * 3600)
 end
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
@@ -211,14 +214,15 @@ if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) 
 end
 return 1
 """
-# One byte names the older buckets: there must be no more than 8.
-assert DEDUPE_TTL // 3600 // keys.SEEN_BUCKET_HOURS <= 8 * keys.MARK_OLDER_BYTES
-assert (4 + keys.MARK_OLDER_BYTES) % keys.MARK_DIGEST_BYTES != 4 % keys.MARK_DIGEST_BYTES
+# One byte names the older buckets: there must be no more than 8. Its slot is a digest's size.
+assert DEDUPE_TTL // 3600 // keys.SEEN_BUCKET_HOURS <= 8
+assert len(keys.MARK_SLOT) + 1 == keys.MARK_DIGEST_BYTES and keys.MARK_SLOT.isascii() and "'" not in keys.MARK_SLOT
 ACCEPT_LUA = with_constants(
     ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
     HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS, MARKS=keys.MARKS,
-    DIGEST=keys.MARK_DIGEST_BYTES,
+    DIGEST=keys.MARK_DIGEST_BYTES, SLOT=keys.MARK_SLOT, SLOT_END=4 + len(keys.MARK_SLOT),
+    DIGESTS_AT=5 + keys.MARK_DIGEST_BYTES,
     LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )

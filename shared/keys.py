@@ -42,24 +42,26 @@ def seen_field(account: str, token: str) -> bytes:
 # Marks, kept 48 hours, of who texted the bot and when, and of what they texted: a field per
 # conversation in a hash per 6 hours (the dedupe marks of every message, and the push window's "when
 # the person last wrote", which were a field per message plus a key per person, cost about 180
-# bytes per message; this, about 77 for a person's first text of a bucket, 93 with an idempotency
-# token, and 8 or 16 more, give or take the allocator's size classes, for each further one). The field is a digest of the conversation (MARK_FIELD_BYTES, as SEEN_FIELD_BYTES);
+# bytes per message; this, about 93 for a person's first text of a bucket, with or without an
+# idempotency token, and 8 or 16 more, give or take the allocator's size classes, for each further
+# one). The field is a digest of the conversation (MARK_FIELD_BYTES, as SEEN_FIELD_BYTES);
 # its value the last text's time of arrival (4 bytes, big-endian Unix seconds; 0 once erased, see
-# shared/erasure.py), a byte naming the older buckets of the 48 hours in which the conversation had
-# a field when this one was written (MARK_OLDER_BYTES; bit 0 the bucket before; values the previous
-# release wrote have none, which their length tells), then the digests (MARK_DIGEST_BYTES each) of
-# the MessageSids and idempotency tokens the conversation's texts of that bucket carried. A retry must name the same
-# conversation (bot and From) to be found: Twilio's retries repeat the request. Each hash expires 48
-# hours after its last hour ends, as SEEN_HOURS's.
+# shared/erasure.py), a slot the size of a digest naming the older buckets of the 48 hours in which
+# the conversation had a field when this one was written (MARK_SLOT, then a byte: bit 0 the bucket
+# before; values the previous release wrote have no slot), then the digests (MARK_DIGEST_BYTES each)
+# of the MessageSids and idempotency tokens the conversation's texts of that bucket carried. Shaped
+# as a digest, the slot keeps the digests where the previous release looks for them, so during a
+# rolling deploy its processes still know a retry of a text this release accepted. A retry must
+# name the same conversation (bot and From) to be found: Twilio's retries repeat the request. Each
+# hash expires 48 hours after its last hour ends, as SEEN_HOURS's.
 MARKS = f"{PREFIX}:marks:"  # + the first of its hours (Unix time // 3600)
 MARK_FIELD_BYTES = SEEN_FIELD_BYTES
 # 64 bits: a text is taken for a duplicate only if its digest equals one of its OWN conversation's
 # marks of the last 54 hours, not any of all traffic: a person's thousandth text there, 1 in 10^16;
 # 10^8 texts in 48 hours, a hundred per person, one false duplicate in some 4 x 10^9 such spans. Ample.
 MARK_DIGEST_BYTES = 8
-# Fits Redis's 16-byte allocation of a first text's value (1 byte of header, 4 + 1 + 8, a NUL) as
-# the 12 bytes without it did, so a person's first text costs no more memory.
-MARK_OLDER_BYTES = 1
+# The slot's first 7 bytes, then the byte of older buckets. A digest beginning so is a 1 in 2^56 chance.
+MARK_SLOT = "#older#"
 
 
 def marks(hour: int) -> str:

@@ -62,7 +62,7 @@ def test_a_wrote_key_of_the_previous_release_and_a_mark_give_the_later_time(redi
     assert [int(now - 600), int(now - 60)] == last_wrote(redis, bot.id, [SENDER, other], now)
 
 
-# The byte of older buckets (keys.MARK_OLDER_BYTES): a later text of a bucket looks only where the
+# The byte of older buckets (keys.MARK_SLOT): a later text of a bucket looks only where the
 # conversation has marks. `hour` is the first of a bucket, so the arithmetic below stays in buckets.
 def _bucket_start(now: float) -> float:
     hour = int(now // 3600)
@@ -107,6 +107,17 @@ def test_only_the_older_buckets_the_byte_names_are_looked_in(redis: redis_lib.Re
     assert not accept_inbound(redis, text(bot, "SM30back", now + 2), account_sid=bot.account_sid)
 
 
+def test_a_later_text_of_a_bucket_adds_its_digest_and_nothing_else(
+        redis: redis_lib.Redis, redis_url: str, bot: Bot) -> None:
+    """Three texts of a bucket leave one slot and three digests: the slot is rewritten, not copied."""
+    now = _bucket_start(time.time())
+    for n in range(3):
+        assert accept_inbound(redis, text(bot, f"SMgrow-{n}", now + n), account_sid=bot.account_sid)
+    value = raw_client(redis_url).hget(keys.marks(int(now // 3600)), keys.mark_field(keys.conversation_id(bot.id, SENDER)))
+    assert keys.MARK_SLOT.encode() + b"\x00" + b"".join(
+        keys.mark_digest(bot.account_sid, f"SMgrow-{n}") for n in range(3)) == value[4:]
+
+
 def test_a_text_a_lagging_clock_marks_in_the_previous_bucket_is_still_found(redis: redis_lib.Redis, bot: Bot) -> None:
     """A webhook whose clock is behind may mark the previous bucket after this bucket's first text noted
     it empty: the previous bucket is always looked in."""
@@ -132,6 +143,32 @@ def test_a_field_the_previous_release_wrote_makes_the_next_text_look_everywhere(
     assert accept_inbound(redis, text(bot, "SMnew", now + 2), account_sid=bot.account_sid)
     value = raw.hget(keys.marks(hour), field)
     # bit 4: the bucket five back (30 hours before the first hour of this one)
-    assert (bytes([1 << 4]), [keys.mark_digest(bot.account_sid, sid) for sid in ("SMearlier", "SMnew")]) == (
-        value[4:5], [value[5:13], value[13:21]])
+    assert (keys.MARK_SLOT.encode() + bytes([1 << 4]),
+            [keys.mark_digest(bot.account_sid, sid) for sid in ("SMearlier", "SMnew")]) == (
+        value[4:12], [value[12:20], value[20:28]])
     assert not accept_inbound(redis, text(bot, "SM30ago", now + 3), account_sid=bot.account_sid)
+
+
+# The previous release's look for a digest in a field (its ACCEPT_LUA's holds(), as released before
+# the slot): at 8-byte steps after the 4 bytes of time.
+_PREVIOUS_RELEASES_HOLDS = """
+local value, digest = redis.call('HGET', KEYS[1], ARGV[1]), ARGV[2]
+if not value then return 0 end
+local at = string.find(value, digest, 5, true)
+while at and (at - 5) % 8 ~= 0 do at = string.find(value, digest, at + 1, true) end
+return at and 1 or 0
+"""
+
+
+def test_the_previous_release_finds_every_digest_in_a_field_with_the_slot(
+        redis: redis_lib.Redis, redis_url: str, bot: Bot) -> None:
+    """During a rolling deploy the previous release's processes still answer texts: its look finds the
+    digests of texts this release accepted (by MessageSid and by idempotency token), and no other."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SMdeploy-1", now), "token-deploy-1", account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMdeploy-2", now + 1), account_sid=bot.account_sid)
+    field = keys.mark_field(keys.conversation_id(bot.id, SENDER))
+    hash_ = keys.marks(int(now // 3600))
+    found = [redis.eval(_PREVIOUS_RELEASES_HOLDS, 1, hash_, field, keys.mark_digest(bot.account_sid, name))
+             for name in ("SMdeploy-1", "token-deploy-1", "SMdeploy-2", "SMnever-sent")]
+    assert [1, 1, 1, 0] == found

@@ -176,9 +176,10 @@ class TestDuplicates:
         assert value is not None
         digests = [keys.mark_digest(bot.account_sid, name) for name in (params["MessageSid"], "retry-token-2")]
         last_hour = hour - hour % keys.SEEN_BUCKET_HOURS + keys.SEEN_BUCKET_HOURS - 1
-        # (the byte between: no older bucket holds a field of the conversation)
-        assert (b"\x00", b"".join(digests), (last_hour + 1 + 48) * 3600) == (value[4:5], value[5:],
-                                                                              redis.expiretime(marks))
+        # (the slot between: no older bucket holds a field of the conversation)
+        slot = keys.MARK_SLOT.encode() + b"\x00"
+        assert (slot, b"".join(digests), (last_hour + 1 + 48) * 3600) == (value[4:12], value[12:],
+                                                                          redis.expiretime(marks))
         assert before <= int.from_bytes(value[:4], "big") <= time.time()
 
     @pytest.mark.parametrize(("hours_later", "duplicate"), [(0.0, True), (47.0, True), (47.99, True), (49.0, False)])
