@@ -73,7 +73,7 @@ def announced(pubsub: redis_lib.client.PubSub) -> list[tuple[int | None, str | N
         if message is None and found:
             break
         if message is not None and message["type"] == "message":
-            found.append(news.read(message["data"]))
+            found.extend(news.read(message["data"]))
     return found
 
 
@@ -114,3 +114,67 @@ def test_the_log_drain_announces_the_conversations_it_wrote(redis: redis_lib.Red
     settled = announced(pubsub)
     pubsub.close()
     assert ([(1, PERSON)], [(None, None)]) == (written, settled)
+
+
+def test_the_log_drain_announces_a_whole_batch_in_one_notice(redis: redis_lib.Redis, settings: object) -> None:
+    """A batch of the log naming three people and an outcome is one notice (one round trip, not four),
+    which names each of them."""
+    import json
+
+    from shared.db import get_engine
+    from tests.test_logdrain import PERSON, exchange
+    from worker.logdrain import drain, outcome_record
+
+    others = ["+15551230101", "+15551230102"]
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    redis.rpush(keys.LOG_OUTBOX, exchange("SMb1", "hi"), *[
+        exchange(f"SMb-{n}", "hi").replace(PERSON, person) for n, person in enumerate(others)],
+        outcome_record("SMb0-0", "queued", sid="SMout2"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    raw, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is None and raw:
+            break
+        if message is not None and message["type"] == "message":
+            raw.append(message["data"])
+    pubsub.close()
+    assert 1 == len(raw), raw
+    assert "changes" in json.loads(raw[0])
+    assert {(1, PERSON), (1, others[0]), (1, others[1]), (None, None)} == set(news.read(raw[0]))
+
+
+@pytest.mark.parametrize("raw", ['{"bot": 1, "person": "+15551230000"}', '{"changes": [[1, "+15551230000"]]}'])
+def test_a_notice_of_either_shape_names_its_conversation(raw: str) -> None:
+    assert [(1, "+15551230000")] == news.read(raw)
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1, 2]", '{"changes": "all"}', '{"changes": [[1]]}'])
+def test_a_notice_of_an_unknown_shape_reads_as_some_conversation(raw: str) -> None:
+    """A release to come may publish another shape: the page refreshes what it shows instead of failing."""
+    assert [(None, None)] == news.read(raw)
+
+
+def test_the_live_stream_passes_on_each_change_of_a_notice_that_the_operator_may_see(
+        app: object, settings: object, bot: Bot, redis: redis_lib.Redis) -> None:
+    """An operator of bot 1 hears of bot 1's conversations and of "some conversation" in a notice of
+    several, never of another tenant's bot's."""
+    from tests.test_console import add_operator, sign_in
+
+    client = app.test_client()  # type: ignore[attr-defined]
+    add_operator(settings, "ana@example.com", "operator", [bot.id])  # type: ignore[arg-type]
+    assert 302 == sign_in(client, "ana@example.com").status_code
+    response = client.get("/console/live", buffered=False)
+    assert 200 == response.status_code
+    chunks = iter(response.response)
+    assert b"retry:" in next(chunks)  # subscribed
+    news.publish_all(redis, [(bot.id, "+15551230001"), (bot.id + 1000, "+15551230002"), (None, None)])
+    events: list[str] = []
+    deadline = time.monotonic() + 10
+    while len(events) < 2 and time.monotonic() < deadline:
+        chunk = next(chunks).decode()
+        if chunk.startswith("event: change"):
+            events.append(chunk.split("data: ", 1)[1].strip())
+    response.close()
+    assert [f'{{"bot": {bot.id}, "person": "+15551230001"}}', '{"bot": null, "person": null}'] == events

@@ -76,9 +76,9 @@ def _events(pubsub: object, principal: Principal, bounded: Streams) -> Iterator[
         while time.monotonic() < ends:
             message = pubsub.get_message(timeout=1.0)  # type: ignore[attr-defined]
             if message is not None and message.get("type") == "message":
-                bot_id, person = news.read(message["data"])
-                if bot_id is None or principal.reaches(bot_id):
-                    yield f"event: change\ndata: {json.dumps({'bot': bot_id, 'person': person})}\n\n"
+                for bot_id, person in news.read(message["data"]):
+                    if bot_id is None or principal.reaches(bot_id):
+                        yield f"event: change\ndata: {json.dumps({'bot': bot_id, 'person': person})}\n\n"
             if time.monotonic() >= beat:
                 beat = time.monotonic() + HEARTBEAT_SECONDS
                 yield ": keep-alive\n\n"  # a proxy that closes idle connections sees traffic
