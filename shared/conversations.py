@@ -175,11 +175,12 @@ local function marked()
   if current and is_retry(current) then return true end
   for i = 2, #firsts do
     local bit = 2 ^ (i - 2)
-    if not known or i == 2 or math.floor(older / bit) % 2 == 1 then
+    local named = math.floor(older / bit) % 2 == 1
+    if not known or i == 2 or named then
       local value = redis.call('HGET', '__MARKS__' .. firsts[i], ARGV[11])
       if value then
         if is_retry(value) then return true end
-        if math.floor(older / bit) % 2 == 0 then older = older + bit end
+        if not named then older = older + bit end
       end
     end
   end

@@ -65,16 +65,21 @@ def test_fifty_open_console_streams_leave_the_webhook_answering(service: Service
     assert (1, STREAMS - 1) == (statuses.count(200), statuses.count(503))
 
 
-def announced(pubsub: redis_lib.client.PubSub) -> list[tuple[int | None, str | None]]:
-    """The news published so far (waiting a little for the first)."""
+def notices(pubsub: redis_lib.client.PubSub) -> list[str]:
+    """The notices published so far, as sent (waiting a little for the first)."""
     found, deadline = [], time.monotonic() + 5
     while time.monotonic() < deadline:
         message = pubsub.get_message(timeout=0.5)
         if message is None and found:
             break
         if message is not None and message["type"] == "message":
-            found.extend(news.read(message["data"]))
+            found.append(message["data"])
     return found
+
+
+def announced(pubsub: redis_lib.client.PubSub) -> list[tuple[int | None, str | None]]:
+    """The conversations the news published so far names."""
+    return [change for raw in notices(pubsub) for change in news.read(raw)]
 
 
 def test_a_status_callback_a_handoff_and_an_operators_send_are_announced_to_open_pages(
@@ -132,13 +137,7 @@ def test_the_log_drain_announces_a_whole_batch_in_one_notice(redis: redis_lib.Re
         exchange(f"SMb-{n}", "hi").replace(PERSON, person) for n, person in enumerate(others)],
         outcome_record("SMb0-0", "queued", sid="SMout2"))
     drain(redis, get_engine(settings))  # type: ignore[arg-type]
-    raw, deadline = [], time.monotonic() + 5
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message is None and raw:
-            break
-        if message is not None and message["type"] == "message":
-            raw.append(message["data"])
+    raw = notices(pubsub)
     pubsub.close()
     assert 1 == len(raw), raw
     assert "changes" in json.loads(raw[0])

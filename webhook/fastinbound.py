@@ -36,10 +36,16 @@ FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "application/x-www-
 _ACKNOWLEDGEMENT = twilio_auth.acknowledgement()
 ACKNOWLEDGEMENT = _ACKNOWLEDGEMENT.get_data()
 ACKNOWLEDGEMENT_HEADERS = tuple(_ACKNOWLEDGEMENT.headers.items())
+
+
+def _wsgi_name(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
 # The request headers the route reads, as WSGI names them.
-SIGNATURE = "HTTP_" + twilio_auth.SIGNATURE_HEADER.upper().replace("-", "_")
-SIGNATURE_SETTINGS = "HTTP_" + twilio_auth.SIGNATURE_SETTINGS_HEADER.upper().replace("-", "_")
-IDEMPOTENCY_TOKEN = "HTTP_" + inbound.IDEMPOTENCY_HEADER.upper().replace("-", "_")
+SIGNATURE = _wsgi_name(twilio_auth.SIGNATURE_HEADER)
+SIGNATURE_SETTINGS = _wsgi_name(twilio_auth.SIGNATURE_SETTINGS_HEADER)
+IDEMPOTENCY_TOKEN = _wsgi_name(inbound.IDEMPOTENCY_HEADER)
 # The URLs Twilio signed, by the parts of the request they are built from: one or two in practice
 # (a Host per deployment); a caller inventing Host headers only makes it start over.
 URLS_KEPT = 64

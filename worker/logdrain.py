@@ -121,7 +121,7 @@ def _announce(redis: Any, records: Sequence[Mapping[str, Any]]) -> None:
                if r.get("kind") == EXCHANGE and isinstance(r.get("message"), dict)}
     if any(r.get("kind") == OUTCOME for r in records):
         changed.add((None, None))  # an outcome names its reply only
-    news.publish_all(redis, sorted(changed, key=lambda change: (change[0] or 0, change[1] or "")))
+    news.publish_all(redis, changed)
 
 
 def _without_erased(redis: Any, records: list[dict[str, Any]], raw: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
