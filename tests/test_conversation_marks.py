@@ -172,3 +172,22 @@ def test_the_previous_release_finds_every_digest_in_a_field_with_the_slot(
     found = [redis.eval(_PREVIOUS_RELEASES_HOLDS, 1, hash_, field, keys.mark_digest(bot.account_sid, name))
              for name in ("SMdeploy-1", "token-deploy-1", "SMdeploy-2", "SMnever-sent")]
     assert [1, 1, 1, 0] == found
+
+
+# At the first hour of a bucket, whatever the hour the suite runs at: a mark's age and its hash's
+# expiry differ there from what a check by the hour of arrival would give (at the last hour of a
+# bucket the two agree).
+def test_a_mark_49_hours_old_in_a_bucket_still_looked_in_is_not_a_duplicate(redis: redis_lib.Redis, bot: Bot) -> None:
+    """49 hours after a text at a bucket's first hour, its bucket is still among the nine looked in: the
+    mark is found there and judged too old."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SM49", now), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SM49", now + 49 * 3600), account_sid=bot.account_sid)
+
+
+def test_a_bucket_hash_expires_48_hours_after_its_last_hour(redis: redis_lib.Redis, bot: Bot) -> None:
+    """A text at a bucket's first hour keeps the hash until 48 hours after the bucket's last hour ends."""
+    now = _bucket_start(time.time())
+    assert accept_inbound(redis, text(bot, "SMexpiry", now), account_sid=bot.account_sid)
+    first = int(now // 3600)
+    assert (first + keys.SEEN_BUCKET_HOURS + 48) * 3600 == redis.expiretime(keys.marks(first))
