@@ -3,6 +3,7 @@ Twilio's webhook needs."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -124,8 +125,6 @@ def test_the_log_drain_announces_the_conversations_it_wrote(redis: redis_lib.Red
 def test_the_log_drain_announces_a_whole_batch_in_one_notice(redis: redis_lib.Redis, settings: object) -> None:
     """A batch of the log naming three people and an outcome is one notice (one round trip, not four),
     which names each of them."""
-    import json
-
     from shared.db import get_engine
     from tests.test_logdrain import PERSON, exchange
     from worker.logdrain import drain, outcome_record
@@ -177,3 +176,43 @@ def test_the_live_stream_passes_on_each_change_of_a_notice_that_the_operator_may
             events.append(chunk.split("data: ", 1)[1].strip())
     response.close()
     assert [f'{{"bot": {bot.id}, "person": "+15551230001"}}', '{"bot": null, "person": null}'] == events
+
+
+def test_a_single_change_is_sent_in_the_shape_the_previous_release_reads(redis: redis_lib.Redis) -> None:
+    """During a deploy the previous release's pages read only {"bot", "person"}: one change keeps that shape."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    news.publish_all(redis, {(1, "+15551230000")})
+    raw = notices(pubsub)
+    pubsub.close()
+    assert [{"bot": 1, "person": "+15551230000"}] == [json.loads(r) for r in raw]
+
+
+def test_a_batch_naming_no_conversation_publishes_nothing(redis: redis_lib.Redis, settings: object) -> None:
+    """A drained batch that names no conversation costs no PUBLISH (a marker notice ends the wait)."""
+    from shared import messagelog
+    from shared.db import get_engine
+    from tests.test_logdrain import BOT_NUMBER, PERSON
+    from worker.logdrain import drain
+
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    redis.rpush(keys.LOG_OUTBOX, messagelog.replies_record([{
+        "id": "R-pushed-1", "bot_id": 1, "to": PERSON, "text": "hi", "media_url": None, "in_reply_to": None,
+        "created_at": 1.0}], BOT_NUMBER))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    news.publish(redis, 2, "marker")
+    raw = notices(pubsub)
+    pubsub.close()
+    assert [{"bot": 2, "person": "marker"}] == [json.loads(r) for r in raw]
+
+
+def test_publishing_never_raises_when_redis_is_unreachable() -> None:
+    down = redis_lib.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    news.publish_all(down, [(1, "+15551230000"), (2, "+15551230001")])
+    news.publish_all(down, [(1, "+15551230000")])
+
+
+@pytest.mark.parametrize("raw", ['{"changes": null}', '{"changes": 5}', '{"changes": {}}', '{"changes": ""}'])
+def test_a_changes_field_that_is_not_a_list_reads_as_some_conversation(raw: str) -> None:
+    assert [(None, None)] == news.read(raw)
