@@ -67,7 +67,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
         ingest: bool = False) -> None:
     from cryptography.fernet import Fernet
 
-    from bench.database import bench_database_url, describe, service_env
+    from bench.database import bench_database_url, describe, service_env, settled
     from bench.e2e import create_bots, post_all
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
@@ -78,6 +78,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
     redis = connect(REDIS_URL)
     redis.flushdb()
+    settled(redis)
     database_url = bench_database_url()
     web: Process | None = None
     with TwilioStandin() as twilio, FakeEngine(delay=engine_seconds) as engine:

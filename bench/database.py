@@ -54,3 +54,12 @@ def _local_postgres() -> str | None:
     except Exception:  # noqa: BLE001 - no PostgreSQL here: SQLite
         return None
     return f"{LOCAL_POSTGRES}/{BENCH_DATABASE}"
+
+
+def settled(redis: object) -> None:
+    """A flushed Redis as a deployment's is 60 hours after an upgrade: the earlier releases' dedupe
+    marks have expired, and the webhook no longer looks for them (shared.conversations.LegacyMarks).
+    A fresh Redis otherwise reads as just upgraded, which is the safe side for a real one."""
+    from shared import keys
+
+    redis.set(keys.LEGACY_MARKS_UNTIL, 1)  # type: ignore[attr-defined]

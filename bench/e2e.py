@@ -198,7 +198,7 @@ def main() -> None:
     from tests.support.fake_engine import FakeEngine
     from tests.support.processes import start_web, start_worker
 
-    from bench.database import bench_database_url, describe, service_env
+    from bench.database import bench_database_url, describe, service_env, settled
 
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
     database_url = bench_database_url()
@@ -220,6 +220,7 @@ def main() -> None:
 
         def product() -> list[Any]:
             redis.flushdb()
+            settled(redis)
             web = start_web(env, port)
             try:
                 return [web, start_worker(env, int(WORKER_PROCESSES), int(WORKER_THREADS))]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from shared import db, keys, metrics  # noqa: E402
 from shared.bots import BotStore  # noqa: E402
-from bench.database import bench_database_url, empty  # noqa: E402
+from bench.database import bench_database_url, empty, settled  # noqa: E402
 from shared.crypto import Vault  # noqa: E402
 from shared.redis import connect  # noqa: E402
 from shared.tasks import CONVERSATIONS_QUEUE, waiting_key  # noqa: E402
@@ -144,6 +144,7 @@ def reset_redis(redis_url: str, database_url: str) -> None:
     """An empty Redis db, and a bots table holding only the bench bot, so every run starts from the same state."""
     redis = connect(redis_url)
     redis.flushdb()
+    settled(redis)
     empty(database_url)
     engine = db.make_engine(database_url, size=1)
     BotStore(engine, redis, Vault([CREDENTIALS_KEY])).create({

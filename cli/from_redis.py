@@ -25,6 +25,7 @@ from sqlalchemy import Column, Connection, Engine, Table, func, select, text, tu
 
 from shared import keys
 from shared.bots import RegistryCopy
+from shared.conversations import LegacyMarks
 from shared.crypto import Vault
 from shared.db import insert, insert_ignoring_duplicates, make_engine, transaction
 from shared.messagelog import STATUS_RANK
@@ -486,6 +487,7 @@ def _carry_dedupe_marks(redis: Any, accounts: set[str], report: Copied) -> None:
                 carried += 1
         pipe_set.execute()
     if carried:
+        LegacyMarks.extend(redis)  # the webhook looks for them until they expire
         report.notes.append(f"{carried} Twilio dedupe mark(s) of the earlier release kept for the rest of their "
                             "48 hours")
 

@@ -114,10 +114,10 @@ end
 # current bucket also says in which of the 8 older buckets the conversation had a field when it was
 # written (keys.MARK_SLOT): a text after the first of its bucket looks in those and the previous
 # bucket only (where a webhook whose clock lags may still be writing), not in all nine. The previous
-# releases' marks (keys.seen, keys.SEEN_HOURS, and fields without the slot) are read until they
-# expire; and the previous release, during a rolling deploy, reads this one's fields rightly. The
-# hashes looked in are named here from the hour of arrival rather than passed, their names being
-# most of a request otherwise.
+# releases' marks are read until they expire (keys.seen and keys.SEEN_HOURS while LegacyMarks says
+# some may be left; fields without the slot as they are met); and the previous release, during a
+# rolling deploy, reads this one's fields rightly. The hashes looked in are named here from the hour
+# of arrival rather than passed, their names being most of a request otherwise.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earliest shape, read
 #       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
 #       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
@@ -125,13 +125,15 @@ end
 #       texted ('': not kept, the bot has one number), the previous release's fields (keys.seen_field)
 #       of the MessageSid and the idempotency token (the same when there is none), the hour of
 #       arrival, the conversation's field (keys.mark_field), the digests (keys.mark_digest) of the
-#       MessageSid and the idempotency token (the same when there is none).
+#       MessageSid and the idempotency token (the same when there is none), '1' to read the earlier
+#       releases' marks ('' once none can be left, see LegacyMarks).
 ACCEPT_LUA = MARK_TIME_LUA + """
 local hour = tonumber(ARGV[10])
 local function bucket(h) return h - h % __BUCKET__ end
 local firsts = {}  -- the first hours of the buckets that can hold the last 48 hours, newest first
 for first = bucket(hour), bucket(hour - __HOURS__), -__BUCKET__ do firsts[#firsts + 1] = first end
--- The previous release's marks: a field per MessageSid or token in SEEN_HOURS, its value the hour.
+-- The earlier releases' marks, read only while some may be left (ARGV[14], LegacyMarks): a key per
+-- MessageSid or token (keys.seen), and a field per MessageSid or token in SEEN_HOURS, its value the hour.
 local function seen(field)
   for _, first in ipairs(firsts) do
     local made = redis.call('HGET', '__SEEN_HOURS__' .. first, field)
@@ -140,10 +142,11 @@ local function seen(field)
   return false
 end
 local function seen_before()
-  local hashes = {}
-  for i, first in ipairs(firsts) do hashes[i] = '__SEEN_HOURS__' .. first end
-  if redis.call('EXISTS', unpack(hashes)) == 0 then return false end  -- all gone: 54 hours after the upgrade
-  return seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8]))
+  if ARGV[14] ~= '1' then return false end
+  local names = {KEYS[1], KEYS[2]}
+  for _, first in ipairs(firsts) do names[#names + 1] = '__SEEN_HOURS__' .. first end
+  if redis.call('EXISTS', unpack(names)) == 0 then return false end  -- none of either shape is left
+  return redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or seen(ARGV[9]) or (ARGV[8] ~= ARGV[9] and seen(ARGV[8]))
 end
 -- Where a value's digests start: after the time, and after the slot of the older buckets' byte
 -- when it has one (the previous release's values have none; to that release, the slot reads as
@@ -186,7 +189,7 @@ local function marked()
   end
   return false
 end
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or marked() or seen_before() then
+if marked() or seen_before() then
   redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
   return 0
 end
@@ -229,6 +232,52 @@ ACCEPT_LUA = with_constants(
 )
 
 
+class LegacyMarks:
+    """Whether the marks of the earlier shapes (keys.seen, keys.SEEN_HOURS) may still be in Redis,
+    so ACCEPT_LUA must look for them: until keys.LEGACY_MARKS_UNTIL. The first process of this release
+    to find that missing (an upgrade, or a Redis that lost it) sets it LEGACY_HOURS ahead, long enough
+    for the marks that earlier processes write until the deploy is over to expire; `migrate
+    --from-redis`, which writes seen keys, pushes it on (extend). Each process reads it again every
+    RECHECK_SECONDS, and a Redis error reads as "look": never a missed duplicate for a saved lookup."""
+
+    # The marks' 48 hours, the 6 more a bucket holds them, and 6 for a rolling deploy to finish.
+    LEGACY_HOURS = DEDUPE_TTL // 3600 + 12
+    RECHECK_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._until = float("inf")
+        self._checked_at = float("-inf")
+
+    def forget(self) -> None:
+        """Read the key again at the next look (a test's fresh Redis)."""
+        self._until, self._checked_at = float("inf"), float("-inf")
+
+    def present(self, redis: Any, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if now - self._checked_at >= self.RECHECK_SECONDS:
+            # Before the read, so a slow or failing Redis is asked once a period, not by every request.
+            self._checked_at = now
+            try:
+                pipe = redis.pipeline(transaction=False)
+                pipe.set(keys.LEGACY_MARKS_UNTIL, int(now) + self.LEGACY_HOURS * 3600, nx=True)
+                pipe.get(keys.LEGACY_MARKS_UNTIL)
+                self._until = float(pipe.execute()[1])
+            except Exception:  # noqa: BLE001 - the request's own step meets the same error
+                self._until = float("inf")
+        return now < self._until
+
+    @classmethod
+    def extend(cls, redis: Any, now: float | None = None) -> None:
+        """Earlier-shape marks were just written (`migrate --from-redis`): look for them LEGACY_HOURS more."""
+        until = int(time.time() if now is None else now) + cls.LEGACY_HOURS * 3600
+        redis.eval("if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
+                   "redis.call('SET', KEYS[1], ARGV[1]) end", 1, keys.LEGACY_MARKS_UNTIL, until)
+
+
+# This process's view (the webhook's processes each keep their own).
+LEGACY_MARKS = LegacyMarks()
+
+
 def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str | None = None,
                    account_sid: str | None = None, remember_texted: bool = False, opt_out_key: str | None = None) -> bool:
     """Queue an inbound message on its conversation; False if it was seen in the 48 hours before its
@@ -248,6 +297,7 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     account = account_sid or f"bot-{message['bot_id']}"
     seen_sid = keys.seen(account, message["sid"])
     seen_token = keys.seen(account, idempotency_token) if idempotency_token else seen_sid
+    legacy = LEGACY_MARKS.present(redis)
     # Handed to redis-py as bytes: its encoder takes bytes as they are, where each str costs a chain
     # of isinstance checks and an encode (a fifth of the webhook's Redis call, bench/webhook_cost.py).
     return bool(script(redis, ACCEPT_LUA)(
@@ -255,10 +305,11 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
               keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)]),
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=_encoded([jsonio.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
-              f"wake-{message['sid']}", message["to"] if remember_texted else "", keys.seen_field(account, message["sid"]),
-              keys.seen_field(account, idempotency_token or message["sid"]), int(message["received_at"] // 3600),
-              keys.mark_field(conversation), keys.mark_digest(account, message["sid"]),
-              keys.mark_digest(account, idempotency_token or message["sid"])]),
+              f"wake-{message['sid']}", message["to"] if remember_texted else "",
+              keys.seen_field(account, message["sid"]) if legacy else b"",
+              keys.seen_field(account, idempotency_token or message["sid"]) if legacy else b"",
+              int(message["received_at"] // 3600), keys.mark_field(conversation), keys.mark_digest(account, message["sid"]),
+              keys.mark_digest(account, idempotency_token or message["sid"]), b"1" if legacy else b""]),
     ))
 
 

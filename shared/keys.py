@@ -84,6 +84,12 @@ def mark_digest(account: str, token: str) -> bytes:
     return hashlib.blake2b(f"{account}:{token}".encode(), digest_size=MARK_DIGEST_BYTES).digest()
 
 
+# Until when (Unix seconds) marks of the earlier shapes (seen keys, SEEN_HOURS) may still be in Redis
+# and must be read (shared.conversations.LegacyMarks): set the first time this release's webhook
+# finds it missing, and pushed on by `migrate --from-redis`, which writes seen keys.
+LEGACY_MARKS_UNTIL = f"{PREFIX}:legacy-marks-until"
+
+
 # A mark as a key of its own: how releases before issue 28 wrote them (and `migrate --from-redis`
 # still carries the oldest release's marks), read until they expire; status callbacks' resend marks.
 def seen(account: str, token: str) -> str:

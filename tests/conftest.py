@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 
 from shared import db, keys
 from shared.bots import Bot, BotStore
+from shared.conversations import LEGACY_MARKS
 from shared.crypto import Vault
 from shared.metrics import TALLY
 from shared.poolnumbers import POOL_NUMBERS
@@ -131,6 +132,7 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
     TALLY.forget()
     DAILY_SENDS.forget()
     POOL_NUMBERS.forget()
+    LEGACY_MARKS.forget()
     yield client
     client.flushdb()
 

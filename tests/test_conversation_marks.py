@@ -10,7 +10,7 @@ import redis as redis_lib
 
 from shared import keys
 from shared.bots import Bot
-from shared.conversations import INBOUND, accept_inbound, last_wrote
+from shared.conversations import INBOUND, LegacyMarks, accept_inbound, last_wrote
 from tests.test_inbound import SENDER, inbox, raw_client
 
 
@@ -191,3 +191,68 @@ def test_a_bucket_hash_expires_48_hours_after_its_last_hour(redis: redis_lib.Red
     assert accept_inbound(redis, text(bot, "SMexpiry", now), account_sid=bot.account_sid)
     first = int(now // 3600)
     assert (first + keys.SEEN_BUCKET_HOURS + 48) * 3600 == redis.expiretime(keys.marks(first))
+
+
+# --- The earlier shapes' marks (keys.seen, keys.SEEN_HOURS), looked for only while some may be left. ---
+
+
+def plant_earlier_marks(redis: redis_lib.Redis, bot: Bot, sid: str, hour: int) -> None:
+    """The marks two earlier releases would have left for a text `sid` accepted at `hour`."""
+    redis.set(keys.seen(bot.account_sid, sid), "1", ex=3600)
+    redis.hset(keys.seen_hours(hour), keys.seen_field(bot.account_sid, sid), str(hour))
+    redis.expire(keys.seen_hours(hour), 3600)
+
+
+def test_a_fresh_redis_looks_for_the_earlier_marks_for_60_hours(redis: redis_lib.Redis, bot: Bot) -> None:
+    """An upgrade (or a Redis that lost the deadline): the first text sets it 60 hours ahead, and the
+    earlier releases' marks stop a retry meanwhile."""
+    now = time.time()
+    plant_earlier_marks(redis, bot, "SMupgraded", int(now // 3600) - 2)
+    assert not accept_inbound(redis, text(bot, "SMupgraded", now), account_sid=bot.account_sid)
+    until = int(redis.get(keys.LEGACY_MARKS_UNTIL))
+    assert int(now) + 60 * 3600 <= until <= int(time.time()) + 60 * 3600
+
+
+def test_past_the_deadline_the_earlier_marks_are_not_looked_for(redis: redis_lib.Redis, bot: Bot) -> None:
+    """Once none can be left, the webhook's step spends nothing on them: a mark of an earlier shape
+    planted anyway is not read."""
+    now = time.time()
+    redis.set(keys.LEGACY_MARKS_UNTIL, int(now) - 1)
+    plant_earlier_marks(redis, bot, "SMlong-ago", int(now // 3600) - 2)
+    assert accept_inbound(redis, text(bot, "SMlong-ago", now), account_sid=bot.account_sid)
+    # Issue 28's own marks are read as ever
+    assert not accept_inbound(redis, text(bot, "SMlong-ago", now + 1), account_sid=bot.account_sid)
+
+
+def test_each_process_reads_the_deadline_again_every_minute(redis: redis_lib.Redis) -> None:
+    """A process learns that the deadline passed (or was pushed on, or lost) within a minute, and not on every text."""
+    gate, now = LegacyMarks(), time.time()
+    redis.set(keys.LEGACY_MARKS_UNTIL, int(now) + 30)
+    assert gate.present(redis, now)
+    redis.set(keys.LEGACY_MARKS_UNTIL, int(now) - 1)
+    assert gate.present(redis, now + 20)  # read at `now`: still 10 s to go
+    assert not gate.present(redis, now + 31)  # its own deadline passed, before the minute is up
+    redis.set(keys.LEGACY_MARKS_UNTIL, int(now) + 3600)  # migrate --from-redis wrote seen keys
+    assert not gate.present(redis, now + 59)
+    assert gate.present(redis, now + 61)
+    redis.delete(keys.LEGACY_MARKS_UNTIL)  # lost with the rest of Redis: set again, 60 hours ahead
+    assert gate.present(redis, now + 3600 + 122)
+    assert int(now) + 3600 + 122 + 60 * 3600 == int(redis.get(keys.LEGACY_MARKS_UNTIL))
+
+
+def test_a_redis_that_cannot_say_reads_as_look_for_them(redis: redis_lib.Redis) -> None:
+    """Unable to read the deadline, a process looks for the earlier marks: a lookup too many, never a
+    retry answered twice; and it asks again a minute later, not on every text."""
+    gate, now = LegacyMarks(), time.time()
+    assert gate.present(redis_lib.Redis(port=1, socket_connect_timeout=0.2), now)
+    redis.set(keys.LEGACY_MARKS_UNTIL, int(now) - 1)
+    assert gate.present(redis, now + 59)
+    assert not gate.present(redis, now + 60)
+
+
+def test_extend_never_shortens_the_deadline(redis: redis_lib.Redis) -> None:
+    now = time.time()
+    LegacyMarks.extend(redis, now)
+    assert int(now) + 60 * 3600 == int(redis.get(keys.LEGACY_MARKS_UNTIL))
+    LegacyMarks.extend(redis, now - 3600)
+    assert int(now) + 60 * 3600 == int(redis.get(keys.LEGACY_MARKS_UNTIL))

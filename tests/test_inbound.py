@@ -283,7 +283,7 @@ class TestDuplicates:
                 "body": "hola", "received_at": now}), account_sid=bot.account_sid)
         for n in range(20):  # what a worker does with them
             redis.delete(keys.inbox(keys.conversation_id(bot.id, f"+1555999{n:04d}")))
-        redis.delete(keys.PENDING, keys.WAKE_UPS, keys.METRIC_COUNTERS)
+        redis.delete(keys.PENDING, keys.WAKE_UPS, keys.METRIC_COUNTERS, keys.LEGACY_MARKS_UNTIL)
         left = [key for key in redis.keys("sms:*") if key != keys.REGISTRY and not key.startswith("sms:opted-out:")
                 and not key.startswith("sms:handoffs:")]
         assert ([keys.marks(int(now // 3600))], 20) == (left, redis.hlen(keys.marks(int(now // 3600))))

@@ -406,6 +406,16 @@ class TestReleasePhase:
         marks = [redis.ttl(keys.seen(BOT_ACCOUNT_SID, token)) for token in ("SMin1", OLD_TOKEN)]
         assert all(46 * 3600 < ttl <= 47 * 3600 for ttl in marks), marks
 
+    def test_the_old_marks_are_looked_for_though_the_webhook_had_stopped_looking(
+            self, client: FlaskClient, redis: redis_lib.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+        """The copy writes marks of the earlier shape: the webhook looks for them again until they expire."""
+        redis.set(keys.LEGACY_MARKS_UNTIL, int(time.time()) - 1)
+        _release(capsys)
+        assert int(time.time()) + 59 * 3600 < int(redis.get(keys.LEGACY_MARKS_UNTIL))
+        retry = inbound_params(MessageSid="SMin1", From=ANA, To=SUPPORT, Body="hola")
+        assert 200 == post_signed(client, retry, token=TOKENS[3]).status_code
+        assert [] == inbox(redis, sender=ANA, bot_id=3)
+
     def test_what_the_new_release_deleted_never_comes_back(
             self, engine: Engine, redis: redis_lib.Redis, client: FlaskClient, twilio: TwilioStandin,
             worker: dramatiq.Worker, broker: dramatiq.Broker, capsys: pytest.CaptureFixture[str]) -> None:
