@@ -374,16 +374,17 @@ def forget_wrote(redis: Any, conversation: str) -> None:
 # the first reply's turn (worker.conversation).
 # queue(outbox, reply records, processing, pending, log outbox, conversation lease,
 #       the inbound to finish (or ''), conversation, now, log record (or ''), lease token (or ''),
-#       where in ARGV the (id, reply) pairs start)
+#       where in ARGV the (id, reply) pairs start, whether the caller writes the first reply's record)
 QUEUE_FUNCTION = """
-local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first)
+local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first,
+                     caller_writes_first)
   if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
   if done ~= '' and redis.call('LREM', processing, 1, done) == 0 then return -2 end
   if record ~= '' then redis.call('RPUSH', log, record) end
   if #ARGV < first then return false end
   local queued = 0
   for i = first, #ARGV - 1, 2 do
-    redis.call('HSET', records, ARGV[i], ARGV[i + 1])
+    if i > first or not caller_writes_first then redis.call('HSET', records, ARGV[i], ARGV[i + 1]) end
     queued = redis.call('RPUSH', outbox, ARGV[i])
   end
   redis.call('ZADD', pending, now, conversation)

@@ -9,9 +9,13 @@ import pytest
 import redis as redis_lib
 
 from cli.twilio_standin import SentMessage, TwilioStandin
-from shared.bots import BotStore
+from shared import keys, messagelog
+from shared.bots import Bot, BotStore
+from shared.conversations import new_reply
+from shared.db import transaction
 from shared.segments import count_segments
-from tests.test_outbound import ALICE, BOB, make_bot, send
+from shared.tasks import kick_delivery
+from tests.test_outbound import ALICE, BOB, make_bot, send, sql
 from worker import pacing
 
 NUMBER, OTHER = "+15550000701", "+15550000702"
@@ -100,8 +104,47 @@ class TestSchedule:
             running.stop()
 
 
+def answer(redis: redis_lib.Redis, bot: Bot, to: str, *texts: str) -> None:
+    """Queue one engine answer as a conversation's thread does (queue_and_take: its first reply's turn
+    taken in the same step when the outbox is idle) and go on as it does: send that reply from this
+    thread, or leave the rest to the outbox's chain."""
+    from worker.outbound import deliver_taken, queue_and_take  # needs the worker's settings
+
+    conversation = keys.conversation_id(bot.id, to)
+    replies = [new_reply(conversation, to, text, received_at=time.time()) for text in texts]
+    with transaction(sql()) as connection:
+        messagelog.record_replies(connection, replies, bot.number, origin=messagelog.ENGINE)
+    queued = queue_and_take(redis, conversation, replies, bot, done_inbound="", log_record="", lease_token="")
+    if queued.lease is not None:
+        deliver_taken(conversation, replies[0], bot, queued)
+    elif queued.head is not None:
+        kick_delivery(conversation, queued.head)
+
+
 class TestPacedSending:
     """Measured on the Twilio stand-in's arrival times, with the in-process worker's four threads."""
+
+    def test_an_answer_queued_behind_another_still_waiting_for_its_turn_is_sent_whole(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Two answers of two replies each, the second queued while the first's second reply waits for
+        the number's pace: all four arrive, in order."""
+        bot = make_bot(store, NUMBER, rate=2.0)
+        answer(redis, bot, ALICE, "a1", "a2")
+        answer(redis, bot, ALICE, "b1", "b2")
+        assert ["a1", "a2", "b1", "b2"] == [message.body for message in twilio.wait_for(4)]
+
+    def test_an_answer_whose_number_is_busy_with_another_conversation_is_sent_at_its_turn(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """An idle conversation's answer, on a number another conversation just sent from: its turn is
+        taken with its queueing, it waits for it, and it arrives."""
+        bot = make_bot(store, NUMBER, rate=2.0)
+        answer(redis, bot, BOB, "for bob")
+        answer(redis, bot, ALICE, "for alice")
+        messages = twilio.wait_for(2)
+        assert ["for bob", "for alice"] == [message.body for message in messages]
+        assert gaps(messages)[0] >= 0.5
 
     def test_five_replies_at_two_per_second_arrive_at_least_half_a_second_apart(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,

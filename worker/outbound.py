@@ -187,17 +187,21 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 # Returns {head or FENCED or ERASED or false, messages waiting, and when the lease was taken: 1, the
 # opt-out copy's two values, the pace's turn}.
 QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + with_constants("""
-local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12)
+local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12,
+                   true)
 local waiting = redis.call('LLEN', KEYS[7])
 local n = (#ARGV - 11) / 2
 local refused = head == -1 or head == -2
-if not refused and n > 0 and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
+-- The first reply's record, written below: with its send's mark when the send is claimed at once.
+local first = (not refused and n > 0) and {ARGV[12], ARGV[13]} or nil
+if first and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
 if not head or refused or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
+  if first then redis.call('HSET', KEYS[2], unpack(first)) end
   return {head, waiting}
 end
 local looked = redis.call('HMGET', KEYS[9], ARGV[8], ARGV[9])
 return {head, waiting, 1, looked[1] or false, looked[2] or false,
-        reserve(KEYS[10], ARGV[10], ARGV[11], KEYS[2], head .. '__SENDING__')}
+        reserve(KEYS[10], ARGV[10], ARGV[11], KEYS[2], head .. '__SENDING__', first)}
 """, SENDING=SENDING_SUFFIX)
 
 

@@ -35,9 +35,10 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 # A claimed send is marked as under way before it is made (worker.outbound): mark(hash, field)
 # sets field = now on Redis's clock, in the step that claims the slot; '' '' marks nothing.
+# `along`: more (field, value)s of the same hash, written by the same HSET.
 _MARK_FUNCTION = """
-local function mark(hash, field, now)
-  if hash ~= '' then redis.call('HSET', hash, field, string.format('%.6f', now)) end
+local function mark(hash, field, now, along)
+  if hash ~= '' then redis.call('HSET', hash, field, string.format('%.6f', now), unpack(along or {})) end
 end
 """
 
@@ -60,12 +61,13 @@ local function write(key, state, fields, horizon, ttl)
 end
 """
 
-# reserve(pace hash, interval (seconds the reply occupies), ttl, mark hash, mark field) returns
+# reserve(pace hash, interval (seconds the reply occupies), ttl, mark hash, mark field, along) returns
 # "slot wait"; a wait of 0 means the number was free and the send is claimed (and marked) as well
-# (one round trip when idle). A function, so the step that queues a conversation's replies can
-# reserve the first one's slot.
+# (one round trip when idle). `along` (or nil): (field, value)s the mark hash gets either way, in
+# the mark's HSET when there is one (the reply's own record, worker.outbound.QUEUE_AND_TAKE_LUA). A
+# function, so the step that queues a conversation's replies can reserve the first one's slot.
 RESERVE_FUNCTION = _MARK_FUNCTION + _WRITE_FUNCTION + """
-local function reserve(key, interval, ttl, mark_hash, mark_field)
+local function reserve(key, interval, ttl, mark_hash, mark_field, along)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   interval = tonumber(interval)
@@ -75,8 +77,10 @@ local function reserve(key, interval, ttl, mark_hash, mark_field)
   local fields = {'next', string.format('%.6f', slot + interval)}
   if wait <= 0 then
     fields[3], fields[4] = 'free_at', string.format('%.6f', now + interval)
-    mark(mark_hash, mark_field, now)
+    mark(mark_hash, mark_field, now, along)
     wait = 0
+  elseif along then
+    redis.call('HSET', mark_hash, unpack(along))
   end
   write(key, state, fields, slot + interval, ttl)
   return string.format('%.6f %.6f', slot, wait)
