@@ -278,6 +278,19 @@ class TestConversation:
         assert "UCS-2" == admin.post("/console/segments", json={"text": "😀"},
                                      headers={"X-CSRF-Token": token}).get_json()["encoding"]
 
+    @pytest.mark.parametrize(("language", "text", "label"), [
+        ("en", "a", "1 character · 1 segment · GSM-7"),
+        ("en", "a" * 161, "161 characters · 2 segments · GSM-7"),
+        ("es-CO,es;q=0.9", "😀", "1 carácter · 1 segmento · UCS-2"),
+        ("es-CO,es;q=0.9", "hola", "4 caracteres · 1 segmento · GSM-7"),
+    ])
+    def test_the_counter_reads_in_the_operators_language_singular_and_plural(
+            self, admin: FlaskClient, bot: Bot, language: str, text: str, label: str) -> None:
+        """"1 segment", not "1 segments"; "1 carácter" for a Spanish browser."""
+        token = page_csrf(admin)
+        assert label == admin.post("/console/segments", json={"text": text},
+                                   headers={"X-CSRF-Token": token, "Accept-Language": language}).get_json()["label"]
+
     def test_older_messages_are_paged_with_the_logs_cursor(
             self, admin: FlaskClient, settings: Settings, bot: Bot, monkeypatch: pytest.MonkeyPatch) -> None:
         """With 3 messages a page, 7 messages read as three pages, newest first, each in order, through

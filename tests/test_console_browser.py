@@ -102,7 +102,7 @@ def test_a_text_shows_up_live_is_taken_over_answered_delivered_and_handed_back(
     reply = "Hola, soy Ana del equipo de citas. ¿Qué día te queda mejor? 😀 " * 2
     page.fill("#text", reply)
     expect(page.locator("#counter")).to_have_attribute("data-segments", str(count_segments(reply)))
-    expect(page.locator("#counter")).to_contain_text("UCS-2")
+    expect(page.locator("#counter")).to_contain_text(f"{len(reply)} characters · {count_segments(reply)} segments · UCS-2")
 
     # Send it, and watch it reach "delivered" from Twilio's status callback
     page.click("#send")
@@ -263,7 +263,7 @@ def test_the_console_in_spanish(browser: Browser, service: Service) -> None:
     page.click("#take-over")
     expect(page.locator(".banner.good")).to_contain_text("Tienes la conversación")
     page.fill("#text", "Hola, ¿en qué te ayudo?")
-    expect(page.locator("#counter")).to_contain_text("segmentos")
+    expect(page.locator("#counter")).to_have_text("23 caracteres · 1 segmento · GSM-7")
     page.click("#send")
     expect(page.locator("#messages .message.out").last).to_contain_text("¿en qué te ayudo?")
 

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from flask import Response, abort, g, jsonify, make_response, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from flask_babel import format_datetime, get_locale, gettext as _
+from flask_babel import format_datetime, get_locale, gettext as _, ngettext
 from werkzeug.exceptions import HTTPException
 
 from shared import access, erasure, keys, messagelog, metrics
@@ -205,8 +205,11 @@ def segments() -> ResponseReturnValue:
     text = (request.get_json(silent=True) or {}).get("text", "") if request.is_json else request.form.get("text", "")
     text = text if isinstance(text, str) else ""
     parts = split_message(text) if text else [""]
-    return jsonify(characters=len(text), messages=len(parts), segments=sum(count_segments(p) for p in parts),
-                   encoding=encoding(text))
+    characters, segments_, encoded = len(text), sum(count_segments(p) for p in parts), encoding(text)
+    # The counter as the operator reads it, in their language, "1 segment" and "2 segments" alike.
+    label = " · ".join((ngettext("%(num)s character", "%(num)s characters", characters),
+                        ngettext("%(num)s segment", "%(num)s segments", segments_), encoded))
+    return jsonify(characters=characters, messages=len(parts), segments=segments_, encoding=encoded, label=label)
 
 
 # --- dead letters -------------------------------------------------------------------------------

@@ -52,10 +52,7 @@
     var csrf = form.querySelector("input[name=csrf]").value;
     var timer = null;
     function show(counts) {
-      counter.textContent = counter.dataset.label
-        .replace("{characters}", counts.characters)
-        .replace("{segments}", counts.segments)
-        .replace("{encoding}", counts.encoding);
+      counter.textContent = counts.label;
       counter.classList.toggle("warn", counts.encoding === "UCS-2");
       counter.dataset.segments = counts.segments;
       counter.dataset.encoding = counts.encoding;
