@@ -143,6 +143,25 @@ def test_the_log_drain_announces_a_whole_batch_in_one_notice(redis: redis_lib.Re
     assert {(1, PERSON), (1, others[0]), (1, others[1]), (None, None)} == set(news.read(raw[0]))
 
 
+def test_the_log_drain_announces_the_recipients_of_an_engines_push(redis: redis_lib.Redis, settings: object) -> None:
+    """Replies an engine pushed through its callback show on the pages of their conversations as soon
+    as the log holds them, not at their send's outcome (a paced or scheduled push may wait long)."""
+    from shared import messagelog
+    from shared.conversations import new_reply
+    from shared.db import get_engine
+    from worker.logdrain import drain
+
+    people = ["+15551230201", "+15551230202"]
+    replies = [new_reply(keys.conversation_id(1, person), person, "news") for person in people]
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
+    redis.rpush(keys.LOG_OUTBOX, messagelog.replies_record(replies, "+15005550006"))
+    drain(redis, get_engine(settings))  # type: ignore[arg-type]
+    raw = notices(pubsub)
+    pubsub.close()
+    assert [{(1, people[0]), (1, people[1])}] == [set(news.read(notice)) for notice in raw]
+
+
 @pytest.mark.parametrize("raw", ['{"bot": 1, "person": "+15551230000"}', '{"changes": [[1, "+15551230000"]]}'])
 def test_a_notice_of_either_shape_names_its_conversation(raw: str) -> None:
     assert [(1, "+15551230000")] == news.read(raw)
@@ -189,12 +208,14 @@ def test_a_single_change_is_sent_in_the_shape_the_previous_release_reads(redis: 
 
 
 def test_a_batch_naming_no_conversation_publishes_nothing(redis: redis_lib.Redis, settings: object) -> None:
-    """A drained batch that names no conversation costs no PUBLISH (a marker notice ends the wait)."""
+    """A drained batch that names no conversation (here: its one push was erased on request since)
+    costs no PUBLISH (a marker notice ends the wait)."""
     from shared import messagelog
     from shared.db import get_engine
     from tests.test_logdrain import BOT_NUMBER, PERSON
     from worker.logdrain import drain
 
+    redis.set(keys.erased(keys.conversation_id(1, PERSON)), repr(time.time()))
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.CONSOLE_NEWS_CHANNEL)
     redis.rpush(keys.LOG_OUTBOX, messagelog.replies_record([{

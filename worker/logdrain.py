@@ -119,6 +119,10 @@ def _announce(redis: Any, records: Sequence[Mapping[str, Any]]) -> None:
     """Tell the console's open pages which conversations the log now shows more of."""
     changed = {(r["message"].get("bot_id"), r["message"].get("sender")) for r in records
                if r.get("kind") == EXCHANGE and isinstance(r.get("message"), dict)}
+    # An engine's push (or a replay) names each reply's recipient.
+    changed |= {(reply.get("bot_id"), reply.get("to")) for r in records
+                if r.get("kind") == messagelog.PUSHED and isinstance(r.get("replies"), list)
+                for reply in r["replies"] if isinstance(reply, dict)}
     if any(r.get("kind") == OUTCOME for r in records):
         changed.add((None, None))  # an outcome names its reply only
     news.publish_all(redis, changed)
