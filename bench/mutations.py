@@ -1192,6 +1192,15 @@ MUTATIONS: list[Mutation] = [
     Mutation("console news: an engine's push is announced only at its outcome", "worker/logdrain.py",
              "    changed |= {(reply.get(\"bot_id\"), reply.get(\"to\")) for r in records", "    changed |= set() or {1 for r in records",
              ("tests/test_console_live.py",)),
+    Mutation("background: every failed turn logs its traceback", "worker/background.py",
+             "if failures == 1 or kind != was:", "if True:",
+             ("tests/test_background.py",)),
+    Mutation("background: a different failure is not logged whole", "worker/background.py",
+             "if failures == 1 or kind != was:", "if failures == 1:",
+             ("tests/test_background.py",)),
+    Mutation("background: the recovery is not logged", "worker/background.py",
+             "                if failures:\n                    log.info(", "                if False:\n                    log.info(",
+             ("tests/test_background.py",)),
 ]
 
 

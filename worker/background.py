@@ -4,12 +4,18 @@ one turn until stopped, and a failed turn (Redis or the database away) is logged
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from shared.logging import get_logger
 from shared.metrics import TALLY
 
 log = get_logger(__name__)
+
+# A turn that keeps failing the same way (Redis away for a minute) logs its traceback once, then a
+# line this often while it goes on, and a line when a turn works again: not a traceback a second
+# for each of a process's threads.
+REPEAT_LOG_SECONDS = 30.0
 
 
 class Periodic:
@@ -40,12 +46,26 @@ class Periodic:
 
     def _run(self) -> None:
         pause = self.first_pause
+        failures, since, logged_at, kind = 0, 0.0, 0.0, ""
         while not self._stop.wait(pause):
             try:
                 pause = self.turn()
-            except Exception:  # noqa: BLE001 - a blip must not end the job for this process
-                log.warning(f"{self.name}.failed", exc_info=True)
+            except Exception as error:  # noqa: BLE001 - a blip must not end the job for this process
+                now, was = time.monotonic(), kind
+                failures, kind = failures + 1, type(error).__qualname__
+                if failures == 1 or kind != was:
+                    since = since if failures > 1 else now
+                    logged_at = now
+                    log.warning(f"{self.name}.failed", exc_info=True, failures=failures)
+                elif now - logged_at >= REPEAT_LOG_SECONDS:
+                    logged_at = now
+                    log.warning(f"{self.name}.still_failing", error=f"{kind}: {error}", failures=failures,
+                                seconds=round(now - since))
                 pause = self.pause_after_failure
+            else:
+                if failures:
+                    log.info(f"{self.name}.recovered", failures=failures, seconds=round(time.monotonic() - since, 1))
+                    failures, kind = 0, ""
 
 
 class MetricsFlush(Periodic):
