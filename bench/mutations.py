@@ -1201,6 +1201,18 @@ MUTATIONS: list[Mutation] = [
     Mutation("background: the recovery is not logged", "worker/background.py",
              "                if failures:\n                    log.info(", "                if False:\n                    log.info(",
              ("tests/test_background.py",)),
+    Mutation("background: a change of kind restarts the outage's clock", "worker/background.py",
+             "since = since if failures > 1 else now", "since = now",
+             ("tests/test_background.py",)),
+    Mutation("background: still failing is told on every turn after 30 s", "worker/background.py",
+             "elif now - logged_at >= REPEAT_LOG_SECONDS:", "elif now - since >= REPEAT_LOG_SECONDS:",
+             ("tests/test_background.py",)),
+    Mutation("queue and take: a refused answer still leaves its first record", "worker/outbound.py",
+             "local first = (not refused and n > 0) and", "local first = (n > 0) and",
+             ("tests/test_fencing.py",)),
+    Mutation("console: the counter shows the bare segment number", "webhook/console/static/console.js",
+             "counter.textContent = counts.label;", "counter.textContent = counts.segments;",
+             ("tests/test_console_browser.py::test_the_console_in_spanish",)),
 ]
 
 

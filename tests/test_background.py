@@ -70,3 +70,30 @@ def test_a_long_failure_says_so_now_and_then(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_turn_that_works_logs_nothing() -> None:
     assert [] == run([None, None, None])
+
+
+class Clock:
+    """time.monotonic for worker.background, ten seconds further on every time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
+def test_an_outage_is_told_every_30_seconds_counted_from_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten failed turns ten seconds apart, the error changing kind at the third: each kind's first
+    whole, then a line 30 s after the last one told (not on every turn once 30 s have passed), and
+    the recovery says how long the outage lasted, from its first failure whatever kinds followed."""
+    clock = Clock()
+    monkeypatch.setattr(background, "time", clock)
+    errors: list[Exception | None] = [down(), down(), TimeoutError("slow"), *[TimeoutError("slow")] * 7, None]
+    with capture_logs() as logs:
+        flaky = Flaky(errors).start()
+        assert flaky.done.wait(10)
+        flaky.stop()
+    told = [(event["event"], event.get("failures"), event.get("seconds")) for event in logs]
+    assert [("flaky.failed", 1, None), ("flaky.failed", 3, None), ("flaky.still_failing", 6, 50),
+            ("flaky.still_failing", 9, 80), ("flaky.recovered", 10, 100.0)] == told

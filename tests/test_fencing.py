@@ -38,6 +38,29 @@ def test_a_stale_holder_queues_no_replies_and_leaves_the_message_to_the_new_one(
                                                redis.llen(keys.outbox(conversation)), redis.llen(keys.LOG_OUTBOX))
 
 
+@pytest.mark.parametrize("refused", ["fenced", "erased"])
+def test_an_answer_refused_at_its_queueing_leaves_no_reply_behind(
+        redis: redis_lib.Redis, bot: Bot, broker: dramatiq.Broker, refused: str) -> None:
+    """The conversation thread's step that queues an answer and takes its first turn (queue_and_take):
+    refused because the lease passed on, or because the conversation was erased while the engine
+    was asked, it leaves no reply record (an erased conversation's text would outlive its erasure)
+    and counts nothing toward the person's replies this minute."""
+    from worker.outbound import queue_and_take
+
+    conversation = keys.conversation_id(bot.id, SENDER)
+    redis.set(keys.conversation_lock(conversation), "the new holder" if refused == "fenced" else "ours")
+    if refused == "fenced":
+        redis.rpush(keys.processing(conversation), "the message in hand")  # erased: the erase emptied it
+    replies = [new_reply(conversation, SENDER, "late"), new_reply(conversation, SENDER, "later")]
+
+    queued = queue_and_take(redis, conversation, replies, bot, done_inbound="the message in hand",
+                            log_record="{}", lease_token="ours")
+
+    assert (refused == "fenced", refused == "erased", None) == (queued.fenced, queued.erased, queued.head)
+    assert ({}, None, 0, 0) == (redis.hgetall(keys.replies(conversation)), redis.get(keys.replies_this_minute(conversation)),
+                                redis.llen(keys.outbox(conversation)), redis.llen(keys.LOG_OUTBOX))
+
+
 def test_a_sender_whose_outbox_lease_passed_on_sends_nothing(
         redis: redis_lib.Redis, bot: Bot, twilio: TwilioStandin, broker: dramatiq.Broker,
         logs: list[dict[str, object]]) -> None:
