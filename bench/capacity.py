@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -96,7 +97,15 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
             started = time.time()
             if web is not None:  # one person per message, as stored above
                 post_all(port, list(numbers), messages, messages, "C")
-            arrived = twilio.wait_for(messages, timeout=max(120.0, messages / 20))
+            try:
+                arrived = twilio.wait_for(messages, timeout=max(120.0, messages / 20))
+            except AssertionError:
+                kept = Path(tempfile.mkdtemp(prefix="capacity-"))
+                (kept / "worker.log").write_text(worker.log)
+                (kept / "web.log").write_text(web.log if web is not None else "")
+                (kept / "redis.txt").write_text(_redis_state(redis))
+                print(f"not every reply arrived: the logs and Redis's state are in {kept}", file=sys.stderr)
+                raise
             time.sleep(2.0)  # room for a repeated send to arrive, were one coming
             sent = twilio.messages
         finally:
@@ -135,6 +144,17 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     print(f"  memory:     {memory.peak_mb:.0f} MB peak RSS for the dyno's worker processes "
           f"({memory.peak_mb / PROCESSES:.0f} MB per process)")
     print("  must be 0:  " + ", ".join(f"{name} {value}" for name, value in counts.items()))
+
+
+def _redis_state(redis: Any) -> str:
+    """What work Redis still holds, for a run that did not finish: lists and sorted sets by size."""
+    lines = []
+    for key in redis.scan_iter(count=1000):
+        kind = redis.type(key)
+        size = redis.llen(key) if kind == "list" else redis.zcard(key) if kind == "zset" else None
+        if size:
+            lines.append(f"{size:8d} {kind:5} {key}")
+    return "\n".join(sorted(lines, reverse=True))
 
 
 def store_messages(redis: Any, bots: dict[str, str], messages: int) -> None:
