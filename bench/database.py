@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 from shared import db
 from shared.schema import metadata
@@ -56,10 +57,10 @@ def _local_postgres() -> str | None:
     return f"{LOCAL_POSTGRES}/{BENCH_DATABASE}"
 
 
-def settled(redis: object) -> None:
+def settled(redis: Any) -> None:
     """A flushed Redis as a deployment's is 60 hours after an upgrade: the earlier releases' dedupe
     marks have expired, and the webhook no longer looks for them (shared.conversations.LegacyMarks).
     A fresh Redis otherwise reads as just upgraded, which is the safe side for a real one."""
     from shared import keys
 
-    redis.set(keys.LEGACY_MARKS_UNTIL, 1)  # type: ignore[attr-defined]
+    redis.set(keys.LEGACY_MARKS_UNTIL, 1)

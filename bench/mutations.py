@@ -1202,7 +1202,7 @@ MUTATIONS: list[Mutation] = [
              "                if failures:\n                    log.info(", "                if False:\n                    log.info(",
              ("tests/test_background.py",)),
     Mutation("background: a change of kind restarts the outage's clock", "worker/background.py",
-             "since = since if failures > 1 else now", "since = now",
+             "                if failures == 1:\n                    since = now\n", "                since = now\n",
              ("tests/test_background.py",)),
     Mutation("background: still failing is told on every turn after 30 s", "worker/background.py",
              "elif now - logged_at >= REPEAT_LOG_SECONDS:", "elif now - since >= REPEAT_LOG_SECONDS:",

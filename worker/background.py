@@ -53,8 +53,9 @@ class Periodic:
             except Exception as error:  # noqa: BLE001 - a blip must not end the job for this process
                 now, was = time.monotonic(), kind
                 failures, kind = failures + 1, type(error).__qualname__
+                if failures == 1:
+                    since = now
                 if failures == 1 or kind != was:
-                    since = since if failures > 1 else now
                     logged_at = now
                     log.warning(f"{self.name}.failed", exc_info=True, failures=failures)
                 elif now - logged_at >= REPEAT_LOG_SECONDS:
