@@ -16,8 +16,10 @@ too), and the web's log is searched for errors as well. Also printed: the worker
 the whole process group), and the counts that must be zero: errors and tracebacks in the worker's
 log, "Too many connections", leases lost, replies sent twice, people left unanswered.
 
-Uses Redis db 12 (flushed) and the benchmarks' database (bench/database.py). The fake engine
-and the Twilio stand-in run in this process, on real local ports.
+Uses Redis db 12 (flushed) and the benchmarks' database (bench/database.py). The Twilio stand-in
+runs in this process, the fake engine in a process of its own (its thousands of calls held open
+for seconds would otherwise share this process's GIL with the load and the stand-in), both on real
+local ports.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     from cli.twilio_standin import TwilioStandin
     from shared.redis import connect
     from tests.conftest import free_port
-    from tests.support.fake_engine import FakeEngine
+    from tests.support.fake_engine import EngineProcess
     from tests.support.processes import Process, procfile, start_web, start_worker
 
     os.environ.setdefault("CREDENTIALS_KEY", Fernet.generate_key().decode())
@@ -82,7 +84,7 @@ def run(pool: str, threads: int, engine_seconds: float, messages: int, target: f
     settled(redis)
     database_url = bench_database_url()
     web: Process | None = None
-    with TwilioStandin() as twilio, FakeEngine(delay=engine_seconds) as engine:
+    with TwilioStandin() as twilio, EngineProcess(delay=engine_seconds) as engine:
         env = service_env(REDIS_URL, database_url, twilio.url, WORKER_POOL=pool, WEB_CONCURRENCY="2")
         numbers = create_bots(redis, database_url, bots, engine.url)
         if ingest:

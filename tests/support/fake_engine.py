@@ -7,12 +7,17 @@ timeout, or invalid JSON, for the next N calls or until `up()`.
 
 from __future__ import annotations
 
+import argparse
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -171,3 +176,43 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class EngineProcess:
+    """A FakeEngine in a process of its own (`python -m tests.support.fake_engine`), for benchmarks:
+    in the benchmark's process, thousands of engine calls held open for seconds would share one GIL
+    with the load generator and the Twilio stand-in, and time out there rather than in the worker."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self._popen: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> EngineProcess:
+        self._popen = subprocess.Popen([sys.executable, "-m", "tests.support.fake_engine", "--delay", str(self.delay)],
+                                       cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+        assert self._popen.stdout is not None
+        self.url = self._popen.stdout.readline().strip()  # printed once it serves
+        if not self.url.startswith("http://"):
+            self._popen.kill()
+            raise RuntimeError(f"the engine stand-in did not start (exit {self._popen.wait()})")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self._popen is not None:
+            self._popen.terminate()
+            self._popen.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake Rasa REST-channel engine answering 'reply to <text>'.")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args()
+    engine = FakeEngine(delay=args.delay).start()
+    print(engine.url, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
