@@ -19,6 +19,9 @@ from shared.tasks import CONVERSATIONS_QUEUE, HANDLE_CONVERSATION
 from shared.optout import HELP, LIVE, MESSAGE, OPT_IN, OPT_OUT
 
 DEDUPE_TTL = 48 * 3600
+# More than any two webhooks' clocks can differ by: a text a lagging webhook stamps before a bucket's
+# start reaches Redis within this long after it (ACCEPT_LUA).
+MARK_CLOCK_SLACK_SECONDS = 3600
 
 
 class MediaSchema(Schema):
@@ -112,8 +115,9 @@ end
 # hold the last 48 hours, unless the field's time says its last text is older than that (so a mark
 # is recognised at least 48 hours, and at most the 6 more its bucket may hold it). The field of the
 # current bucket also says in which of the 8 older buckets the conversation had a field when it was
-# written (keys.MARK_SLOT): a text after the first of its bucket looks in those and the previous
-# bucket only (where a webhook whose clock lags may still be writing), not in all nine. The previous
+# written (keys.MARK_SLOT): a text after the first of its bucket looks in those only, not in all nine,
+# and in the previous bucket (where a webhook whose clock lags may still be writing) while the field
+# has not been written MARK_CLOCK_SLACK_SECONDS into its bucket. The previous
 # releases' marks are read until they expire (keys.seen and keys.SEEN_HOURS while LegacyMarks says
 # some may be left; fields without the slot as they are met); and the previous release, during a
 # rolling deploy, reads this one's fields rightly. The hashes looked in are named here from the hour
@@ -174,12 +178,16 @@ local current = redis.call('HGET', '__MARKS__' .. firsts[1], ARGV[11])  -- the f
 -- names, when it names them; then each found now.
 local older, known = 0, current and has_slot(current)
 if known then older = string.byte(current, __DIGESTS_AT__ - 1) end
+-- The bucket just before is looked in too (a webhook whose clock lags may still be writing there)
+-- until the current field is written __SLACK__ seconds into its bucket: no clock lags that much, and
+-- each write of the field looked there and named it if it was found, so the byte is whole by then.
+local settled = known and time_of(current) >= firsts[1] * 3600 + __SLACK__
 local function marked()
   if current and is_retry(current) then return true end
   for i = 2, #firsts do
     local bit = 2 ^ (i - 2)
     local named = math.floor(older / bit) % 2 == 1
-    if not known or i == 2 or named then
+    if not known or (i == 2 and not settled) or named then
       local value = redis.call('HGET', '__MARKS__' .. firsts[i], ARGV[11])
       if value then
         if is_retry(value) then return true end
@@ -226,7 +234,7 @@ ACCEPT_LUA = with_constants(
     ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
     HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS, MARKS=keys.MARKS,
     DIGEST=keys.MARK_DIGEST_BYTES, SLOT=keys.MARK_SLOT, SLOT_END=4 + len(keys.MARK_SLOT),
-    DIGESTS_AT=5 + keys.MARK_DIGEST_BYTES,
+    DIGESTS_AT=5 + keys.MARK_DIGEST_BYTES, SLACK=MARK_CLOCK_SLACK_SECONDS,
     LIVE=LIVE,
     QUEUE=CONVERSATIONS_QUEUE, ACTOR=HANDLE_CONVERSATION,
 )

@@ -10,7 +10,7 @@ import redis as redis_lib
 
 from shared import keys
 from shared.bots import Bot
-from shared.conversations import INBOUND, LegacyMarks, accept_inbound, last_wrote
+from shared.conversations import INBOUND, MARK_CLOCK_SLACK_SECONDS, LegacyMarks, accept_inbound, last_wrote
 from tests.test_inbound import SENDER, inbox, raw_client
 
 
@@ -125,6 +125,51 @@ def test_a_text_a_lagging_clock_marks_in_the_previous_bucket_is_still_found(redi
     assert accept_inbound(redis, text(bot, "SMahead", now), account_sid=bot.account_sid)
     assert accept_inbound(redis, text(bot, "SMbehind", now - 120), account_sid=bot.account_sid)  # the bucket before
     assert not accept_inbound(redis, text(bot, "SMbehind", now + 1), account_sid=bot.account_sid)
+
+
+def test_an_hour_into_its_bucket_a_field_is_not_looked_past_to_the_previous_bucket(
+        redis: redis_lib.Redis, bot: Bot) -> None:
+    """Once the conversation's field was written an hour into its bucket, no webhook's clock can still
+    put a text in the bucket before: a later text does not look there (a key there that cannot be read
+    as a hash does not trouble it), where a text of a field written in the bucket's first hour does."""
+    start = _bucket_start(time.time()) - 60
+    previous = keys.marks(int(start // 3600) - keys.SEEN_BUCKET_HOURS)
+    assert accept_inbound(redis, text(bot, "SMearly", start + 60), account_sid=bot.account_sid)
+    redis.set(previous, "not a hash")
+    with pytest.raises(redis_lib.ResponseError, match="WRONGTYPE"):
+        accept_inbound(redis, text(bot, "SMearly-2", start + 120), account_sid=bot.account_sid)
+    redis.delete(previous)
+    assert accept_inbound(redis, text(bot, "SMan-hour-in", start + MARK_CLOCK_SLACK_SECONDS), account_sid=bot.account_sid)
+    redis.set(previous, "not a hash")
+    assert accept_inbound(redis, text(bot, "SMlater", start + MARK_CLOCK_SLACK_SECONDS + 1), account_sid=bot.account_sid)
+
+
+def test_a_lagging_clocks_mark_is_still_found_hours_later(redis: redis_lib.Redis, bot: Bot) -> None:
+    """A text a lagging webhook put in the previous bucket, after the bucket's first text: the field's
+    next write, an hour in, finds it there and names it, so a retry of it hours later is still known."""
+    start = _bucket_start(time.time()) - 60
+    assert accept_inbound(redis, text(bot, "SMahead", start + 60), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMbehind", start - 120), account_sid=bot.account_sid)  # the bucket before
+    assert accept_inbound(redis, text(bot, "SMan-hour-in", start + MARK_CLOCK_SLACK_SECONDS + 60),
+                          account_sid=bot.account_sid)
+    assert not accept_inbound(redis, text(bot, "SMbehind", start + 5 * 3600), account_sid=bot.account_sid)
+    assert ["SMahead", "SMbehind", "SMan-hour-in"] == [m["sid"] for m in inbox(redis)]
+
+
+def test_an_erased_field_still_looks_in_the_previous_bucket(redis: redis_lib.Redis, redis_url: str, bot: Bot) -> None:
+    """An erase sets the field's time to 0, which says nothing of when it was written: the previous
+    bucket is looked in again, and a retry of a text marked there is still known."""
+    start = _bucket_start(time.time()) - 60
+    assert accept_inbound(redis, text(bot, "SMbefore", start - 120), account_sid=bot.account_sid)
+    assert accept_inbound(redis, text(bot, "SMan-hour-in", start + MARK_CLOCK_SLACK_SECONDS + 60),
+                          account_sid=bot.account_sid)
+    field = keys.mark_field(keys.conversation_id(bot.id, SENDER))
+    current = keys.marks(int(start // 3600))
+    raw = raw_client(redis_url)
+    value = raw.hget(current, field)
+    # Rewritten as if its previous bucket were not named (a lagging mark after the field's last write), and erased.
+    raw.hset(current, field, b"\0\0\0\0" + value[4:4 + len(keys.MARK_SLOT)] + b"\0" + value[5 + len(keys.MARK_SLOT):])
+    assert not accept_inbound(redis, text(bot, "SMbefore", start + 4 * 3600), account_sid=bot.account_sid)
 
 
 def test_a_field_the_previous_release_wrote_makes_the_next_text_look_everywhere(
