@@ -13,7 +13,7 @@ import redis as redis_lib
 
 from cli.twilio_standin import TwilioStandin
 from shared import keys, metrics
-from shared.bots import Bot, BotStore, Limits
+from shared.bots import Bot, BotCache, BotStore, Limits, number_route
 from tests.support.fake_engine import FakeEngine
 from tests.test_crash_recovery import SENDER, bodies_to, engine_bot, send  # noqa: F401 (fixture)
 from worker import budget
@@ -105,6 +105,46 @@ class TestLoops:
         other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
                               "twilio-auth-token": "0123456789abcdef0123456789abcdef",
                               "main-phone-number": "+15005550099"})
+        send(redis, engine_bot, "I am a bot", other.number)
+        send(redis, engine_bot, "I am a person", SENDER)
+        twilio.wait_for(1, timeout=30)
+        time.sleep(1.0)
+        assert ([SENDER], ["I am a person"]) == ([m.to for m in twilio.messages], [c.text for c in engine.calls])
+        assert any(event["event"] == "conversation.from_bot" for event in logs)
+
+    def test_a_bots_number_is_known_from_the_registrys_copy_read_with_the_message(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """The step that takes a text reads the registry's copy of the sender's number: people are
+        answered, another bot is not, and the bot cache is not asked about any of them (a lookup of
+        three Redis commands per new sender and process, before)."""
+        asked: list[str] = []
+        is_bot_number = BotCache.is_bot_number
+        monkeypatch.setattr(BotCache, "is_bot_number", lambda cache, number: asked.append(number) or is_bot_number(
+            cache, number))
+        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
+                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
+                              "main-phone-number": "+15005550099"})
+        assert store.copied(number_route("+15550000000")) is None  # loads the copy, as a service's first lookup does
+        people = [f"+1555123{n:04d}" for n in range(3)]
+        send(redis, engine_bot, "I am a bot", other.number)
+        for person in people:
+            send(redis, engine_bot, "I am a person", person)
+        twilio.wait_for(3, timeout=30)
+        time.sleep(0.5)
+        assert (sorted(people), [], 3) == (sorted(m.to for m in twilio.messages), asked, len(engine.calls))
+
+    def test_a_flushed_registry_copy_still_keeps_a_bot_from_answering_another(
+            self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
+            engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker,
+            logs: list[dict[str, object]]) -> None:
+        """With the registry's copy gone (a flushed Redis), the text's step cannot say: the bot cache
+        rebuilds the copy from the database and knows the number."""
+        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
+                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
+                              "main-phone-number": "+15005550099"})
+        redis.delete(keys.REGISTRY)
         send(redis, engine_bot, "I am a bot", other.number)
         send(redis, engine_bot, "I am a person", SENDER)
         twilio.wait_for(1, timeout=30)

@@ -20,7 +20,7 @@ import dramatiq
 import structlog
 
 from shared import handoff, keys, optout
-from shared.bots import Bot, Limits
+from shared.bots import LOADED as REGISTRY_LOADED, Bot, Limits, number_route
 from shared.conversations import (
     FENCED, capped, inbound_from, queue_replies, replies_from,
 )
@@ -148,12 +148,14 @@ def _drain(redis: Any, conversation: str, lease: Lease) -> bool:
     return False
 
 
-# KEYS: inbox, processing, lease, the person's replies this minute, the bot's handoffs copy. ARGV:
-# the lease's token, its ms when this run has yet to take it ('' when it holds it), the person.
+# KEYS: inbox, processing, lease, the person's replies this minute, the bot's handoffs copy, the
+# registry's copy. ARGV: the lease's token, its ms when this run has yet to take it ('' when it holds
+# it), the person, the person's number as a registry route.
 # Takes the lease (or checks it is still ours), then a crashed worker's message first, else the
-# oldest waiting one, with the replies the person got this minute and what the handoffs copy says
-# of the person: {raw, replies, copy loaded, pause hint}. 0 when the lease is another's; {false}
-# with no message.
+# oldest waiting one, with the replies the person got this minute, what the handoffs copy says of
+# the person, and what the registry's copy says of the person's number (a bot's id or '', and
+# whether the copy is loaded): {raw, replies, copy loaded, pause hint, bot id, registry loaded}.
+# 0 when the lease is another's; {false} with no message.
 _NEXT_LUA = """
 if ARGV[2] ~= '' then
   if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
@@ -163,8 +165,9 @@ end
 local raw = redis.call('LINDEX', KEYS[2], 0) or redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not raw then return {false} end
 local handoff = redis.call('HMGET', KEYS[5], '__LOADED__', ARGV[3])
-return {raw, redis.call('GET', KEYS[4]) or '0', handoff[1] or '', handoff[2] or ''}
-""".replace("__LOADED__", handoff.LOADED)
+local route = redis.call('HMGET', KEYS[6], ARGV[4], '__REGISTRY_LOADED__')
+return {raw, redis.call('GET', KEYS[4]) or '0', handoff[1] or '', handoff[2] or '', route[1] or '', route[2] and 1 or 0}
+""".replace("__LOADED__", handoff.LOADED).replace("__REGISTRY_LOADED__", REGISTRY_LOADED)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,9 @@ class Turn:
     replied: int  # replies the person got this minute
     copy_loaded: bool  # whether the bot's handoffs copy holds the database's
     pause_hint: str  # the copy's word on the person: '' when not paused
+    # Whether the person's number is a bot's of this service, by the registry's copy (None: the copy
+    # is not loaded, so the bot cache must say, rebuilding it).
+    from_bot: bool | None = None
 
 
 def _next_inbound(redis: Any, conversation: str, lease: Lease) -> Turn | None:
@@ -185,14 +191,15 @@ def _next_inbound(redis: Any, conversation: str, lease: Lease) -> Turn | None:
     bot_id, sender = keys.split_conversation_id(conversation)
     found = script(redis, _NEXT_LUA)(
         keys=[keys.inbox(conversation), keys.processing(conversation), lease.key,
-              keys.replies_this_minute(conversation), keys.handoffs(bot_id)],
-        args=[lease.token, int(LEASE_SECONDS * 1000) if first else "", sender])
+              keys.replies_this_minute(conversation), keys.handoffs(bot_id), keys.REGISTRY],
+        args=[lease.token, int(LEASE_SECONDS * 1000) if first else "", sender, number_route(sender)])
     if first and not lease.granted(found != 0):
         return None
     if not found or not found[0]:
         return None
-    raw, replied, loaded, hint = found
-    return Turn(raw, get_bots().by_id(bot_id), int(replied), bool(loaded), hint)
+    raw, replied, loaded, hint, route, registry_loaded = found
+    return Turn(raw, get_bots().by_id(bot_id), int(replied), bool(loaded), hint,
+                bool(route) if route or registry_loaded else None)
 
 
 def handle_message(redis: Any, conversation: str, turn: Turn, lease: Lease) -> bool:
@@ -213,7 +220,7 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     if bot is None:
         log.warning("conversation.bot_gone", bot_id=message["bot_id"], message_sid=message["sid"])
         return _unanswered(redis, conversation, raw, message, lease, None)
-    if get_bots().is_bot_number(message["sender"]) or POOL_NUMBERS.owner(redis, message["sender"]) is not None:
+    if _from_bot(redis, turn, message["sender"]):
         # Another bot of this service: answering would start a loop that never ends.
         log.warning("conversation.from_bot", bot_id=bot.id, message_sid=message["sid"])
         TALLY.incr("sms_unanswered", reason="from_bot")
@@ -278,6 +285,14 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
     return queued.waiting
+
+
+def _from_bot(redis: Any, turn: Turn, sender: str) -> bool:
+    """Whether the text comes from a number of a bot of this service: registered (the registry's
+    copy, read with the message; the bot cache when the copy was not loaded) or seen sending for a
+    bot's Messaging Service."""
+    registered = turn.from_bot if turn.from_bot is not None else get_bots().is_bot_number(sender)
+    return registered or POOL_NUMBERS.owner(redis, sender) is not None
 
 
 def _erased_since_received(redis: Any, conversation: str, message: dict[str, Any]) -> bool:
