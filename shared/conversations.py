@@ -382,10 +382,11 @@ def forget_wrote(redis: Any, conversation: str) -> None:
 # the first reply's turn (worker.conversation).
 # queue(outbox, reply records, processing, pending, log outbox, conversation lease,
 #       the inbound to finish (or ''), conversation, now, log record (or ''), lease token (or ''),
-#       where in ARGV the (id, reply) pairs start, whether the caller writes the first reply's record)
+#       where in ARGV the (id, reply) pairs start, whether the caller writes the first reply's record,
+#       whether the caller notes the conversation in the pending set)
 QUEUE_FUNCTION = """
 local function queue(outbox, records, processing, pending, log, lock, done, conversation, now, record, token, first,
-                     caller_writes_first)
+                     caller_writes_first, caller_notes_pending)
   if token ~= '' and redis.call('GET', lock) ~= token then return -1 end
   if done ~= '' and redis.call('LREM', processing, 1, done) == 0 then return -2 end
   if record ~= '' then redis.call('RPUSH', log, record) end
@@ -395,7 +396,7 @@ local function queue(outbox, records, processing, pending, log, lock, done, conv
     if i > first or not caller_writes_first then redis.call('HSET', records, ARGV[i], ARGV[i + 1]) end
     queued = redis.call('RPUSH', outbox, ARGV[i])
   end
-  redis.call('ZADD', pending, now, conversation)
+  if not caller_notes_pending then redis.call('ZADD', pending, now, conversation) end
   -- The outbox was idle if it holds only what was just queued.
   if queued == (#ARGV - first + 1) / 2 then return ARGV[first] end
   return false

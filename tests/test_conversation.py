@@ -280,12 +280,12 @@ def test_a_message_landing_as_the_holder_lets_go_is_picked_up(
         [kick.args[0] for kick in queued_kicks(redis)])
 
 
-def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
+def test_a_message_landing_while_the_last_reply_is_sent_is_answered_by_the_same_drain(
         redis: redis_lib.Redis, engine_bot: Bot, engine: FakeEngine, broker: dramatiq.Broker,
         twilio: TwilioStandin, monkeypatch: pytest.MonkeyPatch) -> None:
     """The step that finishes a drain's last reply lets the conversation go only if no message
-    waits: one landing while that reply was being sent wakes nobody then (the lease is held), and
-    is woken for as the drain lets go."""
+    waits: one landing while that reply was being sent wakes nobody (the lease is held), and the
+    drain, still holding the conversation, answers it next; then lets go with nothing woken."""
     from worker import conversation as handler
 
     twilio.reset()
@@ -296,8 +296,9 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
 
     def receive_then_deliver(*args: Any, **kwargs: Any) -> None:
         # Given "second" lands after "first"'s replies were queued, while its reply is being sent
-        accept(redis, engine_bot, "second")
-        woken.extend(queued_kicks(redis))  # none: the holder looks again as it lets go
+        if not woken and redis.llen(keys.inbox(conversation)) == 0 and len(engine.calls) == 1:
+            accept(redis, engine_bot, "second")
+            woken.extend(queued_kicks(redis) or [None])  # [None]: no kick, the holder goes on
         deliver(*args, **kwargs)
 
     woken: list[Any] = []
@@ -305,13 +306,15 @@ def test_a_message_landing_while_the_last_reply_is_sent_is_woken_for(
     monkeypatch.setattr(handler, "deliver_taken", receive_then_deliver)
     # When the holder drains, answering "first"
     drain(redis, conversation)
-    # Then "first" was answered, and "second" waits with a worker woken for it and the lease free
+    # Then both were answered in order ("second"'s reply waits for the number's next slot, a second
+    # on), nothing was woken, and the conversation is free
     twilio.wait_for(1)
-    assert (["first"], ["reply to first"]) == ([call.text for call in engine.calls],
-                                               [message.body for message in twilio.messages])
-    assert (1, None, [], [conversation]) == (redis.llen(keys.inbox(conversation)),
-                                             redis.get(keys.conversation_lock(conversation)), woken,
-                                             [kick.args[0] for kick in queued_kicks(redis)])
+    assert (["first", "second"], ["reply to first"]) == (
+        [call.text for call in engine.calls], [message.body for message in twilio.messages])
+    assert (0, None, [None], [], 1) == (redis.llen(keys.inbox(conversation)),
+                                        redis.get(keys.conversation_lock(conversation)), woken,
+                                        [kick.args[0] for kick in queued_kicks(redis)],
+                                        redis.llen(keys.outbox(conversation)))
 
 
 def test_a_drain_whose_last_reply_was_sent_has_let_go_and_settled(

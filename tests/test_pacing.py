@@ -146,6 +146,24 @@ class TestPacedSending:
         assert ["for bob", "for alice"] == [message.body for message in messages]
         assert gaps(messages)[0] >= 0.5
 
+    def test_an_answer_sent_at_once_leaves_the_pending_set_to_the_step_that_finishes_it(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, broker: dramatiq.Broker,
+    ) -> None:
+        """The step that queues an answer and claims its first send neither notes the conversation in
+        the pending set nor counts its inbox (the finishing step does both); one that cannot claim it
+        (the number busy) does both itself, for the sweeper and for the drain."""
+        from worker.outbound import queue_and_take
+
+        bot = make_bot(store, NUMBER, rate=2.0)
+        for person, expected in ((ALICE, (None, 1.0)), (BOB, (0, None))):
+            conversation = keys.conversation_id(bot.id, person)
+            redis.zadd(keys.PENDING, {conversation: 1.0})  # as its text's acceptance left it, long ago
+            queued = queue_and_take(redis, conversation, [new_reply(conversation, person, "hi")], bot,
+                                    done_inbound="", log_record="", lease_token="")
+            score = redis.zscore(keys.PENDING, conversation)
+            assert expected == (queued.waiting, score if score == 1.0 else None), person
+        assert redis.zscore(keys.PENDING, keys.conversation_id(bot.id, BOB)) > time.time() - 60
+
     def test_five_replies_at_two_per_second_arrive_at_least_half_a_second_apart(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
     ) -> None:

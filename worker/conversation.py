@@ -284,6 +284,10 @@ def _handle(redis: Any, conversation: str, turn: Turn, message: dict[str, Any], 
         deliver_taken(conversation, replies[0], bot, queued, lets_go=None if queued.waiting else lease)
     elif queued.head:
         deliver_now(conversation, queued.head)  # the outbox lease was busy: bounce it to its holder
+    if queued.waiting is None:
+        # Not counted when the send was claimed: the step that finished the reply let the conversation
+        # go if nothing waited; still held, something may (or the reply was not finished: look).
+        return lease.held
     return queued.waiting
 
 

@@ -185,35 +185,43 @@ def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest
 # ARGV: QUEUE_FUNCTION's five, then the outbox lease's token and ms, the recipient, the opt-out
 #       copy's loaded marker, the pace's interval and ttl, then the (id, reply) pairs.
 # Returns {head or FENCED or ERASED or false, messages waiting, and when the lease was taken: 1, the
-# opt-out copy's two values, the pace's turn}.
+# opt-out copy's two values, the pace's turn}. When the first reply's send is claimed here, the
+# messages waiting are not counted (false) and the pending set is not touched: the step that
+# finishes the reply does both (FINISH_LUA, which lets the conversation go if none waits); the
+# conversation is in the pending set since its message was accepted, and a worker that dies
+# before that step leaves it there.
 QUEUE_AND_TAKE_LUA = QUEUE_FUNCTION + RESERVE_FUNCTION + with_constants("""
 local head = queue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 12,
-                   true)
-local waiting = redis.call('LLEN', KEYS[7])
+                   true, true)
 local n = (#ARGV - 11) / 2
 local refused = head == -1 or head == -2
 -- The first reply's record, written below: with its send's mark when the send is claimed at once.
 local first = (not refused and n > 0) and {ARGV[12], ARGV[13]} or nil
 if first and redis.call('INCRBY', KEYS[11], n) == n then redis.call('EXPIRE', KEYS[11], 120) end
+local function unclaimed()  -- what queue() leaves to this step when the send is not claimed here
+  if first then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2]) end
+  return redis.call('LLEN', KEYS[7])
+end
 if not head or refused or not redis.call('SET', KEYS[8], ARGV[6], 'NX', 'PX', ARGV[7]) then
   if first then redis.call('HSET', KEYS[2], unpack(first)) end
-  return {head, waiting}
+  return {head, unclaimed()}
 end
 local looked = redis.call('HMGET', KEYS[9], ARGV[8], ARGV[9])
-return {head, waiting, 1, looked[1] or false, looked[2] or false,
-        reserve(KEYS[10], ARGV[10], ARGV[11], KEYS[2], head .. '__SENDING__', first)}
+local turn, claimed = reserve(KEYS[10], ARGV[10], ARGV[11], KEYS[2], head .. '__SENDING__', first)
+return {head, not claimed and unclaimed(), 1, looked[1] or false, looked[2] or false, turn}
 """, SENDING=SENDING_SUFFIX)
 
 
 @dataclass(frozen=True)
 class Queued:
     """What queue_and_take did: the head to send (None: the outbox was busy, or nothing was
-    queued), whether the step was fenced, whether more messages wait, the taken turn, and whether
-    the conversation was erased while its message was answered (nothing was queued or logged)."""
+    queued), whether the step was fenced, whether more messages wait (None: not counted, the first
+    reply's send being claimed; the step that finishes it looks), the taken turn, and whether the
+    conversation was erased while its message was answered (nothing was queued or logged)."""
 
     head: str | None
     fenced: bool
-    waiting: bool
+    waiting: bool | None
     lease: Lease | None
     looked: tuple[list[str | None], str] | None
     erased: bool = False
@@ -244,7 +252,7 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     if not taken:
         return Queued(head or None, False, bool(waiting), None, None)
     lease.granted(taken[0])
-    return Queued(head, False, bool(waiting), lease, (taken[1:3], taken[3]))
+    return Queued(head, False, None if waiting is None else bool(waiting), lease, (taken[1:3], taken[3]))
 
 
 def deliver_taken(conversation: str, reply: dict[str, Any], bot: Bot, queued: Queued,

@@ -62,8 +62,8 @@ end
 """
 
 # reserve(pace hash, interval (seconds the reply occupies), ttl, mark hash, mark field, along) returns
-# "slot wait"; a wait of 0 means the number was free and the send is claimed (and marked) as well
-# (one round trip when idle). `along` (or nil): (field, value)s the mark hash gets either way, in
+# "slot wait", and whether the send is claimed; a wait of 0 means the number was free and the send
+# is claimed (and marked) as well (one round trip when idle). `along` (or nil): (field, value)s the mark hash gets either way, in
 # the mark's HSET when there is one (the reply's own record, worker.outbound.QUEUE_AND_TAKE_LUA). A
 # function, so the step that queues a conversation's replies can reserve the first one's slot.
 RESERVE_FUNCTION = _MARK_FUNCTION + _WRITE_FUNCTION + """
@@ -83,12 +83,12 @@ local function reserve(key, interval, ttl, mark_hash, mark_field, along)
     redis.call('HSET', mark_hash, unpack(along))
   end
   write(key, state, fields, slot + interval, ttl)
-  return string.format('%.6f %.6f', slot, wait)
+  return string.format('%.6f %.6f', slot, wait), wait == 0
 end
 """
 # KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, ttl, mark field ('': none).
 RESERVE_LUA = RESERVE_FUNCTION + """
-return reserve(KEYS[1], ARGV[1], ARGV[2], ARGV[3] ~= '' and KEYS[2] or '', ARGV[3])
+return (reserve(KEYS[1], ARGV[1], ARGV[2], ARGV[3] ~= '' and KEYS[2] or '', ARGV[3]))
 """
 
 # KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, reserved slot, ttl, mark
