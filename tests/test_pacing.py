@@ -11,7 +11,7 @@ import redis as redis_lib
 from cli.twilio_standin import SentMessage, TwilioStandin
 from shared import keys, messagelog
 from shared.bots import Bot, BotStore
-from shared.conversations import new_reply
+from shared.conversations import new_reply, queue_replies
 from shared.db import transaction
 from shared.segments import count_segments
 from shared.tasks import kick_delivery
@@ -155,14 +155,26 @@ class TestPacedSending:
         from worker.outbound import queue_and_take
 
         bot = make_bot(store, NUMBER, rate=2.0)
-        for person, expected in ((ALICE, (None, 1.0)), (BOB, (0, None))):
+        for person, expected in ((ALICE, (None, 1.0)), (BOB, (True, None))):
             conversation = keys.conversation_id(bot.id, person)
             redis.zadd(keys.PENDING, {conversation: 1.0})  # as its text's acceptance left it, long ago
+            redis.rpush(keys.inbox(conversation), "a later text")  # waiting behind the one answered
             queued = queue_and_take(redis, conversation, [new_reply(conversation, person, "hi")], bot,
                                     done_inbound="", log_record="", lease_token="")
             score = redis.zscore(keys.PENDING, conversation)
             assert expected == (queued.waiting, score if score == 1.0 else None), person
         assert redis.zscore(keys.PENDING, keys.conversation_id(bot.id, BOB)) > time.time() - 60
+
+    def test_replies_queued_without_a_claim_note_their_conversation_for_the_sweeper(
+        self, redis: redis_lib.Redis, store: BotStore, broker: dramatiq.Broker,
+    ) -> None:
+        """An operator's send, a scheduled message, a replay or a resend queues on a conversation that
+        may be idle and in no pending set: the step notes it there, so a worker lost before the send
+        leaves it where the sweeper looks."""
+        bot = make_bot(store, NUMBER, rate=2.0)
+        conversation = keys.conversation_id(bot.id, ALICE)
+        assert queue_replies(redis, conversation, [new_reply(conversation, ALICE, "from the operator")]) is not None
+        assert redis.zscore(keys.PENDING, conversation) > time.time() - 60
 
     def test_five_replies_at_two_per_second_arrive_at_least_half_a_second_apart(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
