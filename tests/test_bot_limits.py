@@ -96,21 +96,31 @@ class TestDailyBudget:
         assert not here.exhausted(store.update(bot.id, {"max-messages-per-day": 0}))  # 0: no limit
 
 
+def another_bot(store: BotStore, bot: Bot) -> Bot:
+    """A second bot of the same Twilio account, on a number of its own."""
+    return store.create({"name": "other", "twilio-account-sid": bot.account_sid,
+                         "twilio-auth-token": "0123456789abcdef0123456789abcdef", "main-phone-number": "+15005550099"})
+
+
+def only_the_person_is_answered(redis: redis_lib.Redis, bot: Bot, other: Bot, engine: FakeEngine,
+                                twilio: TwilioStandin, logs: list[dict[str, object]]) -> None:
+    """`other` and a person text `bot`: only the person reaches the engine and gets a reply."""
+    send(redis, bot, "I am a bot", other.number)
+    send(redis, bot, "I am a person", SENDER)
+    twilio.wait_for(1, timeout=30)
+    time.sleep(1.0)
+    assert ([SENDER], ["I am a person"]) == ([m.to for m in twilio.messages], [c.text for c in engine.calls])
+    assert any(event["event"] == "conversation.from_bot" for event in logs)
+
+
 class TestLoops:
     def test_a_bot_never_answers_another_bot_of_this_service(
             self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
             engine: FakeEngine, twilio: TwilioStandin, worker: dramatiq.Worker,
             logs: list[dict[str, object]]) -> None:
         """A text from a number registered here gets no engine call and no reply; a person's still does."""
-        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
-                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
-                              "main-phone-number": "+15005550099"})
-        send(redis, engine_bot, "I am a bot", other.number)
-        send(redis, engine_bot, "I am a person", SENDER)
-        twilio.wait_for(1, timeout=30)
-        time.sleep(1.0)
-        assert ([SENDER], ["I am a person"]) == ([m.to for m in twilio.messages], [c.text for c in engine.calls])
-        assert any(event["event"] == "conversation.from_bot" for event in logs)
+        other = another_bot(store, engine_bot)
+        only_the_person_is_answered(redis, engine_bot, other, engine, twilio, logs)
 
     def test_a_bots_number_is_known_from_the_registrys_copy_read_with_the_message(
             self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
@@ -123,9 +133,7 @@ class TestLoops:
         is_bot_number = BotCache.is_bot_number
         monkeypatch.setattr(BotCache, "is_bot_number", lambda cache, number: asked.append(number) or is_bot_number(
             cache, number))
-        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
-                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
-                              "main-phone-number": "+15005550099"})
+        other = another_bot(store, engine_bot)
         assert store.copied(number_route("+15550000000")) is None  # loads the copy, as a service's first lookup does
         people = [f"+1555123{n:04d}" for n in range(3)]
         send(redis, engine_bot, "I am a bot", other.number)
@@ -141,16 +149,9 @@ class TestLoops:
             logs: list[dict[str, object]]) -> None:
         """With the registry's copy gone (a flushed Redis), the text's step cannot say: the bot cache
         rebuilds the copy from the database and knows the number."""
-        other = store.create({"name": "other", "twilio-account-sid": engine_bot.account_sid,
-                              "twilio-auth-token": "0123456789abcdef0123456789abcdef",
-                              "main-phone-number": "+15005550099"})
+        other = another_bot(store, engine_bot)
         redis.delete(keys.REGISTRY)
-        send(redis, engine_bot, "I am a bot", other.number)
-        send(redis, engine_bot, "I am a person", SENDER)
-        twilio.wait_for(1, timeout=30)
-        time.sleep(1.0)
-        assert ([SENDER], ["I am a person"]) == ([m.to for m in twilio.messages], [c.text for c in engine.calls])
-        assert any(event["event"] == "conversation.from_bot" for event in logs)
+        only_the_person_is_answered(redis, engine_bot, other, engine, twilio, logs)
 
     def test_a_person_past_max_replies_per_minute_is_not_answered_until_the_minute_is_over(
             self, redis: redis_lib.Redis, engine_bot: Bot, store: BotStore,  # noqa: F811
