@@ -406,6 +406,10 @@ class RegistryCopy:
         """Drop LOADED, so the next lookup rebuilds the copy from the database (its writes may have been lost)."""
         self._redis.hdel(keys.REGISTRY, LOADED)
 
+    def loaded(self) -> bool:
+        """Whether the copy holds every bot."""
+        return bool(self._redis.hexists(keys.REGISTRY, LOADED))
+
     def lookup(self, route: str) -> tuple[dict[str, Any] | None, bool]:
         """The row `route` leads to, if any, and whether the copy is complete (so None means unknown)."""
         row, loaded = script(self._redis, _LOOKUP_LUA)(keys=[keys.REGISTRY], args=[route])
@@ -610,9 +614,15 @@ class BotStore:
         (flushed) is rebuilt from the database first, by one caller of this process at a time."""
         row, loaded = self.copy.lookup(route)
         if row is None and not loaded:
-            self._rebuilds.run(keys.REGISTRY, lambda: self.copy.rebuild(self._engine))
+            self._rebuilds.run(keys.REGISTRY, self._rebuild_unless_loaded)
             row, _ = self.copy.lookup(route)
         return None if row is None else self._bot(row)
+
+    def _rebuild_unless_loaded(self) -> None:
+        """Rebuild the copy, unless a rebuild finished since this caller found it missing: a caller
+        slow to get here (a busy CPU) would otherwise read the whole registry a second time."""
+        if not self.copy.loaded():
+            self.copy.rebuild(self._engine)
 
     def _one(self, condition: Any) -> Bot | None:
         with self._engine.connect() as connection:

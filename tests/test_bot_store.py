@@ -77,6 +77,16 @@ def counted_loads(store: BotStore) -> Iterator[list[str]]:
         del store.copied
 
 
+def _once_missing(lookup: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`lookup`, except that its first answer is "missing": the copy as a caller saw it before another's rebuild."""
+    answers = iter([lambda route: (None, False)])
+
+    def look(route: str) -> Any:
+        return next(answers, lookup)(route)
+
+    return look
+
+
 def slowed(call: Callable[..., Any], seconds: float = 0.2) -> Callable[..., Any]:
     """`call`, taking `seconds` longer: callers started together surely meet while one call is under way."""
     def slow(*args: Any) -> Any:
@@ -476,6 +486,21 @@ class TestSingleFlight:
 
         assert ([], [bot.id] + [None] * (self.CALLERS - 1)) == (errors, sorted(results, key=lambda r: r is None))
         assert len(one_rebuild) == len(statements)
+
+    def test_a_caller_that_found_the_copy_missing_reads_nothing_once_another_rebuilt_it(
+            self, store: BotStore, sql: Engine) -> None:
+        """A caller that found the copy missing gets to the rebuild only after another caller's rebuild
+        finished (a busy CPU): it finds the copy whole and reads nothing from the database."""
+        bot = store.create(fields("+15550011111"))
+        store.copy.rebuild(sql)
+        looked = store.copy.lookup
+        # As the copy was when this caller looked: missing.
+        store.copy.lookup = _once_missing(looked)  # type: ignore[method-assign]
+
+        with counted_queries(sql) as statements:
+            found = store.copied(number_route("+15550011111"))
+
+        assert (bot.id, []) == (found.id if found else None, statements)
 
     def test_a_bot_asked_for_near_its_expiry_is_refreshed_ahead(self, store: BotStore, redis: redis_lib.Redis) -> None:
         """In the last fifth of its entry's life a lookup loads the bot again, so it never expires under its callers."""
