@@ -276,6 +276,34 @@ class TestOutboxHead:
         assert "failed" not in entry["statuses"]
 
 
+    @pytest.mark.parametrize("queued", [1, 3])
+    def test_finishing_a_reply_that_is_no_longer_the_head_leaves_the_outbox_as_it_is(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+        queued: int,
+    ) -> None:
+        """A worker that finishes a reply another worker already finished (its lease lapsed meanwhile)
+        takes nothing off the outbox, whether one reply or several wait there: they all still go out,
+        in order, once each."""
+        from worker.outbound import Head, _finish
+
+        # Given replies waiting on an outbox, and one finished earlier
+        bot = make_bot(store, f"+1555000031{queued}")
+        conversation = keys.conversation_id(bot.id, ALICE)
+        waiting = [new_reply(conversation, ALICE, f"reply {n}") for n in range(queued)]
+        queue_replies(redis, conversation, waiting)
+        gone = new_reply(conversation, ALICE, "finished already")
+
+        # When its worker finishes it again
+        _finish(redis, conversation, Head(gone["id"], gone, bot), "queued", sid="SM" + "0" * 32)
+
+        # Then the outbox is as it was, and its replies go out in order once each
+        assert [reply["id"] for reply in waiting] == redis.lrange(keys.outbox(conversation), 0, -1)
+        kick_delivery(conversation, waiting[0]["id"])
+        twilio.wait_for(queued)
+        wait_until(outbox_empty(redis, bot, ALICE), what="empty outbox")
+        assert [f"reply {n}" for n in range(queued)] == bodies_to(twilio.messages, ALICE)
+
+
 class TestDeliverNow:
     """`deliver_now` sends from the calling thread and hands what it cannot finish to the worker."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import dramatiq
@@ -19,6 +20,7 @@ from tests.test_outbound import ALICE, BOB, make_bot, send, sql
 from worker import pacing
 
 NUMBER, OTHER = "+15550000701", "+15550000702"
+THIRD = "+15552220003"
 
 
 def gaps(messages: list[SentMessage]) -> list[float]:
@@ -145,6 +147,27 @@ class TestPacedSending:
         messages = twilio.wait_for(2)
         assert ["for bob", "for alice"] == [message.body for message in messages]
         assert gaps(messages)[0] >= 0.5
+
+    def test_replies_twilio_answers_late_keep_the_next_send_a_full_interval_from_the_answer(
+        self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, worker: dramatiq.Worker,
+    ) -> None:
+        """Replies on one number that Twilio answers 0.6 s late: each next send goes a full interval
+        after the answer, not 1.05 s after the claim. The first is sent from its conversation's
+        thread, its turn claimed as it was queued; the second by the worker at its turn, claimed
+        then. The finishing step learns when Twilio answered from the claim's time and the time
+        passed since."""
+        bot = make_bot(store, NUMBER, rate=1.0)
+        twilio.accept_then_delay(0.6, count=2)
+        first = threading.Thread(target=answer, args=(redis, bot, ALICE, "late answer"))
+        first.start()
+        twilio.wait_for(1)  # ALICE's reply is at Twilio, its answer held back
+        answer(redis, bot, BOB, "claimed at its turn, answered late")
+        first.join()
+        twilio.wait_for(2)
+        answer(redis, bot, THIRD, "last")
+        messages = twilio.wait_for(3)
+        assert ["late answer", "claimed at its turn, answered late", "last"] == [message.body for message in messages]
+        assert all(gap >= 0.6 + 1.0 - 0.05 for gap in gaps(messages)), gaps(messages)
 
     def test_an_answer_sent_at_once_leaves_the_pending_set_to_the_step_that_finishes_it(
         self, redis: redis_lib.Redis, store: BotStore, twilio: TwilioStandin, broker: dramatiq.Broker,
