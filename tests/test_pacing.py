@@ -154,8 +154,7 @@ class TestPacedSending:
         """Replies on one number that Twilio answers 0.6 s late: each next send goes a full interval
         after the answer, not 1.05 s after the claim. The first is sent from its conversation's
         thread, its turn claimed as it was queued; the second by the worker at its turn, claimed
-        then. The finishing step learns when Twilio answered from the claim's time and the time
-        passed since."""
+        then. The step that finishes each confirms the pace from when Twilio answered."""
         bot = make_bot(store, NUMBER, rate=1.0)
         twilio.accept_then_delay(0.6, count=2)
         first = threading.Thread(target=answer, args=(redis, bot, ALICE, "late answer"))

@@ -164,7 +164,7 @@ def _attempt(conversation: str, reply_id: str, longest_sleep: float, settles: bo
 
 
 def _run(redis: Any, conversation: str, head: Head | None, lease: Lease, longest_sleep: float,
-         looked: Looked | None = None) -> Step:
+         looked: tuple[list[str | None], str] | None = None) -> Step:
     """Work the head under the held outbox lease, let the lease go, then kick what comes next."""
     try:
         step = _work_head(redis, conversation, head, lease, longest_sleep, looked) if head is not None else Step()
@@ -212,11 +212,6 @@ return {head, not claimed and unclaimed(), 1, looked[1] or false, looked[2] or f
 """, SENDING=SENDING_SUFFIX)
 
 
-# What the step that took the outbox lease read for the send: the opt-out copy's two values, the
-# pace's turn, and time.monotonic() just before that step was asked (see _after_look).
-Looked = tuple[list[str | None], str, float]
-
-
 @dataclass(frozen=True)
 class Queued:
     """What queue_and_take did: the head to send (None: the outbox was busy, or nothing was
@@ -228,7 +223,7 @@ class Queued:
     fenced: bool
     waiting: bool | None
     lease: Lease | None
-    looked: Looked | None
+    looked: tuple[list[str | None], str] | None
     erased: bool = False
 
 
@@ -243,7 +238,6 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     lease = Lease(redis, keys.outbox_lock(conversation))
     first = replies[0] if replies else {"to": "", "text": ""}
     sender = sender_for(bot, first)
-    asked = time.monotonic()
     result = script(redis, QUEUE_AND_TAKE_LUA)(
         keys=[*queue_keys_of(conversation), keys.inbox(conversation), lease.key, keys.opted_out(sender.opt_out_key),
               keys.pace(sender.pace_key), keys.replies_this_minute(conversation)],
@@ -258,7 +252,7 @@ def queue_and_take(redis: Any, conversation: str, replies: list[dict[str, Any]],
     if not taken:
         return Queued(head or None, False, bool(waiting), None, None)
     lease.granted(taken[0])
-    return Queued(head, False, None if waiting is None else bool(waiting), lease, (taken[1:3], taken[3], asked))
+    return Queued(head, False, None if waiting is None else bool(waiting), lease, (taken[1:3], taken[3]))
 
 
 def deliver_taken(conversation: str, reply: dict[str, Any], bot: Bot, queued: Queued,
@@ -329,7 +323,7 @@ def _take_head(redis: Any, conversation: str, reply_id: str, lease: Lease, settl
 
 
 def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_sleep: float,
-               looked: Looked | None = None) -> Step:
+               looked: tuple[list[str | None], str] | None = None) -> Step:
     """Send the head (or suppress, schedule, retry or fail it). `looked`: the opt-out copy's word
     and the pace's turn, when the step that took the lease read them already (queue_and_take)."""
     reply, bot = head.reply, head.bot
@@ -346,21 +340,20 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
             return settled
     if DAILY_SENDS.exhausted(bot):
         return _hold_back(redis, conversation, reply, bot)
-    ours, opted_out, wait, claimed = _first_look(redis, reply, bot, lease, sender) if looked is None else \
+    ours, opted_out, wait = _first_look(redis, reply, bot, lease, sender) if looked is None else \
         _after_look(redis, reply, bot, sender, *looked)
     if not ours:
         return _lease_lost(conversation, reply)
     if opted_out and not reply.get("confirms_opt_out"):
         return _suppress(redis, conversation, head)
-    if wait > 0:
-        wait, claimed = _wait_for_slot(redis, reply, sender.pace_key, bot.messages_per_second, wait, longest_sleep)
+    wait = _wait_for_slot(redis, reply, sender.pace_key, bot.messages_per_second, wait, longest_sleep)
     if wait > 0:
         return _schedule(redis, conversation, reply, wait)
     if lease.lost:  # the renewer found it taken while we waited for the slot
         return _lease_lost(conversation, reply)
     result = send_sms(client, sender, reply["to"], reply["text"], reply["media_url"], settings.public_url, reply["id"])
     if isinstance(result, Accepted):
-        return _sent(redis, conversation, head, result, lease, sender, claimed)
+        return _sent(redis, conversation, head, result, lease, sender)
     pacing.confirm(redis, sender.pace_key, count_segments(reply["text"]), bot.messages_per_second)
     if outcome_unknown(result):
         return _outcome_unknown(redis, conversation, reply, result, settings)
@@ -368,8 +361,7 @@ def _work_head(redis: Any, conversation: str, head: Head, lease: Lease, longest_
     return _refused(redis, conversation, head, result, sender)
 
 
-def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease,
-                sender: Sender) -> tuple[bool, bool, float, pacing.Claim | None]:
+def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease, sender: Sender) -> tuple[bool, bool, float]:
     """Whether the outbox lease is still ours, whether the recipient opted out, and the reply's
     first turn on its number (its slot reserved or claimed), in one round trip. A suppressed
     reply's reservation goes unused: its number idles one interval, a rare and harmless cost next
@@ -379,25 +371,22 @@ def _first_look(redis: Any, reply: dict[str, Any], bot: Bot, lease: Lease,
     optout.request_look(pipe, sender.opt_out_key, reply["to"])
     pacing.request_turn(pipe, sender.pace_key, count_segments(reply["text"]), bot.messages_per_second,
                         reply["slot_at"], mark=sending_mark(reply))
-    asked = time.monotonic()
     holder, looked, raw = pipe.execute()
     if holder != lease.token:
-        return False, False, 0.0, None
-    return _after_look(redis, reply, bot, sender, looked, raw, asked)
+        return False, False, 0.0
+    return _after_look(redis, reply, bot, sender, looked, raw)
 
 
 def _after_look(redis: Any, reply: dict[str, Any], bot: Bot, sender: Sender, looked: list[str | None],
-                raw: str, asked: float) -> tuple[bool, bool, float, pacing.Claim | None]:
-    """_first_look's answer from what it read, for a lease known to be ours, with the send's Claim
-    when the turn claimed it (`asked`: time.monotonic() before the step that read them)."""
+                raw: str) -> tuple[bool, bool, float]:
+    """_first_look's answer from what it read, for a lease known to be ours."""
     # The database is asked only when the copy is missing (rebuilt first) or names the recipient.
     opted_out = optout.opted_out_after_look(get_engine(), redis, sender.opt_out_key, reply["to"], looked)
     reserved = reply["slot_at"] is None
-    claimed = pacing.claim_of(raw, reply["slot_at"], asked)
     reply["slot_at"], wait = pacing.turn(raw, reply["slot_at"])
     if reserved and wait > 0 and (not opted_out or reply.get("confirms_opt_out")):
         _save(redis, reply)  # reserved once: a re-run keeps its place in the schedule
-    return True, opted_out, wait, claimed
+    return True, opted_out, wait
 
 
 def _hold_back(redis: Any, conversation: str, reply: dict[str, Any], bot: Bot) -> Step:
@@ -487,18 +476,17 @@ def _lease_lost(conversation: str, reply: dict[str, Any]) -> Step:
 
 
 def _wait_for_slot(redis: Any, reply: dict[str, Any], number: str, rate: float, wait: float,
-                   longest_sleep: float) -> tuple[float, pacing.Claim | None]:
+                   longest_sleep: float) -> float:
     """Seconds still to wait for this reply's turn on its number, after a first look that said
-    `wait`; 0.0 once the send is claimed, with its Claim. Waits of up to `longest_sleep` are slept
-    here; the caller schedules longer ones."""
+    `wait`; 0.0 once the send is claimed. Waits of up to `longest_sleep` are slept here; the
+    caller schedules longer ones."""
     segments = count_segments(reply["text"])
-    claimed = None
     for _ in range(MAX_SHORT_WAITS):
         if not 0 < wait <= longest_sleep:
             break
         time.sleep(wait)
-        wait, claimed = pacing.claim_turn(redis, number, segments, rate, reply["slot_at"], mark=sending_mark(reply))
-    return wait, claimed
+        wait = pacing.claim(redis, number, segments, rate, reply["slot_at"], mark=sending_mark(reply))
+    return wait
 
 
 def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float) -> Step:
@@ -509,16 +497,14 @@ def _schedule(redis: Any, conversation: str, reply: dict[str, Any], wait: float)
     return Step(kick=reply["id"], kick_delay_ms=int(delay * 1000))
 
 
-def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease, sender: Sender,
-          claimed: pacing.Claim | None = None) -> Step:
+def _sent(redis: Any, conversation: str, head: Head, accepted: Accepted, lease: Lease, sender: Sender) -> Step:
     """Twilio took it: the pace, the outbox, the log's record and the lease, in one step (the
-    lease last, so it is free when the next head is kicked). `claimed`: when the send was claimed,
-    if known (the pace's confirm then needs no clock read of its own)."""
+    lease last, so it is free when the next head is kicked)."""
     reply, bot = head.reply, head.bot
     assert reply is not None and bot is not None
     now = time.time()
     next_head = _finish(redis, conversation, head, accepted.status, sid=accepted.sid, at=now, lease=lease,
-                        pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second, claimed))
+                        pace=(sender.pace_key, count_segments(reply["text"]), bot.messages_per_second))
     TALLY.incr("sms_outbound", result="sent")
     DAILY_SENDS.sent(bot.id, count_segments(reply["text"]))
     if sender.messaging_service_sid:  # a pool number, maybe unlisted: a bot number for the loop guard
@@ -619,10 +605,9 @@ def _fail(redis: Any, conversation: str, head: Head, refused: Refused, reason: s
 #       conversation lease.
 # ARGV: reply id, conversation, now, outcome record, settle ('1' or ''), then the pace's bare
 #       interval and ttl ('' '': no confirm), then the outbox lease's token ('': keep it), then the
-#       conversation lease's token ('': not this step's to let go), then when Twilio answered on
-#       Redis's clock ('': the confirm reads TIME).
+#       conversation lease's token ('': not this step's to let go).
 FINISH_LUA = CONFIRM_FUNCTION + with_constants("""
-if ARGV[6] ~= '' then confirm(KEYS[7], ARGV[6], ARGV[7], ARGV[10]) end
+if ARGV[6] ~= '' then confirm(KEYS[7], ARGV[6], ARGV[7]) end
 -- The head and the one after it, taken off and the one after put back: one command for the usual
 -- outbox of one reply. Another reply at the head is not this step's: both go back as they were.
 local first = redis.call('LPOP', KEYS[1], 2) or {}
@@ -667,12 +652,12 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 
 def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | None = None,
             error_code: int | None = None, at: float | None = None, lease: Lease | None = None,
-            pace: tuple[str, int, float, pacing.Claim | None] | None = None) -> str | None:
+            pace: tuple[str, int, float] | None = None) -> str | None:
     """Take the head off the outbox with the message log's record of how it ended (in the same
     step: worker.logdrain); with `pace` (number, segments, rate) confirm the send's pace, with
     `lease` let it go; with the head's `lets_go`, let the conversation go if no message waits.
     Returns the next head, to kick, if any."""
-    bare, ttl, answered = pacing.confirm_args(pace[1], pace[2], pace[3]) if pace else ["", "", ""]
+    pace_args = pacing.confirm_args(pace[1], pace[2]) if pace else ["", ""]
     if lease is not None:
         lease.forget()  # released by the script, after the outcome is recorded
     ours = head.lets_go is not None and head.lets_go.held and not head.lets_go.lost
@@ -687,8 +672,8 @@ def _finish(redis: Any, conversation: str, head: Head, status: str, sid: str | N
                   keys.pace(pace[0]) if pace else keys.outbox(conversation), keys.outbox_lock(conversation),
                   conversation_lease.key if conversation_lease is not None else keys.outbox_lock(conversation)],
             args=[head.id, conversation, repr(time.time()), outcome_record(head.id, status, sid, error_code, at),
-                  "1" if head.settles else "", bare, ttl, lease.token if lease is not None else "",
-                  conversation_lease.token if conversation_lease is not None else "", answered],
+                  "1" if head.settles else "", *pace_args, lease.token if lease is not None else "",
+                  conversation_lease.token if conversation_lease is not None else ""],
         )
     finally:
         if conversation_lease is not None and not let_go:

@@ -14,8 +14,6 @@ Redis server's clock, so every worker process and dyno shares one clock and one 
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -94,8 +92,8 @@ return (reserve(KEYS[1], ARGV[1], ARGV[2], ARGV[3] ~= '' and KEYS[2] or '', ARGV
 """
 
 # KEYS: pace hash, mark hash (or the pace hash, unused). ARGV: interval, reserved slot, ttl, mark
-# field ('': none). Returns the seconds to wait, or "0 <the claim's time>" once the send is claimed
-# and marked (the caller must then send at once).
+# field ('': none). Returns the seconds to wait, "0" once the send is claimed and marked (the
+# caller must then send at once).
 CLAIM_LUA = _NOW + _MARK_FUNCTION + _WRITE_FUNCTION + """
 local state = redis.call('HMGET', KEYS[1], 'next', 'free_at', 'expires')
 local wait = math.max(tonumber(ARGV[2]) - now, tonumber(state[2] or '0') - now)
@@ -107,22 +105,16 @@ local fields = {'free_at', free_at}
 if tonumber(state[1] or '0') < now + interval then fields[3], fields[4] = 'next', free_at end
 write(KEYS[1], state, fields, now + interval, ARGV[3])
 if ARGV[4] ~= '' then mark(KEYS[2], ARGV[4], now) end
-return string.format('0 %.6f', now)
+return '0'
 """
 
 
-# confirm(pace hash, bare interval (no margin), ttl, when Twilio answered on Redis's clock ('' or nil:
-# now, by TIME)), called once Twilio answered; a function, so a sender's script that finishes the
-# reply confirms the pace in the same step. The sender knows when Twilio answered without asking
-# Redis when it knows when the send was claimed (Claim.answered_at).
+# confirm(pace hash, bare interval (no margin), ttl), called once Twilio answered; a function,
+# so a sender's script that finishes the reply confirms the pace in the same step.
 CONFIRM_FUNCTION = _WRITE_FUNCTION + """
-local function confirm(key, bare_interval, ttl, answered)
-  local at = tonumber(answered or '')
-  if not at then
-    local t = redis.call('TIME')
-    at = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
-  local floor = at + tonumber(bare_interval)
+local function confirm(key, bare_interval, ttl)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(bare_interval)
   local state = redis.call('HMGET', key, 'next', 'free_at', 'expires')
   if tonumber(state[2] or '0') < floor then
     local at = string.format('%.6f', floor)
@@ -132,8 +124,8 @@ local function confirm(key, bare_interval, ttl, answered)
   end
 end
 """
-# KEYS: pace hash. ARGV: the bare interval, ttl, when Twilio answered ('': now).
-CONFIRM_LUA = CONFIRM_FUNCTION + "confirm(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
+# KEYS: pace hash. ARGV: the bare interval, ttl.
+CONFIRM_LUA = CONFIRM_FUNCTION + "confirm(KEYS[1], ARGV[1], ARGV[2])\n"
 
 
 def interval(segments: int, rate: float) -> float:
@@ -161,17 +153,10 @@ def reserve_args(segments: int, rate: float) -> list[Any]:
 
 def claim(redis: Any, number: str, segments: int, rate: float, slot_at: float, mark: Mark = None) -> float:
     """Seconds to wait before this reply may go; 0.0 means go now (the send is already claimed and `mark`ed)."""
-    return claim_turn(redis, number, segments, rate, slot_at, mark)[0]
-
-
-def claim_turn(redis: Any, number: str, segments: int, rate: float, slot_at: float,
-               mark: Mark = None) -> tuple[float, Claim | None]:
-    """`claim`, with the Claim when the send was claimed."""
-    asked = time.monotonic()
     raw = script(redis, CLAIM_LUA)(keys=[keys.pace(number), mark[0] if mark else keys.pace(number)],
                                    args=[interval(segments, rate), repr(slot_at), IDLE_TTL_SECONDS,
                                          mark[1] if mark else ""])
-    return turn(raw, slot_at)[1], claim_of(raw, slot_at, asked)
+    return float(raw)
 
 
 def request_turn(pipeline: Any, number: str, segments: int, rate: float, slot_at: float | None,
@@ -192,31 +177,7 @@ def turn(raw: str, slot_at: float | None) -> tuple[float, float]:
     if slot_at is None:
         slot, wait = (float(part) for part in raw.split())
         return slot, wait
-    return slot_at, float(raw.split()[0])
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A send claimed at `at` on Redis's clock, by a step asked at `asked` on this process's
-    monotonic clock (just before the request went out, so before the claim)."""
-
-    at: float
-    asked: float
-
-    def answered_at(self) -> float:
-        """Now on Redis's clock, at the latest: the claim's time plus what has passed here since the
-        step was asked, which includes the time from the claim to now. The pace's confirm needs no
-        TIME of its own with it."""
-        return self.at + (time.monotonic() - self.asked)
-
-
-def claim_of(raw: str, slot_at: float | None, asked: float) -> Claim | None:
-    """The Claim a turn's result (`request_turn`'s, `claim`'s or the reserve of the step that queued
-    the reply) made, if it claimed the send: a reserve that claims has its slot now; a claim says when."""
-    parts = raw.split()
-    if slot_at is None:
-        return Claim(float(parts[0]), asked) if float(parts[1]) == 0 else None
-    return Claim(float(parts[1]), asked) if len(parts) == 2 else None
+    return slot_at, float(raw)
 
 
 def confirm(redis: Any, number: str, segments: int, rate: float) -> None:
@@ -226,10 +187,9 @@ def confirm(redis: Any, number: str, segments: int, rate: float) -> None:
     script(redis, CONFIRM_LUA)(keys=[keys.pace(number)], args=confirm_args(segments, rate))
 
 
-def confirm_args(segments: int, rate: float, claimed: Claim | None = None) -> list[Any]:
-    """CONFIRM_FUNCTION's arguments after the key: the bare interval, the ttl, and when Twilio
-    answered ('': Redis's TIME says) from the send's `claimed`."""
-    return [max(segments, 1) / rate, IDLE_TTL_SECONDS, repr(claimed.answered_at()) if claimed else ""]
+def confirm_args(segments: int, rate: float) -> list[Any]:
+    """CONFIRM_FUNCTION's arguments after the key: the bare interval and the ttl."""
+    return [max(segments, 1) / rate, IDLE_TTL_SECONDS]
 
 
 # Dramatiq polls an idle queue, and checks its delay queue, up to worker_timeout apart: 1 s by
