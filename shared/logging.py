@@ -63,19 +63,27 @@ _is_secret = is_secret_name
 
 
 def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types.Processor:
-    """Redact secrets (by field name, in URLs, and the known secret values) and mask phone numbers.
+    """Redact secrets (by field name, in URLs, and the known secret values), mask phone numbers,
+    and cap every string field (and the strings in a list) at its length, in one pass.
 
     It runs for every event of the webhook's hot path, so each check is skipped when a cheap test
     shows it cannot match: a field name is judged once, and a text without "://" holds no URL
-    credentials, one without "+" no E.164 number.
+    credentials, one without "+" no E.164 number. Capping comes after redacting, so a secret is
+    redacted whole rather than cut into a prefix it no longer matches.
     """
-    secret_names: dict[str, bool] = {}
+    # What each field name is: SECRET (redacted whatever its value), PHONE (masked) or the length
+    # its text is capped at; judged the first time the name is met.
+    kinds: dict[str, int] = {}
 
-    def is_secret(key: str) -> bool:
-        known = secret_names.get(key)
-        if known is None:
-            known = secret_names[key] = _is_secret(key)
-        return known
+    def kind_of(key: str) -> int:
+        if _is_secret(key):
+            kind = _SECRET
+        elif key in PHONE_FIELDS and not full_numbers:
+            kind = _PHONE
+        else:
+            kind = MAX_TRACEBACK_CHARS if key == "exception" else MAX_FIELD_CHARS
+        kinds[key] = kind
+        return kind
 
     def clean(text: str) -> str:
         if "://" in text:
@@ -92,30 +100,26 @@ def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types
 
     def scrub(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
         for key, value in event.items():
-            if is_secret(key):
+            kind = kinds.get(key) or kind_of(key)
+            if kind == _SECRET:
                 event[key] = REDACTED
             elif isinstance(value, str):
-                event[key] = mask(value) if key in PHONE_FIELDS and not full_numbers else clean(value)
-            elif isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
-                event[key] = [clean(item) if isinstance(item, str) else item for item in value]
+                text = mask(value) or "" if kind == _PHONE else clean(value)
+                event[key] = text if len(text) <= MAX_FIELD_CHARS else _cut(text, max(kind, MAX_FIELD_CHARS))
+            elif isinstance(value, (list, tuple)):
+                limit = max(kind, MAX_FIELD_CHARS)
+                event[key] = [_cut(clean(item), limit) if isinstance(item, str) else item for item in value]
         return event
 
     return scrub
 
 
+# Field kinds of _scrub besides a length (both below any length a field is capped at).
+_SECRET, _PHONE = -1, -2
+
+
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…[+{len(text) - limit} chars]"
-
-
-def _truncate(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Cap every string field (and the strings in a list) of every event."""
-    for key, value in event.items():
-        limit = MAX_TRACEBACK_CHARS if key == "exception" else MAX_FIELD_CHARS
-        if isinstance(value, str):
-            event[key] = _cut(value, limit)
-        elif isinstance(value, (list, tuple)):
-            event[key] = [_cut(item, limit) if isinstance(item, str) else item for item in value]
-    return event
 
 
 def configure_logging(settings: Settings) -> None:
@@ -132,8 +136,6 @@ def configure_logging(settings: Settings) -> None:
             # After format_exc_info, so a traceback's text is scrubbed like any other field.
             structlog.processors.format_exc_info,
             _scrub(settings.log_phone_numbers == "full", _known_secrets(settings)),
-            # After _scrub, so a secret is redacted whole rather than cut into a prefix it no longer matches.
-            _truncate,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -38,6 +38,13 @@ def test_phone_fields_show_only_their_last_four_digits(capsys: pytest.CaptureFix
     assert ("********4567", "********0006", "*********0123") == (event["from_"], event["to"], event["recipient"])
 
 
+def test_phone_fields_are_masked_whatever_they_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    """A phone field is masked even when its value is no E.164 number: a short code, a malformed
+    From a request carried, a WhatsApp address."""
+    event = _events(capsys, from_="5551234567", number="whatsapp:+15551234567", sender="12345")
+    assert ("******4567", "*****************4567", "*2345") == (event["from_"], event["number"], event["sender"])
+
+
 def test_numbers_inside_other_fields_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
     """A conversation id, a URL or an error message quoting a number does not leak it."""
     event = _events(capsys, conversation="3:+15551234567", error="21211: Invalid 'To' +15551234567",
