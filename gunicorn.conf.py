@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 # Heroku routes HTTP to $PORT; dual-stack bind so both IPv4 and IPv6 routers reach us.
 bind = [f"[::]:{os.environ.get('PORT', '5000')}"]
@@ -26,3 +28,30 @@ errorlog = "-"
 control_socket_disable = True
 # Fail at start, with the settings error, rather than in every worker.
 preload_app = False
+
+
+# Each web worker counts the texts it accepts in memory (shared.metrics.TALLY) and writes the counts
+# to Redis every second, and once more as it exits; /metrics also writes its own process's first.
+_tally_flush = None
+
+
+def post_worker_init(worker: Any) -> None:
+    global _tally_flush
+    # The service's app only (bench/ serves other apps with these settings).
+    if not str(getattr(worker.app, "app_uri", "")).startswith("webhook:"):
+        return
+    from shared.metrics import TallyFlush
+    from shared.redis import get_redis
+
+    _tally_flush = TallyFlush(get_redis()).start()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    if _tally_flush is None:
+        return
+    from shared.metrics import TALLY
+    from shared.redis import get_redis
+
+    _tally_flush.stop(timeout=1.0)
+    with contextlib.suppress(Exception):  # a Redis that is away loses this last second, as a crash would
+        TALLY.flush(get_redis())

@@ -123,8 +123,8 @@ end
 # rolling deploy, reads this one's fields rightly. The hashes looked in are named here from the hour
 # of arrival rather than passed, their names being most of a request otherwise.
 # KEYS: seen(account, MessageSid), seen(account, idempotency token) (the marks' earliest shape, read
-#       until they expire), inbox, pending, opt-out copy, metric counters, the wake-ups
-#       (shared.wakeups), the number the person last texted (keys.texted), the conversation's lease.
+#       until they expire), inbox, pending, opt-out copy, the wake-ups (shared.wakeups), the number
+#       the person last texted (keys.texted), the conversation's lease.
 # ARGV: message, conversation, its time of arrival, event, sender, the wake-up's message id, the number
 #       texted ('': not kept, the bot has one number), the previous release's fields (keys.seen_field)
 #       of the MessageSid and the idempotency token (the same when there is none), the hour of
@@ -197,10 +197,7 @@ local function marked()
   end
   return false
 end
-if marked() or seen_before() then
-  redis.call('HINCRBY', KEYS[6], '__DUPLICATE__', 1)
-  return 0
-end
+if marked() or seen_before() then return 0 end
 -- A request carrying either again is a duplicate; the time is the latest text's (clocks may differ
 -- by a little between webhooks). The hash lives until its last hour's marks are 48 hours old.
 local marks, now = '__MARKS__' .. bucket(hour), math.floor(tonumber(ARGV[3]))
@@ -216,11 +213,10 @@ end
 if ARGV[4] == '__OPT_OUT__' then redis.call('HSET', KEYS[5], ARGV[5], '__LIVE__')
 elseif ARGV[4] == '__OPT_IN__' then redis.call('HDEL', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[2])
-redis.call('HINCRBY', KEYS[6], '__ACCEPTED__', 1)
-if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7], 'EX', __DEDUPE_TTL__) end
-if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[9]) == 0 then
+if ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[7], 'EX', __DEDUPE_TTL__) end
+if redis.call('RPUSH', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[8]) == 0 then
   -- A dramatiq message, as Message.encode writes it (spelled out: cjson may render {} as []).
-  redis.call('RPUSH', KEYS[7], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
+  redis.call('RPUSH', KEYS[6], '{"queue_name":"__QUEUE__","actor_name":"__ACTOR__","args":['
     .. cjson.encode(ARGV[2]) .. '],"kwargs":{},"options":{},"message_id":' .. cjson.encode(ARGV[6])
     .. ',"message_timestamp":' .. string.format('%d', math.floor(tonumber(ARGV[3]) * 1000)) .. '}')
 end
@@ -230,8 +226,7 @@ return 1
 assert DEDUPE_TTL // 3600 // keys.SEEN_BUCKET_HOURS <= 8
 assert len(keys.MARK_SLOT) + 1 == keys.MARK_DIGEST_BYTES and keys.MARK_SLOT.isascii() and "'" not in keys.MARK_SLOT
 ACCEPT_LUA = with_constants(
-    ACCEPT_LUA, DUPLICATE=metrics.field("sms_inbound", result="duplicate"),
-    ACCEPTED=metrics.field("sms_inbound", result="accepted"), DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
+    ACCEPT_LUA, DEDUPE_TTL=DEDUPE_TTL, OPT_OUT=OPT_OUT, OPT_IN=OPT_IN,
     HOURS=DEDUPE_TTL // 3600, SEEN_HOURS=keys.SEEN_HOURS, BUCKET=keys.SEEN_BUCKET_HOURS, MARKS=keys.MARKS,
     DIGEST=keys.MARK_DIGEST_BYTES, SLOT=keys.MARK_SLOT, SLOT_END=4 + len(keys.MARK_SLOT),
     DIGESTS_AT=5 + keys.MARK_DIGEST_BYTES, SLACK=MARK_CLOCK_SLACK_SECONDS,
@@ -308,9 +303,9 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
     legacy = LEGACY_MARKS.present(redis)
     # Handed to redis-py as bytes: its encoder takes bytes as they are, where each str costs a chain
     # of isinstance checks and an encode (a fifth of the webhook's Redis call, bench/webhook_cost.py).
-    return bool(script(redis, ACCEPT_LUA)(
+    accepted = bool(script(redis, ACCEPT_LUA)(
         keys=_encoded([seen_sid, seen_token, keys.inbox(conversation), keys.PENDING, keys.opted_out(opt_out_key or message["to"]),
-              keys.METRIC_COUNTERS, keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)]),
+              keys.WAKE_UPS, keys.texted(conversation), keys.conversation_lock(conversation)]),
         # The wake-up is named after the message that caused it, which is unique once accepted.
         args=_encoded([jsonio.dumps(message), conversation, repr(message["received_at"]), message["event"], message["sender"],
               f"wake-{message['sid']}", message["to"] if remember_texted else "",
@@ -319,6 +314,9 @@ def accept_inbound(redis: Any, message: dict[str, Any], idempotency_token: str |
               int(message["received_at"] // 3600), keys.mark_field(conversation), keys.mark_digest(account, message["sid"]),
               keys.mark_digest(account, idempotency_token or message["sid"]), b"1" if legacy else b""]),
     ))
+    # Counted in this process's tally, written to Redis with the rest of it (shared.metrics.Tally).
+    metrics.TALLY.incr("sms_inbound", result="accepted" if accepted else "duplicate")
+    return accepted
 
 
 def _encoded(values: list[Any]) -> list[bytes]:

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from shared import keys
+from shared.background import Periodic
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Each bot's latest engine answer times kept for the console's overview (a capped Redis list).
@@ -62,10 +63,11 @@ def bucket_of(value: float) -> str:
 
 
 class Tally:
-    """A worker process's counts and observations, added up in memory and written to Redis together
-    (worker.middleware flushes every second and at shutdown): one round trip a second for all of
-    them, instead of three to five commands on every message. A process killed between flushes
-    loses at most that second's counts: these are metrics; the conversation log keeps the records."""
+    """A process's counts and observations, added up in memory and written to Redis together (every
+    second and at shutdown: worker.middleware in a worker, TallyFlush in each web worker, and /metrics
+    before it reads them): one round trip a second for all of them, instead of three to five
+    commands on every message. A process killed between flushes loses at most that second's
+    counts: these are metrics; the conversation log keeps the records."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -118,8 +120,25 @@ class Tally:
             raise
 
 
-# The worker process's tally (the web process writes its few counts directly).
+# The process's tally. The web process counts the texts it accepts and recognises as retries there
+# (shared.conversations.accept_inbound); its refusals, rare, go to Redis at once (incr).
 TALLY = Tally()
+
+
+class TallyFlush(Periodic):
+    """Writes the process's tally to Redis every second: a web worker's (gunicorn.conf.py starts it
+    in each; a worker process flushes its own with its send counts, worker.background.MetricsFlush)."""
+
+    name = "tally_flush"
+    first_pause = pause_after_failure = FLUSH_SECONDS = 1.0
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__()
+        self.redis = redis
+
+    def turn(self) -> float:
+        TALLY.flush(self.redis)
+        return self.FLUSH_SECONDS
 
 
 def engine_latency(redis: Any, bot_ids: list[int], now: float | None = None) -> dict[int, dict[str, float] | None]:

@@ -1,4 +1,4 @@
-"""A worker process's background threads (worker.background.Periodic) while what they need is away:
+"""A process's background threads (shared.background.Periodic) while what they need is away:
 a failing turn is logged with its traceback once, not once a second for as long as Redis is down."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import redis as redis_lib
 from structlog.testing import capture_logs
 
-from worker import background
-from worker.background import Periodic
+from shared import background
+from shared.background import Periodic
 
 
 class Flaky(Periodic):
@@ -73,7 +73,7 @@ def test_a_turn_that_works_logs_nothing() -> None:
 
 
 class Clock:
-    """time.monotonic for worker.background, ten seconds further on every time it is read."""
+    """time.monotonic for shared.background, ten seconds further on every time it is read."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -52,6 +52,9 @@ def raw_client(redis_url: str) -> redis_lib.Redis:
 
 
 def counter(redis: redis_lib.Redis, name: str, **labels: object) -> int:
+    """A counter as Redis holds it once this process's tally is written (a web worker writes its own
+    every second, and /metrics first)."""
+    metrics.TALLY.flush(redis)
     return int(redis.hget(keys.METRIC_COUNTERS, metrics.field(name, **labels)) or 0)
 
 

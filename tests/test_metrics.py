@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dramatiq
 import pytest
 import redis as redis_lib
@@ -162,3 +164,40 @@ class TestQueues:
         samples = _samples(client, admin_headers)
         assert (3, 1) == (samples[("sms_log_backlog", (("queue", "waiting"),))],
                           samples[("sms_log_backlog", (("queue", "refused"),))])
+
+
+class TestWebProcessTally:
+    """A web worker counts the texts it accepts in memory and writes the counts to Redis itself."""
+
+    def test_a_web_processs_counts_reach_redis_within_seconds_and_as_it_stops(
+            self, worker_env: dict[str, str], bot: Bot, redis: redis_lib.Redis) -> None:
+        """Without any scrape: a text and its retry are counted in Redis within seconds (each web
+        worker writes its tally every second), and a text accepted just before a graceful stop is
+        counted too (written as the worker exits)."""
+        import requests
+
+        from tests.conftest import free_port
+        from tests.support.processes import start_web
+        from tests.test_inbound import counter
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/channels/sms/"
+
+        def text(sid: str) -> int:
+            form = {"MessageSid": sid, "AccountSid": bot.account_sid, "From": "+15551230000", "To": BOT_NUMBER,
+                    "Body": "hi"}
+            signature = RequestValidator(BOT_AUTH_TOKEN).compute_signature(url, form)
+            return requests.post(url, data=form, headers={"X-Twilio-Signature": signature}, timeout=10).status_code
+
+        web = start_web({**worker_env, "PUBLIC_URL": ""}, port)
+        try:
+            assert [200, 200] == [text("SM" + "1" * 32), text("SM" + "1" * 32)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and counter(redis, "sms_inbound", result="duplicate") < 1:
+                time.sleep(0.1)
+            assert (1, 1) == (counter(redis, "sms_inbound", result="accepted"),
+                              counter(redis, "sms_inbound", result="duplicate"))
+            assert 200 == text("SM" + "2" * 32)
+        finally:
+            web.stop(10)
+        assert 2 == counter(redis, "sms_inbound", result="accepted")

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from shared import keys
 from shared.db import database_up
-from shared.metrics import RedisCollector
+from shared.metrics import TALLY, RedisCollector
 from shared.tasks import CONVERSATIONS_QUEUE, NAMESPACE, OUTBOUND_QUEUE, waiting_key
 from webhook import access
 from webhook.deps import get_engine, get_redis, get_settings
@@ -101,6 +101,7 @@ def metrics() -> Response:
     registry.register(RedisCollector(get_redis(), gauges=GAUGES))
     registry.register(DatabaseCollector(get_engine()))
     try:
+        TALLY.flush(get_redis())  # this process's counts of the last second are in the scrape too
         body = generate_latest(registry)
     except redis_lib.RedisError as error:
         return Response(f"redis unavailable: {error.__class__.__name__}\n", status=503,
