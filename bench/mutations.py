@@ -176,7 +176,7 @@ MUTATIONS: list[Mutation] = [
              "_cut(text, max(kind, MAX_FIELD_CHARS))", "_cut(text, MAX_FIELD_CHARS)",
              ("tests/test_logging.py",)),
     Mutation("phone fields are cleaned, not masked", "shared/logging.py",
-             "text = mask(value) or \"\" if kind == _PHONE else clean(value)", "text = clean(value)",
+             "text = (mask(value) or \"\") if kind == _PHONE else clean(value)", "text = clean(value)",
              ("tests/test_logging.py", "tests/test_inbound.py")),
     Mutation("strings in a list are not cleaned", "shared/logging.py",
              "[_cut(clean(item), limit) if isinstance(item, str) else item for item in value]",

@@ -104,7 +104,7 @@ def _scrub(full_numbers: bool, secrets: tuple[str, ...] = ()) -> structlog.types
             if kind == _SECRET:
                 event[key] = REDACTED
             elif isinstance(value, str):
-                text = mask(value) or "" if kind == _PHONE else clean(value)
+                text = (mask(value) or "") if kind == _PHONE else clean(value)
                 event[key] = text if len(text) <= MAX_FIELD_CHARS else _cut(text, max(kind, MAX_FIELD_CHARS))
             elif isinstance(value, (list, tuple)):
                 limit = max(kind, MAX_FIELD_CHARS)
