@@ -51,6 +51,9 @@ CREDENTIALS_KEY = Fernet.generate_key().decode()
 PATH = "/channels/sms/"
 QUEUE_KEY = waiting_key(CONVERSATIONS_QUEUE)
 ACCEPTED = metrics.field("sms_inbound", result="accepted")
+# Before counting: the last in-flight requests land, and each web worker writes its tally of
+# accepted texts (every TallyFlush.FLUSH_SECONDS).
+SETTLE_SECONDS = metrics.TallyFlush.FLUSH_SECONDS + 0.5
 WRK_THREADS = 2
 # Issue 28: at least 1.2x the floor's throughput, with a p99 no worse than the floor's.
 TARGET_RATIO = 1.2
@@ -223,11 +226,11 @@ def measure(name: str, command: list[str], env: dict[str, str], args: argparse.N
     reset_redis(env["REDIS_URL"], env["DATABASE_URL"])
     with serving(name, command, env, args.port, workdir / f"{name}.log") as pid:
         run_wrk(url, warm, 2, args.connections)
-        time.sleep(0.5)  # let the warm-up's last in-flight requests land before counting
+        time.sleep(SETTLE_SECONDS)  # let the warm-up's last in-flight requests land before counting
         before = queued(name, env["REDIS_URL"])
         with sampling(pid, args.duration, profile):
             stats = run_wrk(url, load, args.duration, args.connections)
-        time.sleep(0.5)  # requests wrk sent but did not wait for when its clock stopped
+        time.sleep(SETTLE_SECONDS)  # requests wrk sent but did not wait for when its clock stopped
         after = queued(name, env["REDIS_URL"])
     _check(name, stats, before, after, args)
     return Result(name, stats["requests"], stats["duration_us"] / 1e6, stats["p50_us"] / 1000,
