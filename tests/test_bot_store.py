@@ -502,6 +502,21 @@ class TestSingleFlight:
 
         assert (bot.id, []) == (found.id if found else None, statements)
 
+    def test_a_copy_that_lost_its_loaded_mark_is_rebuilt_though_it_holds_other_bots(
+            self, store: BotStore, redis: redis_lib.Redis, sql: Engine) -> None:
+        """A copy that is not whole (a bot's write to it failed, so LOADED was dropped; or bots written
+        back one by one after a flush) still has other bots' fields: a text to a bot missing from it
+        rebuilds it from the database and finds the bot."""
+        missing = store.create(fields("+15550011131"))
+        store.create(fields("+15550011132"))
+        store.copy.rebuild(sql)
+        redis.hdel(keys.REGISTRY, number_route("+15550011131"), id_route(missing.id))
+        store.copy.forget()
+
+        found = store.copied(number_route("+15550011131"))
+
+        assert missing.id == (found.id if found else None)
+
     def test_a_bot_asked_for_near_its_expiry_is_refreshed_ahead(self, store: BotStore, redis: redis_lib.Redis) -> None:
         """In the last fifth of its entry's life a lookup loads the bot again, so it never expires under its callers."""
         bot = store.create(fields("+15550011201"))
