@@ -1,24 +1,18 @@
 """Background threads of a worker process (the sweeper, the log's writer, retention, the metrics
-flush), each a shared.background.Periodic."""
+flush), each a shared.background.Periodic; the metrics flush is defined here."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from shared.background import Periodic
-from shared.metrics import TALLY
+from shared.metrics import TALLY, TallyFlush
 
 
-class MetricsFlush(Periodic):
+class MetricsFlush(TallyFlush):
     """Writes the process's metrics tally (shared.metrics.TALLY) and its count of sends per bot
     (worker.budget) to Redis every second."""
 
     name = "metrics_flush"
-    first_pause = pause_after_failure = FLUSH_SECONDS = 1.0
-
-    def __init__(self, redis: Any) -> None:
-        super().__init__()
-        self.redis = redis
 
     def turn(self) -> float:
         flush(self.redis)

@@ -21,12 +21,12 @@ from typing import Any
 from sqlalchemy import Engine
 
 from shared import keys, messagelog, news
+from shared.background import Periodic
 from shared.db import transaction
 from shared.erasure import conversation_of_record, erased_since, recorded_at
 from shared.logging import get_logger
 from shared.redis import script
 from shared.messagelog import Exchange, Outcome
-from worker.background import Periodic
 
 log = get_logger(__name__)
 

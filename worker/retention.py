@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Engine
 
 from shared import keys
+from shared.background import Periodic
 from shared.logging import get_logger
 from shared.retention import DAY_SECONDS, purge
-from worker.background import Periodic
 from worker.logdrain import forget_refused_before
 
 log = get_logger(__name__)

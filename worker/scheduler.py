@@ -19,13 +19,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from shared import handoff, keys, messagelog, optout, schedule
+from shared.background import Periodic
 from shared.bots import Bot
 from shared.conversations import QUEUE_FUNCTION, queue_args, queue_keys_of, replies_from
 from shared.db import transaction
 from shared.logging import get_logger
 from shared.redis import script
 from shared.tasks import kick_delivery
-from worker.background import Periodic
 
 log = get_logger(__name__)
 

@@ -12,10 +12,10 @@ import uuid
 from typing import Any
 
 from shared import keys
+from shared.background import Periodic
 from shared.conversations import reschedule, settle
 from shared.logging import get_logger
 from shared.tasks import kick_conversation, kick_delivery
-from worker.background import Periodic
 
 log = get_logger(__name__)
 
